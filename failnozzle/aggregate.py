@@ -1,0 +1,182 @@
+"""
+Folding error records together: unique keys, counts per source, the batch a
+flush hands on, and the sliding window the pager watches.
+
+Everything here is plain data driven by an injected clock, so it can be
+tested without a reactor and, later, written to disk and read back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Hashable, Iterable, Mapping
+
+from twisted.internet.interfaces import IReactorTime
+
+
+@dataclass
+class _Tally:
+    """What is known about one unique error while it is being counted."""
+
+    sources: dict
+    first_seen: float
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class Entry:
+    """
+    One unique error in a batch.
+
+    @ivar key: the values of the unique fields, in UNIQUE_MSG_TUPLE order.
+    @ivar sources: how often each source (host) sent it.
+    @ivar first_seen: reactor time of the first instance.
+    @ivar last_seen: reactor time of the last instance.
+    """
+
+    key: tuple
+    sources: Mapping
+    first_seen: float
+    last_seen: float
+
+    @property
+    def total(self) -> int:
+        return sum(self.sources.values())
+
+
+@dataclass(frozen=True)
+class Batch:
+    """
+    An immutable snapshot of one flush window, most frequent errors first.
+
+    @ivar overflow: instances of errors that were not stored because the
+        buffer already held MAX_UNIQUE_MESSAGES unique errors.
+    """
+
+    entries: tuple = ()
+    overflow: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(entry.total for entry in self.entries) + self.overflow
+
+    def __bool__(self) -> bool:
+        return bool(self.entries) or self.overflow > 0
+
+    def partition(self, predicate: Callable[[Entry], bool]) -> tuple:
+        """
+        Split into C{(matching, rest)}; the overflow count goes with the rest,
+        since nothing is known of those errors.
+        """
+        matching = tuple(e for e in self.entries if predicate(e))
+        rest = tuple(e for e in self.entries if not predicate(e))
+        return Batch(matching), Batch(rest, self.overflow)
+
+
+def _sorted_entries(entries: Iterable[Entry]) -> tuple:
+    """Most instances first; ties keep the order errors first appeared in."""
+    return tuple(sorted(entries, key=lambda e: (-e.total, e.first_seen)))
+
+
+class Aggregator:
+    """
+    The buffer of counts.  Memory grows with the number of unique errors and
+    sources, never with the number of instances, and the number of unique
+    errors is capped.
+    """
+
+    def __init__(
+        self,
+        max_unique: int,
+        clock: IReactorTime,
+        internal_error_key: Callable[[int, Exception], tuple],
+    ) -> None:
+        """
+        @param internal_error_key: gives the unique key under which C{count}
+            pieces of bad input like C{exception} are reported.
+        """
+        self._max_unique = max_unique
+        self._clock = clock
+        self._internal_error_key = internal_error_key
+        self._tallies: dict = {}
+        self._overflow = 0
+        self._bad: dict = {}
+
+    def add_key(self, key: tuple, source: Hashable) -> None:
+        """Count one instance of the error C{key} from C{source}."""
+        tally = self._tallies.get(key)
+        if tally is None:
+            if len(self._tallies) >= self._max_unique:
+                self._overflow += 1
+                return
+            now = self._clock.seconds()
+            tally = self._tallies[key] = _Tally({source: 1}, now, now)
+            return
+        sources = tally.sources
+        sources[source] = sources.get(source, 0) + 1
+        tally.last_seen = self._clock.seconds()
+
+    def add_bad_input(self, error: Exception, source: Hashable) -> None:
+        """
+        Count one piece of bad input.  Bad input is counted by the kind of
+        error (its class), so a flood of junk takes no more memory than one.
+        """
+        now = self._clock.seconds()
+        kind = type(error)
+        tally, _ = self._bad.get(kind, (None, None))
+        if tally is None:
+            tally = _Tally({}, now, now)
+        tally.sources[source] = tally.sources.get(source, 0) + 1
+        tally.last_seen = now
+        self._bad[kind] = (tally, error)
+
+    def flush(self) -> Batch:
+        """Hand over everything counted so far and start empty again."""
+        tallies, overflow, bad = self._tallies, self._overflow, self._bad
+        self._tallies, self._overflow, self._bad = {}, 0, {}
+        for tally, error in bad.values():
+            key = self._internal_error_key(sum(tally.sources.values()), error)
+            _merge_tally(tallies, key, tally)
+        return Batch(
+            _sorted_entries(
+                Entry(key, tally.sources, tally.first_seen, tally.last_seen)
+                for key, tally in tallies.items()
+            ),
+            overflow,
+        )
+
+
+def _merge_tally(tallies: dict, key: tuple, tally: _Tally) -> None:
+    """Add C{tally} to the one under C{key}, which may not exist yet."""
+    mine = tallies.get(key)
+    if mine is None:
+        tallies[key] = tally
+        return
+    for source, count in tally.sources.items():
+        mine.sources[source] = mine.sources.get(source, 0) + count
+    mine.first_seen = min(mine.first_seen, tally.first_seen)
+    mine.last_seen = max(mine.last_seen, tally.last_seen)
+
+
+class RateWindow:
+    """
+    The number of errors in the last C{size} flushes, as the original's
+    MessageRate: the pager fires when it reaches C{limit}.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        self.counts: list = []
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def add(self, count: int) -> bool:
+        """Record one flush's count; return whether the limit is reached."""
+        self.counts.append(count)
+        del self.counts[:-self.size]
+        return self.total >= self.limit
+
+    def reset(self) -> None:
+        self.counts = []

@@ -1,0 +1,463 @@
+"""
+The settings: their defaults, loading a config file, and validation.
+
+A config file is a Python module of UPPER_CASE assignments, exactly as for the
+original failnozzle, so an existing config works unchanged.  Every problem is
+reported as one L{ConfigError} whose text names the setting and what is wrong:
+the daemon prints it and stops instead of starting half-configured.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import ipaddress
+import logging
+import os
+import re
+import socket
+import traceback
+from collections import namedtuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+#: The fields that make two error reports "the same error", as in the original.
+UniqueMessage = namedtuple(
+    "UniqueMessage",
+    ["module", "funcName", "filename", "message", "pathname", "lineno",
+     "exc_text", "kind"],
+)
+
+#: The original failnozzle's markers of "just monitoring" canary errors.
+DEFAULT_MONITORING_ERROR_MARKERS = (
+    "1669fe88-b0c3-439d-bc10-8a3d21493ede",
+    "c84a3673-0a95-447b-810f-8107e1e38013",
+)
+
+#: Names the original failnozzle's README used for settings its code called
+#: otherwise; a config written from that README still means the same thing.
+LEGACY_NAMES = {
+    "ERROR_RECIP": "REPORT_TO",
+    "JUST_MONITORING_ERROR_RECIP": "JUST_MONITORING_REPORT_TO",
+    "PAGER_WINDOW_LIMIT": "PAGER_LIMIT",
+}
+
+TLS_MODES = ("implicit", "starttls", "off")
+
+_SETTING_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
+
+
+class ConfigError(Exception):
+    """
+    A setting is wrong.  The message is one line naming the setting, meant
+    to be shown to the person starting the daemon as it is.
+    """
+
+
+@dataclass(frozen=True)
+class Settings:
+    """
+    Every setting with its default.  Addresses are tuples of strings, however
+    they were written; L{load_settings} fills in what is derived (SMTP_TLS,
+    the sender and recipient defaults of maildir mode).
+    """
+
+    UDP_BIND: tuple = ("127.0.0.1", 1549)
+    UDP_RCVBUF: int = 4 * 1024 * 1024
+    INCOMING_MESSAGE_MAX_SIZE: int = 65536
+
+    SMTP_HOST: Optional[str] = None
+    SMTP_PORT: int = 25
+    SMTP_USER: Optional[str] = None
+    SMTP_PASSWORD: Optional[str] = None
+    SMTP_TLS: Optional[str] = None
+    SMTP_TLS_VERIFY: bool = True
+    SMTP_CA_FILE: Optional[str] = None
+    SMTP_TIMEOUT: float = 30.0
+    MAILDIR: str = "failnozzle-mail"
+
+    REPORT_FROM: Optional[str] = None
+    REPORT_TO: tuple = ()
+    REPLY_TO: tuple = ()
+    JUST_MONITORING_REPORT_TO: tuple = ()
+    MONITORING_ERROR_MARKERS: tuple = DEFAULT_MONITORING_ERROR_MARKERS
+    PAGER_FROM: Optional[str] = None
+    PAGER_TO: tuple = ()
+    PAGER_REPLY_TO: tuple = ()
+
+    FLUSH_SECONDS: float = 60
+    PAGER_WINDOW_SIZE: int = 5
+    PAGER_LIMIT: int = 100
+    MAX_UNIQUE_MESSAGES: int = 10000
+
+    UNIQUE_MSG_TUPLE: Any = UniqueMessage
+    SOURCE_FIELD_NAME: str = "source"
+    EMAIL_TEMPLATE_DIR: Optional[str] = None
+    EMAIL_BODY_TEMPLATE: str = "body-template.txt"
+    EMAIL_SUBJECT_TEMPLATE: str = "subject-template.txt"
+    INTERNAL_ERROR_FUNC: Optional[Callable[[int, Exception], dict]] = None
+    SERVER_NAME: str = field(default_factory=socket.gethostname)
+
+    LOG_LEVEL: Any = logging.DEBUG
+    LOG_FORMAT: str = "%(asctime)-15s %(levelname)-8s %(message)s"
+
+    @property
+    def smtp_enabled(self) -> bool:
+        """Whether digests go to an SMTP server (else into MAILDIR)."""
+        return self.SMTP_HOST is not None
+
+    @property
+    def unique_fields(self) -> tuple:
+        """The record fields whose values together identify an error."""
+        return tuple(self.UNIQUE_MSG_TUPLE._fields)
+
+
+SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(Settings))
+
+
+# Checkers: each takes (name, value) and returns the value to keep, or raises
+# ConfigError naming the setting.
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _string(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name} must be a non-empty string, not {value!r}")
+    return value
+
+
+def _optional_string(name: str, value: object) -> Optional[str]:
+    if value is None or value == "":
+        return None
+    return _string(name, value)
+
+
+def _addresses(name: str, value: object) -> tuple:
+    """One address or a list of them; None or empty means 'not configured'."""
+    if value is None or value == "":
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(
+            f"{name} must be an email address or a list of them, "
+            f"not a {_type_name(value)}"
+        )
+    for item in items:
+        if not isinstance(item, str) or "@" not in item or "\n" in item:
+            raise ConfigError(f"{name}: {item!r} is not an email address")
+    return tuple(items)
+
+
+def _optional_address(name: str, value: object) -> Optional[str]:
+    addresses = _addresses(name, value)
+    if len(addresses) > 1:
+        raise ConfigError(f"{name} must be one email address, not a list")
+    return addresses[0] if addresses else None
+
+
+def _number(name: str, value: object, integer: bool, minimum: float) -> Any:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        wanted = "a whole number" if integer else "a number"
+        raise ConfigError(f"{name} must be {wanted}, not {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, not {value!r}")
+    return value
+
+
+def _positive_int(name: str, value: object) -> int:
+    return _number(name, value, integer=True, minimum=1)
+
+
+def _positive_seconds(name: str, value: object) -> float:
+    value = _number(name, value, integer=False, minimum=0)
+    if value == 0:
+        raise ConfigError(f"{name} must be more than 0 seconds")
+    return value
+
+
+def _port(name: str, value: object) -> int:
+    value = _number(name, value, integer=True, minimum=0)
+    if value > 65535:
+        raise ConfigError(f"{name} must be a port number (0-65535), not {value}")
+    return value
+
+
+def _bind_address(name: str, value: object) -> tuple:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not isinstance(value[0], str)):
+        raise ConfigError(
+            f"{name} must be a (host, port) pair such as ('127.0.0.1', 1549), "
+            f"not {value!r}"
+        )
+    host = value[0] or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"{name}: {host!r} is not an IP address to listen on"
+        ) from None
+    return (host, _port(name, value[1]))
+
+
+def _boolean(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+def _tls_mode(name: str, value: object) -> Optional[str]:
+    if value is None:
+        return None
+    if value not in TLS_MODES:
+        choices = ", ".join(repr(mode) for mode in TLS_MODES)
+        raise ConfigError(f"{name} must be one of {choices}, not {value!r}")
+    return value
+
+
+def _existing_file(name: str, value: object) -> Optional[str]:
+    path = _optional_string(name, value)
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(f"{name}: no such file {path!r}")
+    return path
+
+
+def _existing_dir(name: str, value: object) -> Optional[str]:
+    path = _optional_string(name, value)
+    if path is not None and not os.path.isdir(path):
+        raise ConfigError(f"{name}: no such directory {path!r}")
+    return path
+
+
+def _markers(name: str, value: object) -> tuple:
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set)):
+        raise ConfigError(f"{name} must be a list of strings, not {value!r}")
+    for marker in value:
+        if not isinstance(marker, str) or not marker:
+            raise ConfigError(f"{name}: {marker!r} is not a non-empty string")
+    return tuple(value)
+
+
+def _unique_tuple(name: str, value: object) -> type:
+    """A namedtuple class, as the original wanted, or a list of field names."""
+    if isinstance(value, type) and issubclass(value, tuple) and hasattr(
+            value, "_fields"):
+        fields = value._fields
+    elif isinstance(value, (list, tuple)) and all(
+            isinstance(item, str) for item in value):
+        fields = value
+        try:
+            value = namedtuple("UniqueMessage", fields)
+        except ValueError as error:
+            raise ConfigError(f"{name}: {error}") from None
+    else:
+        raise ConfigError(
+            f"{name} must be a namedtuple class or a list of field names, "
+            f"not {value!r}"
+        )
+    if not fields:
+        raise ConfigError(f"{name} must name at least one field")
+    return value
+
+
+def _callable(name: str, value: object) -> Optional[Callable]:
+    if value is not None and not callable(value):
+        raise ConfigError(f"{name} must be a function, not {value!r}")
+    return value
+
+
+def _log_level(name: str, value: object) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and isinstance(
+            logging.getLevelName(value.upper()), int):
+        return value
+    raise ConfigError(f"{name} must be a logging level, not {value!r}")
+
+
+_CHECKS: Mapping[str, Callable[[str, object], Any]] = {
+    "UDP_BIND": _bind_address,
+    "UDP_RCVBUF": _positive_int,
+    "INCOMING_MESSAGE_MAX_SIZE": _positive_int,
+    "SMTP_HOST": _optional_string,
+    "SMTP_PORT": _port,
+    "SMTP_USER": _optional_string,
+    "SMTP_PASSWORD": _optional_string,
+    "SMTP_TLS": _tls_mode,
+    "SMTP_TLS_VERIFY": _boolean,
+    "SMTP_CA_FILE": _existing_file,
+    "SMTP_TIMEOUT": _positive_seconds,
+    "MAILDIR": _string,
+    "REPORT_FROM": _optional_address,
+    "REPORT_TO": _addresses,
+    "REPLY_TO": _addresses,
+    "JUST_MONITORING_REPORT_TO": _addresses,
+    "MONITORING_ERROR_MARKERS": _markers,
+    "PAGER_FROM": _optional_address,
+    "PAGER_TO": _addresses,
+    "PAGER_REPLY_TO": _addresses,
+    "FLUSH_SECONDS": _positive_seconds,
+    "PAGER_WINDOW_SIZE": _positive_int,
+    "PAGER_LIMIT": _positive_int,
+    "MAX_UNIQUE_MESSAGES": _positive_int,
+    "UNIQUE_MSG_TUPLE": _unique_tuple,
+    "SOURCE_FIELD_NAME": _string,
+    "EMAIL_TEMPLATE_DIR": _existing_dir,
+    "EMAIL_BODY_TEMPLATE": _string,
+    "EMAIL_SUBJECT_TEMPLATE": _string,
+    "INTERNAL_ERROR_FUNC": _callable,
+    "SERVER_NAME": _string,
+    "LOG_LEVEL": _log_level,
+    "LOG_FORMAT": _string,
+}
+assert set(_CHECKS) == SETTING_NAMES, "every setting needs a checker"
+
+
+def _assigned_names(tree: ast.Module) -> list:
+    """
+    The names a config file assigns at its top level, in order.  Names it
+    only imports (C{from logging import DEBUG}) are not settings.
+    """
+    names = []
+
+    def visit(statements: Sequence[ast.stmt]) -> None:
+        for statement in statements:
+            if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                      ast.ClassDef)):
+                names.append(statement.name)
+                continue
+            for node in ast.walk(statement):
+                if isinstance(node, ast.Name) and isinstance(
+                        node.ctx, ast.Store):
+                    names.append(node.id)
+
+    visit(tree.body)
+    return names
+
+
+def read_config_file(path: str) -> dict:
+    """
+    Run a config file and return the UPPER_CASE names it assigns, with
+    their values.
+
+    @raise ConfigError: the file is missing, does not run, or assigns an
+        UPPER_CASE name that is no setting.
+    """
+    try:
+        with open(path, "rb") as config_file:
+            source = config_file.read()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read config file {path!r}: {error.strerror}"
+        ) from None
+    try:
+        tree = ast.parse(source, filename=path)
+    except SyntaxError as error:
+        raise ConfigError(
+            f"config file {path!r} line {error.lineno}: {error.msg}"
+        ) from None
+
+    spec = importlib.util.spec_from_file_location("failnozzle_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        exec(compile(tree, path, "exec"), module.__dict__)
+    except Exception as error:
+        lines = [frame.lineno for frame in traceback.extract_tb(
+            error.__traceback__) if frame.filename == path]
+        where = f" line {lines[-1]}" if lines else ""
+        raise ConfigError(
+            f"config file {path!r}{where}: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+
+    values = {}
+    for name in _assigned_names(tree):
+        if not _SETTING_NAME.fullmatch(name) or name not in module.__dict__:
+            continue
+        if name not in SETTING_NAMES and name not in LEGACY_NAMES:
+            raise ConfigError(
+                f"config file {path!r}: unknown setting {name}"
+                + _suggestion(name)
+            )
+        values[name] = module.__dict__[name]
+    return values
+
+
+def _suggestion(name: str) -> str:
+    close = difflib.get_close_matches(name, sorted(SETTING_NAMES), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def load_settings(
+    path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None
+) -> tuple:
+    """
+    Build the settings from the defaults, an optional config file and
+    command-line overrides, in that order.
+
+    @return: C{(settings, notices)}: the checked L{Settings}, and lines worth
+        logging at start-up (legacy names, risky choices).
+    @raise ConfigError: anything is wrong.
+    """
+    raw = read_config_file(path) if path is not None else {}
+    notices = []
+    for legacy, current in LEGACY_NAMES.items():
+        if legacy in raw:
+            value = raw.pop(legacy)
+            if current in raw:
+                notices.append(f"{legacy} is ignored: {current} is set too")
+            else:
+                raw[current] = value
+                notices.append(f"{legacy} is read as {current}; "
+                               f"please rename it")
+    raw.update(overrides or {})
+    checked = {name: _CHECKS[name](name, value) for name, value in raw.items()}
+    settings = Settings(**checked)
+    return _complete(settings, notices), notices
+
+
+def _complete(settings: Settings, notices: list) -> Settings:
+    """Check settings that depend on each other; fill in derived values."""
+    changes: dict = {}
+    if settings.SMTP_TLS is None:
+        changes["SMTP_TLS"] = ("implicit" if settings.SMTP_PORT == 465
+                               else "starttls")
+    if settings.smtp_enabled:
+        for name in ("REPORT_FROM", "REPORT_TO"):
+            if not getattr(settings, name):
+                raise ConfigError(f"{name} is required when SMTP_HOST is set")
+        if settings.PAGER_TO and not (settings.PAGER_FROM
+                                      or settings.REPORT_FROM):
+            raise ConfigError("PAGER_FROM is required when PAGER_TO is set")
+    else:
+        # Maildir mode: the digests only need well-formed headers.
+        changes["REPORT_FROM"] = settings.REPORT_FROM or "failnozzle@localhost"
+        changes["REPORT_TO"] = settings.REPORT_TO or ("failnozzle@localhost",)
+    if bool(settings.SMTP_USER) != bool(settings.SMTP_PASSWORD):
+        given, missing = ("SMTP_USER", "SMTP_PASSWORD")
+        if not settings.SMTP_USER:
+            given, missing = missing, given
+        raise ConfigError(f"{missing} is required when {given} is set")
+    tls = changes.get("SMTP_TLS", settings.SMTP_TLS)
+    if settings.smtp_enabled and settings.SMTP_USER and tls == "off":
+        notices.append("SMTP_USER is set with SMTP_TLS = 'off': the password "
+                       "crosses the network in clear")
+    return dataclasses.replace(settings, **changes)
+
+
+def parse_host_port(text: str) -> tuple:
+    """
+    Read C{HOST:PORT}, C{[IPV6]:PORT} or C{:PORT} (all interfaces).
+
+    @raise ValueError: the text is not of that form.
+    """
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, not {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return (host or "0.0.0.0", int(port))

@@ -1,0 +1,196 @@
+"""
+Turning a L{Batch} into words: the subject and body of a digest (Jinja2
+templates, overridable as in the original), the pager alert, and the email
+message that carries them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import formatdate, make_msgid
+from typing import Optional, Sequence
+
+from jinja2 import (ChoiceLoader, Environment, FileSystemLoader, TemplateError,
+                    TemplateNotFound)
+from twisted.logger import Logger
+
+from failnozzle.aggregate import Batch
+from failnozzle.config import ConfigError
+
+_log = Logger()
+
+DEFAULT_TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "templates")
+
+
+def utc(seconds: float) -> datetime:
+    """A reactor timestamp as an aware UTC datetime."""
+    return datetime.fromtimestamp(seconds, timezone.utc)
+
+
+def _format_utc(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@dataclass(frozen=True)
+class Occurrences:
+    """
+    How often and where one unique error happened: the C{info} of the
+    original's templates.
+    """
+
+    total: int
+    first_seen: datetime
+    last_seen: datetime
+    sources_sorted: list
+
+
+def _environment(loader) -> Environment:
+    environment = Environment(loader=loader, autoescape=False)
+    environment.filters["utc"] = _format_utc
+    return environment
+
+
+class DigestRenderer:
+    """
+    Renders digests with the configured templates, falling back to the
+    built-in ones if a custom template fails on some batch, so a template
+    bug costs a pretty digest, never the digest.
+    """
+
+    def __init__(
+        self,
+        unique_tuple: type,
+        server_name: str,
+        max_unique: int,
+        template_dir: Optional[str] = None,
+        subject_template: str = "subject-template.txt",
+        body_template: str = "body-template.txt",
+    ) -> None:
+        """
+        @raise ConfigError: a template cannot be found or does not compile.
+        """
+        self._unique_tuple = unique_tuple
+        self._server_name = server_name
+        self._max_unique = max_unique
+        default_loader = FileSystemLoader(DEFAULT_TEMPLATE_DIR)
+        loader = default_loader
+        if template_dir is not None:
+            loader = ChoiceLoader([FileSystemLoader(template_dir),
+                                   default_loader])
+        environment = _environment(loader)
+        self._templates = (
+            _load(environment, "EMAIL_SUBJECT_TEMPLATE", subject_template),
+            _load(environment, "EMAIL_BODY_TEMPLATE", body_template),
+        )
+        builtin = _environment(default_loader)
+        self._builtin_templates = (
+            builtin.get_template("subject-template.txt"),
+            builtin.get_template("body-template.txt"),
+        )
+
+    def context(self, batch: Batch) -> dict:
+        """The names the templates see (those of the original, and more)."""
+        sorted_counts = [
+            (
+                self._unique_tuple._make(entry.key),
+                Occurrences(
+                    entry.total,
+                    utc(entry.first_seen),
+                    utc(entry.last_seen),
+                    sorted(entry.sources.items(),
+                           key=lambda item: str(item[0])),
+                ),
+            )
+            for entry in batch.entries
+        ]
+        kinds = {getattr(message, "kind", None) for message, _ in sorted_counts}
+        return {
+            "server_name": self._server_name,
+            "total": batch.total,
+            "total_unique": len(batch.entries),
+            "sorted_counts": sorted_counts,
+            "kinds": sorted(str(kind) for kind in kinds if kind is not None),
+            "overflow": batch.overflow,
+            "max_unique": self._max_unique,
+        }
+
+    def render(self, batch: Batch) -> tuple:
+        """
+        @return: C{(subject, body)}; the subject is one line.
+        """
+        context = self.context(batch)
+        try:
+            subject, body = (t.render(context) for t in self._templates)
+        except Exception:
+            _log.failure("A custom digest template failed; this digest uses "
+                         "the built-in templates")
+            subject, body = (t.render(context) for t in
+                             self._builtin_templates)
+        return " ".join(subject.split()), body + "\n"
+
+
+def _load(environment: Environment, setting: str, name: str):
+    try:
+        return environment.get_template(name)
+    except TemplateNotFound:
+        raise ConfigError(f"{setting}: template {name!r} not found") from None
+    except TemplateError as error:
+        line = getattr(error, "lineno", None)
+        where = f" line {line}" if line else ""
+        raise ConfigError(f"{setting}: template {name!r}{where}: "
+                          f"{error}") from None
+
+
+def pager_alert(server_name: str, total: int, window_size: int,
+                flush_seconds: float) -> tuple:
+    """The subject and body of a pager alert, worded as the original's."""
+    return (
+        f"{server_name} error rate exceeded",
+        f"Danger: received {total} errors within the alert window "
+        f"(the last {window_size} flushes of {flush_seconds:g} s).\n",
+    )
+
+
+def build_message(
+    *,
+    sender: str,
+    recipients: Sequence[str],
+    subject: str,
+    body: str,
+    date: float,
+    domain: str,
+    reply_to: Sequence[str] = (),
+    kind: str = "digest",
+) -> EmailMessage:
+    """
+    A well-formed UTF-8 text/plain message.
+
+    @param date: the reactor time the message is made at.
+    @param domain: the right-hand side of the Message-ID (SERVER_NAME).
+    @param kind: says what the message is in an X-Failnozzle header, for
+        mail filters: digest, monitoring or pager.
+    """
+    message = EmailMessage(policy=SMTP)
+    message["From"] = sender
+    message["To"] = ", ".join(recipients)
+    if reply_to:
+        message["Reply-To"] = ", ".join(reply_to)
+    message["Subject"] = subject
+    message["Date"] = formatdate(date, usegmt=True)
+    message["Message-ID"] = make_msgid(domain=domain)
+    message["X-Failnozzle"] = kind
+    message.set_content(body, charset="utf-8", cte=_transfer_encoding(body))
+    return message
+
+
+def _transfer_encoding(body: str) -> str:
+    """
+    Plain text stays readable as it is (7bit) whenever SMTP allows it:
+    ASCII with no line over 998 characters.
+    """
+    if body.isascii() and all(len(line) <= 998 for line in body.splitlines()):
+        return "7bit"
+    return "quoted-printable"

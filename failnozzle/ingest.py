@@ -1,0 +1,263 @@
+"""
+Receiving errors: the UDP protocol, and reading a datagram into the unique
+key and source of the error it reports.
+
+Bad input never escapes as an exception: each kind of it is a L{BadDatagram}
+subclass, which the receiver counts (for the next digest) and logs at a
+limited rate.
+"""
+from __future__ import annotations
+
+import json
+import socket
+from typing import Callable, Mapping, Optional, Sequence
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+_log = Logger()
+
+# JSON values that can be part of a unique key as they are.
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
+class BadDatagram(ValueError):
+    """A datagram that is not an error report; subclasses say why."""
+
+    reason = "bad datagram"
+
+    def __init__(self, detail: str, data: bytes = b"") -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.sample = data[:120]
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+class OversizedDatagram(BadDatagram):
+    reason = "datagram larger than INCOMING_MESSAGE_MAX_SIZE"
+
+
+class NotUTF8(BadDatagram):
+    reason = "datagram is not valid UTF-8"
+
+
+class NotJSON(BadDatagram):
+    reason = "datagram is not valid JSON"
+
+
+class NotAnObject(BadDatagram):
+    reason = "datagram is JSON but not an object"
+
+
+class WrongFieldType(BadDatagram):
+    reason = "datagram has a field of the wrong type"
+
+
+class RecordReader:
+    """
+    Turns a datagram, or a record, into C{(key, source)}: the values of the
+    unique fields and of the source field.
+
+    As in the original, missing fields are None, and a multi-line message is
+    clipped at its first line, the whole text moving to exc_text if that is
+    empty.
+    """
+
+    def __init__(self, unique_fields: Sequence[str], source_field: str,
+                 max_size: int) -> None:
+        self._fields = tuple(unique_fields)
+        self._source_field = source_field
+        self.max_size = max_size
+
+    def read(self, data: bytes) -> tuple:
+        """
+        Decode one datagram.
+
+        @raise BadDatagram: it is not a JSON object with usable fields.
+        """
+        if len(data) > self.max_size:
+            raise OversizedDatagram(
+                f"more than {self.max_size} bytes", data)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise NotUTF8(str(error), data) from None
+        try:
+            record = json.loads(text)
+        except (ValueError, RecursionError) as error:
+            raise NotJSON(str(error) or type(error).__name__, data) from None
+        if type(record) is not dict:
+            raise NotAnObject(f"got a JSON {type(record).__name__}", data)
+        return self.key_and_source(record, data)
+
+    def key_and_source(self, record: dict, data: bytes = b"") -> tuple:
+        """
+        Read the key and source of a decoded record (changed in place).
+
+        @raise WrongFieldType: a unique field or the source holds a list or
+            an object, which cannot be compared as a whole.
+        """
+        message = record.get("message")
+        if type(message) is str and "\n" in message:
+            if not record.get("exc_text"):
+                record["exc_text"] = message
+            record["message"] = message.partition("\n")[0]
+        key = tuple(map(record.get, self._fields))
+        source = record.get(self._source_field)
+        for name, value in zip(self._fields + (self._source_field,),
+                               key + (source,)):
+            if type(value) not in _SCALARS:
+                raise WrongFieldType(
+                    f"field {name!r} is a JSON {_json_type(value)}", data)
+        return key, source
+
+
+def _json_type(value: object) -> str:
+    return {dict: "object", list: "array"}.get(type(value),
+                                               type(value).__name__)
+
+
+def default_internal_error_record(count: int, error: Exception) -> dict:
+    """
+    The record that stands for C{count} pieces of bad input like C{error}
+    in a digest (the default INTERNAL_ERROR_FUNC).
+    """
+    sample = getattr(error, "sample", b"")
+    return {
+        "module": "failnozzle.ingest",
+        "funcName": "datagramReceived",
+        "filename": "ingest.py",
+        "pathname": "failnozzle/ingest.py",
+        "lineno": 0,
+        "kind": "failnozzle",
+        "message": f"Internal error: {getattr(error, 'reason', error)}",
+        "exc_text": (
+            f"Internal error: {count} bad datagram(s) of this kind since the "
+            f"last digest.\nThe last one: {error}\n"
+            f"It began with: {sample!r}"
+        ),
+    }
+
+
+def internal_error_key_maker(
+    reader: RecordReader,
+    custom: Optional[Callable[[int, Exception], Mapping]] = None,
+) -> Callable[[int, Exception], tuple]:
+    """
+    Make the function that gives the unique key under which bad input is
+    reported: C{custom} (INTERNAL_ERROR_FUNC, as in the original) when it
+    works, else the default record, so a broken hook costs no digest.
+    """
+
+    def internal_error_key(count: int, error: Exception) -> tuple:
+        if custom is not None:
+            try:
+                return reader.key_and_source(dict(custom(count, error)))[0]
+            except Exception:
+                _log.failure("INTERNAL_ERROR_FUNC failed; using the default "
+                             "internal error record")
+        record = default_internal_error_record(count, error)
+        return reader.key_and_source(record)[0]
+
+    return internal_error_key
+
+
+class _BadInputLog:
+    """
+    Logs bad input at most once per C{interval} seconds for each kind, with
+    the number of similar lines held back, so a flood of junk cannot flood
+    the log.
+    """
+
+    def __init__(self, clock: IReactorTime, interval: float = 60.0) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._next_allowed: dict = {}
+        self._held_back: dict = {}
+
+    def report(self, error: BadDatagram, sender: tuple) -> None:
+        kind = type(error)
+        now = self._clock.seconds()
+        if now < self._next_allowed.get(kind, now):
+            self._held_back[kind] = self._held_back.get(kind, 0) + 1
+            return
+        self._next_allowed[kind] = now + self._interval
+        held_back = self._held_back.pop(kind, 0)
+        _log.warn(
+            "Bad datagram from {host}:{port}: {error}{held_back_note}",
+            host=sender[0], port=sender[1], error=error,
+            held_back=held_back,
+            held_back_note=(f" ({held_back} more like it in the last "
+                            f"{self._interval:g} s not logged)"
+                            if held_back else ""),
+        )
+
+
+class ErrorReceiver(DatagramProtocol):
+    """
+    The UDP endpoint applications send their errors to: one JSON object per
+    datagram, counted into the aggregator.
+    """
+
+    def __init__(self, reader: RecordReader, aggregator,
+                 clock: IReactorTime) -> None:
+        """
+        @param aggregator: an L{failnozzle.aggregate.Aggregator}.
+        """
+        self._reader = reader
+        self._aggregator = aggregator
+        self._bad_input_log = _BadInputLog(clock)
+
+    def datagramReceived(self, data: bytes, addr: tuple) -> None:
+        try:
+            key, source = self._reader.read(data)
+        except BadDatagram as error:
+            self._aggregator.add_bad_input(error, addr[0])
+            self._bad_input_log.report(error, addr)
+        else:
+            self._aggregator.add_key(key, source)
+
+
+def set_receive_buffer(sock: socket.socket, size: int) -> int:
+    """
+    Enlarge a socket's receive buffer so a burst is not dropped by the
+    kernel while the reactor is busy.  Beyond C{net.core.rmem_max} only a
+    privileged process gets its wish (SO_RCVBUFFORCE).
+
+    @return: the size the kernel reports afterwards.
+    """
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        if force is None:
+            raise PermissionError
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
+
+def bind_udp_socket(host: str, port: int, receive_buffer: int) -> tuple:
+    """
+    Open the UDP socket errors arrive on, before the reactor runs, so a
+    port in use or an address not on this machine stops start-up with one
+    clear line (and a port below 1024 can be bound before twistd sheds
+    privileges).
+
+    @return: C{(sock, granted)}: the bound, non-blocking socket and the
+        receive buffer size the kernel reports.
+    @raise OSError: the address cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        granted = set_receive_buffer(sock, receive_buffer)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock, granted

@@ -1,0 +1,101 @@
+"""
+The twistd side: command-line options and L{makeService}.
+
+  twistd -n failnozzle --config=site.py
+"""
+from __future__ import annotations
+
+from twisted.application.service import IService
+from twisted.logger import Logger
+from twisted.python import usage
+
+from failnozzle.config import ConfigError, load_settings, parse_host_port
+from failnozzle.ingest import bind_udp_socket
+from failnozzle.service import FailnozzleService
+
+_log = Logger()
+
+
+class Options(usage.Options):
+    """
+    C{twistd failnozzle} options.  Anything given here overrides the same
+    setting in the config file.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Receives application errors as JSON datagrams over UDP, folds "
+        "identical ones together and sends one digest email every "
+        "FLUSH_SECONDS, through SMTP_HOST or, when no SMTP server is "
+        "configured, into MAILDIR.  Settings are read from --config, a "
+        "Python file of UPPER_CASE assignments (the original failnozzle's "
+        "format); README.rst lists every setting."
+    )
+    optParameters = [
+        ["config", "c", None,
+         "Config file: a Python module of UPPER_CASE settings."],
+        ["udp", "u", None,
+         "Receive errors on HOST:PORT, e.g. 127.0.0.1:1549 or [::1]:1549 "
+         "(UDP_BIND)."],
+        ["flush-seconds", "f", None,
+         "Seconds between digests (FLUSH_SECONDS).", float],
+        ["maildir", "m", None,
+         "Write digests into this maildir when no SMTP server is "
+         "configured (MAILDIR)."],
+        ["smtp", "s", None,
+         "Send digests through the SMTP server at HOST:PORT (SMTP_HOST, "
+         "SMTP_PORT); REPORT_FROM and REPORT_TO must be set too."],
+    ]
+
+    def postOptions(self) -> None:
+        """Turn the options given into settings that override the file."""
+        self.overrides = {}
+        if self["udp"] is not None:
+            self.overrides["UDP_BIND"] = _host_port("--udp", self["udp"])
+        if self["flush-seconds"] is not None:
+            self.overrides["FLUSH_SECONDS"] = self["flush-seconds"]
+        if self["maildir"] is not None:
+            self.overrides["MAILDIR"] = self["maildir"]
+        if self["smtp"] is not None:
+            host, port = _host_port("--smtp", self["smtp"])
+            self.overrides.update(SMTP_HOST=host, SMTP_PORT=port)
+
+
+def _host_port(option: str, text: str) -> tuple:
+    try:
+        return parse_host_port(text)
+    except ValueError as error:
+        raise usage.UsageError(f"{option}: {error}") from None
+
+
+def makeService(options: Options, reactor=None) -> IService:
+    """
+    Build the daemon from its options.  A wrong setting, or an address
+    that cannot be listened on, stops start-up with one line naming the
+    setting (SystemExit), never a traceback.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        settings, notices = load_settings(options["config"], options.overrides)
+        host, port = settings.UDP_BIND
+        try:
+            udp_socket, granted = bind_udp_socket(host, port,
+                                                  settings.UDP_RCVBUF)
+        except OSError as error:
+            raise ConfigError(f"UDP_BIND: cannot listen on {host}:{port}: "
+                              f"{error.strerror}") from None
+        try:
+            service = FailnozzleService(settings, reactor, udp_socket)
+        except BaseException:
+            udp_socket.close()
+            raise
+    except ConfigError as error:
+        raise SystemExit(f"failnozzle: {error}") from None
+    for notice in notices:
+        _log.warn("Config: {notice}", notice=notice)
+    _log.info("UDP receive buffer: asked for {asked} bytes, the kernel "
+              "reports {granted} (UDP_RCVBUF; the kernel caps it at "
+              "net.core.rmem_max unless run as root)",
+              asked=settings.UDP_RCVBUF, granted=granted)
+    return service
