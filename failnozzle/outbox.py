@@ -133,7 +133,8 @@ class SMTPTransport:
             self._password,
             sender,
             list(recipients),
-            BytesIO(message.as_bytes()),
+            # The client turns each LF into CRLF itself.
+            BytesIO(message.as_bytes(policy=default_policy)),
             result,
             retries=0,
             timeout=self.timeout,

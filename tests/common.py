@@ -1,0 +1,166 @@
+"""
+Fixtures shared by the tests: settings, a running service on a real UDP
+port, and a real, independent SMTP server (aiosmtpd) to receive its mail.
+"""
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import socket
+from typing import Optional
+
+from twisted.internet import defer, reactor
+
+from failnozzle.config import Settings, load_settings
+from failnozzle.ingest import bind_udp_socket
+from failnozzle.service import FailnozzleService
+
+#: Upper bound for waiting on anything over real sockets; a test that
+#: needs it has failed.
+WAIT_SECONDS = 20
+
+
+def make_settings(**overrides) -> Settings:
+    """Settings as a config file with these assignments would give."""
+    return load_settings(None, overrides)[0]
+
+
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_service(testcase, transport=None, **overrides) -> FailnozzleService:
+    """
+    Start a L{FailnozzleService} on 127.0.0.1 (a free UDP port) with the
+    real reactor; it is stopped when the test ends.
+    """
+    overrides.setdefault("UDP_BIND", ("127.0.0.1", 0))
+    overrides.setdefault("MAILDIR", testcase.mktemp())
+    settings = make_settings(**overrides)
+    udp_socket, _ = bind_udp_socket(*settings.UDP_BIND, settings.UDP_RCVBUF)
+    service = FailnozzleService(settings, reactor, udp_socket, transport)
+    service.startService()
+    testcase.addCleanup(lambda: service.running and service.stopService())
+    return service
+
+
+def udp_address(service: FailnozzleService) -> tuple:
+    address = service.udp_port.getHost()
+    return (address.host, address.port)
+
+
+def send_datagrams(address: tuple, payloads) -> int:
+    """
+    Send each payload (bytes, or a record to encode as JSON) as one
+    datagram to C{address}; return how many were sent.
+    """
+    count = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        for payload in payloads:
+            if not isinstance(payload, bytes):
+                payload = json.dumps(payload).encode("utf-8")
+            sender.sendto(payload, address)
+            count += 1
+    return count
+
+
+def datagrams_received(service: FailnozzleService,
+                       count: int) -> defer.Deferred:
+    """
+    A Deferred that fires once the service's receiver has handled C{count}
+    more datagrams, so a test can flush knowing they are all counted.
+    """
+    receiver = service.receiver
+    handle = receiver.datagramReceived
+    arrived = defer.Deferred()
+    seen = [0]
+
+    def counting(data: bytes, addr: tuple) -> None:
+        handle(data, addr)
+        seen[0] += 1
+        if seen[0] == count:
+            del receiver.datagramReceived
+            arrived.callback(seen[0])
+
+    receiver.datagramReceived = counting
+    return arrived.addTimeout(WAIT_SECONDS, reactor)
+
+
+def record(message: str = "boom", source: str = "host1", **fields) -> dict:
+    """A record as failnozzle.loghandler.AggregatorHandler would send it."""
+    base = {
+        "module": "views",
+        "funcName": "index",
+        "filename": "views.py",
+        "pathname": "src/app/views.py",
+        "lineno": 50,
+        "message": message,
+        "exc_text": f"Traceback (most recent call last):\nError: {message}",
+        "kind": "app",
+        "source": source,
+    }
+    base.update(fields)
+    return base
+
+
+class SMTPSink:
+    """
+    A real SMTP server (aiosmtpd, in its own thread) on 127.0.0.1 that
+    keeps every message it accepts.
+
+    @ivar messages: the parsed messages, in arrival order.
+    @ivar envelopes: the aiosmtpd envelopes (mail_from, rcpt_tos, ...).
+    """
+
+    def __init__(self, testcase, reply: Optional[str] = None,
+                 **controller_options) -> None:
+        """
+        @param reply: the answer to DATA instead of C{250 OK}, e.g.
+            C{"550 no thanks"}.
+        @param controller_options: passed to aiosmtpd's C{Controller}
+            (tls_context, require_starttls, ssl_context, authenticator,
+            auth_required, auth_require_tls, ...).
+        """
+        from aiosmtpd.controller import Controller
+
+        self.messages: list = []
+        self.envelopes: list = []
+        self._waiting: list = []
+        self._reply = reply
+        self.port = free_tcp_port()
+        self._controller = Controller(self, hostname="127.0.0.1",
+                                      port=self.port, **controller_options)
+        self._controller.start()
+        testcase.addCleanup(self._controller.stop)
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        if self._reply is not None:
+            return self._reply
+        message = email.message_from_bytes(
+            envelope.original_content.replace(b"\r\n", b"\n"),
+            policy=email.policy.default)
+        reactor.callFromThread(self._arrived, envelope, message)
+        return "250 OK"
+
+    def _arrived(self, envelope, message) -> None:
+        self.envelopes.append(envelope)
+        self.messages.append(message)
+        waiting, self._waiting = self._waiting, []
+        for count, arrived in waiting:
+            self._fire_when(count, arrived)
+
+    def _fire_when(self, count: int, arrived: defer.Deferred) -> None:
+        if len(self.messages) >= count:
+            arrived.callback(self.messages[:count])
+        else:
+            self._waiting.append((count, arrived))
+
+    def wait_for(self, count: int) -> defer.Deferred:
+        """A Deferred firing with the first C{count} messages once here."""
+        arrived = defer.Deferred()
+        self._fire_when(count, arrived)
+        return arrived.addTimeout(WAIT_SECONDS, reactor)
