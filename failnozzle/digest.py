@@ -129,7 +129,9 @@ class DigestRenderer:
                          "the built-in templates")
             subject, body = (t.render(context) for t in
                              self._builtin_templates)
-        return " ".join(subject.split()), body + "\n"
+        if not body.endswith("\n"):
+            body += "\n"
+        return " ".join(subject.split()), body
 
 
 def _load(environment: Environment, setting: str, name: str):

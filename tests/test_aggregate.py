@@ -1,0 +1,214 @@
+"""
+Tests for L{failnozzle.aggregate}.
+"""
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from failnozzle.aggregate import Aggregator, Batch, Entry, RateWindow
+
+
+def internal_key(count, error):
+    """Stands for INTERNAL_ERROR_FUNC: one key per kind of bad input."""
+    return ("internal", type(error).__name__)
+
+
+def make_aggregator(max_unique=100):
+    clock = Clock()
+    return Aggregator(max_unique, clock, internal_key), clock
+
+
+class AggregatorTests(SynchronousTestCase):
+    """
+    Counting instances of unique errors per source.
+    """
+
+    def test_counts_per_key_and_source(self):
+        """
+        Instances with the same key are folded together and counted per
+        source, as the original's MessageBuffer test.
+        """
+        aggregator, _ = make_aggregator()
+        for key, source in [("m1", "host1"), ("m1", "host1"), ("m1", "host2"),
+                            ("m2", "host2")]:
+            aggregator.add_key((key,), source)
+        batch = aggregator.flush()
+        self.assertEqual(batch.total, 4)
+        self.assertEqual([e.key for e in batch.entries], [("m1",), ("m2",)])
+        self.assertEqual(batch.entries[0].sources, {"host1": 2, "host2": 1})
+        self.assertEqual(batch.entries[0].total, 3)
+        self.assertEqual(batch.entries[1].sources, {"host2": 1})
+
+    def test_first_and_last_seen(self):
+        """
+        First and last seen come from the injected clock.
+        """
+        aggregator, clock = make_aggregator()
+        clock.advance(10)
+        aggregator.add_key(("m",), "h")
+        clock.advance(5)
+        aggregator.add_key(("m",), "h")
+        clock.advance(7)
+        aggregator.add_key(("m",), "other")
+        [entry] = aggregator.flush().entries
+        self.assertEqual((entry.first_seen, entry.last_seen), (10, 22))
+
+    def test_sorted_by_count_then_first_seen(self):
+        """
+        The most frequent errors come first; equal counts keep the order in
+        which the errors first appeared.
+        """
+        aggregator, clock = make_aggregator()
+        for key in ["a", "b", "c", "c", "b", "d"]:
+            clock.advance(1)
+            aggregator.add_key((key,), None)
+        keys = [e.key[0] for e in aggregator.flush().entries]
+        self.assertEqual(keys, ["b", "c", "a", "d"])
+
+    def test_flush_empties(self):
+        """
+        A flush hands everything over; the next flush starts from nothing.
+        """
+        aggregator, _ = make_aggregator()
+        aggregator.add_key(("m",), "h")
+        self.assertTrue(aggregator.flush())
+        empty = aggregator.flush()
+        self.assertFalse(empty)
+        self.assertEqual(empty.total, 0)
+
+    def test_batch_is_a_snapshot(self):
+        """
+        Counting after a flush does not change the batch already handed on.
+        """
+        aggregator, _ = make_aggregator()
+        aggregator.add_key(("m",), "h")
+        batch = aggregator.flush()
+        aggregator.add_key(("m",), "h")
+        self.assertEqual(batch.entries[0].sources, {"h": 1})
+
+    def test_unique_cap(self):
+        """
+        Past the cap, new unique errors are only counted as overflow, while
+        errors already stored keep being counted in full.
+        """
+        aggregator, _ = make_aggregator(max_unique=2)
+        for key in ["a", "b", "c", "d", "d", "a"]:
+            aggregator.add_key((key,), "h")
+        batch = aggregator.flush()
+        self.assertEqual([e.key for e in batch.entries], [("a",), ("b",)])
+        self.assertEqual(batch.entries[0].total, 2)
+        self.assertEqual(batch.overflow, 3)
+        self.assertEqual(batch.total, 6)
+
+    def test_memory_is_per_unique_error(self):
+        """
+        A million instances of one error from one source are one entry with
+        one count.
+        """
+        aggregator, _ = make_aggregator()
+        for _ in range(1000000):
+            aggregator.add_key(("m",), "h")
+        [entry] = aggregator.flush().entries
+        self.assertEqual(entry.sources, {"h": 1000000})
+
+    def test_bad_input_counted_by_kind(self):
+        """
+        Bad input is reported as one entry per kind of error, counted per
+        sender, under the key the internal-error function gives.
+        """
+        aggregator, clock = make_aggregator()
+        aggregator.add_bad_input(ValueError("x"), "10.0.0.1")
+        clock.advance(3)
+        aggregator.add_bad_input(ValueError("y"), "10.0.0.2")
+        aggregator.add_bad_input(ValueError("z"), "10.0.0.2")
+        aggregator.add_bad_input(KeyError("k"), "10.0.0.1")
+        entries = {e.key: e for e in aggregator.flush().entries}
+        self.assertEqual(entries[("internal", "ValueError")].sources,
+                         {"10.0.0.1": 1, "10.0.0.2": 2})
+        self.assertEqual(entries[("internal", "ValueError")].first_seen, 0)
+        self.assertEqual(entries[("internal", "ValueError")].last_seen, 3)
+        self.assertEqual(entries[("internal", "KeyError")].total, 1)
+
+    def test_bad_input_given_count_and_last_error(self):
+        """
+        The internal-error function is given the number of pieces of bad
+        input of a kind and the last of them, once per flush.
+        """
+        calls = []
+
+        def key(count, error):
+            calls.append((count, error))
+            return ("internal",)
+
+        aggregator = Aggregator(10, Clock(), key)
+        first, last = ValueError("first"), ValueError("last")
+        aggregator.add_bad_input(first, "h")
+        aggregator.add_bad_input(last, "h")
+        aggregator.flush()
+        self.assertEqual(calls, [(2, last)])
+
+    def test_bad_input_merges_with_equal_key(self):
+        """
+        If the internal-error key equals a real error's key, both are
+        counted in one entry.
+        """
+        aggregator, clock = make_aggregator()
+        clock.advance(5)
+        aggregator.add_key(("internal", "ValueError"), "h")
+        clock.advance(5)
+        aggregator.add_bad_input(ValueError(), "h")
+        [entry] = aggregator.flush().entries
+        self.assertEqual(entry.sources, {"h": 2})
+        self.assertEqual((entry.first_seen, entry.last_seen), (5, 10))
+
+
+class BatchTests(SynchronousTestCase):
+    """
+    The immutable snapshot of a flush.
+    """
+
+    def test_partition(self):
+        """
+        A batch splits into the entries matching a predicate and the rest;
+        the overflow goes with the rest.
+        """
+        a = Entry(("a",), {"h": 1}, 0, 0)
+        b = Entry(("b",), {"h": 2}, 0, 0)
+        matching, rest = Batch((a, b), overflow=4).partition(
+            lambda e: e.key == ("a",))
+        self.assertEqual(matching, Batch((a,)))
+        self.assertEqual(rest, Batch((b,), 4))
+        self.assertEqual(rest.total, 6)
+
+    def test_overflow_only_is_true(self):
+        """
+        A batch holding only overflow counts still has something to report.
+        """
+        self.assertTrue(Batch((), overflow=1))
+        self.assertFalse(Batch())
+
+
+class RateWindowTests(SynchronousTestCase):
+    """
+    The pager's sliding window, as the original's MessageRate.
+    """
+
+    def test_sliding_window(self):
+        """
+        The window sums the last C{size} counts and says when the sum
+        reaches the limit; the original's test sequence gives the same
+        answers.
+        """
+        window = RateWindow(3, 3)
+        answers = [(window.add(count), window.total)
+                   for count in [1, 0, 1, 1, 5]]
+        self.assertEqual(answers, [(False, 1), (False, 1), (False, 2),
+                                   (False, 2), (True, 7)])
+        window.reset()
+        self.assertEqual((window.add(2), window.total), (False, 2))
+
+    def test_limit_reached_exactly(self):
+        """
+        Reaching the limit exactly is enough, as in the original.
+        """
+        window = RateWindow(5, 10)
+        self.assertTrue(window.add(10))
