@@ -1,0 +1,422 @@
+"""
+Tests for L{failnozzle.service}: the flush loop, routing, the pager and a
+clean stop, over a fake reactor and a fake mail transport.
+"""
+import json
+import socket
+
+from twisted.internet import defer
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from failnozzle.config import DEFAULT_MONITORING_ERROR_MARKERS
+from failnozzle.outbox import MaildirTransport, SMTPTransport
+from failnozzle.service import FailnozzleService, make_transport
+from tests.common import make_settings, record
+
+MARKER = DEFAULT_MONITORING_ERROR_MARKERS[0]
+
+
+class FakeTransport:
+    """
+    A mail transport that keeps what it is given; each delivery's outcome
+    is decided by the test through the Deferred in C{pending}.
+    """
+
+    timeout = 30
+
+    def __init__(self):
+        self.pending = []
+
+    def describe(self):
+        return "fake transport"
+
+    def deliver(self, sender, recipients, message):
+        result = defer.Deferred()
+        self.pending.append((sender, tuple(recipients), message, result))
+        return result
+
+    def succeed_all(self):
+        for *_, result in self.pending:
+            if not result.called:
+                result.callback(None)
+
+    def by_kind(self, kind):
+        return [(sender, recipients, message)
+                for sender, recipients, message, _ in self.pending
+                if message["X-Failnozzle"] == kind]
+
+
+class ServiceTestCase(SynchronousTestCase):
+    """
+    A started service on a L{MemoryReactorClock} with a L{FakeTransport}.
+    """
+
+    def start(self, **overrides):
+        overrides.setdefault("REPORT_FROM", "nozzle@example.com")
+        overrides.setdefault("REPORT_TO", "ops@example.com")
+        overrides.setdefault("FLUSH_SECONDS", 60)
+        overrides.setdefault("SERVER_NAME", "nozzle1")
+        self.reactor = MemoryReactorClock()
+        self.transport = FakeTransport()
+        udp_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(udp_socket.close)
+        self.service = FailnozzleService(make_settings(**overrides),
+                                         self.reactor, udp_socket,
+                                         self.transport)
+        self.service.startService()
+        return self.service
+
+    def receive(self, *records, sender=("10.1.1.1", 5000)):
+        for item in records:
+            data = item if isinstance(item, bytes) else json.dumps(
+                item).encode()
+            self.service.receiver.datagramReceived(data, sender)
+
+
+class StartTests(ServiceTestCase):
+    """
+    Starting the service.
+    """
+
+    def test_adopts_socket(self):
+        """
+        The bound socket is handed to the reactor with room for datagrams
+        of INCOMING_MESSAGE_MAX_SIZE (and one byte more, to see oversized
+        ones).
+        """
+        self.start(INCOMING_MESSAGE_MAX_SIZE=1000)
+        [(_, family, protocol, size)] = self.reactor.adoptedPorts
+        self.assertEqual(family, socket.AF_INET)
+        self.assertIs(protocol, self.service.receiver)
+        self.assertEqual(size, 1001)
+
+    def test_logs_where(self):
+        """
+        Start-up says where errors are received and where digests go.
+        """
+        events = EventLoggingObserver.createWithCleanup(self,
+                                                        globalLogPublisher)
+        self.start()
+        [event] = [e for e in events if "listening" in e["log_format"]]
+        self.assertEqual(event["transport"], "fake transport")
+        self.assertEqual(event["seconds"], 60)
+
+
+class FlushLoopTests(ServiceTestCase):
+    """
+    The LoopingCall that flushes every FLUSH_SECONDS.
+    """
+
+    def test_flush_every_period(self):
+        """
+        A digest goes out after FLUSH_SECONDS, not before, and only when
+        something arrived.
+        """
+        self.start(FLUSH_SECONDS=10)
+        self.receive(record("boom"))
+        self.reactor.advance(9.9)
+        self.assertEqual(self.transport.pending, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.transport.pending), 1)
+        self.reactor.advance(10)
+        self.assertEqual(len(self.transport.pending), 1)
+        self.receive(record("boom"))
+        self.reactor.advance(10)
+        self.assertEqual(len(self.transport.pending), 2)
+
+    def test_flush_does_not_wait_for_mail(self):
+        """
+        A delivery still in flight does not delay the next flush.
+        """
+        self.start(FLUSH_SECONDS=10)
+        self.receive(record("one"))
+        self.reactor.advance(10)
+        self.receive(record("two"))
+        self.reactor.advance(10)
+        self.assertEqual(len(self.transport.pending), 2)
+        self.assertFalse(any(d.called for *_, d in self.transport.pending))
+
+    def test_failing_flush_keeps_loop(self):
+        """
+        An exception in one flush is logged and the loop goes on.
+        """
+        self.start(FLUSH_SECONDS=10)
+
+        def broken(batch):
+            raise RuntimeError("render exploded")
+
+        self.service.renderer.render = broken
+        self.receive(record("one"))
+        self.reactor.advance(10)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        del self.service.renderer.render
+        self.receive(record("two"))
+        self.reactor.advance(10)
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("two", message.get_content())
+
+    def test_digest_message(self):
+        """
+        The digest is addressed as configured and dated by the reactor.
+        """
+        self.start(REPORT_TO=["a@example.com", "b@example.com"],
+                   REPLY_TO="r@example.com", FLUSH_SECONDS=10)
+        self.reactor.advance(1000)
+        self.receive(record("boom"), record("boom", source="host2"))
+        self.reactor.advance(10)
+        [(sender, recipients, message)] = self.transport.by_kind("digest")
+        self.assertEqual(sender, "nozzle@example.com")
+        self.assertEqual(recipients, ("a@example.com", "b@example.com"))
+        self.assertEqual(message["Reply-To"], "r@example.com")
+        self.assertEqual(message["Subject"],
+                         "nozzle1 errors: 2 total, 1 unique (app)")
+        self.assertEqual(message["Date"].datetime.timestamp(), 1010)
+
+    def test_bad_input_in_digest(self):
+        """
+        Bad datagrams are reported in the same digest as the good ones,
+        which are all counted.
+        """
+        self.start(FLUSH_SECONDS=10)
+        self.receive(record("boom"), b"not json", b"[1, 2]",
+                     record("boom"), b"\xff\xfe")
+        self.reactor.advance(10)
+        [(_, _, message)] = self.transport.by_kind("digest")
+        body = message.get_content()
+        self.assertIn("2X boom (in app, src/app/views.py:50)", body)
+        self.assertIn("1X Internal error: datagram is not valid JSON", body)
+        self.assertIn("1X Internal error: datagram is JSON but not an object",
+                      body)
+        self.assertIn("1X Internal error: datagram is not valid UTF-8", body)
+
+
+class RoutingTests(ServiceTestCase):
+    """
+    REPORT_TO gets the real errors, JUST_MONITORING_REPORT_TO the canaries.
+    """
+
+    def test_split(self):
+        """
+        Real and monitoring errors go in separate digests to their own
+        recipients; a marker counts in message or exc_text.
+        """
+        self.start(JUST_MONITORING_REPORT_TO="canary@example.com")
+        self.receive(record("real"),
+                     record(f"canary {MARKER}"),
+                     record("other canary", exc_text=f"trace {MARKER}"))
+        self.service.flush()
+        [(_, to_real, real)] = self.transport.by_kind("digest")
+        [(_, to_canary, canary)] = self.transport.by_kind("monitoring")
+        self.assertEqual(to_real, ("ops@example.com",))
+        self.assertEqual(to_canary, ("canary@example.com",))
+        self.assertIn("1 instance of 1 unique error", real.get_content())
+        self.assertNotIn(MARKER, real.get_content())
+        self.assertIn("2 instances of 2 unique errors", canary.get_content())
+
+    def test_only_monitoring(self):
+        """
+        A window holding only monitoring errors sends nothing to REPORT_TO.
+        """
+        self.start(JUST_MONITORING_REPORT_TO="canary@example.com")
+        self.receive(record(f"canary {MARKER}"))
+        self.service.flush()
+        self.assertEqual(self.transport.by_kind("digest"), [])
+        self.assertEqual(len(self.transport.by_kind("monitoring")), 1)
+
+    def test_no_address_not_sent(self):
+        """
+        A class with no address configured is logged and not sent: never
+        an empty To:.
+        """
+        events = EventLoggingObserver.createWithCleanup(self,
+                                                        globalLogPublisher)
+        self.start()
+        self.receive(record(f"canary {MARKER}"), record(f"canary {MARKER}"))
+        self.service.flush()
+        self.assertEqual(self.transport.pending, [])
+        [event] = [e for e in events if e.get("setting")]
+        self.assertEqual(event["setting"], "JUST_MONITORING_REPORT_TO")
+        self.assertEqual(event["count"], 2)
+
+    def test_custom_markers(self):
+        """
+        MONITORING_ERROR_MARKERS decides what is a canary.
+        """
+        self.start(JUST_MONITORING_REPORT_TO="canary@example.com",
+                   MONITORING_ERROR_MARKERS=["CANARY"])
+        self.receive(record("a CANARY"), record(f"not {MARKER}"))
+        self.service.flush()
+        [(_, _, canary)] = self.transport.by_kind("monitoring")
+        self.assertIn("a CANARY", canary.get_content())
+        [(_, _, real)] = self.transport.by_kind("digest")
+        self.assertIn(MARKER, real.get_content())
+
+
+class PagerTests(ServiceTestCase):
+    """
+    The pager fires when the non-monitoring count over the last
+    PAGER_WINDOW_SIZE flushes reaches PAGER_LIMIT.
+    """
+
+    def start_pager(self, **overrides):
+        options = dict(PAGER_TO="pager@example.com",
+                       PAGER_FROM="alarm@example.com",
+                       PAGER_REPLY_TO="oncall@example.com",
+                       PAGER_WINDOW_SIZE=3, PAGER_LIMIT=5,
+                       JUST_MONITORING_REPORT_TO="canary@example.com",
+                       FLUSH_SECONDS=10)
+        options.update(overrides)
+        return self.start(**options)
+
+    def test_alert_over_window(self):
+        """
+        Counts from several flushes add up; reaching the limit sends one
+        alert to PAGER_TO from PAGER_FROM with PAGER_REPLY_TO, then the
+        window starts again.
+        """
+        self.start_pager()
+        for count in (2, 2):
+            self.receive(*[record("boom")] * count)
+            self.reactor.advance(10)
+        self.assertEqual(self.transport.by_kind("pager"), [])
+        self.receive(record("boom"))
+        self.reactor.advance(10)
+        [(sender, recipients, alert)] = self.transport.by_kind("pager")
+        self.assertEqual(sender, "alarm@example.com")
+        self.assertEqual(recipients, ("pager@example.com",))
+        self.assertEqual(alert["Reply-To"], "oncall@example.com")
+        self.assertEqual(alert["Subject"], "nozzle1 error rate exceeded")
+        self.assertIn("received 5 errors", alert.get_content())
+        self.receive(*[record("boom")] * 4)
+        self.reactor.advance(10)
+        self.assertEqual(len(self.transport.by_kind("pager")), 1)
+
+    def test_window_slides(self):
+        """
+        Counts older than PAGER_WINDOW_SIZE flushes no longer count.
+        """
+        self.start_pager()
+        self.receive(*[record("boom")] * 4)
+        for _ in range(3):
+            self.reactor.advance(10)
+        self.receive(record("boom"))
+        self.reactor.advance(10)
+        self.assertEqual(self.transport.by_kind("pager"), [])
+
+    def test_monitoring_not_counted(self):
+        """
+        Canary errors do not page.
+        """
+        self.start_pager()
+        self.receive(*[record(f"canary {MARKER}")] * 10)
+        self.reactor.advance(10)
+        self.assertEqual(self.transport.by_kind("pager"), [])
+
+    def test_bad_input_counted(self):
+        """
+        Bad input counts toward the rate, as in the original.
+        """
+        self.start_pager()
+        self.receive(*[b"junk"] * 5)
+        self.reactor.advance(10)
+        self.assertEqual(len(self.transport.by_kind("pager")), 1)
+
+    def test_pager_from_defaults_to_report_from(self):
+        """
+        Without PAGER_FROM, the alert comes from REPORT_FROM.
+        """
+        self.start_pager(PAGER_FROM=None)
+        self.receive(*[record("boom")] * 5)
+        self.reactor.advance(10)
+        [(sender, _, _)] = self.transport.by_kind("pager")
+        self.assertEqual(sender, "nozzle@example.com")
+
+    def test_no_pager_to(self):
+        """
+        Without PAGER_TO the alert is logged, not sent.
+        """
+        events = EventLoggingObserver.createWithCleanup(self,
+                                                        globalLogPublisher)
+        self.start_pager(PAGER_TO=None)
+        self.receive(*[record("boom")] * 5)
+        self.reactor.advance(10)
+        self.assertEqual(self.transport.by_kind("pager"), [])
+        self.assertEqual(
+            [e["setting"] for e in events if e.get("setting")], ["PAGER_TO"])
+        self.assertTrue([e for e in events if e.get("total") == 5])
+
+
+class StopTests(ServiceTestCase):
+    """
+    A clean stop flushes and waits for the last digests.
+    """
+
+    def test_stop_flushes_and_waits(self):
+        """
+        Stopping stops reading, flushes what is buffered and fires only
+        once the digest is delivered.
+        """
+        self.start()
+        stopped_listening = []
+        self.service.udp_port.stopListening = lambda: stopped_listening.append(
+            self.transport.pending[:])
+        self.receive(record("buffered"))
+        stopped = self.service.stopService()
+        self.assertNoResult(stopped)
+        self.assertEqual(stopped_listening, [[]], "stop reading, then flush")
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("buffered", message.get_content())
+        self.transport.succeed_all()
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertFalse(self.service._flush_loop.running)
+
+    def test_stop_waits_for_failures_too(self):
+        """
+        A failed delivery ends the wait as well: stopping never hangs on
+        it and never fails.
+        """
+        self.start()
+        self.receive(record("buffered"))
+        stopped = self.service.stopService()
+        self.transport.pending[0][-1].errback(ConnectionRefusedError())
+        self.assertIsNone(self.successResultOf(stopped))
+
+    def test_stop_empty(self):
+        """
+        With nothing buffered, stopping sends nothing and ends at once.
+        """
+        self.start()
+        self.successResultOf(self.service.stopService())
+        self.assertEqual(self.transport.pending, [])
+
+
+class MakeTransportTests(SynchronousTestCase):
+    """
+    Which transport the settings choose.
+    """
+
+    def test_maildir_without_smtp(self):
+        """
+        No SMTP_HOST: digests go into MAILDIR.
+        """
+        transport = make_transport(make_settings(MAILDIR="mail"),
+                                   MemoryReactorClock())
+        self.assertIsInstance(transport, MaildirTransport)
+        self.assertTrue(transport.path.endswith("/mail"))
+
+    def test_smtp(self):
+        """
+        SMTP_HOST: digests go to it, with the SMTP settings.
+        """
+        transport = make_transport(
+            make_settings(SMTP_HOST="mail.example.com", SMTP_PORT=465,
+                          SMTP_TLS_VERIFY=False, SMTP_TIMEOUT=7,
+                          REPORT_FROM="a@example.com",
+                          REPORT_TO="b@example.com"),
+            MemoryReactorClock())
+        self.assertIsInstance(transport, SMTPTransport)
+        self.assertEqual((transport.host, transport.port, transport.tls,
+                          transport.timeout),
+                         ("mail.example.com", 465, "implicit", 7))
