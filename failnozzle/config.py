@@ -11,13 +11,13 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
-import importlib.util
 import ipaddress
 import logging
 import os
 import re
 import socket
 import traceback
+import types
 from collections import namedtuple
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -361,8 +361,10 @@ def read_config_file(path: str) -> dict:
             f"config file {path!r} line {error.lineno}: {error.msg}"
         ) from None
 
-    spec = importlib.util.spec_from_file_location("failnozzle_config", path)
-    module = importlib.util.module_from_spec(spec)
+    # Any file name will do (site.py, failnozzle.conf), as with the
+    # original's imp.load_source.
+    module = types.ModuleType("failnozzle_config")
+    module.__file__ = path
     try:
         exec(compile(tree, path, "exec"), module.__dict__)
     except Exception as error:
