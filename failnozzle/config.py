@@ -11,8 +11,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import email.utils
 import ipaddress
 import logging
+import math
 import os
 import re
 import socket
@@ -20,7 +22,7 @@ import traceback
 import types
 from collections import namedtuple
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 #: The fields that make two error reports "the same error", as in the original.
 UniqueMessage = namedtuple(
@@ -137,17 +139,27 @@ def _optional_string(name: str, value: object) -> Optional[str]:
 
 
 def _addresses(name: str, value: object) -> tuple:
-    """One address or a list of them; None or empty means 'not configured'."""
+    """
+    One address or a list of them; None or empty means 'not configured'.
+    A string may name several separated by commas, as a To: header does:
+    sent whole, it would be one recipient the SMTP server refuses.
+    """
     if value is None or value == "":
         return ()
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)):
+    if isinstance(value, str):
+        pairs = email.utils.getaddresses([value])
+        items = [email.utils.formataddr(pair) for pair in pairs] if len(
+            pairs) > 1 else [value]
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
         raise ConfigError(
             f"{name} must be an email address or a list of them, "
             f"not a {_type_name(value)}"
         )
     for item in items:
-        if not isinstance(item, str) or "@" not in item or "\n" in item:
+        if (not isinstance(item, str) or "\n" in item or "\r" in item
+                or "@" not in email.utils.parseaddr(item)[1]):
             raise ConfigError(f"{name}: {item!r} is not an email address")
     return tuple(items)
 
@@ -159,18 +171,27 @@ def _optional_address(name: str, value: object) -> Optional[str]:
     return addresses[0] if addresses else None
 
 
-def _number(name: str, value: object, integer: bool, minimum: float) -> Any:
+def _number(name: str, value: object, integer: bool, minimum: float,
+            maximum: float = math.inf) -> Any:
     kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
+    if (isinstance(value, bool) or not isinstance(value, kinds)
+            or not math.isfinite(value)):
         wanted = "a whole number" if integer else "a number"
         raise ConfigError(f"{name} must be {wanted}, not {value!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, not {value!r}")
+    if value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, not {value!r}")
     return value
 
 
 def _positive_int(name: str, value: object) -> int:
     return _number(name, value, integer=True, minimum=1)
+
+
+def _buffer_size(name: str, value: object) -> int:
+    """A socket buffer size: the kernel takes a C int."""
+    return _number(name, value, integer=True, minimum=1, maximum=2**31 - 1)
 
 
 def _positive_seconds(name: str, value: object) -> float:
@@ -187,6 +208,20 @@ def _port(name: str, value: object) -> int:
     return value
 
 
+def _ipv4_address(name: str, host: str) -> str:
+    """
+    The address a host name stands for.  The original bound an IPv4 socket
+    to UDP_BIND, so names such as 'localhost' worked, meaning IPv4.
+    """
+    try:
+        return socket.gethostbyname(host)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"{name}: {host!r} is neither an IP address nor a host name that "
+            f"resolves ({error})"
+        ) from None
+
+
 def _bind_address(name: str, value: object) -> tuple:
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or not isinstance(value[0], str)):
@@ -194,14 +229,13 @@ def _bind_address(name: str, value: object) -> tuple:
             f"{name} must be a (host, port) pair such as ('127.0.0.1', 1549), "
             f"not {value!r}"
         )
+    port = _port(name, value[1])
     host = value[0] or "0.0.0.0"
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise ConfigError(
-            f"{name}: {host!r} is not an IP address to listen on"
-        ) from None
-    return (host, _port(name, value[1]))
+        host = _ipv4_address(name, host)
+    return (host, port)
 
 
 def _boolean(name: str, value: object) -> bool:
@@ -281,7 +315,7 @@ def _log_level(name: str, value: object) -> Any:
 
 _CHECKS: Mapping[str, Callable[[str, object], Any]] = {
     "UDP_BIND": _bind_address,
-    "UDP_RCVBUF": _positive_int,
+    "UDP_RCVBUF": _buffer_size,
     "INCOMING_MESSAGE_MAX_SIZE": _positive_int,
     "SMTP_HOST": _optional_string,
     "SMTP_PORT": _port,
@@ -317,32 +351,42 @@ _CHECKS: Mapping[str, Callable[[str, object], Any]] = {
 assert set(_CHECKS) == SETTING_NAMES, "every setting needs a checker"
 
 
-def _assigned_names(tree: ast.Module) -> list:
+class _ModuleNames(ast.NodeVisitor):
     """
-    The names a config file assigns at its top level, in order.  Names it
-    only imports (C{from logging import DEBUG}) are not settings.
+    Collects the names a config file binds in its own namespace: assigned,
+    or defined by C{def} and C{class}, also inside C{if} and C{try}; not
+    those it only imports, nor those local to a function or comprehension.
     """
-    names = []
 
-    def visit(statements: Sequence[ast.stmt]) -> None:
-        for statement in statements:
-            if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef,
-                                      ast.ClassDef)):
-                names.append(statement.name)
-                continue
-            for node in ast.walk(statement):
-                if isinstance(node, ast.Name) and isinstance(
-                        node.ctx, ast.Store):
-                    names.append(node.id)
+    def __init__(self) -> None:
+        self.names: set = set()
 
-    visit(tree.body)
-    return names
+    def visit_Name(self, node: ast.Name) -> None:
+        if isinstance(node.ctx, ast.Store):
+            self.names.add(node.id)
+
+    def visit_definition(self, node: ast.AST) -> None:
+        self.names.add(node.name)
+
+    def visit_own_scope(self, node: ast.AST) -> None:
+        pass
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_definition
+    visit_ClassDef = visit_definition
+    visit_Lambda = visit_ListComp = visit_SetComp = visit_own_scope
+    visit_DictComp = visit_GeneratorExp = visit_own_scope
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def read_config_file(path: str) -> dict:
     """
-    Run a config file and return the UPPER_CASE names it assigns, with
-    their values.
+    Run a config file and return the settings it defines, with their
+    values.  Settings it imports (C{from site_defaults import *}) count, as
+    they did for the original; other UPPER_CASE names it imports (C{from
+    logging import DEBUG}) are no settings, but one it assigns is a typo.
 
     @raise ConfigError: the file is missing, does not run, or assigns an
         UPPER_CASE name that is no setting.
@@ -357,8 +401,9 @@ def read_config_file(path: str) -> dict:
     try:
         tree = ast.parse(source, filename=path)
     except SyntaxError as error:
+        where = f" line {error.lineno}" if error.lineno else ""
         raise ConfigError(
-            f"config file {path!r} line {error.lineno}: {error.msg}"
+            f"config file {path!r}{where}: {_one_line(str(error.msg))}"
         ) from None
 
     # Any file name will do (site.py, failnozzle.conf), as with the
@@ -373,19 +418,22 @@ def read_config_file(path: str) -> dict:
         where = f" line {lines[-1]}" if lines else ""
         raise ConfigError(
             f"config file {path!r}{where}: "
-            f"{type(error).__name__}: {error}"
+            f"{type(error).__name__}: {_one_line(str(error))}"
         ) from None
 
+    collector = _ModuleNames()
+    collector.visit(tree)
     values = {}
-    for name in _assigned_names(tree):
-        if not _SETTING_NAME.fullmatch(name) or name not in module.__dict__:
+    for name, value in module.__dict__.items():
+        if not _SETTING_NAME.fullmatch(name):
             continue
-        if name not in SETTING_NAMES and name not in LEGACY_NAMES:
+        if name in SETTING_NAMES or name in LEGACY_NAMES:
+            values[name] = value
+        elif name in collector.names:
             raise ConfigError(
                 f"config file {path!r}: unknown setting {name}"
                 + _suggestion(name)
             )
-        values[name] = module.__dict__[name]
     return values
 
 
@@ -417,6 +465,9 @@ def load_settings(
                 notices.append(f"{legacy} is read as {current}; "
                                f"please rename it")
     raw.update(overrides or {})
+    for name in raw:
+        if name not in SETTING_NAMES:
+            raise ConfigError(f"unknown setting {name}" + _suggestion(name))
     checked = {name: _CHECKS[name](name, value) for name, value in raw.items()}
     settings = Settings(**checked)
     return _complete(settings, notices), notices

@@ -11,6 +11,9 @@ import socket
 from typing import Optional
 
 from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from failnozzle.config import Settings, load_settings
 from failnozzle.ingest import bind_udp_socket
@@ -114,13 +117,16 @@ class SMTPSink:
 
     @ivar messages: the parsed messages, in arrival order.
     @ivar envelopes: the aiosmtpd envelopes (mail_from, rcpt_tos, ...).
+    @ivar tls_versions: for each message, the TLS version of the connection
+        it came over (C{"TLSv1.3"}, ...), or None if it came in clear.
     """
 
     def __init__(self, testcase, reply: Optional[str] = None,
-                 **controller_options) -> None:
+                 port: Optional[int] = None, **controller_options) -> None:
         """
         @param reply: the answer to DATA instead of C{250 OK}, e.g.
             C{"550 no thanks"}.
+        @param port: the port to listen on; by default a free one.
         @param controller_options: passed to aiosmtpd's C{Controller}
             (tls_context, require_starttls, ssl_context, authenticator,
             auth_required, auth_require_tls, ...).
@@ -129,9 +135,10 @@ class SMTPSink:
 
         self.messages: list = []
         self.envelopes: list = []
+        self.tls_versions: list = []
         self._waiting: list = []
         self._reply = reply
-        self.port = free_tcp_port()
+        self.port = port or free_tcp_port()
         self._controller = Controller(self, hostname="127.0.0.1",
                                       port=self.port, **controller_options)
         self._controller.start()
@@ -143,12 +150,16 @@ class SMTPSink:
         message = email.message_from_bytes(
             envelope.original_content.replace(b"\r\n", b"\n"),
             policy=email.policy.default)
-        reactor.callFromThread(self._arrived, envelope, message)
-        return "250 OK"
-
-    def _arrived(self, envelope, message) -> None:
+        tls = server.transport.get_extra_info("ssl_object")
+        # Recorded here, before the client can see "250 OK", so a test that
+        # waits on its delivery Deferred finds the message already listed.
         self.envelopes.append(envelope)
         self.messages.append(message)
+        self.tls_versions.append(tls.version() if tls is not None else None)
+        reactor.callFromThread(self._arrived)
+        return "250 OK"
+
+    def _arrived(self) -> None:
         waiting, self._waiting = self._waiting, []
         for count, arrived in waiting:
             self._fire_when(count, arrived)
@@ -164,3 +175,53 @@ class SMTPSink:
         arrived = defer.Deferred()
         self._fire_when(count, arrived)
         return arrived.addTimeout(WAIT_SECONDS, reactor)
+
+
+class _Silent(Protocol):
+    """Accepts a connection and never says a word."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        self.closed = defer.Deferred()
+
+    def connectionLost(self, reason) -> None:
+        self.closed.callback(None)
+
+
+class SilentServer:
+    """
+    A TCP server on 127.0.0.1 that accepts connections and never answers,
+    like a hung mail server.  When the test ends it hangs up on whoever
+    is still connected and stops listening.
+
+    @ivar port: the port it listens on.
+    @ivar connections: the server side of each connection accepted.
+    """
+
+    def __init__(self, testcase) -> None:
+        factory = Factory.forProtocol(_Silent)
+        factory.connections = self.connections = []
+        self._listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.port = self._listening.getHost().port
+        testcase.addCleanup(self._stop)
+
+    def _stop(self) -> defer.Deferred:
+        for connection in self.connections:
+            connection.transport.abortConnection()
+        closed = [connection.closed for connection in self.connections]
+        return defer.gatherResults(
+            closed + [defer.maybeDeferred(self._listening.stopListening)])
+
+
+def capture_log(testcase) -> EventLoggingObserver:
+    """Every event logged through twisted.logger until the test ends."""
+    return EventLoggingObserver.createWithCleanup(testcase,
+                                                  globalLogPublisher)
+
+
+def logged_lines(events, namespace: str,
+                 level: LogLevel = LogLevel.error) -> list:
+    """The formatted text of the events of C{namespace} at C{level}."""
+    return [formatEvent(event) for event in events
+            if event.get("log_namespace") == namespace
+            and event.get("log_level") == level]

@@ -1,12 +1,64 @@
 """
 Datagrams over a real UDP socket to the service, digests over real SMTP to
-an independent server (aiosmtpd).
+an independent server (aiosmtpd): plain, STARTTLS and implicit TLS, AUTH,
+and the ways a delivery fails, each of which must end in one clear log line.
 """
+import email.utils
+import os
+import ssl
+
+import trustme
+from aiosmtpd.smtp import AuthResult
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from tests.common import (SMTPSink, datagrams_received, record, send_datagrams,
-                          start_service, udp_address)
+from failnozzle.config import DEFAULT_MONITORING_ERROR_MARKERS
+from tests.common import (SMTPSink, SilentServer, capture_log,
+                          datagrams_received, free_tcp_port, logged_lines,
+                          record, send_datagrams, start_service, udp_address)
+
+OUTBOX = "failnozzle.outbox"
+MARKER = DEFAULT_MONITORING_ERROR_MARKERS[0]
+
+
+def smtp_settings(port: int, **overrides) -> dict:
+    """The settings for an SMTP server on 127.0.0.1:C{port}."""
+    settings = dict(SMTP_HOST="127.0.0.1", SMTP_PORT=port, SMTP_TLS="off",
+                    REPORT_FROM="nozzle@example.com",
+                    REPORT_TO=["ops@example.com"])
+    settings.update(overrides)
+    return settings
+
+
+def make_ca(testcase, hostname: str = "127.0.0.1") -> tuple:
+    """
+    A fresh CA and a server certificate it issued for C{hostname}.
+
+    @return: C{(server_context, ca_file)}: an C{ssl.SSLContext} serving
+        that certificate, and the path of the CA's PEM for SMTP_CA_FILE.
+    """
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(hostname).configure_cert(context)
+    ca_file = testcase.mktemp()
+    ca.cert_pem.write_to_path(ca_file)
+    return context, ca_file
+
+
+@defer.inlineCallbacks
+def report(service, records):
+    """
+    Send C{records} as datagrams, flush once they are all counted, and wait
+    until every delivery that flush began is over.
+
+    @return: a Deferred firing with each delivery's outcome (True if
+        delivered).
+    """
+    arrived = datagrams_received(service, len(records))
+    send_datagrams(udp_address(service), records)
+    yield arrived
+    outcomes = yield defer.gatherResults(service.flush())
+    return outcomes
 
 
 class PlainSMTPTests(TestCase):
@@ -41,3 +93,318 @@ class PlainSMTPTests(TestCase):
         body = message.get_content()
         self.assertIn("** 3 instances of 1 unique error (app) **", body)
         self.assertIn("- on web1, 1X\n- on web2, 2X\n", body)
+
+    @defer.inlineCallbacks
+    def test_well_formed_mime(self):
+        """
+        The digest is a well-formed, 7-bit clean text/plain UTF-8 message
+        with every header a mail reader needs, and a non-ASCII error
+        message comes back unchanged in both subject and body.
+        """
+        templates = self.mktemp()
+        os.mkdir(templates)
+        with open(os.path.join(templates, "subject.txt"), "w",
+                  encoding="utf-8") as subject:
+            subject.write("{{ sorted_counts[0][0].message }} "
+                          "({{ total }} on {{ server_name }})")
+        sink = SMTPSink(self)
+        service = start_service(self, **smtp_settings(
+            sink.port, REPLY_TO="noreply@example.com",
+            SERVER_NAME="nozzle.example", EMAIL_TEMPLATE_DIR=templates,
+            EMAIL_SUBJECT_TEMPLATE="subject.txt"))
+        outcomes = yield report(service, [record("Ärger ☃")])
+        self.assertEqual(outcomes, [True])
+        [message] = sink.messages
+        self.assertTrue(sink.envelopes[0].original_content.isascii())
+        self.assertEqual(message["From"], "nozzle@example.com")
+        self.assertEqual(message["To"], "ops@example.com")
+        self.assertEqual(message["Reply-To"], "noreply@example.com")
+        self.assertEqual(message["Subject"], "Ärger ☃ (1 on nozzle.example)")
+        self.assertIsNotNone(email.utils.parsedate_to_datetime(message["Date"]))
+        self.assertRegex(message["Message-ID"], r"^<[^<>@\s]+@nozzle\.example>$")
+        self.assertEqual(message.get_content_type(), "text/plain")
+        self.assertEqual(message.get_content_charset(), "utf-8")
+        self.assertIn("1X Ärger ☃ (in app, src/app/views.py:50)",
+                      message.get_content())
+
+
+class TLSTests(TestCase):
+    """
+    STARTTLS and implicit TLS with the server's certificate checked against
+    a CA given as SMTP_CA_FILE; a certificate that does not fit means no
+    mail at all, never mail in clear.
+    """
+
+    @defer.inlineCallbacks
+    def test_starttls(self):
+        """
+        With SMTP_TLS = 'starttls' the digest arrives over the TLS session
+        the client started.
+        """
+        context, ca_file = make_ca(self)
+        sink = SMTPSink(self, tls_context=context, require_starttls=True)
+        service = start_service(self, **smtp_settings(
+            sink.port, SMTP_TLS="starttls", SMTP_CA_FILE=ca_file))
+        outcomes = yield report(service, [record("boom")])
+        self.assertEqual(outcomes, [True])
+        self.assertEqual(len(sink.messages), 1)
+        self.assertIsNotNone(sink.tls_versions[0])
+
+    @defer.inlineCallbacks
+    def test_implicit_tls(self):
+        """
+        With SMTP_TLS = 'implicit' the digest arrives over a connection
+        that is TLS from its first byte.
+        """
+        context, ca_file = make_ca(self)
+        sink = SMTPSink(self, ssl_context=context)
+        service = start_service(self, **smtp_settings(
+            sink.port, SMTP_TLS="implicit", SMTP_CA_FILE=ca_file))
+        outcomes = yield report(service, [record("boom")])
+        self.assertEqual(outcomes, [True])
+        self.assertEqual(len(sink.messages), 1)
+        self.assertIsNotNone(sink.tls_versions[0])
+
+    @defer.inlineCallbacks
+    def test_starttls_not_offered(self):
+        """
+        A server that does not offer STARTTLS gets nothing, and the log
+        says that is why.
+        """
+        _, ca_file = make_ca(self)
+        sink = SMTPSink(self)
+        events = capture_log(self)
+        service = start_service(self, **smtp_settings(
+            sink.port, SMTP_TLS="starttls", SMTP_CA_FILE=ca_file))
+        outcomes = yield report(service, [record("boom")])
+        self.assertEqual(outcomes, [False])
+        self.assertEqual(sink.messages, [])
+        [line] = logged_lines(events, OUTBOX)
+        self.assertIn(f"SMTP server 127.0.0.1:{sink.port}", line)
+        self.assertIn("does not offer STARTTLS", line)
+
+    @defer.inlineCallbacks
+    def assertWrongHostRefused(self, tls: str, **controller_options):
+        """
+        Over C{tls}, a server whose certificate was issued for another host
+        name gets nothing, not even in clear, and the log names the server
+        and says TLS failed because of the name.
+        """
+        events = capture_log(self)
+        sink = SMTPSink(self, **controller_options)
+        _, ca_file = make_ca(self)
+        service = start_service(self, **smtp_settings(
+            sink.port, SMTP_TLS=tls, SMTP_CA_FILE=ca_file))
+        outcomes = yield report(service, [record("boom")])
+        self.assertEqual(outcomes, [False])
+        self.assertEqual(sink.messages, [])
+        [line] = logged_lines(events, OUTBOX)
+        self.assertIn(f"SMTP server 127.0.0.1:{sink.port}: TLS failed", line)
+        self.assertIn("127.0.0.1", line.split("TLS failed", 1)[1])
+
+    def test_starttls_wrong_host(self):
+        """
+        STARTTLS to a server with a certificate for 'wrong.example' sends
+        nothing, though the server would take mail in clear.
+        """
+        context, _ = make_ca(self, "wrong.example")
+        return self.assertWrongHostRefused("starttls", tls_context=context)
+
+    def test_implicit_tls_wrong_host(self):
+        """
+        Implicit TLS to a server with a certificate for 'wrong.example'
+        sends nothing.
+        """
+        context, _ = make_ca(self, "wrong.example")
+        return self.assertWrongHostRefused("implicit", ssl_context=context)
+
+
+class AuthTests(TestCase):
+    """
+    SMTP AUTH with SMTP_USER and SMTP_PASSWORD, over STARTTLS.
+    """
+
+    def auth_sink(self) -> tuple:
+        """
+        A server that wants STARTTLS, then AUTH as nozzle / s3cret.
+
+        @return: C{(sink, ca_file)}.
+        """
+        def authenticator(server, session, envelope, mechanism, auth_data):
+            return AuthResult(success=(auth_data.login, auth_data.password)
+                              == (b"nozzle", b"s3cret"))
+
+        context, ca_file = make_ca(self)
+        sink = SMTPSink(self, tls_context=context, require_starttls=True,
+                        authenticator=authenticator, auth_required=True)
+        return sink, ca_file
+
+    @defer.inlineCallbacks
+    def test_right_password(self):
+        """
+        With the right credentials the digest arrives.
+        """
+        sink, ca_file = self.auth_sink()
+        service = start_service(self, **smtp_settings(
+            sink.port, SMTP_TLS="starttls", SMTP_CA_FILE=ca_file,
+            SMTP_USER="nozzle", SMTP_PASSWORD="s3cret"))
+        outcomes = yield report(service, [record("boom")])
+        self.assertEqual(outcomes, [True])
+        self.assertEqual(len(sink.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_wrong_password(self):
+        """
+        With a wrong password nothing is delivered, and one log line names
+        the server and says AUTH was rejected.
+        """
+        sink, ca_file = self.auth_sink()
+        events = capture_log(self)
+        service = start_service(self, **smtp_settings(
+            sink.port, SMTP_TLS="starttls", SMTP_CA_FILE=ca_file,
+            SMTP_USER="nozzle", SMTP_PASSWORD="wrong"))
+        outcomes = yield report(service, [record("boom")])
+        self.assertEqual(outcomes, [False])
+        self.assertEqual(sink.messages, [])
+        [line] = logged_lines(events, OUTBOX)
+        self.assertIn(f"SMTP server 127.0.0.1:{sink.port}: AUTH rejected",
+                      line)
+
+
+class FailedDeliveryTests(TestCase):
+    """
+    A delivery that fails is logged in one line naming the server and the
+    reason, and the service goes on.
+    """
+
+    @defer.inlineCallbacks
+    def test_connection_refused(self):
+        """
+        Nothing listening on the port is logged as "connection refused",
+        and the next flush reaches a server that has come up meanwhile.
+        """
+        port = free_tcp_port()
+        events = capture_log(self)
+        service = start_service(self, **smtp_settings(port))
+        outcomes = yield report(service, [record("first")])
+        self.assertEqual(outcomes, [False])
+        [line] = logged_lines(events, OUTBOX)
+        self.assertIn(f"SMTP server 127.0.0.1:{port}: connection refused",
+                      line)
+
+        sink = SMTPSink(self, port=port)
+        outcomes = yield report(service, [record("second")])
+        self.assertEqual(outcomes, [True])
+        self.assertIn("1X second", sink.messages[0].get_content())
+
+    @defer.inlineCallbacks
+    def test_no_answer(self):
+        """
+        A server that accepts the connection and never answers costs
+        SMTP_TIMEOUT, and is logged as "no answer within" that time.
+        """
+        server = SilentServer(self)
+        events = capture_log(self)
+        service = start_service(self, **smtp_settings(
+            server.port, SMTP_TIMEOUT=0.5))
+        outcomes = yield report(service, [record("boom")])
+        self.assertEqual(outcomes, [False])
+        self.assertEqual(len(server.connections), 1)
+        [line] = logged_lines(events, OUTBOX)
+        self.assertIn(f"SMTP server 127.0.0.1:{server.port}: "
+                      f"no answer within 0.5 s", line)
+
+    @defer.inlineCallbacks
+    def test_data_rejected(self):
+        """
+        A 550 reply to DATA is logged with the server's reply.
+        """
+        sink = SMTPSink(self, reply="550 5.7.1 not today")
+        events = capture_log(self)
+        service = start_service(self, **smtp_settings(sink.port))
+        outcomes = yield report(service, [record("boom")])
+        self.assertEqual(outcomes, [False])
+        [line] = logged_lines(events, OUTBOX)
+        self.assertIn(f"SMTP server 127.0.0.1:{sink.port}: "
+                      f"the server replied 550 5.7.1 not today", line)
+
+
+class RoutingTests(TestCase):
+    """
+    "Just monitoring" canary errors go to JUST_MONITORING_REPORT_TO, real
+    errors to REPORT_TO, each in its own message.
+    """
+
+    def start(self) -> tuple:
+        sink = SMTPSink(self)
+        service = start_service(self, **smtp_settings(
+            sink.port, REPORT_TO=["ops@example.com"],
+            JUST_MONITORING_REPORT_TO=["canary@example.com"]))
+        return sink, service
+
+    @defer.inlineCallbacks
+    def test_separate_messages(self):
+        """
+        A window with both kinds sends one message to each address, each
+        with only its own errors.
+        """
+        sink, service = self.start()
+        outcomes = yield report(service, [
+            record(f"canary {MARKER}"), record("real trouble"),
+            record("real trouble")])
+        self.assertEqual(outcomes, [True, True])
+        received = {tuple(envelope.rcpt_tos): message.get_content()
+                    for envelope, message in zip(sink.envelopes,
+                                                 sink.messages)}
+        self.assertEqual(sorted(received),
+                         [("canary@example.com",), ("ops@example.com",)])
+        real = received[("ops@example.com",)]
+        self.assertIn("2X real trouble", real)
+        self.assertNotIn(MARKER, real)
+        canary = received[("canary@example.com",)]
+        self.assertIn(f"1X canary {MARKER}", canary)
+        self.assertNotIn("real trouble", canary)
+
+    @defer.inlineCallbacks
+    def test_only_monitoring(self):
+        """
+        A window of only monitoring errors sends nothing to REPORT_TO.
+        """
+        sink, service = self.start()
+        outcomes = yield report(service, [record(f"canary {MARKER}")])
+        self.assertEqual(outcomes, [True])
+        self.assertEqual([envelope.rcpt_tos for envelope in sink.envelopes],
+                         [["canary@example.com"]])
+
+
+class PagerTests(TestCase):
+    """
+    The pager alert, end to end.
+    """
+
+    @defer.inlineCallbacks
+    def test_alert_on_crossing_limit(self):
+        """
+        Below PAGER_LIMIT nobody is paged; the flush that crosses it sends
+        one alert to PAGER_TO, from PAGER_FROM with PAGER_REPLY_TO.
+        """
+        sink = SMTPSink(self)
+        service = start_service(self, **smtp_settings(
+            sink.port, PAGER_LIMIT=3, PAGER_TO=["pager@example.com"],
+            PAGER_FROM="alarm@example.com",
+            PAGER_REPLY_TO="oncall@example.com", SERVER_NAME="nozzle1"))
+        outcomes = yield report(service, [record("boom"), record("boom")])
+        self.assertEqual(outcomes, [True])
+        outcomes = yield report(service, [record("boom")])
+        self.assertEqual(outcomes, [True, True])
+        pages = [message for envelope, message
+                 in zip(sink.envelopes, sink.messages)
+                 if envelope.rcpt_tos == ["pager@example.com"]]
+        self.assertEqual(len(pages), 1)
+        [page] = pages
+        self.assertEqual(page["To"], "pager@example.com")
+        self.assertEqual(page["From"], "alarm@example.com")
+        self.assertEqual(page["Reply-To"], "oncall@example.com")
+        self.assertEqual(page["Subject"], "nozzle1 error rate exceeded")
+        self.assertIn("received 3 errors", page.get_content())
+        self.assertEqual(len(sink.messages), 3)
