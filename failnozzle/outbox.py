@@ -18,14 +18,20 @@ from email.policy import default as default_policy
 from io import BytesIO
 from typing import Optional, Sequence
 
+from cryptography.x509 import load_pem_x509_certificates
 from OpenSSL import SSL
+from OpenSSL.crypto import X509
+from service_identity import VerificationError
 from twisted.internet import defer, error as net_error
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.ssl import (Certificate, CertificateOptions,
-                                  optionsForClientTLS, platformTrust)
+                                  optionsForClientTLS, platformTrust,
+                                  trustRootFromCertificates)
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
+
+from failnozzle.config import ConfigError
 
 _log = Logger()
 
@@ -121,6 +127,8 @@ class SMTPTransport:
             failing with the reason it did not.
         """
         def cancel(_: defer.Deferred) -> None:
+            # Finished first, so that nothing the connection still does
+            # reports to the cancelled Deferred (see _Sender).
             factory.sendFinished = True
             if factory.currentProtocol is not None:
                 factory.currentProtocol.transport.abortConnection()
@@ -128,7 +136,8 @@ class SMTPTransport:
                 connector.disconnect()
 
         result = defer.Deferred(cancel)
-        factory = smtp.ESMTPSenderFactory(
+        factory = _SenderFactory(
+            self._reactor,
             self._user,
             self._password,
             sender,
@@ -158,15 +167,66 @@ class SMTPTransport:
         return result
 
 
+class _Sender(smtp.ESMTPSender):
+    """
+    L{smtp.ESMTPSender} that, once the outcome is known (delivered, failed
+    or cancelled), meets any later error by hanging up.
+
+    Twisted's sender still reports such an error to the factory's Deferred,
+    which has fired and is gone by then: an AttributeError in the reactor,
+    e.g. when its idle timer fires in the same reactor turn as our timeout,
+    or when a server goes silent after accepting the message.
+    """
+
+    def sendError(self, exc: smtp.SMTPClientError) -> None:
+        if self.factory.sendFinished:
+            smtp.SMTPClient.sendError(self, exc)
+        else:
+            super().sendError(exc)
+
+
+class _SenderFactory(smtp.ESMTPSenderFactory):
+    """
+    L{smtp.ESMTPSenderFactory} making L{_Sender}s whose idle timer runs on
+    the given clock: Twisted's runs on the global reactor whatever reactor
+    the connection was made with.
+    """
+
+    protocol = _Sender
+
+    def __init__(self, clock: IReactorTime, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._clock = clock
+
+    def buildProtocol(self, addr) -> _Sender:
+        sender = super().buildProtocol(addr)
+        sender.callLater = self._clock.callLater
+        return sender
+
+
 def _tls_options(host: str, verify: bool, ca_file: Optional[str]):
-    """TLS client options: checked against C{host} unless told otherwise."""
+    """
+    TLS client options: checked against C{host} unless told otherwise,
+    trusting every certificate in C{ca_file} (it may be a bundle) if given,
+    else the system's CAs.
+
+    @raise ConfigError: C{ca_file} cannot be read or holds no certificate.
+    """
     if not verify:
         return CertificateOptions()
-    if ca_file is not None:
+    if ca_file is None:
+        return optionsForClientTLS(host, trustRoot=platformTrust())
+    try:
         with open(ca_file, "rb") as pem:
-            trust = Certificate.loadPEM(pem.read())
-    else:
-        trust = platformTrust()
+            certificates = load_pem_x509_certificates(pem.read())
+    except OSError as error:
+        raise ConfigError(f"SMTP_CA_FILE: cannot read {ca_file!r}: "
+                          f"{error.strerror}") from None
+    except ValueError:
+        raise ConfigError(
+            f"SMTP_CA_FILE: no PEM certificate in {ca_file!r}") from None
+    trust = trustRootFromCertificates(
+        [Certificate(X509.from_cryptography(c)) for c in certificates])
     return optionsForClientTLS(host, trustRoot=trust)
 
 
@@ -187,6 +247,9 @@ def describe_failure(failure: Failure, timeout: float) -> str:
         return "host name not found"
     if isinstance(error, SSL.Error):
         return f"TLS failed: {_openssl_reason(error)}"
+    if isinstance(error, VerificationError):
+        return (f"TLS failed: the server's certificate is not valid for "
+                f"{_mismatched_names(error)}")
     if isinstance(error, smtp.AUTHDeclinedError):
         return f"AUTH rejected: {_smtp_reply(error)}"
     if isinstance(error, smtp.AUTHRequiredError):
@@ -205,6 +268,18 @@ def _smtp_reply(error: smtp.SMTPClientError) -> str:
     if isinstance(response, bytes):
         response = response.decode("utf-8", "replace")
     return f"{error.code} {' '.join(str(response).split())}"
+
+
+def _mismatched_names(error: VerificationError) -> str:
+    """The names we asked a certificate for that it does not carry."""
+    names = []
+    for mismatch in error.errors:
+        wanted = mismatch.mismatched_id
+        name = (getattr(wanted, "hostname", None)
+                or getattr(wanted, "ip", None) or wanted)
+        names.append(name.decode("ascii") if isinstance(name, bytes)
+                     else str(name))
+    return ", ".join(names)
 
 
 def _openssl_reason(error: SSL.Error) -> str:

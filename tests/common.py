@@ -7,13 +7,14 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import logging
 import socket
 from typing import Optional
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, Logger, formatEvent, globalLogPublisher
 
 from failnozzle.config import Settings, load_settings
 from failnozzle.ingest import bind_udp_socket
@@ -110,6 +111,20 @@ def record(message: str = "boom", source: str = "host1", **fields) -> dict:
     return base
 
 
+class _ToTwistedLog(logging.Handler):
+    """
+    Hands aiosmtpd's log records to twisted.logger, so that trial keeps them
+    in test.log instead of Python printing them on the console (as it does
+    with warnings nobody handles, such as the server's traceback when a
+    client hangs up in mid TLS handshake, which some tests do on purpose).
+    """
+
+    _log = Logger(namespace="aiosmtpd")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._log.info("{line}", line=self.format(record))
+
+
 class SMTPSink:
     """
     A real SMTP server (aiosmtpd, in its own thread) on 127.0.0.1 that
@@ -141,6 +156,10 @@ class SMTPSink:
         self.port = port or free_tcp_port()
         self._controller = Controller(self, hostname="127.0.0.1",
                                       port=self.port, **controller_options)
+        server_log = logging.getLogger("mail.log")
+        handler = _ToTwistedLog()
+        server_log.addHandler(handler)
+        testcase.addCleanup(server_log.removeHandler, handler)
         self._controller.start()
         testcase.addCleanup(self._controller.stop)
 

@@ -9,13 +9,15 @@ import ssl
 
 import trustme
 from aiosmtpd.smtp import AuthResult
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from failnozzle.config import DEFAULT_MONITORING_ERROR_MARKERS
+from failnozzle.config import DEFAULT_MONITORING_ERROR_MARKERS, ConfigError
+from failnozzle.service import FailnozzleService, make_transport
 from tests.common import (SMTPSink, SilentServer, capture_log,
                           datagrams_received, free_tcp_port, logged_lines,
-                          record, send_datagrams, start_service, udp_address)
+                          make_settings, record, send_datagrams,
+                          start_service, udp_address)
 
 OUTBOX = "failnozzle.outbox"
 MARKER = DEFAULT_MONITORING_ERROR_MARKERS[0]
@@ -46,7 +48,7 @@ def make_ca(testcase, hostname: str = "127.0.0.1") -> tuple:
 
 
 @defer.inlineCallbacks
-def report(service, records):
+def report(service: FailnozzleService, records: list):
     """
     Send C{records} as datagrams, flush once they are all counted, and wait
     until every delivery that flush began is over.
@@ -166,6 +168,41 @@ class TLSTests(TestCase):
         self.assertIsNotNone(sink.tls_versions[0])
 
     @defer.inlineCallbacks
+    def test_ca_bundle(self):
+        """
+        SMTP_CA_FILE may be a bundle: the server's CA is trusted though
+        another CA comes first in the file.
+        """
+        context, ca_file = make_ca(self)
+        _, other_ca_file = make_ca(self)
+        bundle = self.mktemp()
+        with open(bundle, "wb") as out:
+            for path in (other_ca_file, ca_file):
+                with open(path, "rb") as pem:
+                    out.write(pem.read())
+        sink = SMTPSink(self, tls_context=context, require_starttls=True)
+        service = start_service(self, **smtp_settings(
+            sink.port, SMTP_TLS="starttls", SMTP_CA_FILE=bundle))
+        outcomes = yield report(service, [record("boom")])
+        self.assertEqual(outcomes, [True])
+        self.assertEqual(len(sink.messages), 1)
+
+    def test_ca_file_without_certificate(self):
+        """
+        An SMTP_CA_FILE holding no certificate stops start-up with a
+        ConfigError naming the setting and the file.
+        """
+        empty = self.mktemp()
+        with open(empty, "w") as out:
+            out.write("not a certificate\n")
+        settings = make_settings(**smtp_settings(
+            free_tcp_port(), SMTP_TLS="starttls", SMTP_CA_FILE=empty))
+        error = self.assertRaises(ConfigError, make_transport, settings,
+                                  reactor)
+        self.assertEqual(str(error),
+                         f"SMTP_CA_FILE: no PEM certificate in {empty!r}")
+
+    @defer.inlineCallbacks
     def test_starttls_not_offered(self):
         """
         A server that does not offer STARTTLS gets nothing, and the log
@@ -184,39 +221,61 @@ class TLSTests(TestCase):
         self.assertIn("does not offer STARTTLS", line)
 
     @defer.inlineCallbacks
-    def assertWrongHostRefused(self, tls: str, **controller_options):
+    def assertWrongHostRefused(self, tls: str, ca_file: str,
+                               **controller_options):
         """
-        Over C{tls}, a server whose certificate was issued for another host
-        name gets nothing, not even in clear, and the log names the server
-        and says TLS failed because of the name.
+        Over C{tls}, a server whose certificate the trusted CA in
+        C{ca_file} issued for another host name gets nothing, not even in
+        clear, and the log names the server and says TLS failed because of
+        the name.
         """
         events = capture_log(self)
         sink = SMTPSink(self, **controller_options)
-        _, ca_file = make_ca(self)
         service = start_service(self, **smtp_settings(
             sink.port, SMTP_TLS=tls, SMTP_CA_FILE=ca_file))
         outcomes = yield report(service, [record("boom")])
         self.assertEqual(outcomes, [False])
         self.assertEqual(sink.messages, [])
         [line] = logged_lines(events, OUTBOX)
+        self.assertIn(f"SMTP server 127.0.0.1:{sink.port}: TLS failed: the "
+                      f"server's certificate is not valid for 127.0.0.1", line)
+
+    @defer.inlineCallbacks
+    def test_unknown_ca(self):
+        """
+        A certificate from a CA other than SMTP_CA_FILE means nothing is
+        sent, and the log names the server and says TLS failed.
+        """
+        context, _ = make_ca(self)
+        _, other_ca_file = make_ca(self)
+        sink = SMTPSink(self, tls_context=context)
+        events = capture_log(self)
+        service = start_service(self, **smtp_settings(
+            sink.port, SMTP_TLS="starttls", SMTP_CA_FILE=other_ca_file))
+        outcomes = yield report(service, [record("boom")])
+        self.assertEqual(outcomes, [False])
+        self.assertEqual(sink.messages, [])
+        [line] = logged_lines(events, OUTBOX)
         self.assertIn(f"SMTP server 127.0.0.1:{sink.port}: TLS failed", line)
-        self.assertIn("127.0.0.1", line.split("TLS failed", 1)[1])
+        self.assertIn("certificate verify failed", line)
 
     def test_starttls_wrong_host(self):
         """
         STARTTLS to a server with a certificate for 'wrong.example' sends
         nothing, though the server would take mail in clear.
         """
-        context, _ = make_ca(self, "wrong.example")
-        return self.assertWrongHostRefused("starttls", tls_context=context)
+        context, ca_file = make_ca(self, "wrong.example")
+        return self.assertWrongHostRefused("starttls", ca_file,
+                                           tls_context=context)
 
     def test_implicit_tls_wrong_host(self):
         """
         Implicit TLS to a server with a certificate for 'wrong.example'
         sends nothing.
         """
-        context, _ = make_ca(self, "wrong.example")
-        return self.assertWrongHostRefused("implicit", ssl_context=context)
+        context, ca_file = make_ca(self, "wrong.example")
+        return self.assertWrongHostRefused("implicit", ca_file,
+                                           ssl_context=context)
 
 
 class AuthTests(TestCase):
@@ -231,8 +290,9 @@ class AuthTests(TestCase):
         @return: C{(sink, ca_file)}.
         """
         def authenticator(server, session, envelope, mechanism, auth_data):
+            # handled=False: aiosmtpd then answers a failure with 535 itself.
             return AuthResult(success=(auth_data.login, auth_data.password)
-                              == (b"nozzle", b"s3cret"))
+                              == (b"nozzle", b"s3cret"), handled=False)
 
         context, ca_file = make_ca(self)
         sink = SMTPSink(self, tls_context=context, require_starttls=True,
@@ -336,6 +396,7 @@ class RoutingTests(TestCase):
     """
 
     def start(self) -> tuple:
+        """A sink and a service sending to it; C{(sink, service)}."""
         sink = SMTPSink(self)
         service = start_service(self, **smtp_settings(
             sink.port, REPORT_TO=["ops@example.com"],
