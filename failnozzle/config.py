@@ -146,22 +146,24 @@ def _addresses(name: str, value: object) -> tuple:
     """
     if value is None or value == "":
         return ()
-    if isinstance(value, str):
-        pairs = email.utils.getaddresses([value])
-        items = [email.utils.formataddr(pair) for pair in pairs] if len(
-            pairs) > 1 else [value]
-    elif isinstance(value, (list, tuple)):
-        items = value
-    else:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
         raise ConfigError(
             f"{name} must be an email address or a list of them, "
             f"not a {_type_name(value)}"
         )
+    addresses = []
     for item in items:
-        if (not isinstance(item, str) or "\n" in item or "\r" in item
-                or "@" not in email.utils.parseaddr(item)[1]):
+        if not isinstance(item, str) or "\n" in item or "\r" in item:
             raise ConfigError(f"{name}: {item!r} is not an email address")
-    return tuple(items)
+        pairs = email.utils.getaddresses([item])
+        parts = ([email.utils.formataddr(pair) for pair in pairs]
+                 if len(pairs) > 1 else [item])
+        for part in parts:
+            if "@" not in email.utils.parseaddr(part)[1]:
+                raise ConfigError(f"{name}: {part!r} is not an email address")
+        addresses.extend(parts)
+    return tuple(addresses)
 
 
 def _optional_address(name: str, value: object) -> Optional[str]:
@@ -204,7 +206,8 @@ def _positive_seconds(name: str, value: object) -> float:
 def _port(name: str, value: object) -> int:
     value = _number(name, value, integer=True, minimum=0)
     if value > 65535:
-        raise ConfigError(f"{name} must be a port number (0-65535), not {value}")
+        raise ConfigError(
+            f"{name} must be a port number (0-65535), not {value}")
     return value
 
 
@@ -461,7 +464,8 @@ def load_settings(
             if current in raw:
                 notices.append(f"{legacy} is ignored: {current} is set too")
             else:
-                raw[current] = value
+                # Checked under the name the file uses, so an error names it.
+                raw[current] = _CHECKS[current](legacy, value)
                 notices.append(f"{legacy} is read as {current}; "
                                f"please rename it")
     raw.update(overrides or {})
@@ -483,9 +487,6 @@ def _complete(settings: Settings, notices: list) -> Settings:
         for name in ("REPORT_FROM", "REPORT_TO"):
             if not getattr(settings, name):
                 raise ConfigError(f"{name} is required when SMTP_HOST is set")
-        if settings.PAGER_TO and not (settings.PAGER_FROM
-                                      or settings.REPORT_FROM):
-            raise ConfigError("PAGER_FROM is required when PAGER_TO is set")
     else:
         # Maildir mode: the digests only need well-formed headers.
         changes["REPORT_FROM"] = settings.REPORT_FROM or "failnozzle@localhost"

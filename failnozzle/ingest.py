@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import socket
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
@@ -85,8 +86,10 @@ class RecordReader:
             text = data.decode("utf-8")
         except UnicodeDecodeError as error:
             raise NotUTF8(str(error), data) from None
+        # NaN and Infinity (Python's json writes them) are kept as text: a
+        # NaN float differs even from itself, so each would be a new error.
         try:
-            record = json.loads(text)
+            record = json.loads(text, parse_constant=str)
         except (ValueError, RecursionError) as error:
             raise NotJSON(str(error) or type(error).__name__, data) from None
         if type(record) is not dict:
@@ -165,35 +168,50 @@ def internal_error_key_maker(
     return internal_error_key
 
 
+@dataclass
+class _Window:
+    """The bad datagrams of one kind held back since one was logged."""
+
+    held_back: int
+    closing: IDelayedCall
+
+
 class _BadInputLog:
     """
-    Logs bad input at most once per C{interval} seconds for each kind, with
-    the number of similar lines held back, so a flood of junk cannot flood
-    the log.
+    Logs the first bad datagram of a kind, then holds back the others of
+    that kind for C{interval} seconds and says how many there were when it
+    ends: a flood of junk costs at most two lines per kind and interval.
     """
 
     def __init__(self, clock: IReactorTime, interval: float = 60.0) -> None:
         self._clock = clock
         self._interval = interval
-        self._next_allowed: dict = {}
-        self._held_back: dict = {}
+        self._windows: dict = {}
 
     def report(self, error: BadDatagram, sender: tuple) -> None:
         kind = type(error)
-        now = self._clock.seconds()
-        if now < self._next_allowed.get(kind, now):
-            self._held_back[kind] = self._held_back.get(kind, 0) + 1
+        window = self._windows.get(kind)
+        if window is not None:
+            window.held_back += 1
             return
-        self._next_allowed[kind] = now + self._interval
-        held_back = self._held_back.pop(kind, 0)
-        _log.warn(
-            "Bad datagram from {host}:{port}: {error}{held_back_note}",
-            host=sender[0], port=sender[1], error=error,
-            held_back=held_back,
-            held_back_note=(f" ({held_back} more like it in the last "
-                            f"{self._interval:g} s not logged)"
-                            if held_back else ""),
-        )
+        _log.warn("Bad datagram from {host}:{port}: {error}",
+                  host=sender[0], port=sender[1], error=error)
+        self._windows[kind] = _Window(
+            0, self._clock.callLater(self._interval, self._close, kind))
+
+    def _close(self, kind: type) -> None:
+        window = self._windows.pop(kind)
+        if window.held_back:
+            _log.warn("{held_back} more bad datagram(s) not logged in the "
+                      "last {seconds:g} s: {reason}",
+                      held_back=window.held_back, seconds=self._interval,
+                      reason=kind.reason)
+
+    def stop(self) -> None:
+        """Say now what is held back: no timer runs once the port is closed."""
+        for kind, window in list(self._windows.items()):
+            window.closing.cancel()
+            self._close(kind)
 
 
 class ErrorReceiver(DatagramProtocol):
@@ -220,6 +238,9 @@ class ErrorReceiver(DatagramProtocol):
         else:
             self._aggregator.add_key(key, source)
 
+    def stopProtocol(self) -> None:
+        self._bad_input_log.stop()
+
 
 def set_receive_buffer(sock: socket.socket, size: int) -> int:
     """
@@ -237,7 +258,6 @@ def set_receive_buffer(sock: socket.socket, size: int) -> int:
     except OSError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-
 
 
 def bind_udp_socket(host: str, port: int, receive_buffer: int) -> tuple:

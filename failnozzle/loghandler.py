@@ -16,16 +16,76 @@ import json
 import logging
 import logging.handlers
 
-#: Keep each datagram below the largest UDP payload over IPv4 (65507 bytes),
-#: leaving room for the other fields.
-MAX_TEXT_BYTES = 60000
+#: The largest UDP payload over IPv4: a longer record cannot be sent at all.
+MAX_DATAGRAM_BYTES = 65507
+
+CLIPPED = "\n[clipped by failnozzle]"
 
 
-def _clip(text: str, limit: int = MAX_TEXT_BYTES) -> str:
-    encoded = text.encode("utf-8")
-    if len(encoded) <= limit:
-        return text
-    return encoded[:limit].decode("utf-8", "ignore") + "\n[clipped by failnozzle]"
+def _encodable(value: object) -> object:
+    """C{value}, or its repr if JSON cannot encode it even with C{repr}."""
+    try:
+        json.dumps(value, default=repr)
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)
+    return value
+
+
+def _encode(fields: dict) -> str:
+    """
+    JSON text, all ASCII (so its length is its size in bytes, and lone
+    surrogates survive).  Values JSON cannot encode become their repr.
+    """
+    try:
+        return json.dumps(fields, default=repr)
+    except (TypeError, ValueError, RecursionError):
+        return json.dumps({str(name): _encodable(value)
+                           for name, value in fields.items()}, default=repr)
+
+
+def _clip(text: str, budget: int) -> str:
+    """
+    The longest start of C{text} that, marked as clipped, takes at most
+    C{budget} bytes as JSON; "" if not even the mark fits.
+    """
+    low, high = 0, min(len(text), budget)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(json.dumps(text[:middle] + CLIPPED)) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    clipped = text[:low] + CLIPPED
+    return clipped if len(json.dumps(clipped)) <= budget else ""
+
+
+def _fit(fields: dict) -> dict:
+    """
+    Clip the longest values to one common size so the JSON fits in one
+    datagram; message and exc_text are clipped alike, so neither is lost
+    to the other.  msg, a copy of message, is dropped.
+    """
+    fields = {str(name): _encodable(value) for name, value in fields.items()}
+    fields["msg"] = None
+    sizes = {name: len(json.dumps(value, default=repr))
+             for name, value in fields.items()}
+    room = MAX_DATAGRAM_BYTES - (len(_encode(fields)) - sum(sizes.values()))
+    # Find the largest cap such that the values, each cut to at most the
+    # cap, fit in the room left by names and punctuation.
+    ordered = sorted(sizes.values(), reverse=True)
+    rest = sum(ordered)
+    for count, size in enumerate(ordered, 1):
+        rest -= size
+        cap = (room - rest) // count
+        if count == len(ordered) or cap >= ordered[count]:
+            break
+    for name, size in sizes.items():
+        if size > cap:
+            value = fields[name]
+            text = value if isinstance(value, str) else json.dumps(
+                value, default=repr)
+            fields[name] = _clip(text, cap)
+    return fields
 
 
 class AggregatorHandler(logging.handlers.DatagramHandler):
@@ -52,19 +112,20 @@ class AggregatorHandler(logging.handlers.DatagramHandler):
         """
         Encode a record as JSON (not a pickle, despite the name the base
         class gives this step).  The formatted traceback goes in exc_text;
-        values JSON cannot encode become their repr.
+        values JSON cannot encode become their repr; a record too long for
+        one datagram has its longest values clipped.
         """
         fields = dict(record.__dict__)
-        fields["message"] = _clip(record.getMessage())
-        if record.exc_info:
-            if not record.exc_text:
-                formatter = self.formatter or logging.Formatter()
-                fields["exc_text"] = formatter.formatException(record.exc_info)
+        fields["message"] = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            formatter = self.formatter or logging.Formatter()
+            fields["exc_text"] = formatter.formatException(record.exc_info)
         fields["exc_info"] = None
-        if fields.get("exc_text"):
-            fields["exc_text"] = _clip(fields["exc_text"])
         fields["msg"] = fields["message"]
         fields["args"] = None
         fields["source"] = self.source
         fields["kind"] = self.kind
-        return json.dumps(fields, default=repr).encode("utf-8")
+        data = _encode(fields)
+        if len(data) > MAX_DATAGRAM_BYTES:
+            data = _encode(_fit(fields))
+        return data.encode("ascii")

@@ -1,0 +1,956 @@
+"""
+Tests for L{failnozzle.config}: defaults, config files written for the
+original failnozzle, and one clear line for every kind of mistake.
+"""
+import logging
+import os
+import sys
+import textwrap
+from collections import namedtuple
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from failnozzle.config import (DEFAULT_MONITORING_ERROR_MARKERS, ConfigError,
+                               UniqueMessage, load_settings, parse_host_port,
+                               read_config_file)
+
+
+class ConfigTestCase(SynchronousTestCase):
+    """
+    Helpers to write a config file and load it.
+    """
+
+    def write(self, text, name="failnozzle_site.py"):
+        """Write C{text} (dedented) to a new file; return its path."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, name)
+        with open(path, "w", encoding="utf-8") as config_file:
+            config_file.write(textwrap.dedent(text))
+        return path
+
+    def load(self, text):
+        """The settings and notices a config file of C{text} gives."""
+        return load_settings(self.write(text))
+
+    def assertConfigError(self, text, setting, *fragments):
+        """
+        Loading C{text} fails with a one-line L{ConfigError} naming
+        C{setting} and containing each of C{fragments}.
+
+        @return: the error's text.
+        """
+        error = self.assertRaises(ConfigError, self.load, text)
+        message = str(error)
+        self.assertNotIn("\n", message)
+        self.assertIn(setting, message)
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+        return message
+
+
+class DefaultsTests(ConfigTestCase):
+    """
+    The settings when a config file says nothing.
+    """
+
+    def assertDefaults(self, settings):
+        self.assertEqual(settings.UDP_BIND, ("127.0.0.1", 1549))
+        self.assertEqual(settings.FLUSH_SECONDS, 60)
+        self.assertEqual(settings.PAGER_WINDOW_SIZE, 5)
+        self.assertEqual(settings.PAGER_LIMIT, 100)
+        self.assertEqual(settings.SOURCE_FIELD_NAME, "source")
+        self.assertEqual(settings.INCOMING_MESSAGE_MAX_SIZE, 65536)
+        self.assertEqual(settings.MAX_UNIQUE_MESSAGES, 10000)
+        self.assertEqual(settings.MONITORING_ERROR_MARKERS,
+                         ("1669fe88-b0c3-439d-bc10-8a3d21493ede",
+                          "c84a3673-0a95-447b-810f-8107e1e38013"))
+        self.assertIs(settings.UNIQUE_MSG_TUPLE, UniqueMessage)
+        self.assertEqual(settings.unique_fields,
+                         ("module", "funcName", "filename", "message",
+                          "pathname", "lineno", "exc_text", "kind"))
+        self.assertEqual(settings.EMAIL_BODY_TEMPLATE, "body-template.txt")
+        self.assertEqual(settings.EMAIL_SUBJECT_TEMPLATE,
+                         "subject-template.txt")
+        self.assertIsNone(settings.INTERNAL_ERROR_FUNC)
+        self.assertIsNone(settings.SMTP_HOST)
+        self.assertEqual(settings.SMTP_TLS, "starttls")
+        self.assertFalse(settings.smtp_enabled)
+
+    def test_no_file(self):
+        """
+        Without a config file every setting has its documented default.
+        """
+        settings, notices = load_settings(None)
+        self.assertDefaults(settings)
+        self.assertEqual(notices, [])
+
+    def test_empty_file(self):
+        """
+        A config file of comments only gives the defaults too.
+        """
+        settings, notices = self.load("# nothing to change\n")
+        self.assertDefaults(settings)
+        self.assertEqual(notices, [])
+
+    def test_monitoring_markers_are_the_originals(self):
+        """
+        The default markers are the original failnozzle's two UUIDs.
+        """
+        self.assertEqual(load_settings(None)[0].MONITORING_ERROR_MARKERS,
+                         DEFAULT_MONITORING_ERROR_MARKERS)
+
+    def test_maildir_mode_addresses(self):
+        """
+        Without SMTP_HOST the digests go to the maildir with placeholder
+        addresses, so their headers are well-formed.
+        """
+        settings, _ = load_settings(None)
+        self.assertEqual(settings.REPORT_FROM, "failnozzle@localhost")
+        self.assertEqual(settings.REPORT_TO, ("failnozzle@localhost",))
+
+    def test_overrides_win(self):
+        """
+        Overrides (from the command line) replace what the file says.
+        """
+        path = self.write("FLUSH_SECONDS = 30\n")
+        settings, _ = load_settings(path, {"FLUSH_SECONDS": 5.5})
+        self.assertEqual(settings.FLUSH_SECONDS, 5.5)
+
+
+class SMTPTLSTests(ConfigTestCase):
+    """
+    SMTP_TLS, derived from SMTP_PORT unless it is set.
+    """
+
+    def test_465_is_implicit(self):
+        """
+        Port 465 means TLS from the first byte, as the original's SMTP_SSL.
+        """
+        settings, _ = self.load("SMTP_PORT = 465\n")
+        self.assertEqual(settings.SMTP_TLS, "implicit")
+
+    def test_other_ports_starttls(self):
+        """
+        Any other port means STARTTLS.
+        """
+        for port in (25, 587, 2525):
+            settings, _ = self.load(f"SMTP_PORT = {port}\n")
+            self.assertEqual(settings.SMTP_TLS, "starttls", port)
+
+    def test_explicit_kept(self):
+        """
+        A mode set in the file is kept whatever the port.
+        """
+        settings, _ = self.load("SMTP_PORT = 465\nSMTP_TLS = 'off'\n")
+        self.assertEqual(settings.SMTP_TLS, "off")
+        settings, _ = self.load("SMTP_PORT = 25\nSMTP_TLS = 'implicit'\n")
+        self.assertEqual(settings.SMTP_TLS, "implicit")
+
+    def test_password_in_clear_noticed(self):
+        """
+        AUTH without TLS is allowed but said at start-up.
+        """
+        _, notices = self.load("""\
+            SMTP_HOST = 'smtp.example.com'
+            SMTP_TLS = 'off'
+            SMTP_USER = 'u'
+            SMTP_PASSWORD = 'p'
+            REPORT_FROM = 'nozzle@example.com'
+            REPORT_TO = 'ops@example.com'
+            """)
+        [notice] = notices
+        self.assertIn("SMTP_USER", notice)
+        self.assertIn("clear", notice)
+
+
+class OriginalConfigTests(ConfigTestCase):
+    """
+    A config file exactly in the style of the original failnozzle's works
+    unchanged.
+    """
+
+    ORIGINAL = """\
+        # failnozzle config, as written for the original
+        import os
+        import logging
+        from collections import namedtuple
+        from logging import DEBUG
+
+        base_dir = os.path.dirname(__file__)
+        template_dir = os.path.join(base_dir, 'templates')
+
+        SERVER_NAME = os.uname()[1]
+        LOG_LEVEL = logging.INFO
+        LOG_FORMAT = '%(asctime)-15s %(levelname)-8s %(message)s'
+        UDP_BIND = ('0.0.0.0', 1549)
+        INCOMING_MESSAGE_MAX_SIZE = 65536
+
+        SMTP_HOST = 'smtp.example.com'
+        SMTP_PORT = 465
+        SMTP_USER = 'error.reporter@example.com'
+        SMTP_PASSWORD = 'drink canada pony solvent'
+
+        REPORT_FROM = 'error.reporter@example.com'
+        REPORT_TO = 'your.team@example.com'
+        JUST_MONITORING_REPORT_TO = 'error.canary@example.com'
+        PAGER_TO = 'your.pager.address@example.com'
+        PAGER_FROM = 'error.reporter@example.com'
+
+        FLUSH_SECONDS = 30
+        PAGER_WINDOW_SIZE = 4
+        PAGER_LIMIT = 50
+        MONITORING_ERROR_MARKERS = ["1669fe88-b0c3-439d-bc10-8a3d21493ede"]
+
+        UNIQUE_MSG_TUPLE = namedtuple('MyMessage',
+                                      ['module', 'message', 'kind'])
+        SOURCE_FIELD_NAME = 'host'
+        EMAIL_TEMPLATE_DIR = template_dir
+        EMAIL_BODY_TEMPLATE = 'body.txt'
+        EMAIL_SUBJECT_TEMPLATE = 'subject.txt'
+
+
+        def INTERNAL_ERROR_FUNC(count, exception):
+            return dict(module='failnozzle', kind='internal',
+                        message='Internal error: %d %r' % (count, exception))
+        """
+
+    def setUp(self):
+        self.path = self.write(self.ORIGINAL)
+        os.mkdir(os.path.join(os.path.dirname(self.path), "templates"))
+        self.settings, self.notices = load_settings(self.path)
+
+    def test_values(self):
+        """
+        Every setting the file assigns is read with its value; what is
+        derived is filled in, and nothing calls for a notice.
+        """
+        settings = self.settings
+        self.assertEqual(settings.SERVER_NAME, os.uname()[1])
+        self.assertEqual(settings.LOG_LEVEL, logging.INFO)
+        self.assertEqual(settings.UDP_BIND, ("0.0.0.0", 1549))
+        self.assertEqual(settings.SMTP_HOST, "smtp.example.com")
+        self.assertEqual(settings.SMTP_PORT, 465)
+        self.assertEqual(settings.SMTP_TLS, "implicit")
+        self.assertEqual(settings.SMTP_USER, "error.reporter@example.com")
+        self.assertEqual(settings.SMTP_PASSWORD, "drink canada pony solvent")
+        self.assertEqual(settings.REPORT_FROM, "error.reporter@example.com")
+        self.assertEqual(settings.REPORT_TO, ("your.team@example.com",))
+        self.assertEqual(settings.JUST_MONITORING_REPORT_TO,
+                         ("error.canary@example.com",))
+        self.assertEqual(settings.PAGER_TO,
+                         ("your.pager.address@example.com",))
+        self.assertEqual(settings.PAGER_FROM, "error.reporter@example.com")
+        self.assertEqual(settings.FLUSH_SECONDS, 30)
+        self.assertEqual(settings.PAGER_WINDOW_SIZE, 4)
+        self.assertEqual(settings.PAGER_LIMIT, 50)
+        self.assertEqual(settings.MONITORING_ERROR_MARKERS,
+                         ("1669fe88-b0c3-439d-bc10-8a3d21493ede",))
+        self.assertEqual(settings.SOURCE_FIELD_NAME, "host")
+        self.assertEqual(settings.EMAIL_TEMPLATE_DIR,
+                         os.path.join(os.path.dirname(self.path), "templates"))
+        self.assertEqual(settings.EMAIL_BODY_TEMPLATE, "body.txt")
+        self.assertEqual(settings.EMAIL_SUBJECT_TEMPLATE, "subject.txt")
+        self.assertEqual(self.notices, [])
+
+    def test_namedtuple(self):
+        """
+        UNIQUE_MSG_TUPLE is the namedtuple class the file made.
+        """
+        self.assertEqual(self.settings.UNIQUE_MSG_TUPLE.__name__, "MyMessage")
+        self.assertEqual(self.settings.unique_fields,
+                         ("module", "message", "kind"))
+
+    def test_internal_error_func(self):
+        """
+        INTERNAL_ERROR_FUNC is the function the file defines.
+        """
+        record = self.settings.INTERNAL_ERROR_FUNC(3, ValueError("x"))
+        self.assertEqual(record["message"],
+                         "Internal error: 3 ValueError('x')")
+
+    def test_imports_and_helpers_ignored(self):
+        """
+        What the file imports (C{DEBUG}, modules) and its lowercase helper
+        variables are not settings.
+        """
+        values = read_config_file(self.path)
+        self.assertNotIn("DEBUG", values)
+        self.assertNotIn("os", values)
+        self.assertNotIn("base_dir", values)
+        self.assertIn("INTERNAL_ERROR_FUNC", values)
+        self.assertTrue(all(name.isupper() for name in values))
+
+    def test_any_file_name(self):
+        """
+        The file need not end in .py, as with the original's load_source.
+        """
+        path = self.write("FLUSH_SECONDS = 7\n", name="failnozzle.conf")
+        self.assertEqual(load_settings(path)[0].FLUSH_SECONDS, 7)
+
+
+class NamesTests(ConfigTestCase):
+    """
+    Which names of a config file are settings.
+    """
+
+    def test_imported_constant_used(self):
+        """
+        C{from logging import DEBUG} is no unknown setting, and its value
+        can be used.
+        """
+        settings, _ = self.load("from logging import DEBUG\n"
+                                "LOG_LEVEL = DEBUG\n")
+        self.assertEqual(settings.LOG_LEVEL, logging.DEBUG)
+
+    def test_star_import_of_settings(self):
+        """
+        Settings imported from a shared module count, as they did for the
+        original; other UPPER_CASE names that come with them do not.
+        """
+        shared = self.write("""\
+            REPORT_TO = ['shared@example.com']
+            FLUSH_SECONDS = 15
+            SOME_CONSTANT = 3
+            """, name="failnozzle_shared_defaults.py")
+        directory = os.path.dirname(shared)
+        self.addCleanup(sys.modules.pop, "failnozzle_shared_defaults", None)
+        self.addCleanup(sys.path.remove, directory)
+        sys.path.insert(0, directory)
+        settings, _ = self.load("""\
+            from failnozzle_shared_defaults import *
+            FLUSH_SECONDS = 20
+            """)
+        self.assertEqual(settings.REPORT_TO, ("shared@example.com",))
+        self.assertEqual(settings.FLUSH_SECONDS, 20)
+
+    def test_definition_in_block(self):
+        """
+        A setting defined inside an C{if} or C{try} block is read.
+        """
+        settings, _ = self.load("""\
+            try:
+                import no_such_module_for_failnozzle
+            except ImportError:
+                def INTERNAL_ERROR_FUNC(count, exception):
+                    return {'message': 'fallback'}
+            if True:
+                PAGER_LIMIT = 7
+            """)
+        self.assertEqual(settings.INTERNAL_ERROR_FUNC(1, None),
+                         {"message": "fallback"})
+        self.assertEqual(settings.PAGER_LIMIT, 7)
+
+    def test_function_locals_ignored(self):
+        """
+        UPPER_CASE names local to a function, a comprehension or a class
+        body are not the file's settings.
+        """
+        settings, _ = self.load("""\
+            def helper():
+                NOT_A_SETTING = 1
+                return NOT_A_SETTING
+            class Helper:
+                ALSO_NOT = 2
+            REPORT_TO = [ADDR for ADDR in ['a@example.com']]
+            PAGER_LIMIT = helper() + Helper.ALSO_NOT
+            """)
+        self.assertEqual(settings.PAGER_LIMIT, 3)
+        self.assertEqual(settings.REPORT_TO, ("a@example.com",))
+
+    def test_private_names_ignored(self):
+        """
+        Names starting with an underscore are helpers, not settings.
+        """
+        values = read_config_file(self.write("_HELPER = 1\n_x = 2\n"))
+        self.assertEqual(values, {})
+
+
+class AddressTests(ConfigTestCase):
+    """
+    REPORT_TO and the other recipient settings.
+    """
+
+    def test_one_address(self):
+        """
+        One address, as the original took it, becomes a list of one.
+        """
+        settings, _ = self.load("REPORT_TO = 'ops@example.com'\n")
+        self.assertEqual(settings.REPORT_TO, ("ops@example.com",))
+
+    def test_list(self):
+        """
+        A list or a tuple of addresses is kept in order.
+        """
+        settings, _ = self.load(
+            "REPORT_TO = ['ops@example.com', 'dev@example.com']\n"
+            "PAGER_TO = ('p@example.com',)\n")
+        self.assertEqual(settings.REPORT_TO,
+                         ("ops@example.com", "dev@example.com"))
+        self.assertEqual(settings.PAGER_TO, ("p@example.com",))
+
+    def test_comma_separated(self):
+        """
+        A string of several addresses, as in a To: header, is several
+        recipients, not one the SMTP server would refuse.
+        """
+        settings, _ = self.load(
+            "REPORT_TO = 'ops@example.com, \"Doe, Jo\" <jo@example.com>'\n")
+        self.assertEqual(settings.REPORT_TO,
+                         ("ops@example.com", '"Doe, Jo" <jo@example.com>'))
+
+    def test_display_name(self):
+        """
+        An address with a display name is an address.
+        """
+        settings, _ = self.load(
+            "REPORT_FROM = 'Error Reporter <err@example.com>'\n")
+        self.assertEqual(settings.REPORT_FROM,
+                         "Error Reporter <err@example.com>")
+
+    def test_empty(self):
+        """
+        None, '' and [] mean "not set".
+        """
+        for value in ("None", "''", "[]"):
+            settings, _ = self.load(f"JUST_MONITORING_REPORT_TO = {value}\n")
+            self.assertEqual(settings.JUST_MONITORING_REPORT_TO, (), value)
+
+
+class UniqueMsgTupleTests(ConfigTestCase):
+    """
+    UNIQUE_MSG_TUPLE as a namedtuple class or a list of field names.
+    """
+
+    def test_namedtuple_class(self):
+        """
+        A namedtuple class is kept as it is.
+        """
+        custom = namedtuple("CustomUniqueError", ["x", "y", "z"])
+        settings, _ = load_settings(None, {"UNIQUE_MSG_TUPLE": custom})
+        self.assertIs(settings.UNIQUE_MSG_TUPLE, custom)
+        self.assertEqual(settings.unique_fields, ("x", "y", "z"))
+
+    def test_list_of_names(self):
+        """
+        A list (or tuple) of field names becomes a namedtuple of them.
+        """
+        for text in ("['x', 'y', 'z']", "('x', 'y', 'z')"):
+            settings, _ = self.load(f"UNIQUE_MSG_TUPLE = {text}\n")
+            self.assertEqual(settings.unique_fields, ("x", "y", "z"))
+            self.assertEqual(settings.UNIQUE_MSG_TUPLE(1, 2, 3).y, 2)
+
+    def test_invalid(self):
+        """
+        None (as the original's test_validate_settings), no fields,
+        duplicate or non-identifier names, or anything else is refused.
+        """
+        for text in ("None", "[]", "['a', 'a']", "['not-a-name']", "[1, 2]",
+                     "'message'", "dict", "namedtuple('E', [])"):
+            self.assertConfigError(
+                "from collections import namedtuple\n"
+                f"UNIQUE_MSG_TUPLE = {text}\n",
+                "UNIQUE_MSG_TUPLE")
+
+
+class LegacyNameTests(ConfigTestCase):
+    """
+    The names the original's README used.
+    """
+
+    def test_read_as_current(self):
+        """
+        ERROR_RECIP, JUST_MONITORING_ERROR_RECIP and PAGER_WINDOW_LIMIT are
+        read as REPORT_TO, JUST_MONITORING_REPORT_TO and PAGER_LIMIT, each
+        with a notice.
+        """
+        settings, notices = self.load("""\
+            ERROR_RECIP = 'ops@example.com'
+            JUST_MONITORING_ERROR_RECIP = 'canary@example.com'
+            PAGER_WINDOW_LIMIT = 42
+            """)
+        self.assertEqual(settings.REPORT_TO, ("ops@example.com",))
+        self.assertEqual(settings.JUST_MONITORING_REPORT_TO,
+                         ("canary@example.com",))
+        self.assertEqual(settings.PAGER_LIMIT, 42)
+        self.assertEqual(notices, [
+            "ERROR_RECIP is read as REPORT_TO; please rename it",
+            "JUST_MONITORING_ERROR_RECIP is read as JUST_MONITORING_REPORT_TO;"
+            " please rename it",
+            "PAGER_WINDOW_LIMIT is read as PAGER_LIMIT; please rename it",
+        ])
+
+    def test_current_wins(self):
+        """
+        When both names are set the current one wins and the legacy one
+        is said to be ignored.
+        """
+        settings, notices = self.load("""\
+            ERROR_RECIP = 'old@example.com'
+            REPORT_TO = 'new@example.com'
+            """)
+        self.assertEqual(settings.REPORT_TO, ("new@example.com",))
+        self.assertEqual(notices,
+                         ["ERROR_RECIP is ignored: REPORT_TO is set too"])
+
+    def test_error_names_legacy(self):
+        """
+        A wrong value under a legacy name is reported under that name, the
+        one the user wrote.
+        """
+        self.assertConfigError("PAGER_WINDOW_LIMIT = 'many'\n",
+                               "PAGER_WINDOW_LIMIT")
+        self.assertConfigError("ERROR_RECIP = 5\n", "ERROR_RECIP")
+
+
+class UnknownNameTests(ConfigTestCase):
+    """
+    An UPPER_CASE name that is no setting is a mistake.
+    """
+
+    def test_typo_suggestion(self):
+        """
+        A near miss is named with the setting it probably means.
+        """
+        message = self.assertConfigError("REPORT_TOO = 'a@example.com'\n",
+                                         "REPORT_TOO")
+        self.assertTrue(message.endswith(
+            "unknown setting REPORT_TOO (did you mean REPORT_TO?)"), message)
+
+    def test_no_suggestion(self):
+        """
+        A name like no setting is only named.
+        """
+        message = self.assertConfigError("ZZZ = 1\n", "ZZZ")
+        self.assertTrue(message.endswith("unknown setting ZZZ"), message)
+
+    def test_defined_function(self):
+        """
+        An UPPER_CASE function or class is an unknown setting too.
+        """
+        self.assertConfigError("def INTERNAL_ERROR_FUNCTION(c, e):\n"
+                               "    return {}\n", "INTERNAL_ERROR_FUNCTION",
+                               "did you mean INTERNAL_ERROR_FUNC?")
+
+    def test_unknown_override(self):
+        """
+        An override of no setting is a ConfigError, not a KeyError.
+        """
+        error = self.assertRaises(ConfigError, load_settings, None,
+                                  {"FLUSH_SECOND": 5})
+        self.assertIn("unknown setting FLUSH_SECOND", str(error))
+        self.assertIn("did you mean FLUSH_SECONDS?", str(error))
+
+
+class TypeErrorTests(ConfigTestCase):
+    """
+    A value of the wrong type or range, for each kind of setting.
+    """
+
+    def assertAllRefused(self, setting, values, *fragments):
+        for value in values:
+            self.assertConfigError(f"{setting} = {value}\n", setting,
+                                   *fragments)
+
+    def test_strings(self):
+        """
+        Settings that are text refuse other types and "".
+        """
+        self.assertAllRefused("SOURCE_FIELD_NAME", ["5", "''", "None",
+                                                    "['source']"],
+                              "non-empty string")
+        self.assertAllRefused("MAILDIR", ["None", "b'mail'"])
+        self.assertAllRefused("EMAIL_BODY_TEMPLATE", ["0"])
+        self.assertAllRefused("SERVER_NAME", ["('a',)"])
+        self.assertAllRefused("SMTP_HOST", ["25", "True"])
+        self.assertAllRefused("SMTP_USER", ["1"])
+
+    def test_addresses(self):
+        """
+        Recipient settings take addresses only, without line breaks.
+        """
+        self.assertAllRefused("REPORT_TO", ["5", "{'a@example.com'}"],
+                              "email address or a list")
+        self.assertAllRefused("REPORT_TO", ["['ops']", "[None]",
+                                            "'a@example.com\\nBcc: x@y.z'",
+                                            "'a@example.com\\r'"],
+                              "is not an email address")
+        self.assertAllRefused("PAGER_TO", ["'pager'"])
+        self.assertAllRefused("REPLY_TO", ["[1]"])
+
+    def test_one_address(self):
+        """
+        REPORT_FROM and PAGER_FROM are one address, not a list.
+        """
+        self.assertAllRefused(
+            "REPORT_FROM", ["['a@example.com', 'b@example.com']",
+                            "'a@example.com, b@example.com'"],
+            "one email address")
+        self.assertAllRefused("PAGER_FROM", ["'nobody'"])
+
+    def test_whole_numbers(self):
+        """
+        Counts take whole numbers of at least 1: no text, float or bool.
+        """
+        for setting in ("PAGER_WINDOW_SIZE", "PAGER_LIMIT",
+                        "MAX_UNIQUE_MESSAGES", "INCOMING_MESSAGE_MAX_SIZE",
+                        "UDP_RCVBUF"):
+            self.assertAllRefused(setting, ["'5'", "5.0", "None"],
+                                  "whole number")
+            self.assertAllRefused(setting, ["0", "-3"], "at least 1")
+
+    def test_bools_are_not_numbers(self):
+        """
+        True and False are refused where a number is expected, though
+        Python counts them as ints.
+        """
+        for setting in ("PAGER_LIMIT", "PAGER_WINDOW_SIZE", "SMTP_PORT",
+                        "INCOMING_MESSAGE_MAX_SIZE", "MAX_UNIQUE_MESSAGES",
+                        "FLUSH_SECONDS", "SMTP_TIMEOUT", "UDP_RCVBUF",
+                        "LOG_LEVEL"):
+            for value in ("True", "False"):
+                self.assertConfigError(f"{setting} = {value}\n", setting,
+                                       f"not {value}")
+        self.assertConfigError("UDP_BIND = ('127.0.0.1', True)\n",
+                               "UDP_BIND", "not True")
+
+    def test_seconds(self):
+        """
+        Durations are numbers above 0, finite.
+        """
+        for setting in ("FLUSH_SECONDS", "SMTP_TIMEOUT"):
+            self.assertAllRefused(setting, ["'60'", "None"], "a number")
+            self.assertAllRefused(setting, ["0", "0.0"], "more than 0")
+            self.assertAllRefused(setting, ["-1"], "at least 0")
+            self.assertAllRefused(setting, ["float('nan')", "float('inf')"],
+                                  "a number")
+        settings, _ = self.load("FLUSH_SECONDS = 0.5\n")
+        self.assertEqual(settings.FLUSH_SECONDS, 0.5)
+
+    def test_receive_buffer_limit(self):
+        """
+        UDP_RCVBUF must fit the C int the kernel takes.
+        """
+        self.assertAllRefused("UDP_RCVBUF", ["2 ** 31", "2 ** 40"],
+                              "at most 2147483647")
+        settings, _ = self.load("UDP_RCVBUF = 2 ** 31 - 1\n")
+        self.assertEqual(settings.UDP_RCVBUF, 2 ** 31 - 1)
+
+    def test_ports(self):
+        """
+        SMTP_PORT is 0 to 65535.
+        """
+        self.assertAllRefused("SMTP_PORT", ["70000", "65536"],
+                              "port number")
+        self.assertAllRefused("SMTP_PORT", ["-1"], "at least 0")
+        self.assertAllRefused("SMTP_PORT", ["'25'", "25.0"], "whole number")
+
+    def test_boolean(self):
+        """
+        SMTP_TLS_VERIFY is True or False, not something truthy.
+        """
+        self.assertAllRefused("SMTP_TLS_VERIFY", ["1", "'yes'", "None"],
+                              "True or False")
+
+    def test_tls_mode(self):
+        """
+        SMTP_TLS is one of the three modes.
+        """
+        self.assertAllRefused("SMTP_TLS", ["'ssl'", "True", "'STARTTLS'"],
+                              "'implicit', 'starttls', 'off'")
+
+    def test_markers(self):
+        """
+        MONITORING_ERROR_MARKERS is a list of non-empty strings, not one
+        string (which would be a list of its characters).
+        """
+        self.assertAllRefused("MONITORING_ERROR_MARKERS",
+                              ["'1669fe88'", "None", "5"], "list of strings")
+        self.assertAllRefused("MONITORING_ERROR_MARKERS",
+                              ["['']", "[5]"], "non-empty string")
+
+    def test_callable(self):
+        """
+        INTERNAL_ERROR_FUNC is a function.
+        """
+        self.assertAllRefused("INTERNAL_ERROR_FUNC", ["'my_func'", "{}"],
+                              "function")
+
+    def test_log_level(self):
+        """
+        LOG_LEVEL is a logging level, by number or name.
+        """
+        self.assertAllRefused("LOG_LEVEL", ["'LOUD'", "None", "1.5"],
+                              "logging level")
+        settings, _ = self.load("LOG_LEVEL = 'info'\n")
+        self.assertEqual(settings.LOG_LEVEL, "info")
+
+    def test_files(self):
+        """
+        SMTP_CA_FILE must be an existing file and EMAIL_TEMPLATE_DIR an
+        existing directory.
+        """
+        missing = os.path.abspath(self.mktemp())
+        self.assertConfigError(f"SMTP_CA_FILE = {missing!r}\n",
+                               "SMTP_CA_FILE", "no such file", missing)
+        self.assertConfigError(f"EMAIL_TEMPLATE_DIR = {missing!r}\n",
+                               "EMAIL_TEMPLATE_DIR", "no such directory")
+        existing = self.write("")
+        self.assertConfigError(f"EMAIL_TEMPLATE_DIR = {existing!r}\n",
+                               "EMAIL_TEMPLATE_DIR", "no such directory")
+        settings, _ = self.load(f"SMTP_CA_FILE = {existing!r}\n")
+        self.assertEqual(settings.SMTP_CA_FILE, existing)
+
+
+class UDPBindTests(ConfigTestCase):
+    """
+    UDP_BIND: a (host, port) pair.
+    """
+
+    def test_malformed(self):
+        """
+        Anything but a pair of a host string and a port is refused.
+        """
+        for value in ("'127.0.0.1:1549'", "('127.0.0.1',)",
+                      "('127.0.0.1', 1549, 0)", "(1549, '127.0.0.1')",
+                      "None", "1549"):
+            self.assertConfigError(f"UDP_BIND = {value}\n", "UDP_BIND",
+                                   "(host, port) pair")
+
+    def test_bad_port(self):
+        """
+        The port must be a port number.
+        """
+        for value in ("70000", "-1", "'1549'", "None"):
+            self.assertConfigError(f"UDP_BIND = ('127.0.0.1', {value})\n",
+                                   "UDP_BIND")
+
+    def test_addresses(self):
+        """
+        IPv4 and IPv6 addresses are kept; an empty host means all IPv4
+        interfaces, as for the original's socket.
+        """
+        for value, expected in [
+                ("('0.0.0.0', 1549)", ("0.0.0.0", 1549)),
+                ("['::1', 0]", ("::1", 0)),
+                ("('', 1549)", ("0.0.0.0", 1549))]:
+            settings, _ = self.load(f"UDP_BIND = {value}\n")
+            self.assertEqual(settings.UDP_BIND, expected)
+
+    def test_host_name(self):
+        """
+        A host name, which the original's IPv4 socket accepted, is read as
+        its IPv4 address.
+        """
+        settings, _ = self.load("UDP_BIND = ('localhost', 1549)\n")
+        self.assertEqual(settings.UDP_BIND, ("127.0.0.1", 1549))
+
+    def test_bad_host(self):
+        """
+        A host that is no address and no valid name is named.
+        """
+        self.assertConfigError("UDP_BIND = ('bad..name', 1549)\n",
+                               "UDP_BIND", "'bad..name'")
+        self.assertConfigError(f"UDP_BIND = ({'x' * 70!r}, 1549)\n",
+                               "UDP_BIND")
+
+
+class DependencyTests(ConfigTestCase):
+    """
+    Settings required by other settings.
+    """
+
+    SMTP = ("SMTP_HOST = 'smtp.example.com'\n"
+            "REPORT_FROM = 'nozzle@example.com'\n"
+            "REPORT_TO = 'ops@example.com'\n")
+
+    def test_smtp_complete(self):
+        """
+        SMTP_HOST with a sender and recipients is enough.
+        """
+        settings, _ = self.load(self.SMTP)
+        self.assertTrue(settings.smtp_enabled)
+        self.assertEqual(settings.REPORT_FROM, "nozzle@example.com")
+
+    def test_smtp_without_report_from(self):
+        """
+        SMTP needs REPORT_FROM.
+        """
+        self.assertConfigError(self.SMTP + "REPORT_FROM = None\n",
+                               "REPORT_FROM", "required when SMTP_HOST")
+
+    def test_smtp_without_report_to(self):
+        """
+        SMTP needs REPORT_TO.
+        """
+        self.assertConfigError(self.SMTP + "REPORT_TO = []\n",
+                               "REPORT_TO", "required when SMTP_HOST")
+
+    def test_user_without_password(self):
+        """
+        SMTP_USER needs SMTP_PASSWORD.
+        """
+        self.assertConfigError(self.SMTP + "SMTP_USER = 'u'\n",
+                               "SMTP_PASSWORD", "required when SMTP_USER")
+
+    def test_password_without_user(self):
+        """
+        SMTP_PASSWORD needs SMTP_USER.
+        """
+        self.assertConfigError(self.SMTP + "SMTP_PASSWORD = 'p'\n",
+                               "SMTP_USER", "required when SMTP_PASSWORD")
+
+    def test_user_and_password(self):
+        """
+        Both together are fine.
+        """
+        settings, _ = self.load(self.SMTP + "SMTP_USER = 'u'\n"
+                                "SMTP_PASSWORD = 'p'\n")
+        self.assertEqual((settings.SMTP_USER, settings.SMTP_PASSWORD),
+                         ("u", "p"))
+
+    def test_pager_without_from(self):
+        """
+        PAGER_TO with SMTP but neither PAGER_FROM nor REPORT_FROM is
+        refused: the alert would have no sender.
+        """
+        self.assertConfigError(
+            "SMTP_HOST = 'smtp.example.com'\nREPORT_TO = 'ops@example.com'\n"
+            "PAGER_TO = 'pager@example.com'\n",
+            "REPORT_FROM", "required when SMTP_HOST is set")
+
+    def test_pager_from_defaults(self):
+        """
+        PAGER_TO with SMTP is fine with PAGER_FROM, or with REPORT_FROM
+        alone.
+        """
+        settings, _ = self.load(self.SMTP + "PAGER_TO = 'p@example.com'\n")
+        self.assertIsNone(settings.PAGER_FROM)
+        settings, _ = self.load(self.SMTP + "PAGER_TO = 'p@example.com'\n"
+                                "PAGER_FROM = 'alert@example.com'\n")
+        self.assertEqual(settings.PAGER_FROM, "alert@example.com")
+
+
+class FileErrorTests(ConfigTestCase):
+    """
+    A config file that cannot be read or run.
+    """
+
+    def test_missing(self):
+        """
+        A missing file is named, with the reason.
+        """
+        path = os.path.abspath(self.mktemp())
+        error = self.assertRaises(ConfigError, load_settings, path)
+        self.assertEqual(str(error), f"cannot read config file {path!r}: "
+                                     "No such file or directory")
+
+    def test_directory(self):
+        """
+        A directory instead of a file is named too.
+        """
+        path = os.path.abspath(self.mktemp())
+        os.mkdir(path)
+        error = self.assertRaises(ConfigError, load_settings, path)
+        self.assertIn(repr(path), str(error))
+        self.assertNotIn("\n", str(error))
+
+    def test_syntax_error(self):
+        """
+        A syntax error names the file and the line.
+        """
+        path = self.write("FLUSH_SECONDS = 60\nREPORT_TO = 'ops@example.com\n"
+                          "PAGER_LIMIT = 5\n")
+        error = self.assertRaises(ConfigError, load_settings, path)
+        self.assertTrue(str(error).startswith(
+            f"config file {path!r} line 2: "), str(error))
+        self.assertIn("string literal", str(error))
+        self.assertNotIn("\n", str(error))
+
+    def test_null_byte(self):
+        """
+        A file Python will not parse at all is still one clear line,
+        without a line number it does not know.
+        """
+        path = self.write("FLUSH_SECONDS = 60\0\n")
+        error = self.assertRaises(ConfigError, load_settings, path)
+        self.assertIn(repr(path), str(error))
+        self.assertNotIn("None", str(error))
+        self.assertNotIn("\n", str(error))
+
+    def test_exception_names_line(self):
+        """
+        An exception while the file runs names the file, the line and the
+        exception.
+        """
+        path = self.write("""\
+            import os
+            FLUSH_SECONDS = 60
+            SERVER_NAME = os.environ['FAILNOZZLE_NO_SUCH_VARIABLE']
+            """)
+        error = self.assertRaises(ConfigError, load_settings, path)
+        self.assertEqual(
+            str(error),
+            f"config file {path!r} line 3: KeyError: "
+            "'FAILNOZZLE_NO_SUCH_VARIABLE'")
+
+    def test_exception_in_function(self):
+        """
+        An exception inside a function of the file names the line where
+        it was raised.
+        """
+        path = self.write("""\
+            def broken():
+                return 1 / 0
+
+            PAGER_LIMIT = broken()
+            """)
+        error = self.assertRaises(ConfigError, load_settings, path)
+        self.assertIn(" line 2: ZeroDivisionError: division by zero",
+                      str(error))
+
+    def test_exception_message_one_line(self):
+        """
+        An exception whose message spans lines is still told in one line.
+        """
+        path = self.write("raise ValueError('first\\nsecond')\n")
+        error = self.assertRaises(ConfigError, load_settings, path)
+        self.assertTrue(str(error).endswith("ValueError: first second"),
+                        str(error))
+
+
+class ParseHostPortTests(SynchronousTestCase):
+    """
+    L{parse_host_port}, for --udp and --smtp.
+    """
+
+    def test_ipv4(self):
+        """
+        HOST:PORT.
+        """
+        self.assertEqual(parse_host_port("127.0.0.1:1549"),
+                         ("127.0.0.1", 1549))
+        self.assertEqual(parse_host_port("smtp.example.com:25"),
+                         ("smtp.example.com", 25))
+
+    def test_ipv6(self):
+        """
+        [IPV6]:PORT, without the brackets.
+        """
+        self.assertEqual(parse_host_port("[::1]:1549"), ("::1", 1549))
+        self.assertEqual(parse_host_port("[::]:0"), ("::", 0))
+
+    def test_port_only(self):
+        """
+        :PORT means every interface.
+        """
+        self.assertEqual(parse_host_port(":1549"), ("0.0.0.0", 1549))
+
+    def test_garbage(self):
+        """
+        Anything else is a ValueError quoting the text.
+        """
+        for text in ("", "1549", "host", "host:", "host:port", "host:-1",
+                     "host:1.5", ":"):
+            error = self.assertRaises(ValueError, parse_host_port, text)
+            self.assertIn(repr(text), str(error))

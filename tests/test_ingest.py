@@ -1,0 +1,620 @@
+"""
+Tests for L{failnozzle.ingest}: reading datagrams into keys, bad input,
+the receiver's counting and rate-limited logging, and the UDP socket.
+"""
+import json
+import random
+import socket
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import (EventLoggingObserver,
+                                      FakeDatagramTransport)
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from failnozzle.aggregate import Aggregator
+from failnozzle.config import UniqueMessage
+from failnozzle.ingest import (BadDatagram, ErrorReceiver, NotAnObject,
+                               NotJSON, NotUTF8, OversizedDatagram,
+                               RecordReader, WrongFieldType,
+                               bind_udp_socket, default_internal_error_record,
+                               internal_error_key_maker, set_receive_buffer)
+from tests.common import record
+
+FIELDS = UniqueMessage._fields
+
+
+def encode(fields):
+    return json.dumps(fields).encode("utf-8")
+
+
+def make_reader(max_size=65536):
+    return RecordReader(FIELDS, "source", max_size)
+
+
+class RecordReaderTests(SynchronousTestCase):
+    """
+    L{RecordReader.read} on good records.
+    """
+
+    def test_normal_record(self):
+        """
+        The key holds the unique fields in UNIQUE_MSG_TUPLE order; the
+        source is apart, and other fields are ignored.
+        """
+        data = encode({
+            "module": "log", "funcName": "log_exception",
+            "message": "GET http://localhost:5000/folders/5/emails",
+            "filename": "log.py", "lineno": 214, "args": [],
+            "exc_text": "Traceback (most recent call last):",
+            "kind": "app", "pathname": "/some/path.py",
+            "source": "eric-desktop"})
+        key, source = make_reader().read(data)
+        self.assertEqual(key, (
+            "log", "log_exception", "log.py",
+            "GET http://localhost:5000/folders/5/emails", "/some/path.py",
+            214, "Traceback (most recent call last):", "app"))
+        self.assertEqual(source, "eric-desktop")
+
+    def test_missing_fields(self):
+        """
+        Missing fields, the source included, are None.
+        """
+        key, source = make_reader().read(b'{"message": "boom"}')
+        self.assertEqual(key, (None, None, None, "boom", None, None, None,
+                               None))
+        self.assertIsNone(source)
+
+    def test_empty_object(self):
+        """
+        An empty object is a record of Nones.
+        """
+        self.assertEqual(make_reader().read(b"{}"),
+                         ((None,) * len(FIELDS), None))
+
+    def test_multiline_clipped(self):
+        """
+        A multi-line message is clipped at its first line; exc_text, set,
+        is kept (the original's test_process_one_multiline).
+        """
+        key, _ = make_reader().read(encode(record(
+            "1\n2\n3\n", exc_text="Traceback (most recent call last):")))
+        fields = dict(zip(FIELDS, key))
+        self.assertEqual(fields["message"], "1")
+        self.assertEqual(fields["exc_text"],
+                         "Traceback (most recent call last):")
+
+    def test_multiline_fills_exc_text(self):
+        """
+        Without exc_text the whole multi-line message moves there (the
+        original's test_process_one_fill_exc); empty or null counts as
+        without.
+        """
+        for extra in ({}, {"exc_text": ""}, {"exc_text": None}):
+            data = dict(message="1\n2\n3\n", source="h", **extra)
+            key, _ = make_reader().read(encode(data))
+            fields = dict(zip(FIELDS, key))
+            self.assertEqual(fields["message"], "1", extra)
+            self.assertEqual(fields["exc_text"], "1\n2\n3\n", extra)
+
+    def test_same_error_same_key(self):
+        """
+        Two reports of the same error from different hosts have the same
+        key and their own sources.
+        """
+        reader = make_reader()
+        first = reader.read(encode(record("boom", source="web1")))
+        second = reader.read(encode(record("boom", source="web2")))
+        self.assertEqual(first[0], second[0])
+        self.assertEqual((first[1], second[1]), ("web1", "web2"))
+
+    def test_custom_fields(self):
+        """
+        A custom field list and source field are used as given (the
+        original's test_customization_msg_impl).
+        """
+        reader = RecordReader(("x", "y", "z"), "src", 65536)
+        self.assertEqual(
+            reader.read(b'{"x": 1, "y": 2, "z": 3, "src": "src", "m": 4}'),
+            ((1, 2, 3), "src"))
+
+    def test_non_text_message(self):
+        """
+        A message that is no string is kept as it is.
+        """
+        key, _ = make_reader().read(b'{"message": 42}')
+        self.assertEqual(dict(zip(FIELDS, key))["message"], 42)
+
+    def test_nan_is_one_error(self):
+        """
+        NaN and Infinity, which Python's json writes, are read as text so
+        that the same error always has the same key (a NaN float is not
+        even equal to itself).
+        """
+        reader = make_reader()
+        data = b'{"message": "m", "lineno": NaN, "kind": -Infinity}'
+        first, _ = reader.read(data)
+        second, _ = reader.read(data)
+        self.assertEqual(first, second)
+        fields = dict(zip(FIELDS, first))
+        self.assertEqual((fields["lineno"], fields["kind"]),
+                         ("NaN", "-Infinity"))
+
+    def test_max_size_accepted(self):
+        """
+        A datagram of exactly the maximum size is read.
+        """
+        data = encode({"message": ""})
+        data = data[:-1] + b" " * (100 - len(data)) + data[-1:]
+        self.assertEqual(len(data), 100)
+        key, _ = make_reader(max_size=100).read(data)
+        self.assertEqual(dict(zip(FIELDS, key))["message"], "")
+
+
+class BadDatagramTests(SynchronousTestCase):
+    """
+    Each kind of bad input raises its own L{BadDatagram} subclass.
+    """
+
+    def assertBad(self, kind, data, reader=None):
+        """
+        Reading C{data} raises C{kind}, which starts with its reason and
+        keeps the start of the datagram.
+        """
+        error = self.assertRaises(kind, (reader or make_reader()).read, data)
+        self.assertIsInstance(error, BadDatagram)
+        self.assertTrue(str(error).startswith(kind.reason + ": "))
+        self.assertEqual(error.sample, data[:120])
+        return error
+
+    def test_oversized(self):
+        """
+        A datagram above the maximum size is refused before decoding.
+        """
+        data = encode({"message": "x" * 200})
+        error = self.assertBad(OversizedDatagram, data, make_reader(100))
+        self.assertIn("more than 100 bytes", str(error))
+
+    def test_not_utf8(self):
+        """
+        Bytes that are not UTF-8.
+        """
+        self.assertBad(NotUTF8, b"\xff\xfe{}")
+        self.assertBad(NotUTF8, b'{"message": "caf\xe9"}')
+
+    def test_not_json(self):
+        """
+        Text that is not JSON, or is cut short.
+        """
+        for data in (b"not json", b"", b'{"message": }', b'{"a": 1',
+                     b"{'single': 'quotes'}", b'{"a": 1} trailing'):
+            self.assertBad(NotJSON, data)
+
+    def test_deeply_nested(self):
+        """
+        Nesting deep enough to exhaust the parser's recursion is bad JSON,
+        not a crash.
+        """
+        self.assertBad(NotJSON, b"[" * 60000)
+        self.assertBad(NotJSON, b'{"a":' * 10000)
+        self.assertBad(NotJSON, b"[" * 100000, make_reader(10 ** 6))
+
+    def test_huge_integer(self):
+        """
+        An integer too long for Python to convert is bad JSON.
+        """
+        self.assertBad(NotJSON, b'{"lineno": ' + b"1" * 5000 + b"}")
+
+    def test_not_an_object(self):
+        """
+        JSON that is a list, a string, a number, a boolean or null.
+        """
+        for data, name in ((b"[1, 2]", "list"), (b'"text"', "str"),
+                           (b"42", "int"), (b"4.2", "float"),
+                           (b"null", "NoneType"), (b"true", "bool")):
+            error = self.assertBad(NotAnObject, data)
+            self.assertIn(name, str(error))
+
+    def test_list_in_unique_field(self):
+        """
+        A list or an object in a unique field cannot be part of a key.
+        """
+        for value, kind in (([1, 2], "array"), ({"a": 1}, "object")):
+            error = self.assertBad(WrongFieldType,
+                                   encode(record("m", lineno=value)))
+            self.assertIn(f"field 'lineno' is a JSON {kind}", str(error))
+
+    def test_list_in_source(self):
+        """
+        Nor can a list or an object be a source.
+        """
+        for value, kind in ((["a"], "array"), ({"h": 1}, "object")):
+            error = self.assertBad(WrongFieldType,
+                                   encode(record("m", source=value)))
+            self.assertIn(f"field 'source' is a JSON {kind}", str(error))
+
+    def test_list_elsewhere_ignored(self):
+        """
+        Lists and objects in other fields are no problem.
+        """
+        key, source = make_reader().read(encode(record(
+            "m", args=[1, 2], extra={"a": [1]})))
+        self.assertEqual(dict(zip(FIELDS, key))["message"], "m")
+        self.assertEqual(source, "host1")
+
+
+class InternalErrorKeyTests(SynchronousTestCase):
+    """
+    L{internal_error_key_maker}: the key bad input is reported under.
+    """
+
+    def test_default(self):
+        """
+        Without INTERNAL_ERROR_FUNC the key is the default record's, whose
+        message says what kind of bad input it stands for.
+        """
+        reader = make_reader()
+        error = NotJSON("Expecting value", b"junk")
+        key = internal_error_key_maker(reader)(3, error)
+        expected = default_internal_error_record(3, error)
+        self.assertEqual(key, tuple(expected.get(name) for name in FIELDS))
+        self.assertEqual(dict(zip(FIELDS, key))["message"],
+                         "Internal error: datagram is not valid JSON")
+        self.assertIn("3 bad datagram(s)", expected["exc_text"])
+        self.assertIn("b'junk'", expected["exc_text"])
+
+    def test_custom_used(self):
+        """
+        INTERNAL_ERROR_FUNC is called with the count and the exception, and
+        its record gives the key (the original's
+        test_customization_fake_record); missing fields are None.
+        """
+        calls = []
+
+        def custom(count, exception):
+            calls.append((count, exception))
+            return {"module": "mine", "message": f"{count} bad"}
+
+        error = NotJSON("x")
+        key = internal_error_key_maker(make_reader(), custom)(1, error)
+        self.assertEqual(calls, [(1, error)])
+        self.assertEqual(key, ("mine", None, None, "1 bad", None, None, None,
+                               None))
+
+    def test_custom_fields(self):
+        """
+        With a custom UNIQUE_MSG_TUPLE the custom record fills its fields.
+        """
+        reader = RecordReader(("x", "y"), "src", 65536)
+        key = internal_error_key_maker(
+            reader, lambda count, error: {"x": count, "y": "internal"})(
+                4, NotJSON("x"))
+        self.assertEqual(key, (4, "internal"))
+
+    def test_custom_raises(self):
+        """
+        An INTERNAL_ERROR_FUNC that raises costs no digest: the default
+        record is used and the failure logged.
+        """
+        events = EventLoggingObserver.createWithCleanup(self,
+                                                        globalLogPublisher)
+
+        def broken(count, exception):
+            return 1 / 0
+
+        reader = make_reader()
+        error = NotUTF8("x")
+        key = internal_error_key_maker(reader, broken)(2, error)
+        self.assertEqual(
+            key, internal_error_key_maker(reader)(2, error))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        [event] = [e for e in events if "log_failure" in e]
+        self.assertIn("INTERNAL_ERROR_FUNC failed", formatEvent(event))
+
+    def test_custom_returns_unusable(self):
+        """
+        A record that is no mapping, or holds a list in a unique field,
+        falls back to the default too.
+        """
+        reader = make_reader()
+        error = NotJSON("x")
+        default = internal_error_key_maker(reader)(1, error)
+        for result in (None, 5, {"message": ["a", "list"]}):
+            key = internal_error_key_maker(
+                reader, lambda count, exc: result)(1, error)
+            self.assertEqual(key, default, result)
+        self.assertEqual(len(self.flushLoggedErrors(TypeError,
+                                                    WrongFieldType)), 3)
+
+
+class ReceiverTestCase(SynchronousTestCase):
+    """
+    An L{ErrorReceiver} over a fake transport, with a real aggregator and
+    a L{Clock}.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.reader = make_reader()
+        self.aggregator = Aggregator(
+            10000, self.clock, internal_error_key_maker(self.reader))
+        self.receiver = ErrorReceiver(self.reader, self.aggregator,
+                                      self.clock)
+        self.receiver.makeConnection(FakeDatagramTransport())
+        self.events = EventLoggingObserver.createWithCleanup(
+            self, globalLogPublisher)
+
+    def receive(self, *payloads, sender=("10.0.0.1", 5000)):
+        for payload in payloads:
+            if not isinstance(payload, bytes):
+                payload = encode(payload)
+            self.receiver.datagramReceived(payload, sender)
+
+    def logged(self):
+        """The text of each event the receiver logged."""
+        return [formatEvent(event) for event in self.events
+                if event.get("log_namespace") == "failnozzle.ingest"]
+
+    def entries(self):
+        """The flushed batch's entries by message."""
+        batch = self.aggregator.flush()
+        message = FIELDS.index("message")
+        return {entry.key[message]: dict(entry.sources)
+                for entry in batch.entries}
+
+
+class ErrorReceiverTests(ReceiverTestCase):
+    """
+    Counting good and bad datagrams.
+    """
+
+    def test_good_counted(self):
+        """
+        Good datagrams are counted by key and by the source they name (not
+        the address they came from), and nothing is logged.
+        """
+        self.receive(record("boom", source="web1"),
+                     record("boom", source="web2"),
+                     record("boom", source="web2"),
+                     record("bang", source="web1"))
+        self.assertEqual(self.entries(), {"boom": {"web1": 1, "web2": 2},
+                                          "bang": {"web1": 1}})
+        self.assertEqual(self.logged(), [])
+
+    def test_bad_counted_by_kind(self):
+        """
+        Bad datagrams are one entry per kind of problem, with a count per
+        sending address.
+        """
+        self.receive(b"junk", b"more junk", sender=("10.0.0.1", 5000))
+        self.receive(b"junk", sender=("10.0.0.2", 6000))
+        self.receive(b"[1]", sender=("10.0.0.1", 5001))
+        self.receive(b"\xff", sender=("10.0.0.3", 5000))
+        self.receive(record("boom"))
+        self.assertEqual(self.entries(), {
+            "Internal error: datagram is not valid JSON":
+                {"10.0.0.1": 2, "10.0.0.2": 1},
+            "Internal error: datagram is JSON but not an object":
+                {"10.0.0.1": 1},
+            "Internal error: datagram is not valid UTF-8": {"10.0.0.3": 1},
+            "boom": {"host1": 1},
+        })
+
+    def test_bad_default_record(self):
+        """
+        The entry of bad input has the key of the default internal error
+        record, counting all of that kind.
+        """
+        self.receive(b"junk", b"junk", b"junk")
+        [entry] = self.aggregator.flush().entries
+        record = default_internal_error_record(3, NotJSON("", b"junk"))
+        self.assertEqual(dict(zip(FIELDS, entry.key))["module"],
+                         record["module"])
+        self.assertIn("3 bad datagram(s)",
+                      dict(zip(FIELDS, entry.key))["exc_text"])
+        self.assertEqual(entry.total, 3)
+
+    def test_flush_starts_over(self):
+        """
+        After a flush the bad input counts start from nothing.
+        """
+        self.receive(b"junk")
+        self.aggregator.flush()
+        self.assertEqual(self.entries(), {})
+
+
+class BadInputLogTests(ReceiverTestCase):
+    """
+    Bad input is logged at a limited rate.
+    """
+
+    def test_first_logged(self):
+        """
+        The first bad datagram of a kind is logged with its sender and
+        what is wrong.
+        """
+        self.receive(b"junk", sender=("10.0.0.9", 4321))
+        [line] = self.logged()
+        self.assertIn("Bad datagram from 10.0.0.9:4321: datagram is not "
+                      "valid JSON", line)
+        [event] = [e for e in self.events if e.get("host") == "10.0.0.9"]
+        self.assertEqual(event["port"], 4321)
+        self.assertIsInstance(event["error"], NotJSON)
+
+    def test_held_back_then_counted(self):
+        """
+        Further bad datagrams of that kind are held back for 60 s; then
+        one line says how many there were.
+        """
+        self.receive(b"junk")
+        self.clock.advance(30)
+        self.receive(b"junk", b"junk")
+        self.clock.advance(29.9)
+        self.receive(b"junk")
+        self.assertEqual(len(self.logged()), 1)
+        self.clock.advance(0.1)
+        lines = self.logged()
+        self.assertEqual(len(lines), 2)
+        self.assertIn("3 more bad datagram(s) not logged in the last 60 s: "
+                      "datagram is not valid JSON", lines[1])
+
+    def test_nothing_held_back(self):
+        """
+        A lone bad datagram is not followed by a count of nothing.
+        """
+        self.receive(b"junk")
+        self.clock.advance(120)
+        self.assertEqual(len(self.logged()), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_new_window(self):
+        """
+        After the 60 s the next bad datagram is logged again.
+        """
+        self.receive(b"junk")
+        self.clock.advance(60)
+        self.receive(b"junk")
+        lines = self.logged()
+        self.assertEqual(len(lines), 2)
+        self.assertIn("Bad datagram from", lines[1])
+
+    def test_kinds_apart(self):
+        """
+        Each kind of problem has its own limit, so a flood of one kind
+        does not hide another.
+        """
+        self.receive(b"junk", b"junk", b"[1]", b"\xff", b"[2]")
+        lines = self.logged()
+        self.assertEqual(len(lines), 3)
+        self.assertIn("not valid JSON", lines[0])
+        self.assertIn("not an object", lines[1])
+        self.assertIn("not valid UTF-8", lines[2])
+
+    def test_flood(self):
+        """
+        A flood of 10,000 junk datagrams makes two log lines and one digest
+        entry counting them all.
+        """
+        for number in range(10000):
+            self.receive(b"junk %d" % number,
+                         sender=("10.0.0.%d" % (number % 4), 5000))
+        self.clock.advance(60)
+        lines = self.logged()
+        self.assertEqual(len(lines), 2)
+        self.assertIn("9999 more", lines[1])
+        [entry] = self.aggregator.flush().entries
+        self.assertEqual(entry.total, 10000)
+        self.assertEqual(len(entry.sources), 4)
+
+    def test_stop_says_held_back(self):
+        """
+        When the port closes, what is held back is said at once and no
+        timer is left behind.
+        """
+        self.receive(b"junk", b"junk", b"[1]")
+        self.receiver.doStop()
+        lines = self.logged()
+        self.assertEqual(len(lines), 3)
+        self.assertIn("1 more bad datagram(s)", lines[2])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+def random_json(rng, depth=0):
+    """A random JSON value, nested a little."""
+    choice = rng.randrange(8 if depth < 3 else 5)
+    if choice == 0:
+        return None
+    if choice == 1:
+        return rng.choice([True, False])
+    if choice == 2:
+        return rng.randint(-2 ** 70, 2 ** 70)
+    if choice == 3:
+        return rng.uniform(-1e10, 1e10)
+    if choice == 4:
+        return "".join(chr(rng.randrange(0x20, 0x3000))
+                       for _ in range(rng.randrange(20)))
+    if choice == 5:
+        return [random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {rng.choice(FIELDS + ("source", "other")):
+            random_json(rng, depth + 1) for _ in range(rng.randrange(6))}
+
+
+class FuzzTests(ReceiverTestCase):
+    """
+    Whatever arrives, the receiver neither raises nor loses count.
+    """
+
+    def test_random_input(self):
+        """
+        Random bytes, truncated and mutated good datagrams and random JSON
+        all go through datagramReceived without an exception, and every
+        one of them is counted, as an error or as bad input.
+        """
+        rng = random.Random(1549)
+        good = [encode(record("boom")), encode(record("m\nline", exc_text="")),
+                encode({"message": "x", "lineno": 1.5, "source": None})]
+        payloads = []
+        for _ in range(1000):
+            payloads.append(bytes(rng.randrange(256)
+                                  for _ in range(rng.randrange(64))))
+        for _ in range(1000):
+            data = rng.choice(good)
+            payloads.append(data[:rng.randrange(len(data) + 1)])
+        for _ in range(1000):
+            data = bytearray(rng.choice(good))
+            for _ in range(rng.randrange(1, 4)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            payloads.append(bytes(data))
+        for _ in range(1000):
+            payloads.append(json.dumps(random_json(rng)).encode("utf-8"))
+        for number, data in enumerate(payloads):
+            self.receive(data, sender=("10.0.0.%d" % (number % 7), number))
+            self.clock.advance(0.01)
+        self.assertEqual(self.aggregator.flush().total, len(payloads))
+
+
+class SocketTests(SynchronousTestCase):
+    """
+    L{bind_udp_socket} and L{set_receive_buffer} on a real socket.
+    """
+
+    def test_bind(self):
+        """
+        The socket is bound where asked, non-blocking, and receives.
+        """
+        sock, granted = bind_udp_socket("127.0.0.1", 0, 1024 * 1024)
+        self.addCleanup(sock.close)
+        host, port = sock.getsockname()
+        self.assertEqual(host, "127.0.0.1")
+        self.assertNotEqual(port, 0)
+        self.assertEqual(sock.gettimeout(), 0.0)
+        self.assertEqual(sock.family, socket.AF_INET)
+        self.assertEqual(sock.type, socket.SOCK_DGRAM)
+        self.assertEqual(
+            granted, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"{}", (host, port))
+        sock.settimeout(5)
+        self.assertEqual(sock.recv(100), b"{}")
+
+    def test_set_receive_buffer(self):
+        """
+        The kernel's answer is returned, at least what was asked for a
+        small buffer (Linux doubles it for its own bookkeeping).
+        """
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            granted = set_receive_buffer(sock, 65536)
+            self.assertEqual(
+                granted, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+            self.assertGreaterEqual(granted, 65536)
+
+    def test_address_in_use(self):
+        """
+        A port already bound is an OSError, for start-up to report.
+        """
+        first, _ = bind_udp_socket("127.0.0.1", 0, 65536)
+        self.addCleanup(first.close)
+        port = first.getsockname()[1]
+        error = self.assertRaises(OSError, bind_udp_socket, "127.0.0.1",
+                                  port, 65536)
+        self.assertEqual(error.strerror, "Address already in use")
