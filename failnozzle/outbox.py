@@ -15,6 +15,7 @@ import os
 import socket
 from email.message import EmailMessage
 from email.policy import default as default_policy
+from email.utils import getaddresses, parseaddr
 from io import BytesIO
 from typing import Optional, Sequence
 
@@ -289,6 +290,17 @@ def _openssl_reason(error: SSL.Error) -> str:
     return "; ".join(reasons) or str(error)
 
 
+def envelope(message: EmailMessage) -> tuple:
+    """
+    The bare addresses SMTP's MAIL FROM and RCPT TO want, from headers that
+    may say C{Error Reporter <errors@example.com>}.
+    """
+    sender = parseaddr(str(message["From"]))[1]
+    recipients = [address for _, address in getaddresses(
+        [str(message["To"])]) if address]
+    return sender, recipients
+
+
 class Outbox:
     """
     Hands messages to a transport, logs the outcome in one line, and keeps
@@ -299,15 +311,16 @@ class Outbox:
         self.transport = transport
         self._in_flight: set = set()
 
-    def send(self, sender: str, recipients: Sequence[str],
-             message: EmailMessage) -> defer.Deferred:
+    def send(self, message: EmailMessage) -> defer.Deferred:
         """
-        Deliver one message.
+        Deliver one message to the addresses in its To header, from the one
+        in its From header.
 
         @return: a Deferred that fires with True once delivered and False
             if it was not; it never fails.
         """
         subject = message["Subject"]
+        sender, recipients = envelope(message)
         attempt = defer.maybeDeferred(self.transport.deliver, sender,
                                       recipients, message)
 

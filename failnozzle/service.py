@@ -221,4 +221,4 @@ class FailnozzleService(Service):
             reply_to=route.reply_to,
             kind=route.kind,
         )
-        return [self.outbox.send(route.sender, route.recipients, message)]
+        return [self.outbox.send(message)]

@@ -107,22 +107,37 @@ class OutboxTests(SynchronousTestCase):
         """
         A delivery gives True and logs the subject and recipients.
         """
-        sent = self.outbox.send("a@example.com", ["b@example.com"],
-                                message("hello"))
+        sent = self.outbox.send(message("hello"))
         self.assertNoResult(sent)
         self.transport.results[0].callback(None)
         self.assertIs(self.successResultOf(sent), True)
         [event] = self.events
         self.assertEqual(event["subject"], "hello")
-        self.assertEqual(event["recipients"], "b@example.com")
+        self.assertEqual(event["recipients"], "ops@example.com")
+
+    def test_envelope_from_headers(self):
+        """
+        The envelope holds the bare addresses of the From and To headers,
+        which may carry display names.
+        """
+        named = build_message(
+            sender="Error Reporter <errors@example.com>",
+            recipients=["Ops <ops@example.com>", "dev@example.com"],
+            subject="s", body="b\n", date=0, domain="nozzle1")
+        delivered = []
+        self.transport.deliver = lambda *args: delivered.append(args)
+        self.outbox.send(named)
+        [(sender, recipients, sent)] = delivered
+        self.assertEqual(sender, "errors@example.com")
+        self.assertEqual(recipients, ["ops@example.com", "dev@example.com"])
+        self.assertIs(sent, named)
 
     def test_failed(self):
         """
         A failed delivery gives False, never a failure, and logs one line
         naming the transport and the reason.
         """
-        sent = self.outbox.send("a@example.com", ["b@example.com"],
-                                message("hello"))
+        sent = self.outbox.send(message("hello"))
         self.transport.results[0].errback(error.ConnectionRefusedError())
         self.assertIs(self.successResultOf(sent), False)
         [event] = self.events
@@ -139,7 +154,7 @@ class OutboxTests(SynchronousTestCase):
             raise RuntimeError("bug")
 
         self.transport.deliver = broken
-        sent = self.outbox.send("a@example.com", ["b@example.com"], message())
+        sent = self.outbox.send(message())
         self.assertIs(self.successResultOf(sent), False)
         self.assertEqual(self.events[0]["reason"], "RuntimeError: bug")
 
@@ -147,8 +162,8 @@ class OutboxTests(SynchronousTestCase):
         """
         drain() fires once every delivery begun has ended, either way.
         """
-        self.outbox.send("a@example.com", ["b@example.com"], message())
-        self.outbox.send("a@example.com", ["b@example.com"], message())
+        self.outbox.send(message())
+        self.outbox.send(message())
         drained = self.outbox.drain()
         self.transport.results[0].callback(None)
         self.assertNoResult(drained)
