@@ -110,12 +110,20 @@ class RecordReader:
             record["message"] = message.partition("\n")[0]
         key = tuple(map(record.get, self._fields))
         source = record.get(self._source_field)
-        for name, value in zip(self._fields + (self._source_field,),
-                               key + (source,)):
-            if type(value) not in _SCALARS:
-                raise WrongFieldType(
-                    f"field {name!r} is a JSON {_json_type(value)}", data)
+        # One check in C for the common case; names only for the error.
+        if type(source) not in _SCALARS or not _SCALARS.issuperset(
+                map(type, key)):
+            raise self._wrong_type(key, source, data)
         return key, source
+
+    def _wrong_type(self, key: tuple, source: object,
+                    data: bytes) -> WrongFieldType:
+        name, value = next(
+            (name, value) for name, value in zip(
+                self._fields + (self._source_field,), key + (source,))
+            if type(value) not in _SCALARS)
+        return WrongFieldType(f"field {name!r} is a JSON {_json_type(value)}",
+                              data)
 
 
 def _json_type(value: object) -> str:
