@@ -228,6 +228,8 @@ class ErrorReceiver(DatagramProtocol):
     datagram, counted into the aggregator.
     """
 
+    noisy = False
+
     def __init__(self, reader: RecordReader, aggregator,
                  clock: IReactorTime) -> None:
         """

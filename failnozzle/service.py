@@ -159,9 +159,12 @@ class FailnozzleService(Service):
         super().stopService()
         if self._flush_loop.running:
             self._flush_loop.stop()
+        _log.info("failnozzle stopping: flushing the buffer and waiting for "
+                  "the last digests")
         stopped = defer.maybeDeferred(self.udp_port.stopListening)
         stopped.addCallback(lambda _: self.flush())
         stopped.addCallback(lambda _: self.outbox.drain())
+        stopped.addCallback(lambda _: _log.info("failnozzle stopped"))
         return stopped
 
     def _scheduled_flush(self) -> None:
