@@ -1,0 +1,500 @@
+"""
+End-to-end: the real C{twistd failnozzle} as a child process, as an
+operator starts it, with datagrams over real UDP and digests over real SMTP
+(aiosmtpd) or into a maildir.
+
+The daemon is run by the interpreter running the tests, on the same copy of
+failnozzle the tests import (see L{child_environment}).
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sys
+import sysconfig
+
+from twisted.internet import defer, error, protocol, reactor, task
+from twisted.trial.unittest import TestCase
+
+import failnozzle
+from tests.common import WAIT_SECONDS, SMTPSink, record, send_datagrams
+
+#: What the C{twistd} console script runs.  C{python -m twisted} would run
+#: C{twist}, which has no C{-n}, C{--pidfile} or C{--logfile}.
+TWISTD = [sys.executable, "-c",
+          "from twisted.scripts.twistd import run; run()"]
+
+_LISTENING = re.compile(r"listening for errors on UDP 127\.0\.0\.1:(\d+)")
+_SHUT_DOWN = "Server Shut Down."
+
+
+def child_environment() -> dict:
+    """
+    This process's environment, so the child finds the installed packages
+    and the failnozzle plugin, with the copy of failnozzle the tests import
+    put first on C{PYTHONPATH} when it is a source tree rather than an
+    installed package: the daemon then runs the code under test even if
+    an older failnozzle is installed.
+    """
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(
+        failnozzle.__file__)))
+    installed = {os.path.realpath(sysconfig.get_paths()[key])
+                 for key in ("purelib", "platlib")}
+    if os.path.realpath(root) not in installed:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+class TwistdProcess(protocol.ProcessProtocol):
+    """
+    Collects a child's stdout and stderr as one text, lets a test wait for
+    a line in it, and for the end of the process.
+
+    @ivar ended: fires with the reason the process ended
+        (L{error.ProcessDone} or L{error.ProcessTerminated}).
+    """
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.reason = None
+        self.ended = defer.Deferred()
+        self._waiting: list = []
+
+    @property
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+    @property
+    def _lines(self) -> str:
+        """The output up to its last complete line."""
+        return self.text[:self.text.rfind("\n") + 1]
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        still_waiting = []
+        for pattern, found in self._waiting:
+            match = pattern.search(self._lines)
+            if match:
+                found.callback(match)
+            else:
+                still_waiting.append((pattern, found))
+        self._waiting = still_waiting
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        self.reason = reason.value
+        waiting, self._waiting = self._waiting, []
+        for pattern, found in waiting:
+            found.errback(AssertionError(
+                f"twistd ended ({reason.value}) before logging "
+                f"{pattern.pattern!r}; its output:\n{self.text}"))
+        self.ended.callback(reason.value)
+
+    def wait_for(self, pattern: str) -> defer.Deferred:
+        """
+        A Deferred firing with the first match of the regular expression
+        C{pattern} in the complete lines of output, at most L{WAIT_SECONDS}
+        from now.
+        """
+        compiled = re.compile(pattern, re.MULTILINE)
+        match = compiled.search(self._lines)
+        if match:
+            return defer.succeed(match)
+        if self.reason is not None:
+            return defer.fail(AssertionError(
+                f"twistd ended ({self.reason}) without logging {pattern!r}; "
+                f"its output:\n{self.text}"))
+        entry = []
+        found = defer.Deferred(lambda _: self._waiting.remove(entry[0]))
+        entry.append((compiled, found))
+        self._waiting.append(entry[0])
+        return found.addTimeout(WAIT_SECONDS, reactor).addErrback(
+            self._timed_out, f"logging {pattern!r}")
+
+    def wait_for_end(self) -> defer.Deferred:
+        """The reason the process ended, at most L{WAIT_SECONDS} from now."""
+        ended = defer.Deferred()
+
+        def fire(reason):
+            if not ended.called:  # not cancelled by the timeout
+                ended.callback(reason)
+            return reason
+
+        self.ended.addCallback(fire)
+        return ended.addTimeout(WAIT_SECONDS, reactor).addErrback(
+            self._timed_out, "the end of the process")
+
+    def wait_for_mail(self, sink: SMTPSink, count: int) -> defer.Deferred:
+        """
+        C{sink.wait_for(count)}, failing with this process's output if the
+        messages do not arrive.
+        """
+        return sink.wait_for(count).addErrback(
+            self._timed_out, f"sending {count} message(s) to {sink.port}")
+
+    def _timed_out(self, failure, what: str):
+        failure.trap(defer.TimeoutError)
+        raise AssertionError(
+            f"twistd did not get to {what} within {WAIT_SECONDS} s; its "
+            f"output:\n{self.text}")
+
+
+def spawn_twistd(testcase: TestCase, args: list,
+                 cwd: str) -> TwistdProcess:
+    """
+    Run C{twistd *args} in C{cwd}.  If it is still running when the test
+    ends, it is killed (SIGKILL) and waited for.
+    """
+    process = TwistdProcess()
+    transport = reactor.spawnProcess(process, sys.executable, TWISTD + args,
+                                     env=child_environment(), path=cwd)
+
+    def kill_if_running():
+        if process.reason is not None:
+            return None
+        try:
+            transport.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+        return process.ended
+
+    testcase.addCleanup(kill_if_running)
+    return process
+
+
+def poll_until(condition, what: str) -> defer.Deferred:
+    """
+    Check C{condition()} every 50 ms until it is true, for what has no
+    event to wait for (files written by a daemonized twistd, which is not
+    our child); fail after L{WAIT_SECONDS}.
+    """
+
+    @defer.inlineCallbacks
+    def polling():
+        deadline = reactor.seconds() + WAIT_SECONDS
+        while not condition():
+            if reactor.seconds() > deadline:
+                raise AssertionError(
+                    f"no {what} within {WAIT_SECONDS} s")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    return polling()
+
+
+def write_config(directory: str, **settings) -> str:
+    """Write a config file of these assignments; return its path."""
+    path = os.path.join(directory, "site.py")
+    with open(path, "w") as config:
+        for name, value in settings.items():
+            config.write(f"{name} = {value!r}\n")
+    return path
+
+
+def lines_of(text: str) -> list:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+class _TwistdTestCase(TestCase):
+    """
+    Helpers for running twistd in a directory of the test's own.
+    """
+
+    def make_directory(self) -> str:
+        """A new empty directory (absolute path) for this test."""
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        return path
+
+    @defer.inlineCallbacks
+    def start_daemon(self, *args, **settings):
+        """
+        Run C{twistd -n failnozzle *args} with a config file of
+        C{settings} (if any) in a new directory, and wait until it listens.
+
+        @return: a Deferred firing with C{(process, (host, port), cwd)}.
+        """
+        cwd = self.make_directory()
+        if settings:
+            args = (f"--config={write_config(cwd, **settings)}",) + args
+        process = spawn_twistd(self, ["-n", "failnozzle", *args], cwd)
+        listening = yield process.wait_for(_LISTENING.pattern)
+        return process, ("127.0.0.1", int(listening.group(1))), cwd
+
+
+class SMTPDaemonTests(_TwistdTestCase):
+    """
+    C{twistd -n failnozzle --config=site.py} sending digests to a real SMTP
+    server.
+    """
+
+    def smtp_settings(self, sink: SMTPSink, flush_seconds: float) -> dict:
+        return dict(UDP_BIND=("127.0.0.1", 0), FLUSH_SECONDS=flush_seconds,
+                    SMTP_HOST="127.0.0.1", SMTP_PORT=sink.port,
+                    SMTP_TLS="off", REPORT_FROM="nozzle@example.com",
+                    REPORT_TO=["ops@example.com"])
+
+    @defer.inlineCallbacks
+    def test_digest_arrives(self):
+        """
+        The daemon logs the UDP port it got; errors sent there arrive after
+        FLUSH_SECONDS as one digest with their counts per source.
+        """
+        sink = SMTPSink(self)
+        process, address, _ = yield self.start_daemon(
+            **self.smtp_settings(sink, flush_seconds=1))
+        send_datagrams(address, [
+            record("boom", source="web1"), record("boom", source="web2"),
+            record("boom", source="web2")])
+        [message] = yield process.wait_for_mail(sink, 1)
+        self.assertEqual(message["From"], "nozzle@example.com")
+        self.assertEqual(sink.envelopes[0].rcpt_tos, ["ops@example.com"])
+        body = message.get_content()
+        self.assertIn("** 3 instances of 1 unique error (app) **", body)
+        self.assertIn("- on web1, 1X\n- on web2, 2X\n", body)
+        yield process.wait_for(r"Sent .* via SMTP")
+
+    @defer.inlineCallbacks
+    def test_sigterm_delivers_buffered_errors(self):
+        """
+        On SIGTERM the errors received but not yet flushed (FLUSH_SECONDS
+        is an hour) are sent before the process ends, and the process ends
+        as twistd's clean stop on a signal does: killed by that signal
+        after logging "Server Shut Down.".
+        """
+        sink = SMTPSink(self)
+        process, address, _ = yield self.start_daemon(
+            **self.smtp_settings(sink, flush_seconds=3600))
+        send_datagrams(address, [
+            record("boom", source="web1"), record("boom", source="web1"),
+            record("bang", source="web2")])
+        # The daemon logs nothing per good datagram.  A bad one, sent last
+        # on the same socket, is logged once read: by then the kernel has
+        # handed over the good ones before it (one socket, in order).
+        send_datagrams(address, [b"not json"])
+        yield process.wait_for(r"Bad datagram from 127\.0\.0\.1:\d+: "
+                               r"datagram is not valid JSON")
+        self.assertEqual(sink.messages, [])
+
+        process.transport.signalProcess("TERM")
+        reason = yield process.wait_for_end()
+        [message] = yield process.wait_for_mail(sink, 1)
+
+        body = message.get_content()
+        self.assertIn(
+            "** 4 instances of 3 unique errors (app, failnozzle) **", body)
+        self.assertIn("2X boom (in app, src/app/views.py:50)", body)
+        self.assertIn("1X bang (in app, src/app/views.py:50)", body)
+        self.assertIn("Internal error: datagram is not valid JSON", body)
+        log = process.text
+        self.assertIn("Received SIGTERM", log)
+        self.assertLess(log.index("Received SIGTERM"), log.index("Sent "))
+        self.assertLess(log.index("Sent "), log.index(_SHUT_DOWN))
+        self.assertNotIn("Traceback", log)
+        self.assertIsInstance(reason, error.ProcessTerminated)
+        self.assertEqual(reason.signal, signal.SIGTERM)
+
+
+class MaildirDaemonTests(_TwistdTestCase):
+    """
+    C{twistd -n failnozzle} with no config file and no SMTP server: digests
+    go into C{./failnozzle-mail}.
+    """
+
+    @defer.inlineCallbacks
+    def test_digest_file_without_config(self):
+        """
+        With only command-line options, a digest is written into
+        C{failnozzle-mail/new} under the working directory, and the log
+        line about it names the file.
+        """
+        process, address, cwd = yield self.start_daemon(
+            "--udp", "127.0.0.1:0", "--flush-seconds", "1")
+        send_datagrams(address, [record("boom", source="web1")] * 2)
+        sent = yield process.wait_for(r"Sent .* via maildir (\S+): (\S+)$")
+        maildir, path = sent.group(1), sent.group(2)
+        self.assertEqual(os.path.realpath(maildir),
+                         os.path.realpath(os.path.join(cwd,
+                                                       "failnozzle-mail")))
+        self.assertEqual(os.path.dirname(os.path.realpath(path)),
+                         os.path.realpath(os.path.join(maildir, "new")))
+        self.assertEqual(os.listdir(os.path.join(maildir, "new")),
+                         [os.path.basename(path)])
+        with open(path, encoding="utf-8") as digest:
+            text = digest.read()
+        self.assertIn("** 2 instances of 1 unique error (app) **", text)
+        self.assertIn("- on web1, 2X\n", text)
+
+
+class ConfigErrorTests(_TwistdTestCase):
+    """
+    A wrong configuration stops C{twistd failnozzle} before it starts, with
+    one line naming what is wrong and a non-zero status, never a traceback.
+    """
+
+    @defer.inlineCallbacks
+    def assert_refused(self, args: list, *expected: str, config=None):
+        """
+        Run C{twistd -n failnozzle *args}, with a config file of the text
+        C{config} if given, and check that it stops at once with one line
+        of output that contains each of C{expected}.
+
+        @return: a Deferred firing with that line.
+        """
+        cwd = self.make_directory()
+        if config is not None:
+            path = os.path.join(cwd, "site.py")
+            with open(path, "w") as config_file:
+                config_file.write(config)
+            args = [f"--config={path}"] + args
+        process = spawn_twistd(self, ["-n", "failnozzle", *args], cwd)
+        reason = yield process.wait_for_end()
+        output = process.text
+        self.assertIsInstance(reason, error.ProcessTerminated, output)
+        self.assertIsNone(reason.signal, output)
+        self.assertNotEqual(reason.exitCode, 0, output)
+        self.assertNotIn("Traceback", output)
+        lines = lines_of(output)
+        self.assertEqual(len(lines), 1, output)
+        for text in expected:
+            self.assertIn(text, lines[0])
+        return lines[0]
+
+    def test_unknown_setting(self):
+        """
+        A misspelt setting is named, with the setting it may have meant.
+        """
+        return self.assert_refused(
+            [], "unknown setting REPORT_TOO", "REPORT_TO?",
+            config="UDP_BIND = ('127.0.0.1', 0)\nREPORT_TOO = 'x'\n")
+
+    def test_wrong_type(self):
+        """
+        A setting of the wrong type is named with the value given.
+        """
+        return self.assert_refused(
+            [], "FLUSH_SECONDS", "'soon'",
+            config="UDP_BIND = ('127.0.0.1', 0)\nFLUSH_SECONDS = 'soon'\n")
+
+    def test_smtp_without_recipients(self):
+        """
+        SMTP_HOST without REPORT_TO: the missing setting is named.
+        """
+        return self.assert_refused(
+            [], "REPORT_TO", "SMTP_HOST",
+            config="UDP_BIND = ('127.0.0.1', 0)\n"
+                   "SMTP_HOST = '127.0.0.1'\n"
+                   "REPORT_FROM = 'nozzle@example.com'\n")
+
+    def test_syntax_error(self):
+        """
+        A config file that is not valid Python: the file and line are
+        named.
+        """
+        return self.assert_refused(
+            [], "site.py", "line 2",
+            config="UDP_BIND = ('127.0.0.1', 0)\nFLUSH_SECONDS = = 3\n")
+
+    def test_missing_config_file(self):
+        """
+        A config file that does not exist is named.
+        """
+        return self.assert_refused(
+            ["--config=no-such-site.py", "--udp", "127.0.0.1:0"],
+            "no-such-site.py")
+
+    def test_udp_port_in_use(self):
+        """
+        A UDP port another socket holds: UDP_BIND and the address are
+        named.
+        """
+        holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        return self.assert_refused(
+            ["--udp", f"127.0.0.1:{port}"],
+            "UDP_BIND", f"127.0.0.1:{port}", "in use")
+
+
+class DaemonizedTests(_TwistdTestCase):
+    """
+    C{twistd --pidfile=... --logfile=... failnozzle}: in the background, as
+    an init script would start it.
+    """
+
+    @defer.inlineCallbacks
+    def test_pidfile_maildir_and_stop(self):
+        """
+        The daemon writes its pid file, writes digests of what it receives
+        into MAILDIR, and on SIGTERM to the pid in that file shuts down and
+        removes the pid file.
+        """
+        cwd = self.make_directory()
+        pidfile = os.path.join(cwd, "failnozzle.pid")
+        logfile = os.path.join(cwd, "failnozzle.log")
+        maildir = os.path.join(cwd, "mail")
+        config = write_config(cwd, UDP_BIND=("127.0.0.1", 0),
+                              FLUSH_SECONDS=1, MAILDIR=maildir)
+
+        def read_log():
+            with open(logfile, encoding="utf-8") as log:
+                return log.read()
+
+        def kill_if_running():
+            try:
+                with open(pidfile) as pid_text:
+                    os.kill(int(pid_text.read()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+
+        self.addCleanup(kill_if_running)
+
+        launcher = spawn_twistd(self, [f"--pidfile={pidfile}",
+                                       f"--logfile={logfile}", "failnozzle",
+                                       f"--config={config}"], cwd)
+        # The launching process ends once the daemon has started its
+        # service (twistd's status pipe), so the log has the port by then.
+        reason = yield launcher.wait_for_end()
+        self.assertIsInstance(reason, error.ProcessDone, launcher.text)
+        with open(pidfile) as pid_text:
+            pid = int(pid_text.read())
+        self.assertNotEqual(pid, launcher.transport.pid)
+        port = int(_LISTENING.search(read_log()).group(1))
+
+        send_datagrams(("127.0.0.1", port), [record("boom", source="web1")])
+        new = os.path.join(maildir, "new")
+        yield poll_until(lambda: os.listdir(new), "digest in the maildir")
+        [name] = os.listdir(new)
+        with open(os.path.join(new, name), encoding="utf-8") as digest:
+            self.assertIn("** 1 instance of 1 unique error (app) **",
+                          digest.read())
+
+        os.kill(pid, signal.SIGTERM)
+        yield poll_until(
+            lambda: not os.path.exists(pidfile) and _SHUT_DOWN in read_log(),
+            "pid file removal and shut-down log line")
+        self.assertNotIn("Traceback", read_log())
+
+
+class HelpTests(_TwistdTestCase):
+    """
+    C{twistd failnozzle --help}.
+    """
+
+    @defer.inlineCallbacks
+    def test_options_documented(self):
+        """
+        The help lists every command-line option and succeeds.
+        """
+        process = spawn_twistd(self, ["failnozzle", "--help"],
+                               self.make_directory())
+        reason = yield process.wait_for_end()
+        self.assertIsInstance(reason, error.ProcessDone, process.text)
+        for option in ("--config=", "--udp=", "--flush-seconds=",
+                       "--maildir=", "--smtp="):
+            self.assertIn(option, process.text)
