@@ -408,6 +408,10 @@ def read_config_file(path: str) -> dict:
         raise ConfigError(
             f"config file {path!r}{where}: {_one_line(str(error.msg))}"
         ) from None
+    except ValueError as error:
+        # Python 3.10 and older say "source code string cannot contain
+        # null bytes" this way rather than as a SyntaxError.
+        raise ConfigError(f"config file {path!r}: {error}") from None
 
     # Any file name will do (site.py, failnozzle.conf), as with the
     # original's imp.load_source.
