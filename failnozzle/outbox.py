@@ -170,14 +170,21 @@ class SMTPTransport:
 
 class _Sender(smtp.ESMTPSender):
     """
-    L{smtp.ESMTPSender} that, once the outcome is known (delivered, failed
-    or cancelled), meets any later error by hanging up.
+    L{smtp.ESMTPSender} that hangs up at once after QUIT and, once the
+    outcome is known (delivered, failed or cancelled), meets any later error
+    by hanging up.
 
     Twisted's sender still reports such an error to the factory's Deferred,
     which has fired and is gone by then: an AttributeError in the reactor,
     e.g. when its idle timer fires in the same reactor turn as our timeout,
     or when a server goes silent after accepting the message.
     """
+
+    def smtpState_disconnect(self, code: int, resp: bytes) -> None:
+        # The server has answered QUIT; nothing is left to say.  A graceful
+        # close would wait for the server's TLS close_notify, which some
+        # servers (asyncio's on Python 3.12+) never send, until the timeout.
+        self.transport.abortConnection()
 
     def sendError(self, exc: smtp.SMTPClientError) -> None:
         if self.factory.sendFinished:

@@ -282,6 +282,11 @@ class SMTPTransportTests(SynchronousTestCase):
         self.assertNoResult(sent)
         protocol.dataReceived(b"250 queued\r\n")
         self.successResultOf(sent)
+        self.assertFalse(wire.disconnected)
+        protocol.dataReceived(b"250 reset\r\n")
+        self.assertTrue(wire.value().endswith(b"QUIT\r\n"))
+        protocol.dataReceived(b"221 bye\r\n")
+        self.assertTrue(wire.disconnected, "hangs up without waiting")
 
     def test_timeout_cancels(self):
         """
