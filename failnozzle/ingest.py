@@ -248,6 +248,24 @@ class ErrorReceiver(DatagramProtocol):
         else:
             self._aggregator.add_key(key, source)
 
+    def read_pending(self, limit: int = 100000) -> int:
+        """
+        Read the datagrams the kernel still holds for this port, so a clean
+        stop counts every error sent before it.  Bounded: a flood may not
+        end.
+
+        @return: how many were read.
+        """
+        sock = self.transport.getHandle()
+        size = self._reader.max_size + 1
+        for count in range(limit):
+            try:
+                data, addr = sock.recvfrom(size)
+            except BlockingIOError:
+                return count
+            self.datagramReceived(data, addr)
+        return limit
+
     def stopProtocol(self) -> None:
         self._bad_input_log.stop()
 

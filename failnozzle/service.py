@@ -159,6 +159,8 @@ class FailnozzleService(Service):
         super().stopService()
         if self._flush_loop.running:
             self._flush_loop.stop()
+        if self.receiver.transport is not None:
+            self.receiver.read_pending()
         _log.info("failnozzle stopping: flushing the buffer and waiting for "
                   "the last digests")
         stopped = defer.maybeDeferred(self.udp_port.stopListening)

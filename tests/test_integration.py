@@ -3,6 +3,8 @@ Datagrams over a real UDP socket to the service, digests over real SMTP to
 an independent server (aiosmtpd): plain, STARTTLS and implicit TLS, AUTH,
 and the ways a delivery fails, each of which must end in one clear log line.
 """
+import email
+import email.policy
 import email.utils
 import os
 import ssl
@@ -469,3 +471,27 @@ class PagerTests(TestCase):
         self.assertEqual(page["Subject"], "nozzle1 error rate exceeded")
         self.assertIn("received 3 errors", page.get_content())
         self.assertEqual(len(sink.messages), 3)
+
+
+class StopTests(TestCase):
+    """
+    A clean stop over a real socket.
+    """
+
+    @defer.inlineCallbacks
+    def test_datagrams_queued_at_stop_are_reported(self):
+        """
+        Datagrams the kernel holds when the stop begins, not yet read by the
+        reactor, are read and reported in the last digest.
+        """
+        service = start_service(self)
+        send_datagrams(udp_address(service),
+                       [record("late", source=f"web{i}") for i in range(50)])
+        yield service.stopService()
+        mail = service.outbox.transport.path
+        [name] = os.listdir(os.path.join(mail, "new"))
+        with open(os.path.join(mail, "new", name), "rb") as stored:
+            body = email.message_from_binary_file(
+                stored, policy=email.policy.default).get_content()
+        self.assertIn("** 50 instances of 1 unique error (app) **", body)
+        self.assertIn("- on web49, 1X", body)
