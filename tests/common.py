@@ -247,3 +247,33 @@ def logged_lines(events, namespace: str,
     return [formatEvent(event) for event in events
             if event.get("log_namespace") == namespace
             and event.get("log_level") == level]
+
+
+class FakeMailTransport:
+    """
+    A mail transport that keeps what it is given; each delivery's outcome
+    is decided by the test through the Deferred in C{pending}.
+    """
+
+    timeout = 30
+
+    def __init__(self):
+        self.pending = []
+
+    def describe(self) -> str:
+        return "fake transport"
+
+    def deliver(self, sender, recipients, message):
+        result = defer.Deferred()
+        self.pending.append((sender, tuple(recipients), message, result))
+        return result
+
+    def succeed_all(self):
+        for *_, result in self.pending:
+            if not result.called:
+                result.callback(None)
+
+    def by_kind(self, kind):
+        return [(sender, recipients, message)
+                for sender, recipients, message, _ in self.pending
+                if message["X-Failnozzle"] == kind]

@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from failnozzle.digest import build_message
 from failnozzle.outbox import (MaildirTransport, Outbox, SMTPTransport,
                                describe_failure)
+from tests.common import FakeMailTransport
 
 
 def message(subject="nozzle1 errors: 1 total", body="boom\n"):
@@ -77,21 +78,6 @@ class MaildirTransportTests(SynchronousTestCase):
         self.assertIn("maildir", transport.describe())
 
 
-class FakeTransport:
-    timeout = 5
-
-    def __init__(self):
-        self.results = []
-
-    def describe(self):
-        return "fake server"
-
-    def deliver(self, sender, recipients, message):
-        result = defer.Deferred()
-        self.results.append(result)
-        return result
-
-
 class OutboxTests(SynchronousTestCase):
     """
     The outbox logs each outcome in one line and tracks what is in flight.
@@ -100,7 +86,7 @@ class OutboxTests(SynchronousTestCase):
     def setUp(self):
         self.events = EventLoggingObserver.createWithCleanup(
             self, globalLogPublisher)
-        self.transport = FakeTransport()
+        self.transport = FakeMailTransport()
         self.outbox = Outbox(self.transport)
 
     def test_delivered(self):
@@ -109,7 +95,7 @@ class OutboxTests(SynchronousTestCase):
         """
         sent = self.outbox.send(message("hello"))
         self.assertNoResult(sent)
-        self.transport.results[0].callback(None)
+        self.transport.pending[0][-1].callback(None)
         self.assertIs(self.successResultOf(sent), True)
         [event] = self.events
         self.assertEqual(event["subject"], "hello")
@@ -138,11 +124,11 @@ class OutboxTests(SynchronousTestCase):
         naming the transport and the reason.
         """
         sent = self.outbox.send(message("hello"))
-        self.transport.results[0].errback(error.ConnectionRefusedError())
+        self.transport.pending[0][-1].errback(error.ConnectionRefusedError())
         self.assertIs(self.successResultOf(sent), False)
         [event] = self.events
         self.assertEqual(event["log_level"].name, "error")
-        self.assertEqual(event["transport"], "fake server")
+        self.assertEqual(event["transport"], "fake transport")
         self.assertEqual(event["reason"], "connection refused")
 
     def test_transport_raises(self):
@@ -165,9 +151,9 @@ class OutboxTests(SynchronousTestCase):
         self.outbox.send(message())
         self.outbox.send(message())
         drained = self.outbox.drain()
-        self.transport.results[0].callback(None)
+        self.transport.pending[0][-1].callback(None)
         self.assertNoResult(drained)
-        self.transport.results[1].errback(error.ConnectionLost())
+        self.transport.pending[1][-1].errback(error.ConnectionLost())
         self.successResultOf(drained)
         self.successResultOf(self.outbox.drain())
 

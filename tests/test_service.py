@@ -13,44 +13,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from failnozzle.config import DEFAULT_MONITORING_ERROR_MARKERS
 from failnozzle.outbox import MaildirTransport, SMTPTransport
 from failnozzle.service import FailnozzleService, make_transport
-from tests.common import make_settings, record
+from tests.common import FakeMailTransport, make_settings, record
 
 MARKER = DEFAULT_MONITORING_ERROR_MARKERS[0]
 
 
-class FakeTransport:
-    """
-    A mail transport that keeps what it is given; each delivery's outcome
-    is decided by the test through the Deferred in C{pending}.
-    """
-
-    timeout = 30
-
-    def __init__(self):
-        self.pending = []
-
-    def describe(self):
-        return "fake transport"
-
-    def deliver(self, sender, recipients, message):
-        result = defer.Deferred()
-        self.pending.append((sender, tuple(recipients), message, result))
-        return result
-
-    def succeed_all(self):
-        for *_, result in self.pending:
-            if not result.called:
-                result.callback(None)
-
-    def by_kind(self, kind):
-        return [(sender, recipients, message)
-                for sender, recipients, message, _ in self.pending
-                if message["X-Failnozzle"] == kind]
-
-
 class ServiceTestCase(SynchronousTestCase):
     """
-    A started service on a L{MemoryReactorClock} with a L{FakeTransport}.
+    A started service on a L{MemoryReactorClock} with a L{FakeMailTransport}.
     """
 
     def start(self, **overrides):
@@ -59,7 +29,7 @@ class ServiceTestCase(SynchronousTestCase):
         overrides.setdefault("FLUSH_SECONDS", 60)
         overrides.setdefault("SERVER_NAME", "nozzle1")
         self.reactor = MemoryReactorClock()
-        self.transport = FakeTransport()
+        self.transport = FakeMailTransport()
         udp_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(udp_socket.close)
         self.service = FailnozzleService(make_settings(**overrides),
