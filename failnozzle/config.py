@@ -507,15 +507,19 @@ def _complete(settings: Settings, notices: list) -> Settings:
     return dataclasses.replace(settings, **changes)
 
 
-def parse_host_port(text: str) -> tuple:
+def parse_host_port(text: str, default_host: Optional[str] = "0.0.0.0"
+                    ) -> tuple:
     """
-    Read C{HOST:PORT}, C{[IPV6]:PORT} or C{:PORT} (all interfaces).
+    Read C{HOST:PORT}, C{[IPV6]:PORT} or C{:PORT}, which means
+    C{default_host} (all interfaces, for listening).
 
-    @raise ValueError: the text is not of that form.
+    @raise ValueError: the text is not of that form, or has no host and
+        C{default_host} is None.
     """
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, not {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    return (host or "0.0.0.0", int(port))
+    host = host or default_host
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, not {text!r}")
+    return (host, int(port))

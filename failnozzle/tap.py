@@ -5,6 +5,8 @@ The twistd side: command-line options and L{makeService}.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
@@ -57,13 +59,14 @@ class Options(usage.Options):
         if self["maildir"] is not None:
             self.overrides["MAILDIR"] = self["maildir"]
         if self["smtp"] is not None:
-            host, port = _host_port("--smtp", self["smtp"])
+            host, port = _host_port("--smtp", self["smtp"], None)
             self.overrides.update(SMTP_HOST=host, SMTP_PORT=port)
 
 
-def _host_port(option: str, text: str) -> tuple:
+def _host_port(option: str, text: str,
+               default_host: Optional[str] = "0.0.0.0") -> tuple:
     try:
-        return parse_host_port(text)
+        return parse_host_port(text, default_host)
     except ValueError as error:
         raise usage.UsageError(f"{option}: {error}") from None
 

@@ -52,6 +52,13 @@ class OptionsTests(SynchronousTestCase):
         error = self.assertRaises(UsageError, options, "--udp", "localhost")
         self.assertIn("--udp", str(error))
 
+    def test_smtp_needs_host(self):
+        """
+        --smtp :25 names no server: a usage error, not 0.0.0.0.
+        """
+        error = self.assertRaises(UsageError, options, "--smtp", ":25")
+        self.assertIn("--smtp", str(error))
+
     def test_bad_number(self):
         """
         A --flush-seconds that is not a number is a usage error.
