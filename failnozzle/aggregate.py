@@ -21,6 +21,9 @@ class _Tally:
     first_seen: float
     last_seen: float
 
+    def copy(self) -> _Tally:
+        return _Tally(dict(self.sources), self.first_seen, self.last_seen)
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -71,10 +74,73 @@ class Batch:
         rest = tuple(e for e in self.entries if not predicate(e))
         return Batch(matching), Batch(rest, self.overflow)
 
+    def merge(self, other: Batch, max_unique: int) -> Batch:
+        """
+        Both batches as one, as for a digest that had to wait while errors
+        kept coming.  Unique errors past C{max_unique} are only counted, in
+        the overflow.
+        """
+        tallies = _tallies_of(self.entries)
+        overflow = self.overflow + other.overflow
+        for entry in other.entries:
+            if entry.key not in tallies and len(tallies) >= max_unique:
+                overflow += entry.total
+            else:
+                _merge_tally(tallies, entry.key, _tally_of(entry))
+        return _batch_of(tallies, overflow)
+
+    def to_json(self) -> dict:
+        """Plain JSON data; sources are pairs, as a source may be null."""
+        return {
+            "entries": [
+                {"key": list(e.key), "sources": list(e.sources.items()),
+                 "first_seen": e.first_seen, "last_seen": e.last_seen}
+                for e in self.entries
+            ],
+            "overflow": self.overflow,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Batch:
+        """
+        The batch L{to_json} gave.
+
+        @raise ValueError: C{data} is not of that shape.
+        """
+        try:
+            tallies = {
+                tuple(item["key"]): _Tally(
+                    {source: int(count) for source, count in item["sources"]},
+                    float(item["first_seen"]), float(item["last_seen"]))
+                for item in data["entries"]
+            }
+            return _batch_of(tallies, int(data["overflow"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"not a batch: {error!r}") from None
+
 
 def _sorted_entries(entries: Iterable[Entry]) -> tuple:
     """Most instances first; ties keep the order errors first appeared in."""
     return tuple(sorted(entries, key=lambda e: (-e.total, e.first_seen)))
+
+
+def _tally_of(entry: Entry) -> _Tally:
+    return _Tally(dict(entry.sources), entry.first_seen, entry.last_seen)
+
+
+def _tallies_of(entries: Iterable[Entry]) -> dict:
+    """Fresh, mutable tallies holding what C{entries} say."""
+    return {entry.key: _tally_of(entry) for entry in entries}
+
+
+def _batch_of(tallies: dict, overflow: int) -> Batch:
+    return Batch(
+        _sorted_entries(
+            Entry(key, tally.sources, tally.first_seen, tally.last_seen)
+            for key, tally in tallies.items()
+        ),
+        overflow,
+    )
 
 
 class Aggregator:
@@ -100,9 +166,12 @@ class Aggregator:
         self._tallies: dict = {}
         self._overflow = 0
         self._bad: dict = {}
+        #: Whether anything was counted since the last flush or snapshot.
+        self.changed = False
 
     def add_key(self, key: tuple, source: Hashable) -> None:
         """Count one instance of the error C{key} from C{source}."""
+        self.changed = True
         tally = self._tallies.get(key)
         if tally is None:
             if len(self._tallies) >= self._max_unique:
@@ -120,6 +189,7 @@ class Aggregator:
         Count one piece of bad input.  Bad input is counted by the kind of
         error (its class), so a flood of junk takes no more memory than one.
         """
+        self.changed = True
         now = self._clock.seconds()
         kind = type(error)
         tally, _ = self._bad.get(kind, (None, None))
@@ -131,18 +201,26 @@ class Aggregator:
 
     def flush(self) -> Batch:
         """Hand over everything counted so far and start empty again."""
-        tallies, overflow, bad = self._tallies, self._overflow, self._bad
+        batch = self.peek()
         self._tallies, self._overflow, self._bad = {}, 0, {}
-        for tally, error in bad.values():
+        self.changed = True
+        return batch
+
+    def peek(self) -> Batch:
+        """Everything counted so far, left in place (for snapshots)."""
+        tallies = {key: tally.copy() for key, tally in self._tallies.items()}
+        for tally, error in self._bad.values():
             key = self._internal_error_key(sum(tally.sources.values()), error)
-            _merge_tally(tallies, key, tally)
-        return Batch(
-            _sorted_entries(
-                Entry(key, tally.sources, tally.first_seen, tally.last_seen)
-                for key, tally in tallies.items()
-            ),
-            overflow,
-        )
+            _merge_tally(tallies, key, tally.copy())
+        return _batch_of(tallies, self._overflow)
+
+    def restore(self, batch: Batch) -> None:
+        """Count a batch in again, such as one read back from a snapshot."""
+        merged = _batch_of(self._tallies, self._overflow).merge(
+            batch, self._max_unique)
+        self._tallies = _tallies_of(merged.entries)
+        self._overflow = merged.overflow
+        self.changed = True
 
 
 def _merge_tally(tallies: dict, key: tuple, tally: _Tally) -> None:

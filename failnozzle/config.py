@@ -79,6 +79,14 @@ class Settings:
     SMTP_TIMEOUT: float = 30.0
     MAILDIR: str = "failnozzle-mail"
 
+    SPOOL_DIR: str = "failnozzle-spool"
+    RETRY_MIN_SECONDS: float = 30
+    RETRY_MAX_SECONDS: float = 1800
+    SPOOL_LIFETIME_SECONDS: float = 5 * 24 * 3600
+    STATE_FILE: str = "failnozzle-state.json"
+    SNAPSHOT_SECONDS: float = 1
+    SHUTDOWN_TIMEOUT_SECONDS: float = 10
+
     REPORT_FROM: Optional[str] = None
     REPORT_TO: tuple = ()
     REPLY_TO: tuple = ()
@@ -201,6 +209,11 @@ def _positive_seconds(name: str, value: object) -> float:
     if value == 0:
         raise ConfigError(f"{name} must be more than 0 seconds")
     return value
+
+
+def _seconds_or_off(name: str, value: object) -> float:
+    """Seconds, where 0 turns the feature off."""
+    return _number(name, value, integer=False, minimum=0)
 
 
 def _port(name: str, value: object) -> int:
@@ -329,6 +342,13 @@ _CHECKS: Mapping[str, Callable[[str, object], Any]] = {
     "SMTP_CA_FILE": _existing_file,
     "SMTP_TIMEOUT": _positive_seconds,
     "MAILDIR": _string,
+    "SPOOL_DIR": _string,
+    "RETRY_MIN_SECONDS": _positive_seconds,
+    "RETRY_MAX_SECONDS": _positive_seconds,
+    "SPOOL_LIFETIME_SECONDS": _positive_seconds,
+    "STATE_FILE": _string,
+    "SNAPSHOT_SECONDS": _seconds_or_off,
+    "SHUTDOWN_TIMEOUT_SECONDS": _positive_seconds,
     "REPORT_FROM": _optional_address,
     "REPORT_TO": _addresses,
     "REPLY_TO": _addresses,
@@ -500,6 +520,9 @@ def _complete(settings: Settings, notices: list) -> Settings:
         if not settings.SMTP_USER:
             given, missing = missing, given
         raise ConfigError(f"{missing} is required when {given} is set")
+    if settings.RETRY_MAX_SECONDS < settings.RETRY_MIN_SECONDS:
+        raise ConfigError("RETRY_MAX_SECONDS must not be less than "
+                          "RETRY_MIN_SECONDS")
     tls = changes.get("SMTP_TLS", settings.SMTP_TLS)
     if settings.smtp_enabled and settings.SMTP_USER and tls == "off":
         notices.append("SMTP_USER is set with SMTP_TLS = 'off': the password "

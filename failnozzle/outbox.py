@@ -1,20 +1,20 @@
 """
-Getting a message out: the SMTP transport (ESMTPSenderFactory over plain
-TCP, STARTTLS or implicit TLS), the maildir transport used when no SMTP
-server is configured, and the L{Outbox} that logs each outcome and lets a
-clean stop wait for what is still in flight.
+Getting a message out: the L{Outbox} that spools each message before the
+first delivery attempt, retries with backoff and gives up only into
+C{failed/}; the SMTP transport (ESMTPSenderFactory over plain TCP, STARTTLS
+or implicit TLS); and the maildir transport used when no SMTP server is
+configured.
 
 A transport's C{deliver} returns a Deferred that fires once the message is
-accepted and fails with a reason otherwise; the outbox is where spooling and
-retrying fit in.
+accepted and fails with the reason otherwise; deciding what to do then is
+the outbox's job.
 """
 from __future__ import annotations
 
-import itertools
-import os
-import socket
+from dataclasses import dataclass, field
+from email import message_from_bytes
 from email.message import EmailMessage
-from email.policy import default as default_policy
+from email.policy import SMTP, default as default_policy
 from email.utils import getaddresses, parseaddr
 from io import BytesIO
 from typing import Optional, Sequence
@@ -24,7 +24,7 @@ from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from service_identity import VerificationError
 from twisted.internet import defer, error as net_error
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.internet.ssl import (Certificate, CertificateOptions,
                                   optionsForClientTLS, platformTrust,
                                   trustRootFromCertificates)
@@ -33,20 +33,20 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from failnozzle.config import ConfigError
+from failnozzle.spool import Maildir, Spool, written_at
 
 _log = Logger()
 
 
 class MaildirTransport:
     """
-    Writes each message as a file into a maildir's C{new/} (written in
-    C{tmp/}, fsynced, renamed), where any mail reader can open it.
+    Delivers each message as a file into a maildir's C{new/}, where any
+    mail reader can open it: the transport when no SMTP server is set.
     """
 
     def __init__(self, path: str, clock: IReactorTime) -> None:
-        self.path = os.path.abspath(path)
-        self._clock = clock
-        self._serial = itertools.count()
+        self._maildir = Maildir(path, clock)
+        self.path = self._maildir.path
 
     def describe(self) -> str:
         return f"maildir {self.path}"
@@ -57,8 +57,7 @@ class MaildirTransport:
 
         @raise OSError: it cannot be created.
         """
-        for sub in ("tmp", "new", "cur"):
-            os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+        self._maildir.prepare()
 
     def deliver(self, sender: str, recipients: Sequence[str],
                 message: EmailMessage) -> defer.Deferred:
@@ -66,22 +65,10 @@ class MaildirTransport:
         @return: a Deferred firing with the file's path.
         """
         try:
-            return defer.succeed(self._write(message))
+            return defer.succeed(self._maildir.write(
+                message.as_bytes(policy=default_policy)))
         except OSError:
             return defer.fail()
-
-    def _write(self, message: EmailMessage) -> str:
-        self.prepare()
-        name = (f"{int(self._clock.seconds())}.P{os.getpid()}"
-                f"Q{next(self._serial)}.{socket.gethostname()}")
-        temporary = os.path.join(self.path, "tmp", name)
-        final = os.path.join(self.path, "new", name)
-        with open(temporary, "wb") as out:
-            out.write(message.as_bytes(policy=default_policy))
-            out.flush()
-            os.fsync(out.fileno())
-        os.rename(temporary, final)
-        return final
 
 
 class SMTPTransport:
@@ -238,14 +225,33 @@ def _tls_options(host: str, verify: bool, ca_file: Optional[str]):
     return optionsForClientTLS(host, trustRoot=trust)
 
 
+def _root_error(failure: Failure) -> BaseException:
+    """What went wrong, looking through ESMTPSenderFactory's wrapping."""
+    error = failure.value
+    while isinstance(error, smtp.SMTPConnectError) and error.__cause__:
+        error = error.__cause__
+    return error
+
+
+def is_permanent(failure: Failure) -> bool:
+    """
+    Whether trying again cannot help: the server refused for good (a 5xx
+    reply), or its certificate is not valid for the name we asked for.
+    Anything else (refused or lost connections, timeouts, TLS handshake
+    trouble, 4xx replies) may pass.
+    """
+    error = _root_error(failure)
+    if isinstance(error, VerificationError):
+        return True
+    return (isinstance(error, smtp.SMTPClientError)
+            and isinstance(error.code, int) and 500 <= error.code <= 599)
+
+
 def describe_failure(failure: Failure, timeout: float) -> str:
     """
     Why a delivery failed, in a few words a person can act on.
     """
-    error = failure.value
-    # ESMTPSenderFactory wraps what went wrong on the connection.
-    while isinstance(error, smtp.SMTPConnectError) and error.__cause__:
-        error = error.__cause__
+    error = _root_error(failure)
     if isinstance(error, (defer.TimeoutError, defer.CancelledError,
                           net_error.TimeoutError, smtp.SMTPTimeoutError)):
         return f"no answer within {timeout:g} s"
@@ -308,58 +314,201 @@ def envelope(message: EmailMessage) -> tuple:
     return sender, recipients
 
 
-class Outbox:
+@dataclass(eq=False)
+class _Waiting:
     """
-    Hands messages to a transport, logs the outcome in one line, and keeps
-    track of deliveries in flight so a clean stop can wait for them.
+    A message the outbox is responsible for until it is delivered or given
+    up on.
+
+    @ivar path: its file in the spool; None if the spool could not take it
+        and it waits in memory only.
+    @ivar outcome: fires with True when delivered, False when given up on.
     """
 
-    def __init__(self, transport) -> None:
+    message: EmailMessage
+    data: bytes
+    path: Optional[str]
+    created: float
+    attempts: int = 0
+    attempt: Optional[defer.Deferred] = None
+    retry: Optional[IDelayedCall] = None
+    outcome: defer.Deferred = field(default_factory=defer.Deferred)
+
+    @property
+    def kind(self) -> str:
+        return str(self.message["X-Failnozzle"])
+
+
+class Outbox:
+    """
+    Never loses a message: each one is written to the spool before the
+    first delivery attempt and removed only once the server accepted it.
+    Temporary failures are retried with exponential backoff, from
+    C{retry_min} up to C{retry_max} seconds, for at most C{lifetime}
+    seconds; permanent failures and expired messages move to C{failed/}.
+    Every outcome is logged in one line.
+    """
+
+    def __init__(self, transport, spool: Spool, clock: IReactorTime,
+                 retry_min: float = 30, retry_max: float = 1800,
+                 lifetime: float = 5 * 24 * 3600) -> None:
         self.transport = transport
-        self._in_flight: set = set()
+        self.spool = spool
+        self._clock = clock
+        self._retry_min = retry_min
+        self._retry_max = retry_max
+        self._lifetime = lifetime
+        self._waiting: list = []
+        self._stopping = False
+
+    def waiting_kinds(self) -> set:
+        """The kinds (X-Failnozzle) of the messages not delivered yet."""
+        return {waiting.kind for waiting in self._waiting}
+
+    def recover(self) -> int:
+        """
+        Take on the messages a previous run left in the spool, and try to
+        deliver them now.
+
+        @return: how many there were.
+        """
+        try:
+            paths = self.spool.waiting.messages()
+        except OSError as error:
+            _log.error("Cannot read the spool {path}: {reason}",
+                       path=self.spool.path, reason=error.strerror)
+            return 0
+        for path in paths:
+            try:
+                with open(path, "rb") as stored:
+                    data = stored.read()
+            except OSError as error:
+                _log.error("Cannot read spooled message {path}: {reason}",
+                           path=path, reason=error.strerror)
+                continue
+            message = message_from_bytes(data, _class=EmailMessage,
+                                         policy=SMTP)
+            self._take(_Waiting(message, data, path, written_at(path)))
+        if paths:
+            _log.info("{count} message(s) left in the spool {path} by the "
+                      "last run will be sent now", count=len(paths),
+                      path=self.spool.path)
+        return len(paths)
 
     def send(self, message: EmailMessage) -> defer.Deferred:
         """
-        Deliver one message to the addresses in its To header, from the one
-        in its From header.
+        Spool one message and deliver it to the addresses in its To
+        header, from the one in its From header.
 
-        @return: a Deferred that fires with True once delivered and False
-            if it was not; it never fails.
+        @return: a Deferred firing with True once it is delivered, or False
+            once it is given up on; it never fails.
         """
-        subject = message["Subject"]
-        sender, recipients = envelope(message)
-        attempt = defer.maybeDeferred(self.transport.deliver, sender,
-                                      recipients, message)
+        data = message.as_bytes(policy=default_policy)
+        try:
+            path = self.spool.add(data)
+        except OSError as error:
+            path = None
+            _log.error("Cannot write to the spool {spool}: {reason}; "
+                       "{subject!r} waits in memory only",
+                       spool=self.spool.path, reason=error.strerror,
+                       subject=message["Subject"])
+        waiting = _Waiting(message, data, path, self._clock.seconds())
+        self._take(waiting)
+        return waiting.outcome
 
-        def delivered(result: object) -> bool:
-            _log.info("Sent {subject!r} to {recipients} via {transport}"
-                      "{where}",
-                      subject=subject, recipients=", ".join(recipients),
-                      transport=self.transport.describe(),
-                      where=f": {result}" if isinstance(result, str) else "")
-            return True
+    def _take(self, waiting: _Waiting) -> None:
+        self._waiting.append(waiting)
+        self._attempt(waiting)
 
-        def failed(failure: Failure) -> bool:
-            _log.error(
-                "Could not send {subject!r} to {recipients} via "
-                "{transport}: {reason}",
-                subject=subject, recipients=", ".join(recipients),
-                transport=self.transport.describe(),
-                reason=describe_failure(
-                    failure, getattr(self.transport, "timeout", 0)),
-            )
-            return False
+    def _attempt(self, waiting: _Waiting) -> None:
+        waiting.retry = None
+        waiting.attempts += 1
+        sender, recipients = envelope(waiting.message)
+        attempt = waiting.attempt = defer.maybeDeferred(
+            self.transport.deliver, sender, recipients, waiting.message)
+        attempt.addCallbacks(self._delivered, self._failed,
+                             callbackArgs=(waiting,), errbackArgs=(waiting,))
 
-        attempt.addCallbacks(delivered, failed)
-        self._in_flight.add(attempt)
-        attempt.addBoth(self._done, attempt)
-        return attempt
+    def _delivered(self, result: object, waiting: _Waiting) -> None:
+        waiting.attempt = None
+        self._waiting.remove(waiting)
+        _log.info("Sent {subject!r} to {recipients} via {transport}{where}",
+                  subject=waiting.message["Subject"],
+                  recipients=waiting.message["To"],
+                  transport=self.transport.describe(),
+                  where=f": {result}" if isinstance(result, str) else "")
+        if waiting.path is not None:
+            try:
+                self.spool.remove(waiting.path)
+            except OSError as error:
+                _log.error("Cannot remove delivered message {path} from the "
+                           "spool: {reason}; the next start sends it again",
+                           path=waiting.path, reason=error.strerror)
+        waiting.outcome.callback(True)
 
-    def _done(self, result: bool, attempt: defer.Deferred) -> bool:
-        self._in_flight.discard(attempt)
-        return result
+    def _failed(self, failure: Failure, waiting: _Waiting) -> None:
+        waiting.attempt = None
+        reason = describe_failure(failure,
+                                  getattr(self.transport, "timeout", 0))
+        age = self._clock.seconds() - waiting.created
+        if is_permanent(failure) or age >= self._lifetime:
+            why = reason if is_permanent(failure) else (
+                f"{reason}; still undelivered after {age:.0f} s "
+                f"(SPOOL_LIFETIME_SECONDS)")
+            self._give_up(waiting, why)
+            return
+        if self._stopping:
+            _log.warn("Could not send {subject!r} via {transport}: {reason}; "
+                      "it stays in the spool for the next start",
+                      subject=waiting.message["Subject"],
+                      transport=self.transport.describe(), reason=reason)
+            return
+        delay = min(self._retry_min * 2 ** (waiting.attempts - 1),
+                    self._retry_max, self._lifetime - age)
+        _log.warn("Could not send {subject!r} to {recipients} via "
+                  "{transport}: {reason}; attempt {attempt}, next in "
+                  "{delay:g} s",
+                  subject=waiting.message["Subject"],
+                  recipients=waiting.message["To"],
+                  transport=self.transport.describe(), reason=reason,
+                  attempt=waiting.attempts, delay=delay)
+        waiting.retry = self._clock.callLater(delay, self._attempt, waiting)
 
-    def drain(self) -> defer.Deferred:
-        """A Deferred that fires when every delivery begun so far is over."""
-        return defer.DeferredList(list(self._in_flight)).addCallback(
-            lambda _: None)
+    def _give_up(self, waiting: _Waiting, why: str) -> None:
+        self._waiting.remove(waiting)
+        try:
+            where = self.spool.give_up(waiting.path, waiting.data)
+        except OSError as error:
+            where = (f"nowhere: {self.spool.failed.path} cannot be written "
+                     f"({error.strerror}); the message follows\n"
+                     f"{waiting.data.decode('utf-8', 'replace')}")
+        _log.error("Giving up on {subject!r} to {recipients} via "
+                   "{transport}: {why}; the message is kept in {where}",
+                   subject=waiting.message["Subject"],
+                   recipients=waiting.message["To"],
+                   transport=self.transport.describe(), why=why, where=where)
+        waiting.outcome.callback(False)
+
+    def stop(self, timeout: float) -> defer.Deferred:
+        """
+        Stop retrying, and give the attempts under way up to C{timeout}
+        seconds; what is not delivered by then stays in the spool.
+
+        @return: a Deferred firing when that is done.
+        """
+        self._stopping = True
+        for waiting in self._waiting:
+            if waiting.retry is not None:
+                waiting.retry.cancel()
+                waiting.retry = None
+        attempts = [w.attempt for w in self._waiting if w.attempt is not None]
+        done = defer.DeferredList(attempts)
+        done.addTimeout(timeout, self._clock)
+        done.addErrback(lambda failure: failure.trap(defer.TimeoutError))
+        done.addCallback(self._cancel_attempts)
+        return done
+
+    def _cancel_attempts(self, _: object) -> None:
+        for waiting in list(self._waiting):
+            if waiting.attempt is not None:
+                waiting.attempt.cancel()

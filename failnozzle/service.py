@@ -20,6 +20,8 @@ from failnozzle.digest import DigestRenderer, build_message, pager_alert
 from failnozzle.ingest import (ErrorReceiver, RecordReader,
                                internal_error_key_maker)
 from failnozzle.outbox import MaildirTransport, Outbox, SMTPTransport
+from failnozzle.spool import Spool
+from failnozzle.state import StateFile
 
 _log = Logger()
 
@@ -109,7 +111,17 @@ class FailnozzleService(Service):
             settings.EMAIL_SUBJECT_TEMPLATE,
             settings.EMAIL_BODY_TEMPLATE,
         )
-        self.outbox = Outbox(transport or make_transport(settings, reactor))
+        self.outbox = Outbox(
+            transport or make_transport(settings, reactor),
+            Spool(settings.SPOOL_DIR, reactor), reactor,
+            settings.RETRY_MIN_SECONDS, settings.RETRY_MAX_SECONDS,
+            settings.SPOOL_LIFETIME_SECONDS)
+        self.state_file = (StateFile(settings.STATE_FILE, reactor)
+                           if settings.SNAPSHOT_SECONDS else None)
+        self._state_unwritable = False
+        #: Per digest kind, the errors waiting for that kind's last digest
+        #: to be delivered, so an outage gives one digest, not one a flush.
+        self._held: dict = {}
         self._is_monitoring = MonitoringFilter(
             settings.unique_fields, settings.MONITORING_ERROR_MARKERS)
         self._routes = {
@@ -124,17 +136,18 @@ class FailnozzleService(Service):
         }
         self._flush_loop = LoopingCall(self._scheduled_flush)
         self._flush_loop.clock = reactor
+        self._snapshot_loop = LoopingCall(self._scheduled_snapshot)
+        self._snapshot_loop.clock = reactor
 
     def startService(self) -> None:
         super().startService()
         transport = self.outbox.transport
         if isinstance(transport, MaildirTransport):
-            try:
-                transport.prepare()
-            except OSError as error:
-                _log.error("MAILDIR {path} cannot be created: {reason}; "
-                           "digests cannot be written until it can",
-                           path=transport.path, reason=error.strerror)
+            _prepare(transport, "MAILDIR", "digests cannot be written")
+        _prepare(self.outbox.spool, "SPOOL_DIR",
+                 "messages wait in memory only")
+        if self.state_file is not None:
+            self._restore_state()
         sock = self._udp_socket
         self.udp_port = self._reactor.adoptDatagramPort(
             sock.fileno(), sock.family, self.receiver,
@@ -148,26 +161,89 @@ class FailnozzleService(Service):
             seconds=self.settings.FLUSH_SECONDS,
             transport=transport.describe(),
         )
+        self.outbox.recover()
         self._flush_loop.start(self.settings.FLUSH_SECONDS, now=False)
+        if self.state_file is not None:
+            self._snapshot_loop.start(self.settings.SNAPSHOT_SECONDS,
+                                      now=False)
 
     def stopService(self) -> defer.Deferred:
         """
-        Stop reading, flush what is buffered, and wait until the digests
-        are delivered or have failed (each attempt is bounded by
-        SMTP_TIMEOUT).
+        Stop reading, flush what is buffered into the spool, and try to
+        deliver for up to SHUTDOWN_TIMEOUT_SECONDS; what is not delivered
+        by then stays in the spool for the next start.
         """
         super().stopService()
-        if self._flush_loop.running:
-            self._flush_loop.stop()
+        for loop in (self._flush_loop, self._snapshot_loop):
+            if loop.running:
+                loop.stop()
         if self.receiver.transport is not None:
             self.receiver.read_pending()
-        _log.info("failnozzle stopping: flushing the buffer and waiting for "
-                  "the last digests")
+        _log.info("failnozzle stopping: flushing the buffer and delivering "
+                  "for up to {seconds:g} s",
+                  seconds=self.settings.SHUTDOWN_TIMEOUT_SECONDS)
         stopped = defer.maybeDeferred(self.udp_port.stopListening)
-        stopped.addCallback(lambda _: self.flush())
-        stopped.addCallback(lambda _: self.outbox.drain())
+        stopped.addCallback(lambda _: self.flush(final=True))
+        stopped.addCallback(lambda _: self.outbox.stop(
+            self.settings.SHUTDOWN_TIMEOUT_SECONDS))
         stopped.addCallback(lambda _: _log.info("failnozzle stopped"))
         return stopped
+
+    def _restore_state(self) -> None:
+        """Count in again what the last run had counted but not sent."""
+        state = self.state_file.load()
+        if state is None:
+            return
+        try:
+            buffer = Batch.from_json(state["buffer"])
+            held = {kind: Batch.from_json(state["held"][kind])
+                    for kind in ("digest", "monitoring")
+                    if kind in state["held"]}
+            counts = [int(count) for count in state["rate_window"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            self.state_file.set_aside(error)
+            return
+        self.aggregator.restore(buffer)
+        self._held = held
+        self.rate_window.counts = counts[-self.rate_window.size:]
+        _log.info("Restored {total} errors from {path}",
+                  total=buffer.total + sum(b.total for b in held.values()),
+                  path=self.state_file.path)
+
+    def save_state(self) -> None:
+        """
+        Write the state file now.  A failure is logged once until writing
+        works again, and never stops the daemon.
+        """
+        if self.state_file is None:
+            return
+        state = {
+            "buffer": self.aggregator.peek().to_json(),
+            "held": {kind: batch.to_json()
+                     for kind, batch in self._held.items()},
+            "rate_window": list(self.rate_window.counts),
+        }
+        try:
+            self.state_file.save(state)
+        except OSError as error:
+            if not self._state_unwritable:
+                _log.error("Cannot write STATE_FILE {path}: {reason}; a "
+                           "crash now would lose what is buffered",
+                           path=self.state_file.path, reason=error.strerror)
+            self._state_unwritable = True
+            return
+        if self._state_unwritable:
+            _log.info("STATE_FILE {path} is written again",
+                      path=self.state_file.path)
+            self._state_unwritable = False
+        self.aggregator.changed = False
+
+    def _scheduled_snapshot(self) -> None:
+        if self.aggregator.changed:
+            try:
+                self.save_state()
+            except Exception:
+                _log.failure("Snapshot failed")
 
     def _scheduled_flush(self) -> None:
         # Never let an exception out: it would stop the LoopingCall for good.
@@ -178,12 +254,14 @@ class FailnozzleService(Service):
             _log.failure("Flush failed; the next one is in {seconds:g} s",
                          seconds=self.settings.FLUSH_SECONDS)
 
-    def flush(self) -> list:
+    def flush(self, final: bool = False) -> list:
         """
         Flush the buffer: check the error rate, then send each recipient
-        class its digest.
+        class its digest, unless its last digest is still undelivered: then
+        the errors are held for the next one.
 
-        @return: the Deferreds of the deliveries begun.
+        @param final: send everything, held or not (on a clean stop).
+        @return: the outcomes (see L{Outbox.send}) of the messages sent.
         """
         batch = self.aggregator.flush()
         monitoring, real = batch.partition(self._is_monitoring)
@@ -191,9 +269,20 @@ class FailnozzleService(Service):
         if self.rate_window.add(real.total):
             sending += self._page(self.rate_window.total)
             self.rate_window.reset()
+        undelivered = set() if final else self.outbox.waiting_kinds()
         for kind, part in (("digest", real), ("monitoring", monitoring)):
-            if part:
-                sending += self._send_digest(self._routes[kind], part)
+            pending = self._held.pop(kind, Batch()).merge(
+                part, self.settings.MAX_UNIQUE_MESSAGES)
+            if not pending:
+                continue
+            if kind in undelivered:
+                self._held[kind] = pending
+                _log.info("Holding {total} errors for the next {kind}: the "
+                          "last one is not delivered yet",
+                          total=pending.total, kind=kind)
+            else:
+                sending += self._send_digest(self._routes[kind], pending)
+        self.save_state()
         return sending
 
     def _send_digest(self, route: Route, batch: Batch) -> list:
@@ -227,3 +316,14 @@ class FailnozzleService(Service):
             kind=route.kind,
         )
         return [self.outbox.send(message)]
+
+
+def _prepare(directory, setting: str, consequence: str) -> None:
+    """Create a directory the service writes to, or say loudly why not."""
+    try:
+        directory.prepare()
+    except OSError as error:
+        _log.error("{setting} {path} cannot be created: {reason}; "
+                   "{consequence} until it can", setting=setting,
+                   path=directory.path, reason=error.strerror,
+                   consequence=consequence)

@@ -43,7 +43,8 @@ def start_service(testcase, transport=None, **overrides) -> FailnozzleService:
     real reactor; it is stopped when the test ends.
     """
     overrides.setdefault("UDP_BIND", ("127.0.0.1", 0))
-    overrides.setdefault("MAILDIR", testcase.mktemp())
+    for name in ("SPOOL_DIR", "STATE_FILE", "MAILDIR"):
+        overrides.setdefault(name, testcase.mktemp())
     settings = make_settings(**overrides)
     udp_socket, _ = bind_udp_socket(*settings.UDP_BIND, settings.UDP_RCVBUF)
     service = FailnozzleService(settings, reactor, udp_socket, transport)

@@ -7,18 +7,20 @@ import email.policy
 import os
 
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.internet.testing import (EventLoggingObserver, MemoryReactorClock,
                                       StringTransport)
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from failnozzle.digest import build_message
 from failnozzle.outbox import (MaildirTransport, Outbox, SMTPTransport,
-                               describe_failure)
+                               describe_failure, is_permanent)
+from failnozzle.spool import Spool
 from tests.common import FakeMailTransport
 
 
@@ -80,26 +82,55 @@ class MaildirTransportTests(SynchronousTestCase):
 
 class OutboxTests(SynchronousTestCase):
     """
-    The outbox logs each outcome in one line and tracks what is in flight.
+    The outbox spools before sending, logs each outcome in one line,
+    retries with backoff and gives up only into failed/.
     """
 
     def setUp(self):
         self.events = EventLoggingObserver.createWithCleanup(
             self, globalLogPublisher)
+        self.clock = Clock()
         self.transport = FakeMailTransport()
-        self.outbox = Outbox(self.transport)
+        self.spool = Spool(self.mktemp(), self.clock)
+        self.spool.prepare()
+        self.outbox = self.make_outbox()
 
-    def test_delivered(self):
+    def make_outbox(self):
+        return Outbox(self.transport, self.spool, self.clock, retry_min=30,
+                      retry_max=600, lifetime=3600)
+
+    def spooled(self):
+        return self.spool.waiting.messages()
+
+    def failed(self):
+        return self.spool.failed.messages()
+
+    def fail_next(self, exception):
+        self.transport.pending[-1][-1].errback(exception)
+
+    def test_spooled_before_sending(self):
         """
-        A delivery gives True and logs the subject and recipients.
+        The message is on disk before the first attempt and removed once
+        the server accepted it; the outcome is True.
         """
+        self.transport.deliver = self.checking_spool(self.transport.deliver)
         sent = self.outbox.send(message("hello"))
         self.assertNoResult(sent)
+        [path] = self.spooled()
+        with open(path, "rb") as stored:
+            self.assertIn(b"Subject: hello", stored.read())
         self.transport.pending[0][-1].callback(None)
         self.assertIs(self.successResultOf(sent), True)
+        self.assertEqual(self.spooled(), [])
         [event] = self.events
         self.assertEqual(event["subject"], "hello")
         self.assertEqual(event["recipients"], "ops@example.com")
+
+    def checking_spool(self, deliver):
+        def deliver_when_spooled(*args):
+            self.assertEqual(len(self.spooled()), 1, "spooled first")
+            return deliver(*args)
+        return deliver_when_spooled
 
     def test_envelope_from_headers(self):
         """
@@ -110,52 +141,161 @@ class OutboxTests(SynchronousTestCase):
             sender="Error Reporter <errors@example.com>",
             recipients=["Ops <ops@example.com>", "dev@example.com"],
             subject="s", body="b\n", date=0, domain="nozzle1")
-        delivered = []
-        self.transport.deliver = lambda *args: delivered.append(args)
         self.outbox.send(named)
-        [(sender, recipients, sent)] = delivered
+        [(sender, recipients, sent, _)] = self.transport.pending
         self.assertEqual(sender, "errors@example.com")
-        self.assertEqual(recipients, ["ops@example.com", "dev@example.com"])
+        self.assertEqual(recipients, ("ops@example.com", "dev@example.com"))
         self.assertIs(sent, named)
 
-    def test_failed(self):
+    def test_backoff_schedule(self):
         """
-        A failed delivery gives False, never a failure, and logs one line
-        naming the transport and the reason.
+        Temporary failures are retried after RETRY_MIN_SECONDS, doubling
+        each time up to RETRY_MAX_SECONDS, and each one is logged with the
+        reason and the next delay.
         """
-        sent = self.outbox.send(message("hello"))
-        self.transport.pending[0][-1].errback(error.ConnectionRefusedError())
+        self.outbox.send(message())
+        attempts_at = []
+        for _ in range(7):
+            attempts_at.append(self.clock.seconds())
+            self.fail_next(error.ConnectionRefusedError())
+            self.clock.advance(min(self.clock.getDelayedCalls()[0].getTime()
+                                   - self.clock.seconds(), 10000))
+        self.assertEqual(attempts_at, [0, 30, 90, 210, 450, 930, 1530])
+        delays = [e["delay"] for e in self.events if "delay" in e]
+        self.assertEqual(delays, [30, 60, 120, 240, 480, 600, 600])
+        self.assertEqual(self.events[0]["reason"], "connection refused")
+        self.assertEqual(len(self.spooled()), 1)
+
+    def test_delivered_after_retry(self):
+        """
+        A message that fails, then goes through, is delivered once and
+        leaves the spool.
+        """
+        sent = self.outbox.send(message())
+        self.fail_next(smtp.SMTPDeliveryError(451, b"try later"))
+        self.clock.advance(30)
+        self.assertEqual(len(self.transport.pending), 2)
+        self.transport.pending[1][-1].callback(None)
+        self.assertIs(self.successResultOf(sent), True)
+        self.assertEqual(self.spooled(), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_permanent_failure(self):
+        """
+        A 5xx reply moves the message to failed/ at once, with an error
+        saying why; the outcome is False and nothing is retried.
+        """
+        sent = self.outbox.send(message("doomed"))
+        self.fail_next(smtp.SMTPDeliveryError(550, b"no such user"))
         self.assertIs(self.successResultOf(sent), False)
+        self.assertEqual(self.spooled(), [])
+        [path] = self.failed()
+        with open(path, "rb") as stored:
+            self.assertIn(b"Subject: doomed", stored.read())
         [event] = self.events
-        self.assertEqual(event["log_level"].name, "error")
-        self.assertEqual(event["transport"], "fake transport")
-        self.assertEqual(event["reason"], "connection refused")
+        self.assertEqual(event["log_level"], LogLevel.error)
+        self.assertIn("550 no such user", event["why"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_lifetime(self):
+        """
+        A message still undelivered after SPOOL_LIFETIME_SECONDS moves to
+        failed/; the last retry is not put off past the lifetime.
+        """
+        sent = self.outbox.send(message())
+        while not sent.called:
+            self.fail_next(error.ConnectionRefusedError())
+            if self.clock.getDelayedCalls():
+                self.clock.advance(
+                    self.clock.getDelayedCalls()[0].getTime()
+                    - self.clock.seconds())
+        self.assertIs(self.successResultOf(sent), False)
+        self.assertEqual(self.clock.seconds(), 3600)
+        self.assertEqual(len(self.failed()), 1)
+        self.assertIn("SPOOL_LIFETIME_SECONDS", self.events[-1]["why"])
 
     def test_transport_raises(self):
         """
         A transport that raises instead of failing its Deferred is handled
-        the same way.
+        as a failed attempt.
         """
         def broken(*args):
             raise RuntimeError("bug")
 
         self.transport.deliver = broken
-        sent = self.outbox.send(message())
-        self.assertIs(self.successResultOf(sent), False)
+        self.outbox.send(message())
         self.assertEqual(self.events[0]["reason"], "RuntimeError: bug")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
 
-    def test_drain(self):
+    def test_waiting_kinds(self):
         """
-        drain() fires once every delivery begun has ended, either way.
+        The kinds of undelivered messages are known, so the service can
+        hold errors instead of spooling one digest after another.
         """
+        self.outbox.send(build_message(
+            sender="a@example.com", recipients=["b@example.com"],
+            subject="s", body="b\n", date=0, domain="d", kind="pager"))
         self.outbox.send(message())
-        self.outbox.send(message())
-        drained = self.outbox.drain()
+        self.assertEqual(self.outbox.waiting_kinds(), {"pager", "digest"})
+        self.transport.pending[1][-1].callback(None)
+        self.assertEqual(self.outbox.waiting_kinds(), {"pager"})
+
+    def test_recover(self):
+        """
+        Messages a previous run left in the spool are sent by the next one;
+        their age counts from when they were spooled.
+        """
+        self.outbox.send(message("left behind"))
+        self.outbox.stop(10)
+        self.clock.advance(100)
+        restarted = self.make_outbox()
+        self.transport.pending = []
+        self.assertEqual(restarted.recover(), 1)
+        [(_, recipients, sent, result)] = self.transport.pending
+        self.assertEqual(sent["Subject"], "left behind")
+        self.assertEqual(recipients, ("ops@example.com",))
+        result.callback(None)
+        self.assertEqual(self.spooled(), [])
+
+    def test_unwritable_spool(self):
+        """
+        A spool that cannot be written is reported, and the message is
+        still delivered from memory.
+        """
+        blocker = self.mktemp()
+        with open(blocker, "w"):
+            pass
+        self.outbox.spool = Spool(os.path.join(blocker, "spool"), self.clock)
+        sent = self.outbox.send(message())
+        self.assertIn("Cannot write to the spool", self.events[0]["log_format"])
         self.transport.pending[0][-1].callback(None)
-        self.assertNoResult(drained)
-        self.transport.pending[1][-1].errback(error.ConnectionLost())
-        self.successResultOf(drained)
-        self.successResultOf(self.outbox.drain())
+        self.assertIs(self.successResultOf(sent), True)
+
+    def test_stop(self):
+        """
+        Stopping cancels the retries and gives attempts under way until the
+        timeout; what is not delivered stays in the spool.
+        """
+        self.outbox.send(message("retrying"))
+        self.fail_next(error.ConnectionRefusedError())
+        self.outbox.send(message("in flight"))
+        stopped = self.outbox.stop(10)
+        self.assertNoResult(stopped)
+        self.clock.advance(10)
+        self.successResultOf(stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertTrue(self.transport.pending[1][-1].called)
+        self.assertEqual(len(self.spooled()), 2)
+
+    def test_stop_waits_for_delivery(self):
+        """
+        An attempt that succeeds within the timeout ends the wait at once.
+        """
+        self.outbox.send(message())
+        stopped = self.outbox.stop(10)
+        self.transport.pending[0][-1].callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(self.spooled(), [])
 
 
 class DescribeFailureTests(SynchronousTestCase):
@@ -287,3 +427,31 @@ class SMTPTransportTests(SynchronousTestCase):
         self.reactor.advance(10)
         self.failureResultOf(sent, defer.TimeoutError)
         self.assertTrue(connector._disconnected)
+
+
+class IsPermanentTests(SynchronousTestCase):
+    """
+    Which failures are worth trying again.
+    """
+
+    def test_permanent(self):
+        """
+        5xx replies (AUTH rejections included) and a certificate for
+        another name are permanent.
+        """
+        for exception in (smtp.SMTPDeliveryError(550, b"no"),
+                          smtp.AUTHDeclinedError(535, b"bad password"),
+                          VerificationError(errors=[])):
+            self.assertTrue(is_permanent(Failure(exception)), exception)
+
+    def test_temporary(self):
+        """
+        4xx replies, refused and lost connections and timeouts may pass.
+        """
+        wrapped = smtp.SMTPConnectError(-1, "Unable to connect")
+        wrapped.__cause__ = error.ConnectionRefusedError()
+        for exception in (smtp.SMTPDeliveryError(451, b"later"),
+                          error.ConnectionRefusedError(),
+                          error.ConnectionLost(), defer.TimeoutError(),
+                          wrapped):
+            self.assertFalse(is_permanent(Failure(exception)), exception)

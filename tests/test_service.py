@@ -28,6 +28,8 @@ class ServiceTestCase(SynchronousTestCase):
         overrides.setdefault("REPORT_TO", "ops@example.com")
         overrides.setdefault("FLUSH_SECONDS", 60)
         overrides.setdefault("SERVER_NAME", "nozzle1")
+        for name in ("SPOOL_DIR", "STATE_FILE", "MAILDIR"):
+            overrides.setdefault(name, self.mktemp())
         self.reactor = MemoryReactorClock()
         self.transport = FakeMailTransport()
         udp_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -90,6 +92,7 @@ class FlushLoopTests(ServiceTestCase):
         self.assertEqual(self.transport.pending, [])
         self.reactor.advance(0.1)
         self.assertEqual(len(self.transport.pending), 1)
+        self.transport.succeed_all()
         self.reactor.advance(10)
         self.assertEqual(len(self.transport.pending), 1)
         self.receive(record("boom"))
@@ -98,15 +101,43 @@ class FlushLoopTests(ServiceTestCase):
 
     def test_flush_does_not_wait_for_mail(self):
         """
-        A delivery still in flight does not delay the next flush.
+        A delivery still in flight does not delay the next flush: the
+        other recipient class gets its digest on time.
+        """
+        self.start(FLUSH_SECONDS=10,
+                   JUST_MONITORING_REPORT_TO="canary@example.com")
+        self.receive(record("one"))
+        self.reactor.advance(10)
+        self.receive(record(f"canary {MARKER}"))
+        self.reactor.advance(10)
+        self.assertEqual(len(self.transport.by_kind("digest")), 1)
+        self.assertEqual(len(self.transport.by_kind("monitoring")), 1)
+        self.assertFalse(any(d.called for *_, d in self.transport.pending))
+
+    def test_undelivered_digest_holds_errors(self):
+        """
+        While a recipient class's digest is undelivered, its new errors are
+        held instead of becoming one more digest per flush; once it is
+        delivered, one digest covers everything since, with the right
+        counts per source and first and last seen.
         """
         self.start(FLUSH_SECONDS=10)
         self.receive(record("one"))
         self.reactor.advance(10)
-        self.receive(record("two"))
+        for _ in range(5):
+            self.reactor.advance(1)
+            self.receive(record("two", source="web1"),
+                         record("one", source="web2"))
+            self.reactor.advance(9)
+        self.assertEqual(len(self.transport.pending), 1)
+        self.transport.succeed_all()
         self.reactor.advance(10)
-        self.assertEqual(len(self.transport.pending), 2)
-        self.assertFalse(any(d.called for *_, d in self.transport.pending))
+        [_, (_, _, covering)] = self.transport.by_kind("digest")
+        body = covering.get_content()
+        self.assertIn("** 10 instances of 2 unique errors (app) **", body)
+        self.assertIn("Seen between 1970-01-01 00:00:11 UTC to "
+                      "1970-01-01 00:00:51 UTC\n- on web1, 5X\n", body)
+        self.assertIn("- on web2, 5X\n", body)
 
     def test_failing_flush_keeps_loop(self):
         """
