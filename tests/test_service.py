@@ -421,3 +421,69 @@ class MakeTransportTests(SynchronousTestCase):
         self.assertEqual((transport.host, transport.port, transport.tls,
                           transport.timeout),
                          ("mail.example.com", 465, "implicit", 7))
+
+
+class OutageTransport:
+    """
+    A mail server that refuses every connection until C{back_at} (reactor
+    time), then accepts everything; it keeps what it accepted.
+    """
+
+    timeout = 30
+
+    def __init__(self, clock, back_at):
+        self.clock = clock
+        self.back_at = back_at
+        self.accepted = []
+
+    def describe(self):
+        return "flaky server"
+
+    def deliver(self, sender, recipients, message):
+        if self.clock.seconds() < self.back_at:
+            return defer.fail(ConnectionRefusedError())
+        self.accepted.append(message)
+        return defer.succeed(None)
+
+
+class OutageTests(SynchronousTestCase):
+    """
+    An hour-long mail server outage at FLUSH_SECONDS = 60, with the default
+    retry settings, over a fake clock.
+    """
+
+    def test_one_hour_outage(self):
+        """
+        Errors arriving all through the outage reach the recipient in two
+        emails (the pending digest, then one covering the rest) with every
+        instance counted, and the spool never holds more than one digest.
+        """
+        reactor = MemoryReactorClock()
+        transport = OutageTransport(reactor, back_at=3600)
+        udp_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(udp_socket.close)
+        service = FailnozzleService(
+            make_settings(REPORT_FROM="nozzle@example.com",
+                          REPORT_TO="ops@example.com", FLUSH_SECONDS=60,
+                          PAGER_LIMIT=10 ** 6, SPOOL_DIR=self.mktemp(),
+                          STATE_FILE=self.mktemp(), MAILDIR=self.mktemp()),
+            reactor, udp_socket, transport)
+        service.startService()
+        spooled_most = 0
+        sent = 0
+        while reactor.seconds() < 3 * 3600:
+            if reactor.seconds() < 3600:
+                service.receiver.datagramReceived(
+                    json.dumps(record("outage", source=f"web{sent % 3}"))
+                    .encode(), ("10.0.0.1", 5000))
+                sent += 1
+            reactor.advance(10)
+            spooled_most = max(spooled_most,
+                               len(service.outbox.spool.waiting.messages()))
+        self.assertEqual(len(transport.accepted), 2)
+        totals = [int(message["Subject"].split("errors: ")[1].split()[0])
+                  for message in transport.accepted]
+        self.assertEqual(totals[0], 6)
+        self.assertEqual(sum(totals), sent)
+        self.assertEqual(spooled_most, 1)
+        self.assertEqual(service.outbox.spool.waiting.messages(), [])
