@@ -1,7 +1,8 @@
 """
 The running daemon: wires receiver, aggregator, renderer and outbox to the
-reactor, runs the flush loop, decides who gets what (routing and the pager),
-and flushes and waits for the last digests on a clean stop.
+reactor, runs the flush loop, decides who gets what (routing, the pager, and
+holding errors while a digest is undelivered), snapshots what is counted,
+and on a clean stop flushes into the spool and delivers what it can.
 """
 from __future__ import annotations
 
