@@ -89,34 +89,10 @@ class Batch:
                 _merge_tally(tallies, entry.key, _tally_of(entry))
         return _batch_of(tallies, overflow)
 
-    def to_json(self) -> dict:
-        """Plain JSON data; sources are pairs, as a source may be null."""
-        return {
-            "entries": [
-                {"key": list(e.key), "sources": list(e.sources.items()),
-                 "first_seen": e.first_seen, "last_seen": e.last_seen}
-                for e in self.entries
-            ],
-            "overflow": self.overflow,
-        }
-
     @classmethod
-    def from_json(cls, data: dict) -> Batch:
-        """
-        The batch L{to_json} gave.
-
-        @raise ValueError: C{data} is not of that shape.
-        """
-        try:
-            tallies = {
-                tuple(item["key"]): _Tally(
-                    {source: int(count) for source, count in item["sources"]},
-                    float(item["first_seen"]), float(item["last_seen"]))
-                for item in data["entries"]
-            }
-            return _batch_of(tallies, int(data["overflow"]))
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"not a batch: {error!r}") from None
+    def of(cls, entries: Iterable[Entry], overflow: int = 0) -> Batch:
+        """A batch of these entries, in digest order."""
+        return cls(_sorted_entries(entries), overflow)
 
 
 def _sorted_entries(entries: Iterable[Entry]) -> tuple:
@@ -134,13 +110,9 @@ def _tallies_of(entries: Iterable[Entry]) -> dict:
 
 
 def _batch_of(tallies: dict, overflow: int) -> Batch:
-    return Batch(
-        _sorted_entries(
-            Entry(key, tally.sources, tally.first_seen, tally.last_seen)
-            for key, tally in tallies.items()
-        ),
-        overflow,
-    )
+    return Batch.of((Entry(key, tally.sources, tally.first_seen,
+                           tally.last_seen) for key, tally in tallies.items()),
+                    overflow)
 
 
 class Aggregator:

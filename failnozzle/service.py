@@ -22,7 +22,7 @@ from failnozzle.ingest import (ErrorReceiver, RecordReader,
                                internal_error_key_maker)
 from failnozzle.outbox import MaildirTransport, Outbox, SMTPTransport
 from failnozzle.spool import Spool
-from failnozzle.state import StateFile
+from failnozzle.state import State, StateFile
 
 _log = Logger()
 
@@ -195,20 +195,13 @@ class FailnozzleService(Service):
         state = self.state_file.load()
         if state is None:
             return
-        try:
-            buffer = Batch.from_json(state["buffer"])
-            held = {kind: Batch.from_json(state["held"][kind])
-                    for kind in ("digest", "monitoring")
-                    if kind in state["held"]}
-            counts = [int(count) for count in state["rate_window"]]
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            self.state_file.set_aside(error)
-            return
-        self.aggregator.restore(buffer)
-        self._held = held
-        self.rate_window.counts = counts[-self.rate_window.size:]
+        self.aggregator.restore(state.buffer)
+        self._held = {kind: batch for kind, batch in state.held.items()
+                      if kind in ("digest", "monitoring")}
+        self.rate_window.counts = state.rate_window[-self.rate_window.size:]
         _log.info("Restored {total} errors from {path}",
-                  total=buffer.total + sum(b.total for b in held.values()),
+                  total=state.buffer.total + sum(
+                      batch.total for batch in self._held.values()),
                   path=self.state_file.path)
 
     def save_state(self) -> None:
@@ -218,12 +211,8 @@ class FailnozzleService(Service):
         """
         if self.state_file is None:
             return
-        state = {
-            "buffer": self.aggregator.peek().to_json(),
-            "held": {kind: batch.to_json()
-                     for kind, batch in self._held.items()},
-            "rate_window": list(self.rate_window.counts),
-        }
+        state = State(self.aggregator.peek(), dict(self._held),
+                      list(self.rate_window.counts))
         try:
             self.state_file.save(state)
         except OSError as error:

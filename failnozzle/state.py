@@ -1,71 +1,202 @@
 """
-The state file: what the aggregator has counted, written atomically every
-SNAPSHOT_SECONDS so a crash loses at most that much, and read back at start.
+Snapshots of what has been counted, written every SNAPSHOT_SECONDS so a
+crash loses at most that much, and read back at start.
+
+A unique error's key (with its traceback, often kilobytes) is written once,
+appended to a keys file, and the snapshot proper refers to it by number: the
+file rewritten every second then holds only counts, so writing it costs
+milliseconds even with thousands of unique errors, and the reactor keeps
+reading datagrams.
+
+  STATE_FILE           {"version", "generation", "buffer", "held", "rate_window"}
+                       replaced atomically (written beside, fsynced, renamed)
+  STATE_FILE.keys.G    one JSON line per key: [number, key]; appended to and
+                       fsynced before any snapshot refers to its numbers, and
+                       begun afresh (generation G + 1) once it holds mostly
+                       keys no longer counted
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Optional
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from failnozzle.aggregate import Batch, Entry
 from failnozzle.spool import fsync_directory
 
 _log = Logger()
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+#: Begin a new keys file once it holds this many more keys than are counted.
+_COMPACT_SLACK = 1000
+
+
+@dataclass
+class State:
+    """What a snapshot holds."""
+
+    buffer: Batch = field(default_factory=Batch)
+    held: dict = field(default_factory=dict)
+    rate_window: list = field(default_factory=list)
 
 
 class StateFile:
     """
-    A JSON file replaced atomically (written beside it, fsynced, renamed),
-    so a reader finds the old state or the new one, never half of either.
+    The snapshots: L{save} one now and then, L{load} the last one at start.
     """
 
     def __init__(self, path: str, clock: IReactorTime) -> None:
         self.path = os.path.abspath(path)
         self._clock = clock
+        self._generation = 0
+        self._numbers: dict = {}
+        self._keys_file = None
 
-    def save(self, state: dict) -> None:
+    def _keys_path(self, generation: int) -> str:
+        return f"{self.path}.keys.{generation}"
+
+    def save(self, state: State) -> None:
         """
-        @raise OSError: the file could not be written.
+        @raise OSError: the snapshot could not be written.
         """
+        batches = [state.buffer, *state.held.values()]
+        live = {entry.key for batch in batches for entry in batch.entries}
+        if len(self._numbers) > len(live) + _COMPACT_SLACK:
+            self._begin_generation()
+        self._record_keys(live)
+        data = {
+            "version": FORMAT_VERSION,
+            "generation": self._generation,
+            "buffer": self._rows(state.buffer),
+            "held": {kind: self._rows(batch)
+                     for kind, batch in state.held.items()},
+            "rate_window": state.rate_window,
+        }
         temporary = f"{self.path}.tmp"
         with open(temporary, "w", encoding="utf-8") as out:
-            json.dump(dict(state, version=FORMAT_VERSION), out,
-                      separators=(",", ":"))
+            json.dump(data, out, separators=(",", ":"))
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, self.path)
         fsync_directory(os.path.dirname(self.path))
+        self._remove_old_generations()
 
-    def load(self) -> Optional[dict]:
+    def _rows(self, batch: Batch) -> dict:
+        return {
+            "entries": [[self._numbers[e.key], list(e.sources.items()),
+                         e.first_seen, e.last_seen] for e in batch.entries],
+            "overflow": batch.overflow,
+        }
+
+    def _begin_generation(self) -> None:
+        """Start a new keys file; the next L{_record_keys} fills it."""
+        if self._keys_file is not None:
+            self._keys_file.close()
+            self._keys_file = None
+        self._generation += 1
+        self._numbers = {}
+
+    def _record_keys(self, keys: set) -> None:
         """
-        The saved state; None if there is none or it is unreadable, in
-        which case the file is moved aside (never deleted) and the reason
-        logged.
+        Append the keys not numbered yet, durably.  If that fails the keys
+        file may end in half a line, so the next try begins a new one.
+        """
+        numbered = {}
+        for key in keys:
+            if key not in self._numbers:
+                numbered[key] = len(self._numbers) + len(numbered)
+        if not numbered and self._keys_file is not None:
+            return
+        try:
+            if self._keys_file is None:
+                self._keys_file = open(self._keys_path(self._generation),
+                                       "a", encoding="utf-8")
+            self._keys_file.write("".join(
+                json.dumps([number, list(key)]) + "\n"
+                for key, number in numbered.items()))
+            self._keys_file.flush()
+            os.fsync(self._keys_file.fileno())
+        except OSError:
+            self._begin_generation()
+            raise
+        self._numbers.update(numbered)
+
+    def _remove_old_generations(self) -> None:
+        for path in glob.glob(f"{glob.escape(self.path)}.keys.*"):
+            if path != self._keys_path(self._generation):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+    def load(self) -> Optional[State]:
+        """
+        The last snapshot; None if there is none or it is unusable, in which
+        case its files are moved aside (never deleted) and the reason logged.
+        Later snapshots go on numbering keys after those read.
         """
         try:
             with open(self.path, encoding="utf-8") as saved:
-                state = json.load(saved)
-            if state.get("version") != FORMAT_VERSION:
-                raise ValueError(f"unknown format {state.get('version')!r}")
-        except FileNotFoundError:
+                data = json.load(saved)
+            if data.get("version") != FORMAT_VERSION:
+                raise ValueError(f"unknown format {data.get('version')!r}")
+            generation = int(data["generation"])
+            keys = self._read_keys(generation)
+            state = State(
+                _batch(data["buffer"], keys),
+                {kind: _batch(rows, keys)
+                 for kind, rows in data["held"].items()},
+                [int(count) for count in data["rate_window"]],
+            )
+        except FileNotFoundError as error:
+            if error.filename != self.path:
+                self._set_aside(error)
             return None
-        except (OSError, ValueError, AttributeError) as error:
-            self.set_aside(error)
+        except (OSError, ValueError, KeyError, TypeError,
+                AttributeError) as error:
+            self._set_aside(error)
             return None
+        self._generation = generation + 1
         return state
 
-    def set_aside(self, error: Exception) -> None:
-        """Move an unusable state file out of the way, saying why."""
-        aside = f"{self.path}.bad-{int(self._clock.seconds())}"
-        try:
-            os.replace(self.path, aside)
-        except OSError as move_error:
-            aside = f"nowhere ({move_error.strerror})"
+    def _read_keys(self, generation: int) -> dict:
+        """Number to key; a line cut short by a crash is not needed."""
+        keys = {}
+        with open(self._keys_path(generation), encoding="utf-8") as lines:
+            for line in lines:
+                try:
+                    number, key = json.loads(line)
+                except ValueError:
+                    break
+                keys[number] = tuple(key)
+        return keys
+
+    def _set_aside(self, error: Exception) -> None:
+        """Move unusable snapshot files out of the way, saying why."""
+        suffix = f".bad-{int(self._clock.seconds())}"
+        moved = []
+        for path in [self.path, *glob.glob(f"{glob.escape(self.path)}.keys.*")]:
+            try:
+                os.replace(path, path + suffix)
+                moved.append(path + suffix)
+            except OSError:
+                pass
         _log.error("STATE_FILE {path} is unusable ({error}); moved to "
                    "{aside}, starting with an empty buffer",
-                   path=self.path, error=error, aside=aside)
+                   path=self.path, error=error,
+                   aside=", ".join(moved) or "nowhere")
+
+
+def _batch(rows: dict, keys: dict) -> Batch:
+    """A batch from the rows L{StateFile._rows} wrote."""
+    return Batch.of(
+        (Entry(keys[number], {source: int(count) for source, count in sources},
+               float(first), float(last))
+         for number, sources, first, last in rows["entries"]),
+        int(rows["overflow"]))

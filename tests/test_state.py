@@ -1,0 +1,161 @@
+"""
+Tests for L{failnozzle.state}: snapshots written and read back.
+"""
+import glob
+import json
+import os
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from failnozzle.aggregate import Batch, Entry
+from failnozzle.state import State, StateFile
+
+
+def entry(name, sources=None, first=1.0, last=2.0):
+    key = ("views", "index", name, "Traceback\n" + "x" * 500)
+    return Entry(key, sources or {"web1": 2, None: 1}, first, last)
+
+
+class StateFileTests(SynchronousTestCase):
+    """
+    Saving and loading snapshots.
+    """
+
+    def setUp(self):
+        self.path = self.mktemp()
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)),
+                    exist_ok=True)
+        self.clock = Clock()
+
+    def state_file(self):
+        return StateFile(self.path, self.clock)
+
+    def test_round_trip(self):
+        """
+        The buffer, the held batches and the pager window come back as
+        they were saved, sources of any JSON type included.
+        """
+        state = State(
+            Batch.of([entry("a"), entry("b", {"web2": 7, 3: 1})], overflow=4),
+            {"digest": Batch.of([entry("c", first=0.5, last=9.25)])},
+            [3, 0, 12],
+        )
+        self.state_file().save(state)
+        self.assertEqual(self.state_file().load(), state)
+
+    def test_nothing_saved(self):
+        """
+        Without a state file there is nothing to restore, and nothing is
+        logged.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self, globalLogPublisher)
+        self.assertIsNone(self.state_file().load())
+        self.assertEqual(len(events), 0)
+
+    def test_keys_written_once(self):
+        """
+        A key is written to the keys file once; the snapshot proper holds
+        only numbers and counts, so it stays small.
+        """
+        states = self.state_file()
+        for count in range(1, 20):
+            states.save(State(Batch.of([entry("a", {"web1": count})])))
+        [keys] = glob.glob(f"{self.path}.keys.*")
+        with open(keys) as lines:
+            self.assertEqual(len(lines.readlines()), 1)
+        self.assertLess(os.path.getsize(self.path), 200)
+        self.assertEqual(self.state_file().load().buffer.entries[0].sources,
+                         {"web1": 19})
+
+    def test_new_generation(self):
+        """
+        Once the keys file holds mostly keys no longer counted, a new one
+        is begun with the live keys only, and the old one removed.
+        """
+        states = self.state_file()
+        states.save(State(Batch.of([entry(f"e{i}") for i in range(1100)])))
+        states.save(State(Batch.of([entry("survivor")])))
+        [keys] = glob.glob(f"{self.path}.keys.*")
+        with open(keys) as lines:
+            self.assertEqual(len(lines.readlines()), 1)
+        loaded = self.state_file().load()
+        self.assertEqual([e.key[2] for e in loaded.buffer.entries],
+                         ["survivor"])
+
+    def test_continues_after_load(self):
+        """
+        A new run that loaded a snapshot saves under a new keys file, and
+        that is what the following run reads.
+        """
+        self.state_file().save(State(Batch.of([entry("old")])))
+        second = self.state_file()
+        second.load()
+        second.save(State(Batch.of([entry("new")])))
+        self.assertEqual(len(glob.glob(f"{self.path}.keys.*")), 1)
+        self.assertEqual(
+            [e.key[2] for e in self.state_file().load().buffer.entries],
+            ["new"])
+
+    def test_half_written_key_line(self):
+        """
+        A keys file ending in half a line, as a crash while appending
+        leaves it, still loads: no snapshot refers to that key yet.
+        """
+        self.state_file().save(State(Batch.of([entry("a")])))
+        [keys] = glob.glob(f"{self.path}.keys.*")
+        with open(keys, "a") as out:
+            out.write('[1, ["views", "ind')
+        self.assertEqual(len(self.state_file().load().buffer.entries), 1)
+
+    def test_corrupt(self):
+        """
+        A state file that is not a snapshot is moved aside with an error
+        saying so, and the run starts empty.
+        """
+        self.state_file().save(State(Batch.of([entry("a")])))
+        with open(self.path, "w") as out:
+            out.write("{not json")
+        self.clock.advance(1234)
+        events = EventLoggingObserver.createWithCleanup(
+            self, globalLogPublisher)
+        self.assertIsNone(self.state_file().load())
+        self.assertFalse(os.path.exists(self.path))
+        self.assertTrue(os.path.exists(self.path + ".bad-1234"))
+        [event] = events
+        self.assertIn("unusable", event["log_format"])
+
+    def test_missing_keys(self):
+        """
+        A snapshot whose keys file is gone is unusable too.
+        """
+        self.state_file().save(State(Batch.of([entry("a")])))
+        for path in glob.glob(f"{self.path}.keys.*"):
+            os.unlink(path)
+        self.assertIsNone(self.state_file().load())
+        self.assertTrue(glob.glob(self.path + ".bad-*"))
+
+    def test_wrong_shape(self):
+        """
+        JSON of the wrong shape is unusable, not a crash.
+        """
+        with open(self.path, "w") as out:
+            json.dump({"version": 2, "generation": "x"}, out)
+        self.assertIsNone(self.state_file().load())
+
+    def test_unwritable(self):
+        """
+        A state file that cannot be written raises OSError; once the
+        directory is there again, saving works.
+        """
+        directory = self.mktemp()
+        states = StateFile(os.path.join(directory, "state.json"), self.clock)
+        self.assertRaises(OSError, states.save, State(Batch.of([entry("a")])))
+        os.makedirs(directory)
+        states.save(State(Batch.of([entry("a")])))
+        self.assertEqual(
+            len(StateFile(os.path.join(directory, "state.json"),
+                          self.clock).load().buffer.entries), 1)
