@@ -274,6 +274,9 @@ def describe_failure(failure: Failure, timeout: float) -> str:
         return f"the server replied {_smtp_reply(error)}"
     if isinstance(error, net_error.ConnectionLost):
         return "the connection was lost"
+    if isinstance(error, net_error.ConnectionDone):
+        # A server that hangs up in mid conversation closes cleanly.
+        return "the server closed the connection before accepting the message"
     return f"{type(error).__name__}: {error}"
 
 
