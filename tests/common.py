@@ -8,10 +8,12 @@ import email
 import email.policy
 import json
 import logging
+import os
+import re
 import socket
-from typing import Optional
+from typing import Optional, Sequence
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, Logger, formatEvent, globalLogPublisher
@@ -126,6 +128,15 @@ class _ToTwistedLog(logging.Handler):
         self._log.info("{line}", line=self.format(record))
 
 
+#: An answer for L{SMTPSink}'s C{first_answers}: hang up instead of
+#: replying to DATA, and drop the message, as a server that died.
+HANG_UP = "hang up"
+
+#: An answer for L{SMTPSink}'s C{first_answers}: keep the message, then hang
+#: up before replying, as a server whose 250 never reached the client.
+KEEP_AND_HANG_UP = "keep and hang up"
+
+
 class SMTPSink:
     """
     A real SMTP server (aiosmtpd, in its own thread) on 127.0.0.1 that
@@ -135,14 +146,21 @@ class SMTPSink:
     @ivar envelopes: the aiosmtpd envelopes (mail_from, rcpt_tos, ...).
     @ivar tls_versions: for each message, the TLS version of the connection
         it came over (C{"TLSv1.3"}, ...), or None if it came in clear.
+    @ivar offered: the content of every message offered (each DATA
+        command whose content came in whole), kept or not, with LF line
+        ends.
     """
 
     def __init__(self, testcase, reply: Optional[str] = None,
-                 port: Optional[int] = None, **controller_options) -> None:
+                 port: Optional[int] = None, first_answers: Sequence = (),
+                 **controller_options) -> None:
         """
         @param reply: the answer to DATA instead of C{250 OK}, e.g.
             C{"550 no thanks"}.
         @param port: the port to listen on; by default a free one.
+        @param first_answers: how to meet the first DATA commands, one
+            each, before answering as usual: a reply such as C{"451 busy"}
+            (the message is not kept), L{HANG_UP} or L{KEEP_AND_HANG_UP}.
         @param controller_options: passed to aiosmtpd's C{Controller}
             (tls_context, require_starttls, ssl_context, authenticator,
             auth_required, auth_require_tls, ...).
@@ -152,8 +170,10 @@ class SMTPSink:
         self.messages: list = []
         self.envelopes: list = []
         self.tls_versions: list = []
+        self.offered: list = []
         self._waiting: list = []
         self._reply = reply
+        self._first_answers = list(first_answers)
         self.port = port or free_tcp_port()
         self._controller = Controller(self, hostname="127.0.0.1",
                                       port=self.port, **controller_options)
@@ -168,8 +188,24 @@ class SMTPSink:
         testcase.addCleanup(threads.deferToThread, self._controller.stop)
 
     async def handle_DATA(self, server, session, envelope) -> str:
+        self.offered.append(
+            envelope.original_content.replace(b"\r\n", b"\n"))
+        answer = self._first_answers.pop(0) if self._first_answers else None
+        if answer == KEEP_AND_HANG_UP:
+            self._keep(server, envelope)
+        if answer in (HANG_UP, KEEP_AND_HANG_UP):
+            # No reply at all: the client sees the connection go in the
+            # middle of DATA.  aiosmtpd's own reply then goes nowhere.
+            server.transport.abort()
+            return "250 OK"
+        if answer is not None:
+            return answer
         if self._reply is not None:
             return self._reply
+        self._keep(server, envelope)
+        return "250 OK"
+
+    def _keep(self, server, envelope) -> None:
         message = email.message_from_bytes(
             envelope.original_content.replace(b"\r\n", b"\n"),
             policy=email.policy.default)
@@ -180,7 +216,6 @@ class SMTPSink:
         self.messages.append(message)
         self.tls_versions.append(tls.version() if tls is not None else None)
         reactor.callFromThread(self._arrived)
-        return "250 OK"
 
     def _arrived(self) -> None:
         waiting, self._waiting = self._waiting, []
@@ -226,14 +261,26 @@ class SilentServer:
         factory.connections = self.connections = []
         self._listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.port = self._listening.getHost().port
-        testcase.addCleanup(self._stop)
+        self._stopped: Optional[defer.Deferred] = None
+        testcase.addCleanup(self.stop)
 
-    def _stop(self) -> defer.Deferred:
-        for connection in self.connections:
-            connection.transport.abortConnection()
-        closed = [connection.closed for connection in self.connections]
-        return defer.gatherResults(
-            closed + [defer.maybeDeferred(self._listening.stopListening)])
+    def stop(self) -> defer.Deferred:
+        """
+        Hang up on everyone connected and stop listening, so that another
+        server may take the port.
+
+        @return: a Deferred firing when that is done.
+        """
+        if self._stopped is None:
+            for connection in self.connections:
+                connection.transport.abortConnection()
+            closed = [connection.closed for connection in self.connections]
+            self._stopped = defer.gatherResults(
+                closed + [defer.maybeDeferred(self._listening.stopListening)])
+        # A new Deferred each time, so each caller gets the result.
+        done = defer.Deferred()
+        self._stopped.addBoth(lambda result: (done.callback(None), result)[1])
+        return done
 
 
 def capture_log(testcase) -> EventLoggingObserver:
@@ -248,6 +295,118 @@ def logged_lines(events, namespace: str,
     return [formatEvent(event) for event in events
             if event.get("log_namespace") == namespace
             and event.get("log_level") == level]
+
+
+def wait_for_log(testcase, namespace: str, pattern: str) -> defer.Deferred:
+    """
+    A Deferred firing with the text of the next event of C{namespace}
+    (logged from now on) that the regular expression C{pattern} finds,
+    at most L{WAIT_SECONDS} from now.
+    """
+    compiled = re.compile(pattern)
+    found = defer.Deferred()
+
+    def observe(event) -> None:
+        if found.called or event.get("log_namespace") != namespace:
+            return
+        text = formatEvent(event)
+        if compiled.search(text):
+            found.callback(text)
+
+    # Removed only when the test ends: removing an observer while the
+    # publisher calls it would skip the next one.
+    globalLogPublisher.addObserver(observe)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observe)
+    return found.addTimeout(WAIT_SECONDS, reactor)
+
+
+def poll_until(condition, what: str) -> defer.Deferred:
+    """
+    Check C{condition()} every 50 ms until it is true, for what has no
+    event to wait for (files written by another process); fail after
+    L{WAIT_SECONDS}.
+    """
+    done = defer.Deferred()
+    deadline = reactor.seconds() + WAIT_SECONDS
+
+    def check() -> None:
+        if condition():
+            loop.stop()
+        elif reactor.seconds() > deadline:
+            loop.stop()
+            done.errback(AssertionError(
+                f"no {what} within {WAIT_SECONDS} s"))
+
+    loop = task.LoopingCall(check)
+    loop.clock = reactor
+    loop.start(0.05).addCallbacks(
+        lambda _: done.called or done.callback(None), done.errback)
+    return done
+
+
+def state_file_total(path: str) -> int:
+    """
+    How many errors the state file at C{path} holds in its buffer (0 if
+    there is no such file yet).
+    """
+    try:
+        with open(path, encoding="utf-8") as saved:
+            state = json.load(saved)
+    except FileNotFoundError:
+        return 0
+    # Each entry: [key number, [[source, count], ...], first, last].
+    return sum(count for entry in state["buffer"]["entries"]
+               for _, count in entry[1])
+
+
+def maildir_files(path: str) -> list:
+    """The paths of the messages in the maildir C{path}'s C{new/}."""
+    new = os.path.join(path, "new")
+    if not os.path.isdir(new):
+        return []
+    return sorted(os.path.join(new, name) for name in os.listdir(new))
+
+
+def spooled(service: FailnozzleService) -> list:
+    """The messages waiting in the service's spool."""
+    return maildir_files(service.outbox.spool.path)
+
+
+def failed(service: FailnozzleService) -> list:
+    """The messages the service gave up on, in the spool's C{failed/}."""
+    return maildir_files(service.outbox.spool.failed.path)
+
+
+def read_message(path: str) -> email.message.EmailMessage:
+    with open(path, "rb") as stored:
+        return email.message_from_binary_file(stored,
+                                              policy=email.policy.default)
+
+
+_HEADLINE = re.compile(r"^Exception #\d+ of \d+: (\d+)X (.*) \(in ",
+                       re.MULTILINE)
+_SOURCE = re.compile(r"^- on (.*), (\d+)X$", re.MULTILINE)
+
+
+def digest_counts(body: str) -> dict:
+    """
+    What a digest in the default layout says: for each error message, the
+    count per source, read from its Details section, each checked against
+    the error's total there.
+    """
+    details = body.split("Details:\n========\n", 1)[1]
+    starts = list(_HEADLINE.finditer(details))
+    counts = {}
+    for match, following in zip(starts, starts[1:] + [None]):
+        section = details[match.end():following.start()
+                          if following else len(details)]
+        sources = {source: int(count)
+                   for source, count in _SOURCE.findall(section)}
+        if sum(sources.values()) != int(match.group(1)):
+            raise AssertionError(f"the counts per source of {match.group(2)!r}"
+                                 f" do not add up to its total:\n{body}")
+        counts[match.group(2)] = sources
+    return counts
 
 
 class FakeMailTransport:

@@ -1,7 +1,8 @@
 """
 Datagrams over a real UDP socket to the service, digests over real SMTP to
-an independent server (aiosmtpd): plain, STARTTLS and implicit TLS, AUTH,
-and the ways a delivery fails, each of which must end in one clear log line.
+an independent server (aiosmtpd): plain, STARTTLS and implicit TLS, AUTH;
+and faults injected on the way: each delivery failure ends in one clear log
+line, and every message ends up delivered or in C{failed/}, never lost.
 """
 import email
 import email.policy
@@ -12,17 +13,30 @@ import ssl
 import trustme
 from aiosmtpd.smtp import AuthResult
 from twisted.internet import defer, reactor
+from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
 from failnozzle.config import DEFAULT_MONITORING_ERROR_MARKERS, ConfigError
 from failnozzle.service import FailnozzleService, make_transport
-from tests.common import (SMTPSink, SilentServer, capture_log,
-                          datagrams_received, free_tcp_port, logged_lines,
-                          make_settings, record, send_datagrams,
-                          start_service, udp_address)
+from tests.common import (HANG_UP, KEEP_AND_HANG_UP, SMTPSink, SilentServer,
+                          capture_log, datagrams_received, digest_counts,
+                          failed, free_tcp_port, logged_lines, make_settings,
+                          poll_until, read_message, record, send_datagrams,
+                          spooled, start_service, state_file_total,
+                          udp_address, wait_for_log)
 
 OUTBOX = "failnozzle.outbox"
+SERVICE = "failnozzle.service"
+STATE = "failnozzle.state"
 MARKER = DEFAULT_MONITORING_ERROR_MARKERS[0]
+
+#: One error, three times from two hosts.
+BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2 = [
+    record("boom", source="web1"), record("boom", source="web1"),
+    record("boom", source="web2")]
+
+#: Retries a test can wait for: 0.1 s, 0.2 s, then every 0.4 s.
+FAST_RETRY = dict(RETRY_MIN_SECONDS=0.1, RETRY_MAX_SECONDS=0.4)
 
 
 def smtp_settings(port: int, **overrides) -> dict:
@@ -49,18 +63,29 @@ def make_ca(testcase, hostname: str = "127.0.0.1") -> tuple:
     return context, ca_file
 
 
+def count_in(service: FailnozzleService, records: list) -> defer.Deferred:
+    """
+    Send C{records} as datagrams.
+
+    @return: a Deferred firing once the service has counted them all.
+    """
+    arrived = datagrams_received(service, len(records))
+    send_datagrams(udp_address(service), records)
+    return arrived
+
+
 @defer.inlineCallbacks
 def report(service: FailnozzleService, records: list):
     """
     Send C{records} as datagrams, flush once they are all counted, and wait
-    until every delivery that flush began is over.
+    until every message that flush began is delivered or given up on.  Use
+    it only where no attempt fails for a reason worth retrying: such a
+    message is retried, and its outcome waits for the last try.
 
-    @return: a Deferred firing with each delivery's outcome (True if
-        delivered).
+    @return: a Deferred firing with each message's outcome (True if
+        delivered, False if given up on).
     """
-    arrived = datagrams_received(service, len(records))
-    send_datagrams(udp_address(service), records)
-    yield arrived
+    yield count_in(service, records)
     outcomes = yield defer.gatherResults(service.flush())
     return outcomes
 
@@ -229,7 +254,8 @@ class TLSTests(TestCase):
         Over C{tls}, a server whose certificate the trusted CA in
         C{ca_file} issued for another host name gets nothing, not even in
         clear, and the log names the server and says TLS failed because of
-        the name.
+        the name.  That will not pass by itself: no retry, the message goes
+        to C{failed/} at once.
         """
         events = capture_log(self)
         sink = SMTPSink(self, **controller_options)
@@ -237,29 +263,40 @@ class TLSTests(TestCase):
             sink.port, SMTP_TLS=tls, SMTP_CA_FILE=ca_file))
         outcomes = yield report(service, [record("boom")])
         self.assertEqual(outcomes, [False])
-        self.assertEqual(sink.messages, [])
+        self.assertEqual(sink.offered, [])
         [line] = logged_lines(events, OUTBOX)
         self.assertIn(f"SMTP server 127.0.0.1:{sink.port}: TLS failed: the "
                       f"server's certificate is not valid for 127.0.0.1", line)
+        self.assertEqual(logged_lines(events, OUTBOX, LogLevel.warn), [])
+        self.assertEqual(spooled(service), [])
+        [kept] = failed(service)
+        self.assertIn(kept, line)
+        self.assertEqual(digest_counts(read_message(kept).get_content()),
+                         {"boom": {"host1": 1}})
 
     @defer.inlineCallbacks
     def test_unknown_ca(self):
         """
         A certificate from a CA other than SMTP_CA_FILE means nothing is
-        sent, and the log names the server and says TLS failed.
+        sent, not even in clear, and the log names the server and says TLS
+        failed.  It may be fixed on the server (a certificate being
+        renewed), so the message stays in the spool to be tried again.
         """
         context, _ = make_ca(self)
         _, other_ca_file = make_ca(self)
         sink = SMTPSink(self, tls_context=context)
-        events = capture_log(self)
         service = start_service(self, **smtp_settings(
             sink.port, SMTP_TLS="starttls", SMTP_CA_FILE=other_ca_file))
-        outcomes = yield report(service, [record("boom")])
-        self.assertEqual(outcomes, [False])
-        self.assertEqual(sink.messages, [])
-        [line] = logged_lines(events, OUTBOX)
+        attempt = wait_for_log(self, OUTBOX, r"; attempt 1, next in 30 s")
+        yield count_in(service, [record("boom")])
+        [outcome] = service.flush()
+        line = yield attempt
         self.assertIn(f"SMTP server 127.0.0.1:{sink.port}: TLS failed", line)
         self.assertIn("certificate verify failed", line)
+        self.assertNoResult(outcome)
+        self.assertEqual(sink.offered, [])
+        self.assertEqual(len(spooled(service)), 1)
+        self.assertEqual(failed(service), [])
 
     def test_starttls_wrong_host(self):
         """
@@ -335,60 +372,159 @@ class AuthTests(TestCase):
 
 class FailedDeliveryTests(TestCase):
     """
-    A delivery that fails is logged in one line naming the server and the
-    reason, and the service goes on.
+    Each way a delivery fails, against a real server: the attempt is logged
+    in one line naming the server and the reason; a temporary failure is
+    retried until the message arrives, once; a permanent one moves the
+    whole message to C{failed/}.
     """
+
+    @defer.inlineCallbacks
+    def assertDeliveredOnce(self, service: FailnozzleService,
+                            sink: SMTPSink, outcome: defer.Deferred):
+        """
+        C{outcome} reports the message delivered; C{sink} has it, once,
+        with the counts of L{BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2}; nothing is
+        left in the spool.
+        """
+        delivered = yield outcome
+        self.assertIs(delivered, True)
+        [message] = sink.messages
+        self.assertEqual(digest_counts(message.get_content()),
+                         {"boom": {"web1": 2, "web2": 1}})
+        self.assertEqual(spooled(service), [])
+        self.assertEqual(failed(service), [])
 
     @defer.inlineCallbacks
     def test_connection_refused(self):
         """
-        Nothing listening on the port is logged as "connection refused",
-        and the next flush reaches a server that has come up meanwhile.
+        Nothing listening on the port is logged as "connection refused"; the
+        digest waits in the spool, is retried, and reaches the server that
+        has come up meanwhile, once.
         """
         port = free_tcp_port()
-        events = capture_log(self)
-        service = start_service(self, **smtp_settings(port))
-        outcomes = yield report(service, [record("first")])
-        self.assertEqual(outcomes, [False])
-        [line] = logged_lines(events, OUTBOX)
+        service = start_service(self, **smtp_settings(port, **FAST_RETRY))
+        refused = wait_for_log(self, OUTBOX, r"; attempt 1, next in 0.1 s")
+        yield count_in(service, BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2)
+        [outcome] = service.flush()
+        line = yield refused
         self.assertIn(f"SMTP server 127.0.0.1:{port}: connection refused",
                       line)
-
+        self.assertEqual(len(spooled(service)), 1)
         sink = SMTPSink(self, port=port)
-        outcomes = yield report(service, [record("second")])
-        self.assertEqual(outcomes, [True])
-        self.assertIn("1X second", sink.messages[0].get_content())
+        yield self.assertDeliveredOnce(service, sink, outcome)
 
     @defer.inlineCallbacks
     def test_no_answer(self):
         """
         A server that accepts the connection and never answers costs
-        SMTP_TIMEOUT, and is logged as "no answer within" that time.
+        SMTP_TIMEOUT, logged as "no answer within" that time; the digest is
+        tried again, and arrives once a real server has taken the port.
         """
         server = SilentServer(self)
-        events = capture_log(self)
         service = start_service(self, **smtp_settings(
-            server.port, SMTP_TIMEOUT=0.5))
-        outcomes = yield report(service, [record("boom")])
-        self.assertEqual(outcomes, [False])
-        self.assertEqual(len(server.connections), 1)
-        [line] = logged_lines(events, OUTBOX)
+            server.port, SMTP_TIMEOUT=0.3, RETRY_MIN_SECONDS=0.3,
+            RETRY_MAX_SECONDS=0.3))
+        timed_out = wait_for_log(self, OUTBOX, r"; attempt 1, next in 0.3 s")
+        yield count_in(service, BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2)
+        [outcome] = service.flush()
+        line = yield timed_out
         self.assertIn(f"SMTP server 127.0.0.1:{server.port}: "
-                      f"no answer within 0.5 s", line)
+                      f"no answer within 0.3 s", line)
+        self.assertEqual(len(server.connections), 1)
+        self.assertEqual(len(spooled(service)), 1)
+        yield server.stop()
+        sink = SMTPSink(self, port=server.port)
+        yield self.assertDeliveredOnce(service, sink, outcome)
+
+    @defer.inlineCallbacks
+    def test_temporary_rejection(self):
+        """
+        A 451 reply to DATA is logged with the reply and retried with
+        backoff; the first 250 ends it, with the message delivered once.
+        """
+        sink = SMTPSink(self, first_answers=["451 4.3.0 try again later"] * 2)
+        events = capture_log(self)
+        service = start_service(self, **smtp_settings(sink.port,
+                                                      **FAST_RETRY))
+        yield count_in(service, BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2)
+        [outcome] = service.flush()
+        yield self.assertDeliveredOnce(service, sink, outcome)
+        self.assertEqual(len(sink.offered), 3)
+        lines = logged_lines(events, OUTBOX, LogLevel.warn)
+        self.assertEqual(len(lines), 2)
+        for line, (attempt, delay) in zip(lines, [(1, 0.1), (2, 0.2)]):
+            self.assertIn(f"SMTP server 127.0.0.1:{sink.port}: the server "
+                          f"replied 451 4.3.0 try again later; attempt "
+                          f"{attempt}, next in {delay} s", line)
 
     @defer.inlineCallbacks
     def test_data_rejected(self):
         """
-        A 550 reply to DATA is logged with the server's reply.
+        A 550 reply to DATA is final: no retry, nothing arrives, one line
+        at error level gives the server's reply and where the message is
+        kept, and the file in C{failed/} is the whole message the server
+        was offered.
         """
         sink = SMTPSink(self, reply="550 5.7.1 not today")
         events = capture_log(self)
-        service = start_service(self, **smtp_settings(sink.port))
-        outcomes = yield report(service, [record("boom")])
+        service = start_service(self, **smtp_settings(sink.port,
+                                                      **FAST_RETRY))
+        outcomes = yield report(service, BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2)
         self.assertEqual(outcomes, [False])
+        self.assertEqual(sink.messages, [])
+        [offered] = sink.offered
         [line] = logged_lines(events, OUTBOX)
         self.assertIn(f"SMTP server 127.0.0.1:{sink.port}: "
                       f"the server replied 550 5.7.1 not today", line)
+        self.assertEqual(spooled(service), [])
+        [kept] = failed(service)
+        self.assertIn(f"the message is kept in {kept}", line)
+        with open(kept, "rb") as stored:
+            self.assertEqual(stored.read(), offered)
+        message = read_message(kept)
+        self.assertEqual(message["To"], "ops@example.com")
+        self.assertEqual(digest_counts(message.get_content()),
+                         {"boom": {"web1": 2, "web2": 1}})
+
+    @defer.inlineCallbacks
+    def test_connection_dropped_in_data(self):
+        """
+        A server that hangs up after the message's content but before its
+        reply has not taken the message: the attempt is logged as such, and
+        the retry delivers it, once.
+        """
+        sink = SMTPSink(self, first_answers=[HANG_UP])
+        service = start_service(self, **smtp_settings(sink.port,
+                                                      **FAST_RETRY))
+        lost = wait_for_log(self, OUTBOX, r"; attempt 1, next in 0.1 s")
+        yield count_in(service, BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2)
+        [outcome] = service.flush()
+        line = yield lost
+        self.assertIn(f"SMTP server 127.0.0.1:{sink.port}: the server "
+                      f"closed the connection before accepting the message",
+                      line)
+        yield self.assertDeliveredOnce(service, sink, outcome)
+        self.assertEqual(len(sink.offered), 2)
+
+    @defer.inlineCallbacks
+    def test_reply_lost(self):
+        """
+        Delivery is at least once: when a server took the message but its
+        250 never came, the message is sent again, so it arrives twice
+        (with the same Message-ID, for mail readers that fold duplicates),
+        never zero times.
+        """
+        sink = SMTPSink(self, first_answers=[KEEP_AND_HANG_UP])
+        service = start_service(self, **smtp_settings(sink.port,
+                                                      **FAST_RETRY))
+        outcomes = yield report(service, BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2)
+        self.assertEqual(outcomes, [True])
+        first, second = sink.messages
+        self.assertEqual(first["Message-ID"], second["Message-ID"])
+        self.assertEqual(first.get_content(), second.get_content())
+        self.assertEqual(digest_counts(second.get_content()),
+                         {"boom": {"web1": 2, "web2": 1}})
+        self.assertEqual(spooled(service), [])
 
 
 class RoutingTests(TestCase):
