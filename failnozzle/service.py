@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from failnozzle.aggregate import Aggregator, Batch, Entry, RateWindow
 from failnozzle.config import Settings
@@ -83,13 +84,18 @@ class FailnozzleService(Service):
 
     def __init__(self, settings: Settings, reactor,
                  udp_socket: socket.socket,
-                 transport: Optional[object] = None) -> None:
+                 transport: Optional[object] = None,
+                 in_thread: Optional[Callable[..., defer.Deferred]] = None
+                 ) -> None:
         """
         @param udp_socket: the bound socket errors arrive on (see
             L{failnozzle.ingest.bind_udp_socket}); the service adopts it
             when it starts.
         @param transport: where mail goes; by default the one the settings
             describe.
+        @param in_thread: runs blocking file writes (snapshots) off the
+            reactor, such as C{threads.deferToThread}; by default they run
+            on it.
         """
         self.settings = settings
         self._reactor = reactor
@@ -117,7 +123,8 @@ class FailnozzleService(Service):
             Spool(settings.SPOOL_DIR, reactor), reactor,
             settings.RETRY_MIN_SECONDS, settings.RETRY_MAX_SECONDS,
             settings.SPOOL_LIFETIME_SECONDS)
-        self.state_file = (StateFile(settings.STATE_FILE, reactor)
+        self.state_file = (StateFile(settings.STATE_FILE, reactor,
+                                     in_thread or defer.maybeDeferred)
                            if settings.SNAPSHOT_SECONDS else None)
         self._state_unwritable = False
         #: Per digest kind, the errors waiting for that kind's last digest
@@ -187,6 +194,7 @@ class FailnozzleService(Service):
         stopped.addCallback(lambda _: self.flush(final=True))
         stopped.addCallback(lambda _: self.outbox.stop(
             self.settings.SHUTDOWN_TIMEOUT_SECONDS))
+        stopped.addCallback(lambda _: self.save_state())
         stopped.addCallback(lambda _: _log.info("failnozzle stopped"))
         return stopped
 
@@ -204,36 +212,40 @@ class FailnozzleService(Service):
                       batch.total for batch in self._held.values()),
                   path=self.state_file.path)
 
-    def save_state(self) -> None:
+    def save_state(self) -> defer.Deferred:
         """
-        Write the state file now.  A failure is logged once until writing
-        works again, and never stops the daemon.
+        Snapshot what is counted now.  A failure is logged once until
+        writing works again, and never stops the daemon.
+
+        @return: a Deferred firing when the snapshot is written or failed.
         """
         if self.state_file is None:
-            return
+            return defer.succeed(None)
         state = State(self.aggregator.peek(), dict(self._held),
                       list(self.rate_window.counts))
-        try:
-            self.state_file.save(state)
-        except OSError as error:
-            if not self._state_unwritable:
-                _log.error("Cannot write STATE_FILE {path}: {reason}; a "
-                           "crash now would lose what is buffered",
-                           path=self.state_file.path, reason=error.strerror)
-            self._state_unwritable = True
-            return
+        self.aggregator.changed = False
+        return self.state_file.save(state).addCallbacks(
+            self._state_saved, self._state_not_saved)
+
+    def _state_saved(self, _: object) -> None:
         if self._state_unwritable:
             _log.info("STATE_FILE {path} is written again",
                       path=self.state_file.path)
             self._state_unwritable = False
-        self.aggregator.changed = False
+
+    def _state_not_saved(self, failure: Failure) -> None:
+        self.aggregator.changed = True
+        if not self._state_unwritable:
+            error = failure.value
+            _log.error("Cannot write STATE_FILE {path}: {reason}; a crash "
+                       "now would lose what is buffered",
+                       path=self.state_file.path,
+                       reason=getattr(error, "strerror", None) or error)
+        self._state_unwritable = True
 
     def _scheduled_snapshot(self) -> None:
-        if self.aggregator.changed:
-            try:
-                self.save_state()
-            except Exception:
-                _log.failure("Snapshot failed")
+        if self.aggregator.changed and not self.state_file.busy:
+            self.save_state()
 
     def _scheduled_flush(self) -> None:
         # Never let an exception out: it would stop the LoopingCall for good.

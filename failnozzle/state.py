@@ -21,8 +21,9 @@ import glob
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -51,85 +52,95 @@ class StateFile:
     The snapshots: L{save} one now and then, L{load} the last one at start.
     """
 
-    def __init__(self, path: str, clock: IReactorTime) -> None:
+    def __init__(self, path: str, clock: IReactorTime,
+                 in_thread: Callable[..., defer.Deferred] = defer.maybeDeferred
+                 ) -> None:
+        """
+        @param in_thread: runs the blocking writes: C{deferToThread} in the
+            daemon; by default they run at once, in this thread.
+        """
         self.path = os.path.abspath(path)
         self._clock = clock
+        self._in_thread = in_thread
+        self._lock = defer.DeferredLock()
         self._generation = 0
         self._numbers: dict = {}
-        self._keys_file = None
 
     def _keys_path(self, generation: int) -> str:
         return f"{self.path}.keys.{generation}"
 
-    def save(self, state: State) -> None:
+    @property
+    def busy(self) -> bool:
+        """Whether a snapshot is being written."""
+        return self._lock.locked
+
+    def save(self, state: State) -> defer.Deferred:
         """
-        @raise OSError: the snapshot could not be written.
+        Write a snapshot after any being written.  It is encoded here, on
+        the reactor, and written and fsynced with C{in_thread}, so the
+        reactor only pays for the encoding.
+
+        @return: a Deferred firing once it is on disk, or failing with the
+            OSError that kept it off.
         """
+        return self._lock.run(self._save, state)
+
+    def _save(self, state: State) -> defer.Deferred:
         batches = [state.buffer, *state.held.values()]
         live = {entry.key for batch in batches for entry in batch.entries}
         if len(self._numbers) > len(live) + _COMPACT_SLACK:
             self._begin_generation()
-        self._record_keys(live)
-        data = {
+        numbered = {}
+        for key in live:
+            if key not in self._numbers:
+                numbered[key] = len(self._numbers) + len(numbered)
+        number = {**self._numbers, **numbered}.__getitem__
+        key_lines = "".join(json.dumps([n, list(key)]) + "\n"
+                            for key, n in numbered.items())
+        snapshot = json.dumps({
             "version": FORMAT_VERSION,
             "generation": self._generation,
-            "buffer": self._rows(state.buffer),
-            "held": {kind: self._rows(batch)
+            "buffer": _rows(state.buffer, number),
+            "held": {kind: _rows(batch, number)
                      for kind, batch in state.held.items()},
             "rate_window": state.rate_window,
-        }
+        }, separators=(",", ":"))
+        writing = self._in_thread(self._write, self._generation, key_lines,
+                                  snapshot)
+        writing.addCallbacks(lambda _: self._numbers.update(numbered),
+                             self._write_failed)
+        return writing
+
+    def _write(self, generation: int, key_lines: str, snapshot: str) -> None:
+        """The blocking part: append the new keys, then replace the file."""
+        keys_path = self._keys_path(generation)
+        if key_lines or not os.path.exists(keys_path):
+            with open(keys_path, "a", encoding="utf-8") as keys:
+                keys.write(key_lines)
+                keys.flush()
+                os.fsync(keys.fileno())
         temporary = f"{self.path}.tmp"
         with open(temporary, "w", encoding="utf-8") as out:
-            json.dump(data, out, separators=(",", ":"))
+            out.write(snapshot)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, self.path)
         fsync_directory(os.path.dirname(self.path))
-        self._remove_old_generations()
+        self._remove_old_generations(generation)
 
-    def _rows(self, batch: Batch) -> dict:
-        return {
-            "entries": [[self._numbers[e.key], list(e.sources.items()),
-                         e.first_seen, e.last_seen] for e in batch.entries],
-            "overflow": batch.overflow,
-        }
+    def _write_failed(self, failure):
+        # The keys file may end in half a line: number afresh in a new one.
+        self._begin_generation()
+        return failure
 
     def _begin_generation(self) -> None:
-        """Start a new keys file; the next L{_record_keys} fills it."""
-        if self._keys_file is not None:
-            self._keys_file.close()
-            self._keys_file = None
+        """Start a new keys file, holding only the keys saved from now on."""
         self._generation += 1
         self._numbers = {}
 
-    def _record_keys(self, keys: set) -> None:
-        """
-        Append the keys not numbered yet, durably.  If that fails the keys
-        file may end in half a line, so the next try begins a new one.
-        """
-        numbered = {}
-        for key in keys:
-            if key not in self._numbers:
-                numbered[key] = len(self._numbers) + len(numbered)
-        if not numbered and self._keys_file is not None:
-            return
-        try:
-            if self._keys_file is None:
-                self._keys_file = open(self._keys_path(self._generation),
-                                       "a", encoding="utf-8")
-            self._keys_file.write("".join(
-                json.dumps([number, list(key)]) + "\n"
-                for key, number in numbered.items()))
-            self._keys_file.flush()
-            os.fsync(self._keys_file.fileno())
-        except OSError:
-            self._begin_generation()
-            raise
-        self._numbers.update(numbered)
-
-    def _remove_old_generations(self) -> None:
+    def _remove_old_generations(self, generation: int) -> None:
         for path in glob.glob(f"{glob.escape(self.path)}.keys.*"):
-            if path != self._keys_path(self._generation):
+            if path != self._keys_path(generation):
                 try:
                     os.unlink(path)
                 except OSError:
@@ -193,8 +204,17 @@ class StateFile:
                    aside=", ".join(moved) or "nowhere")
 
 
+def _rows(batch: Batch, number: Callable[[tuple], int]) -> dict:
+    """A batch as plain JSON data, keys replaced by their numbers."""
+    return {
+        "entries": [[number(e.key), list(e.sources.items()), e.first_seen,
+                     e.last_seen] for e in batch.entries],
+        "overflow": batch.overflow,
+    }
+
+
 def _batch(rows: dict, keys: dict) -> Batch:
-    """A batch from the rows L{StateFile._rows} wrote."""
+    """A batch from the rows L{_rows} wrote."""
     return Batch.of(
         (Entry(keys[number], {source: int(count) for source, count in sources},
                float(first), float(last))

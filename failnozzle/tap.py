@@ -5,9 +5,12 @@ The twistd side: command-line options and L{makeService}.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 from twisted.application.service import IService
+from twisted.internet import threads
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -71,6 +74,12 @@ def _host_port(option: str, text: str,
         raise usage.UsageError(f"{option}: {error}") from None
 
 
+def _in_thread_pool(reactor, function, *args) -> Deferred:
+    """Run blocking work in the reactor's thread pool."""
+    return threads.deferToThreadPool(reactor, reactor.getThreadPool(),
+                                     function, *args)
+
+
 def makeService(options: Options, reactor=None) -> IService:
     """
     Build the daemon from its options.  A wrong setting, or an address
@@ -89,7 +98,9 @@ def makeService(options: Options, reactor=None) -> IService:
             raise ConfigError(f"UDP_BIND: cannot listen on {host}:{port}: "
                               f"{error.strerror}") from None
         try:
-            service = FailnozzleService(settings, reactor, udp_socket)
+            service = FailnozzleService(
+                settings, reactor, udp_socket,
+                in_thread=partial(_in_thread_pool, reactor))
         except BaseException:
             udp_socket.close()
             raise

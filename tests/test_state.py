@@ -5,6 +5,7 @@ import glob
 import json
 import os
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
@@ -148,14 +149,55 @@ class StateFileTests(SynchronousTestCase):
 
     def test_unwritable(self):
         """
-        A state file that cannot be written raises OSError; once the
-        directory is there again, saving works.
+        Saving where the state file cannot be written fails with the
+        OSError; once the directory is there again, saving works.
         """
         directory = self.mktemp()
         states = StateFile(os.path.join(directory, "state.json"), self.clock)
-        self.assertRaises(OSError, states.save, State(Batch.of([entry("a")])))
+        self.failureResultOf(states.save(State(Batch.of([entry("a")]))),
+                             OSError)
         os.makedirs(directory)
-        states.save(State(Batch.of([entry("a")])))
+        self.successResultOf(states.save(State(Batch.of([entry("a")]))))
         self.assertEqual(
             len(StateFile(os.path.join(directory, "state.json"),
                           self.clock).load().buffer.entries), 1)
+
+
+class ThreadedWriteTests(SynchronousTestCase):
+    """
+    The writing is handed to C{in_thread}; snapshots are written one at a
+    time.
+    """
+
+    def test_writes_in_order(self):
+        """
+        A snapshot asked for while one is being written waits for it, and
+        the later one is what is loaded.
+        """
+        path = self.mktemp()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        queued = []
+
+        def in_thread(function, *args):
+            done = defer.Deferred()
+            queued.append((function, args, done))
+            return done
+
+        states = StateFile(path, Clock(), in_thread)
+        first = states.save(State(Batch.of([entry("a")])))
+        second = states.save(State(Batch.of([entry("b")])))
+        self.assertTrue(states.busy)
+        self.assertEqual(len(queued), 1)
+        function, args, done = queued.pop()
+        function(*args)
+        done.callback(None)
+        self.successResultOf(first)
+        self.assertEqual(len(queued), 1)
+        function, args, done = queued.pop()
+        function(*args)
+        done.callback(None)
+        self.successResultOf(second)
+        self.assertFalse(states.busy)
+        self.assertEqual(
+            [e.key[2] for e in StateFile(path, Clock()).load().buffer.entries],
+            ["b"])
