@@ -377,6 +377,10 @@ class Outbox:
         """
         try:
             paths = self.spool.waiting.messages()
+        except (FileNotFoundError, NotADirectoryError):
+            # No spool, so nothing in it; the failure to create it was
+            # reported when it happened.
+            return 0
         except OSError as error:
             _log.error("Cannot read the spool {path}: {reason}",
                        path=self.spool.path, reason=error.strerror)
