@@ -527,6 +527,323 @@ class FailedDeliveryTests(TestCase):
         self.assertEqual(spooled(service), [])
 
 
+class OutageTests(TestCase):
+    """
+    The mail server down for several flushes: errors are held, not turned
+    into one more spooled digest per flush, and when the server is back the
+    recipient gets the pending digest, then one covering the outage.
+    """
+
+    def timed_templates(self) -> str:
+        """
+        A template directory whose body is the default one followed by one
+        line per error, C{seen MESSAGE FIRST LAST}, with the times as
+        seconds, so a test can check them to the microsecond.
+        """
+        templates = self.mktemp()
+        os.mkdir(templates)
+        with open(os.path.join(templates, "timed.txt"), "w") as body:
+            body.write('{% include "body-template.txt" %}\n'
+                       "{% for message, info in sorted_counts -%}\n"
+                       "seen {{ message.message }} "
+                       "{{ info.first_seen.timestamp() }} "
+                       "{{ info.last_seen.timestamp() }}\n"
+                       "{% endfor %}")
+        return templates
+
+    def assertDuring(self, moment: float, span: tuple) -> None:
+        """
+        C{moment} lies within C{span}, C{(start, end)}, give or take the
+        microsecond a datetime rounds to.
+        """
+        start, end = span
+        self.assertTrue(start - 1e-6 <= moment <= end + 1e-6,
+                        f"{moment} is not within {span}")
+
+    @defer.inlineCallbacks
+    def test_one_digest_after_outage(self):
+        """
+        The digest of the first flush cannot be sent; three more flushes
+        hold their errors while it is retried, and the spool never holds
+        more than that one message.  Once the server is up, the pending
+        digest arrives, and the next flush sends one digest with every
+        error of the outage: totals, counts per host, first and last seen.
+        Nothing more arrives.
+        """
+        port = free_tcp_port()
+        service = start_service(self, **smtp_settings(
+            port, EMAIL_TEMPLATE_DIR=self.timed_templates(),
+            EMAIL_BODY_TEMPLATE="timed.txt", **FAST_RETRY))
+        refused = wait_for_log(self, OUTBOX, r"refused; attempt 1, next in")
+        yield count_in(service, BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2)
+        [pending] = service.flush()
+        yield refused
+
+        outage = [
+            [record("boom", source="web1"), record("bang", source="web3")],
+            [record("bang", source="web3"), record("bang", source="web3"),
+             record("boom", source="web2")],
+            [record("crash", source="web4")],
+        ]
+        times = []
+        for attempt, records in enumerate(outage, start=2):
+            retried = wait_for_log(self, OUTBOX,
+                                   f"refused; attempt {attempt}, next in")
+            before = reactor.seconds()
+            yield count_in(service, records)
+            times.append((before, reactor.seconds()))
+            self.assertEqual(service.flush(), [])
+            yield retried
+            self.assertEqual(len(spooled(service)), 1)
+
+        sink = SMTPSink(self, port=port)
+        delivered = yield pending
+        self.assertIs(delivered, True)
+        [first] = sink.messages
+        self.assertEqual(digest_counts(first.get_content()),
+                         {"boom": {"web1": 2, "web2": 1}})
+
+        [outcome] = service.flush()
+        delivered = yield outcome
+        self.assertIs(delivered, True)
+        second = sink.messages[1]
+        body = second.get_content()
+        self.assertIn("** 6 instances of 3 unique errors (app) **", body)
+        self.assertEqual(digest_counts(body), {
+            "bang": {"web3": 3},
+            "boom": {"web1": 1, "web2": 1},
+            "crash": {"web4": 1},
+        })
+        seen = {message: (float(first_seen), float(last_seen))
+                for message, first_seen, last_seen in (
+                    line.split()[1:] for line in body.splitlines()
+                    if line.startswith("seen "))}
+        for message, first_flush, last_flush in [
+                ("boom", 0, 1), ("bang", 0, 1), ("crash", 2, 2)]:
+            first_seen, last_seen = seen[message]
+            self.assertDuring(first_seen, times[first_flush])
+            self.assertDuring(last_seen, times[last_flush])
+
+        self.assertEqual(service.flush(), [])
+        self.assertEqual(len(sink.messages), 2)
+        self.assertEqual(spooled(service), [])
+        self.assertEqual(failed(service), [])
+
+    @defer.inlineCallbacks
+    def test_pager_alerts_not_merged(self):
+        """
+        Pager alerts are not held: each crossing of PAGER_LIMIT during the
+        outage is one alert in the spool, and each arrives once the server
+        is back, beside the pending digest.
+        """
+        port = free_tcp_port()
+        service = start_service(self, **smtp_settings(
+            port, PAGER_LIMIT=3, PAGER_WINDOW_SIZE=2,
+            PAGER_TO=["pager@example.com"], **FAST_RETRY))
+        yield count_in(service, [record("boom")] * 2)
+        [pending] = service.flush()
+        outcomes = []
+        for count in (2, 3):
+            yield count_in(service, [record("boom")] * count)
+            [alert] = service.flush()
+            outcomes.append(alert)
+        self.assertEqual(len(spooled(service)), 3)
+
+        sink = SMTPSink(self, port=port)
+        delivered = yield defer.gatherResults([pending] + outcomes)
+        self.assertEqual(delivered, [True, True, True])
+        pages = sorted(message.get_content().split("received ")[1].split()[0]
+                       for message in sink.messages
+                       if message["To"] == "pager@example.com")
+        self.assertEqual(pages, ["3", "4"])
+        self.assertEqual(len(sink.messages), 3)
+        [outcome] = service.flush()
+        yield outcome
+        self.assertEqual(digest_counts(sink.messages[3].get_content()),
+                         {"boom": {"host1": 5}})
+
+
+class SpoolTests(TestCase):
+    """
+    The spool across a restart, and a spool that cannot be written.
+    """
+
+    @defer.inlineCallbacks
+    def test_unwritable_spool(self):
+        """
+        A SPOOL_DIR that cannot be created (its parent is a regular file)
+        is reported at start-up in one line naming it and the reason; the
+        digest waits in memory instead, and is still retried and delivered.
+        """
+        blocker = os.path.abspath(self.mktemp())
+        with open(blocker, "w"):
+            pass
+        spool = os.path.join(blocker, "spool")
+        port = free_tcp_port()
+        events = capture_log(self)
+        service = start_service(self, **smtp_settings(
+            port, SPOOL_DIR=spool, **FAST_RETRY))
+        [start_up] = logged_lines(events, SERVICE)
+        self.assertEqual(start_up, f"SPOOL_DIR {spool} cannot be created: "
+                                   f"Not a directory; messages wait in "
+                                   f"memory only until it can")
+        refused = wait_for_log(self, OUTBOX, r"refused; attempt 1, next in")
+        yield count_in(service, BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2)
+        [outcome] = service.flush()
+        yield refused
+        [not_spooled] = logged_lines(events, OUTBOX)
+        self.assertIn(f"Cannot write to the spool {spool}: Not a directory",
+                      not_spooled)
+        self.assertIn("waits in memory only", not_spooled)
+
+        sink = SMTPSink(self, port=port)
+        delivered = yield outcome
+        self.assertIs(delivered, True)
+        [message] = sink.messages
+        self.assertEqual(digest_counts(message.get_content()),
+                         {"boom": {"web1": 2, "web2": 1}})
+
+    @defer.inlineCallbacks
+    def test_unwritable_state_file(self):
+        """
+        A STATE_FILE that cannot be written (its directory is a regular
+        file) is reported at start-up and when a snapshot fails, once
+        however often that happens; digests are sent all the same.
+        """
+        blocker = os.path.abspath(self.mktemp())
+        with open(blocker, "w"):
+            pass
+        state = os.path.join(blocker, "state.json")
+        sink = SMTPSink(self)
+        events = capture_log(self)
+        service = start_service(self, STATE_FILE=state,
+                                **smtp_settings(sink.port))
+        [start_up] = logged_lines(events, STATE)
+        self.assertIn(f"STATE_FILE {state} ", start_up)
+        self.assertIn("Not a directory", start_up)
+        for message in ("first", "second"):
+            outcomes = yield report(service, [record(message)])
+            self.assertEqual(outcomes, [True])
+        self.assertEqual(
+            [digest_counts(message.get_content())
+             for message in sink.messages],
+            [{"first": {"host1": 1}}, {"second": {"host1": 1}}])
+        self.assertEqual(logged_lines(events, SERVICE), [
+            f"Cannot write STATE_FILE {state}: Not a directory; a crash now "
+            f"would lose what is buffered"])
+
+    @defer.inlineCallbacks
+    def test_restart_delivers_spooled(self):
+        """
+        A digest a stopped service could not deliver is left in the spool;
+        the next service on that spool sends it at start, once, and does
+        not count its errors again.
+        """
+        port = free_tcp_port()
+        settings = smtp_settings(port, SPOOL_DIR=self.mktemp(),
+                                 STATE_FILE=self.mktemp(),
+                                 SHUTDOWN_TIMEOUT_SECONDS=1, **FAST_RETRY)
+        first = start_service(self, **settings)
+        refused = wait_for_log(self, OUTBOX, r"refused; attempt 1, next in")
+        yield count_in(first, BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2)
+        first.flush()
+        yield refused
+        yield first.stopService()
+        self.assertEqual(len(spooled(first)), 1)
+
+        sink = SMTPSink(self, port=port)
+        recovered = wait_for_log(self, OUTBOX, r"left in the spool")
+        second = start_service(self, **settings)
+        line = yield recovered
+        self.assertTrue(line.startswith("1 message(s) left in the spool"),
+                        line)
+        yield poll_until(lambda: not spooled(second),
+                         "delivery of the spooled digest")
+        [message] = sink.messages
+        self.assertEqual(digest_counts(message.get_content()),
+                         {"boom": {"web1": 2, "web2": 1}})
+        self.assertEqual(second.flush(), [])
+
+
+class SnapshotTests(TestCase):
+    """
+    STATE_FILE: what a service counted survives its crash, and a state
+    file that cannot be read costs the old counts, never the start.
+    """
+
+    @defer.inlineCallbacks
+    def test_restore_after_crash(self):
+        """
+        A service's counts reach the state file within SNAPSHOT_SECONDS; a
+        second service started on that file after the first one died (no
+        stop, no last flush) sends them in its next digest, with what it
+        counted itself.
+        """
+        state = self.mktemp()
+        first = start_service(self, STATE_FILE=state, SNAPSHOT_SECONDS=0.1)
+        yield count_in(first, BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2
+                       + [record("bang", source="web3")])
+        yield poll_until(lambda: state_file_total(state) == 4,
+                         "snapshot of the 4 errors")
+        # The crash: the port closes, nothing is flushed or saved.
+        yield first.udp_port.stopListening()
+
+        sink = SMTPSink(self)
+        events = capture_log(self)
+        second = start_service(self, STATE_FILE=state,
+                               **smtp_settings(sink.port))
+        self.assertIn(f"Restored 4 errors from {os.path.abspath(state)}",
+                      logged_lines(events, SERVICE, LogLevel.info))
+        outcomes = yield report(second, [record("boom", source="web4")])
+        self.assertEqual(outcomes, [True])
+        [message] = sink.messages
+        self.assertEqual(digest_counts(message.get_content()), {
+            "boom": {"web1": 2, "web2": 1, "web4": 1},
+            "bang": {"web3": 1},
+        })
+
+    @defer.inlineCallbacks
+    def assertSetAside(self, content: str):
+        """
+        A service whose STATE_FILE holds C{content} moves it aside (kept,
+        with the same content), says so in one line at error level, and
+        starts with nothing counted.
+        """
+        state = os.path.abspath(self.mktemp())
+        with open(state, "w") as out:
+            out.write(content)
+        sink = SMTPSink(self)
+        events = capture_log(self)
+        service = start_service(self, STATE_FILE=state,
+                                **smtp_settings(sink.port))
+        [line] = logged_lines(events, STATE)
+        self.assertIn(f"STATE_FILE {state} is unusable", line)
+        self.assertIn("starting with an empty buffer", line)
+        [aside] = [name for name in os.listdir(os.path.dirname(state))
+                   if name.startswith(os.path.basename(state) + ".bad-")]
+        aside = os.path.join(os.path.dirname(state), aside)
+        self.assertIn(f"moved to {aside}", line)
+        with open(aside) as kept:
+            self.assertEqual(kept.read(), content)
+        self.assertEqual(service.flush(), [])
+        outcomes = yield report(service, [record("fresh")])
+        self.assertEqual(outcomes, [True])
+        self.assertEqual(digest_counts(sink.messages[0].get_content()),
+                         {"fresh": {"host1": 1}})
+
+    def test_corrupt_state_file(self):
+        """
+        A state file that is not JSON (cut short) is set aside.
+        """
+        return self.assertSetAside('{"version": 2, "buffer": {"entr')
+
+    def test_state_file_of_wrong_shape(self):
+        """
+        A state file that is JSON but not a snapshot is set aside.
+        """
+        return self.assertSetAside('{"version": 2, "buffer": []}')
+
+
 class RoutingTests(TestCase):
     """
     "Just monitoring" canary errors go to JUST_MONITORING_REPORT_TO, real
