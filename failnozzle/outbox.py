@@ -252,8 +252,11 @@ def describe_failure(failure: Failure, timeout: float) -> str:
     Why a delivery failed, in a few words a person can act on.
     """
     error = _root_error(failure)
-    if isinstance(error, (defer.TimeoutError, defer.CancelledError,
-                          net_error.TimeoutError, smtp.SMTPTimeoutError)):
+    if isinstance(error, defer.CancelledError):
+        # Only a stop cancels an attempt; a timeout is a TimeoutError.
+        return "cut short by the stop (SHUTDOWN_TIMEOUT_SECONDS)"
+    if isinstance(error, (defer.TimeoutError, net_error.TimeoutError,
+                          smtp.SMTPTimeoutError)):
         return f"no answer within {timeout:g} s"
     if isinstance(error, net_error.ConnectionRefusedError):
         return "connection refused"
