@@ -14,12 +14,16 @@ import signal
 import socket
 import sys
 import sysconfig
+from typing import Optional
 
-from twisted.internet import defer, error, protocol, reactor, task
+from twisted.internet import defer, error, protocol, reactor
 from twisted.trial.unittest import TestCase
 
 import failnozzle
-from tests.common import WAIT_SECONDS, SMTPSink, record, send_datagrams
+from tests.common import (WAIT_SECONDS, SMTPSink, SilentServer,
+                          digest_counts, maildir_files, poll_until,
+                          read_message, record, send_datagrams,
+                          state_file_total)
 
 #: What the C{twistd} console script runs.  C{python -m twisted} would run
 #: C{twist}, which has no C{-n}, C{--pidfile} or C{--logfile}.
@@ -167,25 +171,6 @@ def spawn_twistd(testcase: TestCase, args: list,
     return process
 
 
-def poll_until(condition, what: str) -> defer.Deferred:
-    """
-    Check C{condition()} every 50 ms until it is true, for what has no
-    event to wait for (files written by a daemonized twistd, which is not
-    our child); fail after L{WAIT_SECONDS}.
-    """
-
-    @defer.inlineCallbacks
-    def polling():
-        deadline = reactor.seconds() + WAIT_SECONDS
-        while not condition():
-            if reactor.seconds() > deadline:
-                raise AssertionError(
-                    f"no {what} within {WAIT_SECONDS} s")
-            yield task.deferLater(reactor, 0.05, lambda: None)
-
-    return polling()
-
-
 def write_config(directory: str, **settings) -> str:
     """Write a config file of these assignments; return its path."""
     path = os.path.join(directory, "site.py")
@@ -210,15 +195,24 @@ class _TwistdTestCase(TestCase):
         os.makedirs(path)
         return path
 
+    def smtp_settings(self, port: int, flush_seconds: float,
+                      **more) -> dict:
+        """Settings for mail to 127.0.0.1:C{port} in clear."""
+        return dict(UDP_BIND=("127.0.0.1", 0), FLUSH_SECONDS=flush_seconds,
+                    SMTP_HOST="127.0.0.1", SMTP_PORT=port, SMTP_TLS="off",
+                    REPORT_FROM="nozzle@example.com",
+                    REPORT_TO=["ops@example.com"], **more)
+
     @defer.inlineCallbacks
-    def start_daemon(self, *args, **settings):
+    def start_daemon(self, *args, cwd: Optional[str] = None, **settings):
         """
         Run C{twistd -n failnozzle *args} with a config file of
-        C{settings} (if any) in a new directory, and wait until it listens.
+        C{settings} (if any) in C{cwd} (by default a new directory), and
+        wait until it listens.
 
         @return: a Deferred firing with C{(process, (host, port), cwd)}.
         """
-        cwd = self.make_directory()
+        cwd = cwd or self.make_directory()
         if settings:
             args = (f"--config={write_config(cwd, **settings)}",) + args
         process = spawn_twistd(self, ["-n", "failnozzle", *args], cwd)
@@ -232,12 +226,6 @@ class SMTPDaemonTests(_TwistdTestCase):
     server.
     """
 
-    def smtp_settings(self, sink: SMTPSink, flush_seconds: float) -> dict:
-        return dict(UDP_BIND=("127.0.0.1", 0), FLUSH_SECONDS=flush_seconds,
-                    SMTP_HOST="127.0.0.1", SMTP_PORT=sink.port,
-                    SMTP_TLS="off", REPORT_FROM="nozzle@example.com",
-                    REPORT_TO=["ops@example.com"])
-
     @defer.inlineCallbacks
     def test_digest_arrives(self):
         """
@@ -246,7 +234,7 @@ class SMTPDaemonTests(_TwistdTestCase):
         """
         sink = SMTPSink(self)
         process, address, _ = yield self.start_daemon(
-            **self.smtp_settings(sink, flush_seconds=1))
+            **self.smtp_settings(sink.port, flush_seconds=1))
         send_datagrams(address, [
             record("boom", source="web1"), record("boom", source="web2"),
             record("boom", source="web2")])
@@ -268,7 +256,7 @@ class SMTPDaemonTests(_TwistdTestCase):
         """
         sink = SMTPSink(self)
         process, address, _ = yield self.start_daemon(
-            **self.smtp_settings(sink, flush_seconds=3600))
+            **self.smtp_settings(sink.port, flush_seconds=3600))
         send_datagrams(address, [
             record("boom", source="web1"), record("boom", source="web1"),
             record("bang", source="web2")])
@@ -297,6 +285,107 @@ class SMTPDaemonTests(_TwistdTestCase):
         self.assertNotIn("Traceback", log)
         self.assertIsInstance(reason, error.ProcessTerminated)
         self.assertEqual(reason.signal, signal.SIGTERM)
+
+
+class RecoveryTests(_TwistdTestCase):
+    """
+    What the daemon had counted or spooled survives its death: SIGKILL
+    costs at most the last SNAPSHOT_SECONDS, and SIGTERM with the mail
+    server away leaves the digest in the spool; the next run sends it.
+    """
+
+    @defer.inlineCallbacks
+    def assertNextDigests(self, process: TwistdProcess, address: tuple,
+                          sink: SMTPSink, counts: dict):
+        """
+        The next digest C{sink} gets from C{process} holds exactly
+        C{counts} (see L{digest_counts}); the one after it only an error
+        sent once that has arrived, so nothing was counted twice.
+        """
+        [message] = yield process.wait_for_mail(sink, 1)
+        self.assertEqual(digest_counts(message.get_content()), counts)
+        send_datagrams(address, [record("after", source="web9")])
+        messages = yield process.wait_for_mail(sink, 2)
+        self.assertEqual(digest_counts(messages[1].get_content()),
+                         {"after": {"web9": 1}})
+
+    @defer.inlineCallbacks
+    def test_sigkill_then_restart(self):
+        """
+        Errors counted by a daemon killed with SIGKILL before any flush
+        (FLUSH_SECONDS is an hour) are in the first digest of the next
+        run on the same working directory, once they had reached the
+        state file (SNAPSHOT_SECONDS = 0.1).
+        """
+        sink = SMTPSink(self)
+        settings = self.smtp_settings(sink.port, flush_seconds=3600,
+                                      SNAPSHOT_SECONDS=0.1)
+        process, address, cwd = yield self.start_daemon(**settings)
+        send_datagrams(address, [
+            record("boom", source="web1"), record("boom", source="web1"),
+            record("boom", source="web2"), record("bang", source="web3")])
+        state = os.path.join(cwd, "failnozzle-state.json")
+        yield poll_until(lambda: state_file_total(state) == 4,
+                         "snapshot of the 4 errors in {state}")
+        process.transport.signalProcess("KILL")
+        reason = yield process.wait_for_end()
+        self.assertEqual(reason.signal, signal.SIGKILL)
+        self.assertEqual(sink.offered, [])
+
+        settings["FLUSH_SECONDS"] = 0.5
+        restarted, address, _ = yield self.start_daemon(cwd=cwd, **settings)
+        yield restarted.wait_for(f"Restored 4 errors from {re.escape(state)}")
+        yield self.assertNextDigests(restarted, address, sink, {
+            "boom": {"web1": 2, "web2": 1}, "bang": {"web3": 1}})
+
+    @defer.inlineCallbacks
+    def test_sigterm_with_server_down(self):
+        """
+        SIGTERM while the mail server takes the connection and never
+        answers (SMTP_TIMEOUT longer than the test's patience): the daemon
+        stops after SHUTDOWN_TIMEOUT_SECONDS, as a clean stop, with the
+        digest of what it had counted left in the spool.  The next run,
+        with the server back, delivers it.
+        """
+        server = SilentServer(self)
+        settings = self.smtp_settings(
+            server.port, flush_seconds=3600, SMTP_TIMEOUT=WAIT_SECONDS * 3,
+            SHUTDOWN_TIMEOUT_SECONDS=1)
+        process, address, cwd = yield self.start_daemon(**settings)
+        send_datagrams(address, [
+            record("boom", source="web1"), record("boom", source="web2")])
+        # Logged once read: by then the two before it are counted.
+        send_datagrams(address, [b"not json"])
+        yield process.wait_for(r"Bad datagram from ")
+
+        process.transport.signalProcess("TERM")
+        reason = yield process.wait_for_end()
+        self.assertEqual(reason.signal, signal.SIGTERM)
+        self.assertEqual(len(server.connections), 1)
+        self.assertIn("delivering for up to 1 s", process.text)
+        self.assertRegex(process.text,
+                         r"Could not send .*: cut short by the stop "
+                         r"\(SHUTDOWN_TIMEOUT_SECONDS\); it stays in the "
+                         r"spool for the next start")
+        self.assertIn(_SHUT_DOWN, process.text)
+        self.assertNotIn("Traceback", process.text)
+        [spooled] = maildir_files(os.path.join(cwd, "failnozzle-spool"))
+        self.assertEqual(digest_counts(read_message(spooled).get_content()), {
+            "boom": {"web1": 1, "web2": 1},
+            "Internal error: datagram is not valid JSON": {"127.0.0.1": 1},
+        })
+
+        yield server.stop()
+        sink = SMTPSink(self)
+        settings.update(SMTP_PORT=sink.port, FLUSH_SECONDS=0.5)
+        restarted, address, _ = yield self.start_daemon(cwd=cwd, **settings)
+        yield self.assertNextDigests(restarted, address, sink, {
+            "boom": {"web1": 1, "web2": 1},
+            "Internal error: datagram is not valid JSON": {"127.0.0.1": 1},
+        })
+        yield poll_until(
+            lambda: not maildir_files(os.path.join(cwd, "failnozzle-spool")),
+            "empty spool")
 
 
 class MaildirDaemonTests(_TwistdTestCase):
