@@ -76,9 +76,9 @@ class StateFile:
 
     def save(self, state: State) -> defer.Deferred:
         """
-        Write a snapshot after any being written.  It is encoded here, on
-        the reactor, and written and fsynced with C{in_thread}, so the
-        reactor only pays for the encoding.
+        Write a snapshot after any being written.  Only what cannot wait
+        is done here, on the reactor; the encoding, writing and fsyncing
+        is done with C{in_thread}.
 
         @return: a Deferred firing once it is on disk, or failing with the
             OSError that kept it off.
@@ -95,33 +95,36 @@ class StateFile:
             if key not in self._numbers:
                 numbered[key] = len(self._numbers) + len(numbered)
         number = {**self._numbers, **numbered}.__getitem__
-        key_lines = "".join(json.dumps([n, list(key)]) + "\n"
-                            for key, n in numbered.items())
-        snapshot = json.dumps({
+        snapshot = {
             "version": FORMAT_VERSION,
             "generation": self._generation,
             "buffer": _rows(state.buffer, number),
             "held": {kind: _rows(batch, number)
                      for kind, batch in state.held.items()},
-            "rate_window": state.rate_window,
-        }, separators=(",", ":"))
-        writing = self._in_thread(self._write, self._generation, key_lines,
-                                  snapshot)
+            "rate_window": list(state.rate_window),
+        }
+        writing = self._in_thread(self._write, self._generation,
+                                  list(numbered.items()), snapshot)
         writing.addCallbacks(lambda _: self._numbers.update(numbered),
                              self._write_failed)
         return writing
 
-    def _write(self, generation: int, key_lines: str, snapshot: str) -> None:
-        """The blocking part: append the new keys, then replace the file."""
+    def _write(self, generation: int, numbered: list, snapshot: dict) -> None:
+        """
+        The slow part, given only data no one else changes: encode and
+        append the new keys (one by one, so the reactor's thread gets its
+        turns), then encode and replace the snapshot.
+        """
         keys_path = self._keys_path(generation)
-        if key_lines or not os.path.exists(keys_path):
+        if numbered or not os.path.exists(keys_path):
             with open(keys_path, "a", encoding="utf-8") as keys:
-                keys.write(key_lines)
+                for key, n in numbered:
+                    keys.write(json.dumps([n, list(key)]) + "\n")
                 keys.flush()
                 os.fsync(keys.fileno())
         temporary = f"{self.path}.tmp"
         with open(temporary, "w", encoding="utf-8") as out:
-            out.write(snapshot)
+            out.write(json.dumps(snapshot, separators=(",", ":")))
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, self.path)
