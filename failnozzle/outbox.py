@@ -101,7 +101,7 @@ class SMTPTransport:
         self._user = user.encode("utf-8") if user else None
         self._password = password.encode("utf-8") if password else None
         self.timeout = timeout
-        self._helo_name = helo_name
+        self._helo_name = _helo_name(helo_name) if helo_name else None
         self._tls_options = (_tls_options(host, verify, ca_file)
                              if tls != "off" else None)
 
@@ -143,7 +143,7 @@ class SMTPTransport:
             requireTransportSecurity=self.tls == "starttls",
         )
         if self._helo_name:
-            factory.domain = self._helo_name.encode("idna")
+            factory.domain = self._helo_name
         if self.tls == "implicit":
             connector = self._reactor.connectSSL(
                 self.host, self.port, factory, self._tls_options,
@@ -197,6 +197,14 @@ class _SenderFactory(smtp.ESMTPSenderFactory):
         sender = super().buildProtocol(addr)
         sender.callLater = self._clock.callLater
         return sender
+
+
+def _helo_name(name: str) -> bytes:
+    """SERVER_NAME as HELO wants it; a name IDNA refuses is kept as ASCII."""
+    try:
+        return name.encode("idna")
+    except UnicodeError:
+        return name.encode("ascii", "replace")
 
 
 def _tls_options(host: str, verify: bool, ca_file: Optional[str]):

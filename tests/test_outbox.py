@@ -414,6 +414,17 @@ class SMTPTransportTests(SynchronousTestCase):
         protocol.dataReceived(b"221 bye\r\n")
         self.assertTrue(wire.disconnected, "hangs up without waiting")
 
+    def test_helo_name(self):
+        """
+        SERVER_NAME is the HELO name, IDNA-encoded; one IDNA refuses
+        still gives a HELO name rather than a failed delivery.
+        """
+        for name, helo in [("bücher.example", b"xn--bcher-kva.example"),
+                           ("a..b", b"a..b")]:
+            transport = self.transport(tls="off", helo_name=name)
+            transport.deliver("a@example.com", ["b@example.com"], message())
+            self.assertEqual(self.reactor.tcpClients[0][2].domain, helo)
+
     def test_timeout_cancels(self):
         """
         A connection attempt that has not finished within the timeout is
