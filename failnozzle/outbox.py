@@ -11,6 +11,7 @@ the outbox's job.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import EmailMessage
@@ -371,6 +372,10 @@ class Outbox:
         self._clock = clock
         self._retry_min = retry_min
         self._retry_max = retry_max
+        #: Past this many doublings the delay is retry_max anyway; capping
+        #: the exponent keeps a long outage from overflowing a float.
+        self._max_doublings = max(0, math.ceil(math.log2(
+            retry_max / retry_min)))
         self._lifetime = lifetime
         self._waiting: list = []
         self._stopping = False
@@ -481,8 +486,9 @@ class Outbox:
                       subject=waiting.message["Subject"],
                       transport=self.transport.describe(), reason=reason)
             return
-        delay = min(self._retry_min * 2 ** (waiting.attempts - 1),
-                    self._retry_max, self._lifetime - age)
+        doublings = min(waiting.attempts - 1, self._max_doublings)
+        delay = min(self._retry_min * 2 ** doublings, self._retry_max,
+                    self._lifetime - age)
         _log.warn("Could not send {subject!r} to {recipients} via "
                   "{transport}: {reason}; attempt {attempt}, next in "
                   "{delay:g} s",

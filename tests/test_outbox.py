@@ -166,6 +166,22 @@ class OutboxTests(SynchronousTestCase):
         self.assertEqual(self.events[0]["reason"], "connection refused")
         self.assertEqual(len(self.spooled()), 1)
 
+    def test_long_outage_keeps_retrying(self):
+        """
+        Thousands of failed attempts (a day-long outage with a short
+        RETRY_MAX_SECONDS) go on being retried every RETRY_MAX_SECONDS: the
+        delay's growth stops there instead of overflowing.
+        """
+        self.outbox = Outbox(self.transport, self.spool, self.clock,
+                             retry_min=0.5, retry_max=60, lifetime=5 * 86400)
+        self.outbox.send(message())
+        for _ in range(1500):
+            self.fail_next(error.ConnectionRefusedError())
+            [retry] = self.clock.getDelayedCalls()
+            self.clock.advance(retry.getTime() - self.clock.seconds())
+        self.assertEqual(self.events[-1]["delay"], 60)
+        self.assertEqual(len(self.transport.pending), 1501)
+
     def test_delivered_after_retry(self):
         """
         A message that fails, then goes through, is delivered once and
