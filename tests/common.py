@@ -27,6 +27,15 @@ from failnozzle.service import FailnozzleService
 WAIT_SECONDS = 20
 
 
+def bounded(waiting: defer.Deferred) -> defer.Deferred:
+    """
+    C{waiting}, failing with C{TimeoutError} if it has not fired within
+    L{WAIT_SECONDS}, such as the outcome of a delivery a fault made
+    endless.
+    """
+    return waiting.addTimeout(WAIT_SECONDS, reactor)
+
+
 def make_settings(**overrides) -> Settings:
     """Settings as a config file with these assignments would give."""
     return load_settings(None, overrides)[0]

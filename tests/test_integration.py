@@ -19,11 +19,11 @@ from twisted.trial.unittest import TestCase
 from failnozzle.config import DEFAULT_MONITORING_ERROR_MARKERS, ConfigError
 from failnozzle.service import FailnozzleService, make_transport
 from tests.common import (HANG_UP, KEEP_AND_HANG_UP, SMTPSink, SilentServer,
-                          capture_log, datagrams_received, digest_counts,
-                          failed, free_tcp_port, logged_lines, make_settings,
-                          poll_until, read_message, record, send_datagrams,
-                          spooled, start_service, state_file_total,
-                          udp_address, wait_for_log)
+                          bounded, capture_log, datagrams_received,
+                          digest_counts, failed, free_tcp_port, logged_lines,
+                          make_settings, poll_until, read_message, record,
+                          send_datagrams, spooled, start_service,
+                          state_file_total, udp_address, wait_for_log)
 
 OUTBOX = "failnozzle.outbox"
 SERVICE = "failnozzle.service"
@@ -86,7 +86,7 @@ def report(service: FailnozzleService, records: list):
         delivered, False if given up on).
     """
     yield count_in(service, records)
-    outcomes = yield defer.gatherResults(service.flush())
+    outcomes = yield bounded(defer.gatherResults(service.flush()))
     return outcomes
 
 
@@ -386,7 +386,7 @@ class FailedDeliveryTests(TestCase):
         with the counts of L{BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2}; nothing is
         left in the spool.
         """
-        delivered = yield outcome
+        delivered = yield bounded(outcome)
         self.assertIs(delivered, True)
         [message] = sink.messages
         self.assertEqual(digest_counts(message.get_content()),
@@ -597,14 +597,14 @@ class OutageTests(TestCase):
             self.assertEqual(len(spooled(service)), 1)
 
         sink = SMTPSink(self, port=port)
-        delivered = yield pending
+        delivered = yield bounded(pending)
         self.assertIs(delivered, True)
         [first] = sink.messages
         self.assertEqual(digest_counts(first.get_content()),
                          {"boom": {"web1": 2, "web2": 1}})
 
         [outcome] = service.flush()
-        delivered = yield outcome
+        delivered = yield bounded(outcome)
         self.assertIs(delivered, True)
         second = sink.messages[1]
         body = second.get_content()
@@ -650,7 +650,8 @@ class OutageTests(TestCase):
         self.assertEqual(len(spooled(service)), 3)
 
         sink = SMTPSink(self, port=port)
-        delivered = yield defer.gatherResults([pending] + outcomes)
+        delivered = yield bounded(
+            defer.gatherResults([pending] + outcomes))
         self.assertEqual(delivered, [True, True, True])
         pages = sorted(message.get_content().split("received ")[1].split()[0]
                        for message in sink.messages
@@ -658,7 +659,7 @@ class OutageTests(TestCase):
         self.assertEqual(pages, ["3", "4"])
         self.assertEqual(len(sink.messages), 3)
         [outcome] = service.flush()
-        yield outcome
+        yield bounded(outcome)
         self.assertEqual(digest_counts(sink.messages[3].get_content()),
                          {"boom": {"host1": 5}})
 
@@ -697,7 +698,7 @@ class SpoolTests(TestCase):
         self.assertIn("waits in memory only", not_spooled)
 
         sink = SMTPSink(self, port=port)
-        delivered = yield outcome
+        delivered = yield bounded(outcome)
         self.assertIs(delivered, True)
         [message] = sink.messages
         self.assertEqual(digest_counts(message.get_content()),
