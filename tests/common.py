@@ -270,7 +270,7 @@ class SilentServer:
         factory.connections = self.connections = []
         self._listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.port = self._listening.getHost().port
-        self._stopped: Optional[defer.Deferred] = None
+        self._stopped = False
         testcase.addCleanup(self.stop)
 
     def stop(self) -> defer.Deferred:
@@ -278,18 +278,17 @@ class SilentServer:
         Hang up on everyone connected and stop listening, so that another
         server may take the port.
 
-        @return: a Deferred firing when that is done.
+        @return: a Deferred firing when that is done (at once if it was
+            done before).
         """
-        if self._stopped is None:
-            for connection in self.connections:
-                connection.transport.abortConnection()
-            closed = [connection.closed for connection in self.connections]
-            self._stopped = defer.gatherResults(
-                closed + [defer.maybeDeferred(self._listening.stopListening)])
-        # A new Deferred each time, so each caller gets the result.
-        done = defer.Deferred()
-        self._stopped.addBoth(lambda result: (done.callback(None), result)[1])
-        return done
+        if self._stopped:
+            return defer.succeed(None)
+        self._stopped = True
+        for connection in self.connections:
+            connection.transport.abortConnection()
+        closed = [connection.closed for connection in self.connections]
+        return defer.gatherResults(
+            closed + [defer.maybeDeferred(self._listening.stopListening)])
 
 
 def capture_log(testcase) -> EventLoggingObserver:
@@ -341,6 +340,7 @@ def poll_until(condition, what: str) -> defer.Deferred:
     def check() -> None:
         if condition():
             loop.stop()
+            done.callback(None)
         elif reactor.seconds() > deadline:
             loop.stop()
             done.errback(AssertionError(
@@ -348,8 +348,8 @@ def poll_until(condition, what: str) -> defer.Deferred:
 
     loop = task.LoopingCall(check)
     loop.clock = reactor
-    loop.start(0.05).addCallbacks(
-        lambda _: done.called or done.callback(None), done.errback)
+    # If condition() raises, the loop ends with that error.
+    loop.start(0.05).addErrback(done.errback)
     return done
 
 
@@ -387,6 +387,7 @@ def failed(service: FailnozzleService) -> list:
 
 
 def read_message(path: str) -> email.message.EmailMessage:
+    """The message stored in the file at C{path}, parsed."""
     with open(path, "rb") as stored:
         return email.message_from_binary_file(stored,
                                               policy=email.policy.default)

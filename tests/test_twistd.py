@@ -326,7 +326,7 @@ class RecoveryTests(_TwistdTestCase):
             record("boom", source="web2"), record("bang", source="web3")])
         state = os.path.join(cwd, "failnozzle-state.json")
         yield poll_until(lambda: state_file_total(state) == 4,
-                         "snapshot of the 4 errors in {state}")
+                         f"snapshot of the 4 errors in {state}")
         process.transport.signalProcess("KILL")
         reason = yield process.wait_for_end()
         self.assertEqual(reason.signal, signal.SIGKILL)
