@@ -153,7 +153,38 @@ class SMTPTransport:
             connector = self._reactor.connectTCP(
                 self.host, self.port, factory, timeout=self.timeout)
         result.addTimeout(self.timeout, self._reactor)
+        result.addCallback(_all_accepted)
         return result
+
+
+class RecipientsRefused(Exception):
+    """
+    The server took the message for some of its recipients only.
+
+    @ivar refused: C{(address, code, reply)} for each recipient it refused.
+    """
+
+    def __init__(self, refused: list) -> None:
+        super().__init__(refused)
+        self.refused = refused
+
+
+def _all_accepted(result: tuple) -> tuple:
+    """
+    Pass on the result of a delivery only if every recipient was accepted:
+    ESMTPSenderFactory calls it a success once one was, so the others
+    (a greylisting 451, say) would otherwise be lost without a word.
+
+    @raise RecipientsRefused: some were not.
+    """
+    _, addresses = result
+    refused = [(address.decode("ascii"), code,
+                reply.decode("utf-8", "replace"))
+               for address, code, reply in addresses
+               if code not in smtp.SUCCESS]
+    if refused:
+        raise RecipientsRefused(refused)
+    return result
 
 
 class _Sender(smtp.ESMTPSender):
@@ -252,6 +283,8 @@ def is_permanent(failure: Failure) -> bool:
     error = _root_error(failure)
     if isinstance(error, VerificationError):
         return True
+    if isinstance(error, RecipientsRefused):
+        return all(500 <= code <= 599 for _, code, _ in error.refused)
     return (isinstance(error, smtp.SMTPClientError)
             and isinstance(error.code, int) and 500 <= error.code <= 599)
 
@@ -284,6 +317,10 @@ def describe_failure(failure: Failure, timeout: float) -> str:
         return "the server does not offer STARTTLS (SMTP_TLS = 'starttls')"
     if isinstance(error, smtp.SMTPClientError):
         return f"the server replied {_smtp_reply(error)}"
+    if isinstance(error, RecipientsRefused):
+        return "the server refused " + "; ".join(
+            f"{address}: {code} {' '.join(reply.split())}"
+            for address, code, reply in error.refused)
     if isinstance(error, net_error.ConnectionLost):
         return "the connection was lost"
     if isinstance(error, net_error.ConnectionDone):
@@ -337,6 +374,9 @@ class _Waiting:
 
     @ivar path: its file in the spool; None if the spool could not take it
         and it waits in memory only.
+    @ivar recipients: the addresses it is still to reach: at first those
+        of its To header, then those a server refused while taking it for
+        the others.
     @ivar outcome: fires with True when delivered, False when given up on.
     """
 
@@ -348,6 +388,11 @@ class _Waiting:
     attempt: Optional[defer.Deferred] = None
     retry: Optional[IDelayedCall] = None
     outcome: defer.Deferred = field(default_factory=defer.Deferred)
+    sender: str = field(init=False)
+    recipients: list = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sender, self.recipients = envelope(self.message)
 
     @property
     def kind(self) -> str:
@@ -446,9 +491,9 @@ class Outbox:
     def _attempt(self, waiting: _Waiting) -> None:
         waiting.retry = None
         waiting.attempts += 1
-        sender, recipients = envelope(waiting.message)
         attempt = waiting.attempt = defer.maybeDeferred(
-            self.transport.deliver, sender, recipients, waiting.message)
+            self.transport.deliver, waiting.sender, waiting.recipients,
+            waiting.message)
         attempt.addCallbacks(self._delivered, self._failed,
                              callbackArgs=(waiting,), errbackArgs=(waiting,))
 
@@ -457,7 +502,7 @@ class Outbox:
         self._waiting.remove(waiting)
         _log.info("Sent {subject!r} to {recipients} via {transport}{where}",
                   subject=waiting.message["Subject"],
-                  recipients=waiting.message["To"],
+                  recipients=", ".join(waiting.recipients),
                   transport=self.transport.describe(),
                   where=f": {result}" if isinstance(result, str) else "")
         if waiting.path is not None:
@@ -471,6 +516,10 @@ class Outbox:
 
     def _failed(self, failure: Failure, waiting: _Waiting) -> None:
         waiting.attempt = None
+        if isinstance(failure.value, RecipientsRefused):
+            # The others have it; only those refused are to be tried again.
+            waiting.recipients = [address for address, _, _
+                                  in failure.value.refused]
         reason = describe_failure(failure,
                                   getattr(self.transport, "timeout", 0))
         age = self._clock.seconds() - waiting.created
@@ -493,7 +542,7 @@ class Outbox:
                   "{transport}: {reason}; attempt {attempt}, next in "
                   "{delay:g} s",
                   subject=waiting.message["Subject"],
-                  recipients=waiting.message["To"],
+                  recipients=", ".join(waiting.recipients),
                   transport=self.transport.describe(), reason=reason,
                   attempt=waiting.attempts, delay=delay)
         waiting.retry = self._clock.callLater(delay, self._attempt, waiting)
@@ -509,7 +558,7 @@ class Outbox:
         _log.error("Giving up on {subject!r} to {recipients} via "
                    "{transport}: {why}; the message is kept in {where}",
                    subject=waiting.message["Subject"],
-                   recipients=waiting.message["To"],
+                   recipients=", ".join(waiting.recipients),
                    transport=self.transport.describe(), why=why, where=where)
         waiting.outcome.callback(False)
 

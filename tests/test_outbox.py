@@ -18,8 +18,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from failnozzle.digest import build_message
-from failnozzle.outbox import (MaildirTransport, Outbox, SMTPTransport,
-                               describe_failure, is_permanent)
+from failnozzle.outbox import (MaildirTransport, Outbox, RecipientsRefused,
+                               SMTPTransport, describe_failure, is_permanent)
 from failnozzle.spool import Spool
 from tests.common import FakeMailTransport
 
@@ -182,6 +182,26 @@ class OutboxTests(SynchronousTestCase):
         self.assertEqual(self.events[-1]["delay"], 60)
         self.assertEqual(len(self.transport.pending), 1501)
 
+    def test_recipients_refused(self):
+        """
+        A message the server took for some recipients only is tried again
+        for the others alone.
+        """
+        named = build_message(
+            sender="nozzle@example.com",
+            recipients=["ops@example.com", "Dev <dev@example.com>"],
+            subject="s", body="b\n", date=0, domain="nozzle1")
+        sent = self.outbox.send(named)
+        self.fail_next(RecipientsRefused([("dev@example.com", 451, "later")]))
+        self.clock.advance(30)
+        self.assertEqual([recipients for _, recipients, _, _
+                          in self.transport.pending],
+                         [("ops@example.com", "dev@example.com"),
+                          ("dev@example.com",)])
+        self.transport.succeed_all()
+        self.assertIs(self.successResultOf(sent), True)
+        self.assertEqual(self.spooled(), [])
+
     def test_delivered_after_retry(self):
         """
         A message that fails, then goes through, is delivered once and
@@ -338,6 +358,12 @@ class DescribeFailureTests(SynchronousTestCase):
              "the server replied 550 5.1.1 no such user"),
             (SSL.Error([("SSL routines", "", "certificate verify failed")]),
              "TLS failed: certificate verify failed"),
+            (RecipientsRefused([("a@example.com", 451, "4.7.1 later"),
+                                ("b@example.com", 550, "no\r\nsuch user")]),
+             "the server refused a@example.com: 451 4.7.1 later; "
+             "b@example.com: 550 no such user"),
+            (defer.CancelledError(),
+             "cut short by the stop (SHUTDOWN_TIMEOUT_SECONDS)"),
         ]
         for exception, reason in cases:
             self.assertEqual(self.describe(exception), reason)
@@ -468,17 +494,21 @@ class IsPermanentTests(SynchronousTestCase):
         """
         for exception in (smtp.SMTPDeliveryError(550, b"no"),
                           smtp.AUTHDeclinedError(535, b"bad password"),
-                          VerificationError(errors=[])):
+                          VerificationError(errors=[]),
+                          RecipientsRefused([("a@example.com", 550, "no")])):
             self.assertTrue(is_permanent(Failure(exception)), exception)
 
     def test_temporary(self):
         """
-        4xx replies, refused and lost connections and timeouts may pass.
+        4xx replies, refused and lost connections and timeouts may pass;
+        so may recipients refused if one of them was refused with a 4xx.
         """
         wrapped = smtp.SMTPConnectError(-1, "Unable to connect")
         wrapped.__cause__ = error.ConnectionRefusedError()
+        partly = RecipientsRefused([("a@example.com", 550, "no"),
+                                    ("b@example.com", 451, "later")])
         for exception in (smtp.SMTPDeliveryError(451, b"later"),
                           error.ConnectionRefusedError(),
                           error.ConnectionLost(), defer.TimeoutError(),
-                          wrapped):
+                          wrapped, partly):
             self.assertFalse(is_permanent(Failure(exception)), exception)
