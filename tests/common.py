@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import socket
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.protocol import Factory, Protocol
@@ -162,6 +162,7 @@ class SMTPSink:
 
     def __init__(self, testcase, reply: Optional[str] = None,
                  port: Optional[int] = None, first_answers: Sequence = (),
+                 rcpt_answers: Optional[Mapping[str, Sequence]] = None,
                  **controller_options) -> None:
         """
         @param reply: the answer to DATA instead of C{250 OK}, e.g.
@@ -170,6 +171,9 @@ class SMTPSink:
         @param first_answers: how to meet the first DATA commands, one
             each, before answering as usual: a reply such as C{"451 busy"}
             (the message is not kept), L{HANG_UP} or L{KEEP_AND_HANG_UP}.
+        @param rcpt_answers: for an address, the replies to its first RCPT
+            commands, one each, instead of accepting it: C{{"dev@example.com":
+            ["451 greylisted"]}}.
         @param controller_options: passed to aiosmtpd's C{Controller}
             (tls_context, require_starttls, ssl_context, authenticator,
             auth_required, auth_require_tls, ...).
@@ -183,6 +187,8 @@ class SMTPSink:
         self._waiting: list = []
         self._reply = reply
         self._first_answers = list(first_answers)
+        self._rcpt_answers = {address: list(answers) for address, answers
+                              in (rcpt_answers or {}).items()}
         self.port = port or free_tcp_port()
         self._controller = Controller(self, hostname="127.0.0.1",
                                       port=self.port, **controller_options)
@@ -195,6 +201,14 @@ class SMTPSink:
         # Python 3.12 on, asyncio waits for open connections to close, and
         # our client may still be saying QUIT when the test ends.
         testcase.addCleanup(threads.deferToThread, self._controller.stop)
+
+    async def handle_RCPT(self, server, session, envelope, address,
+                          rcpt_options) -> str:
+        answers = self._rcpt_answers.get(address)
+        if answers:
+            return answers.pop(0)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope) -> str:
         self.offered.append(

@@ -487,6 +487,60 @@ class FailedDeliveryTests(TestCase):
                          {"boom": {"web1": 2, "web2": 1}})
 
     @defer.inlineCallbacks
+    def test_recipient_greylisted(self):
+        """
+        A server that takes the message for one recipient and answers 451
+        for the other (greylisting) has not delivered it: it is retried for
+        that recipient alone, and each recipient gets it once.
+        """
+        sink = SMTPSink(self, rcpt_answers={
+            "dev@example.com": ["451 4.7.1 greylisted, try again later"]})
+        events = capture_log(self)
+        service = start_service(self, **smtp_settings(
+            sink.port, REPORT_TO=["ops@example.com", "dev@example.com"],
+            **FAST_RETRY))
+        outcomes = yield report(service, BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2)
+        self.assertEqual(outcomes, [True])
+        self.assertEqual([envelope.rcpt_tos for envelope in sink.envelopes],
+                         [["ops@example.com"], ["dev@example.com"]])
+        first, second = sink.messages
+        self.assertEqual(first["Message-ID"], second["Message-ID"])
+        self.assertEqual(digest_counts(second.get_content()),
+                         {"boom": {"web1": 2, "web2": 1}})
+        [line] = logged_lines(events, OUTBOX, LogLevel.warn)
+        self.assertIn(f"to dev@example.com via SMTP server 127.0.0.1:"
+                      f"{sink.port}: the server refused dev@example.com: 451 "
+                      f"4.7.1 greylisted, try again later; attempt 1", line)
+        self.assertEqual(spooled(service), [])
+
+    @defer.inlineCallbacks
+    def test_recipient_refused(self):
+        """
+        A 550 for one recipient while the other takes the message: the one
+        gets it, and the message goes to C{failed/} with an error naming
+        the other and the server's reply.
+        """
+        sink = SMTPSink(self, rcpt_answers={
+            "dev@example.com": ["550 5.1.1 no such user"]})
+        events = capture_log(self)
+        service = start_service(self, **smtp_settings(
+            sink.port, REPORT_TO=["ops@example.com", "dev@example.com"],
+            **FAST_RETRY))
+        outcomes = yield report(service, BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2)
+        self.assertEqual(outcomes, [False])
+        self.assertEqual([envelope.rcpt_tos for envelope in sink.envelopes],
+                         [["ops@example.com"]])
+        [line] = logged_lines(events, OUTBOX)
+        self.assertIn("Giving up on", line)
+        self.assertIn(f"to dev@example.com via SMTP server 127.0.0.1:"
+                      f"{sink.port}: the server refused dev@example.com: 550 "
+                      f"5.1.1 no such user", line)
+        self.assertEqual(spooled(service), [])
+        [kept] = failed(service)
+        self.assertEqual(digest_counts(read_message(kept).get_content()),
+                         {"boom": {"web1": 2, "web2": 1}})
+
+    @defer.inlineCallbacks
     def test_connection_dropped_in_data(self):
         """
         A server that hangs up after the message's content but before its
