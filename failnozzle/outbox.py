@@ -197,6 +197,10 @@ class _Sender(smtp.ESMTPSender):
     which has fired and is gone by then: an AttributeError in the reactor,
     e.g. when its idle timer fires in the same reactor turn as our timeout,
     or when a server goes silent after accepting the message.
+
+    A connection lost while the message is being sent is reported as such,
+    not as the bare "Consumer asked us to stop producing" of Twisted's
+    FileSender.
     """
 
     def smtpState_disconnect(self, code: int, resp: bytes) -> None:
@@ -205,7 +209,14 @@ class _Sender(smtp.ESMTPSender):
         # servers (asyncio's on Python 3.12+) never send, until the timeout.
         self.transport.abortConnection()
 
-    def sendError(self, exc: smtp.SMTPClientError) -> None:
+    def sendError(self, exc: Exception) -> None:
+        if not isinstance(exc, smtp.SMTPClientError):
+            # Only FileSender fails with anything else, when the connection
+            # ends in the middle of the message.
+            lost = smtp.SMTPConnectError(
+                -1, "connection lost while sending the message", isFatal=True)
+            lost.__cause__ = net_error.ConnectionLost()
+            exc = lost
         if self.factory.sendFinished:
             smtp.SMTPClient.sendError(self, exc)
         else:
