@@ -17,6 +17,7 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, Logger, formatEvent, globalLogPublisher
+from twisted.protocols.basic import LineReceiver
 
 from failnozzle.config import Settings, load_settings
 from failnozzle.ingest import bind_udp_socket
@@ -258,8 +259,8 @@ class SMTPSink:
         return arrived.addTimeout(WAIT_SECONDS, reactor)
 
 
-class _Silent(Protocol):
-    """Accepts a connection and never says a word."""
+class _Tracked(Protocol):
+    """Lists itself with its factory, and says when it is closed."""
 
     def connectionMade(self) -> None:
         self.factory.connections.append(self)
@@ -269,18 +270,47 @@ class _Silent(Protocol):
         self.closed.callback(None)
 
 
-class SilentServer:
+class _Silent(_Tracked):
+    """Accepts a connection and never says a word."""
+
+
+class _DropInData(_Tracked, LineReceiver):
     """
-    A TCP server on 127.0.0.1 that accepts connections and never answers,
-    like a hung mail server.  When the test ends it hangs up on whoever
-    is still connected and stops listening.
+    Says yes to every SMTP command, and hangs up a few lines into the
+    message's content.
+    """
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._content_lines = None
+        self.sendLine(b"220 127.0.0.1 ESMTP")
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._content_lines is not None:
+            self._content_lines += 1
+            if self._content_lines == 10:
+                self.transport.abortConnection()
+        elif line.upper().startswith(b"DATA"):
+            self._content_lines = 0
+            self.sendLine(b"354 go ahead")
+        else:
+            self.sendLine(b"250 OK")
+
+
+class _LoopbackServer:
+    """
+    A TCP server on 127.0.0.1 speaking L{protocol}.  When stopped, or when
+    the test ends, it hangs up on whoever is still connected and stops
+    listening.
 
     @ivar port: the port it listens on.
     @ivar connections: the server side of each connection accepted.
     """
 
+    protocol: type = Protocol
+
     def __init__(self, testcase) -> None:
-        factory = Factory.forProtocol(_Silent)
+        factory = Factory.forProtocol(self.protocol)
         factory.connections = self.connections = []
         self._listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.port = self._listening.getHost().port
@@ -303,6 +333,23 @@ class SilentServer:
         closed = [connection.closed for connection in self.connections]
         return defer.gatherResults(
             closed + [defer.maybeDeferred(self._listening.stopListening)])
+
+
+class SilentServer(_LoopbackServer):
+    """
+    Accepts connections and never answers, like a hung mail server.
+    """
+
+    protocol = _Silent
+
+
+class DroppingServer(_LoopbackServer):
+    """
+    An SMTP server that dies in the middle of DATA: it takes every command,
+    then hangs up once a few lines of the message's content are in.
+    """
+
+    protocol = _DropInData
 
 
 def capture_log(testcase) -> EventLoggingObserver:

@@ -18,8 +18,8 @@ from twisted.trial.unittest import TestCase
 
 from failnozzle.config import DEFAULT_MONITORING_ERROR_MARKERS, ConfigError
 from failnozzle.service import FailnozzleService, make_transport
-from tests.common import (HANG_UP, KEEP_AND_HANG_UP, SMTPSink, SilentServer,
-                          bounded, capture_log, datagrams_received,
+from tests.common import (HANG_UP, KEEP_AND_HANG_UP, DroppingServer, SMTPSink,
+                          SilentServer, bounded, capture_log, datagrams_received,
                           digest_counts, failed, free_tcp_port, logged_lines,
                           make_settings, poll_until, read_message, record,
                           send_datagrams, spooled, start_service,
@@ -559,6 +559,34 @@ class FailedDeliveryTests(TestCase):
                       line)
         yield self.assertDeliveredOnce(service, sink, outcome)
         self.assertEqual(len(sink.offered), 2)
+
+    @defer.inlineCallbacks
+    def test_connection_dropped_in_content(self):
+        """
+        A server that hangs up while a large digest's content is still on
+        its way: the attempt is logged as a lost connection, and once a
+        working server has the port the digest arrives, whole and once.
+        """
+        server = DroppingServer(self)
+        service = start_service(self, **smtp_settings(server.port,
+                                                      **FAST_RETRY))
+        lost = wait_for_log(self, OUTBOX, r"; attempt 1, next in 0.1 s")
+        traceback = "Traceback (most recent call last):\n" + "  frame\n" * 400
+        yield count_in(service, [record(f"boom {number}", exc_text=traceback)
+                                 for number in range(40)])
+        [outcome] = service.flush()
+        line = yield lost
+        self.assertIn(f"SMTP server 127.0.0.1:{server.port}: the connection "
+                      f"was lost", line)
+        yield server.stop()
+        sink = SMTPSink(self, port=server.port)
+        delivered = yield bounded(outcome)
+        self.assertIs(delivered, True)
+        [message] = sink.messages
+        self.assertEqual(digest_counts(message.get_content()),
+                         {f"boom {number}": {"host1": 1}
+                          for number in range(40)})
+        self.assertEqual(spooled(service), [])
 
     @defer.inlineCallbacks
     def test_reply_lost(self):
