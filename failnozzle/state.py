@@ -168,7 +168,10 @@ class StateFile:
                  for kind, rows in data["held"].items()},
                 [int(count) for count in data["rate_window"]],
             )
-        except FileNotFoundError as error:
+        except (FileNotFoundError, NotADirectoryError) as error:
+            # No snapshot at all is no trouble (and a directory that cannot
+            # hold one is reported when saving fails); a snapshot without
+            # its keys file is.
             if error.filename != self.path:
                 self._set_aside(error)
             return None

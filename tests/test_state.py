@@ -201,3 +201,23 @@ class ThreadedWriteTests(SynchronousTestCase):
         self.assertEqual(
             [e.key[2] for e in StateFile(path, Clock()).load().buffer.entries],
             ["b"])
+
+
+class NoSnapshotTests(SynchronousTestCase):
+    """
+    Where no snapshot can be.
+    """
+
+    def test_directory_is_a_file(self):
+        """
+        A STATE_FILE whose directory is a regular file has no snapshot to
+        load; nothing is moved aside.
+        """
+        blocker = self.mktemp()
+        with open(blocker, "w"):
+            pass
+        events = EventLoggingObserver.createWithCleanup(
+            self, globalLogPublisher)
+        states = StateFile(os.path.join(blocker, "state.json"), Clock())
+        self.assertIsNone(states.load())
+        self.assertEqual(len(events), 0)
