@@ -156,6 +156,9 @@ class FailnozzleService(Service):
                  "messages wait in memory only")
         if self.state_file is not None:
             self._restore_state()
+            # Also finds out now, not at the first flush, if it cannot be
+            # written.
+            self.save_state()
         sock = self._udp_socket
         self.udp_port = self._reactor.adoptDatagramPort(
             sock.fileno(), sock.family, self.receiver,
