@@ -63,10 +63,11 @@ def _fit(fields: dict) -> dict:
     """
     Clip the longest values to one common size so the JSON fits in one
     datagram; message and exc_text are clipped alike, so neither is lost
-    to the other.  msg, a copy of message, is dropped.
+    to the other.  msg, where present a copy of message, is dropped.
     """
     fields = {str(name): _encodable(value) for name, value in fields.items()}
-    fields["msg"] = None
+    if "msg" in fields:
+        fields["msg"] = None
     sizes = {name: len(json.dumps(value, default=repr))
              for name, value in fields.items()}
     room = MAX_DATAGRAM_BYTES - (len(_encode(fields)) - sum(sizes.values()))
@@ -86,6 +87,18 @@ def _fit(fields: dict) -> dict:
                 value, default=repr)
             fields[name] = _clip(text, cap)
     return fields
+
+
+def encode_datagram(fields: dict) -> bytes:
+    """
+    A record as the payload of one datagram: JSON, all ASCII, the longest
+    values clipped if it would not fit.  The handler and C{failnozzle-send}
+    both use it, so a record is clipped alike whoever sends it.
+    """
+    data = _encode(fields)
+    if len(data) > MAX_DATAGRAM_BYTES:
+        data = _encode(_fit(fields))
+    return data.encode("ascii")
 
 
 class AggregatorHandler(logging.handlers.DatagramHandler):
@@ -125,7 +138,4 @@ class AggregatorHandler(logging.handlers.DatagramHandler):
         fields["args"] = None
         fields["source"] = self.source
         fields["kind"] = self.kind
-        data = _encode(fields)
-        if len(data) > MAX_DATAGRAM_BYTES:
-            data = _encode(_fit(fields))
-        return data.encode("ascii")
+        return encode_datagram(fields)
