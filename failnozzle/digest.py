@@ -180,12 +180,22 @@ def build_message(
     message["To"] = ", ".join(recipients)
     if reply_to:
         message["Reply-To"] = ", ".join(reply_to)
-    message["Subject"] = subject
+    message["Subject"] = _encodable(subject)
     message["Date"] = formatdate(date, usegmt=True)
     message["Message-ID"] = make_msgid(domain=domain)
     message["X-Failnozzle"] = kind
+    body = _encodable(body)
     message.set_content(body, charset="utf-8", cte=_transfer_encoding(body))
     return message
+
+
+def _encodable(text: str) -> str:
+    """
+    The text with what UTF-8 cannot encode (lone surrogates, which JSON's
+    "\\udcff" escapes give) replaced, so one odd error report cannot keep
+    a whole digest from being sent.
+    """
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _transfer_encoding(body: str) -> str:

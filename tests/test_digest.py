@@ -340,6 +340,15 @@ class MessageTests(SynchronousTestCase):
         self.assertEqual(message["Subject"], "Ärger ☃")
         self.assertEqual(message.get_content(), "Fehler: Ärger ☃\n")
 
+    def test_lone_surrogates(self):
+        """
+        Text UTF-8 cannot encode (a lone surrogate, as the JSON escape
+        "\\udcff" gives) is replaced, not an error that loses the digest.
+        """
+        raw, message = self.build(subject="bad \udcff", body="x \udcff y\n")
+        self.assertEqual(message["Subject"], "bad ?")
+        self.assertEqual(message.get_content(), "x ? y\n")
+
     def test_long_lines(self):
         """
         A line longer than SMTP allows is encoded, not sent as it is.

@@ -193,6 +193,26 @@ class FlushLoopTests(ServiceTestCase):
         self.assertIn("1X Internal error: datagram is not valid UTF-8", body)
 
 
+class OddTextTests(ServiceTestCase):
+    """
+    Text that is valid JSON but not encodable as UTF-8.
+    """
+
+    def test_lone_surrogate(self):
+        """
+        A report whose message is a lone surrogate (JSON "\\udcff") is
+        digested with the other errors of its window, none lost.
+        """
+        self.start()
+        self.receive(b'{"message": "bad \\udcff", "source": "h"}',
+                     record("fine"))
+        self.service.flush()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        body = message.get_content()
+        self.assertIn("1X bad ?", body)
+        self.assertIn("1X fine", body)
+
+
 class RoutingTests(ServiceTestCase):
     """
     REPORT_TO gets the real errors, JUST_MONITORING_REPORT_TO the canaries.
