@@ -1,0 +1,549 @@
+#!/usr/bin/env python3
+"""
+How failnozzle takes an error storm, against the Python ceiling, in one run
+on 127.0.0.1.
+
+    python bench/ingest.py              # everything, a few minutes
+    python bench/ingest.py --quick      # a smoke test, under a minute
+    python bench/ingest.py --scenario ladder --rates 20000,40000 --repeat 5
+
+The load is what failnozzle.loghandler.AggregatorHandler sends for
+logger.exception(...) with a ~1.7 kB traceback (~2.3 kB per datagram), over
+--unique errors from --hosts hosts, sent by --senders processes that pace
+themselves (a millisecond's worth of datagrams, then a sleep).
+
+Scenarios (--scenario, all by default):
+
+ladder       Each rate of --rates, for --seconds, --repeat times, to two
+             receivers one after the other: the real daemon, started as
+             users start it (twistd -n failnozzle --config=...), counting
+             what its digests report after SIGTERM; and a reference
+             receiver: socket.recv + json.loads + a dict count of the same
+             unique key, with the same receive buffer, in a process of its
+             own.  Per point: the loss (sent - counted, cross-checked with
+             the socket's drop counter in /proc/net/udp and the kernel's UDP
+             InErrors in /proc/net/snmp), datagrams handled per second, CPU
+             microseconds per datagram (/proc/<pid>/stat) and peak RSS
+             (VmHWM).  A receiver leaves the ladder once it loses more than
+             5 %.  Then the highest rate with no loss, the throughput at
+             saturation, and the daemon-to-reference ratios.
+cardinality  --flood-count distinct errors (1,000,000) into the daemon at a
+             rate it takes: its peak RSS, and whether the digest stays
+             bounded (its size, the errors listed, the "more errors not
+             shown" line).
+flush        How long a flush of 10,000 unique errors blocks the reactor,
+             measured in process phase by phase; then whether the real
+             daemon loses datagrams while it flushes such a buffer every
+             --flush-seconds, against the same load with no flush.
+
+Medians are of --repeat runs.  Everything is bounded in count and time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from common import (Daemon, cpu_seconds, cycling, datagram_maker,
+                    kernel_udp_drops, peak_rss, realistic_datagrams,
+                    send_from_processes, udp_socket_queue, wait_drained)
+from failnozzle.config import UniqueMessage
+
+#: Ends the reference receiver's loop; it then reports its count.
+STOP = b"stop"
+
+#: A receiver that loses more than this share of a point leaves the ladder.
+SATURATED = 0.05
+
+MB = 1024 * 1024
+
+
+def reference_receiver(buffer_size: int, connection) -> None:
+    """
+    The Python ceiling: a blocking socket.recv, decoding, json.loads and a
+    count per unique key and source, nothing else.  Sends C{(port, granted
+    buffer)} once bound, and the number of datagrams counted once it reads
+    L{STOP}.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # As failnozzle.ingest.set_receive_buffer asks (not imported: it would
+    # bring Twisted into this process's memory).
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, buffer_size)
+    except (AttributeError, PermissionError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
+    sock.bind(("127.0.0.1", 0))
+    connection.send((sock.getsockname()[1],
+                     sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)))
+    fields = UniqueMessage._fields
+    counts: dict = {}
+    recv, loads = sock.recv, json.loads
+    while True:
+        data = recv(65536)
+        if data == STOP:
+            break
+        record = loads(data.decode())
+        key = (tuple(map(record.get, fields)), record.get("source"))
+        counts[key] = counts.get(key, 0) + 1
+    connection.send(sum(counts.values()))
+
+
+class ReferenceUnderTest:
+    """L{reference_receiver} in a fresh interpreter (spawned, not forked,
+    so its memory is its own)."""
+
+    def __init__(self, buffer_size: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._connection, theirs = context.Pipe()
+        self._process = context.Process(target=reference_receiver,
+                                        args=(buffer_size, theirs))
+        self._process.start()
+        theirs.close()
+        if not self._connection.poll(30):
+            self._process.kill()
+            raise SystemExit("the reference receiver did not start")
+        self.port, self.receive_buffer = self._connection.recv()
+        self.pid = self._process.pid
+
+    def stop(self) -> int:
+        """Send L{STOP} (again, should the kernel drop it) until the
+        receiver answers; return its count."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for _ in range(100):
+                sock.sendto(STOP, ("127.0.0.1", self.port))
+                if self._connection.poll(0.1):
+                    count = self._connection.recv()
+                    self._process.join(10)
+                    return count
+        self._process.kill()
+        raise SystemExit("the reference receiver did not stop")
+
+
+class DaemonUnderTest:
+    """The real daemon, as L{common.Daemon} starts it, counted from its
+    digests once stopped."""
+
+    def __init__(self, directory: str, buffer_size: int, **settings) -> None:
+        settings.setdefault("FLUSH_SECONDS", 3600)
+        self.daemon = Daemon(directory, UDP_RCVBUF=buffer_size, **settings)
+        self.port = self.daemon.port
+        self.pid = self.daemon.pid
+        self.receive_buffer = self.daemon.receive_buffer
+
+    def stop(self) -> int:
+        self.daemon.stop()
+        return self.daemon.counted()
+
+
+@dataclass
+class Run:
+    """What one receiver did with one load."""
+
+    sent: int
+    counted: int
+    busy: float  # seconds from the first datagram until the queue was empty
+    cpu: float  # seconds of CPU the receiver used meanwhile
+    peak_rss: int
+    socket_drops: int
+    kernel_drops: int
+
+    @property
+    def lost(self) -> int:
+        return self.sent - self.counted
+
+    @property
+    def handled_per_second(self) -> float:
+        return self.counted / self.busy
+
+    @property
+    def cpu_per_message(self) -> float:
+        """Microseconds of CPU per datagram counted."""
+        return self.cpu / max(1, self.counted) * 1e6
+
+
+def measure(receiver, datagram: Callable[[int], bytes], rate: float,
+            seconds: float, count: int, senders: int) -> Run:
+    """
+    Send one load to a started receiver, wait until it has read it all,
+    take the readings, then stop it and learn what it counted.
+    """
+    kernel_before = kernel_udp_drops()
+    drops_before = udp_socket_queue(receiver.port)[1]
+    cpu_before = cpu_seconds(receiver.pid)
+    try:
+        sent, start = send_from_processes(receiver.port, datagram, rate,
+                                          seconds, count, senders)
+        drained = wait_drained(receiver.port)
+        time.sleep(0.05)  # the last datagrams read are being counted
+        cpu = cpu_seconds(receiver.pid) - cpu_before
+        rss = peak_rss(receiver.pid)
+        socket_drops = udp_socket_queue(receiver.port)[1] - drops_before
+        kernel_drops = kernel_udp_drops() - kernel_before
+    finally:
+        counted = receiver.stop()
+    return Run(sent, counted, drained - start, cpu, rss, socket_drops,
+               kernel_drops)
+
+
+class Point:
+    """
+    One receiver at one load, over several runs.  The loss and its
+    cross-checks are those of the run with the median loss, so they agree
+    with each other; the other readings are medians over the runs.
+    """
+
+    def __init__(self, runs: list) -> None:
+        typical = sorted(runs, key=lambda run: run.lost)[len(runs) // 2]
+        self.sent = typical.sent
+        self.lost = typical.lost
+        self.socket_drops = typical.socket_drops
+        self.kernel_drops = typical.kernel_drops
+        self.handled_per_second, self.cpu_per_message, self.peak_rss = (
+            statistics.median(getattr(run, reading) for run in runs)
+            for reading in ("handled_per_second", "cpu_per_message",
+                            "peak_rss"))
+
+
+def run_ladder(options, datagrams: list) -> None:
+    """
+    Climb the rates with both receivers, interleaved run by run so both
+    see the same machine; print a row per receiver and rate, then the
+    summary.
+    """
+    size = sum(map(len, datagrams)) / len(datagrams)
+    print(f"== ladder: {options.unique} unique errors x {options.hosts} "
+          f"hosts, {size:.0f} bytes per datagram, {options.seconds:g} s per "
+          f"point from {options.senders} sender process(es), median of "
+          f"{options.repeat}")
+    print(f"{'offered/s':>10} {'receiver':<10} {'sent/s':>9} {'lost':>8} "
+          f"{'lost %':>7} {'sock drops':>10} {'kern drops':>10} "
+          f"{'handled/s':>10} {'CPU us/msg':>10} {'RSS MB':>7}")
+    receivers = {
+        "daemon": lambda directory: DaemonUnderTest(directory,
+                                                    options.rcvbuf),
+        "reference": lambda directory: ReferenceUnderTest(options.rcvbuf),
+    }
+    results: dict = {name: {} for name in receivers}
+    climbing = list(receivers)
+    buffers = set()
+    for rate in options.rates:
+        runs: dict = {name: [] for name in climbing}
+        for _ in range(options.repeat):
+            for name in climbing:
+                with tempfile.TemporaryDirectory() as directory:
+                    receiver = receivers[name](directory)
+                    buffers.add(receiver.receive_buffer)
+                    runs[name].append(measure(
+                        receiver, cycling(datagrams), rate, options.seconds,
+                        int(rate * options.seconds), options.senders))
+        for name in list(climbing):
+            point = results[name][rate] = Point(runs[name])
+            print(f"{rate:>10,} {name:<10} "
+                  f"{point.sent / options.seconds:>9,.0f} {point.lost:>8,.0f} "
+                  f"{point.lost / point.sent:>7.2%} "
+                  f"{point.socket_drops:>10,.0f} {point.kernel_drops:>10,.0f} "
+                  f"{point.handled_per_second:>10,.0f} "
+                  f"{point.cpu_per_message:>10.1f} "
+                  f"{point.peak_rss / MB:>7.1f}", flush=True)
+            if point.lost > SATURATED * point.sent:
+                climbing.remove(name)
+        if not climbing:
+            break
+    print(f"receive buffer granted (bytes): "
+          f"{', '.join(map(str, sorted(buffers)))}")
+    summarize_ladder(results)
+
+
+def summarize_ladder(results: dict) -> None:
+    """The headline figures of the ladder, and the daemon-to-reference
+    ratios; CPU and memory compared at the highest rate both took whole."""
+
+    def zero_loss_rate(points: dict) -> int:
+        return max((rate for rate, point in points.items()
+                    if point.lost == 0), default=0)
+
+    daemon, reference = results["daemon"], results["reference"]
+    common_rate = min(zero_loss_rate(daemon), zero_loss_rate(reference))
+    rows = [
+        ("zero-loss rate /s", zero_loss_rate(daemon),
+         zero_loss_rate(reference), "{:,}"),
+        ("handled/s at saturation",
+         max(point.handled_per_second for point in daemon.values()),
+         max(point.handled_per_second for point in reference.values()),
+         "{:,.0f}"),
+    ]
+    if common_rate:
+        rows += [
+            (f"CPU us/msg at {common_rate:,}/s",
+             daemon[common_rate].cpu_per_message,
+             reference[common_rate].cpu_per_message, "{:.1f}"),
+            (f"peak RSS MB at {common_rate:,}/s",
+             daemon[common_rate].peak_rss / MB,
+             reference[common_rate].peak_rss / MB, "{:.1f}"),
+        ]
+    print(f"\n{'':<28} {'daemon':>14} {'reference':>14} {'ratio':>7}")
+    for label, mine, theirs, form in rows:
+        ratio = f"{mine / theirs:.2f}" if theirs else "-"
+        print(f"{label:<28} {form.format(mine):>14} "
+              f"{form.format(theirs):>14} {ratio:>7}")
+    print("(zero loss: the run with the median loss lost nothing; handled/s "
+          "is counted / seconds from the first datagram until its socket "
+          "was empty)")
+    for name, points in results.items():
+        if not points[max(points)].lost:
+            print(f"({name} lost nothing even at the top rate: its "
+                  f"saturation is above the ladder)")
+    print()
+
+
+def read_digest(path: str) -> dict:
+    """The figures of one digest file: size, errors listed in full, and
+    the overflow line if any."""
+    with open(path, "rb") as stored:
+        data = stored.read()
+    text = data.decode("utf-8", "replace")
+    overflow = re.search(r"^(\d+)X more errors not shown", text, re.M)
+    return {
+        "bytes": len(data),
+        "listed": len(re.findall(r"^Exception #\d+ of \d+:", text, re.M)),
+        "overflow": int(overflow.group(1)) if overflow else None,
+    }
+
+
+def run_cardinality(options) -> None:
+    """
+    A flood of distinct errors into the daemon: memory, loss, and the
+    digest it makes of them.
+    """
+    count, rate = options.flood_count, options.flood_rate
+    print(f"== cardinality: {count:,} distinct errors from {options.hosts} "
+          f"hosts at {rate:,.0f}/s into the daemon (MAX_UNIQUE_MESSAGES "
+          f"default), then SIGTERM")
+    with tempfile.TemporaryDirectory() as directory:
+        receiver = DaemonUnderTest(directory, options.rcvbuf)
+        run = measure(receiver, datagram_maker(0, options.hosts), rate,
+                      count / rate + 5, count, options.senders)
+        daemon = receiver.daemon
+        digests = [read_digest(path) for path in daemon.digests()]
+    print(f"  sent {run.sent:,}, counted {run.counted:,}, lost {run.lost:,} "
+          f"(socket drops {run.socket_drops:,}), "
+          f"{run.handled_per_second:,.0f} handled/s, "
+          f"{run.cpu_per_message:.1f} CPU us/msg")
+    print(f"  peak RSS while receiving: {run.peak_rss / MB:.1f} MB; "
+          f"including the final digest: "
+          f"{daemon.lifetime_peak_rss / MB:.1f} MB")
+    for digest in digests:
+        overflow = ("no \"more errors not shown\" line"
+                    if digest["overflow"] is None else
+                    f"\"{digest['overflow']:,}X more errors not shown\"")
+        print(f"  digest: {digest['bytes']:,} bytes, {digest['listed']:,} "
+              f"errors listed in full, {overflow}")
+    print()
+
+
+def fill_service(unique: int, hosts: int):
+    """
+    A FailnozzleService, not started, on a fake clock, writing into a
+    temporary maildir and spool (snapshots off), whose buffer holds
+    C{unique} errors each sent once from each of C{hosts} hosts, fed
+    through its own receiver as datagrams.
+
+    @return: C{(service, temporary directory)}.
+    """
+    # Imported here: the reference receiver's process imports this module,
+    # and must not carry Twisted and Jinja2 in its memory.
+    from twisted.internet.task import Clock
+
+    from failnozzle.config import load_settings
+    from failnozzle.ingest import bind_udp_socket
+    from failnozzle.service import FailnozzleService
+
+    directory = tempfile.TemporaryDirectory()
+    settings = load_settings(None, {
+        "MAILDIR": os.path.join(directory.name, "mail"),
+        "SPOOL_DIR": os.path.join(directory.name, "spool"),
+        "SNAPSHOT_SECONDS": 0,
+        "PAGER_LIMIT": 10 ** 9,
+    })[0]
+    clock = Clock()
+    clock.advance(time.time())
+    sock, _ = bind_udp_socket("127.0.0.1", 0, 65536)
+    sock.close()  # only start() would use it
+    service = FailnozzleService(settings, clock, sock)
+    for path in (settings.MAILDIR, settings.SPOOL_DIR):
+        os.makedirs(path)
+    datagram = datagram_maker(unique, hosts)
+    for n in range(unique * hosts):
+        service.receiver.datagramReceived(datagram(n), ("127.0.0.1", 9))
+        clock.advance(0.0001)
+    return service, directory
+
+
+def time_flush_phases(unique: int, hosts: int) -> dict:
+    """
+    Seconds each step of a flush of C{unique} errors takes on the reactor
+    thread, run step by step as L{FailnozzleService.flush} runs them, and
+    the whole flush as the flush loop calls it.
+    """
+    from failnozzle.aggregate import Batch
+    from failnozzle.digest import build_message
+    from failnozzle.service import MonitoringFilter
+
+    service, directory = fill_service(unique, hosts)
+    with directory:
+        settings = service.settings
+        started = time.perf_counter()
+        batch = service.aggregator.flush()
+        flushed = time.perf_counter()
+        _, real = batch.partition(MonitoringFilter(
+            settings.unique_fields, settings.MONITORING_ERROR_MARKERS))
+        pending = Batch().merge(real, settings.MAX_UNIQUE_MESSAGES)
+        merged = time.perf_counter()
+        subject, body = service.renderer.render(pending)
+        rendered = time.perf_counter()
+        message = build_message(
+            sender=settings.REPORT_FROM, recipients=settings.REPORT_TO,
+            subject=subject, body=body, date=time.time(),
+            domain=settings.SERVER_NAME)
+        built = time.perf_counter()
+        service.outbox.send(message)
+        sent = time.perf_counter()
+    service, directory = fill_service(unique, hosts)
+    with directory:
+        whole_started = time.perf_counter()
+        service.flush()
+        whole = time.perf_counter() - whole_started
+        maildir = os.path.join(directory.name, "mail", "new")
+        size = sum(os.path.getsize(os.path.join(maildir, name))
+                   for name in os.listdir(maildir))
+    return {
+        "aggregator.flush()": flushed - started,
+        "partition + merge": merged - flushed,
+        "render (Jinja2)": rendered - merged,
+        "build_message": built - rendered,
+        "outbox.send (spool + maildir)": sent - built,
+        "FailnozzleService.flush(), whole": whole,
+        "digest bytes": size,
+    }
+
+
+def run_flush(options) -> None:
+    """How long a flush of --flush-unique errors blocks the reactor, and
+    whether the daemon loses datagrams while it flushes."""
+    unique, rate = options.flush_unique, options.flush_rate
+    print(f"== flush of {unique:,} unique errors (x 2 hosts): reactor time, "
+          f"in process, median of {options.repeat}")
+    timings = [time_flush_phases(unique, 2) for _ in range(options.repeat)]
+    for name in timings[0]:
+        value = statistics.median(timing[name] for timing in timings)
+        if name == "digest bytes":
+            print(f"  {name:<34} {value:>12,.0f}")
+        else:
+            print(f"  {name:<34} {value * 1000:>9,.0f} ms")
+    seconds = options.flush_load_seconds
+    print(f"\n== flush under load: the daemon, {unique:,} unique errors from "
+          f"{options.hosts} hosts at {rate:,.0f}/s for {seconds:g} s, "
+          f"median of {options.repeat}")
+    print(f"{'FLUSH_SECONDS':>24} {'sent':>9} {'lost':>7} {'sock drops':>10} "
+          f"{'digests':>8} {'CPU us/msg':>10}")
+    datagram = datagram_maker(unique, options.hosts)
+    for flush_seconds in (3600, options.flush_seconds):
+        runs, digests = [], []
+        for _ in range(options.repeat):
+            with tempfile.TemporaryDirectory() as directory:
+                receiver = DaemonUnderTest(directory, options.rcvbuf,
+                                           FLUSH_SECONDS=flush_seconds)
+                runs.append(measure(receiver, datagram, rate, seconds,
+                                    int(rate * seconds), options.senders))
+                digests.append(len(receiver.daemon.digests()))
+        point = Point(runs)
+        label = (f"{flush_seconds:g} (none under load)"
+                 if flush_seconds > seconds else f"{flush_seconds:g}")
+        print(f"{label:>24} {point.sent:>9,.0f} {point.lost:>7,.0f} "
+              f"{point.socket_drops:>10,.0f} "
+              f"{statistics.median(digests):>8,.0f} "
+              f"{point.cpu_per_message:>10.1f}")
+    print()
+
+
+def parse_options(argv: list) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--scenario", default="all",
+                        choices=("all", "ladder", "cardinality", "flush"))
+    parser.add_argument("--quick", action="store_true",
+                        help="a short smoke run: fewer rates, one run each, "
+                             "a smaller flood")
+    parser.add_argument("--rates", type=lambda text: [
+        int(rate) for rate in text.split(",")],
+        help="offered rates, datagrams per second, comma-separated")
+    parser.add_argument("--seconds", type=float,
+                        help="seconds of load per ladder point (default 2)")
+    parser.add_argument("--repeat", type=int,
+                        help="runs per point (default 3)")
+    parser.add_argument("--unique", type=int, default=50)
+    parser.add_argument("--hosts", type=int, default=20)
+    parser.add_argument("--senders", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--rcvbuf", type=int, default=4 * MB,
+                        help="UDP_RCVBUF, and the reference's SO_RCVBUF")
+    parser.add_argument("--flood-count", type=int,
+                        help="distinct errors in the cardinality flood "
+                             "(default 1,000,000)")
+    parser.add_argument("--flood-rate", type=float, default=20000,
+                        help="its rate, datagrams per second")
+    parser.add_argument("--flush-unique", type=int, default=10000)
+    parser.add_argument("--flush-seconds", type=float, default=2,
+                        help="FLUSH_SECONDS in the flush-under-load runs")
+    parser.add_argument("--flush-load-seconds", type=float,
+                        help="seconds of load in those runs (default 7)")
+    parser.add_argument("--flush-rate", type=float, default=10000,
+                        help="their rate: at least --flush-unique per "
+                             "flush, so each flush holds them all")
+    options = parser.parse_args(argv)
+    quick = options.quick
+    defaults = {
+        "rates": [10000, 40000] if quick else [
+            10000, 20000, 30000, 40000, 50000, 60000, 70000, 80000, 100000,
+            130000],
+        "seconds": 1 if quick else 2,
+        "repeat": 1 if quick else 3,
+        "flood_count": 100000 if quick else 1000000,
+        "flush_load_seconds": 5 if quick else 7,
+    }
+    for name, value in defaults.items():
+        if getattr(options, name) is None:
+            setattr(options, name, value)
+    return options
+
+
+def main(argv: list) -> None:
+    options = parse_options(argv)
+    began = time.monotonic()
+    print(f"failnozzle ingest benchmark, {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, load "
+          f"average {os.getloadavg()[0]:.2f} (other programs share the "
+          f"CPUs)\n")
+    if options.scenario in ("all", "ladder"):
+        run_ladder(options, realistic_datagrams(options.unique,
+                                                options.hosts))
+    if options.scenario in ("all", "cardinality"):
+        run_cardinality(options)
+    if options.scenario in ("all", "flush"):
+        run_flush(options)
+    print(f"done in {time.monotonic() - began:.0f} s, load average "
+          f"{os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
