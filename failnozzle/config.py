@@ -100,6 +100,7 @@ class Settings:
     PAGER_WINDOW_SIZE: int = 5
     PAGER_LIMIT: int = 100
     MAX_UNIQUE_MESSAGES: int = 10000
+    DIGEST_MAX_DETAILS: int = 100
 
     UNIQUE_MSG_TUPLE: Any = UniqueMessage
     SOURCE_FIELD_NAME: str = "source"
@@ -361,6 +362,7 @@ _CHECKS: Mapping[str, Callable[[str, object], Any]] = {
     "PAGER_WINDOW_SIZE": _positive_int,
     "PAGER_LIMIT": _positive_int,
     "MAX_UNIQUE_MESSAGES": _positive_int,
+    "DIGEST_MAX_DETAILS": _positive_int,
     "UNIQUE_MSG_TUPLE": _unique_tuple,
     "SOURCE_FIELD_NAME": _string,
     "EMAIL_TEMPLATE_DIR": _existing_dir,

@@ -68,13 +68,21 @@ class DigestRenderer:
         template_dir: Optional[str] = None,
         subject_template: str = "subject-template.txt",
         body_template: str = "body-template.txt",
+        max_details: int = 100,
     ) -> None:
         """
+        @param max_details: how many errors the templates see in full
+            (DIGEST_MAX_DETAILS); the rest are only counted, which keeps a
+            digest of thousands of unique errors readable and quick to
+            build.
         @raise ConfigError: a template cannot be found or does not compile.
         """
         self._unique_tuple = unique_tuple
         self._server_name = server_name
         self._max_unique = max_unique
+        self._max_details = max_details
+        fields = unique_tuple._fields
+        self._kind_index = fields.index("kind") if "kind" in fields else None
         default_loader = FileSystemLoader(DEFAULT_TEMPLATE_DIR)
         loader = default_loader
         if template_dir is not None:
@@ -93,6 +101,8 @@ class DigestRenderer:
 
     def context(self, batch: Batch) -> dict:
         """The names the templates see (those of the original, and more)."""
+        shown = batch.entries[:self._max_details]
+        hidden = batch.entries[self._max_details:]
         sorted_counts = [
             (
                 self._unique_tuple._make(entry.key),
@@ -104,9 +114,10 @@ class DigestRenderer:
                            key=lambda item: str(item[0])),
                 ),
             )
-            for entry in batch.entries
+            for entry in shown
         ]
-        kinds = {getattr(message, "kind", None) for message, _ in sorted_counts}
+        kinds = ({entry.key[self._kind_index] for entry in batch.entries}
+                 if self._kind_index is not None else set())
         return {
             "server_name": self._server_name,
             "total": batch.total,
@@ -115,6 +126,9 @@ class DigestRenderer:
             "kinds": sorted(str(kind) for kind in kinds if kind is not None),
             "overflow": batch.overflow,
             "max_unique": self._max_unique,
+            "not_listed_unique": len(hidden),
+            "not_listed_total": sum(entry.total for entry in hidden),
+            "max_details": self._max_details,
         }
 
     def render(self, batch: Batch) -> tuple:

@@ -117,6 +117,7 @@ class FailnozzleService(Service):
             settings.EMAIL_TEMPLATE_DIR,
             settings.EMAIL_SUBJECT_TEMPLATE,
             settings.EMAIL_BODY_TEMPLATE,
+            settings.DIGEST_MAX_DETAILS,
         )
         self.outbox = Outbox(
             transport or make_transport(settings, reactor),

@@ -146,6 +146,28 @@ class DefaultTemplateTests(SynchronousTestCase):
             "7X more errors not shown (more than 10000 unique errors "
             "arrived)\n", body)
 
+    def test_details_capped(self):
+        """
+        Past DIGEST_MAX_DETAILS errors, the rest are counted in one summary
+        line and not shown in detail; the headline and the subject stay
+        exact, kinds included.
+        """
+        entries = [Entry(UniqueMessage("m", "f", "f.py", f"error {n}", "p.py",
+                                       n, "trace", f"app{n % 3}"),
+                         {"h": 10 - n}, 0, 0) for n in range(5)]
+        subject, body = DigestRenderer(UniqueMessage, "nozzle1", 10000,
+                                       max_details=2).render(
+            Batch.of(entries))
+        self.assertEqual(
+            subject, "nozzle1 errors: 40 total, 5 unique (app0, app1, app2)")
+        self.assertIn("** 40 instances of 5 unique errors", body)
+        self.assertIn(
+            "9X error 1 (in app1, p.py:1)\n"
+            "21X in 3 more unique errors not listed (DIGEST_MAX_DETAILS = 2)\n",
+            body)
+        self.assertIn("Exception #2 of 2:", body)
+        self.assertNotIn("error 2", body)
+
     def test_missing_exc_text(self):
         """
         An error without exc_text shows no 'None' where the traceback
