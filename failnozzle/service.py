@@ -277,8 +277,9 @@ class FailnozzleService(Service):
             self.rate_window.reset()
         undelivered = set() if final else self.outbox.waiting_kinds()
         for kind, part in (("digest", real), ("monitoring", monitoring)):
-            pending = self._held.pop(kind, Batch()).merge(
-                part, self.settings.MAX_UNIQUE_MESSAGES)
+            held = self._held.pop(kind, None)
+            pending = (held.merge(part, self.settings.MAX_UNIQUE_MESSAGES)
+                       if held else part)
             if not pending:
                 continue
             if kind in undelivered:
