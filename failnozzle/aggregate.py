@@ -109,9 +109,12 @@ def _tallies_of(entries: Iterable[Entry]) -> dict:
     return {entry.key: _tally_of(entry) for entry in entries}
 
 
+def _entry_of(key: tuple, tally: _Tally) -> Entry:
+    return Entry(key, tally.sources, tally.first_seen, tally.last_seen)
+
+
 def _batch_of(tallies: dict, overflow: int) -> Batch:
-    return Batch.of((Entry(key, tally.sources, tally.first_seen,
-                           tally.last_seen) for key, tally in tallies.items()),
+    return Batch.of((_entry_of(key, tally) for key, tally in tallies.items()),
                     overflow)
 
 
@@ -173,18 +176,29 @@ class Aggregator:
 
     def flush(self) -> Batch:
         """Hand over everything counted so far and start empty again."""
-        batch = self.peek()
+        tallies, overflow, bad = self._tallies, self._overflow, self._bad
         self._tallies, self._overflow, self._bad = {}, 0, {}
         self.changed = True
-        return batch
+        for tally, error in bad.values():
+            key = self._internal_error_key(sum(tally.sources.values()), error)
+            _merge_tally(tallies, key, tally)
+        return _batch_of(tallies, overflow)
 
-    def peek(self) -> Batch:
-        """Everything counted so far, left in place (for snapshots)."""
-        tallies = {key: tally.copy() for key, tally in self._tallies.items()}
+    def view(self) -> Batch:
+        """
+        Everything counted so far, neither copied nor sorted: cheap, but
+        valid only until the next count, so for a snapshot that reads it
+        at once.
+        """
+        entries = {key: _entry_of(key, tally)
+                   for key, tally in self._tallies.items()}
         for tally, error in self._bad.values():
             key = self._internal_error_key(sum(tally.sources.values()), error)
-            _merge_tally(tallies, key, tally.copy())
-        return _batch_of(tallies, self._overflow)
+            merged = {} if key not in self._tallies else {
+                key: self._tallies[key].copy()}
+            _merge_tally(merged, key, tally.copy())
+            entries[key] = _entry_of(key, merged[key])
+        return Batch(tuple(entries.values()), self._overflow)
 
     def restore(self, batch: Batch) -> None:
         """Count a batch in again, such as one read back from a snapshot."""

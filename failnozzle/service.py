@@ -225,11 +225,14 @@ class FailnozzleService(Service):
         """
         if self.state_file is None:
             return defer.succeed(None)
-        state = State(self.aggregator.peek(), dict(self._held),
-                      list(self.rate_window.counts))
-        self.aggregator.changed = False
-        return self.state_file.save(state).addCallbacks(
+        return self.state_file.save(self._current_state).addCallbacks(
             self._state_saved, self._state_not_saved)
+
+    def _current_state(self) -> State:
+        # A view of the counts, not a copy: StateFile reads it at once.
+        self.aggregator.changed = False
+        return State(self.aggregator.view(), dict(self._held),
+                     list(self.rate_window.counts))
 
     def _state_saved(self, _: object) -> None:
         if self._state_unwritable:

@@ -8,7 +8,7 @@ file rewritten every second then holds only counts, so writing it costs
 milliseconds even with thousands of unique errors, and the reactor keeps
 reading datagrams.
 
-  STATE_FILE           {"version", "generation", "buffer", "held", "rate_window"}
+  STATE_FILE           {version, generation, buffer, held, rate_window}
                        replaced atomically (written beside, fsynced, renamed)
   STATE_FILE.keys.G    one JSON line per key: [number, key]; appended to and
                        fsynced before any snapshot refers to its numbers, and
@@ -74,16 +74,17 @@ class StateFile:
         """Whether a snapshot is being written."""
         return self._lock.locked
 
-    def save(self, state: State) -> defer.Deferred:
+    def save(self, current: Callable[[], State]) -> defer.Deferred:
         """
-        Write a snapshot after any being written.  Only what cannot wait
-        is done here, on the reactor; the encoding, writing and fsyncing
-        is done with C{in_thread}.
+        Write a snapshot of C{current()}, called once any snapshot being
+        written is done, so it is never out of date and may be a view of
+        live data: it is read at once, on the reactor.  The encoding,
+        writing and fsyncing is done with C{in_thread}.
 
         @return: a Deferred firing once it is on disk, or failing with the
             OSError that kept it off.
         """
-        return self._lock.run(self._save, state)
+        return self._lock.run(lambda: self._save(current()))
 
     def _save(self, state: State) -> defer.Deferred:
         batches = [state.buffer, *state.held.values()]
@@ -198,7 +199,8 @@ class StateFile:
         """Move unusable snapshot files out of the way, saying why."""
         suffix = f".bad-{int(self._clock.seconds())}"
         moved = []
-        for path in [self.path, *glob.glob(f"{glob.escape(self.path)}.keys.*")]:
+        keys_files = glob.glob(f"{glob.escape(self.path)}.keys.*")
+        for path in [self.path, *keys_files]:
             try:
                 os.replace(path, path + suffix)
                 moved.append(path + suffix)

@@ -571,7 +571,7 @@ class EndToEndTests(TestCase):
             "--where", "/etc/cron.daily/backup.sh:12", "--to",
             f"{host}:{port}", "nightly backup failed"]), 0)
         yield arrived
-        [entry] = service.aggregator.peek().entries
+        [entry] = service.aggregator.view().entries
         self.assertEqual(UniqueMessage(*entry.key), UniqueMessage(
             module="backup", funcName=None, filename="backup.sh",
             message="nightly backup failed",

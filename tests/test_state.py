@@ -44,7 +44,7 @@ class StateFileTests(SynchronousTestCase):
             {"digest": Batch.of([entry("c", first=0.5, last=9.25)])},
             [3, 0, 12],
         )
-        self.state_file().save(state)
+        self.state_file().save(lambda: state)
         self.assertEqual(self.state_file().load(), state)
 
     def test_nothing_saved(self):
@@ -64,7 +64,8 @@ class StateFileTests(SynchronousTestCase):
         """
         states = self.state_file()
         for count in range(1, 20):
-            states.save(State(Batch.of([entry("a", {"web1": count})])))
+            states.save(
+                lambda: State(Batch.of([entry("a", {"web1": count})])))
         [keys] = glob.glob(f"{self.path}.keys.*")
         with open(keys) as lines:
             self.assertEqual(len(lines.readlines()), 1)
@@ -78,8 +79,9 @@ class StateFileTests(SynchronousTestCase):
         is begun with the live keys only, and the old one removed.
         """
         states = self.state_file()
-        states.save(State(Batch.of([entry(f"e{i}") for i in range(1100)])))
-        states.save(State(Batch.of([entry("survivor")])))
+        states.save(
+            lambda: State(Batch.of([entry(f"e{i}") for i in range(1100)])))
+        states.save(lambda: State(Batch.of([entry("survivor")])))
         [keys] = glob.glob(f"{self.path}.keys.*")
         with open(keys) as lines:
             self.assertEqual(len(lines.readlines()), 1)
@@ -92,10 +94,10 @@ class StateFileTests(SynchronousTestCase):
         A new run that loaded a snapshot saves under a new keys file, and
         that is what the following run reads.
         """
-        self.state_file().save(State(Batch.of([entry("old")])))
+        self.state_file().save(lambda: State(Batch.of([entry("old")])))
         second = self.state_file()
         second.load()
-        second.save(State(Batch.of([entry("new")])))
+        second.save(lambda: State(Batch.of([entry("new")])))
         self.assertEqual(len(glob.glob(f"{self.path}.keys.*")), 1)
         self.assertEqual(
             [e.key[2] for e in self.state_file().load().buffer.entries],
@@ -106,7 +108,7 @@ class StateFileTests(SynchronousTestCase):
         A keys file ending in half a line, as a crash while appending
         leaves it, still loads: no snapshot refers to that key yet.
         """
-        self.state_file().save(State(Batch.of([entry("a")])))
+        self.state_file().save(lambda: State(Batch.of([entry("a")])))
         [keys] = glob.glob(f"{self.path}.keys.*")
         with open(keys, "a") as out:
             out.write('[1, ["views", "ind')
@@ -117,7 +119,7 @@ class StateFileTests(SynchronousTestCase):
         A state file that is not a snapshot is moved aside with an error
         saying so, and the run starts empty.
         """
-        self.state_file().save(State(Batch.of([entry("a")])))
+        self.state_file().save(lambda: State(Batch.of([entry("a")])))
         with open(self.path, "w") as out:
             out.write("{not json")
         self.clock.advance(1234)
@@ -133,7 +135,7 @@ class StateFileTests(SynchronousTestCase):
         """
         A snapshot whose keys file is gone is unusable too.
         """
-        self.state_file().save(State(Batch.of([entry("a")])))
+        self.state_file().save(lambda: State(Batch.of([entry("a")])))
         for path in glob.glob(f"{self.path}.keys.*"):
             os.unlink(path)
         self.assertIsNone(self.state_file().load())
@@ -154,10 +156,11 @@ class StateFileTests(SynchronousTestCase):
         """
         directory = self.mktemp()
         states = StateFile(os.path.join(directory, "state.json"), self.clock)
-        self.failureResultOf(states.save(State(Batch.of([entry("a")]))),
-                             OSError)
+        self.failureResultOf(
+            states.save(lambda: State(Batch.of([entry("a")]))), OSError)
         os.makedirs(directory)
-        self.successResultOf(states.save(State(Batch.of([entry("a")]))))
+        self.successResultOf(
+            states.save(lambda: State(Batch.of([entry("a")]))))
         self.assertEqual(
             len(StateFile(os.path.join(directory, "state.json"),
                           self.clock).load().buffer.entries), 1)
@@ -171,8 +174,8 @@ class ThreadedWriteTests(SynchronousTestCase):
 
     def test_writes_in_order(self):
         """
-        A snapshot asked for while one is being written waits for it, and
-        the later one is what is loaded.
+        A snapshot asked for while one is being written waits for it (and
+        only then takes the state), and the later one is what is loaded.
         """
         path = self.mktemp()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -184,10 +187,17 @@ class ThreadedWriteTests(SynchronousTestCase):
             return done
 
         states = StateFile(path, Clock(), in_thread)
-        first = states.save(State(Batch.of([entry("a")])))
-        second = states.save(State(Batch.of([entry("b")])))
+        taken = []
+
+        def current(name):
+            taken.append(name)
+            return State(Batch.of([entry(name)]))
+
+        first = states.save(lambda: current("a"))
+        second = states.save(lambda: current("b"))
         self.assertTrue(states.busy)
         self.assertEqual(len(queued), 1)
+        self.assertEqual(taken, ["a"], "the later state is taken later")
         function, args, done = queued.pop()
         function(*args)
         done.callback(None)
