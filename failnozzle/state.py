@@ -125,7 +125,7 @@ class StateFile:
                 os.fsync(keys.fileno())
         temporary = f"{self.path}.tmp"
         with open(temporary, "w", encoding="utf-8") as out:
-            out.write(json.dumps(snapshot, separators=(",", ":")))
+            out.write(_encode(snapshot))
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, self.path)
@@ -219,6 +219,20 @@ def _rows(batch: Batch, number: Callable[[tuple], int]) -> dict:
                      e.last_seen] for e in batch.entries],
         "overflow": batch.overflow,
     }
+
+
+def _encode(value: object) -> str:
+    """
+    JSON, encoded a list item or a dict value at a time: one call of the
+    C encoder over the whole snapshot would hold the GIL, and so keep the
+    reactor from reading datagrams, for as long as it runs.
+    """
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{_encode(v)}"
+                              for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(map(json.dumps, value)) + "]"
+    return json.dumps(value)
 
 
 def _batch(rows: dict, keys: dict) -> Batch:
