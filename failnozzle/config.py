@@ -104,6 +104,7 @@ class Settings:
 
     UNIQUE_MSG_TUPLE: Any = UniqueMessage
     SOURCE_FIELD_NAME: str = "source"
+    GELF_DEFAULT_KIND: str = "gelf"
     EMAIL_TEMPLATE_DIR: Optional[str] = None
     EMAIL_BODY_TEMPLATE: str = "body-template.txt"
     EMAIL_SUBJECT_TEMPLATE: str = "subject-template.txt"
@@ -365,6 +366,7 @@ _CHECKS: Mapping[str, Callable[[str, object], Any]] = {
     "DIGEST_MAX_DETAILS": _positive_int,
     "UNIQUE_MSG_TUPLE": _unique_tuple,
     "SOURCE_FIELD_NAME": _string,
+    "GELF_DEFAULT_KIND": _string,
     "EMAIL_TEMPLATE_DIR": _existing_dir,
     "EMAIL_BODY_TEMPLATE": _string,
     "EMAIL_SUBJECT_TEMPLATE": _string,

@@ -15,11 +15,11 @@ import json
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from failnozzle.ingest import BadDatagram
+from failnozzle.ingest import BadDatagram, RecordReader
 
 #: A chunked message may have at most this many chunks (the GELF spec).
 MAX_CHUNKS = 128
@@ -281,8 +281,12 @@ class GELFDecoder:
             what = "chunked message holds a chunk" if framing else (
                 f"starts with {data[:2]!r}")
             raise NotGELF(what, data)
-        return record_from_gelf(self._parse(text), self._source_field,
-                                self._default_kind, text)
+        return self.record_from(self._parse(text), text)
+
+    def record_from(self, obj: dict, data: bytes = b"") -> dict:
+        """The failnozzle record for a parsed GELF message."""
+        return record_from_gelf(obj, self._source_field, self._default_kind,
+                                data)
 
     def _inflate(self, data: bytes, wbits: int) -> bytes:
         """Inflate at most one byte more than the size limit, so a bomb is
@@ -420,3 +424,33 @@ class GELFDecoder:
             self._timer = None
         for key in list(self._partials):
             self._drop(key, "at shutdown")
+
+
+class GELFRecordReader(RecordReader):
+    """
+    Reads failnozzle's JSON and GELF alike, told apart per datagram:
+    compressed or chunked GELF by its first bytes, plain JSON GELF by its
+    C{version} and C{short_message} once parsed.
+    """
+
+    def __init__(self, unique_fields: Sequence[str], source_field: str,
+                 max_size: int, decoder: GELFDecoder) -> None:
+        """
+        @param max_size: the largest failnozzle datagram; GELF messages are
+            bounded by the decoder's own C{max_size} once inflated.
+        """
+        super().__init__(unique_fields, source_field, max_size)
+        self._decoder = decoder
+
+    def read(self, data: bytes, sender: Optional[tuple] = None
+             ) -> Optional[tuple]:
+        if is_gelf(data):
+            record = self._decoder.decode(data, sender)
+            return None if record is None else super().key_and_source(
+                record, data)
+        return super().read(data, sender)
+
+    def key_and_source(self, record: dict, data: bytes = b"") -> tuple:
+        if looks_like_gelf(record):
+            record = self._decoder.record_from(record, data)
+        return super().key_and_source(record, data)

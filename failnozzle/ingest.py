@@ -99,10 +99,13 @@ class RecordReader:
         self._source_field = source_field
         self.max_size = max_size
 
-    def read(self, data: bytes) -> tuple:
+    def read(self, data: bytes, sender: Optional[tuple] = None
+             ) -> Optional[tuple]:
         """
-        Decode one datagram.
+        Decode one datagram from C{sender} (an address).
 
+        @return: C{(key, source)}, or None when the datagram completes no
+            error report yet (a subclass may hold partial messages).
         @raise BadDatagram: it is not a JSON object with usable fields.
         """
         if len(data) > self.max_size:
@@ -261,12 +264,17 @@ class ErrorReceiver(DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: tuple) -> None:
         try:
-            key, source = self._reader.read(data)
+            read = self._reader.read(data, addr)
         except BadDatagram as error:
-            self._aggregator.add_bad_input(error, addr[0])
-            self._bad_input_log.report(error, addr)
+            self.report_bad_input(error, addr)
         else:
-            self._aggregator.add_key(key, source)
+            if read is not None:
+                self._aggregator.add_key(*read)
+
+    def report_bad_input(self, error: BadDatagram, sender: tuple) -> None:
+        """Count bad input from C{sender} for the digest, and log it."""
+        self._aggregator.add_bad_input(error, sender[0])
+        self._bad_input_log.report(error, sender)
 
     def read_pending(self, limit: int = 100000) -> int:
         """

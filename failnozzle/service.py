@@ -19,7 +19,8 @@ from twisted.python.failure import Failure
 from failnozzle.aggregate import Aggregator, Batch, Entry, RateWindow
 from failnozzle.config import Settings
 from failnozzle.digest import DigestRenderer, build_message, pager_alert
-from failnozzle.ingest import (ErrorReceiver, RecordReader,
+from failnozzle.gelf import GELFDecoder, GELFRecordReader
+from failnozzle.ingest import (BadDatagram, ErrorReceiver,
                                internal_error_key_maker)
 from failnozzle.outbox import MaildirTransport, Outbox, SMTPTransport
 from failnozzle.spool import Spool
@@ -101,9 +102,14 @@ class FailnozzleService(Service):
         self._reactor = reactor
         self._udp_socket = udp_socket
         self.udp_port = None
-        reader = RecordReader(settings.unique_fields,
-                              settings.SOURCE_FIELD_NAME,
-                              settings.INCOMING_MESSAGE_MAX_SIZE)
+        self._gelf = GELFDecoder(reactor,
+                                 source_field=settings.SOURCE_FIELD_NAME,
+                                 default_kind=settings.GELF_DEFAULT_KIND,
+                                 on_incomplete=self._gelf_incomplete)
+        reader = GELFRecordReader(settings.unique_fields,
+                                  settings.SOURCE_FIELD_NAME,
+                                  settings.INCOMING_MESSAGE_MAX_SIZE,
+                                  self._gelf)
         self.aggregator = Aggregator(
             settings.MAX_UNIQUE_MESSAGES, reactor,
             internal_error_key_maker(reader, settings.INTERNAL_ERROR_FUNC))
@@ -191,6 +197,7 @@ class FailnozzleService(Service):
                 loop.stop()
         if self.receiver.transport is not None:
             self.receiver.read_pending()
+        self._gelf.stop()
         _log.info("failnozzle stopping: flushing the buffer and delivering "
                   "for up to {seconds:g} s",
                   seconds=self.settings.SHUTDOWN_TIMEOUT_SECONDS)
@@ -201,6 +208,10 @@ class FailnozzleService(Service):
         stopped.addCallback(lambda _: self.save_state())
         stopped.addCallback(lambda _: _log.info("failnozzle stopped"))
         return stopped
+
+    def _gelf_incomplete(self, error: BadDatagram, sender: tuple) -> None:
+        # Chunked GELF messages whose chunks never all came are bad input.
+        self.receiver.report_bad_input(error, sender)
 
     def _restore_state(self) -> None:
         """Count in again what the last run had counted but not sent."""

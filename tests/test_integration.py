@@ -1031,3 +1031,43 @@ class StopTests(TestCase):
                 stored, policy=email.policy.default).get_content()
         self.assertIn("** 50 instances of 1 unique error (app) **", body)
         self.assertIn("- on web49, 1X", body)
+
+
+class GELFClientTests(TestCase):
+    """
+    A real GELF client library, in its default settings (compressed, and
+    chunked past 1,300 bytes), sending to the failnozzle port.
+    """
+
+    @defer.inlineCallbacks
+    def test_pygelf(self):
+        """
+        pygelf's UDP handler, with a traceback too large for one chunk, is
+        counted as failnozzle's own reports are: the short message, the
+        traceback, the sending host as the source.
+        """
+        import logging
+
+        from pygelf import GelfUdpHandler
+
+        service = start_service(self)
+        host, port = udp_address(service)
+        handler = GelfUdpHandler(host=host, port=port)
+        logger = logging.getLogger("failnozzle.test.gelf")
+        logger.propagate = False
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+        # About 1,800 bytes once compressed: two chunks of 1,300.
+        noise = os.urandom(1500).hex()
+        arrived = datagrams_received(service, 2)
+        try:
+            raise ValueError(noise)
+        except ValueError:
+            logger.exception("payment failed")
+        yield arrived
+        [entry] = service.aggregator.flush().entries
+        key = dict(zip(service.settings.unique_fields, entry.key))
+        self.assertEqual(key["message"], "payment failed")
+        self.assertIn(noise, key["exc_text"])
+        self.assertEqual(key["kind"], "gelf")
+        self.assertEqual(list(entry.sources.values()), [1])

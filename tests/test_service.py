@@ -2,8 +2,10 @@
 Tests for L{failnozzle.service}: the flush loop, routing, the pager and a
 clean stop, over a fake reactor and a fake mail transport.
 """
+import gzip
 import json
 import socket
+import zlib
 
 from twisted.internet import defer
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
@@ -211,6 +213,59 @@ class OddTextTests(ServiceTestCase):
         body = message.get_content()
         self.assertIn("1X bad ?", body)
         self.assertIn("1X fine", body)
+
+
+class GELFTests(ServiceTestCase):
+    """
+    GELF on the same port as failnozzle's JSON.
+    """
+
+    def gelf(self, **fields):
+        message = {"version": "1.1", "host": "web7",
+                   "short_message": "disk full", "full_message": "trace",
+                   "level": 3, "_kind": "storage"}
+        message.update(fields)
+        return json.dumps(message).encode()
+
+    def test_plain_and_compressed(self):
+        """
+        Plain, zlib and gzip GELF are counted as one error, beside a
+        failnozzle record, with host as the source and _kind as the kind.
+        """
+        self.start()
+        self.receive(self.gelf(), zlib.compress(self.gelf()),
+                     gzip.compress(self.gelf()), record("fine"))
+        self.service.flush()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        body = message.get_content()
+        self.assertIn("3X disk full (in storage, None:None)", body)
+        self.assertIn("- on web7, 3X", body)
+        self.assertIn("1X fine", body)
+
+    def test_default_kind(self):
+        """
+        A GELF message that names no kind gets GELF_DEFAULT_KIND.
+        """
+        self.start(GELF_DEFAULT_KIND="graylog")
+        self.receive(self.gelf(_kind=None))
+        self.service.flush()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("1X disk full (in graylog", message.get_content())
+
+    def test_lost_chunks_reported(self):
+        """
+        A chunked message whose other chunks never come is reported as bad
+        input once it expires, from the host that sent its first chunk.
+        """
+        self.start()
+        first_of_two = b"\x1e\x0f" + b"12345678" + b"\x00\x02" + b'{"ver'
+        self.receive(first_of_two, sender=("10.9.9.9", 1234))
+        self.reactor.advance(6)
+        self.service.flush()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        body = message.get_content()
+        self.assertIn("chunked GELF message never completed", body)
+        self.assertIn("- on 10.9.9.9, 1X", body)
 
 
 class RoutingTests(ServiceTestCase):
