@@ -96,6 +96,10 @@ class InvalidGELF(BadDatagram):
     reason = "GELF message lacks a string version or short_message"
 
 
+#: The first bytes of chunked, gzip and zlib datagrams.
+_FRAMED_FIRST_BYTES = frozenset((b"\x1e", b"\x1f", b"\x78"))
+
+
 def _framing(data: bytes) -> Optional[str]:
     """
     The framing of a GELF datagram, or of a reassembled message, from its
@@ -123,7 +127,9 @@ def is_gelf(data: bytes) -> bool:
     datagram to L{GELFDecoder} and read the rest as failnozzle's JSON;
     plain JSON GELF is told apart once parsed, by L{looks_like_gelf}.
     """
-    return _framing(data) in ("chunked", "gzip", "zlib")
+    # Every datagram passes here: the first byte settles most of them.
+    return data[:1] in _FRAMED_FIRST_BYTES and _framing(data) in (
+        "chunked", "gzip", "zlib")
 
 
 def looks_like_gelf(obj: dict) -> bool:
@@ -442,15 +448,18 @@ class GELFRecordReader(RecordReader):
         super().__init__(unique_fields, source_field, max_size)
         self._decoder = decoder
 
+    # Every datagram passes through both methods: the cheapest test that
+    # rules GELF out comes first.
+
     def read(self, data: bytes, sender: Optional[tuple] = None
              ) -> Optional[tuple]:
-        if is_gelf(data):
+        if data[:1] in _FRAMED_FIRST_BYTES and is_gelf(data):
             record = self._decoder.decode(data, sender)
             return None if record is None else super().key_and_source(
                 record, data)
         return super().read(data, sender)
 
     def key_and_source(self, record: dict, data: bytes = b"") -> tuple:
-        if looks_like_gelf(record):
+        if "short_message" in record and looks_like_gelf(record):
             record = self._decoder.record_from(record, data)
         return super().key_and_source(record, data)
