@@ -66,6 +66,7 @@ class Settings:
     """
 
     UDP_BIND: tuple = ("127.0.0.1", 1549)
+    GELF_BIND: Optional[tuple] = None
     UDP_RCVBUF: int = 4 * 1024 * 1024
     INCOMING_MESSAGE_MAX_SIZE: int = 65536
 
@@ -256,6 +257,10 @@ def _bind_address(name: str, value: object) -> tuple:
     return (host, port)
 
 
+def _optional_bind_address(name: str, value: object) -> Optional[tuple]:
+    return None if value is None else _bind_address(name, value)
+
+
 def _boolean(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{name} must be True or False, not {value!r}")
@@ -333,6 +338,7 @@ def _log_level(name: str, value: object) -> Any:
 
 _CHECKS: Mapping[str, Callable[[str, object], Any]] = {
     "UDP_BIND": _bind_address,
+    "GELF_BIND": _optional_bind_address,
     "UDP_RCVBUF": _buffer_size,
     "INCOMING_MESSAGE_MAX_SIZE": _positive_int,
     "SMTP_HOST": _optional_string,

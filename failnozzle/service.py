@@ -81,13 +81,14 @@ class FailnozzleService(Service):
     The whole daemon as one twistd service.
 
     @ivar udp_port: the listening port, once started.
+    @ivar ports: all listening ports, UDP_BIND's first, then GELF_BIND's.
     """
 
     def __init__(self, settings: Settings, reactor,
                  udp_socket: socket.socket,
                  transport: Optional[object] = None,
-                 in_thread: Optional[Callable[..., defer.Deferred]] = None
-                 ) -> None:
+                 in_thread: Optional[Callable[..., defer.Deferred]] = None,
+                 gelf_socket: Optional[socket.socket] = None) -> None:
         """
         @param udp_socket: the bound socket errors arrive on (see
             L{failnozzle.ingest.bind_udp_socket}); the service adopts it
@@ -97,10 +98,11 @@ class FailnozzleService(Service):
         @param in_thread: runs blocking file writes (snapshots) off the
             reactor, such as C{threads.deferToThread}; by default they run
             on it.
+        @param gelf_socket: a second bound socket (GELF_BIND), read the
+            same way: both take GELF and failnozzle's JSON.
         """
         self.settings = settings
         self._reactor = reactor
-        self._udp_socket = udp_socket
         self.udp_port = None
         self._gelf = GELFDecoder(reactor,
                                  source_field=settings.SOURCE_FIELD_NAME,
@@ -114,6 +116,11 @@ class FailnozzleService(Service):
             settings.MAX_UNIQUE_MESSAGES, reactor,
             internal_error_key_maker(reader, settings.INTERNAL_ERROR_FUNC))
         self.receiver = ErrorReceiver(reader, self.aggregator, reactor)
+        self._listeners = [(udp_socket, self.receiver)]
+        if gelf_socket is not None:
+            self._listeners.append(
+                (gelf_socket, ErrorReceiver(reader, self.aggregator, reactor)))
+        self.ports: list = []
         self.rate_window = RateWindow(settings.PAGER_WINDOW_SIZE,
                                       settings.PAGER_LIMIT)
         self.renderer = DigestRenderer(
@@ -166,11 +173,12 @@ class FailnozzleService(Service):
             # Also finds out now, not at the first flush, if it cannot be
             # written.
             self.save_state()
-        sock = self._udp_socket
-        self.udp_port = self._reactor.adoptDatagramPort(
-            sock.fileno(), sock.family, self.receiver,
-            maxPacketSize=self.settings.INCOMING_MESSAGE_MAX_SIZE + 1)
-        sock.close()
+        for sock, receiver in self._listeners:
+            self.ports.append(self._reactor.adoptDatagramPort(
+                sock.fileno(), sock.family, receiver,
+                maxPacketSize=self.settings.INCOMING_MESSAGE_MAX_SIZE + 1))
+            sock.close()
+        self.udp_port = self.ports[0]
         address = self.udp_port.getHost()
         _log.info(
             "failnozzle listening for errors on UDP {host}:{port}; a digest "
@@ -179,6 +187,10 @@ class FailnozzleService(Service):
             seconds=self.settings.FLUSH_SECONDS,
             transport=transport.describe(),
         )
+        for port in self.ports[1:]:
+            address = port.getHost()
+            _log.info("failnozzle listening for GELF on UDP {host}:{port}",
+                      host=address.host, port=address.port)
         self.outbox.recover()
         self._flush_loop.start(self.settings.FLUSH_SECONDS, now=False)
         if self.state_file is not None:
@@ -195,13 +207,15 @@ class FailnozzleService(Service):
         for loop in (self._flush_loop, self._snapshot_loop):
             if loop.running:
                 loop.stop()
-        if self.receiver.transport is not None:
-            self.receiver.read_pending()
+        for _, receiver in self._listeners:
+            if receiver.transport is not None:
+                receiver.read_pending()
         self._gelf.stop()
         _log.info("failnozzle stopping: flushing the buffer and delivering "
                   "for up to {seconds:g} s",
                   seconds=self.settings.SHUTDOWN_TIMEOUT_SECONDS)
-        stopped = defer.maybeDeferred(self.udp_port.stopListening)
+        stopped = defer.gatherResults([defer.maybeDeferred(port.stopListening)
+                                       for port in self.ports])
         stopped.addCallback(lambda _: self.flush(final=True))
         stopped.addCallback(lambda _: self.outbox.stop(
             self.settings.SHUTDOWN_TIMEOUT_SECONDS))

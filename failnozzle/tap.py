@@ -80,6 +80,19 @@ def _in_thread_pool(reactor, function, *args) -> Deferred:
                                      function, *args)
 
 
+def _bind(settings, setting: str) -> tuple:
+    """
+    @return: the socket bound where C{setting} says, and its buffer size.
+    @raise ConfigError: it cannot be bound.
+    """
+    host, port = getattr(settings, setting)
+    try:
+        return bind_udp_socket(host, port, settings.UDP_RCVBUF)
+    except OSError as error:
+        raise ConfigError(f"{setting}: cannot listen on {host}:{port}: "
+                          f"{error.strerror}") from None
+
+
 def makeService(options: Options, reactor=None) -> IService:
     """
     Build the daemon from its options.  A wrong setting, or an address
@@ -90,19 +103,18 @@ def makeService(options: Options, reactor=None) -> IService:
         from twisted.internet import reactor
     try:
         settings, notices = load_settings(options["config"], options.overrides)
-        host, port = settings.UDP_BIND
+        sockets = {}
         try:
-            udp_socket, granted = bind_udp_socket(host, port,
-                                                  settings.UDP_RCVBUF)
-        except OSError as error:
-            raise ConfigError(f"UDP_BIND: cannot listen on {host}:{port}: "
-                              f"{error.strerror}") from None
-        try:
+            for setting in ("UDP_BIND", "GELF_BIND"):
+                if getattr(settings, setting) is not None:
+                    sockets[setting], granted = _bind(settings, setting)
             service = FailnozzleService(
-                settings, reactor, udp_socket,
-                in_thread=partial(_in_thread_pool, reactor))
+                settings, reactor, sockets["UDP_BIND"],
+                in_thread=partial(_in_thread_pool, reactor),
+                gelf_socket=sockets.get("GELF_BIND"))
         except BaseException:
-            udp_socket.close()
+            for sock in sockets.values():
+                sock.close()
             raise
     except ConfigError as error:
         raise SystemExit(f"failnozzle: {error}") from None

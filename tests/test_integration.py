@@ -1071,3 +1071,45 @@ class GELFClientTests(TestCase):
         self.assertIn(noise, key["exc_text"])
         self.assertEqual(key["kind"], "gelf")
         self.assertEqual(list(entry.sources.values()), [1])
+
+    @defer.inlineCallbacks
+    def test_gelf_bind(self):
+        """
+        With GELF_BIND, GELF sent to that second port is counted too.
+        """
+        import logging
+
+        from pygelf import GelfUdpHandler
+
+        from failnozzle.ingest import bind_udp_socket
+
+        gelf_socket, _ = bind_udp_socket("127.0.0.1", 0, 65536)
+        settings = make_settings(
+            UDP_BIND=("127.0.0.1", 0), GELF_BIND=("127.0.0.1", 0),
+            **{name: self.mktemp()
+               for name in ("SPOOL_DIR", "STATE_FILE", "MAILDIR")})
+        udp_socket, _ = bind_udp_socket("127.0.0.1", 0, 65536)
+        service = FailnozzleService(settings, reactor, udp_socket,
+                                    gelf_socket=gelf_socket)
+        service.startService()
+        self.addCleanup(service.stopService)
+        gelf_address = service.ports[1].getHost()
+        handler = GelfUdpHandler(host="127.0.0.1", port=gelf_address.port)
+        logger = logging.getLogger("failnozzle.test.gelf_bind")
+        logger.propagate = False
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+        arrived = defer.Deferred()
+        receiver = service.ports[1].protocol
+        handle = receiver.datagramReceived
+
+        def counting(data, addr):
+            handle(data, addr)
+            arrived.callback(None)
+
+        receiver.datagramReceived = counting
+        logger.error("queue stuck")
+        yield bounded(arrived)
+        [entry] = service.aggregator.flush().entries
+        key = dict(zip(service.settings.unique_fields, entry.key))
+        self.assertEqual((key["message"], key["kind"]), ("queue stuck", "gelf"))

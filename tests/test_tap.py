@@ -89,7 +89,8 @@ class MakeServiceTests(SynchronousTestCase):
 
     def make(self, *argv):
         service = makeService(options(*argv), MemoryReactorClock())
-        self.addCleanup(service._udp_socket.close)
+        for sock, _ in service._listeners:
+            self.addCleanup(sock.close)
         return service
 
     def test_service(self):
@@ -103,7 +104,29 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(service, FailnozzleService)
         self.assertEqual(service.settings.FLUSH_SECONDS, 3)
         self.assertEqual(service.settings.SERVER_NAME, "nozzle1")
-        self.assertEqual(service._udp_socket.getsockname()[0], "127.0.0.1")
+        [(sock, _)] = service._listeners
+        self.assertEqual(sock.getsockname()[0], "127.0.0.1")
+
+    def test_gelf_bind(self):
+        """
+        GELF_BIND opens a second socket; one that cannot be bound stops
+        start-up naming GELF_BIND.
+        """
+        path = self.config("GELF_BIND = ('127.0.0.1', 0)\n")
+        service = self.make("--config", path, "--udp", "127.0.0.1:0")
+        self.assertEqual(len(service._listeners), 2)
+        taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        path = self.config(f"GELF_BIND = ('127.0.0.1', {port})\n")
+        error = self.assertRaises(SystemExit, makeService,
+                                  options("--config", path,
+                                          "--udp", "127.0.0.1:0"),
+                                  MemoryReactorClock())
+        self.assertEqual(
+            str(error), f"failnozzle: GELF_BIND: cannot listen on "
+                        f"127.0.0.1:{port}: Address already in use")
 
     def test_config_error_one_line(self):
         """
