@@ -127,6 +127,8 @@ class RecordReader:
             an object, which cannot be compared as a whole.
         """
         message = record.get("message")
+        if message is None and "msg" in record:
+            message = record["message"] = _formatted_msg(record)
         if type(message) is str and "\n" in message:
             if not record.get("exc_text"):
                 record["exc_text"] = message
@@ -147,6 +149,21 @@ class RecordReader:
             if type(value) not in _SCALARS)
         return WrongFieldType(f"field {name!r} is a JSON {_json_type(value)}",
                               data)
+
+
+def _formatted_msg(record: dict) -> object:
+    """
+    The message of a record sent as C{logging} holds it, as the original
+    failnozzle's handler did unless the record carried a traceback: the
+    C{msg} format with its C{args}, or the bare C{msg} if they do not fit.
+    """
+    msg, args = record["msg"], record.get("args")
+    if type(msg) is not str or not args:
+        return msg
+    try:
+        return msg % (tuple(args) if type(args) is list else args)
+    except (TypeError, ValueError, KeyError):
+        return msg
 
 
 def _json_type(value: object) -> str:

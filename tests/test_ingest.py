@@ -618,3 +618,46 @@ class SocketTests(SynchronousTestCase):
         error = self.assertRaises(OSError, bind_udp_socket, "127.0.0.1",
                                   port, 65536)
         self.assertEqual(error.strerror, "Address already in use")
+
+
+class OriginalHandlerTests(SynchronousTestCase):
+    """
+    Records from the original failnozzle's log handler, which sent
+    C{logging}'s C{msg} and C{args} but no C{message} unless the record
+    carried a traceback.
+    """
+
+    def read(self, **fields):
+        reader = RecordReader(("message", "kind"), "source", 65536)
+        return reader.read(json.dumps(fields).encode())
+
+    def test_msg_and_args(self):
+        """
+        Without a message, C{msg} formatted with C{args} stands for it.
+        """
+        self.assertEqual(
+            self.read(msg="user %s failed %d times", args=["bob", 3],
+                      kind="app", source="web1"),
+            (("user bob failed 3 times", "app"), "web1"))
+
+    def test_args_mapping(self):
+        """
+        C{args} given as a mapping, as C{logging} allows, fill named fields.
+        """
+        self.assertEqual(self.read(msg="%(user)s", args={"user": "bob"})[0],
+                         ("bob", None))
+
+    def test_args_do_not_fit(self):
+        """
+        C{args} that do not fit the format leave the bare C{msg}.
+        """
+        self.assertEqual(self.read(msg="%d items", args=["x"])[0],
+                         ("%d items", None))
+
+    def test_message_wins(self):
+        """
+        A message, when sent, is used as it is.
+        """
+        self.assertEqual(
+            self.read(message="done", msg="%s", args=["other"])[0],
+            ("done", None))
