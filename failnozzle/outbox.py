@@ -61,15 +61,22 @@ class MaildirTransport:
         self._maildir.prepare()
 
     def deliver(self, sender: str, recipients: Sequence[str],
-                message: EmailMessage) -> defer.Deferred:
+                message: EmailMessage,
+                data: Optional[bytes] = None) -> defer.Deferred:
         """
+        @param data: C{message} as bytes, if the caller has them already.
         @return: a Deferred firing with the file's path.
         """
         try:
             return defer.succeed(self._maildir.write(
-                message.as_bytes(policy=default_policy)))
+                _bytes_of(message, data)))
         except OSError:
             return defer.fail()
+
+
+def _bytes_of(message: EmailMessage, data: Optional[bytes]) -> bytes:
+    """The message with LF line ends, serialized only if not done yet."""
+    return message.as_bytes(policy=default_policy) if data is None else data
 
 
 class SMTPTransport:
@@ -110,8 +117,10 @@ class SMTPTransport:
         return f"SMTP server {self.host}:{self.port}"
 
     def deliver(self, sender: str, recipients: Sequence[str],
-                message: EmailMessage) -> defer.Deferred:
+                message: EmailMessage,
+                data: Optional[bytes] = None) -> defer.Deferred:
         """
+        @param data: C{message} as bytes, if the caller has them already.
         @return: a Deferred firing once the server accepted the message, or
             failing with the reason it did not.
         """
@@ -132,7 +141,7 @@ class SMTPTransport:
             sender,
             list(recipients),
             # The client turns each LF into CRLF itself.
-            BytesIO(message.as_bytes(policy=default_policy)),
+            BytesIO(_bytes_of(message, data)),
             result,
             retries=0,
             timeout=self.timeout,
@@ -504,7 +513,7 @@ class Outbox:
         waiting.attempts += 1
         attempt = waiting.attempt = defer.maybeDeferred(
             self.transport.deliver, waiting.sender, waiting.recipients,
-            waiting.message)
+            waiting.message, waiting.data)
         attempt.addCallbacks(self._delivered, self._failed,
                              callbackArgs=(waiting,), errbackArgs=(waiting,))
 

@@ -494,7 +494,7 @@ class FakeMailTransport:
     def describe(self) -> str:
         return "fake transport"
 
-    def deliver(self, sender, recipients, message):
+    def deliver(self, sender, recipients, message, data=None):
         result = defer.Deferred()
         self.pending.append((sender, tuple(recipients), message, result))
         return result

@@ -514,7 +514,7 @@ class OutageTransport:
     def describe(self):
         return "flaky server"
 
-    def deliver(self, sender, recipients, message):
+    def deliver(self, sender, recipients, message, data=None):
         if self.clock.seconds() < self.back_at:
             return defer.fail(ConnectionRefusedError())
         self.accepted.append(message)
