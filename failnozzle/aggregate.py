@@ -8,7 +8,7 @@ tested without a reactor and, later, written to disk and read back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Mapping
+from typing import Callable, Hashable, Iterable, Mapping, Optional
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -20,9 +20,11 @@ class _Tally:
     sources: dict
     first_seen: float
     last_seen: float
+    level: Optional[int] = None
 
     def copy(self) -> _Tally:
-        return _Tally(dict(self.sources), self.first_seen, self.last_seen)
+        return _Tally(dict(self.sources), self.first_seen, self.last_seen,
+                      self.level)
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,15 @@ class Entry:
     @ivar sources: how often each source (host) sent it.
     @ivar first_seen: reactor time of the first instance.
     @ivar last_seen: reactor time of the last instance.
+    @ivar level: the most severe syslog level (0 emergency … 7 debug) an
+        instance came with, if any did (GELF messages carry one).
     """
 
     key: tuple
     sources: Mapping
     first_seen: float
     last_seen: float
+    level: Optional[int] = None
 
     @property
     def total(self) -> int:
@@ -101,7 +106,8 @@ def _sorted_entries(entries: Iterable[Entry]) -> tuple:
 
 
 def _tally_of(entry: Entry) -> _Tally:
-    return _Tally(dict(entry.sources), entry.first_seen, entry.last_seen)
+    return _Tally(dict(entry.sources), entry.first_seen, entry.last_seen,
+                  entry.level)
 
 
 def _tallies_of(entries: Iterable[Entry]) -> dict:
@@ -110,7 +116,8 @@ def _tallies_of(entries: Iterable[Entry]) -> dict:
 
 
 def _entry_of(key: tuple, tally: _Tally) -> Entry:
-    return Entry(key, tally.sources, tally.first_seen, tally.last_seen)
+    return Entry(key, tally.sources, tally.first_seen, tally.last_seen,
+                 tally.level)
 
 
 def _batch_of(tallies: dict, overflow: int) -> Batch:
@@ -144,8 +151,12 @@ class Aggregator:
         #: Whether anything was counted since the last flush or snapshot.
         self.changed = False
 
-    def add_key(self, key: tuple, source: Hashable) -> None:
-        """Count one instance of the error C{key} from C{source}."""
+    def add_key(self, key: tuple, source: Hashable,
+                level: Optional[int] = None) -> None:
+        """
+        Count one instance of the error C{key} from C{source}, sent with
+        the syslog C{level}, if any.
+        """
         self.changed = True
         tally = self._tallies.get(key)
         if tally is None:
@@ -153,11 +164,13 @@ class Aggregator:
                 self._overflow += 1
                 return
             now = self._clock.seconds()
-            tally = self._tallies[key] = _Tally({source: 1}, now, now)
+            tally = self._tallies[key] = _Tally({source: 1}, now, now, level)
             return
         sources = tally.sources
         sources[source] = sources.get(source, 0) + 1
         tally.last_seen = self._clock.seconds()
+        if level is not None:
+            tally.level = _most_severe(tally.level, level)
 
     def add_bad_input(self, error: Exception, source: Hashable) -> None:
         """
@@ -219,6 +232,13 @@ def _merge_tally(tallies: dict, key: tuple, tally: _Tally) -> None:
         mine.sources[source] = mine.sources.get(source, 0) + count
     mine.first_seen = min(mine.first_seen, tally.first_seen)
     mine.last_seen = max(mine.last_seen, tally.last_seen)
+    if tally.level is not None:
+        mine.level = _most_severe(mine.level, tally.level)
+
+
+def _most_severe(level: Optional[int], other: int) -> int:
+    """The more severe of two syslog levels (the lower number)."""
+    return other if level is None or other < level else level
 
 
 class RateWindow:

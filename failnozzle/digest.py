@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from failnozzle.aggregate import Batch
 from failnozzle.config import ConfigError
+from failnozzle.gelf import SYSLOG_LEVELS
 
 _log = Logger()
 
@@ -45,6 +46,13 @@ class Occurrences:
     first_seen: datetime
     last_seen: datetime
     sources_sorted: list
+    #: The most severe syslog level seen (GELF sends one), or None.
+    level: Optional[int] = None
+
+    @property
+    def level_name(self) -> Optional[str]:
+        """The level as syslog names it ("error" for 3)."""
+        return None if self.level is None else SYSLOG_LEVELS[self.level]
 
 
 def _environment(loader) -> Environment:
@@ -112,6 +120,7 @@ class DigestRenderer:
                     utc(entry.last_seen),
                     sorted(entry.sources.items(),
                            key=lambda item: str(item[0])),
+                    entry.level,
                 ),
             )
             for entry in shown

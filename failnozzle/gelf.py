@@ -48,8 +48,11 @@ _FIELD_MAP = (
     ("lineno", ("line", "_line")),
     ("module", ("_module",)),
     ("funcName", ("_funcName", "_function", "_func")),
-    ("level", ("level",)),
 )
+
+#: GELF levels are syslog's severities.
+SYSLOG_LEVELS = ("emergency", "alert", "critical", "error", "warning",
+                 "notice", "informational", "debug")
 
 
 class NotGELF(BadDatagram):
@@ -186,7 +189,20 @@ def record_from_gelf(obj: dict, source_field: str = "source",
     if record["kind"] is None:
         record["kind"] = default_kind
     record[source_field] = obj.get("host")
+    record["level"] = _syslog_level(obj.get("level"))
     return record
+
+
+def _syslog_level(value: object) -> Optional[int]:
+    """
+    A GELF level as a syslog severity, or None if it is none: a digest
+    would rather show no level than a wrong one.
+    """
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    if type(value) is int and 0 <= value < len(SYSLOG_LEVELS):
+        return value
+    return None
 
 
 @dataclass
@@ -455,11 +471,18 @@ class GELFRecordReader(RecordReader):
              ) -> Optional[tuple]:
         if data[:1] in _FRAMED_FIRST_BYTES and is_gelf(data):
             record = self._decoder.decode(data, sender)
-            return None if record is None else super().key_and_source(
-                record, data)
+            return None if record is None else self._gelf_key(record, data)
         return super().read(data, sender)
 
     def key_and_source(self, record: dict, data: bytes = b"") -> tuple:
+        """
+        @return: C{(key, source)}, and for GELF C{(key, source, level)}:
+            what L{failnozzle.aggregate.Aggregator.add_key} takes.
+        """
         if "short_message" in record and looks_like_gelf(record):
-            record = self._decoder.record_from(record, data)
+            return self._gelf_key(self._decoder.record_from(record, data),
+                                  data)
         return super().key_and_source(record, data)
+
+    def _gelf_key(self, record: dict, data: bytes) -> tuple:
+        return (*super().key_and_source(record, data), record["level"])

@@ -216,9 +216,14 @@ def _rows(batch: Batch, number: Callable[[tuple], int]) -> dict:
     """A batch as plain JSON data, keys replaced by their numbers."""
     return {
         "entries": [[number(e.key), list(e.sources.items()), e.first_seen,
-                     e.last_seen] for e in batch.entries],
+                     e.last_seen, *_level(e)] for e in batch.entries],
         "overflow": batch.overflow,
     }
+
+
+def _level(entry: Entry) -> list:
+    """The entry's level as a row's optional last item."""
+    return [] if entry.level is None else [entry.level]
 
 
 def _encode(value: object) -> str:
@@ -239,6 +244,6 @@ def _batch(rows: dict, keys: dict) -> Batch:
     """A batch from the rows L{_rows} wrote."""
     return Batch.of(
         (Entry(keys[number], {source: int(count) for source, count in sources},
-               float(first), float(last))
-         for number, sources, first, last in rows["entries"]),
+               float(first), float(last), *map(int, level))
+         for number, sources, first, last, *level in rows["entries"]),
         int(rows["overflow"]))

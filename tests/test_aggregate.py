@@ -52,6 +52,20 @@ class AggregatorTests(SynchronousTestCase):
         [entry] = aggregator.flush().entries
         self.assertEqual((entry.first_seen, entry.last_seen), (10, 22))
 
+    def test_most_severe_level(self):
+        """
+        An error keeps the most severe syslog level it was sent with (the
+        lowest number); one never sent with a level has none.
+        """
+        aggregator, _ = make_aggregator()
+        for level in [None, 4, 2, 6, None]:
+            aggregator.add_key(("gelf",), "h", level)
+        aggregator.add_key(("json",), "h")
+        levels = {e.key: e.level for e in aggregator.view().entries}
+        self.assertEqual(levels, {("gelf",): 2, ("json",): None})
+        self.assertEqual({e.key: e.level for e in aggregator.flush().entries},
+                         levels)
+
     def test_sorted_by_count_then_first_seen(self):
         """
         The most frequent errors come first; equal counts keep the order in
@@ -165,6 +179,18 @@ class BatchTests(SynchronousTestCase):
     """
     The immutable snapshot of a flush.
     """
+
+    def test_merge_keeps_most_severe_level(self):
+        """
+        Merging batches keeps the most severe level of each error.
+        """
+        held = Batch.of([Entry(("a",), {"h": 1}, 0, 1, 4),
+                         Entry(("b",), {"h": 1}, 0, 1)])
+        later = Batch.of([Entry(("a",), {"h": 1}, 2, 3, 3),
+                          Entry(("b",), {"h": 1}, 2, 3, 6)])
+        merged = held.merge(later, 10)
+        self.assertEqual({e.key: e.level for e in merged.entries},
+                         {("a",): 3, ("b",): 6})
 
     def test_partition(self):
         """

@@ -179,6 +179,19 @@ class DefaultTemplateTests(SynchronousTestCase):
         self.assertNotIn("None", body)
         self.assertTrue(body.endswith("- on h, 1X\n\n[EOM]\n"), body)
 
+    def test_level(self):
+        """
+        An error sent with a level (GELF) shows it under its details;
+        one without shows no level line.
+        """
+        gelf = Entry(UniqueMessage("m", "f", "f.py", "oops", "p.py", 1,
+                                   "trace", "app"), {"h": 2}, 0, 0, 3)
+        plain = Entry(UniqueMessage("m", "f", "f.py", "other", "p.py", 2,
+                                    "trace", "app"), {"h": 1}, 0, 0)
+        _, body = renderer().render(Batch.of([gelf, plain]))
+        self.assertIn("UTC\nLevel: error (3)\n- on h, 2X\n", body)
+        self.assertEqual(body.count("Level:"), 1)
+
     def test_unknown_source_and_kind(self):
         """
         A missing source or kind does not break the digest.

@@ -221,13 +221,13 @@ class FramingTests(DecoderTestCase):
     def test_nan_kept_as_text(self):
         """
         NaN and Infinity are read as text, as in failnozzle's own JSON, so
-        the same error always has the same key.
+        the same error always has the same key; as a level, which must be
+        a syslog severity, they are no level.
         """
         record = self.decoder.decode(
             zlib.compress(b'{"version": "1.1", "short_message": "m", '
                           b'"line": NaN, "level": Infinity}'), SENDER)
-        self.assertEqual((record["lineno"], record["level"]),
-                         ("NaN", "Infinity"))
+        self.assertEqual((record["lineno"], record["level"]), ("NaN", None))
 
 
 class MappingTests(SynchronousTestCase):
@@ -264,6 +264,17 @@ class MappingTests(SynchronousTestCase):
              "kind": "gelf", "pathname": None, "filename": None,
              "lineno": None, "module": None, "funcName": None,
              "level": None})
+
+    def test_level(self):
+        """
+        The level is kept when it is a syslog severity, 0 to 7 (a whole
+        float too); anything else is no level rather than a wrong one.
+        """
+        for level, kept in [(0, 0), (3, 3), (7, 7), (3.0, 3), (8, None),
+                            (-1, None), (2.5, None), ("3", None),
+                            (True, None), (None, None)]:
+            record = record_from_gelf(gelf(short_message="m", level=level))
+            self.assertEqual(record["level"], kept, level)
 
     def test_kind_preference(self):
         """

@@ -16,6 +16,7 @@ from twisted.internet import defer, reactor
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
+from failnozzle.aggregate import Batch
 from failnozzle.config import DEFAULT_MONITORING_ERROR_MARKERS, ConfigError
 from failnozzle.service import FailnozzleService, make_transport
 from tests.common import (HANG_UP, KEEP_AND_HANG_UP, DroppingServer, SMTPSink,
@@ -1071,6 +1072,8 @@ class GELFClientTests(TestCase):
         self.assertIn(noise, key["exc_text"])
         self.assertEqual(key["kind"], "gelf")
         self.assertEqual(list(entry.sources.values()), [1])
+        _, body = service.renderer.render(Batch.of([entry]))
+        self.assertIn("\nLevel: error (3)\n", body)
 
     @defer.inlineCallbacks
     def test_gelf_bind(self):
@@ -1113,3 +1116,4 @@ class GELFClientTests(TestCase):
         [entry] = service.aggregator.flush().entries
         key = dict(zip(service.settings.unique_fields, entry.key))
         self.assertEqual((key["message"], key["kind"]), ("queue stuck", "gelf"))
+        self.assertEqual(entry.level, 3)

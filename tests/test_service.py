@@ -230,17 +230,19 @@ class GELFTests(ServiceTestCase):
     def test_plain_and_compressed(self):
         """
         Plain, zlib and gzip GELF are counted as one error, beside a
-        failnozzle record, with host as the source and _kind as the kind.
+        failnozzle record, with host as the source, _kind as the kind and
+        the most severe level shown.
         """
         self.start()
-        self.receive(self.gelf(), zlib.compress(self.gelf()),
-                     gzip.compress(self.gelf()), record("fine"))
+        self.receive(self.gelf(level=4), zlib.compress(self.gelf()),
+                     gzip.compress(self.gelf(level=6)), record("fine"))
         self.service.flush()
         [(_, _, message)] = self.transport.by_kind("digest")
         body = message.get_content()
         self.assertIn("3X disk full (in storage, None:None)", body)
-        self.assertIn("- on web7, 3X", body)
+        self.assertIn("UTC\nLevel: error (3)\n- on web7, 3X", body)
         self.assertIn("1X fine", body)
+        self.assertEqual(body.count("Level:"), 1)
 
     def test_default_kind(self):
         """

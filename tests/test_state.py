@@ -37,10 +37,11 @@ class StateFileTests(SynchronousTestCase):
     def test_round_trip(self):
         """
         The buffer, the held batches and the pager window come back as
-        they were saved, sources of any JSON type included.
+        they were saved, sources of any JSON type and levels included.
         """
         state = State(
-            Batch.of([entry("a"), entry("b", {"web2": 7, 3: 1})], overflow=4),
+            Batch.of([entry("a"), entry("b", {"web2": 7, 3: 1}),
+                      Entry(("gelf",), {"h": 1}, 1.0, 2.0, 3)], overflow=4),
             {"digest": Batch.of([entry("c", first=0.5, last=9.25)])},
             [3, 0, 12],
         )
