@@ -70,6 +70,14 @@ class Settings:
     UDP_RCVBUF: int = 4 * 1024 * 1024
     INCOMING_MESSAGE_MAX_SIZE: int = 65536
 
+    SMTP_INGEST_BIND: Optional[tuple] = None
+    SMTP_INGEST_MAX_BYTES: int = 10 * 1024 * 1024
+    SMTP_INGEST_MAX_CONNECTIONS: int = 100
+    SMTP_INGEST_MAX_RECIPIENTS: int = 100
+    SMTP_INGEST_USERS: Optional[Mapping] = None
+    SMTP_INGEST_TLS_CERT: Optional[str] = None
+    SMTP_INGEST_TLS_KEY: Optional[str] = None
+
     SMTP_HOST: Optional[str] = None
     SMTP_PORT: int = 25
     SMTP_USER: Optional[str] = None
@@ -290,6 +298,23 @@ def _existing_dir(name: str, value: object) -> Optional[str]:
     return path
 
 
+def _users(name: str, value: object) -> Optional[dict]:
+    """User names and passwords; the values are never shown in an error."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(f"{name} must be a dict of user names to passwords, "
+                          f"such as {{'django': 'drink canada pony'}}")
+    for user, password in value.items():
+        if not isinstance(user, str) or not user or "\0" in user:
+            raise ConfigError(f"{name}: user name {user!r} must be a "
+                              f"non-empty string")
+        if not isinstance(password, str) or not password:
+            raise ConfigError(f"{name}: the password of {user!r} must be a "
+                              f"non-empty string")
+    return dict(value)
+
+
 def _markers(name: str, value: object) -> tuple:
     if isinstance(value, str) or not isinstance(value, (list, tuple, set)):
         raise ConfigError(f"{name} must be a list of strings, not {value!r}")
@@ -341,6 +366,13 @@ _CHECKS: Mapping[str, Callable[[str, object], Any]] = {
     "GELF_BIND": _optional_bind_address,
     "UDP_RCVBUF": _buffer_size,
     "INCOMING_MESSAGE_MAX_SIZE": _positive_int,
+    "SMTP_INGEST_BIND": _optional_bind_address,
+    "SMTP_INGEST_MAX_BYTES": _positive_int,
+    "SMTP_INGEST_MAX_CONNECTIONS": _positive_int,
+    "SMTP_INGEST_MAX_RECIPIENTS": _positive_int,
+    "SMTP_INGEST_USERS": _users,
+    "SMTP_INGEST_TLS_CERT": _existing_file,
+    "SMTP_INGEST_TLS_KEY": _existing_file,
     "SMTP_HOST": _optional_string,
     "SMTP_PORT": _port,
     "SMTP_USER": _optional_string,
@@ -525,11 +557,8 @@ def _complete(settings: Settings, notices: list) -> Settings:
         # Maildir mode: the digests only need well-formed headers.
         changes["REPORT_FROM"] = settings.REPORT_FROM or "failnozzle@localhost"
         changes["REPORT_TO"] = settings.REPORT_TO or ("failnozzle@localhost",)
-    if bool(settings.SMTP_USER) != bool(settings.SMTP_PASSWORD):
-        given, missing = ("SMTP_USER", "SMTP_PASSWORD")
-        if not settings.SMTP_USER:
-            given, missing = missing, given
-        raise ConfigError(f"{missing} is required when {given} is set")
+    _both_or_neither(settings, "SMTP_USER", "SMTP_PASSWORD")
+    _both_or_neither(settings, "SMTP_INGEST_TLS_CERT", "SMTP_INGEST_TLS_KEY")
     if settings.RETRY_MAX_SECONDS < settings.RETRY_MIN_SECONDS:
         raise ConfigError("RETRY_MAX_SECONDS must not be less than "
                           "RETRY_MIN_SECONDS")
@@ -537,7 +566,24 @@ def _complete(settings: Settings, notices: list) -> Settings:
     if settings.smtp_enabled and settings.SMTP_USER and tls == "off":
         notices.append("SMTP_USER is set with SMTP_TLS = 'off': the password "
                        "crosses the network in clear")
+    if (settings.SMTP_INGEST_BIND and settings.SMTP_INGEST_USERS
+            and not settings.SMTP_INGEST_TLS_CERT):
+        notices.append("SMTP_INGEST_USERS is set without "
+                       "SMTP_INGEST_TLS_CERT: passwords cross the network in "
+                       "clear")
     return dataclasses.replace(settings, **changes)
+
+
+def _both_or_neither(settings: Settings, first: str, second: str) -> None:
+    """
+    @raise ConfigError: one of two settings that go together is set
+        without the other.
+    """
+    if bool(getattr(settings, first)) != bool(getattr(settings, second)):
+        given, missing = (first, second)
+        if not getattr(settings, first):
+            given, missing = missing, given
+        raise ConfigError(f"{missing} is required when {given} is set")
 
 
 def parse_host_port(text: str, default_host: Optional[str] = "0.0.0.0"

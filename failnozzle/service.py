@@ -22,6 +22,7 @@ from failnozzle.digest import DigestRenderer, build_message, pager_alert
 from failnozzle.gelf import GELFDecoder, GELFRecordReader
 from failnozzle.ingest import (BadDatagram, ErrorReceiver,
                                internal_error_key_maker)
+from failnozzle.mailin import MailIngest, tls_options
 from failnozzle.outbox import MaildirTransport, Outbox, SMTPTransport
 from failnozzle.spool import Spool
 from failnozzle.state import State, StateFile
@@ -82,13 +83,16 @@ class FailnozzleService(Service):
 
     @ivar udp_port: the listening port, once started.
     @ivar ports: all listening ports, UDP_BIND's first, then GELF_BIND's.
+    @ivar mail: the SMTP server (SMTP_INGEST_BIND), or None.
+    @ivar smtp_port: its listening port, once started.
     """
 
     def __init__(self, settings: Settings, reactor,
                  udp_socket: socket.socket,
                  transport: Optional[object] = None,
                  in_thread: Optional[Callable[..., defer.Deferred]] = None,
-                 gelf_socket: Optional[socket.socket] = None) -> None:
+                 gelf_socket: Optional[socket.socket] = None,
+                 smtp_socket: Optional[socket.socket] = None) -> None:
         """
         @param udp_socket: the bound socket errors arrive on (see
             L{failnozzle.ingest.bind_udp_socket}); the service adopts it
@@ -100,6 +104,10 @@ class FailnozzleService(Service):
             on it.
         @param gelf_socket: a second bound socket (GELF_BIND), read the
             same way: both take GELF and failnozzle's JSON.
+        @param smtp_socket: a bound, listening TCP socket (SMTP_INGEST_BIND,
+            see L{failnozzle.mailin.bind_tcp_socket}) to receive errors by
+            mail on.
+        @raise ConfigError: SMTP_INGEST_TLS_CERT or _KEY is unusable.
         """
         self.settings = settings
         self._reactor = reactor
@@ -121,6 +129,11 @@ class FailnozzleService(Service):
             self._listeners.append(
                 (gelf_socket, ErrorReceiver(reader, self.aggregator, reactor)))
         self.ports: list = []
+        self._smtp_socket = smtp_socket
+        self.smtp_port = None
+        self.mail = None
+        if smtp_socket is not None:
+            self.mail = self._mail_ingest(reader)
         self.rate_window = RateWindow(settings.PAGER_WINDOW_SIZE,
                                       settings.PAGER_LIMIT)
         self.renderer = DigestRenderer(
@@ -141,6 +154,9 @@ class FailnozzleService(Service):
                                      in_thread or defer.maybeDeferred)
                            if settings.SNAPSHOT_SECONDS else None)
         self._state_unwritable = False
+        #: Who waits for the snapshot that has not begun yet, if one is
+        #: queued (see L{saved_soon}).
+        self._next_snapshot: Optional[list] = None
         #: Per digest kind, the errors waiting for that kind's last digest
         #: to be delivered, so an outage gives one digest, not one a flush.
         self._held: dict = {}
@@ -160,6 +176,21 @@ class FailnozzleService(Service):
         self._flush_loop.clock = reactor
         self._snapshot_loop = LoopingCall(self._scheduled_snapshot)
         self._snapshot_loop.clock = reactor
+
+    def _mail_ingest(self, reader) -> MailIngest:
+        settings = self.settings
+        tls = (tls_options(settings.SMTP_INGEST_TLS_CERT,
+                           settings.SMTP_INGEST_TLS_KEY)
+               if settings.SMTP_INGEST_TLS_CERT else None)
+        return MailIngest(
+            reader, self.aggregator, self.receiver.report_bad_input,
+            self.saved_soon, self._reactor,
+            domain=settings.SERVER_NAME,
+            source_field=settings.SOURCE_FIELD_NAME,
+            max_bytes=settings.SMTP_INGEST_MAX_BYTES,
+            max_connections=settings.SMTP_INGEST_MAX_CONNECTIONS,
+            max_recipients=settings.SMTP_INGEST_MAX_RECIPIENTS,
+            users=settings.SMTP_INGEST_USERS, tls=tls)
 
     def startService(self) -> None:
         super().startService()
@@ -191,6 +222,14 @@ class FailnozzleService(Service):
             address = port.getHost()
             _log.info("failnozzle listening for GELF on UDP {host}:{port}",
                       host=address.host, port=address.port)
+        if self.mail is not None:
+            sock = self._smtp_socket
+            self.smtp_port = self._reactor.adoptStreamPort(
+                sock.fileno(), sock.family, self.mail)
+            sock.close()
+            address = self.smtp_port.getHost()
+            _log.info("failnozzle listening for mail on SMTP {host}:{port}",
+                      host=address.host, port=address.port)
         self.outbox.recover()
         self._flush_loop.start(self.settings.FLUSH_SECONDS, now=False)
         if self.state_file is not None:
@@ -201,7 +240,9 @@ class FailnozzleService(Service):
         """
         Stop reading, flush what is buffered into the spool, and try to
         deliver for up to SHUTDOWN_TIMEOUT_SECONDS; what is not delivered
-        by then stays in the spool for the next start.
+        by then stays in the spool for the next start.  Mail clients get
+        their 250 for what was counted before, and 421 (try again later)
+        for what arrives once the stop began.
         """
         super().stopService()
         for loop in (self._flush_loop, self._snapshot_loop):
@@ -211,15 +252,21 @@ class FailnozzleService(Service):
             if receiver.transport is not None:
                 receiver.read_pending()
         self._gelf.stop()
+        listening = list(self.ports)
+        if self.mail is not None:
+            self.mail.stop_accepting()
+            listening.append(self.smtp_port)
         _log.info("failnozzle stopping: flushing the buffer and delivering "
                   "for up to {seconds:g} s",
                   seconds=self.settings.SHUTDOWN_TIMEOUT_SECONDS)
         stopped = defer.gatherResults([defer.maybeDeferred(port.stopListening)
-                                       for port in self.ports])
+                                       for port in listening])
         stopped.addCallback(lambda _: self.flush(final=True))
         stopped.addCallback(lambda _: self.outbox.stop(
             self.settings.SHUTDOWN_TIMEOUT_SECONDS))
         stopped.addCallback(lambda _: self.save_state())
+        if self.mail is not None:
+            stopped.addCallback(lambda _: self.mail.hang_up())
         stopped.addCallback(lambda _: _log.info("failnozzle stopped"))
         return stopped
 
@@ -253,7 +300,35 @@ class FailnozzleService(Service):
         return self.state_file.save(self._current_state).addCallbacks(
             self._state_saved, self._state_not_saved)
 
+    def saved_soon(self) -> defer.Deferred:
+        """
+        A snapshot of everything counted until now, for a sender told "got
+        it" only once a crash can no longer lose it: mail is answered 250
+        then.  Callers share the snapshot that has not begun yet, so a
+        burst of mail costs one more snapshot, not one each.
+
+        @return: a Deferred firing once that snapshot is written, or failed
+            to be (that is logged, and the count is still in memory); at
+            once without snapshots.
+        """
+        if self.state_file is None:
+            return defer.succeed(None)
+        waiting = defer.Deferred()
+        if self._next_snapshot is not None:
+            self._next_snapshot.append(waiting)
+            return waiting
+        waiters = self._next_snapshot = [waiting]
+
+        def saved(_: object) -> None:
+            for waiter in waiters:
+                waiter.callback(None)
+
+        self.save_state().addCallback(saved)
+        return waiting
+
     def _current_state(self) -> State:
+        # From now on a snapshot begun later is needed to hold new counts.
+        self._next_snapshot = None
         # A view of the counts, not a copy: StateFile reads it at once.
         self.aggregator.changed = False
         return State(self.aggregator.view(), dict(self._held),

@@ -6,7 +6,7 @@ The twistd side: command-line options and L{makeService}.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.application.service import IService
 from twisted.internet import threads
@@ -16,6 +16,7 @@ from twisted.python import usage
 
 from failnozzle.config import ConfigError, load_settings, parse_host_port
 from failnozzle.ingest import bind_udp_socket
+from failnozzle.mailin import bind_tcp_socket
 from failnozzle.service import FailnozzleService
 
 _log = Logger()
@@ -50,6 +51,9 @@ class Options(usage.Options):
         ["smtp", "s", None,
          "Send digests through the SMTP server at HOST:PORT (SMTP_HOST, "
          "SMTP_PORT); REPORT_FROM and REPORT_TO must be set too."],
+        ["smtp-ingest", None, None,
+         "Receive errors by mail (SMTP) on HOST:PORT, e.g. "
+         "127.0.0.1:2525 (SMTP_INGEST_BIND)."],
     ]
 
     def postOptions(self) -> None:
@@ -64,6 +68,9 @@ class Options(usage.Options):
         if self["smtp"] is not None:
             host, port = _host_port("--smtp", self["smtp"], None)
             self.overrides.update(SMTP_HOST=host, SMTP_PORT=port)
+        if self["smtp-ingest"] is not None:
+            self.overrides["SMTP_INGEST_BIND"] = _host_port(
+                "--smtp-ingest", self["smtp-ingest"])
 
 
 def _host_port(option: str, text: str,
@@ -80,14 +87,15 @@ def _in_thread_pool(reactor, function, *args) -> Deferred:
                                      function, *args)
 
 
-def _bind(settings, setting: str) -> tuple:
+def _bind(settings, setting: str, bind: Callable[[str, int], object]):
     """
-    @return: the socket bound where C{setting} says, and its buffer size.
+    @return: what C{bind(host, port)} returns for the address C{setting}
+        holds: the socket bound there.
     @raise ConfigError: it cannot be bound.
     """
     host, port = getattr(settings, setting)
     try:
-        return bind_udp_socket(host, port, settings.UDP_RCVBUF)
+        return bind(host, port)
     except OSError as error:
         raise ConfigError(f"{setting}: cannot listen on {host}:{port}: "
                           f"{error.strerror}") from None
@@ -104,14 +112,21 @@ def makeService(options: Options, reactor=None) -> IService:
     try:
         settings, notices = load_settings(options["config"], options.overrides)
         sockets = {}
+        bind_udp = partial(bind_udp_socket,
+                           receive_buffer=settings.UDP_RCVBUF)
         try:
             for setting in ("UDP_BIND", "GELF_BIND"):
                 if getattr(settings, setting) is not None:
-                    sockets[setting], granted = _bind(settings, setting)
+                    sockets[setting], granted = _bind(settings, setting,
+                                                      bind_udp)
+            if settings.SMTP_INGEST_BIND is not None:
+                sockets["SMTP_INGEST_BIND"] = _bind(
+                    settings, "SMTP_INGEST_BIND", bind_tcp_socket)
             service = FailnozzleService(
                 settings, reactor, sockets["UDP_BIND"],
                 in_thread=partial(_in_thread_pool, reactor),
-                gelf_socket=sockets.get("GELF_BIND"))
+                gelf_socket=sockets.get("GELF_BIND"),
+                smtp_socket=sockets.get("SMTP_INGEST_BIND"))
         except BaseException:
             for sock in sockets.values():
                 sock.close()

@@ -954,3 +954,76 @@ class ParseHostPortTests(SynchronousTestCase):
                      "host:1.5", ":"):
             error = self.assertRaises(ValueError, parse_host_port, text)
             self.assertIn(repr(text), str(error))
+
+
+class SMTPIngestTests(ConfigTestCase):
+    """
+    The SMTP_INGEST_* settings of the mail server.
+    """
+
+    def test_defaults(self):
+        """
+        Off, with room for Django's HTML reports and a busy fleet.
+        """
+        settings, _ = load_settings(None)
+        self.assertIsNone(settings.SMTP_INGEST_BIND)
+        self.assertEqual(settings.SMTP_INGEST_MAX_BYTES, 10 * 1024 * 1024)
+        self.assertEqual(settings.SMTP_INGEST_MAX_CONNECTIONS, 100)
+        self.assertEqual(settings.SMTP_INGEST_MAX_RECIPIENTS, 100)
+        self.assertIsNone(settings.SMTP_INGEST_USERS)
+        self.assertIsNone(settings.SMTP_INGEST_TLS_CERT)
+        self.assertIsNone(settings.SMTP_INGEST_TLS_KEY)
+
+    def test_values(self):
+        """
+        The address is read as UDP_BIND is; users are a dict.
+        """
+        settings, notices = self.load(
+            "SMTP_INGEST_BIND = ('localhost', 2525)\n"
+            "SMTP_INGEST_MAX_BYTES = 1000\n"
+            "SMTP_INGEST_USERS = {'django': 's3cret'}\n")
+        self.assertEqual(settings.SMTP_INGEST_BIND, ("127.0.0.1", 2525))
+        self.assertEqual(settings.SMTP_INGEST_MAX_BYTES, 1000)
+        self.assertEqual(settings.SMTP_INGEST_USERS, {"django": "s3cret"})
+        self.assertEqual(notices, [
+            "SMTP_INGEST_USERS is set without SMTP_INGEST_TLS_CERT: "
+            "passwords cross the network in clear"])
+
+    def test_wrong_values(self):
+        """
+        Each setting's mistakes are named in one line, and a password is
+        never shown.
+        """
+        for text, fragment in (
+                ("SMTP_INGEST_BIND = 2525", "(host, port) pair"),
+                ("SMTP_INGEST_BIND = ('::1', 70000)", "port number"),
+                ("SMTP_INGEST_MAX_BYTES = 0", "at least 1"),
+                ("SMTP_INGEST_MAX_CONNECTIONS = 1.5", "whole number"),
+                ("SMTP_INGEST_MAX_RECIPIENTS = '10'", "whole number"),
+                ("SMTP_INGEST_USERS = 'django:s3cret'", "dict of user"),
+                ("SMTP_INGEST_USERS = {}", "dict of user"),
+                ("SMTP_INGEST_USERS = {'': 's3cret'}", "user name ''"),
+                ("SMTP_INGEST_USERS = {'django': ''}",
+                 "the password of 'django'"),
+                ("SMTP_INGEST_TLS_CERT = '/no/such.pem'", "no such file")):
+            setting = text.split()[0]
+            message = self.assertConfigError(text + "\n", setting, fragment)
+            self.assertNotIn("s3cret", message)
+
+    def test_cert_and_key(self):
+        """
+        SMTP_INGEST_TLS_CERT and _KEY go together.
+        """
+        path = self.write("")
+        self.assertConfigError(f"SMTP_INGEST_TLS_CERT = {path!r}\n",
+                               "SMTP_INGEST_TLS_KEY is required when "
+                               "SMTP_INGEST_TLS_CERT is set")
+        self.assertConfigError(f"SMTP_INGEST_TLS_KEY = {path!r}\n",
+                               "SMTP_INGEST_TLS_CERT is required when "
+                               "SMTP_INGEST_TLS_KEY is set")
+        settings, notices = self.load(
+            f"SMTP_INGEST_BIND = ('127.0.0.1', 2525)\n"
+            f"SMTP_INGEST_USERS = {{'django': 's3cret'}}\n"
+            f"SMTP_INGEST_TLS_CERT = SMTP_INGEST_TLS_KEY = {path!r}\n")
+        self.assertEqual(settings.SMTP_INGEST_TLS_KEY, path)
+        self.assertEqual(notices, [])

@@ -26,17 +26,20 @@ class OptionsTests(SynchronousTestCase):
 
     def test_overrides(self):
         """
-        --udp, --flush-seconds, --maildir and --smtp become settings.
+        --udp, --flush-seconds, --maildir, --smtp and --smtp-ingest
+        become settings.
         """
         parsed = options("--udp", "[::1]:2000", "--flush-seconds", "2.5",
                          "--maildir", "/var/mail/nozzle",
-                         "--smtp", "mail.example.com:587")
+                         "--smtp", "mail.example.com:587",
+                         "--smtp-ingest", ":2525")
         self.assertEqual(parsed.overrides, {
             "UDP_BIND": ("::1", 2000),
             "FLUSH_SECONDS": 2.5,
             "MAILDIR": "/var/mail/nozzle",
             "SMTP_HOST": "mail.example.com",
             "SMTP_PORT": 587,
+            "SMTP_INGEST_BIND": ("0.0.0.0", 2525),
         })
 
     def test_none(self):
@@ -71,7 +74,7 @@ class OptionsTests(SynchronousTestCase):
         """
         text = str(Options())
         for option in ("--config", "--udp", "--flush-seconds", "--maildir",
-                       "--smtp"):
+                       "--smtp", "--smtp-ingest"):
             self.assertIn(option, text)
 
 
@@ -165,6 +168,46 @@ class MakeServiceTests(SynchronousTestCase):
                                   MemoryReactorClock())
         self.assertEqual(
             str(error), f"failnozzle: UDP_BIND: cannot listen on "
+                        f"127.0.0.1:{port}: Address already in use")
+
+
+class SMTPIngestTests(SynchronousTestCase):
+    """
+    makeService with SMTP_INGEST_BIND.
+    """
+
+    def test_bound(self):
+        """
+        The TCP socket is bound and listening before the service starts.
+        """
+        service = makeService(options("--udp", "127.0.0.1:0",
+                                      "--smtp-ingest", "127.0.0.1:0"),
+                              MemoryReactorClock())
+        sock = service._smtp_socket
+        self.addCleanup(sock.close)
+        for udp_socket, _ in service._listeners:
+            self.addCleanup(udp_socket.close)
+        self.assertEqual(sock.type, socket.SOCK_STREAM)
+        with socket.create_connection(sock.getsockname()):
+            pass
+
+    def test_port_in_use(self):
+        """
+        A TCP port another socket listens on stops start-up naming
+        SMTP_INGEST_BIND.
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        error = self.assertRaises(
+            SystemExit, makeService,
+            options("--udp", "127.0.0.1:0",
+                    "--smtp-ingest", f"127.0.0.1:{port}"),
+            MemoryReactorClock())
+        self.assertEqual(
+            str(error), f"failnozzle: SMTP_INGEST_BIND: cannot listen on "
                         f"127.0.0.1:{port}: Address already in use")
 
 

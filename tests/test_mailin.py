@@ -1,0 +1,1246 @@
+"""
+Tests for L{failnozzle.mailin}: mail into records (headers, MIME, charsets,
+tracebacks), the SMTP server's limits, AUTH and STARTTLS, the 250 that
+waits for the count and the snapshot, and random input, over
+L{StringTransport} and L{Clock}.
+"""
+import base64
+import random
+import socket
+from email.message import EmailMessage
+
+import trustme
+from cryptography.hazmat.primitives import serialization
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+import failnozzle.mailin
+from failnozzle.aggregate import Aggregator
+from failnozzle.config import ConfigError, UniqueMessage
+from failnozzle.ingest import RecordReader
+from failnozzle.mailin import (IDLE_TIMEOUT_SECONDS, MAX_LINE_BYTES, BadMail,
+                               MailIngest, UsersChecker, bind_tcp_socket,
+                               client_name, error_text, read_mail,
+                               tls_options)
+from failnozzle.service import FailnozzleService
+from tests.common import FakeMailTransport, capture_log, make_settings
+
+FIELDS = UniqueMessage._fields
+
+PYTHON_TRACEBACK = (
+    "Traceback (most recent call last):\n"
+    '  File "/srv/backup/run.py", line 12, in <module>\n'
+    "    main()\n"
+    '  File "/srv/backup/run.py", line 9, in main\n'
+    "    raise OSError(28, 'No space left on device')\n"
+    "OSError: [Errno 28] No space left on device")
+
+
+def django_report(path: str = "/items/1/", remote_addr: str = "10.0.0.7",
+                  server_time: str = "Wed, 25 Nov 2026 23:19:11 -0600",
+                  traceback: bool = True) -> str:
+    """
+    The text body Django's AdminEmailHandler sends (Django 5.2's
+    technical_500.txt), with what differs from one request to the next
+    as parameters.
+    """
+    frames = (
+        "\n\nTraceback (most recent call last):\n"
+        '  File "/srv/app/django/core/handlers/exception.py", line 55, in '
+        "inner\n"
+        "    response = get_response(request)\n"
+        "               ^^^^^^^^^^^^^^^^^^^^^\n"
+        '  File "/srv/app/shop/views.py", line 14, in item\n'
+        "    return {}[key]\n"
+        "           ^^^^^^^\n"
+        "\n"
+        "The above exception ('missing') was the direct cause of the "
+        "following exception:\n"
+        '  File "/srv/app/shop/views.py", line 20, in item\n'
+        '    raise ValueError("bad item") from e\n'
+        "    ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
+        "\n"
+        f"Exception Type: ValueError at {path}\n"
+        "Exception Value: bad item\n") if traceback else "\n"
+    return (
+        f"Internal Server Error: {path}\n\n"
+        f"{'ValueError' if traceback else 'Report'} at {path}\n"
+        f"{'bad item' if traceback else 'No exception message supplied'}\n\n"
+        "Request Method: GET\n"
+        f"Request URL: http://shop.example{path}\n"
+        "Django Version: 5.2.19\n"
+        "Python Executable: /srv/app/venv/bin/python\n"
+        "Python Version: 3.11.7\n"
+        "Python Path: ['/srv/app']\n"
+        f"Server time: {server_time}\n"
+        "Installed Applications:\n['shop']\n"
+        "Installed Middleware:\n[]"
+        f"{frames}"
+        "Raised during: shop.views.item\n\n"
+        "Request information:\n"
+        "USER: AnonymousUser\n\n"
+        "GET: No GET data\n\n"
+        "META:\n"
+        f"REMOTE_ADDR = '{remote_addr}'\n"
+        "REQUEST_METHOD = 'GET'\n\n"
+        "Settings:\n"
+        "Using settings module shop.settings\n"
+        "DEBUG = False\n")
+
+
+def mail(body: str = "disk full", subject: str = "backup failed",
+         **headers) -> bytes:
+    """A text/plain UTF-8 message, as bytes with LF line ends."""
+    message = EmailMessage()
+    if subject is not None:
+        message["Subject"] = subject
+    for name, value in headers.items():
+        message[name.replace("_", "-")] = value
+    message.set_content(body)
+    return message.as_bytes()
+
+
+def read(data: bytes, kind: str = "cron", source: str = "web1") -> dict:
+    return read_mail(data, kind, source)
+
+
+class ReadMailTests(SynchronousTestCase):
+    """
+    L{read_mail}: a message into a record.
+    """
+
+    def test_plain(self):
+        """
+        Subject is the message, the text body exc_text; kind and source
+        are those given, and there is no code location without a
+        traceback.
+        """
+        self.assertEqual(read(mail("disk full\n", "backup failed")), {
+            "message": "backup failed", "exc_text": "disk full",
+            "kind": "cron", "source": "web1"})
+
+    def test_kind_header(self):
+        """
+        An X-Failnozzle-Kind header names the kind, whoever the message
+        went to.
+        """
+        data = mail(X_Failnozzle_Kind=" billing ")
+        self.assertEqual(read(data, kind="errors")["kind"], "billing")
+
+    def test_source_field(self):
+        """
+        The source goes into SOURCE_FIELD_NAME.
+        """
+        record = read_mail(mail(), "cron", "web1", source_field="host")
+        self.assertEqual(record["host"], "web1")
+        self.assertNotIn("source", record)
+
+    def test_no_subject(self):
+        """
+        A message without a subject says so.
+        """
+        self.assertEqual(read(mail(subject=None))["message"], "(no subject)")
+
+    def test_encoded_subject(self):
+        """
+        RFC 2047 encoded words (B and Q, UTF-8 and ISO-8859-1) are decoded,
+        and a folded subject is one line.
+        """
+        data = (b"Subject: =?utf-8?b?w4RyZ2VyIOKYgw==?= in\n"
+                b" =?iso-8859-1?q?M=FCnchen?=\n\nbody\n")
+        self.assertEqual(read(data)["message"], "Ärger ☃ in München")
+
+    def test_quoted_printable(self):
+        """
+        A quoted-printable body is decoded, soft line breaks joined.
+        """
+        data = (b"Subject: x\nContent-Type: text/plain; charset=utf-8\n"
+                b"Content-Transfer-Encoding: quoted-printable\n\n"
+                b"caf=C3=A9 is a very long line that was broken by the =\n"
+                b"encoder\n")
+        self.assertEqual(read(data)["exc_text"],
+                         "café is a very long line that was broken by the "
+                         "encoder")
+
+    def test_base64(self):
+        """
+        A base64 body is decoded.
+        """
+        encoded = base64.encodebytes("Fehler: Größe\n".encode("utf-8"))
+        data = (b"Subject: x\nContent-Type: text/plain; charset=utf-8\n"
+                b"Content-Transfer-Encoding: base64\n\n" + encoded)
+        self.assertEqual(read(data)["exc_text"], "Fehler: Größe")
+
+    def test_legacy_charsets(self):
+        """
+        Bodies in ISO-8859-1 and windows-1252 are decoded by their charset.
+        """
+        for charset, raw in (("iso-8859-1", b"M\xfcnchen"),
+                             ("windows-1252", b"\x93quoted\x94")):
+            data = (b"Subject: x\nContent-Type: text/plain; charset="
+                    + charset.encode() + b"\n"
+                    b"Content-Transfer-Encoding: 8bit\n\n" + raw + b"\n")
+            self.assertEqual(read(data)["exc_text"],
+                             raw.decode(charset), charset)
+
+    def test_undeclared_utf8(self):
+        """
+        A body without a charset (cron's mail often has none) is read as
+        UTF-8, not as ASCII with every non-ASCII byte replaced.
+        """
+        data = "Subject: x\n\nÄrger: ☃\n".encode("utf-8")
+        self.assertEqual(read(data)["exc_text"], "Ärger: ☃")
+
+    def test_unknown_charset(self):
+        """
+        An unknown charset (or one that is no text encoding) is read as
+        UTF-8, undecodable bytes replaced.
+        """
+        for charset in (b"x-no-such-charset", b"base64"):
+            data = (b"Subject: x\nContent-Type: text/plain; charset="
+                    + charset + b"\n\nok \xff\n")
+            self.assertEqual(read(data)["exc_text"], "ok \ufffd")
+
+    def test_multipart_alternative(self):
+        """
+        Of text/html and text/plain alternatives the plain one is used,
+        whatever the order.
+        """
+        message = EmailMessage()
+        message["Subject"] = "x"
+        message.set_content("<p>the <b>html</b> one</p>", subtype="html")
+        message.add_alternative("the plain one\n")
+        self.assertEqual(read(message.as_bytes())["exc_text"],
+                         "the plain one")
+
+    def test_multipart_attachment(self):
+        """
+        With attachments the first text/plain part that is not one is the
+        body: a text attachment is not.
+        """
+        message = EmailMessage()
+        message["Subject"] = "x"
+        message.set_content("the body\n")
+        message.add_attachment("an attached log\n", filename="run.log")
+        message.add_attachment(b"\x00\x01", maintype="application",
+                               subtype="octet-stream", filename="core")
+        self.assertEqual(read(message.as_bytes())["exc_text"], "the body")
+
+    def test_html_only(self):
+        """
+        An HTML-only message gives its text: tags, scripts and styles
+        gone, blocks on lines of their own, entities decoded.
+        """
+        message = EmailMessage()
+        message["Subject"] = "x"
+        message.set_content(
+            "<html><head><title>t</title><style>p {}</style></head><body>"
+            "<h1>Error</h1><p>disk &amp; tape<br>full</p>"
+            "<script>alert(1)</script><div>again</div></body></html>",
+            subtype="html")
+        data = message.as_bytes()
+        self.assertEqual(read(data)["exc_text"],
+                         "Error\ndisk & tape\nfull\nagain")
+
+    def test_no_text(self):
+        """
+        A message with no text part has an empty exc_text.
+        """
+        message = EmailMessage()
+        message["Subject"] = "x"
+        message.set_content(b"\x00\x01", maintype="application",
+                            subtype="octet-stream")
+        self.assertEqual(read(message.as_bytes())["exc_text"], "")
+
+    def test_line_ends_and_trailing_space(self):
+        """
+        CRLF becomes LF; trailing white space on each line, and blank
+        lines around the text, are dropped.
+        """
+        data = b"Subject: x\r\n\r\n\r\n one  \r\ntwo\t\r\n\r\n\r\n"
+        self.assertEqual(read(data)["exc_text"], " one\ntwo")
+
+    def test_no_headers(self):
+        """
+        Text without headers is all body, without a subject.
+        """
+        record = read(b"\njust text\n")
+        self.assertEqual((record["message"], record["exc_text"]),
+                         ("(no subject)", "just text"))
+
+    def test_garbage(self):
+        """
+        Bytes that are no mail at all still give a record.
+        """
+        record = read(b"\xff\xfe\x00garbage\n\x80\n")
+        self.assertEqual(record["kind"], "cron")
+        self.assertIsInstance(record["exc_text"], str)
+
+    def test_truncated_and_random(self):
+        """
+        Random bytes and every prefix of a multipart message read as a
+        record whose unique fields are strings, numbers or None.
+        """
+        message = EmailMessage()
+        message["Subject"] = "=?utf-8?q?=C3=84rger?="
+        message.set_content(PYTHON_TRACEBACK, cte="quoted-printable")
+        message.add_alternative("<p>x</p>", subtype="html")
+        data = message.as_bytes()
+        rng = random.Random(5)
+        inputs = [data[:end] for end in range(0, len(data), 7)] + [
+            bytes(rng.randrange(256) for _ in range(rng.randrange(400)))
+            for _ in range(300)]
+        reader = RecordReader(FIELDS, "source", 65536)
+        for data in inputs:
+            reader.key_and_source(read(data))
+
+
+class ErrorTextTests(SynchronousTestCase):
+    """
+    L{error_text}: the part of a body that tells one error from another.
+    """
+
+    def test_traceback_in_output(self):
+        """
+        From a job's output only the traceback is kept: the lines around
+        it (times, sizes) would keep runs from folding.
+        """
+        body = ("2026-11-25 02:30:01 starting, 1234 files\n"
+                f"{PYTHON_TRACEBACK}\n"
+                "2026-11-25 02:30:09 exit status 1\n")
+        self.assertEqual(error_text(body), PYTHON_TRACEBACK)
+
+    def test_chained(self):
+        """
+        Chained exceptions are kept whole, to the last exception line.
+        """
+        chained = (f"{PYTHON_TRACEBACK}\n\n"
+                   "During handling of the above exception, another "
+                   "exception occurred:\n\n"
+                   "Traceback (most recent call last):\n"
+                   '  File "/srv/backup/run.py", line 14, in <module>\n'
+                   "    report()\n"
+                   "RuntimeError: could not report")
+        self.assertEqual(error_text(f"before\n{chained}\nafter"), chained)
+
+    def test_indented(self):
+        """
+        An indented traceback ends at the first line indented no deeper
+        than its header.
+        """
+        indented = "\n".join("    " + line
+                             for line in PYTHON_TRACEBACK.split("\n"))
+        self.assertEqual(error_text(f"job failed:\n{indented}\n  done"),
+                         indented)
+
+    def test_cut_short(self):
+        """
+        A traceback with no exception line (the output was cut) is no
+        traceback to go by: the whole body is kept.
+        """
+        body = "x\n" + PYTHON_TRACEBACK.rpartition("\n")[0]
+        self.assertEqual(error_text(body), body)
+
+    def test_no_traceback(self):
+        """
+        A body without a traceback is kept whole.
+        """
+        self.assertEqual(error_text("rsync: connection refused\n(code 10)"),
+                         "rsync: connection refused\n(code 10)")
+
+    def test_django(self):
+        """
+        Of Django's report the traceback is kept, chained cause and
+        Exception Type/Value included: two requests that failed alike,
+        at different times from different clients, give one text.
+        """
+        first = error_text(django_report())
+        second = error_text(django_report(
+            remote_addr="10.9.9.9", server_time="Thu, 26 Nov 2026 01:02:03"))
+        self.assertEqual(first, second)
+        self.assertTrue(first.startswith("Traceback (most recent call last)"))
+        self.assertIn("The above exception ('missing')", first)
+        self.assertTrue(first.endswith("Exception Type: ValueError at "
+                                       "/items/1/\nException Value: bad item"))
+
+    def test_django_without_traceback(self):
+        """
+        Of a Django report without a traceback (an error logged with the
+        request but no exception) the head is kept, before the request
+        and server details.
+        """
+        first = error_text(django_report(traceback=False))
+        self.assertEqual(first, "Internal Server Error: /items/1/\n\n"
+                                "Report at /items/1/\n"
+                                "No exception message supplied")
+        self.assertEqual(first, error_text(django_report(
+            traceback=False, server_time="Thu, 26 Nov 2026 01:02:03")))
+
+    def test_where(self):
+        """
+        With a traceback, the record says where its last frame is, as a
+        logging record would.
+        """
+        record = read(mail(django_report()))
+        self.assertEqual(
+            {name: record[name] for name in ("pathname", "lineno",
+                                             "funcName", "filename",
+                                             "module")},
+            {"pathname": "/srv/app/shop/views.py", "lineno": 20,
+             "funcName": "item", "filename": "views.py", "module": "views"})
+
+
+class ClientNameTests(SynchronousTestCase):
+    """
+    L{client_name}: the source of a message.
+    """
+
+    def test_helo_name(self):
+        """
+        The name given in HELO or EHLO; of an address literal the address.
+        """
+        self.assertEqual(client_name((b"web1.example", b"10.0.0.7")),
+                         "web1.example")
+        self.assertEqual(client_name((b"[10.0.0.8]", b"10.0.0.7")),
+                         "10.0.0.8")
+
+    def test_address(self):
+        """
+        Without a HELO name, the client's address.
+        """
+        self.assertEqual(client_name((None, "10.0.0.7")), "10.0.0.7")
+        self.assertEqual(client_name((b"  ", b"10.0.0.7")), "10.0.0.7")
+
+
+@implementer(ITLSTransport)
+class TLSStringTransport(StringTransport):
+    """A StringTransport that can start TLS, as a TCP connection can."""
+
+    tls = None
+
+    def startTLS(self, contextFactory, normal=True):
+        self.tls = contextFactory
+
+
+class Client:
+    """One client's connection to a L{MailIngest}, over a StringTransport."""
+
+    def __init__(self, ingest: MailIngest, transport: StringTransport):
+        self.transport = transport
+        self.protocol = ingest.buildProtocol(transport.getPeer())
+        self.protocol.makeConnection(transport)
+
+    def send(self, *lines: bytes) -> list:
+        """Send C{lines}; return the reply lines that came back."""
+        self.transport.clear()
+        self.protocol.dataReceived(b"".join(line + b"\r\n" for line in lines))
+        return self.replies()
+
+    def replies(self) -> list:
+        """The reply lines sent since the last L{send}."""
+        replies = self.transport.value().decode("ascii").split("\r\n")[:-1]
+        self.transport.clear()
+        return replies
+
+    def codes(self, *lines: bytes) -> list:
+        """Send C{lines}; return the codes of the last line of each reply."""
+        return [int(line[:3]) for line in self.send(*lines)
+                if line[3:4] != "-"]
+
+
+class IngestTestCase(SynchronousTestCase):
+    """
+    A L{MailIngest} over a real aggregator on a L{Clock}, whose snapshots
+    the test finishes (C{self.snapshots}).
+    """
+
+    ingest = None
+
+    def setUp(self):
+        self.clock = Clock()
+        self.reader = RecordReader(FIELDS, "source", 65536)
+        self.aggregator = Aggregator(1000, self.clock,
+                                     lambda count, error: ("bad",) * 8)
+        self.bad = []
+        self.snapshots = []
+
+    def saved(self) -> defer.Deferred:
+        snapshot = defer.Deferred()
+        self.snapshots.append(snapshot)
+        return snapshot
+
+    def finish_snapshots(self):
+        for snapshot in self.snapshots:
+            snapshot.callback(None)
+        self.snapshots = []
+
+    def make_ingest(self, **options) -> MailIngest:
+        options.setdefault("max_bytes", 10000)
+        options.setdefault("max_connections", 10)
+        options.setdefault("max_recipients", 10)
+        self.ingest = MailIngest(
+            self.reader, self.aggregator,
+            lambda error, sender: self.bad.append((error, sender)),
+            self.saved, self.clock, domain="nozzle.example",
+            source_field="source", **options)
+        return self.ingest
+
+    def connect(self, ingest=None, transport=None) -> Client:
+        return Client(ingest or self.ingest or self.make_ingest(),
+                      transport or StringTransport(
+                          peerAddress=IPv4Address("TCP", "10.0.0.7", 40000)))
+
+    def counted(self) -> list:
+        """C{(message, kind, source, count)} for each error counted."""
+        batch = self.aggregator.flush()
+        return [(entry.key[FIELDS.index("message")],
+                 entry.key[FIELDS.index("kind")], source, count)
+                for entry in batch.entries
+                for source, count in entry.sources.items()]
+
+    def transaction(self, client: Client, data: bytes = None,
+                    recipients=(b"Backup@nozzle.example",)) -> list:
+        """
+        EHLO, MAIL, RCPT for each recipient, DATA, the message and its end.
+
+        @return: the codes of the replies.
+        """
+        data = mail() if data is None else data
+        lines = [b"EHLO web1.example", b"MAIL FROM:<root@web1.example>"]
+        lines += [b"RCPT TO:<%s>" % address for address in recipients]
+        lines += [b"DATA"]
+        lines += [b"." + line if line.startswith(b".") else line
+                  for line in data.split(b"\n")]
+        return client.codes(*lines, b".")
+
+
+class SessionTests(IngestTestCase):
+    """
+    A message's way from the client to the aggregator, and its 250.
+    """
+
+    def test_counted_once(self):
+        """
+        A message to three addresses is one error, of the first
+        recipient's kind (lower-cased), from the host named in EHLO.
+        """
+        client = self.connect()
+        self.transaction(client, recipients=(
+            b"Backup@nozzle.example", b"ops@nozzle.example",
+            b"dev@elsewhere.example"))
+        self.assertEqual(self.counted(),
+                         [("backup failed", "backup", "web1.example", 1)])
+
+    def test_250_after_snapshot(self):
+        """
+        The 250 comes only once the message is counted and a snapshot
+        holding it is written.
+        """
+        client = self.connect()
+        codes = self.transaction(client)
+        self.assertEqual(codes[-1], 354, "no answer to the end of data yet")
+        self.assertEqual(len(self.snapshots), 1)
+        self.assertEqual(self.aggregator.view().total, 1,
+                         "counted before the snapshot is asked for")
+        self.finish_snapshots()
+        self.assertEqual(client.replies(), ["250 Counted for the next digest"])
+
+    def test_greeting_and_extensions(self):
+        """
+        The greeting names SERVER_NAME; EHLO offers SIZE with the limit
+        and 8BITMIME, and neither AUTH nor STARTTLS unless configured.
+        """
+        client = self.connect(self.make_ingest(max_bytes=1234))
+        self.assertTrue(client.replies()[0].startswith("220 nozzle.example "))
+        replies = client.send(b"EHLO web1")
+        self.assertEqual(replies[1:], ["250-SIZE 1234", "250 8BITMIME"])
+
+    def test_no_helo(self):
+        """
+        A client that says no HELO is named by its address.
+        """
+        client = self.connect()
+        client.send(b"MAIL FROM:<a@b>", b"RCPT TO:<app@x>", b"DATA",
+                    b"Subject: x", b"", b"y", b".")
+        self.finish_snapshots()
+        self.assertEqual(self.counted(), [("x", "app", "10.0.0.7", 1)])
+
+    def test_session_goes_on(self):
+        """
+        Several messages over one connection are each counted, with the
+        kind of each one's recipient.
+        """
+        client = self.connect()
+        self.transaction(client, mail(subject="one"), [b"a@x"])
+        self.transaction(client, mail(subject="two"), [b"b@x"])
+        self.finish_snapshots()
+        self.assertEqual(sorted(self.counted()),
+                         [("one", "a", "web1.example", 1),
+                          ("two", "b", "web1.example", 1)])
+
+    def test_dots(self):
+        """
+        Lines beginning with a dot arrive without the dot SMTP added.
+        """
+        client = self.connect()
+        self.transaction(client, mail(".hidden\n..two\n"))
+        [entry] = self.aggregator.flush().entries
+        self.assertEqual(entry.key[FIELDS.index("exc_text")],
+                         ".hidden\n..two")
+
+    def test_unreadable(self):
+        """
+        A message that cannot be read is counted as bad input, reported
+        with the client's address, and answered 250 once the snapshot is
+        written: it is in the digest.
+        """
+        def broken(*args):
+            raise LookupError("no such codec")
+
+        self.patch(failnozzle.mailin, "read_mail", broken)
+        client = self.connect()
+        self.transaction(client)
+        [(error, sender)] = self.bad
+        self.assertIsInstance(error, BadMail)
+        self.assertEqual(str(error), "mail that could not be read: "
+                                     "LookupError: no such codec")
+        self.assertEqual(sender, ("10.0.0.7", 40000))
+        self.assertEqual(self.aggregator.view().total, 0)
+        self.finish_snapshots()
+        self.assertEqual(client.replies(), ["250 Counted for the next digest"])
+
+    def test_snapshot_error(self):
+        """
+        Should the wait for the snapshot fail, the client is told to try
+        again later (451), and the failure is logged.
+        """
+        self.saved = lambda: defer.fail(RuntimeError("disk on fire"))
+        codes = self.transaction(self.connect())
+        self.assertEqual(codes[-1], 451)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_non_ascii_command(self):
+        """
+        A command that is not ASCII is an unknown command.
+        """
+        client = self.connect()
+        self.assertEqual(client.send(b"\xff\xfeHELO"),
+                         ["500 Command not implemented"])
+
+    def test_starttls_not_configured(self):
+        """
+        STARTTLS without SMTP_INGEST_TLS_CERT is refused.
+        """
+        self.assertEqual(self.connect().codes(b"STARTTLS"), [454])
+
+
+class LimitTests(IngestTestCase):
+    """
+    SMTP_INGEST_MAX_BYTES, _MAX_CONNECTIONS, _MAX_RECIPIENTS, the line
+    length and the idle timeout.
+    """
+
+    def test_size_parameter(self):
+        """
+        MAIL FROM with a SIZE over the limit is refused with 552; at the
+        limit it is accepted.
+        """
+        client = self.connect(self.make_ingest(max_bytes=1000))
+        self.assertEqual(client.codes(b"EHLO x",
+                                      b"MAIL FROM:<a@b> SIZE=1001",
+                                      b"MAIL FROM:<a@b> SIZE=1000"),
+                         [250, 552, 250])
+
+    def test_too_big(self):
+        """
+        A message over SMTP_INGEST_MAX_BYTES (counted with its CRLFs) is
+        refused with 552 at its end and not counted; the connection goes
+        on, and the next message is.
+        """
+        client = self.connect(self.make_ingest(max_bytes=500))
+        codes = self.transaction(client, mail("x\n" * 200))
+        self.assertEqual(codes[-1], 552)
+        self.assertEqual(self.snapshots, [])
+        self.assertEqual(self.aggregator.view().total, 0)
+        self.transaction(client, mail("small"))
+        self.finish_snapshots()
+        self.assertEqual(client.replies()[-1],
+                         "250 Counted for the next digest")
+        self.assertEqual(self.aggregator.view().total, 1)
+
+    def test_at_the_limit(self):
+        """
+        A message of exactly SMTP_INGEST_MAX_BYTES is taken; one byte
+        less is too little.
+        """
+        data = mail("x")
+        size = sum(len(line) + 2 for line in data.split(b"\n"))
+        codes = self.transaction(
+            self.connect(self.make_ingest(max_bytes=size - 1)), data)
+        self.assertEqual(codes[-1], 552)
+        self.transaction(self.connect(self.make_ingest(max_bytes=size)),
+                         data)
+        self.assertEqual(self.aggregator.view().total, 1)
+
+    def test_recipients(self):
+        """
+        Past SMTP_INGEST_MAX_RECIPIENTS a recipient gets 452; the message
+        still goes to the others, once.
+        """
+        client = self.connect(self.make_ingest(max_recipients=2))
+        codes = self.transaction(client, recipients=[b"a@x", b"b@x", b"c@x"])
+        self.assertEqual(codes[2:5], [250, 250, 452])
+        self.finish_snapshots()
+        self.assertEqual(self.counted(), [("backup failed", "a",
+                                           "web1.example", 1)])
+
+    def test_connections(self):
+        """
+        Past SMTP_INGEST_MAX_CONNECTIONS a client is told 421 and
+        disconnected; once one leaves, the next may come in.
+        """
+        ingest = self.make_ingest(max_connections=2)
+        first, second = self.connect(ingest), self.connect(ingest)
+        transport = StringTransport()
+        turned_away = ingest.buildProtocol(None)
+        turned_away.makeConnection(transport)
+        self.assertEqual(transport.value(),
+                         b"421 Too many connections; try again later\r\n")
+        self.assertTrue(transport.disconnecting)
+        first.protocol.connectionLost(None)
+        self.assertEqual(self.connect(ingest).replies()[0][:4], "220 ")
+        self.assertEqual(len(ingest.sessions), 2)
+        self.assertIn(second.protocol, ingest.sessions)
+
+    def test_idle_timeout(self):
+        """
+        A client silent for IDLE_TIMEOUT_SECONDS is told 421 and dropped;
+        each line it sends starts the wait again.
+        """
+        client = self.connect()
+        client.replies()
+        self.clock.advance(IDLE_TIMEOUT_SECONDS - 1)
+        client.send(b"NOOP")
+        self.clock.advance(IDLE_TIMEOUT_SECONDS - 1)
+        self.assertFalse(client.transport.disconnecting)
+        self.clock.advance(1)
+        [line] = client.replies()
+        self.assertTrue(line.startswith("421 "), line)
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_line_too_long(self):
+        """
+        A line longer than MAX_LINE_BYTES, even in a message's content,
+        is answered 500 and the connection closed; nothing is counted.
+        """
+        client = self.connect()
+        client.send(b"EHLO x", b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>",
+                    b"DATA", b"Subject: x", b"")
+        replies = client.send(b"y" * (MAX_LINE_BYTES + 1), b".")
+        self.assertEqual(replies, ["500 Line too long"])
+        self.assertTrue(client.transport.disconnecting)
+        client.protocol.connectionLost(None)
+        self.assertEqual(self.aggregator.view().total, 0)
+
+    def test_endless_line(self):
+        """
+        Data without a line end is not kept past MAX_LINE_BYTES.
+        """
+        client = self.connect()
+        client.replies()
+        for _ in range(3):
+            client.protocol.dataReceived(b"z" * (MAX_LINE_BYTES // 2))
+        self.assertEqual(client.replies(), ["500 Line too long"])
+        self.assertEqual(client.protocol._buffer, b"")
+
+
+class AuthTests(IngestTestCase):
+    """
+    SMTP_INGEST_USERS: AUTH PLAIN and LOGIN, required before MAIL.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.make_ingest(users={"django": "s3cret", "cron": "other"})
+
+    def plain(self, user: bytes, password: bytes) -> bytes:
+        return b"AUTH PLAIN " + base64.b64encode(b"\0" + user + b"\0"
+                                                 + password)
+
+    def test_offered(self):
+        """
+        EHLO offers AUTH PLAIN and LOGIN.
+        """
+        self.assertIn("250-AUTH PLAIN LOGIN",
+                      self.connect().send(b"EHLO x"))
+
+    def test_required(self):
+        """
+        MAIL before AUTH is refused with 530.
+        """
+        self.assertEqual(self.connect().codes(b"EHLO x", b"MAIL FROM:<a@b>"),
+                         [250, 530])
+
+    def test_plain(self):
+        """
+        With the right name and password (PLAIN) mail is taken.
+        """
+        client = self.connect()
+        self.assertEqual(client.codes(b"EHLO x",
+                                      self.plain(b"django", b"s3cret")),
+                         [250, 235])
+        self.transaction(client)
+        self.assertEqual(self.aggregator.view().total, 1)
+
+    def test_login(self):
+        """
+        AUTH LOGIN prompts for the name, then the password.
+        """
+        client = self.connect()
+        client.send(b"EHLO x")
+        self.assertEqual(client.send(b"AUTH LOGIN"),
+                         ["334 " + base64.b64encode(b"Username:").decode()])
+        self.assertEqual(client.send(base64.b64encode(b"cron")),
+                         ["334 " + base64.b64encode(b"Password:").decode()])
+        self.assertEqual(client.codes(base64.b64encode(b"other"),
+                                      b"MAIL FROM:<a@b>"), [235, 250])
+
+    def test_wrong(self):
+        """
+        A wrong password, another user's password, an unknown user and a
+        malformed response are all 535, and MAIL is still refused.
+        """
+        for line in (self.plain(b"django", b"wrong"),
+                     self.plain(b"django", b"other"),
+                     self.plain(b"nobody", b"s3cret"),
+                     b"AUTH PLAIN " + base64.b64encode(b"no NULs"),
+                     b"AUTH PLAIN " + base64.b64encode(b"\0a\0b\0c")):
+            client = self.connect()
+            self.assertEqual(client.codes(b"EHLO x", line,
+                                          b"MAIL FROM:<a@b>"),
+                             [250, 535, 530], line)
+
+    def test_bad_commands(self):
+        """
+        AUTH without a mechanism, or with an unknown one, is refused
+        without ending the session.
+        """
+        client = self.connect()
+        self.assertEqual(client.codes(b"EHLO x", b"AUTH", b"AUTH CRAM-MD5",
+                                      b"NOOP"), [250, 501, 504, 250])
+
+    def test_not_configured(self):
+        """
+        Without SMTP_INGEST_USERS, AUTH is not available.
+        """
+        client = self.connect(self.make_ingest())
+        self.assertEqual(client.codes(b"AUTH PLAIN AGEAYg=="), [502])
+
+
+class UsersCheckerTests(SynchronousTestCase):
+    """
+    L{UsersChecker}.
+    """
+
+    def test_check(self):
+        """
+        The right password gives the user name; anything else fails.
+        """
+        checker = UsersChecker({"django": "s3cret", "ünï": "pässword"})
+        self.assertEqual(self.successResultOf(checker.requestAvatarId(
+            UsernamePassword(b"django", b"s3cret"))), b"django")
+        self.assertEqual(self.successResultOf(checker.requestAvatarId(
+            UsernamePassword("ünï".encode(), "pässword".encode()))),
+            "ünï".encode())
+        for name, password in ((b"django", b"s3cre"), (b"nobody", b""),
+                               (None, None), (b"django", b"")):
+            self.failureResultOf(checker.requestAvatarId(
+                UsernamePassword(name, password)), UnauthorizedLogin)
+
+
+class TLSTests(IngestTestCase):
+    """
+    STARTTLS, and AUTH only after it.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.options = object()
+        self.make_ingest(users={"django": "s3cret"}, tls=self.options)
+
+    def connect_tls(self) -> Client:
+        return self.connect(transport=TLSStringTransport(
+            peerAddress=IPv4Address("TCP", "10.0.0.7", 40000)))
+
+    def test_auth_after_starttls(self):
+        """
+        Before STARTTLS, EHLO offers STARTTLS and no AUTH, and AUTH is
+        refused with 538; after it, AUTH is offered and works.
+        """
+        client = self.connect_tls()
+        replies = client.send(b"EHLO x")
+        self.assertIn("250-STARTTLS", replies)
+        self.assertFalse([line for line in replies if "AUTH" in line])
+        self.assertEqual(client.codes(b"AUTH PLAIN AGRqYW5nbwBzM2NyZXQ=",
+                                      b"MAIL FROM:<a@b>"), [538, 530])
+        self.assertEqual(client.codes(b"STARTTLS"), [220])
+        self.assertIs(client.transport.tls, self.options)
+        replies = client.send(b"EHLO x")
+        self.assertIn("250-AUTH PLAIN LOGIN", replies)
+        self.assertNotIn("250-STARTTLS", replies)
+        self.assertEqual(client.codes(b"AUTH PLAIN AGRqYW5nbwBzM2NyZXQ=",
+                                      b"MAIL FROM:<a@b>"), [235, 250])
+
+    def test_no_injection(self):
+        """
+        Commands sent in clear in the same packet as STARTTLS are
+        dropped, not run as if they had come over TLS.
+        """
+        client = self.connect_tls()
+        client.replies()
+        self.assertEqual(client.codes(b"STARTTLS", b"EHLO evil",
+                                      b"MAIL FROM:<a@b>"), [220])
+        self.assertEqual(client.codes(b"EHLO x"), [250])
+
+
+class StopTests(IngestTestCase):
+    """
+    Stopping: 421 for what arrives after, a hang-up for everyone.
+    """
+
+    def test_stop_accepting(self):
+        """
+        Once the stop began, a message is answered 421 (try again later)
+        and not counted.
+        """
+        client = self.connect()
+        self.ingest.stop_accepting()
+        codes = self.transaction(client)
+        self.assertEqual(codes[-1], 421)
+        self.assertEqual(self.aggregator.view().total, 0)
+
+    def test_hang_up(self):
+        """
+        Every client still connected is told 421 and disconnected; the
+        Deferred fires once all are gone.
+        """
+        ingest = self.make_ingest()
+        clients = [self.connect(ingest) for _ in range(2)]
+        for client in clients:
+            client.replies()
+        gone = ingest.hang_up()
+        for client in clients:
+            [line] = client.replies()
+            self.assertTrue(line.startswith("421 nozzle.example "), line)
+            self.assertTrue(client.transport.disconnecting)
+        self.assertNoResult(gone)
+        for client in clients:
+            client.protocol.connectionLost(None)
+        self.successResultOf(gone)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_hang_up_aborts(self):
+        """
+        A connection that does not close within a few seconds is aborted.
+        """
+        aborted = []
+        transport = StringTransport(
+            peerAddress=IPv4Address("TCP", "10.0.0.7", 40000))
+        transport.abortConnection = lambda: aborted.append(True)
+        client = self.connect(self.make_ingest(), transport)
+        gone = self.ingest.hang_up()
+        self.clock.advance(2)
+        self.assertEqual(aborted, [True])
+        client.protocol.connectionLost(None)
+        self.successResultOf(gone)
+
+
+class FuzzTests(IngestTestCase):
+    """
+    Random and cut-short input never raises out of the protocol, nor
+    logs an error.
+    """
+
+    SESSION = (
+        b"EHLO web1\r\nAUTH PLAIN AGRqYW5nbwBzM2NyZXQ=\r\nAUTH LOGIN\r\n"
+        b"ZGphbmdv\r\nczNjcmV0\r\nMAIL FROM:<a@b> SIZE=100\r\n"
+        b"RCPT TO:<Kind@x>\r\nRCPT TO:<k2@x>\r\nDATA\r\n"
+        b"Subject: =?utf-8?q?hi?=\r\n"
+        b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\n"
+        b"Content-Type: text/plain; charset=iso-8859-1\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+        b"Traceback (most recent call last):\r\n"
+        b'  File "a", line 1, in f\r\nE: =E4\r\n--XX--\r\n.\r\n'
+        b"RSET\r\nSTARTTLS\r\nAUTH\r\n\xff\r\nQUIT\r\n")
+
+    def mutations(self, rng: random.Random, count: int):
+        """Random bytes, and the session above mangled and cut short."""
+        for number in range(count):
+            if number % 10 == 0:
+                yield bytes(rng.randrange(256)
+                            for _ in range(rng.randrange(1, 500)))
+                continue
+            data = bytearray(self.SESSION)
+            for _ in range(rng.randrange(8)):
+                if not data:
+                    break
+                where = rng.randrange(len(data))
+                action = rng.randrange(4)
+                if action == 0:
+                    data[where] = rng.randrange(256)
+                elif action == 1:
+                    del data[where:where + rng.randrange(1, 40)]
+                elif action == 2:
+                    data[where:where] = bytes(
+                        rng.randrange(256) for _ in range(rng.randrange(20)))
+                else:
+                    del data[where:]
+            yield bytes(data)
+
+    def test_random_sessions(self):
+        """
+        Each input, in random pieces, with and without AUTH and TLS, then
+        the connection lost: no exception, no error logged, and the
+        sessions that got through counted.
+        """
+        events = capture_log(self)
+        rng = random.Random(1549)
+        ingests = [
+            self.make_ingest(max_bytes=2000),
+            self.make_ingest(max_bytes=2000, users={"django": "s3cret"}),
+            self.make_ingest(max_bytes=2000, users={"django": "s3cret"},
+                             tls=object()),
+        ]
+        for number, data in enumerate(self.mutations(rng, 1500)):
+            client = self.connect(ingests[number % 3], TLSStringTransport(
+                peerAddress=IPv4Address("TCP", "10.0.0.7", 40000)))
+            while data:
+                size = rng.randrange(1, 64)
+                client.protocol.dataReceived(data[:size])
+                data = data[size:]
+            self.finish_snapshots()
+            client.protocol.connectionLost(None)
+        self.assertEqual([event for event in events
+                          if event.get("log_failure")
+                          or event["log_level"].name in ("error",
+                                                         "critical")], [])
+        self.assertGreater(self.aggregator.flush().total, 50)
+
+
+class TLSOptionsTests(SynchronousTestCase):
+    """
+    L{tls_options}: SMTP_INGEST_TLS_CERT and _KEY, checked at start-up.
+    """
+
+    def setUp(self):
+        self.ca = trustme.CA()
+        self.cert = self.ca.issue_cert("nozzle.example")
+
+    def write(self, data: bytes) -> str:
+        path = self.mktemp()
+        with open(path, "wb") as out:
+            out.write(data)
+        return path
+
+    def chain(self) -> str:
+        return self.write(b"".join(pem.bytes()
+                                   for pem in self.cert.cert_chain_pems))
+
+    def key(self) -> str:
+        return self.write(self.cert.private_key_pem.bytes())
+
+    def test_good(self):
+        """
+        A certificate with its chain and the matching key give options
+        that serve the certificate.
+        """
+        options = tls_options(self.chain(), self.key())
+        self.assertIsNotNone(options.getContext())
+
+    def assertRefused(self, cert: str, key: str, *expected: str):
+        error = self.assertRaises(ConfigError, tls_options, cert, key)
+        for text in expected:
+            self.assertIn(text, str(error))
+
+    def test_unreadable(self):
+        """
+        A missing file is named with the setting.
+        """
+        self.assertRefused(self.chain(), "/no/such/key.pem",
+                           "SMTP_INGEST_TLS_KEY: cannot read "
+                           "'/no/such/key.pem'")
+        self.assertRefused("/no/such/cert.pem", self.key(),
+                           "SMTP_INGEST_TLS_CERT: cannot read")
+
+    def test_not_pem(self):
+        """
+        Files without a certificate, or without a key, are named.
+        """
+        junk = self.write(b"junk")
+        self.assertRefused(junk, self.key(),
+                           f"SMTP_INGEST_TLS_CERT: no PEM certificate in "
+                           f"{junk!r}")
+        self.assertRefused(self.chain(), junk, "SMTP_INGEST_TLS_KEY: no PEM "
+                                               "private key")
+
+    def test_encrypted_key(self):
+        """
+        A key with a passphrase is refused at once, not asked about.
+        """
+        key = serialization.load_pem_private_key(
+            self.cert.private_key_pem.bytes(), None)
+        encrypted = self.write(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase")))
+        self.assertRefused(self.chain(), encrypted,
+                           "SMTP_INGEST_TLS_KEY: no PEM private key "
+                           "(without a passphrase)")
+
+    def test_wrong_key(self):
+        """
+        A key that is not the certificate's is refused.
+        """
+        other = self.write(self.ca.issue_cert(
+            "other.example").private_key_pem.bytes())
+        self.assertRefused(self.chain(), other,
+                           "SMTP_INGEST_TLS_KEY: the key in", "is not the "
+                           "one of the certificate")
+
+
+class BindTests(SynchronousTestCase):
+    """
+    L{bind_tcp_socket}.
+    """
+
+    def test_listening(self):
+        """
+        The socket is bound, listening and non-blocking.
+        """
+        sock = bind_tcp_socket("127.0.0.1", 0)
+        self.addCleanup(sock.close)
+        self.assertFalse(sock.getblocking())
+        with socket.create_connection(sock.getsockname()):
+            pass
+
+    def test_in_use(self):
+        """
+        An address in use raises OSError, and no socket is left open.
+        """
+        holder = bind_tcp_socket("127.0.0.1", 0)
+        self.addCleanup(holder.close)
+        self.assertRaises(OSError, bind_tcp_socket, *holder.getsockname())
+
+
+class ServiceTests(SynchronousTestCase):
+    """
+    The service with SMTP_INGEST_BIND: the port, the 250's snapshot, the
+    stop.
+    """
+
+    def start(self, **overrides):
+        for name in ("SPOOL_DIR", "STATE_FILE", "MAILDIR"):
+            overrides.setdefault(name, self.mktemp())
+        self.reactor = MemoryReactorClock()
+        self.writes = []
+        udp_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(udp_socket.close)
+        smtp_socket = socket.socket()
+        self.addCleanup(smtp_socket.close)
+        self.service = FailnozzleService(
+            make_settings(SMTP_INGEST_BIND=("127.0.0.1", 0), **overrides),
+            self.reactor, udp_socket, FakeMailTransport(),
+            in_thread=self.in_thread, smtp_socket=smtp_socket)
+        events = capture_log(self)
+        self.service.startService()
+        self.events = events
+        return self.service
+
+    def in_thread(self, function, *args) -> defer.Deferred:
+        """Snapshot writes wait until the test finishes them."""
+        written = defer.Deferred()
+        written.addCallback(lambda _: function(*args))
+        self.writes.append(written)
+        return written
+
+    def finish_writes(self):
+        """Finish the snapshot writes begun so far, not those they let in."""
+        writes, self.writes = self.writes, []
+        for written in writes:
+            written.callback(None)
+
+    def test_adopts_port(self):
+        """
+        The SMTP socket is handed to the reactor with the ingest as its
+        factory, and start-up says where mail is received.
+        """
+        service = self.start()
+        [(_, _, _, _), (_, family, factory)] = self.reactor.adoptedPorts
+        self.assertEqual(family, socket.AF_INET)
+        self.assertIs(factory, service.mail)
+        self.assertIn("failnozzle listening for mail on SMTP 0.0.0.0:1234",
+                      [event["log_format"].format(**event)
+                       for event in self.events if "log_format" in event])
+
+    def test_saved_soon(self):
+        """
+        The 250 waits for a snapshot begun after the count: not the one
+        being written, and one snapshot serves a burst of messages.
+        """
+        service = self.start()
+        self.finish_writes()
+        service.save_state()
+        self.assertEqual(len(self.writes), 1, "a snapshot being written")
+        first, second = service.saved_soon(), service.saved_soon()
+        self.finish_writes()
+        self.assertNoResult(first)
+        self.assertEqual(len(self.writes), 1, "one snapshot for both")
+        self.finish_writes()
+        self.successResultOf(first)
+        self.successResultOf(second)
+
+    def test_saved_soon_failed(self):
+        """
+        A snapshot that cannot be written still ends the wait: the count
+        is in memory, and the daemon says the state file is unwritable.
+        """
+        service = self.start()
+        self.finish_writes()
+        waiting = service.saved_soon()
+        self.writes.pop().errback(OSError(28, "No space left on device"))
+        self.successResultOf(waiting)
+
+    def test_saved_soon_without_snapshots(self):
+        """
+        With SNAPSHOT_SECONDS = 0 there is nothing to wait for.
+        """
+        service = self.start(SNAPSHOT_SECONDS=0)
+        self.successResultOf(service.saved_soon())
+
+    def test_stop(self):
+        """
+        Stopping refuses new mail at once, stops listening, flushes, and
+        only then hangs up on the clients still connected.
+        """
+        service = self.start()
+        self.finish_writes()
+        client = Client(service.mail, StringTransport(
+            peerAddress=IPv4Address("TCP", "10.0.0.7", 40000)))
+        client.replies()
+        stopped = service.stopService()
+        self.assertFalse(service.mail.accepting)
+        self.assertEqual(client.replies(), [])
+        while self.writes:
+            self.finish_writes()
+        [line] = client.replies()
+        self.assertTrue(line.startswith("421 "), line)
+        self.assertTrue(client.transport.disconnecting)
+        self.assertNoResult(stopped)
+        client.protocol.connectionLost(None)
+        self.successResultOf(stopped)
