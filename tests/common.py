@@ -21,6 +21,7 @@ from twisted.protocols.basic import LineReceiver
 
 from failnozzle.config import Settings, load_settings
 from failnozzle.ingest import bind_udp_socket
+from failnozzle.mailin import bind_tcp_socket
 from failnozzle.service import FailnozzleService
 
 #: Upper bound for waiting on anything over real sockets; a test that
@@ -51,15 +52,19 @@ def free_tcp_port() -> int:
 
 def start_service(testcase, transport=None, **overrides) -> FailnozzleService:
     """
-    Start a L{FailnozzleService} on 127.0.0.1 (a free UDP port) with the
-    real reactor; it is stopped when the test ends.
+    Start a L{FailnozzleService} on 127.0.0.1 (a free UDP port, and a TCP
+    port for mail if SMTP_INGEST_BIND is given) with the real reactor; it
+    is stopped when the test ends.
     """
     overrides.setdefault("UDP_BIND", ("127.0.0.1", 0))
     for name in ("SPOOL_DIR", "STATE_FILE", "MAILDIR"):
         overrides.setdefault(name, testcase.mktemp())
     settings = make_settings(**overrides)
     udp_socket, _ = bind_udp_socket(*settings.UDP_BIND, settings.UDP_RCVBUF)
-    service = FailnozzleService(settings, reactor, udp_socket, transport)
+    smtp_socket = (bind_tcp_socket(*settings.SMTP_INGEST_BIND)
+                   if settings.SMTP_INGEST_BIND else None)
+    service = FailnozzleService(settings, reactor, udp_socket, transport,
+                                smtp_socket=smtp_socket)
     service.startService()
     testcase.addCleanup(lambda: service.running and service.stopService())
     return service

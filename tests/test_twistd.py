@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+import smtplib
 import socket
 import sys
 import sysconfig
 from typing import Optional
 
-from twisted.internet import defer, error, protocol, reactor
+from twisted.internet import defer, error, protocol, reactor, threads
 from twisted.trial.unittest import TestCase
 
 import failnozzle
@@ -509,6 +510,20 @@ class ConfigErrorTests(_TwistdTestCase):
             ["--udp", f"127.0.0.1:{port}"],
             "UDP_BIND", f"127.0.0.1:{port}", "in use")
 
+    def test_smtp_ingest_port_in_use(self):
+        """
+        A TCP port another socket listens on: SMTP_INGEST_BIND and the
+        address are named.
+        """
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        return self.assert_refused(
+            ["--udp", "127.0.0.1:0", "--smtp-ingest", f"127.0.0.1:{port}"],
+            "SMTP_INGEST_BIND", f"127.0.0.1:{port}", "in use")
+
 
 class DaemonizedTests(_TwistdTestCase):
     """
@@ -585,5 +600,39 @@ class HelpTests(_TwistdTestCase):
         reason = yield process.wait_for_end()
         self.assertIsInstance(reason, error.ProcessDone, process.text)
         for option in ("--config=", "--udp=", "--flush-seconds=",
-                       "--maildir=", "--smtp="):
+                       "--maildir=", "--smtp=", "--smtp-ingest="):
             self.assertIn(option, process.text)
+
+
+class MailInDaemonTests(_TwistdTestCase):
+    """
+    C{twistd -n failnozzle} with SMTP_INGEST_BIND: error mail in, digest
+    out.
+    """
+
+    @defer.inlineCallbacks
+    def test_mail_to_digest(self):
+        """
+        The daemon logs the SMTP port it got; a message smtplib sends
+        there is in the next digest, the client having heard 250.
+        """
+        sink = SMTPSink(self)
+        process, _, _ = yield self.start_daemon(**self.smtp_settings(
+            sink.port, flush_seconds=1,
+            SMTP_INGEST_BIND=("127.0.0.1", 0)))
+        listening = yield process.wait_for(
+            r"listening for mail on SMTP 127\.0\.0\.1:(\d+)")
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", int(listening.group(1)),
+                              local_hostname="web1.example",
+                              timeout=WAIT_SECONDS) as client:
+                return client.sendmail(
+                    "root@web1.example", ["backup@nozzle.example"],
+                    b"Subject: nightly backup failed\r\n\r\ndisk full\r\n")
+
+        refused = yield threads.deferToThread(send)
+        self.assertEqual(refused, {})
+        [message] = yield process.wait_for_mail(sink, 1)
+        self.assertEqual(digest_counts(message.get_content()),
+                         {"nightly backup failed": {"web1.example": 1}})
