@@ -237,17 +237,20 @@ def _address_text(value: object) -> str:
             else str(value))
 
 
+#: HELO names that name no host: msmtp's default, for one.
+_NO_NAMES = frozenset(("", "localhost", "localhost.localdomain"))
+
+
 def client_name(helo: tuple) -> str:
     """
     The sending host: the name the client gave in HELO or EHLO (Django and
     smtplib give the machine's name; an address literal loses its
-    brackets), else its IP address.
+    brackets), else, or if that is "localhost", its IP address.
     """
     name, address = helo
     given = _address_text(name or b"").split()
-    if given:
-        return given[0].strip("[]")[:255] or _address_text(address)
-    return _address_text(address)
+    name = given[0].strip("[]")[:255] if given else ""
+    return _address_text(address) if name.lower() in _NO_NAMES else name
 
 
 @implementer(IMessageSMTP)

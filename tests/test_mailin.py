@@ -417,6 +417,15 @@ class ClientNameTests(SynchronousTestCase):
         """
         self.assertEqual(client_name((None, "10.0.0.7")), "10.0.0.7")
         self.assertEqual(client_name((b"  ", b"10.0.0.7")), "10.0.0.7")
+        self.assertEqual(client_name((b"[]", b"10.0.0.7")), "10.0.0.7")
+
+    def test_localhost(self):
+        """
+        "localhost" (msmtp's default HELO name) names no host: the
+        address does.
+        """
+        for name in (b"localhost", b"LOCALHOST.localdomain"):
+            self.assertEqual(client_name((name, b"10.0.0.7")), "10.0.0.7")
 
 
 @implementer(ITLSTransport)

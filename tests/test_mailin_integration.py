@@ -3,18 +3,20 @@ Errors by mail over real sockets: the standard library's smtplib and
 Django's own AdminEmailHandler send to the service's SMTP_INGEST_BIND on
 127.0.0.1, and the digest arrives at a real SMTP server (aiosmtpd).
 """
+import logging
 import smtplib
 import ssl
 from email.message import EmailMessage
 
 import trustme
+from django.core.mail.backends.smtp import EmailBackend
 from django.urls import path
 from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from failnozzle.service import FailnozzleService
 from tests.common import (WAIT_SECONDS, SMTPSink, bounded, digest_counts,
-                          start_service, state_file_total)
+                          free_tcp_port, start_service, state_file_total)
 
 TRACEBACK = (
     "Traceback (most recent call last):\n"
@@ -249,6 +251,20 @@ def item(request, number: int):
 urlpatterns = [path("items/<int:number>/", item)]
 
 
+class FailnozzleBackend(EmailBackend):
+    """
+    The backend README.rst gives a site whose other mail must still go
+    through EMAIL_HOST: error mail only, to failnozzle (here on the port
+    a test sets).
+    """
+
+    port_for_tests = None
+
+    def __init__(self, **kwargs):
+        kwargs.update(host="127.0.0.1", port=self.port_for_tests)
+        super().__init__(**kwargs)
+
+
 class DjangoTests(TestCase):
     """
     A Django site with the error mail every Django site has (DEBUG off,
@@ -275,6 +291,9 @@ class DjangoTests(TestCase):
         machine, DNS_NAME._fqdn = DNS_NAME._fqdn, "web1.example"
         self.addCleanup(setattr, DNS_NAME, "_fqdn", machine)
 
+    #: EMAIL_PORT, if not failnozzle's.
+    email_port = None
+
     def request(self, service: FailnozzleService, remote_addr: str,
                 agent: str) -> defer.Deferred:
         """
@@ -288,7 +307,8 @@ class DjangoTests(TestCase):
         from django.test.utils import override_settings
 
         def get():
-            with override_settings(EMAIL_PORT=mail_address(service)[1]):
+            with override_settings(EMAIL_PORT=self.email_port or
+                                   mail_address(service)[1]):
                 client = Client(raise_request_exception=False)
                 return client.get("/items/1/", REMOTE_ADDR=remote_addr,
                                   HTTP_USER_AGENT=agent).status_code
@@ -321,3 +341,26 @@ class DjangoTests(TestCase):
                       "Exception Value: no such item\n", body)
         for volatile in ("Firefox", "curl", "Server time", "META"):
             self.assertNotIn(volatile, body)
+
+    @defer.inlineCallbacks
+    def test_own_backend(self):
+        """
+        With README's FailnozzleBackend on the mail_admins handler, error
+        mail goes to failnozzle while EMAIL_HOST (here a port nothing
+        listens on) stays the site's for its other mail.
+        """
+        from django.utils.log import AdminEmailHandler
+
+        sink = SMTPSink(self)
+        service = start(self, sink)
+        self.patch(FailnozzleBackend, "port_for_tests",
+                   mail_address(service)[1])
+        self.email_port = free_tcp_port()
+        handler = AdminEmailHandler(
+            email_backend=f"{__name__}.FailnozzleBackend")
+        logger = logging.getLogger("django")
+        self.patch(logger, "handlers", [handler])
+        status = yield self.request(service, "10.0.0.7", "Firefox")
+        self.assertEqual(status, 500)
+        _, counts, _ = yield digest_of(service, sink)
+        self.assertEqual(list(counts.values()), [{"web1.example": 1}])
