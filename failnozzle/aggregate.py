@@ -21,6 +21,8 @@ class _Tally:
     first_seen: float
     last_seen: float
     level: Optional[int] = None
+    #: Whether the last snapshot holds it as it is (see L{Aggregator.changes}).
+    saved: bool = False
 
     def copy(self) -> _Tally:
         return _Tally(dict(self.sources), self.first_seen, self.last_seen,
@@ -150,6 +152,9 @@ class Aggregator:
         self._bad: dict = {}
         #: Whether anything was counted since the last flush or snapshot.
         self.changed = False
+        #: Whether the buffer was emptied or replaced since the last
+        #: L{changes}.
+        self._replaced = True
 
     def add_key(self, key: tuple, source: Hashable,
                 level: Optional[int] = None) -> None:
@@ -164,11 +169,12 @@ class Aggregator:
                 self._overflow += 1
                 return
             now = self._clock.seconds()
-            tally = self._tallies[key] = _Tally({source: 1}, now, now, level)
+            self._tallies[key] = _Tally({source: 1}, now, now, level)
             return
         sources = tally.sources
         sources[source] = sources.get(source, 0) + 1
         tally.last_seen = self._clock.seconds()
+        tally.saved = False
         if level is not None:
             tally.level = _most_severe(tally.level, level)
 
@@ -191,6 +197,7 @@ class Aggregator:
         """Hand over everything counted so far and start empty again."""
         tallies, overflow, bad = self._tallies, self._overflow, self._bad
         self._tallies, self._overflow, self._bad = {}, 0, {}
+        self._replaced = True
         self.changed = True
         for tally, error in bad.values():
             key = self._internal_error_key(sum(tally.sources.values()), error)
@@ -213,12 +220,43 @@ class Aggregator:
             entries[key] = _entry_of(key, merged[key])
         return Batch(tuple(entries.values()), self._overflow)
 
+    def changes(self, everything: bool = False) -> tuple:
+        """
+        For snapshots, which keep what they saved before: C{(batch,
+        whole)}, the errors counted since the last call (all of them if
+        C{everything}), and whether that is the whole buffer, as it is after
+        a flush, or only what changed, the rest being as the last call gave
+        it.  The overflow is the whole buffer's; bad input is left out (see
+        L{bad_input}).  Like L{view}, valid only until the next count.
+        """
+        whole, self._replaced = everything or self._replaced, False
+        # A flag per error to look at, and only the errors counted since
+        # to read: about a millisecond for 10,000 errors of which none
+        # changed.
+        changed = [(key, tally) for key, tally in self._tallies.items()
+                   if whole or not tally.saved]
+        for _, tally in changed:
+            tally.saved = True
+        return Batch(tuple(_entry_of(key, tally) for key, tally in changed),
+                     self._overflow), whole
+
+    def bad_input(self) -> tuple:
+        """
+        The entries bad input is counted under so far.  Their keys may
+        change with every count (INTERNAL_ERROR_FUNC sees the count).
+        """
+        return tuple(
+            _entry_of(self._internal_error_key(sum(tally.sources.values()),
+                                               error), tally.copy())
+            for tally, error in self._bad.values())
+
     def restore(self, batch: Batch) -> None:
         """Count a batch in again, such as one read back from a snapshot."""
         merged = _batch_of(self._tallies, self._overflow).merge(
             batch, self._max_unique)
         self._tallies = _tallies_of(merged.entries)
         self._overflow = merged.overflow
+        self._replaced = True
         self.changed = True
 
 

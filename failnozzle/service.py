@@ -330,9 +330,13 @@ class FailnozzleService(Service):
         # From now on a snapshot begun later is needed to hold new counts.
         self._next_snapshot = None
         # A view of the counts, not a copy: StateFile reads it at once.
+        # Only what changed since the last snapshot: StateFile keeps the
+        # rest.
         self.aggregator.changed = False
-        return State(self.aggregator.view(), dict(self._held),
-                     list(self.rate_window.counts))
+        buffer, whole = self.aggregator.changes(self.state_file.needs_whole)
+        return State(buffer, dict(self._held), list(self.rate_window.counts),
+                     changes_only=not whole,
+                     bad_input=self.aggregator.bad_input())
 
     def _state_saved(self, _: object) -> None:
         if self._state_unwritable:

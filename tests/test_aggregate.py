@@ -175,6 +175,78 @@ class AggregatorTests(SynchronousTestCase):
         self.assertEqual((entry.first_seen, entry.last_seen), (5, 10))
 
 
+class ChangesTests(SynchronousTestCase):
+    """
+    What a snapshot reads: the errors counted since the last one.
+    """
+
+    def changed(self, aggregator, everything=False):
+        batch, whole = aggregator.changes(everything)
+        return {e.key[0]: e.sources for e in batch.entries}, whole
+
+    def test_only_what_changed(self):
+        """
+        The first call gives the whole buffer; later ones only the errors
+        counted since the call before, with their counts so far, and the
+        whole buffer's overflow.
+        """
+        aggregator, _ = make_aggregator(max_unique=3)
+        for key in ["a", "b"]:
+            aggregator.add_key((key,), "h")
+        self.assertEqual(self.changed(aggregator),
+                         ({"a": {"h": 1}, "b": {"h": 1}}, True))
+        self.assertEqual(self.changed(aggregator), ({}, False))
+        for key in ["b", "c", "d", "e"]:
+            aggregator.add_key((key,), "h")
+        batch, whole = aggregator.changes()
+        self.assertEqual({e.key[0]: e.sources for e in batch.entries},
+                         {"b": {"h": 2}, "c": {"h": 1}})
+        self.assertEqual((batch.overflow, whole), (2, False))
+
+    def test_everything(self):
+        """
+        Asked for everything, it gives the whole buffer, and counts from
+        there on.
+        """
+        aggregator, _ = make_aggregator()
+        for key in ["a", "b"]:
+            aggregator.add_key((key,), "h")
+        aggregator.changes()
+        aggregator.add_key(("a",), "h2")
+        self.assertEqual(self.changed(aggregator, everything=True),
+                         ({"a": {"h": 1, "h2": 1}, "b": {"h": 1}}, True))
+        self.assertEqual(self.changed(aggregator), ({}, False))
+
+    def test_whole_after_flush_and_restore(self):
+        """
+        After a flush the changes are the whole (new) buffer, and so they
+        are after a restore.
+        """
+        aggregator, _ = make_aggregator()
+        aggregator.add_key(("a",), "h")
+        aggregator.changes()
+        batch = aggregator.flush()
+        self.assertEqual(self.changed(aggregator), ({}, True))
+        aggregator.add_key(("b",), "h")
+        aggregator.changes()
+        aggregator.restore(batch)
+        self.assertEqual(self.changed(aggregator),
+                         ({"a": {"h": 1}, "b": {"h": 1}}, True))
+
+    def test_bad_input_apart(self):
+        """
+        Bad input is not among the changes but in L{Aggregator.bad_input},
+        under the key the internal-error function gives for its count.
+        """
+        aggregator, _ = make_aggregator()
+        aggregator.add_bad_input(ValueError("x"), "10.0.0.1")
+        aggregator.add_bad_input(ValueError("y"), "10.0.0.1")
+        self.assertEqual(self.changed(aggregator), ({}, True))
+        [entry] = aggregator.bad_input()
+        self.assertEqual((entry.key, entry.sources),
+                         (("internal", "ValueError"), {"10.0.0.1": 2}))
+
+
 class BatchTests(SynchronousTestCase):
     """
     The immutable snapshot of a flush.

@@ -4,10 +4,12 @@ clean stop, over a fake reactor and a fake mail transport.
 """
 import gzip
 import json
+import os
 import socket
 import zlib
 
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -15,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from failnozzle.config import DEFAULT_MONITORING_ERROR_MARKERS
 from failnozzle.outbox import MaildirTransport, SMTPTransport
 from failnozzle.service import FailnozzleService, make_transport
+from failnozzle.state import StateFile
 from tests.common import FakeMailTransport, make_settings, record
 
 MARKER = DEFAULT_MONITORING_ERROR_MARKERS[0]
@@ -468,6 +471,76 @@ class StopTests(ServiceTestCase):
         self.start()
         self.successResultOf(self.service.stopService())
         self.assertEqual(self.transport.pending, [])
+
+
+class SnapshotTests(ServiceTestCase):
+    """
+    Snapshots every SNAPSHOT_SECONDS hold what is counted, though each
+    reads only what changed since the one before.
+    """
+
+    def saved(self):
+        """What a service started after a crash now would restore."""
+        state = StateFile(self.service.settings.STATE_FILE, Clock()).load()
+        counts = {}
+        for entry in state.buffer.entries:
+            message = entry.key[self.service.settings.unique_fields.index(
+                "message")]
+            counts.setdefault(message, {})
+            for source, count in entry.sources.items():
+                counts[message][source] = (counts[message].get(source, 0)
+                                           + count)
+        return counts
+
+    def test_counts_across_snapshots(self):
+        """
+        Errors counted before earlier snapshots, and counted again since,
+        are all in the last one; bad input with the count it had last.
+        """
+        self.start(SNAPSHOT_SECONDS=1, FLUSH_SECONDS=3600)
+        self.receive(record("a", source="web1"), record("b", source="web1"))
+        self.reactor.advance(1)
+        self.receive(record("a", source="web2"), b"not json")
+        self.reactor.advance(1)
+        self.receive(record("c", source="web1"), b"not json either")
+        self.reactor.advance(1)
+        bad = "Internal error: datagram is not valid JSON"
+        self.assertEqual(self.saved(), {
+            "a": {"web1": 1, "web2": 1},
+            "b": {"web1": 1},
+            "c": {"web1": 1},
+            bad: {"10.1.1.1": 2},
+        })
+
+    def test_flushed_errors_leave(self):
+        """
+        The snapshot after a flush holds only what was counted since.
+        """
+        self.start(SNAPSHOT_SECONDS=1, FLUSH_SECONDS=10)
+        self.receive(record("before"))
+        self.reactor.advance(1)
+        self.reactor.advance(9)
+        self.receive(record("after"))
+        self.reactor.advance(1)
+        self.assertEqual(self.saved(), {"after": {"host1": 1}})
+
+    def test_whole_after_failed_snapshot(self):
+        """
+        Once a snapshot could not be written, the next one that can holds
+        every error, those counted before the failure too.
+        """
+        state = self.mktemp()
+        self.start(SNAPSHOT_SECONDS=1, FLUSH_SECONDS=3600,
+                   STATE_FILE=os.path.join(state, "state.json"))
+        self.receive(record("a"))
+        self.reactor.advance(1)
+        self.receive(record("b"))
+        self.reactor.advance(1)
+        self.assertTrue(self.service.state_file.needs_whole)
+        os.makedirs(state)
+        self.receive(record("c"))
+        self.reactor.advance(1)
+        self.assertEqual(set(self.saved()), {"a", "b", "c"})
 
 
 class MakeTransportTests(SynchronousTestCase):

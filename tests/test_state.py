@@ -48,6 +48,23 @@ class StateFileTests(SynchronousTestCase):
         self.state_file().save(lambda: state)
         self.assertEqual(self.state_file().load(), state)
 
+    def test_values_only_python_writes(self):
+        """
+        Keys and sources with what only Python's json writes (lone
+        surrogates, integers past 64 bits, infinities, NaN) come back as
+        they were saved.
+        """
+        odd = ("\udcff", 2 ** 70, float("inf"), -float("inf"), 1.5, None)
+        state = State(Batch.of([
+            Entry(odd, {"\udcff": 1, 2 ** 70: 2, float("-inf"): 3}, 1.0, 2.0),
+            Entry(("plain", float("nan")), {"web1": 1}, 1.0, 2.0),
+        ]))
+        self.state_file().save(lambda: state)
+        loaded = self.state_file().load().buffer.entries
+        self.assertEqual(loaded[0], state.buffer.entries[0])
+        self.assertEqual(loaded[1].key[0], "plain")
+        self.assertNotEqual(loaded[1].key[1], loaded[1].key[1], "NaN")
+
     def test_nothing_saved(self):
         """
         Without a state file there is nothing to restore, and nothing is
@@ -165,6 +182,104 @@ class StateFileTests(SynchronousTestCase):
         self.assertEqual(
             len(StateFile(os.path.join(directory, "state.json"),
                           self.clock).load().buffer.entries), 1)
+
+
+class ChangesOnlyTests(SynchronousTestCase):
+    """
+    Snapshots given only what changed since the last one keep the rest as
+    that one saved it.
+    """
+
+    def setUp(self):
+        self.path = self.mktemp()
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)),
+                    exist_ok=True)
+        self.states = StateFile(self.path, Clock())
+
+    def loaded(self):
+        state = StateFile(self.path, Clock()).load()
+        return ({e.key[2]: e.sources for e in state.buffer.entries},
+                state.buffer.overflow)
+
+    def test_changes_update_the_last_snapshot(self):
+        """
+        Changed errors replace their counts, new ones are added, the others
+        stay as saved, and the overflow is the one given last.
+        """
+        self.states.save(lambda: State(Batch.of([entry("a"), entry("b")])))
+        self.assertFalse(self.states.needs_whole)
+        self.states.save(lambda: State(
+            Batch.of([entry("b", {"web1": 5}), entry("c")], overflow=3),
+            changes_only=True))
+        self.assertEqual(self.loaded(), ({
+            "a": {"web1": 2, None: 1},
+            "b": {"web1": 5},
+            "c": {"web1": 2, None: 1},
+        }, 3))
+
+    def test_whole_replaces(self):
+        """
+        A snapshot of the whole buffer, as after a flush, drops the errors
+        it does not hold.
+        """
+        self.states.save(lambda: State(Batch.of([entry("a"), entry("b")])))
+        self.states.save(lambda: State(Batch.of([entry("c")])))
+        self.states.save(lambda: State(Batch.of([entry("d")]),
+                                       changes_only=True))
+        self.assertEqual(set(self.loaded()[0]), {"c", "d"})
+
+    def test_bad_input_saved_whole(self):
+        """
+        Bad input, whose key changes with its count, is saved as given
+        each time: its earlier keys are not kept.
+        """
+        self.states.save(lambda: State(bad_input=(entry("bad 1"),)))
+        self.states.save(lambda: State(changes_only=True,
+                                       bad_input=(entry("bad 2"),)))
+        self.assertEqual(set(self.loaded()[0]), {"bad 2"})
+
+    def test_held_kept_until_replaced(self):
+        """
+        A held batch saved once is written again as it was while it is the
+        same batch, and replaced by another.
+        """
+        held = Batch.of([entry("held")])
+        self.states.save(lambda: State(held={"digest": held}))
+        self.states.save(lambda: State(Batch.of([entry("a")]),
+                                       held={"digest": held},
+                                       changes_only=True))
+        self.assertEqual(StateFile(self.path, Clock()).load().held,
+                         {"digest": held})
+        other = Batch.of([entry("other")])
+        self.states.save(lambda: State(held={"digest": other},
+                                       changes_only=True))
+        self.assertEqual(StateFile(self.path, Clock()).load().held,
+                         {"digest": other})
+
+    def test_whole_needed_after_failure(self):
+        """
+        After a snapshot failed, the next one must be given the whole
+        buffer; given only changes, it fails with a ValueError.
+        """
+        directory = self.mktemp()
+        states = StateFile(os.path.join(directory, "state.json"), Clock())
+        self.failureResultOf(
+            states.save(lambda: State(Batch.of([entry("a")]))), OSError)
+        self.assertTrue(states.needs_whole)
+        os.makedirs(directory)
+        self.failureResultOf(
+            states.save(lambda: State(Batch.of([entry("b")]),
+                                      changes_only=True)), ValueError)
+        self.successResultOf(
+            states.save(lambda: State(Batch.of([entry("a"), entry("b")]))))
+        self.assertFalse(states.needs_whole)
+        self.successResultOf(
+            states.save(lambda: State(Batch.of([entry("c")]),
+                                      changes_only=True)))
+        state = StateFile(os.path.join(directory, "state.json"),
+                          Clock()).load()
+        self.assertEqual({e.key[2] for e in state.buffer.entries},
+                         {"a", "b", "c"})
 
 
 class ThreadedWriteTests(SynchronousTestCase):
