@@ -13,7 +13,7 @@ from typing import Callable, Hashable, Iterable, Mapping, Optional
 from twisted.internet.interfaces import IReactorTime
 
 
-@dataclass
+@dataclass(slots=True)
 class _Tally:
     """What is known about one unique error while it is being counted."""
 
@@ -155,6 +155,8 @@ class Aggregator:
         #: Whether the buffer was emptied or replaced since the last
         #: L{changes}.
         self._replaced = True
+        #: One copy of each short text in the buffer's keys and sources.
+        self._texts: dict = {}
 
     def add_key(self, key: tuple, source: Hashable,
                 level: Optional[int] = None) -> None:
@@ -169,14 +171,31 @@ class Aggregator:
                 self._overflow += 1
                 return
             now = self._clock.seconds()
-            self._tallies[key] = _Tally({source: 1}, now, now, level)
+            key = tuple(map(self._shared, key))
+            self._tallies[key] = _Tally({self._shared(source): 1}, now, now,
+                                        level)
             return
         sources = tally.sources
-        sources[source] = sources.get(source, 0) + 1
+        count = sources.get(source)
+        if count is None:
+            sources[self._shared(source)] = 1
+        else:
+            sources[source] = count + 1
         tally.last_seen = self._clock.seconds()
         tally.saved = False
         if level is not None:
             tally.level = _most_severe(tally.level, level)
+
+    def _shared(self, value: object) -> object:
+        """
+        The copy of a short text (the name of a module, file, function,
+        kind or host) held already, if any: those recur from error to
+        error, so a unique error costs its own texts only.  Tracebacks,
+        which seldom recur, are left as they are.
+        """
+        if type(value) is str and len(value) < 100:
+            return self._texts.setdefault(value, value)
+        return value
 
     def add_bad_input(self, error: Exception, source: Hashable) -> None:
         """
@@ -197,7 +216,7 @@ class Aggregator:
         """Hand over everything counted so far and start empty again."""
         tallies, overflow, bad = self._tallies, self._overflow, self._bad
         self._tallies, self._overflow, self._bad = {}, 0, {}
-        self._replaced = True
+        self._replaced, self._texts = True, {}
         self.changed = True
         for tally, error in bad.values():
             key = self._internal_error_key(sum(tally.sources.values()), error)

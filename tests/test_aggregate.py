@@ -124,6 +124,22 @@ class AggregatorTests(SynchronousTestCase):
         [entry] = aggregator.flush().entries
         self.assertEqual(entry.sources, {"h": 1000000})
 
+    def test_short_texts_held_once(self):
+        """
+        Equal short texts of different errors (module, file and host names)
+        are held once; tracebacks are kept as they came.
+        """
+        aggregator, _ = make_aggregator()
+        for n in range(2):
+            key = ("".join(["vie", "ws"]), str(n),
+                   "".join(["Traceback\n", "x" * 200]))
+            aggregator.add_key(key, "".join(["web", "1"]))
+        first, second = aggregator.flush().entries
+        self.assertIs(first.key[0], second.key[0])
+        self.assertIs(*(next(iter(e.sources)) for e in (first, second)))
+        self.assertIsNot(first.key[2], second.key[2])
+        self.assertEqual(first.key[2], second.key[2])
+
     def test_bad_input_counted_by_kind(self):
         """
         Bad input is reported as one entry per kind of error, counted per
