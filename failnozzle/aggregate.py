@@ -77,9 +77,10 @@ class Batch:
         Split into C{(matching, rest)}; the overflow count goes with the rest,
         since nothing is known of those errors.
         """
-        matching = tuple(e for e in self.entries if predicate(e))
-        rest = tuple(e for e in self.entries if not predicate(e))
-        return Batch(matching), Batch(rest, self.overflow)
+        matching, rest = [], []
+        for entry in self.entries:
+            (matching if predicate(entry) else rest).append(entry)
+        return Batch(tuple(matching)), Batch(tuple(rest), self.overflow)
 
     def merge(self, other: Batch, max_unique: int) -> Batch:
         """

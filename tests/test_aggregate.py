@@ -293,6 +293,23 @@ class BatchTests(SynchronousTestCase):
         self.assertEqual(rest, Batch((b,), 4))
         self.assertEqual(rest.total, 6)
 
+    def test_partition_asks_once(self):
+        """
+        The predicate is asked once per entry (it reads tracebacks), and
+        the order of the entries is kept on both sides.
+        """
+        entries = tuple(Entry((name,), {"h": 1}, 0, 0) for name in "abcd")
+        asked = []
+
+        def predicate(entry):
+            asked.append(entry.key)
+            return entry.key in {("a",), ("c",)}
+
+        matching, rest = Batch(entries).partition(predicate)
+        self.assertEqual(asked, [("a",), ("b",), ("c",), ("d",)])
+        self.assertEqual(matching.entries, entries[0::2])
+        self.assertEqual(rest.entries, entries[1::2])
+
     def test_overflow_only_is_true(self):
         """
         A batch holding only overflow counts still has something to report.
