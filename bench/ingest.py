@@ -41,6 +41,8 @@ Medians are of --repeat runs.  Everything is bounded in count and time.
 from __future__ import annotations
 
 import argparse
+import email
+import email.policy
 import json
 import multiprocessing
 import os
@@ -306,47 +308,71 @@ def summarize_ladder(results: dict) -> None:
 
 
 def read_digest(path: str) -> dict:
-    """The figures of one digest file: size, errors listed in full, and
-    the overflow line if any."""
+    """
+    The figures of one digest file: its size, the errors listed in full,
+    the summary's lines for the errors not listed and not stored, and
+    whether the summary's counts add up to the subject's total.
+    """
     with open(path, "rb") as stored:
         data = stored.read()
-    text = data.decode("utf-8", "replace")
-    overflow = re.search(r"^(\d+)X more errors not shown", text, re.M)
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    text = message.get_content()
+    total = int(re.search(r"errors: (\d+) total", message["Subject"])
+                .group(1))
+    summary = text.split("Summary:\n========\n", 1)[1].split(
+        "========\nDetails:", 1)[0]
     return {
         "bytes": len(data),
+        "total": total,
         "listed": len(re.findall(r"^Exception #\d+ of \d+:", text, re.M)),
-        "overflow": int(overflow.group(1)) if overflow else None,
+        "summary lines": re.findall(
+            r"^\d+X (?:in \d+ more unique errors not listed|more errors not "
+            r"shown)", summary, re.M),
+        "exact": sum(map(int, re.findall(r"^(\d+)X ", summary, re.M)))
+        == total,
     }
 
 
 def run_cardinality(options) -> None:
     """
-    A flood of distinct errors into the daemon: memory, loss, and the
-    digest it makes of them.
+    A flood of distinct errors into the daemon, --repeat times: memory
+    (after start-up, and at its peak), loss, and the digest it makes of
+    them.
     """
     count, rate = options.flood_count, options.flood_rate
     print(f"== cardinality: {count:,} distinct errors from {options.hosts} "
           f"hosts at {rate:,.0f}/s into the daemon (MAX_UNIQUE_MESSAGES "
-          f"default), then SIGTERM")
-    with tempfile.TemporaryDirectory() as directory:
-        receiver = DaemonUnderTest(directory, options.rcvbuf)
-        run = measure(receiver, datagram_maker(0, options.hosts), rate,
-                      count / rate + 5, count, options.senders)
-        daemon = receiver.daemon
-        digests = [read_digest(path) for path in daemon.digests()]
-    print(f"  sent {run.sent:,}, counted {run.counted:,}, lost {run.lost:,} "
-          f"(socket drops {run.socket_drops:,}), "
-          f"{run.handled_per_second:,.0f} handled/s, "
-          f"{run.cpu_per_message:.1f} CPU us/msg")
-    print(f"  peak RSS while receiving: {run.peak_rss / MB:.1f} MB; "
-          f"including the final digest: "
-          f"{daemon.lifetime_peak_rss / MB:.1f} MB")
+          f"default), then SIGTERM; {options.repeat} run(s)")
+    print(f"{'sent':>10} {'lost':>7} {'sock drops':>10} {'kern drops':>10} "
+          f"{'handled/s':>10} {'CPU us/msg':>10} {'idle MB':>8} "
+          f"{'peak MB':>8} {'+digest MB':>10}")
+    runs, peaks = [], []
+    for _ in range(options.repeat):
+        with tempfile.TemporaryDirectory() as directory:
+            receiver = DaemonUnderTest(directory, options.rcvbuf)
+            idle = peak_rss(receiver.pid)
+            run = measure(receiver, datagram_maker(0, options.hosts), rate,
+                          count / rate + 5, count, options.senders)
+            daemon = receiver.daemon
+            digests = [read_digest(path) for path in daemon.digests()]
+        runs.append(run)
+        peaks.append(daemon.lifetime_peak_rss)
+        print(f"{run.sent:>10,} {run.lost:>7,} {run.socket_drops:>10,} "
+              f"{run.kernel_drops:>10,} {run.handled_per_second:>10,.0f} "
+              f"{run.cpu_per_message:>10.1f} {idle / MB:>8.1f} "
+              f"{run.peak_rss / MB:>8.1f} "
+              f"{daemon.lifetime_peak_rss / MB:>10.1f}", flush=True)
+    receiving = statistics.median(run.peak_rss for run in runs)
+    print(f"median peak RSS {receiving / MB:.1f} MB while receiving, "
+          f"{statistics.median(peaks) / MB:.1f} MB with the final digest; "
+          f"median loss {statistics.median(run.lost for run in runs):,.0f}")
     for digest in digests:
-        overflow = ("no \"more errors not shown\" line"
-                    if digest["overflow"] is None else
-                    f"\"{digest['overflow']:,}X more errors not shown\"")
-        print(f"  digest: {digest['bytes']:,} bytes, {digest['listed']:,} "
-              f"errors listed in full, {overflow}")
+        print(f"  digest (last run): {digest['bytes']:,} bytes, "
+              f"{digest['total']:,} errors in its subject, "
+              f"{digest['listed']:,} listed in full; summary: "
+              f"{'; '.join(digest['summary lines']) or 'nothing more'}; "
+              f"summary counts add up to the total: "
+              f"{'yes' if digest['exact'] else 'NO'}")
     print()
 
 
@@ -406,9 +432,9 @@ def time_flush_phases(unique: int, hosts: int) -> dict:
         flushed = time.perf_counter()
         _, real = batch.partition(MonitoringFilter(
             settings.unique_fields, settings.MONITORING_ERROR_MARKERS))
-        pending = Batch().merge(real, settings.MAX_UNIQUE_MESSAGES)
         merged = time.perf_counter()
-        subject, body = service.renderer.render(pending)
+        # Nothing is held (the last digest went out), so nothing to merge.
+        subject, body = service.renderer.render(real)
         rendered = time.perf_counter()
         message = build_message(
             sender=settings.REPORT_FROM, recipients=settings.REPORT_TO,
@@ -417,6 +443,8 @@ def time_flush_phases(unique: int, hosts: int) -> dict:
         built = time.perf_counter()
         service.outbox.send(message)
         sent = time.perf_counter()
+        Batch().merge(real, settings.MAX_UNIQUE_MESSAGES)
+        held_merged = time.perf_counter()
     service, directory = fill_service(unique, hosts)
     with directory:
         whole_started = time.perf_counter()
@@ -427,11 +455,12 @@ def time_flush_phases(unique: int, hosts: int) -> dict:
                    for name in os.listdir(maildir))
     return {
         "aggregator.flush()": flushed - started,
-        "partition + merge": merged - flushed,
+        "partition (monitoring or not)": merged - flushed,
         "render (Jinja2)": rendered - merged,
         "build_message": built - rendered,
         "outbox.send (spool + maildir)": sent - built,
         "FailnozzleService.flush(), whole": whole,
+        "(merge, only while errors are held)": held_merged - sent,
         "digest bytes": size,
     }
 
@@ -446,15 +475,15 @@ def run_flush(options) -> None:
     for name in timings[0]:
         value = statistics.median(timing[name] for timing in timings)
         if name == "digest bytes":
-            print(f"  {name:<34} {value:>12,.0f}")
+            print(f"  {name:<36} {value:>12,.0f}")
         else:
-            print(f"  {name:<34} {value * 1000:>9,.0f} ms")
+            print(f"  {name:<36} {value * 1000:>9,.0f} ms")
     seconds = options.flush_load_seconds
     print(f"\n== flush under load: the daemon, {unique:,} unique errors from "
           f"{options.hosts} hosts at {rate:,.0f}/s for {seconds:g} s, "
           f"median of {options.repeat}")
     print(f"{'FLUSH_SECONDS':>24} {'sent':>9} {'lost':>7} {'sock drops':>10} "
-          f"{'digests':>8} {'CPU us/msg':>10}")
+          f"{'kern drops':>10} {'digests':>8} {'CPU us/msg':>10}")
     datagram = datagram_maker(unique, options.hosts)
     for flush_seconds in (3600, options.flush_seconds):
         runs, digests = [], []
@@ -469,7 +498,7 @@ def run_flush(options) -> None:
         label = (f"{flush_seconds:g} (none under load)"
                  if flush_seconds > seconds else f"{flush_seconds:g}")
         print(f"{label:>24} {point.sent:>9,.0f} {point.lost:>7,.0f} "
-              f"{point.socket_drops:>10,.0f} "
+              f"{point.socket_drops:>10,.0f} {point.kernel_drops:>10,.0f} "
               f"{statistics.median(digests):>8,.0f} "
               f"{point.cpu_per_message:>10.1f}")
     print()
@@ -527,13 +556,22 @@ def parse_options(argv: list) -> argparse.Namespace:
     return options
 
 
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it."""
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "CPU model unknown"
+
+
 def main(argv: list) -> None:
     options = parse_options(argv)
     began = time.monotonic()
     print(f"failnozzle ingest benchmark, {time.strftime('%Y-%m-%d %H:%M')}, "
-          f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, load "
-          f"average {os.getloadavg()[0]:.2f} (other programs share the "
-          f"CPUs)\n")
+          f"{len(os.sched_getaffinity(0))} CPUs ({cpu_model()}), Python "
+          f"{sys.version.split()[0]}, load average "
+          f"{os.getloadavg()[0]:.2f} (other programs share the CPUs)\n")
     if options.scenario in ("all", "ladder"):
         run_ladder(options, realistic_datagrams(options.unique,
                                                 options.hosts))
