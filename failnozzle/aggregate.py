@@ -226,9 +226,9 @@ class Aggregator:
 
     def view(self) -> Batch:
         """
-        Everything counted so far, neither copied nor sorted: cheap, but
-        valid only until the next count, so for a snapshot that reads it
-        at once.
+        Everything counted so far, bad input included, neither copied nor
+        sorted: cheap, but valid only until the next count.  Snapshots read
+        L{changes} instead.
         """
         entries = {key: _entry_of(key, tally)
                    for key, tally in self._tallies.items()}
