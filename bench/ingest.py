@@ -340,16 +340,19 @@ def run_cardinality(options) -> None:
     them.
     """
     count, rate = options.flood_count, options.flood_rate
+    settings = ({} if options.max_unique is None
+                else {"MAX_UNIQUE_MESSAGES": options.max_unique})
     print(f"== cardinality: {count:,} distinct errors from {options.hosts} "
           f"hosts at {rate:,.0f}/s into the daemon (MAX_UNIQUE_MESSAGES "
-          f"default), then SIGTERM; {options.repeat} run(s)")
+          f"{options.max_unique or 'default'}), then SIGTERM; "
+          f"{options.repeat} run(s)")
     print(f"{'sent':>10} {'lost':>7} {'sock drops':>10} {'kern drops':>10} "
           f"{'handled/s':>10} {'CPU us/msg':>10} {'idle MB':>8} "
           f"{'peak MB':>8} {'+digest MB':>10}")
     runs, peaks = [], []
     for _ in range(options.repeat):
         with tempfile.TemporaryDirectory() as directory:
-            receiver = DaemonUnderTest(directory, options.rcvbuf)
+            receiver = DaemonUnderTest(directory, options.rcvbuf, **settings)
             idle = peak_rss(receiver.pid)
             run = measure(receiver, datagram_maker(0, options.hosts), rate,
                           count / rate + 5, count, options.senders)
@@ -531,6 +534,9 @@ def parse_options(argv: list) -> argparse.Namespace:
                              "(default 1,000,000)")
     parser.add_argument("--flood-rate", type=float, default=20000,
                         help="its rate, datagrams per second")
+    parser.add_argument("--max-unique", type=int,
+                        help="the daemon's MAX_UNIQUE_MESSAGES in the "
+                        "cardinality flood (default: its default)")
     parser.add_argument("--flush-unique", type=int, default=10000)
     parser.add_argument("--flush-seconds", type=float, default=2,
                         help="FLUSH_SECONDS in the flush-under-load runs")
