@@ -329,9 +329,8 @@ class FailnozzleService(Service):
     def _current_state(self) -> State:
         # From now on a snapshot begun later is needed to hold new counts.
         self._next_snapshot = None
-        # A view of the counts, not a copy: StateFile reads it at once.
-        # Only what changed since the last snapshot: StateFile keeps the
-        # rest.
+        # Views of what changed since the last snapshot, not copies:
+        # StateFile reads them at once and keeps the rest from before.
         self.aggregator.changed = False
         buffer, whole = self.aggregator.changes(self.state_file.needs_whole)
         return State(buffer, dict(self._held), list(self.rate_window.counts),
