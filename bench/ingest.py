@@ -402,6 +402,7 @@ def fill_service(unique: int, hosts: int):
         "SPOOL_DIR": os.path.join(directory.name, "spool"),
         "SNAPSHOT_SECONDS": 0,
         "PAGER_LIMIT": 10 ** 9,
+        "MAX_UNIQUE_MESSAGES": unique,  # room for them all
     })[0]
     clock = Clock()
     clock.advance(time.time())
@@ -492,8 +493,9 @@ def run_flush(options) -> None:
         runs, digests = [], []
         for _ in range(options.repeat):
             with tempfile.TemporaryDirectory() as directory:
-                receiver = DaemonUnderTest(directory, options.rcvbuf,
-                                           FLUSH_SECONDS=flush_seconds)
+                receiver = DaemonUnderTest(
+                    directory, options.rcvbuf, FLUSH_SECONDS=flush_seconds,
+                    MAX_UNIQUE_MESSAGES=unique)
                 runs.append(measure(receiver, datagram, rate, seconds,
                                     int(rate * seconds), options.senders))
                 digests.append(len(receiver.daemon.digests()))

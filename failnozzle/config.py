@@ -108,7 +108,7 @@ class Settings:
     FLUSH_SECONDS: float = 60
     PAGER_WINDOW_SIZE: int = 5
     PAGER_LIMIT: int = 100
-    MAX_UNIQUE_MESSAGES: int = 10000
+    MAX_UNIQUE_MESSAGES: int = 2000
     DIGEST_MAX_DETAILS: int = 100
 
     UNIQUE_MSG_TUPLE: Any = UniqueMessage
