@@ -21,12 +21,14 @@ class _Tally:
     first_seen: float
     last_seen: float
     level: Optional[int] = None
+    #: Instances from sources past MAX_SOURCES_PER_ERROR.
+    other_sources: int = 0
     #: Whether the last snapshot holds it as it is (see L{Aggregator.changes}).
     saved: bool = False
 
     def copy(self) -> _Tally:
         return _Tally(dict(self.sources), self.first_seen, self.last_seen,
-                      self.level)
+                      self.level, self.other_sources)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class Entry:
     @ivar last_seen: reactor time of the last instance.
     @ivar level: the most severe syslog level (0 emergency … 7 debug) an
         instance came with, if any did (GELF messages carry one).
+    @ivar other_sources: instances from sources not in C{sources}, which
+        holds at most MAX_SOURCES_PER_ERROR of them: the total stays exact
+        however many hosts send one error.
     """
 
     key: tuple
@@ -47,10 +52,11 @@ class Entry:
     first_seen: float
     last_seen: float
     level: Optional[int] = None
+    other_sources: int = 0
 
     @property
     def total(self) -> int:
-        return sum(self.sources.values())
+        return sum(self.sources.values()) + self.other_sources
 
 
 @dataclass(frozen=True)
@@ -82,11 +88,13 @@ class Batch:
             (matching if predicate(entry) else rest).append(entry)
         return Batch(tuple(matching)), Batch(tuple(rest), self.overflow)
 
-    def merge(self, other: Batch, max_unique: int) -> Batch:
+    def merge(self, other: Batch, max_unique: int,
+              max_sources: Optional[int] = None) -> Batch:
         """
         Both batches as one, as for a digest that had to wait while errors
         kept coming.  Unique errors past C{max_unique} are only counted, in
-        the overflow.
+        the overflow; sources of one error past C{max_sources}, if given, in
+        its C{other_sources}.
         """
         tallies = _tallies_of(self.entries)
         overflow = self.overflow + other.overflow
@@ -94,7 +102,8 @@ class Batch:
             if entry.key not in tallies and len(tallies) >= max_unique:
                 overflow += entry.total
             else:
-                _merge_tally(tallies, entry.key, _tally_of(entry))
+                _merge_tally(tallies, entry.key, _tally_of(entry),
+                             max_sources)
         return _batch_of(tallies, overflow)
 
     @classmethod
@@ -110,7 +119,7 @@ def _sorted_entries(entries: Iterable[Entry]) -> tuple:
 
 def _tally_of(entry: Entry) -> _Tally:
     return _Tally(dict(entry.sources), entry.first_seen, entry.last_seen,
-                  entry.level)
+                  entry.level, entry.other_sources)
 
 
 def _tallies_of(entries: Iterable[Entry]) -> dict:
@@ -120,7 +129,7 @@ def _tallies_of(entries: Iterable[Entry]) -> dict:
 
 def _entry_of(key: tuple, tally: _Tally) -> Entry:
     return Entry(key, tally.sources, tally.first_seen, tally.last_seen,
-                 tally.level)
+                 tally.level, tally.other_sources)
 
 
 def _batch_of(tallies: dict, overflow: int) -> Batch:
@@ -131,8 +140,9 @@ def _batch_of(tallies: dict, overflow: int) -> Batch:
 class Aggregator:
     """
     The buffer of counts.  Memory grows with the number of unique errors and
-    sources, never with the number of instances, and the number of unique
-    errors is capped.
+    sources, never with the number of instances, and both are capped: at
+    most C{max_unique} errors, and C{max_sources} sources per error (bad
+    input included).
     """
 
     def __init__(
@@ -140,12 +150,14 @@ class Aggregator:
         max_unique: int,
         clock: IReactorTime,
         internal_error_key: Callable[[int, Exception], tuple],
+        max_sources: int = 100,
     ) -> None:
         """
         @param internal_error_key: gives the unique key under which C{count}
             pieces of bad input like C{exception} are reported.
         """
         self._max_unique = max_unique
+        self._max_sources = max_sources
         self._clock = clock
         self._internal_error_key = internal_error_key
         self._tallies: dict = {}
@@ -178,10 +190,12 @@ class Aggregator:
             return
         sources = tally.sources
         count = sources.get(source)
-        if count is None:
+        if count is not None:
+            sources[source] = count + 1
+        elif len(sources) < self._max_sources:
             sources[self._shared(source)] = 1
         else:
-            sources[source] = count + 1
+            tally.other_sources += 1
         tally.last_seen = self._clock.seconds()
         tally.saved = False
         if level is not None:
@@ -209,7 +223,10 @@ class Aggregator:
         tally, _ = self._bad.get(kind, (None, None))
         if tally is None:
             tally = _Tally({}, now, now)
-        tally.sources[source] = tally.sources.get(source, 0) + 1
+        if source in tally.sources or len(tally.sources) < self._max_sources:
+            tally.sources[source] = tally.sources.get(source, 0) + 1
+        else:
+            tally.other_sources += 1
         tally.last_seen = now
         self._bad[kind] = (tally, error)
 
@@ -220,8 +237,8 @@ class Aggregator:
         self._replaced, self._texts = True, {}
         self.changed = True
         for tally, error in bad.values():
-            key = self._internal_error_key(sum(tally.sources.values()), error)
-            _merge_tally(tallies, key, tally)
+            key = self._internal_error_key(_count(tally), error)
+            _merge_tally(tallies, key, tally, self._max_sources)
         return _batch_of(tallies, overflow)
 
     def view(self) -> Batch:
@@ -233,10 +250,10 @@ class Aggregator:
         entries = {key: _entry_of(key, tally)
                    for key, tally in self._tallies.items()}
         for tally, error in self._bad.values():
-            key = self._internal_error_key(sum(tally.sources.values()), error)
+            key = self._internal_error_key(_count(tally), error)
             merged = {} if key not in self._tallies else {
                 key: self._tallies[key].copy()}
-            _merge_tally(merged, key, tally.copy())
+            _merge_tally(merged, key, tally.copy(), self._max_sources)
             entries[key] = _entry_of(key, merged[key])
         return Batch(tuple(entries.values()), self._overflow)
 
@@ -266,28 +283,43 @@ class Aggregator:
         change with every count (INTERNAL_ERROR_FUNC sees the count).
         """
         return tuple(
-            _entry_of(self._internal_error_key(sum(tally.sources.values()),
-                                               error), tally.copy())
+            _entry_of(self._internal_error_key(_count(tally), error),
+                      tally.copy())
             for tally, error in self._bad.values())
 
     def restore(self, batch: Batch) -> None:
         """Count a batch in again, such as one read back from a snapshot."""
         merged = _batch_of(self._tallies, self._overflow).merge(
-            batch, self._max_unique)
+            batch, self._max_unique, self._max_sources)
         self._tallies = _tallies_of(merged.entries)
         self._overflow = merged.overflow
         self._replaced = True
         self.changed = True
 
 
-def _merge_tally(tallies: dict, key: tuple, tally: _Tally) -> None:
-    """Add C{tally} to the one under C{key}, which may not exist yet."""
+def _count(tally: _Tally) -> int:
+    return sum(tally.sources.values()) + tally.other_sources
+
+
+def _merge_tally(tallies: dict, key: tuple, tally: _Tally,
+                 max_sources: Optional[int] = None) -> None:
+    """
+    Add C{tally} to the one under C{key}, which may not exist yet; sources
+    past C{max_sources}, if given, are counted in C{other_sources}.
+    """
     mine = tallies.get(key)
     if mine is None:
         tallies[key] = tally
         return
+    sources = mine.sources
     for source, count in tally.sources.items():
-        mine.sources[source] = mine.sources.get(source, 0) + count
+        if source in sources:
+            sources[source] += count
+        elif max_sources is None or len(sources) < max_sources:
+            sources[source] = count
+        else:
+            mine.other_sources += count
+    mine.other_sources += tally.other_sources
     mine.first_seen = min(mine.first_seen, tally.first_seen)
     mine.last_seen = max(mine.last_seen, tally.last_seen)
     if tally.level is not None:

@@ -68,7 +68,10 @@ class Settings:
     UDP_BIND: tuple = ("127.0.0.1", 1549)
     GELF_BIND: Optional[tuple] = None
     UDP_RCVBUF: int = 4 * 1024 * 1024
-    INCOMING_MESSAGE_MAX_SIZE: int = 65536
+    INCOMING_MESSAGE_MAX_SIZE: int = 65507
+    MAX_FIELD_CHARS: int = 1000
+    MAX_EXC_TEXT_CHARS: int = 16384
+    MAX_SOURCES_PER_ERROR: int = 100
 
     SMTP_INGEST_BIND: Optional[tuple] = None
     SMTP_INGEST_MAX_BYTES: int = 10 * 1024 * 1024
@@ -109,7 +112,10 @@ class Settings:
     PAGER_WINDOW_SIZE: int = 5
     PAGER_LIMIT: int = 100
     MAX_UNIQUE_MESSAGES: int = 2000
-    DIGEST_MAX_DETAILS: int = 100
+    #: None: the built-in body template lists 100 errors in full, a custom
+    #: one gets every kept error.
+    DIGEST_MAX_DETAILS: Optional[int] = None
+    DIGEST_MAX_BYTES: int = 2_000_000
 
     UNIQUE_MSG_TUPLE: Any = UniqueMessage
     SOURCE_FIELD_NAME: str = "source"
@@ -208,6 +214,10 @@ def _number(name: str, value: object, integer: bool, minimum: float,
 
 def _positive_int(name: str, value: object) -> int:
     return _number(name, value, integer=True, minimum=1)
+
+
+def _optional_positive_int(name: str, value: object) -> Optional[int]:
+    return None if value is None else _positive_int(name, value)
 
 
 def _buffer_size(name: str, value: object) -> int:
@@ -366,6 +376,9 @@ _CHECKS: Mapping[str, Callable[[str, object], Any]] = {
     "GELF_BIND": _optional_bind_address,
     "UDP_RCVBUF": _buffer_size,
     "INCOMING_MESSAGE_MAX_SIZE": _positive_int,
+    "MAX_FIELD_CHARS": _positive_int,
+    "MAX_EXC_TEXT_CHARS": _positive_int,
+    "MAX_SOURCES_PER_ERROR": _positive_int,
     "SMTP_INGEST_BIND": _optional_bind_address,
     "SMTP_INGEST_MAX_BYTES": _positive_int,
     "SMTP_INGEST_MAX_CONNECTIONS": _positive_int,
@@ -401,7 +414,8 @@ _CHECKS: Mapping[str, Callable[[str, object], Any]] = {
     "PAGER_WINDOW_SIZE": _positive_int,
     "PAGER_LIMIT": _positive_int,
     "MAX_UNIQUE_MESSAGES": _positive_int,
-    "DIGEST_MAX_DETAILS": _positive_int,
+    "DIGEST_MAX_DETAILS": _optional_positive_int,
+    "DIGEST_MAX_BYTES": _positive_int,
     "UNIQUE_MSG_TUPLE": _unique_tuple,
     "SOURCE_FIELD_NAME": _string,
     "GELF_DEFAULT_KIND": _string,

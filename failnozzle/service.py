@@ -122,7 +122,8 @@ class FailnozzleService(Service):
                                   self._gelf)
         self.aggregator = Aggregator(
             settings.MAX_UNIQUE_MESSAGES, reactor,
-            internal_error_key_maker(reader, settings.INTERNAL_ERROR_FUNC))
+            internal_error_key_maker(reader, settings.INTERNAL_ERROR_FUNC),
+            settings.MAX_SOURCES_PER_ERROR)
         self.receiver = ErrorReceiver(reader, self.aggregator, reactor)
         self._listeners = [(udp_socket, self.receiver)]
         if gelf_socket is not None:
@@ -143,7 +144,7 @@ class FailnozzleService(Service):
             settings.EMAIL_TEMPLATE_DIR,
             settings.EMAIL_SUBJECT_TEMPLATE,
             settings.EMAIL_BODY_TEMPLATE,
-            settings.DIGEST_MAX_DETAILS,
+            settings.DIGEST_MAX_DETAILS or 100,
         )
         self.outbox = Outbox(
             transport or make_transport(settings, reactor),
@@ -384,7 +385,8 @@ class FailnozzleService(Service):
         undelivered = set() if final else self.outbox.waiting_kinds()
         for kind, part in (("digest", real), ("monitoring", monitoring)):
             held = self._held.pop(kind, None)
-            pending = (held.merge(part, self.settings.MAX_UNIQUE_MESSAGES)
+            pending = (held.merge(part, self.settings.MAX_UNIQUE_MESSAGES,
+                                  self.settings.MAX_SOURCES_PER_ERROR)
                        if held else part)
             if not pending:
                 continue

@@ -317,11 +317,16 @@ def _rows(batch: Batch, numbers: dict) -> str:
 def _row(entry: Entry, number: int) -> str:
     """One entry as JSON, its key replaced by its C{number}."""
     return _dumps([number, list(entry.sources.items()), entry.first_seen,
-                   entry.last_seen, *_level(entry)], entry.sources)
+                   entry.last_seen, *_optional(entry)], entry.sources)
 
 
-def _level(entry: Entry) -> list:
-    """The entry's level as a row's optional last item."""
+def _optional(entry: Entry) -> list:
+    """
+    The entry's level and other_sources, the optional last items of a
+    row, left out when they say nothing.
+    """
+    if entry.other_sources:
+        return [entry.level, entry.other_sources]
     return [] if entry.level is None else [entry.level]
 
 
@@ -345,6 +350,12 @@ def _batch(rows: dict, keys: dict) -> Batch:
     """A batch from the rows L{_rows} wrote."""
     return Batch.of(
         (Entry(keys[number], {source: int(count) for source, count in sources},
-               float(first), float(last), *map(int, level))
-         for number, sources, first, last, *level in rows["entries"]),
+               float(first), float(last), *_optional_items(optional))
+         for number, sources, first, last, *optional in rows["entries"]),
         int(rows["overflow"]))
+
+
+def _optional_items(items: list) -> tuple:
+    """The level (or None) and other_sources a row ends with, if any."""
+    level = None if not items or items[0] is None else int(items[0])
+    return (level, int(items[1]) if len(items) > 1 else 0)

@@ -38,6 +38,23 @@ class AggregatorTests(SynchronousTestCase):
         self.assertEqual(batch.entries[0].total, 3)
         self.assertEqual(batch.entries[1].sources, {"host2": 1})
 
+    def test_sources_capped(self):
+        """
+        An error keeps at most C{max_sources} sources one by one; the
+        instances from others are counted together, so the total stays
+        exact however many hosts send it.  Bad input is capped alike.
+        """
+        aggregator = Aggregator(10, Clock(), internal_key, max_sources=3)
+        for number in range(1000):
+            aggregator.add_key(("m",), f"host{number % 500}")
+            aggregator.add_bad_input(ValueError("junk"), f"10.0.{number}")
+        aggregator.add_key(("m",), "host0")
+        bad, error = sorted(aggregator.flush().entries, key=lambda e: e.key)
+        self.assertEqual(error.sources, {"host0": 3, "host1": 2, "host2": 2})
+        self.assertEqual((error.other_sources, error.total), (994, 1001))
+        self.assertEqual(len(bad.sources), 3)
+        self.assertEqual((bad.other_sources, bad.total), (997, 1000))
+
     def test_first_and_last_seen(self):
         """
         First and last seen come from the injected clock.
@@ -279,6 +296,19 @@ class BatchTests(SynchronousTestCase):
         merged = held.merge(later, 10)
         self.assertEqual({e.key: e.level for e in merged.entries},
                          {("a",): 3, ("b",): 6})
+
+    def test_merge_caps_sources(self):
+        """
+        Merging batches keeps at most C{max_sources} sources per error, the
+        rest counted in C{other_sources}, totals exact.
+        """
+        held = Batch.of([Entry(("a",), {"h1": 1, "h2": 2}, 0, 1, None, 5)])
+        later = Batch.of([Entry(("a",), {"h2": 1, "h3": 4, "h4": 8}, 2, 3)])
+        [entry] = held.merge(later, 10, max_sources=3).entries
+        self.assertEqual(entry.sources, {"h1": 1, "h2": 3, "h3": 4})
+        self.assertEqual((entry.other_sources, entry.total), (13, 21))
+        [unbounded] = held.merge(later, 10).entries
+        self.assertEqual((len(unbounded.sources), unbounded.total), (4, 21))
 
     def test_partition(self):
         """

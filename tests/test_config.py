@@ -60,7 +60,7 @@ class DefaultsTests(ConfigTestCase):
         self.assertEqual(settings.PAGER_WINDOW_SIZE, 5)
         self.assertEqual(settings.PAGER_LIMIT, 100)
         self.assertEqual(settings.SOURCE_FIELD_NAME, "source")
-        self.assertEqual(settings.INCOMING_MESSAGE_MAX_SIZE, 65536)
+        self.assertEqual(settings.INCOMING_MESSAGE_MAX_SIZE, 65507)
         self.assertEqual(settings.MAX_UNIQUE_MESSAGES, 2000)
         self.assertEqual(settings.MONITORING_ERROR_MARKERS,
                          ("1669fe88-b0c3-439d-bc10-8a3d21493ede",

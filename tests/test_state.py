@@ -37,11 +37,15 @@ class StateFileTests(SynchronousTestCase):
     def test_round_trip(self):
         """
         The buffer, the held batches and the pager window come back as
-        they were saved, sources of any JSON type and levels included.
+        they were saved, sources of any JSON type, levels and the count of
+        other sources included.
         """
         state = State(
             Batch.of([entry("a"), entry("b", {"web2": 7, 3: 1}),
-                      Entry(("gelf",), {"h": 1}, 1.0, 2.0, 3)], overflow=4),
+                      Entry(("gelf",), {"h": 1}, 1.0, 2.0, 3),
+                      Entry(("many hosts",), {"h": 1}, 1.0, 2.0, None, 7),
+                      Entry(("both",), {"h": 1}, 1.0, 2.0, 2, 1)],
+                     overflow=4),
             {"digest": Batch.of([entry("c", first=0.5, last=9.25)])},
             [3, 0, 12],
         )
