@@ -165,6 +165,13 @@ UDP_MAX_PAYLOAD = 65507
 #: bytes over UDP_MAX_PAYLOAD, so read as it.
 _ORIGINAL_MAX_SIZE = 65536
 
+#: Recipients of one setting: an SMTP server need take no more per message
+#: (RFC 5321), and many refuse more.
+MAX_RECIPIENTS = 100
+
+#: Markers of "just monitoring" errors; each is looked for in every error.
+_MAX_MARKERS = 1000
+
 _HOUR, _DAY = 3600, 24 * 3600
 _WEEK, _YEAR = 7 * _DAY, 365 * _DAY
 
@@ -181,6 +188,11 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+def _a(noun: str) -> str:
+    """C{noun} with its indefinite article: C{'an int'}, C{'a str'}."""
+    return ("an " if noun[:1] in tuple("aeiou") else "a ") + noun
+
+
 def _shown(value: object) -> str:
     """C{repr(value)}, shortened to what one line of an error can show."""
     try:
@@ -188,7 +200,7 @@ def _shown(value: object) -> str:
     except Exception:
         # A config's object whose repr fails, or an int of more digits
         # than Python converts to text.
-        return f"a {_type_name(value)}"
+        return _a(_type_name(value))
 
 
 def _string(name: str, value: object) -> str:
@@ -270,7 +282,7 @@ def _addresses(name: str, value: object) -> tuple:
     if not isinstance(items, (list, tuple)):
         raise ConfigError(
             f"{name} must be an email address or a list of them, "
-            f"not a {_type_name(value)}"
+            f"not {_a(_type_name(value))}"
         )
     addresses = []
     for item in items:
@@ -283,6 +295,10 @@ def _addresses(name: str, value: object) -> tuple:
         for part in parts:
             _check_address(name, part)
         addresses.extend(parts)
+    if len(addresses) > MAX_RECIPIENTS:
+        raise ConfigError(f"{name} names {len(addresses)} addresses; at most "
+                          f"{MAX_RECIPIENTS}, as SMTP servers need take no "
+                          f"more per message (use a mailing list)")
     return tuple(addresses)
 
 
@@ -501,11 +517,9 @@ class _Secret:
         try:
             return self._check(name, value)
         except ConfigError:
-            kind = _kind(value)
-            article = "an" if kind[0] in "aeiou" else "a"
             raise ConfigError(
-                f"{name} must be {self._wanted}; it is {article} {kind} (its "
-                f"value is secret, so not shown)") from None
+                f"{name} must be {self._wanted}; it is {_a(_kind(value))} "
+                f"(its value is secret, so not shown)") from None
 
 
 def _users(name: str, value: object) -> Optional[dict]:
@@ -523,6 +537,9 @@ def _markers(name: str, value: object) -> tuple:
     if isinstance(value, str) or not isinstance(value, (list, tuple, set)):
         raise ConfigError(
             f"{name} must be a list of strings, not {_shown(value)}")
+    if len(value) > _MAX_MARKERS:
+        raise ConfigError(f"{name} holds {len(value)} markers; at most "
+                          f"{_MAX_MARKERS}")
     for marker in value:
         if not isinstance(marker, str) or not marker:
             raise ConfigError(

@@ -1278,6 +1278,22 @@ class BoundsTests(ConfigTestCase):
             f"REPORT_TO = 'ops@{'a' * 250}.example'\n", "REPORT_TO",
             "longer than the 254 characters")
 
+    def test_recipients_and_markers_counted(self):
+        """
+        At most 100 recipients per setting (the most an SMTP server must
+        take per message; a digest to more may be refused whole) and 1000
+        markers, each looked for in every error.
+        """
+        settings, _ = self.load(
+            "REPORT_TO = [f'ops{i}@example.com' for i in range(100)]\n")
+        self.assertEqual(len(settings.REPORT_TO), 100)
+        self.assertConfigError(
+            "PAGER_TO = ', '.join(f'p{i}@example.com' for i in range(101))\n",
+            "PAGER_TO", "names 101 addresses; at most 100")
+        self.assertConfigError(
+            "MONITORING_ERROR_MARKERS = [str(i) for i in range(1001)]\n",
+            "MONITORING_ERROR_MARKERS", "holds 1001 markers; at most 1000")
+
     def test_paths_without_nul(self):
         """
         A path with a NUL byte, which every system call refuses, is
