@@ -180,6 +180,30 @@ SMTP_INGEST_TLS_CERT = SMTP_INGEST_TLS_KEY = {not_pem!r}
             f"failnozzle: notice: config file {path!r}: BASE_DIR is not a "
             f"setting and is ignored"])
 
+    def test_template_not_utf8(self):
+        """
+        A template that is not UTF-8 (Latin-1, as templates of the
+        original's days may be) is one line, at --check and at start-up,
+        not a traceback.
+        """
+        os.mkdir(os.path.join(self.directory, "templates"))
+        with open(os.path.join(self.directory, "templates", "body.txt"),
+                  "wb") as template:
+            template.write(b"caf\xe9 {{ total }}\n")
+        path = self.write("site.py", f"""\
+UDP_BIND = ('127.0.0.1', 0)
+EMAIL_TEMPLATE_DIR = {os.path.join(self.directory, "templates")!r}
+EMAIL_BODY_TEMPLATE = 'body.txt'
+""")
+        [problem], _ = check_config(path)
+        self.assertTrue(problem.startswith(
+            "EMAIL_BODY_TEMPLATE: cannot read template 'body.txt': 'utf-8' "
+            "codec can't decode byte 0xe9"), problem)
+        error = self.assertRaises(SystemExit, makeService,
+                                  options("--config", path),
+                                  MemoryReactorClock())
+        self.assertEqual(str(error), f"failnozzle: {problem}")
+
     def test_good_certificates(self):
         """
         A real CA file and ingest certificate and key pass.
