@@ -3,8 +3,11 @@ The settings: their defaults, loading a config file, and validation.
 
 A config file is a Python module of UPPER_CASE assignments, exactly as for the
 original failnozzle, so an existing config works unchanged.  Every problem is
-reported as one L{ConfigError} whose text names the setting and what is wrong:
-the daemon prints it and stops instead of starting half-configured.
+one line naming the setting and what is wrong: L{check_settings} finds them
+all (for C{--check}), L{load_settings} raises the first as a L{ConfigError},
+which the daemon prints before it stops instead of starting half-configured.
+What is only worth saying (an UPPER_CASE name that is no setting, a legacy
+name) is a notice, logged at start-up.
 """
 from __future__ import annotations
 
@@ -17,11 +20,13 @@ import logging
 import math
 import os
 import re
+import reprlib
 import socket
 import traceback
 import types
 from collections import namedtuple
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Mapping, Optional
 
 #: The fields that make two error reports "the same error", as in the original.
@@ -142,18 +147,66 @@ class Settings:
 
 SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(Settings))
 
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def default_value(name: str) -> Any:
+    """The default of setting C{name} (for SERVER_NAME, this host's name)."""
+    setting = _FIELDS[name]
+    if setting.default is dataclasses.MISSING:
+        return setting.default_factory()
+    return setting.default
+
+
+#: The largest payload of a UDP datagram over IPv4.
+UDP_MAX_PAYLOAD = 65507
+
+#: The original's INCOMING_MESSAGE_MAX_SIZE, which configs copied: a few
+#: bytes over UDP_MAX_PAYLOAD, so read as it.
+_ORIGINAL_MAX_SIZE = 65536
+
+#: Recipients of one setting: an SMTP server need take no more per message
+#: (RFC 5321), and many refuse more.
+MAX_RECIPIENTS = 100
+
+#: Markers of "just monitoring" errors; each is looked for in every error.
+_MAX_MARKERS = 1000
+
+_HOUR, _DAY = 3600, 24 * 3600
+_WEEK, _YEAR = 7 * _DAY, 365 * _DAY
 
 # Checkers: each takes (name, value) and returns the value to keep, or raises
 # ConfigError naming the setting.
+
+Checker = Callable[[str, object], Any]
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
 
 
 def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+def _a(noun: str) -> str:
+    """C{noun} with its indefinite article: C{'an int'}, C{'a str'}."""
+    return ("an " if noun[:1] in tuple("aeiou") else "a ") + noun
+
+
+def _shown(value: object) -> str:
+    """C{repr(value)}, shortened to what one line of an error can show."""
+    try:
+        return _REPR.repr(value)
+    except Exception:
+        # A config's object whose repr fails, or an int of more digits
+        # than Python converts to text.
+        return _a(_type_name(value))
+
+
 def _string(name: str, value: object) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{name} must be a non-empty string, not {value!r}")
+        raise ConfigError(
+            f"{name} must be a non-empty string, not {_shown(value)}")
     return value
 
 
@@ -161,6 +214,60 @@ def _optional_string(name: str, value: object) -> Optional[str]:
     if value is None or value == "":
         return None
     return _string(name, value)
+
+
+def _path(name: str, value: object) -> str:
+    """A file or directory name: the system refuses one with a NUL byte."""
+    path = _string(name, value)
+    if "\0" in path:
+        raise ConfigError(f"{name}: a path cannot hold a NUL byte, as "
+                          f"{_shown(path)} does")
+    return path
+
+
+def _optional_path(name: str, value: object) -> Optional[str]:
+    return None if _optional_string(name, value) is None else _path(
+        name, value)
+
+
+def _host(name: str, value: object) -> Optional[str]:
+    """A host to connect to: a name DNS could hold, or an IP address."""
+    host = _optional_string(name, value)
+    if host is None:
+        return None
+    try:
+        valid = (host.isprintable() and not any(c.isspace() for c in host)
+                 and len(host) <= 253 and bool(host.encode("idna")))
+    except UnicodeError:
+        # An empty label ('bad..name') or one longer than 63 characters.
+        valid = False
+    if not valid:
+        raise ConfigError(f"{name}: {_shown(host)} is not a host name or "
+                          f"an IP address")
+    return host
+
+
+def _login(name: str, value: object) -> Optional[str]:
+    """A user name or password for SMTP AUTH, which separates by NUL."""
+    text = _optional_string(name, value)
+    if text is not None and any(c in text for c in "\0\r\n"):
+        raise ConfigError(f"{name} cannot hold NUL, CR or LF, as "
+                          f"{_shown(text)} does")
+    return text
+
+
+def _server_name(name: str, value: object) -> str:
+    """
+    This server's name, in every digest's subject: one line of printable
+    ASCII, which any mail header carries as it is.
+    """
+    text = _string(name, value)
+    if not (text.isascii() and text.isprintable() and text.strip()
+            and len(text) <= 255):
+        raise ConfigError(
+            f"{name} must be up to 255 characters of printable ASCII "
+            f"(letters, digits, punctuation, spaces), not {_shown(text)}")
+    return text
 
 
 def _addresses(name: str, value: object) -> tuple:
@@ -175,20 +282,42 @@ def _addresses(name: str, value: object) -> tuple:
     if not isinstance(items, (list, tuple)):
         raise ConfigError(
             f"{name} must be an email address or a list of them, "
-            f"not a {_type_name(value)}"
+            f"not {_a(_type_name(value))}"
         )
     addresses = []
     for item in items:
-        if not isinstance(item, str) or "\n" in item or "\r" in item:
-            raise ConfigError(f"{name}: {item!r} is not an email address")
+        if not isinstance(item, str) or not item.isprintable():
+            raise ConfigError(
+                f"{name}: {_shown(item)} is not an email address")
         pairs = email.utils.getaddresses([item])
         parts = ([email.utils.formataddr(pair) for pair in pairs]
                  if len(pairs) > 1 else [item])
         for part in parts:
-            if "@" not in email.utils.parseaddr(part)[1]:
-                raise ConfigError(f"{name}: {part!r} is not an email address")
+            _check_address(name, part)
         addresses.extend(parts)
+    if len(addresses) > MAX_RECIPIENTS:
+        raise ConfigError(f"{name} names {len(addresses)} addresses; at most "
+                          f"{MAX_RECIPIENTS}, as SMTP servers need take no "
+                          f"more per message (use a mailing list)")
     return tuple(addresses)
+
+
+def _check_address(name: str, text: str) -> None:
+    """
+    @raise ConfigError: C{text} is not an address Twisted's SMTP client
+        can send to or from.
+    """
+    address = email.utils.parseaddr(text)[1]
+    if "@" not in address:
+        raise ConfigError(f"{name}: {_shown(text)} is not an email address")
+    if not address.isascii():
+        raise ConfigError(
+            f"{name}: {_shown(text)}: the address must be ASCII (write "
+            f"its domain as xn--...): Twisted's SMTP client cannot send "
+            f"SMTPUTF8; a display name may be in any script")
+    if len(address) > 254:
+        raise ConfigError(f"{name}: {_shown(text)} is longer than the 254 "
+                          f"characters an address may have")
 
 
 def _optional_address(name: str, value: object) -> Optional[str]:
@@ -198,26 +327,53 @@ def _optional_address(name: str, value: object) -> Optional[str]:
     return addresses[0] if addresses else None
 
 
+def _from_text(text: str, integer: bool) -> Any:
+    """
+    The number a string such as C{'465'} or C{'1.5'} writes (configs of
+    the original often read them from the environment), or C{text} itself.
+    """
+    if not text.isascii():
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    if not integer:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _number(name: str, value: object, integer: bool, minimum: float,
             maximum: float = math.inf) -> Any:
+    given = value
+    if isinstance(value, str):
+        value = _from_text(value, integer)
     kinds = (int,) if integer else (int, float)
     if (isinstance(value, bool) or not isinstance(value, kinds)
-            or not math.isfinite(value)):
+            or (isinstance(value, float) and not math.isfinite(value))):
         wanted = "a whole number" if integer else "a number"
-        raise ConfigError(f"{name} must be {wanted}, not {value!r}")
+        raise ConfigError(f"{name} must be {wanted}, not {_shown(given)}")
     if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, not {value!r}")
+        raise ConfigError(
+            f"{name} must be at least {minimum}, not {_shown(given)}")
     if value > maximum:
-        raise ConfigError(f"{name} must be at most {maximum}, not {value!r}")
+        raise ConfigError(
+            f"{name} must be at most {maximum}, not {_shown(given)}")
     return value
 
 
-def _positive_int(name: str, value: object) -> int:
-    return _number(name, value, integer=True, minimum=1)
+def _count(maximum: int) -> Checker:
+    """A checker of whole numbers from 1 to C{maximum}."""
+    return partial(_number, integer=True, minimum=1, maximum=maximum)
 
 
-def _optional_positive_int(name: str, value: object) -> Optional[int]:
-    return None if value is None else _positive_int(name, value)
+def _optional_count(maximum: int) -> Checker:
+    def check(name: str, value: object) -> Optional[int]:
+        return None if value is None else _count(maximum)(name, value)
+    return check
 
 
 def _buffer_size(name: str, value: object) -> int:
@@ -225,24 +381,45 @@ def _buffer_size(name: str, value: object) -> int:
     return _number(name, value, integer=True, minimum=1, maximum=2**31 - 1)
 
 
-def _positive_seconds(name: str, value: object) -> float:
-    value = _number(name, value, integer=False, minimum=0)
-    if value == 0:
-        raise ConfigError(f"{name} must be more than 0 seconds")
-    return value
-
-
-def _seconds_or_off(name: str, value: object) -> float:
-    """Seconds, where 0 turns the feature off."""
-    return _number(name, value, integer=False, minimum=0)
-
-
-def _port(name: str, value: object) -> int:
-    value = _number(name, value, integer=True, minimum=0)
-    if value > 65535:
+def _datagram_size(name: str, value: object) -> int:
+    """
+    The largest datagram read.  Up to the original's 65536 is taken, and
+    read as UDP_MAX_PAYLOAD by L{_complete}.
+    """
+    value = _number(name, value, integer=True, minimum=1)
+    if value > _ORIGINAL_MAX_SIZE:
         raise ConfigError(
-            f"{name} must be a port number (0-65535), not {value}")
+            f"{name} must be at most {UDP_MAX_PAYLOAD}, the largest payload "
+            f"UDP carries, not {_shown(value)}")
     return value
+
+
+def _seconds(maximum: float, zero_is_off: bool = False) -> Checker:
+    """
+    A checker of durations above 0 (or 0, which turns the feature off)
+    up to C{maximum} seconds, where a longer one is a mistake.
+    """
+    def check(name: str, value: object) -> float:
+        value = _number(name, value, integer=False, minimum=0,
+                        maximum=maximum)
+        if value == 0 and not zero_is_off:
+            raise ConfigError(f"{name} must be more than 0 seconds")
+        return value
+    return check
+
+
+def _port_number(lowest: int) -> Checker:
+    def check(name: str, value: object) -> int:
+        value = _number(name, value, integer=True, minimum=-math.inf)
+        if not lowest <= value <= 65535:
+            raise ConfigError(f"{name} must be a port number "
+                              f"({lowest}-65535), not {_shown(value)}")
+        return value
+    return check
+
+
+#: A port to listen on: 0 asks the system for a free one.
+_port = _port_number(0)
 
 
 def _ipv4_address(name: str, host: str) -> str:
@@ -254,8 +431,8 @@ def _ipv4_address(name: str, host: str) -> str:
         return socket.gethostbyname(host)
     except (OSError, ValueError) as error:
         raise ConfigError(
-            f"{name}: {host!r} is neither an IP address nor a host name that "
-            f"resolves ({error})"
+            f"{name}: {_shown(host)} is neither an IP address nor a host "
+            f"name that resolves ({error})"
         ) from None
 
 
@@ -264,7 +441,7 @@ def _bind_address(name: str, value: object) -> tuple:
             or not isinstance(value[0], str)):
         raise ConfigError(
             f"{name} must be a (host, port) pair such as ('127.0.0.1', 1549), "
-            f"not {value!r}"
+            f"not {_shown(value)}"
         )
     port = _port(name, value[1])
     host = value[0] or "0.0.0.0"
@@ -281,7 +458,7 @@ def _optional_bind_address(name: str, value: object) -> Optional[tuple]:
 
 def _boolean(name: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be True or False, not {value!r}")
+        raise ConfigError(f"{name} must be True or False, not {_shown(value)}")
     return value
 
 
@@ -290,54 +467,94 @@ def _tls_mode(name: str, value: object) -> Optional[str]:
         return None
     if value not in TLS_MODES:
         choices = ", ".join(repr(mode) for mode in TLS_MODES)
-        raise ConfigError(f"{name} must be one of {choices}, not {value!r}")
+        raise ConfigError(
+            f"{name} must be one of {choices}, not {_shown(value)}")
     return value
 
 
 def _existing_file(name: str, value: object) -> Optional[str]:
-    path = _optional_string(name, value)
+    path = _optional_path(name, value)
     if path is not None and not os.path.isfile(path):
         raise ConfigError(f"{name}: no such file {path!r}")
     return path
 
 
 def _existing_dir(name: str, value: object) -> Optional[str]:
-    path = _optional_string(name, value)
+    path = _optional_path(name, value)
     if path is not None and not os.path.isdir(path):
         raise ConfigError(f"{name}: no such directory {path!r}")
     return path
 
 
+def _kind(value: object) -> str:
+    """What C{value} is, without what it says: C{'dict of str to int'}."""
+
+    def kind(item: object) -> str:
+        return ("empty str" if isinstance(item, str) and not item
+                else _type_name(item))
+
+    if isinstance(value, Mapping) and value:
+        keys = "/".join(sorted({kind(key) for key in value}))
+        values = "/".join(sorted({kind(item) for item in value.values()}))
+        return f"{_type_name(value)} of {keys} to {values}"
+    return kind(value)
+
+
+class _Secret:
+    """
+    The checker of a secret setting: its error names the setting, what it
+    must be and the type of the value given, never the value, so it may be
+    shown and logged.
+    """
+
+    secret = True
+
+    def __init__(self, check: Checker, wanted: str) -> None:
+        self._check = check
+        self._wanted = wanted
+
+    def __call__(self, name: str, value: object) -> Any:
+        try:
+            return self._check(name, value)
+        except ConfigError:
+            raise ConfigError(
+                f"{name} must be {self._wanted}; it is {_a(_kind(value))} "
+                f"(its value is secret, so not shown)") from None
+
+
 def _users(name: str, value: object) -> Optional[dict]:
-    """User names and passwords; the values are never shown in an error."""
+    """User names and passwords."""
     if value is None:
         return None
-    if not isinstance(value, Mapping) or not value:
-        raise ConfigError(f"{name} must be a dict of user names to passwords, "
-                          f"such as {{'django': 'drink canada pony'}}")
-    for user, password in value.items():
-        if not isinstance(user, str) or not user or "\0" in user:
-            raise ConfigError(f"{name}: user name {user!r} must be a "
-                              f"non-empty string")
-        if not isinstance(password, str) or not password:
-            raise ConfigError(f"{name}: the password of {user!r} must be a "
-                              f"non-empty string")
+    if not isinstance(value, Mapping) or not value or not all(
+            isinstance(text, str) and text and "\0" not in text
+            for pair in value.items() for text in pair):
+        raise ConfigError(name)
     return dict(value)
 
 
 def _markers(name: str, value: object) -> tuple:
     if isinstance(value, str) or not isinstance(value, (list, tuple, set)):
-        raise ConfigError(f"{name} must be a list of strings, not {value!r}")
+        raise ConfigError(
+            f"{name} must be a list of strings, not {_shown(value)}")
+    if len(value) > _MAX_MARKERS:
+        raise ConfigError(f"{name} holds {len(value)} markers; at most "
+                          f"{_MAX_MARKERS}")
     for marker in value:
         if not isinstance(marker, str) or not marker:
-            raise ConfigError(f"{name}: {marker!r} is not a non-empty string")
+            raise ConfigError(
+                f"{name}: {_shown(marker)} is not a non-empty string")
     return tuple(value)
+
+
+def _is_namedtuple_class(value: object) -> bool:
+    return (isinstance(value, type) and issubclass(value, tuple)
+            and hasattr(value, "_fields"))
 
 
 def _unique_tuple(name: str, value: object) -> type:
     """A namedtuple class, as the original wanted, or a list of field names."""
-    if isinstance(value, type) and issubclass(value, tuple) and hasattr(
-            value, "_fields"):
+    if _is_namedtuple_class(value):
         fields = value._fields
     elif isinstance(value, (list, tuple)) and all(
             isinstance(item, str) for item in value):
@@ -349,7 +566,7 @@ def _unique_tuple(name: str, value: object) -> type:
     else:
         raise ConfigError(
             f"{name} must be a namedtuple class or a list of field names, "
-            f"not {value!r}"
+            f"not {_shown(value)}"
         )
     if not fields:
         raise ConfigError(f"{name} must name at least one field")
@@ -358,50 +575,58 @@ def _unique_tuple(name: str, value: object) -> type:
 
 def _callable(name: str, value: object) -> Optional[Callable]:
     if value is not None and not callable(value):
-        raise ConfigError(f"{name} must be a function, not {value!r}")
+        raise ConfigError(f"{name} must be a function, not {_shown(value)}")
     return value
 
 
 def _log_level(name: str, value: object) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool):
+    if (isinstance(value, int) and not isinstance(value, bool)
+            and 0 <= value <= 1000):
         return value
     if isinstance(value, str) and isinstance(
             logging.getLevelName(value.upper()), int):
         return value
-    raise ConfigError(f"{name} must be a logging level, not {value!r}")
+    raise ConfigError(f"{name} must be a logging level (a name such as "
+                      f"'INFO', or a number from 0 to 1000), not "
+                      f"{_shown(value)}")
 
 
-_CHECKS: Mapping[str, Callable[[str, object], Any]] = {
+# The maxima are far above any sensible value; past them a value is a
+# mistake that would only show later (a digest no server takes, memory
+# for a million sources per error, a timer of centuries).
+_CHECKS: Mapping[str, Checker] = {
     "UDP_BIND": _bind_address,
     "GELF_BIND": _optional_bind_address,
     "UDP_RCVBUF": _buffer_size,
-    "INCOMING_MESSAGE_MAX_SIZE": _positive_int,
-    "MAX_FIELD_CHARS": _positive_int,
-    "MAX_EXC_TEXT_CHARS": _positive_int,
-    "MAX_SOURCES_PER_ERROR": _positive_int,
+    "INCOMING_MESSAGE_MAX_SIZE": _datagram_size,
+    "MAX_FIELD_CHARS": _count(100_000),
+    "MAX_EXC_TEXT_CHARS": _count(1_000_000),
+    "MAX_SOURCES_PER_ERROR": _count(10_000),
     "SMTP_INGEST_BIND": _optional_bind_address,
-    "SMTP_INGEST_MAX_BYTES": _positive_int,
-    "SMTP_INGEST_MAX_CONNECTIONS": _positive_int,
-    "SMTP_INGEST_MAX_RECIPIENTS": _positive_int,
-    "SMTP_INGEST_USERS": _users,
+    "SMTP_INGEST_MAX_BYTES": _count(100 * 1024 * 1024),
+    "SMTP_INGEST_MAX_CONNECTIONS": _count(10_000),
+    "SMTP_INGEST_MAX_RECIPIENTS": _count(10_000),
+    "SMTP_INGEST_USERS": _Secret(
+        _users, "a dict of user names to passwords, all non-empty strings "
+                "without NUL, such as {'django': 'drink canada pony'}"),
     "SMTP_INGEST_TLS_CERT": _existing_file,
     "SMTP_INGEST_TLS_KEY": _existing_file,
-    "SMTP_HOST": _optional_string,
-    "SMTP_PORT": _port,
-    "SMTP_USER": _optional_string,
-    "SMTP_PASSWORD": _optional_string,
+    "SMTP_HOST": _host,
+    "SMTP_PORT": _port_number(1),
+    "SMTP_USER": _login,
+    "SMTP_PASSWORD": _Secret(_login, "a string without NUL, CR or LF"),
     "SMTP_TLS": _tls_mode,
     "SMTP_TLS_VERIFY": _boolean,
     "SMTP_CA_FILE": _existing_file,
-    "SMTP_TIMEOUT": _positive_seconds,
-    "MAILDIR": _string,
-    "SPOOL_DIR": _string,
-    "RETRY_MIN_SECONDS": _positive_seconds,
-    "RETRY_MAX_SECONDS": _positive_seconds,
-    "SPOOL_LIFETIME_SECONDS": _positive_seconds,
-    "STATE_FILE": _string,
-    "SNAPSHOT_SECONDS": _seconds_or_off,
-    "SHUTDOWN_TIMEOUT_SECONDS": _positive_seconds,
+    "SMTP_TIMEOUT": _seconds(_HOUR),
+    "MAILDIR": _path,
+    "SPOOL_DIR": _path,
+    "RETRY_MIN_SECONDS": _seconds(_DAY),
+    "RETRY_MAX_SECONDS": _seconds(_WEEK),
+    "SPOOL_LIFETIME_SECONDS": _seconds(_YEAR),
+    "STATE_FILE": _path,
+    "SNAPSHOT_SECONDS": _seconds(_DAY, zero_is_off=True),
+    "SHUTDOWN_TIMEOUT_SECONDS": _seconds(_HOUR),
     "REPORT_FROM": _optional_address,
     "REPORT_TO": _addresses,
     "REPLY_TO": _addresses,
@@ -410,24 +635,29 @@ _CHECKS: Mapping[str, Callable[[str, object], Any]] = {
     "PAGER_FROM": _optional_address,
     "PAGER_TO": _addresses,
     "PAGER_REPLY_TO": _addresses,
-    "FLUSH_SECONDS": _positive_seconds,
-    "PAGER_WINDOW_SIZE": _positive_int,
-    "PAGER_LIMIT": _positive_int,
-    "MAX_UNIQUE_MESSAGES": _positive_int,
-    "DIGEST_MAX_DETAILS": _optional_positive_int,
-    "DIGEST_MAX_BYTES": _positive_int,
+    "FLUSH_SECONDS": _seconds(_WEEK),
+    "PAGER_WINDOW_SIZE": _count(10_000),
+    # sys.maxsize is how some configs of the original turned paging off.
+    "PAGER_LIMIT": _count(2**63 - 1),
+    "MAX_UNIQUE_MESSAGES": _count(1_000_000),
+    "DIGEST_MAX_DETAILS": _optional_count(1_000_000),
+    "DIGEST_MAX_BYTES": _count(100_000_000),
     "UNIQUE_MSG_TUPLE": _unique_tuple,
     "SOURCE_FIELD_NAME": _string,
     "GELF_DEFAULT_KIND": _string,
     "EMAIL_TEMPLATE_DIR": _existing_dir,
-    "EMAIL_BODY_TEMPLATE": _string,
-    "EMAIL_SUBJECT_TEMPLATE": _string,
+    "EMAIL_BODY_TEMPLATE": _path,
+    "EMAIL_SUBJECT_TEMPLATE": _path,
     "INTERNAL_ERROR_FUNC": _callable,
-    "SERVER_NAME": _string,
+    "SERVER_NAME": _server_name,
     "LOG_LEVEL": _log_level,
     "LOG_FORMAT": _string,
 }
 assert set(_CHECKS) == SETTING_NAMES, "every setting needs a checker"
+
+#: The settings whose values are never shown (their checkers say so).
+SECRET_SETTINGS = frozenset(
+    name for name, check in _CHECKS.items() if getattr(check, "secret", False))
 
 
 class _ModuleNames(ast.NodeVisitor):
@@ -460,15 +690,18 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def read_config_file(path: str) -> dict:
+def read_config_file(path: str) -> tuple:
     """
     Run a config file and return the settings it defines, with their
     values.  Settings it imports (C{from site_defaults import *}) count, as
     they did for the original; other UPPER_CASE names it imports (C{from
-    logging import DEBUG}) are no settings, but one it assigns is a typo.
+    logging import DEBUG}) are no settings, and one it assigns (C{BASE_DIR},
+    a namedtuple C{MSG}) is ignored with a notice, which says which
+    setting it may be a typo of.
 
-    @raise ConfigError: the file is missing, does not run, or assigns an
-        UPPER_CASE name that is no setting.
+    @return: C{(values, notices)}: a dict of setting (or legacy) names to
+        values, and a list of lines worth logging.
+    @raise ConfigError: the file is missing, or does not run.
     """
     try:
         with open(path, "rb") as config_file:
@@ -507,22 +740,105 @@ def read_config_file(path: str) -> dict:
     collector = _ModuleNames()
     collector.visit(tree)
     values = {}
+    notices = []
     for name, value in module.__dict__.items():
         if not _SETTING_NAME.fullmatch(name):
             continue
         if name in SETTING_NAMES or name in LEGACY_NAMES:
             values[name] = value
         elif name in collector.names:
-            raise ConfigError(
-                f"config file {path!r}: unknown setting {name}"
-                + _suggestion(name)
-            )
-    return values
+            notices.append(f"config file {path!r}: {name} is not a setting "
+                           f"and is ignored" + _suggestion(name))
+    return values, notices
 
 
 def _suggestion(name: str) -> str:
     close = difflib.get_close_matches(name, sorted(SETTING_NAMES), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+@dataclass(frozen=True)
+class Checked:
+    """
+    What checking a configuration found.
+
+    @ivar settings: the settings, or None if the config file could not be
+        read or run.  A setting in C{refused} has its default here: good
+        for checking further (templates, certificates), not to run with.
+    @ivar problems: one line each: the settings' own, then those between
+        settings.
+    @ivar notices: lines worth logging at start-up.
+    @ivar refused: the settings named by C{problems}.
+    """
+
+    settings: Optional[Settings]
+    problems: tuple
+    notices: tuple
+    refused: frozenset = frozenset()
+
+
+def check_settings(path: Optional[str] = None,
+                   overrides: Optional[Mapping[str, Any]] = None) -> Checked:
+    """
+    Check the defaults, an optional config file and command-line overrides
+    (in that order of precedence), finding every problem, not only the
+    first.
+    """
+    raw: dict = {}
+    notices: list = []
+    if path is not None:
+        try:
+            raw, notices = read_config_file(path)
+        except ConfigError as error:
+            return Checked(None, (str(error),), ())
+    overrides = overrides or {}
+    checked: dict = {}
+    problems: list = []
+    refused: set = set()
+
+    def check(name: str, written: str, value: object) -> None:
+        try:
+            checked[name] = _CHECKS[name](written, value)
+        except ConfigError as error:
+            problems.append(str(error))
+            refused.add(name)
+
+    for legacy, current in LEGACY_NAMES.items():
+        if legacy in raw:
+            value = raw.pop(legacy)
+            if current in raw:
+                notices.append(f"{legacy} is ignored: {current} is set too")
+            else:
+                # Checked under the name the file uses, so an error names it.
+                check(current, legacy, value)
+                notices.append(f"{legacy} is read as {current}; "
+                               f"please rename it")
+    for name, value in {**raw, **overrides}.items():
+        if name in SETTING_NAMES:
+            check(name, name, value)
+        else:
+            problems.append(f"unknown setting {name}" + _suggestion(name))
+    # Imported from failnozzle.settings, UDP_BIND is the default itself.
+    default_bind = default_value("UDP_BIND")
+    if ("UDP_BIND" not in overrides
+            and raw.get("UDP_BIND", default_bind) is default_bind):
+        notices.append(_udp_bind_notice(path))
+    settings = _complete(Settings(**checked), notices, problems, refused)
+    return Checked(settings, tuple(problems), tuple(notices),
+                   frozenset(refused))
+
+
+def _udp_bind_notice(path: Optional[str]) -> str:
+    """
+    Said when UDP_BIND is the default, which differs from the original's
+    (every interface): a config written for it listens on loopback only.
+    """
+    host, port = default_value("UDP_BIND")
+    where = f" in config file {path!r}" if path is not None else ""
+    return (f"UDP_BIND is not set{where}: listening on {host}:{port}, so "
+            f"only this machine can send errors (the original failnozzle "
+            f"listened on every interface: set UDP_BIND = ('0.0.0.0', "
+            f"{port}) for that)")
 
 
 def load_settings(
@@ -534,48 +850,51 @@ def load_settings(
 
     @return: C{(settings, notices)}: the checked L{Settings}, and lines worth
         logging at start-up (legacy names, risky choices).
-    @raise ConfigError: anything is wrong.
+    @raise ConfigError: the first problem L{check_settings} finds.
     """
-    raw = read_config_file(path) if path is not None else {}
-    notices = []
-    for legacy, current in LEGACY_NAMES.items():
-        if legacy in raw:
-            value = raw.pop(legacy)
-            if current in raw:
-                notices.append(f"{legacy} is ignored: {current} is set too")
-            else:
-                # Checked under the name the file uses, so an error names it.
-                raw[current] = _CHECKS[current](legacy, value)
-                notices.append(f"{legacy} is read as {current}; "
-                               f"please rename it")
-    raw.update(overrides or {})
-    for name in raw:
-        if name not in SETTING_NAMES:
-            raise ConfigError(f"unknown setting {name}" + _suggestion(name))
-    checked = {name: _CHECKS[name](name, value) for name, value in raw.items()}
-    settings = Settings(**checked)
-    return _complete(settings, notices), notices
+    checked = check_settings(path, overrides)
+    if checked.problems:
+        raise ConfigError(checked.problems[0])
+    return checked.settings, list(checked.notices)
 
 
-def _complete(settings: Settings, notices: list) -> Settings:
-    """Check settings that depend on each other; fill in derived values."""
+def _complete(settings: Settings, notices: list, problems: list,
+              refused: set) -> Settings:
+    """
+    Check settings that depend on each other; fill in derived values.  A
+    check involving a setting already C{refused} is skipped: its problem
+    is told once.
+    """
     changes: dict = {}
     if settings.SMTP_TLS is None:
         changes["SMTP_TLS"] = ("implicit" if settings.SMTP_PORT == 465
                                else "starttls")
+
+    def problem(text: str, *names: str) -> None:
+        if refused.isdisjoint(names):
+            problems.append(text)
+
     if settings.smtp_enabled:
         for name in ("REPORT_FROM", "REPORT_TO"):
             if not getattr(settings, name):
-                raise ConfigError(f"{name} is required when SMTP_HOST is set")
+                problem(f"{name} is required when SMTP_HOST is set", name)
     else:
         # Maildir mode: the digests only need well-formed headers.
         changes["REPORT_FROM"] = settings.REPORT_FROM or "failnozzle@localhost"
         changes["REPORT_TO"] = settings.REPORT_TO or ("failnozzle@localhost",)
-    _both_or_neither(settings, "SMTP_USER", "SMTP_PASSWORD")
-    _both_or_neither(settings, "SMTP_INGEST_TLS_CERT", "SMTP_INGEST_TLS_KEY")
+    for pair in (("SMTP_USER", "SMTP_PASSWORD"),
+                 ("SMTP_INGEST_TLS_CERT", "SMTP_INGEST_TLS_KEY")):
+        missing = _missing_partner(settings, *pair)
+        if missing is not None:
+            problem(missing, *pair)
     if settings.RETRY_MAX_SECONDS < settings.RETRY_MIN_SECONDS:
-        raise ConfigError("RETRY_MAX_SECONDS must not be less than "
-                          "RETRY_MIN_SECONDS")
+        problem("RETRY_MAX_SECONDS must not be less than RETRY_MIN_SECONDS",
+                "RETRY_MIN_SECONDS", "RETRY_MAX_SECONDS")
+    if settings.INCOMING_MESSAGE_MAX_SIZE > UDP_MAX_PAYLOAD:
+        changes["INCOMING_MESSAGE_MAX_SIZE"] = UDP_MAX_PAYLOAD
+        notices.append(f"INCOMING_MESSAGE_MAX_SIZE = "
+                       f"{settings.INCOMING_MESSAGE_MAX_SIZE} is read as "
+                       f"{UDP_MAX_PAYLOAD}, the largest payload UDP carries")
     tls = changes.get("SMTP_TLS", settings.SMTP_TLS)
     if settings.smtp_enabled and settings.SMTP_USER and tls == "off":
         notices.append("SMTP_USER is set with SMTP_TLS = 'off': the password "
@@ -588,16 +907,39 @@ def _complete(settings: Settings, notices: list) -> Settings:
     return dataclasses.replace(settings, **changes)
 
 
-def _both_or_neither(settings: Settings, first: str, second: str) -> None:
+def _missing_partner(settings: Settings, first: str,
+                     second: str) -> Optional[str]:
     """
-    @raise ConfigError: one of two settings that go together is set
-        without the other.
+    The problem, if one of two settings that go together is set without
+    the other.
     """
-    if bool(getattr(settings, first)) != bool(getattr(settings, second)):
-        given, missing = (first, second)
-        if not getattr(settings, first):
-            given, missing = missing, given
-        raise ConfigError(f"{missing} is required when {given} is set")
+    if bool(getattr(settings, first)) == bool(getattr(settings, second)):
+        return None
+    given, missing = (first, second)
+    if not getattr(settings, first):
+        given, missing = missing, given
+    return f"{missing} is required when {given} is set"
+
+
+def changed_settings(old: Settings, new: Settings) -> set:
+    """
+    The names of the settings whose values differ, as a reload sees them:
+    a namedtuple class made again with the same fields, or a function
+    defined again with the same code, is no change.
+    """
+    return {name for name in SETTING_NAMES
+            if not _same(getattr(old, name), getattr(new, name))}
+
+
+def _same(old: object, new: object) -> bool:
+    if _is_namedtuple_class(old) and _is_namedtuple_class(new):
+        return old._fields == new._fields
+    if isinstance(old, types.FunctionType) and isinstance(
+            new, types.FunctionType):
+        return (old.__code__ == new.__code__
+                and old.__defaults__ == new.__defaults__
+                and old.__kwdefaults__ == new.__kwdefaults__)
+    return old is new or old == new
 
 
 def parse_host_port(text: str, default_host: Optional[str] = "0.0.0.0"

@@ -162,6 +162,12 @@ def _load(environment: Environment, setting: str, name: str):
         return environment.get_template(name)
     except TemplateNotFound:
         raise ConfigError(f"{setting}: template {name!r} not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        # Unreadable, or not UTF-8 (a Latin-1 template of the original's
+        # days): Jinja2 lets these through.
+        raise ConfigError(f"{setting}: cannot read template {name!r}: "
+                          f"{getattr(error, 'strerror', None) or error}"
+                          ) from None
     except TemplateError as error:
         line = getattr(error, "lineno", None)
         where = f" line {line}" if line else ""

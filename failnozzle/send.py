@@ -16,6 +16,7 @@ import socket
 import sys
 from typing import BinaryIO, Optional, Sequence
 
+from failnozzle import __version__
 from failnozzle.config import parse_host_port
 from failnozzle.loghandler import MAX_DATAGRAM_BYTES, encode_datagram
 
@@ -101,6 +102,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help="the script (and line) the error comes from")
     parser.add_argument("--to", metavar="HOST:PORT", type=parse_address,
                         help="failnozzle's UDP address; [::1]:1549 for IPv6")
+    parser.add_argument("--version", action="version",
+                        version=f"{PROG} (failnozzle) {__version__}")
     return parser
 
 

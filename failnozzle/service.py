@@ -59,6 +59,23 @@ def make_transport(settings: Settings, reactor):
     )
 
 
+def make_renderer(settings: Settings) -> DigestRenderer:
+    """
+    The digest renderer the settings describe.
+
+    @raise ConfigError: a template cannot be found or does not compile.
+    """
+    return DigestRenderer(
+        settings.UNIQUE_MSG_TUPLE,
+        settings.SERVER_NAME,
+        settings.MAX_UNIQUE_MESSAGES,
+        settings.EMAIL_TEMPLATE_DIR,
+        settings.EMAIL_SUBJECT_TEMPLATE,
+        settings.EMAIL_BODY_TEMPLATE,
+        settings.DIGEST_MAX_DETAILS or 100,
+    )
+
+
 class MonitoringFilter:
     """
     Tells "just monitoring" canary errors (a marker in message or exc_text)
@@ -137,15 +154,7 @@ class FailnozzleService(Service):
             self.mail = self._mail_ingest(reader)
         self.rate_window = RateWindow(settings.PAGER_WINDOW_SIZE,
                                       settings.PAGER_LIMIT)
-        self.renderer = DigestRenderer(
-            settings.UNIQUE_MSG_TUPLE,
-            settings.SERVER_NAME,
-            settings.MAX_UNIQUE_MESSAGES,
-            settings.EMAIL_TEMPLATE_DIR,
-            settings.EMAIL_SUBJECT_TEMPLATE,
-            settings.EMAIL_BODY_TEMPLATE,
-            settings.DIGEST_MAX_DETAILS or 100,
-        )
+        self.renderer = make_renderer(settings)
         self.outbox = Outbox(
             transport or make_transport(settings, reactor),
             Spool(settings.SPOOL_DIR, reactor), reactor,

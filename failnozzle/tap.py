@@ -2,11 +2,12 @@
 The twistd side: command-line options and L{makeService}.
 
   twistd -n failnozzle --config=site.py
+  twistd failnozzle --config=site.py --check
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, NoReturn, Optional
 
 from twisted.application.service import IService
 from twisted.internet import threads
@@ -14,10 +15,12 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
-from failnozzle.config import ConfigError, load_settings, parse_host_port
+from failnozzle import __version__
+from failnozzle.config import (ConfigError, Settings, check_settings,
+                               load_settings, parse_host_port)
 from failnozzle.ingest import bind_udp_socket
-from failnozzle.mailin import bind_tcp_socket
-from failnozzle.service import FailnozzleService
+from failnozzle.mailin import bind_tcp_socket, tls_options
+from failnozzle.service import FailnozzleService, make_renderer, make_transport
 
 _log = Logger()
 
@@ -37,6 +40,12 @@ class Options(usage.Options):
         "Python file of UPPER_CASE assignments (the original failnozzle's "
         "format); README.rst lists every setting."
     )
+    optFlags = [
+        ["check", None,
+         "Check the settings (the config file and these options) without "
+         "starting: print every problem, one line each, and exit with 1, "
+         "or say they are valid and exit with 0."],
+    ]
     optParameters = [
         ["config", "c", None,
          "Config file: a Python module of UPPER_CASE settings."],
@@ -56,8 +65,18 @@ class Options(usage.Options):
          "127.0.0.1:2525 (SMTP_INGEST_BIND)."],
     ]
 
+    def opt_version(self) -> NoReturn:
+        """
+        Print failnozzle's version and exit.
+        """
+        print(f"failnozzle {__version__}")
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
-        """Turn the options given into settings that override the file."""
+        """
+        Turn the options given into settings that override the file; with
+        --check, check them and exit.
+        """
         self.overrides = {}
         if self["udp"] is not None:
             self.overrides["UDP_BIND"] = _host_port("--udp", self["udp"])
@@ -71,6 +90,8 @@ class Options(usage.Options):
         if self["smtp-ingest"] is not None:
             self.overrides["SMTP_INGEST_BIND"] = _host_port(
                 "--smtp-ingest", self["smtp-ingest"])
+        if self["check"]:
+            raise SystemExit(report_check(self["config"], self.overrides))
 
 
 def _host_port(option: str, text: str,
@@ -79,6 +100,67 @@ def _host_port(option: str, text: str,
         return parse_host_port(text, default_host)
     except ValueError as error:
         raise usage.UsageError(f"{option}: {error}") from None
+
+
+def check_config(path: Optional[str],
+                 overrides: Optional[Mapping[str, Any]] = None) -> tuple:
+    """
+    Find every problem start-up would find, without binding, creating or
+    sending anything: each setting's, those between settings, then what
+    building the service refuses (templates, TLS files).
+
+    @return: C{(problems, notices)}, lists of lines.
+    """
+    checked = check_settings(path, overrides)
+    problems = list(checked.problems)
+    if checked.settings is not None:
+        for needs, check in _startup_checks(checked.settings):
+            if checked.refused.isdisjoint(needs):
+                try:
+                    check()
+                except ConfigError as error:
+                    problems.append(str(error))
+    return problems, list(checked.notices)
+
+
+def _startup_checks(settings: Settings) -> list:
+    """
+    What building the service reads and may refuse, as pairs of the
+    settings it reads (not checked again if one of them is refused
+    already) and a call that raises L{ConfigError}.
+    """
+    checks = [(("UNIQUE_MSG_TUPLE", "EMAIL_TEMPLATE_DIR",
+                "EMAIL_SUBJECT_TEMPLATE", "EMAIL_BODY_TEMPLATE"),
+               partial(make_renderer, settings))]
+    if settings.smtp_enabled:
+        # The transport keeps the reactor for later; nothing connects.
+        checks.append((("SMTP_HOST", "SMTP_CA_FILE"),
+                       partial(make_transport, settings, None)))
+    if settings.SMTP_INGEST_TLS_CERT and settings.SMTP_INGEST_TLS_KEY:
+        checks.append((("SMTP_INGEST_TLS_CERT", "SMTP_INGEST_TLS_KEY"),
+                       partial(tls_options, settings.SMTP_INGEST_TLS_CERT,
+                               settings.SMTP_INGEST_TLS_KEY)))
+    return checks
+
+
+def report_check(path: Optional[str],
+                 overrides: Optional[Mapping[str, Any]] = None) -> int:
+    """
+    Print what L{check_config} finds, one line each: the problems, then
+    the notices, or that all is valid.
+
+    @return: the exit status: 1 if there is a problem, else 0.
+    """
+    problems, notices = check_config(path, overrides)
+    for problem in problems:
+        print(f"failnozzle: {problem}")
+    for notice in notices:
+        print(f"failnozzle: notice: {notice}")
+    if problems:
+        return 1
+    where = f"config file {path!r}" if path is not None else "no config file"
+    print(f"failnozzle: the settings are valid ({where})")
+    return 0
 
 
 def _in_thread_pool(reactor, function, *args) -> Deferred:

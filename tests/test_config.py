@@ -2,6 +2,7 @@
 Tests for L{failnozzle.config}: defaults, config files written for the
 original failnozzle, and one clear line for every kind of mistake.
 """
+import dataclasses
 import logging
 import os
 import sys
@@ -10,9 +11,17 @@ from collections import namedtuple
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from failnozzle.config import (DEFAULT_MONITORING_ERROR_MARKERS, ConfigError,
-                               UniqueMessage, load_settings, parse_host_port,
+from failnozzle.config import (DEFAULT_MONITORING_ERROR_MARKERS,
+                               SECRET_SETTINGS, ConfigError, Settings,
+                               UniqueMessage, changed_settings, check_settings,
+                               default_value, load_settings, parse_host_port,
                                read_config_file)
+
+
+def without_udp_bind(notices):
+    """The notices but the one every config without UDP_BIND gets."""
+    return [notice for notice in notices
+            if not notice.startswith("UDP_BIND is not set")]
 
 
 class ConfigTestCase(SynchronousTestCase):
@@ -79,19 +88,28 @@ class DefaultsTests(ConfigTestCase):
 
     def test_no_file(self):
         """
-        Without a config file every setting has its documented default.
+        Without a config file every setting has its documented default;
+        the one notice says that only this machine can send (UDP_BIND).
         """
         settings, notices = load_settings(None)
         self.assertDefaults(settings)
-        self.assertEqual(notices, [])
+        self.assertEqual(notices, [
+            "UDP_BIND is not set: listening on 127.0.0.1:1549, so only this "
+            "machine can send errors (the original failnozzle listened on "
+            "every interface: set UDP_BIND = ('0.0.0.0', 1549) for that)"])
 
     def test_empty_file(self):
         """
-        A config file of comments only gives the defaults too.
+        A config file of comments only gives the defaults too, and the
+        UDP_BIND notice names the file.
         """
-        settings, notices = self.load("# nothing to change\n")
+        path = self.write("# nothing to change\n")
+        settings, notices = load_settings(path)
         self.assertDefaults(settings)
-        self.assertEqual(notices, [])
+        [notice] = notices
+        self.assertTrue(notice.startswith(
+            f"UDP_BIND is not set in config file {path!r}: listening on "
+            f"127.0.0.1:1549, so only this machine can send errors"), notice)
 
     def test_monitoring_markers_are_the_originals(self):
         """
@@ -159,7 +177,7 @@ class SMTPTLSTests(ConfigTestCase):
             REPORT_FROM = 'nozzle@example.com'
             REPORT_TO = 'ops@example.com'
             """)
-        [notice] = notices
+        [notice] = without_udp_bind(notices)
         self.assertIn("SMTP_USER", notice)
         self.assertIn("clear", notice)
 
@@ -251,7 +269,16 @@ class OriginalConfigTests(ConfigTestCase):
                          os.path.join(os.path.dirname(self.path), "templates"))
         self.assertEqual(settings.EMAIL_BODY_TEMPLATE, "body.txt")
         self.assertEqual(settings.EMAIL_SUBJECT_TEMPLATE, "subject.txt")
-        self.assertEqual(self.notices, [])
+
+    def test_datagram_size(self):
+        """
+        The original's INCOMING_MESSAGE_MAX_SIZE of 65536 is read as 65507,
+        UDP's largest payload, with the one notice this file calls for.
+        """
+        self.assertEqual(self.settings.INCOMING_MESSAGE_MAX_SIZE, 65507)
+        self.assertEqual(self.notices, [
+            "INCOMING_MESSAGE_MAX_SIZE = 65536 is read as 65507, the largest "
+            "payload UDP carries"])
 
     def test_namedtuple(self):
         """
@@ -274,7 +301,8 @@ class OriginalConfigTests(ConfigTestCase):
         What the file imports (C{DEBUG}, modules) and its lowercase helper
         variables are not settings.
         """
-        values = read_config_file(self.path)
+        values, notices = read_config_file(self.path)
+        self.assertEqual(notices, [])
         self.assertNotIn("DEBUG", values)
         self.assertNotIn("os", values)
         self.assertNotIn("base_dir", values)
@@ -362,8 +390,8 @@ class NamesTests(ConfigTestCase):
         """
         Names starting with an underscore are helpers, not settings.
         """
-        values = read_config_file(self.write("_HELPER = 1\n_x = 2\n"))
-        self.assertEqual(values, {})
+        values, notices = read_config_file(self.write("_HELPER = 1\n_x = 2\n"))
+        self.assertEqual((values, notices), ({}, []))
 
 
 class AddressTests(ConfigTestCase):
@@ -473,7 +501,7 @@ class LegacyNameTests(ConfigTestCase):
         self.assertEqual(settings.JUST_MONITORING_REPORT_TO,
                          ("canary@example.com",))
         self.assertEqual(settings.PAGER_LIMIT, 42)
-        self.assertEqual(notices, [
+        self.assertEqual(without_udp_bind(notices), [
             "ERROR_RECIP is read as REPORT_TO; please rename it",
             "JUST_MONITORING_ERROR_RECIP is read as JUST_MONITORING_REPORT_TO;"
             " please rename it",
@@ -490,7 +518,7 @@ class LegacyNameTests(ConfigTestCase):
             REPORT_TO = 'new@example.com'
             """)
         self.assertEqual(settings.REPORT_TO, ("new@example.com",))
-        self.assertEqual(notices,
+        self.assertEqual(without_udp_bind(notices),
                          ["ERROR_RECIP is ignored: REPORT_TO is set too"])
 
     def test_error_names_legacy(self):
@@ -505,32 +533,74 @@ class LegacyNameTests(ConfigTestCase):
 
 class UnknownNameTests(ConfigTestCase):
     """
-    An UPPER_CASE name that is no setting is a mistake.
+    An UPPER_CASE name a config file assigns that is no setting is ignored
+    with a notice, as the original ignored it; given as an override it is
+    a mistake.
     """
+
+    def assertIgnored(self, text, name, ending):
+        """
+        Loading C{text} works; its notice about C{name} names the file and
+        ends with C{ending}.
+
+        @return: the path of the file and its settings.
+        """
+        path = self.write(text)
+        settings, notices = load_settings(path)
+        [notice] = [notice for notice in notices if name in notice]
+        self.assertEqual(
+            notice, f"config file {path!r}: {name} is not a setting and is "
+                    f"ignored{ending}")
+        return path, settings
 
     def test_typo_suggestion(self):
         """
         A near miss is named with the setting it probably means.
         """
-        message = self.assertConfigError("REPORT_TOO = 'a@example.com'\n",
-                                         "REPORT_TOO")
-        self.assertTrue(message.endswith(
-            "unknown setting REPORT_TOO (did you mean REPORT_TO?)"), message)
+        self.assertIgnored("REPORT_TOO = 'a@example.com'\n", "REPORT_TOO",
+                           " (did you mean REPORT_TO?)")
 
     def test_no_suggestion(self):
         """
         A name like no setting is only named.
         """
-        message = self.assertConfigError("ZZZ = 1\n", "ZZZ")
-        self.assertTrue(message.endswith("unknown setting ZZZ"), message)
+        self.assertIgnored("ZZZ = 1\n", "ZZZ", "")
 
     def test_defined_function(self):
         """
-        An UPPER_CASE function or class is an unknown setting too.
+        An UPPER_CASE function or class is noticed too.
         """
-        self.assertConfigError("def INTERNAL_ERROR_FUNCTION(c, e):\n"
-                               "    return {}\n", "INTERNAL_ERROR_FUNCTION",
-                               "did you mean INTERNAL_ERROR_FUNC?")
+        self.assertIgnored("def INTERNAL_ERROR_FUNCTION(c, e):\n"
+                           "    return {}\n", "INTERNAL_ERROR_FUNCTION",
+                           " (did you mean INTERNAL_ERROR_FUNC?)")
+
+    def test_helpers_of_the_original(self):
+        """
+        The helpers configs of the original define load, and their values
+        can make settings: C{BASE_DIR} from C{__file__}, a namedtuple
+        C{MSG} that becomes UNIQUE_MSG_TUPLE.
+        """
+        path, settings = self.assertIgnored("""\
+            import os
+            from collections import namedtuple
+            BASE_DIR = os.path.dirname(__file__)
+            MSG = namedtuple('MSG', ['message', 'kind'])
+            UNIQUE_MSG_TUPLE = MSG
+            EMAIL_TEMPLATE_DIR = BASE_DIR
+            """, "BASE_DIR", "")
+        self.assertEqual(settings.unique_fields, ("message", "kind"))
+        self.assertEqual(settings.EMAIL_TEMPLATE_DIR, os.path.dirname(path))
+        self.assertIn(f"config file {path!r}: MSG is not a setting and is "
+                      f"ignored", load_settings(path)[1])
+
+    def test_required_still_enforced(self):
+        """
+        A typo of a required setting leaves it missing: that is refused.
+        """
+        self.assertConfigError("SMTP_HOST = 'smtp.example.com'\n"
+                               "REPORT_FROM = 'nozzle@example.com'\n"
+                               "REPORT_TOO = 'ops@example.com'\n",
+                               "REPORT_TO is required when SMTP_HOST is set")
 
     def test_unknown_override(self):
         """
@@ -590,12 +660,14 @@ class TypeErrorTests(ConfigTestCase):
 
     def test_whole_numbers(self):
         """
-        Counts take whole numbers of at least 1: no text, float or bool.
+        Counts take whole numbers of at least 1: no other text, float or
+        bool.
         """
         for setting in ("PAGER_WINDOW_SIZE", "PAGER_LIMIT",
                         "MAX_UNIQUE_MESSAGES", "INCOMING_MESSAGE_MAX_SIZE",
                         "UDP_RCVBUF"):
-            self.assertAllRefused(setting, ["'5'", "5.0", "None"],
+            self.assertAllRefused(setting, ["'five'", "'5.0'", "5.0",
+                                            "None", "'0x5'"],
                                   "whole number")
             self.assertAllRefused(setting, ["0", "-3"], "at least 1")
 
@@ -619,7 +691,8 @@ class TypeErrorTests(ConfigTestCase):
         Durations are numbers above 0, finite.
         """
         for setting in ("FLUSH_SECONDS", "SMTP_TIMEOUT"):
-            self.assertAllRefused(setting, ["'60'", "None"], "a number")
+            self.assertAllRefused(setting, ["'soon'", "None", "'nan'",
+                                            "'1e400'"], "a number")
             self.assertAllRefused(setting, ["0", "0.0"], "more than 0")
             self.assertAllRefused(setting, ["-1"], "at least 0")
             self.assertAllRefused(setting, ["float('nan')", "float('inf')"],
@@ -638,12 +711,13 @@ class TypeErrorTests(ConfigTestCase):
 
     def test_ports(self):
         """
-        SMTP_PORT is 0 to 65535.
+        SMTP_PORT is 1 to 65535: a mail server cannot be reached on port 0.
         """
-        self.assertAllRefused("SMTP_PORT", ["70000", "65536"],
-                              "port number")
-        self.assertAllRefused("SMTP_PORT", ["-1"], "at least 0")
-        self.assertAllRefused("SMTP_PORT", ["'25'", "25.0"], "whole number")
+        self.assertAllRefused("SMTP_PORT", ["70000", "65536", "-1", "0",
+                                            "'0'"],
+                              "port number (1-65535)")
+        self.assertAllRefused("SMTP_PORT", ["'smtps'", "25.0"],
+                              "whole number")
 
     def test_boolean(self):
         """
@@ -721,7 +795,7 @@ class UDPBindTests(ConfigTestCase):
         """
         The port must be a port number.
         """
-        for value in ("70000", "-1", "'1549'", "None"):
+        for value in ("70000", "-1", "'syslog'", "None", "'70000'"):
             self.assertConfigError(f"UDP_BIND = ('127.0.0.1', {value})\n",
                                    "UDP_BIND")
 
@@ -985,7 +1059,7 @@ class SMTPIngestTests(ConfigTestCase):
         self.assertEqual(settings.SMTP_INGEST_BIND, ("127.0.0.1", 2525))
         self.assertEqual(settings.SMTP_INGEST_MAX_BYTES, 1000)
         self.assertEqual(settings.SMTP_INGEST_USERS, {"django": "s3cret"})
-        self.assertEqual(notices, [
+        self.assertEqual(without_udp_bind(notices), [
             "SMTP_INGEST_USERS is set without SMTP_INGEST_TLS_CERT: "
             "passwords cross the network in clear"])
 
@@ -999,12 +1073,15 @@ class SMTPIngestTests(ConfigTestCase):
                 ("SMTP_INGEST_BIND = ('::1', 70000)", "port number"),
                 ("SMTP_INGEST_MAX_BYTES = 0", "at least 1"),
                 ("SMTP_INGEST_MAX_CONNECTIONS = 1.5", "whole number"),
-                ("SMTP_INGEST_MAX_RECIPIENTS = '10'", "whole number"),
-                ("SMTP_INGEST_USERS = 'django:s3cret'", "dict of user"),
-                ("SMTP_INGEST_USERS = {}", "dict of user"),
-                ("SMTP_INGEST_USERS = {'': 's3cret'}", "user name ''"),
+                ("SMTP_INGEST_MAX_RECIPIENTS = '10.5'", "whole number"),
+                ("SMTP_INGEST_USERS = 'django:s3cret'", "it is a str "),
+                ("SMTP_INGEST_USERS = {}", "it is a dict "),
+                ("SMTP_INGEST_USERS = {'': 's3cret'}",
+                 "it is a dict of empty str to str "),
                 ("SMTP_INGEST_USERS = {'django': ''}",
-                 "the password of 'django'"),
+                 "it is a dict of str to empty str "),
+                ("SMTP_INGEST_USERS = {'django': 's3cret', 'web': 5}",
+                 "it is a dict of str to int/str "),
                 ("SMTP_INGEST_TLS_CERT = '/no/such.pem'", "no such file")):
             setting = text.split()[0]
             message = self.assertConfigError(text + "\n", setting, fragment)
@@ -1026,4 +1103,476 @@ class SMTPIngestTests(ConfigTestCase):
             f"SMTP_INGEST_USERS = {{'django': 's3cret'}}\n"
             f"SMTP_INGEST_TLS_CERT = SMTP_INGEST_TLS_KEY = {path!r}\n")
         self.assertEqual(settings.SMTP_INGEST_TLS_KEY, path)
-        self.assertEqual(notices, [])
+        self.assertEqual(without_udp_bind(notices), [])
+
+
+class NumericStringTests(ConfigTestCase):
+    """
+    Numbers written as strings, as configs of the original read them from
+    the environment or copied them quoted.
+    """
+
+    def test_whole_numbers(self):
+        """
+        C{'465'} is 465, and SMTP_TLS is derived from it as from 465.
+        """
+        settings, _ = self.load("SMTP_PORT = '465'\n"
+                                "SMTP_INGEST_MAX_BYTES = ' 1000 '\n")
+        self.assertEqual(settings.SMTP_PORT, 465)
+        self.assertEqual(settings.SMTP_TLS, "implicit")
+        self.assertEqual(settings.SMTP_INGEST_MAX_BYTES, 1000)
+
+    def test_seconds(self):
+        """
+        Durations take whole and decimal numbers as text.
+        """
+        settings, _ = self.load("FLUSH_SECONDS = '60'\n"
+                                "SMTP_TIMEOUT = '1.5'\n"
+                                "SNAPSHOT_SECONDS = '0'\n")
+        self.assertEqual(settings.FLUSH_SECONDS, 60)
+        self.assertEqual(settings.SMTP_TIMEOUT, 1.5)
+        self.assertEqual(settings.SNAPSHOT_SECONDS, 0)
+
+    def test_bind_ports(self):
+        """
+        The port of a (host, port) pair may be text too.
+        """
+        settings, _ = self.load("UDP_BIND = ('0.0.0.0', '1549')\n"
+                                "GELF_BIND = ['127.0.0.1', '12201']\n")
+        self.assertEqual(settings.UDP_BIND, ("0.0.0.0", 1549))
+        self.assertEqual(settings.GELF_BIND, ("127.0.0.1", 12201))
+
+    def test_other_text_refused(self):
+        """
+        Text that is no number of the kind wanted is still one line that
+        shows it; digits of other scripts are not read as numbers.
+        """
+        self.assertConfigError("FLUSH_SECONDS = 'sixty'\n", "FLUSH_SECONDS",
+                               "must be a number, not 'sixty'")
+        self.assertConfigError("SMTP_PORT = '4\u0666\u0665'\n", "SMTP_PORT",
+                               "whole number")
+        self.assertConfigError("SMTP_PORT = ''\n", "SMTP_PORT",
+                               "whole number")
+        self.assertConfigError("SMTP_PORT = '70000'\n", "SMTP_PORT",
+                               "port number (1-65535), not 70000")
+
+
+class BoundsTests(ConfigTestCase):
+    """
+    Values that would start fine and fail later are refused at start-up,
+    in one line naming the setting.
+    """
+
+    def test_huge_numbers_every_numeric_setting(self):
+        """
+        Every setting whose default is a number refuses an absurd one,
+        whole or not, without a traceback, and shows it shortened.
+        """
+        numeric = [f.name for f in dataclasses.fields(Settings)
+                   if type(default_value(f.name)) in (int, float)]
+        self.assertIn("FLUSH_SECONDS", numeric)
+        for name in numeric:
+            for value in ("10 ** 400", "1e300", "10 ** 5000"):
+                message = self.assertConfigError(f"{name} = {value}\n", name)
+                self.assertLess(len(message), 200, message)
+
+    def test_maxima(self):
+        """
+        Each limit's largest sensible value is taken, the next refused.
+        """
+        for name, largest in [
+                ("FLUSH_SECONDS", 7 * 24 * 3600),
+                ("SMTP_TIMEOUT", 3600),
+                ("RETRY_MAX_SECONDS", 7 * 24 * 3600),
+                ("SPOOL_LIFETIME_SECONDS", 365 * 24 * 3600),
+                ("SHUTDOWN_TIMEOUT_SECONDS", 3600),
+                ("SNAPSHOT_SECONDS", 24 * 3600),
+                ("SMTP_INGEST_MAX_BYTES", 100 * 1024 * 1024),
+                ("SMTP_INGEST_MAX_CONNECTIONS", 10_000),
+                ("MAX_UNIQUE_MESSAGES", 1_000_000),
+                ("MAX_SOURCES_PER_ERROR", 10_000),
+                ("DIGEST_MAX_BYTES", 100_000_000)]:
+            settings, _ = self.load(f"{name} = {largest}\n"
+                                    "RETRY_MIN_SECONDS = 1\n")
+            self.assertEqual(getattr(settings, name), largest)
+            self.assertConfigError(f"{name} = {largest + 1}\n", name,
+                                   f"at most {largest}")
+
+    def test_absurd_byte_limit(self):
+        """
+        SMTP_INGEST_MAX_BYTES = 2**40, which the mail server would
+        advertise and buffer, is refused.
+        """
+        self.assertConfigError("SMTP_INGEST_MAX_BYTES = 2 ** 40\n",
+                               "SMTP_INGEST_MAX_BYTES", "at most 104857600")
+
+    def test_pager_off_as_the_original(self):
+        """
+        PAGER_LIMIT = sys.maxsize, which some configs of the original used
+        to never page, is taken.
+        """
+        settings, _ = self.load("import sys\nPAGER_LIMIT = sys.maxsize\n")
+        self.assertEqual(settings.PAGER_LIMIT, sys.maxsize)
+
+    def test_datagram_size(self):
+        """
+        INCOMING_MESSAGE_MAX_SIZE above 65536 is refused; 65508 to 65536
+        (the original's default) is read as 65507 with a notice; 65507 and
+        less are kept as they are.
+        """
+        self.assertConfigError("INCOMING_MESSAGE_MAX_SIZE = 65537\n",
+                               "INCOMING_MESSAGE_MAX_SIZE", "at most 65507",
+                               "UDP")
+        self.assertConfigError("INCOMING_MESSAGE_MAX_SIZE = 2 ** 40\n",
+                               "INCOMING_MESSAGE_MAX_SIZE", "at most 65507")
+        for value in (65508, 65536):
+            settings, notices = self.load(
+                f"INCOMING_MESSAGE_MAX_SIZE = {value}\n")
+            self.assertEqual(settings.INCOMING_MESSAGE_MAX_SIZE, 65507)
+            self.assertEqual(without_udp_bind(notices), [
+                f"INCOMING_MESSAGE_MAX_SIZE = {value} is read as 65507, the "
+                "largest payload UDP carries"])
+        settings, notices = self.load("INCOMING_MESSAGE_MAX_SIZE = 8192\n")
+        self.assertEqual(settings.INCOMING_MESSAGE_MAX_SIZE, 8192)
+        self.assertEqual(without_udp_bind(notices), [])
+
+    def test_server_name(self):
+        """
+        SERVER_NAME is one line of printable ASCII: spaces are fine; line
+        breaks (header injection), control characters, non-ASCII and
+        blank or overlong names are refused.
+        """
+        settings, _ = self.load("SERVER_NAME = 'web server #1 (eu-west)'\n")
+        self.assertEqual(settings.SERVER_NAME, "web server #1 (eu-west)")
+        for value in ("'web1\\r\\nBcc: x@example.com'", "'web1\\n'",
+                      "'web\\x001'", "'web\\t1'", "'w\\u00e9b1'", "'   '",
+                      "'x' * 256"):
+            self.assertConfigError(f"SERVER_NAME = {value}\n", "SERVER_NAME",
+                                   "printable ASCII")
+
+    def test_address_must_be_ascii(self):
+        """
+        An address whose mailbox or domain is not ASCII is refused (no
+        SMTPUTF8); a display name in any script is fine.
+        """
+        for name in ("REPORT_TO", "REPORT_FROM", "PAGER_TO", "REPLY_TO"):
+            self.assertConfigError(f"{name} = 'j\\u00f6rg@example.com'\n",
+                                   name, "must be ASCII", "SMTPUTF8")
+            self.assertConfigError(f"{name} = 'ops@b\\u00fccher.example'\n",
+                                   name, "must be ASCII", "xn--")
+        settings, _ = self.load(
+            "REPORT_TO = 'J\\u00f6rg M\\u00fcller <jm@example.com>'\n")
+        self.assertEqual(settings.REPORT_TO,
+                         ("J\u00f6rg M\u00fcller <jm@example.com>",))
+
+    def test_address_control_characters_and_length(self):
+        """
+        Control characters anywhere, and an address longer than SMTP
+        allows, are refused.
+        """
+        self.assertConfigError("REPORT_TO = 'Ops\\x00 <ops@example.com>'\n",
+                               "REPORT_TO", "is not an email address")
+        self.assertConfigError("REPORT_TO = 'ops@\\texample.com'\n",
+                               "REPORT_TO", "is not an email address")
+        self.assertConfigError(
+            f"REPORT_TO = 'ops@{'a' * 250}.example'\n", "REPORT_TO",
+            "longer than the 254 characters")
+
+    def test_recipients_and_markers_counted(self):
+        """
+        At most 100 recipients per setting (the most an SMTP server must
+        take per message; a digest to more may be refused whole) and 1000
+        markers, each looked for in every error.
+        """
+        settings, _ = self.load(
+            "REPORT_TO = [f'ops{i}@example.com' for i in range(100)]\n")
+        self.assertEqual(len(settings.REPORT_TO), 100)
+        self.assertConfigError(
+            "PAGER_TO = ', '.join(f'p{i}@example.com' for i in range(101))\n",
+            "PAGER_TO", "names 101 addresses; at most 100")
+        self.assertConfigError(
+            "MONITORING_ERROR_MARKERS = [str(i) for i in range(1001)]\n",
+            "MONITORING_ERROR_MARKERS", "holds 1001 markers; at most 1000")
+
+    def test_paths_without_nul(self):
+        """
+        A path with a NUL byte, which every system call refuses, is
+        refused at start-up, whatever the path is for.
+        """
+        for name in ("SPOOL_DIR", "MAILDIR", "STATE_FILE",
+                     "EMAIL_BODY_TEMPLATE", "EMAIL_SUBJECT_TEMPLATE",
+                     "EMAIL_TEMPLATE_DIR", "SMTP_CA_FILE",
+                     "SMTP_INGEST_TLS_CERT", "SMTP_INGEST_TLS_KEY"):
+            self.assertConfigError(f"{name} = 'spool\\x00x'\n", name,
+                                   "NUL byte")
+
+    def test_smtp_host(self):
+        """
+        SMTP_HOST must be a host name or address: no spaces, control
+        characters or empty labels; IP addresses and international names
+        are fine.
+        """
+        for value in ("'smtp example.com'", "'bad..name'", "'smtp\\x00'",
+                      "'smtp.example.com\\n'", f"{'a' * 64 + '.example'!r}"):
+            self.assertConfigError(f"SMTP_HOST = {value}\n", "SMTP_HOST",
+                                   "not a host name")
+        for value in ("127.0.0.1", "::1", "mail.b\u00fccher.example",
+                      "smtp.example.com."):
+            settings, _ = self.load(f"SMTP_HOST = {value!r}\n"
+                                    "REPORT_FROM = 'n@example.com'\n"
+                                    "REPORT_TO = 'o@example.com'\n")
+            self.assertEqual(settings.SMTP_HOST, value)
+
+    def test_smtp_user(self):
+        """
+        SMTP_USER cannot hold what separates the parts of SMTP AUTH.
+        """
+        for value in ("'u\\x00admin'", "'u\\r\\nRSET'"):
+            self.assertConfigError(f"SMTP_USER = {value}\n", "SMTP_USER",
+                                   "cannot hold NUL, CR or LF")
+
+
+class SecretTests(ConfigTestCase):
+    """
+    An error about a secret setting names the setting and the type of
+    the value, never the value.
+    """
+
+    def test_secret_settings(self):
+        """
+        SMTP_PASSWORD and SMTP_INGEST_USERS are secret; their checkers say
+        so, so a later secret says it the same way.
+        """
+        self.assertEqual(SECRET_SETTINGS,
+                         {"SMTP_PASSWORD", "SMTP_INGEST_USERS"})
+
+    def test_never_shown(self):
+        """
+        Whatever is wrong with a secret setting, its value is not in the
+        error, but the setting and the type are.
+        """
+        for value, kind in [
+                ("['s3cret']", "a list"), ("b's3cret'", "a bytes"),
+                ("'s3cret\\n'", "a str"), ("('s3cret',)", "a tuple"),
+                ("{'s3cret': 1}", "a dict")]:
+            for name in sorted(SECRET_SETTINGS):
+                message = self.assertConfigError(f"{name} = {value}\n", name)
+                self.assertNotIn("s3cret", message)
+                self.assertIn(f"it is {kind}", message)
+                self.assertIn("secret", message)
+
+    def test_password_type(self):
+        """
+        SMTP_PASSWORD = 12345 says what it must be and that it is an int.
+        """
+        self.assertConfigError(
+            "SMTP_PASSWORD = 12345\n", "SMTP_PASSWORD",
+            "SMTP_PASSWORD must be a string without NUL, CR or LF; it is an "
+            "int (its value is secret, so not shown)")
+
+
+class CheckSettingsTests(ConfigTestCase):
+    """
+    L{check_settings}: every problem of a configuration at once.
+    """
+
+    def test_every_problem(self):
+        """
+        Each wrong setting is named, in the file's order, then the
+        problems between settings; load_settings raises the first.
+        """
+        path = self.write("""\
+            SMTP_PORT = 70000
+            FLUSH_SECONDS = 'soon'
+            SERVER_NAME = 'web\\r\\n1'
+            SMTP_HOST = 'smtp.example.com'
+            RETRY_MIN_SECONDS = 60
+            RETRY_MAX_SECONDS = 30
+            """)
+        checked = check_settings(path, {"PAGER_LIMITS": 3})
+        self.assertEqual(list(checked.problems), [
+            "SMTP_PORT must be a port number (1-65535), not 70000",
+            "FLUSH_SECONDS must be a number, not 'soon'",
+            "SERVER_NAME must be up to 255 characters of printable ASCII "
+            "(letters, digits, punctuation, spaces), not 'web\\r\\n1'",
+            "unknown setting PAGER_LIMITS (did you mean PAGER_LIMIT?)",
+            "REPORT_FROM is required when SMTP_HOST is set",
+            "REPORT_TO is required when SMTP_HOST is set",
+            "RETRY_MAX_SECONDS must not be less than RETRY_MIN_SECONDS",
+        ])
+        self.assertEqual(checked.refused,
+                         {"SMTP_PORT", "FLUSH_SECONDS", "SERVER_NAME"})
+        error = self.assertRaises(ConfigError, load_settings, path)
+        self.assertEqual(str(error), checked.problems[0])
+
+    def test_refused_setting_keeps_default(self):
+        """
+        A refused setting has its default in the settings checked, and a
+        problem between settings that involves it is not told twice.
+        """
+        checked = check_settings(self.write("""\
+            SMTP_HOST = 'smtp.example.com'
+            REPORT_FROM = 'nozzle@example.com'
+            REPORT_TO = ['ops']
+            SMTP_USER = 'u'
+            SMTP_PASSWORD = 5
+            RETRY_MIN_SECONDS = -1
+            RETRY_MAX_SECONDS = 10
+            """))
+        self.assertEqual(len(checked.problems), 3, checked.problems)
+        self.assertEqual(checked.refused, {"REPORT_TO", "SMTP_PASSWORD",
+                                           "RETRY_MIN_SECONDS"})
+        self.assertEqual(checked.settings.REPORT_TO, ())
+        self.assertEqual(checked.settings.RETRY_MIN_SECONDS, 30)
+
+    def test_valid(self):
+        """
+        A valid configuration has no problems and the settings to run.
+        """
+        checked = check_settings(self.write("FLUSH_SECONDS = 5\n"),
+                                 {"UDP_BIND": ("127.0.0.1", 0)})
+        self.assertEqual((checked.problems, checked.refused), ((), set()))
+        self.assertEqual(checked.settings.FLUSH_SECONDS, 5)
+        self.assertEqual(checked.notices, ())
+
+    def test_file_that_does_not_run(self):
+        """
+        A config file that cannot be read or run is one problem, and there
+        are no settings to check further.
+        """
+        checked = check_settings(self.write("FLUSH_SECONDS = 1 / 0\n"))
+        self.assertIsNone(checked.settings)
+        [problem] = checked.problems
+        self.assertIn("ZeroDivisionError", problem)
+
+    def test_legacy_name_problem(self):
+        """
+        A wrong value under a legacy name is one problem, under that name.
+        """
+        checked = check_settings(self.write("PAGER_WINDOW_LIMIT = 'x'\n"
+                                            "FLUSH_SECONDS = 0\n"))
+        self.assertEqual(len(checked.problems), 2, checked.problems)
+        self.assertTrue(checked.problems[0].startswith("PAGER_WINDOW_LIMIT "))
+        self.assertEqual(checked.refused, {"PAGER_LIMIT", "FLUSH_SECONDS"})
+
+
+class UDPBindNoticeTests(ConfigTestCase):
+    """
+    The notice that only this machine can send, when UDP_BIND is left at
+    its loopback default (the original listened on every interface).
+    """
+
+    def udp_notices(self, path, overrides=None):
+        return [notice for notice in load_settings(path, overrides)[1]
+                if notice.startswith("UDP_BIND")]
+
+    def test_set_by_the_file(self):
+        """
+        A file that sets UDP_BIND, even to the default, gets no notice.
+        """
+        path = self.write("UDP_BIND = ('127.0.0.1', 1549)\n")
+        self.assertEqual(self.udp_notices(path), [])
+
+    def test_set_by_an_override(self):
+        """
+        --udp sets it too.
+        """
+        path = self.write("FLUSH_SECONDS = 5\n")
+        self.assertEqual(
+            self.udp_notices(path, {"UDP_BIND": ("127.0.0.1", 0)}), [])
+
+    def test_defaults_imported(self):
+        """
+        C{from failnozzle.settings import *} is not setting it: the notice
+        names UDP_BIND, the file and that only this machine can send.
+        """
+        path = self.write("from failnozzle.settings import *\n"
+                          "FLUSH_SECONDS = 5\n")
+        [notice] = self.udp_notices(path)
+        self.assertIn(f"UDP_BIND is not set in config file {path!r}", notice)
+        self.assertIn("only this machine can send", notice)
+
+    def test_imported_from_a_shared_module(self):
+        """
+        UDP_BIND set in a shared module the file imports is set.
+        """
+        shared = self.write("UDP_BIND = ('0.0.0.0', 1549)\n",
+                            name="failnozzle_shared_bind.py")
+        directory = os.path.dirname(shared)
+        self.addCleanup(sys.modules.pop, "failnozzle_shared_bind", None)
+        self.addCleanup(sys.path.remove, directory)
+        sys.path.insert(0, directory)
+        path = self.write("from failnozzle_shared_bind import *\n")
+        self.assertEqual(self.udp_notices(path), [])
+        self.assertEqual(load_settings(path)[0].UDP_BIND, ("0.0.0.0", 1549))
+
+
+class ChangedSettingsTests(ConfigTestCase):
+    """
+    L{changed_settings}, for a reload: which settings a new config changes.
+    """
+
+    CONFIG = """\
+        from collections import namedtuple
+        FLUSH_SECONDS = {flush}
+        REPORT_TO = ['ops@example.com']
+        UNIQUE_MSG_TUPLE = namedtuple('Msg', {fields!r})
+
+        def INTERNAL_ERROR_FUNC(count, exception):
+            return {{'message': {message!r}, 'kind': 'internal'}}
+        """
+
+    def settings(self, flush=60, fields=("message", "kind"),
+                 message="bad input"):
+        text = self.CONFIG.format(flush=flush, fields=list(fields),
+                                  message=message)
+        return load_settings(self.write(text))[0]
+
+    def test_same_file_read_again(self):
+        """
+        The same file read twice changes nothing, though its namedtuple
+        class and function are new objects.
+        """
+        old, new = self.settings(), self.settings()
+        self.assertIsNot(old.UNIQUE_MSG_TUPLE, new.UNIQUE_MSG_TUPLE)
+        self.assertIsNot(old.INTERNAL_ERROR_FUNC, new.INTERNAL_ERROR_FUNC)
+        self.assertEqual(changed_settings(old, new), set())
+
+    def test_values(self):
+        """
+        A changed value is named.
+        """
+        self.assertEqual(changed_settings(self.settings(),
+                                          self.settings(flush=30)),
+                         {"FLUSH_SECONDS"})
+
+    def test_namedtuple_fields(self):
+        """
+        A namedtuple of other fields changes UNIQUE_MSG_TUPLE.
+        """
+        self.assertEqual(
+            changed_settings(self.settings(),
+                             self.settings(fields=("message", "lineno"))),
+            {"UNIQUE_MSG_TUPLE"})
+
+    def test_function_code(self):
+        """
+        A function that does something else changes INTERNAL_ERROR_FUNC.
+        """
+        self.assertEqual(
+            changed_settings(self.settings(),
+                             self.settings(message="other")),
+            {"INTERNAL_ERROR_FUNC"})
+
+    def test_defaults(self):
+        """
+        Two loads of the defaults are the same; a file of settings differs
+        from them in exactly those it sets.
+        """
+        defaults = load_settings(None)[0]
+        self.assertEqual(changed_settings(defaults, load_settings(None)[0]),
+                         set())
+        self.assertEqual(
+            changed_settings(defaults, self.load(
+                "PAGER_LIMIT = 7\nSMTP_INGEST_USERS = {'a': 'b'}\n")[0]),
+            {"PAGER_LIMIT", "SMTP_INGEST_USERS"})

@@ -16,6 +16,7 @@ import sys
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+import failnozzle
 from failnozzle import send
 from failnozzle.config import UniqueMessage
 from failnozzle.loghandler import CLIPPED, MAX_DATAGRAM_BYTES
@@ -169,6 +170,19 @@ class ArgumentsTests(CommandTestCase):
         Without MESSAGE the usage is printed and the status is 2.
         """
         self.assertIn("MESSAGE", self.usage_error(["--kind", "backup"]))
+
+    def test_version(self):
+        """
+        --version prints failnozzle's version and exits with 0, MESSAGE or
+        not.
+        """
+        output = io.StringIO()
+        self.patch(sys, "stdout", output)
+        with self.assertRaises(SystemExit) as raised:
+            main(["--version"])
+        self.assertEqual(raised.exception.code, 0)
+        self.assertEqual(output.getvalue(), f"failnozzle-send (failnozzle) "
+                                            f"{failnozzle.__version__}\n")
 
     def test_bad_to(self):
         """
@@ -535,6 +549,16 @@ class ConsoleScriptTests(SynchronousTestCase):
         done = self.run_script([])
         self.assertEqual(done.returncode, 2)
         self.assertIn(b"usage: failnozzle-send", done.stderr)
+
+    def test_version(self):
+        """
+        The installed script prints the version of the failnozzle it runs.
+        """
+        done = self.run_script(["--version"])
+        self.assertEqual(
+            (done.returncode, done.stdout.decode(), done.stderr),
+            (0, f"failnozzle-send (failnozzle) {failnozzle.__version__}\n",
+             b""))
 
     def test_no_twisted(self):
         """

@@ -1,16 +1,21 @@
 """
 Tests for L{failnozzle.tap} and the twistd plugin.
 """
+import io
+import os
 import socket
+import sys
 
+import trustme
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+import failnozzle
 from failnozzle.service import FailnozzleService
-from failnozzle.tap import Options, makeService
+from failnozzle.tap import Options, check_config, makeService
 
 
 def options(*argv):
@@ -74,8 +79,197 @@ class OptionsTests(SynchronousTestCase):
         """
         text = str(Options())
         for option in ("--config", "--udp", "--flush-seconds", "--maildir",
-                       "--smtp", "--smtp-ingest"):
+                       "--smtp", "--smtp-ingest", "--check", "--version"):
             self.assertIn(option, text)
+
+    def test_version(self):
+        """
+        --version prints failnozzle's version, not Twisted's, and exits
+        with 0.
+        """
+        output = io.StringIO()
+        self.patch(sys, "stdout", output)
+        error = self.assertRaises(SystemExit, options, "--version")
+        self.assertEqual(error.code, 0)
+        self.assertEqual(output.getvalue(),
+                         f"failnozzle {failnozzle.__version__}\n")
+
+
+class CheckTests(SynchronousTestCase):
+    """
+    C{--check}: every problem of the settings start-up would find, without
+    binding, creating or sending anything.
+    """
+
+    def setUp(self):
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+
+    def write(self, name, text):
+        """Write C{text} into a file of the test's directory; its path."""
+        path = os.path.join(self.directory, name)
+        with open(path, "w", encoding="utf-8") as out:
+            out.write(text)
+        return path
+
+    def check(self, *argv):
+        """
+        Parse C{argv} plus --check; return the exit status and the lines
+        printed.
+        """
+        output = io.StringIO()
+        self.patch(sys, "stdout", output)
+        error = self.assertRaises(SystemExit, options, *argv, "--check")
+        return error.code, output.getvalue().splitlines()
+
+    def test_valid(self):
+        """
+        Valid settings: one line saying so, status 0.  Nothing is bound
+        (UDP_BIND is a port another socket holds) and nothing is created
+        (the spool, state and maildir paths stay absent).
+        """
+        holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        paths = {name: os.path.join(self.directory, name.lower())
+                 for name in ("SPOOL_DIR", "STATE_FILE", "MAILDIR")}
+        path = self.write("site.py", f"UDP_BIND = ('127.0.0.1', {port})\n"
+                          + "".join(f"{name} = {value!r}\n"
+                                    for name, value in paths.items()))
+        status, lines = self.check("--config", path,
+                                   "--smtp-ingest", f"127.0.0.1:{port}")
+        self.assertEqual((status, lines), (0, [
+            f"failnozzle: the settings are valid (config file {path!r})"]))
+        self.assertEqual(sorted(os.listdir(self.directory)), ["site.py"])
+
+    def test_every_problem(self):
+        """
+        Every problem is printed, one line each, with the notices; the
+        status is 1.  Start-up's own checks are made too: a template that
+        does not compile, a CA file and an ingest certificate that hold no
+        certificate.
+        """
+        os.mkdir(os.path.join(self.directory, "templates"))
+        self.write("templates/body.txt", "{% for x in %}\n")
+        not_pem = self.write("not.pem", "no certificate here\n")
+        path = self.write("site.py", f"""\
+UDP_BIND = ('127.0.0.1', 0)
+BASE_DIR = 'unused'
+SMTP_PORT = 70000
+SMTP_HOST = 'smtp.example.com'
+REPORT_FROM = 'nozzle@example.com'
+SMTP_CA_FILE = {not_pem!r}
+EMAIL_TEMPLATE_DIR = {os.path.join(self.directory, "templates")!r}
+EMAIL_BODY_TEMPLATE = 'body.txt'
+SMTP_INGEST_TLS_CERT = SMTP_INGEST_TLS_KEY = {not_pem!r}
+""")
+        status, lines = self.check("--config", path)
+        self.assertEqual(status, 1)
+        self.assertEqual(len(lines), 6, lines)
+        self.assertEqual(lines[:2], [
+            "failnozzle: SMTP_PORT must be a port number (1-65535), not 70000",
+            "failnozzle: REPORT_TO is required when SMTP_HOST is set"])
+        self.assertTrue(lines[2].startswith(
+            "failnozzle: EMAIL_BODY_TEMPLATE: template 'body.txt' line 1: "),
+            lines[2])
+        self.assertEqual(lines[3:], [
+            f"failnozzle: SMTP_CA_FILE: no PEM certificate in {not_pem!r}",
+            f"failnozzle: SMTP_INGEST_TLS_CERT: no PEM certificate in "
+            f"{not_pem!r}",
+            f"failnozzle: notice: config file {path!r}: BASE_DIR is not a "
+            f"setting and is ignored"])
+
+    def test_template_not_utf8(self):
+        """
+        A template that is not UTF-8 (Latin-1, as templates of the
+        original's days may be) is one line, at --check and at start-up,
+        not a traceback.
+        """
+        os.mkdir(os.path.join(self.directory, "templates"))
+        with open(os.path.join(self.directory, "templates", "body.txt"),
+                  "wb") as template:
+            template.write(b"caf\xe9 {{ total }}\n")
+        path = self.write("site.py", f"""\
+UDP_BIND = ('127.0.0.1', 0)
+EMAIL_TEMPLATE_DIR = {os.path.join(self.directory, "templates")!r}
+EMAIL_BODY_TEMPLATE = 'body.txt'
+""")
+        [problem], _ = check_config(path)
+        self.assertTrue(problem.startswith(
+            "EMAIL_BODY_TEMPLATE: cannot read template 'body.txt': 'utf-8' "
+            "codec can't decode byte 0xe9"), problem)
+        error = self.assertRaises(SystemExit, makeService,
+                                  options("--config", path),
+                                  MemoryReactorClock())
+        self.assertEqual(str(error), f"failnozzle: {problem}")
+
+    def test_good_certificates(self):
+        """
+        A real CA file and ingest certificate and key pass.
+        """
+        authority = trustme.CA()
+        ca_file = os.path.join(self.directory, "ca.pem")
+        authority.cert_pem.write_to_path(ca_file)
+        server = authority.issue_cert("localhost")
+        cert = os.path.join(self.directory, "cert.pem")
+        key = os.path.join(self.directory, "key.pem")
+        server.cert_chain_pems[0].write_to_path(cert)
+        server.private_key_pem.write_to_path(key)
+        path = self.write("site.py", f"""\
+UDP_BIND = ('127.0.0.1', 0)
+SMTP_HOST = 'localhost'
+REPORT_FROM = 'nozzle@example.com'
+REPORT_TO = 'ops@example.com'
+SMTP_CA_FILE = {ca_file!r}
+SMTP_INGEST_TLS_CERT = {cert!r}
+SMTP_INGEST_TLS_KEY = {key!r}
+""")
+        self.assertEqual(check_config(path), ([], []))
+
+    def test_refused_setting_not_checked_again(self):
+        """
+        A template directory that does not exist is one problem, not also
+        one for each template that is then not found.
+        """
+        path = self.write("site.py", "UDP_BIND = ('127.0.0.1', 0)\n"
+                          "EMAIL_TEMPLATE_DIR = '/no/such/templates'\n"
+                          "EMAIL_BODY_TEMPLATE = 'body.txt'\n")
+        problems, _ = check_config(path)
+        self.assertEqual(problems, [
+            "EMAIL_TEMPLATE_DIR: no such directory '/no/such/templates'"])
+
+    def test_options_checked(self):
+        """
+        The options are checked with the file: --smtp without the
+        recipients it needs.
+        """
+        status, lines = self.check("--udp", "127.0.0.1:0",
+                                   "--smtp", "smtp.example.com:25")
+        self.assertEqual((status, lines), (1, [
+            "failnozzle: REPORT_FROM is required when SMTP_HOST is set",
+            "failnozzle: REPORT_TO is required when SMTP_HOST is set"]))
+
+    def test_without_config(self):
+        """
+        Without --config the defaults are checked; the UDP_BIND notice
+        says that only this machine can send.
+        """
+        status, lines = self.check()
+        self.assertEqual(status, 0)
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("notice: UDP_BIND is not set", lines[0])
+        self.assertEqual(lines[1], "failnozzle: the settings are valid (no "
+                                   "config file)")
+
+    def test_unreadable_config(self):
+        """
+        A config file that does not exist is the one problem.
+        """
+        missing = os.path.join(self.directory, "missing.py")
+        self.assertEqual(self.check("--config", missing), (1, [
+            f"failnozzle: cannot read config file {missing!r}: No such file "
+            f"or directory"]))
 
 
 class MakeServiceTests(SynchronousTestCase):
