@@ -152,7 +152,8 @@ class FailnozzleService(Service):
             settings.RETRY_MIN_SECONDS, settings.RETRY_MAX_SECONDS,
             settings.SPOOL_LIFETIME_SECONDS)
         self.state_file = (StateFile(settings.STATE_FILE, reactor,
-                                     in_thread or defer.maybeDeferred)
+                                     in_thread or defer.maybeDeferred,
+                                     settings.unique_fields)
                            if settings.SNAPSHOT_SECONDS else None)
         self._state_unwritable = False
         #: Who waits for the snapshot that has not begun yet, if one is
@@ -281,8 +282,18 @@ class FailnozzleService(Service):
         if state is None:
             return
         self.aggregator.restore(state.buffer)
-        self._held = {kind: batch for kind, batch in state.held.items()
-                      if kind in ("digest", "monitoring")}
+        # Errors whose digest was not yet safe in the spool are reported
+        # again: at least once.
+        for kind in ("digest", "monitoring"):
+            batches = [batch for batch in (state.held.get(kind),
+                                           state.unsettled.get(kind)) if batch]
+            if batches:
+                self._held[kind] = Batch().merge(
+                    batches[0] if len(batches) == 1 else
+                    batches[0].merge(batches[1], self.settings.MAX_UNIQUE_MESSAGES,
+                                     self.settings.MAX_SOURCES_PER_ERROR),
+                    self.settings.MAX_UNIQUE_MESSAGES,
+                    self.settings.MAX_SOURCES_PER_ERROR)
         self.rate_window.counts = state.rate_window[-self.rate_window.size:]
         _log.info("Restored {total} errors from {path}",
                   total=state.buffer.total + sum(
