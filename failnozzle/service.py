@@ -92,7 +92,8 @@ class FailnozzleService(Service):
                  transport: Optional[object] = None,
                  in_thread: Optional[Callable[..., defer.Deferred]] = None,
                  gelf_socket: Optional[socket.socket] = None,
-                 smtp_socket: Optional[socket.socket] = None) -> None:
+                 smtp_socket: Optional[socket.socket] = None,
+                 wall_offset: Callable[[], float] = lambda: 0.0) -> None:
         """
         @param udp_socket: the bound socket errors arrive on (see
             L{failnozzle.ingest.bind_udp_socket}); the service adopts it
@@ -107,10 +108,14 @@ class FailnozzleService(Service):
         @param smtp_socket: a bound, listening TCP socket (SMTP_INGEST_BIND,
             see L{failnozzle.mailin.bind_tcp_socket}) to receive errors by
             mail on.
+        @param wall_offset: how far the wall clock is ahead of the
+            reactor's time (see L{failnozzle.clock}); what people read is
+            dated in wall-clock time.
         @raise ConfigError: SMTP_INGEST_TLS_CERT or _KEY is unusable.
         """
         self.settings = settings
         self._reactor = reactor
+        self._wall_offset = wall_offset
         self.udp_port = None
         self._gelf = GELFDecoder(reactor,
                                  source_field=settings.SOURCE_FIELD_NAME,
@@ -153,7 +158,7 @@ class FailnozzleService(Service):
             settings.SPOOL_LIFETIME_SECONDS)
         self.state_file = (StateFile(settings.STATE_FILE, reactor,
                                      in_thread or defer.maybeDeferred,
-                                     settings.unique_fields)
+                                     settings.unique_fields, wall_offset)
                            if settings.SNAPSHOT_SECONDS else None)
         self._state_unwritable = False
         #: Who waits for the snapshot that has not begun yet, if one is
@@ -242,35 +247,52 @@ class FailnozzleService(Service):
         """
         Stop reading, flush what is buffered into the spool, and try to
         deliver for up to SHUTDOWN_TIMEOUT_SECONDS; what is not delivered
-        by then stays in the spool for the next start.  Mail clients get
-        their 250 for what was counted before, and 421 (try again later)
-        for what arrives once the stop began.
+        by then stays in the spool for the next start, and errors held
+        behind an undelivered digest stay in the snapshot.  Mail clients
+        get their 250 for what was counted before, and 421 (try again
+        later) for what arrives once the stop began.  Every step is taken
+        even if one before it failed: that one is logged.
         """
         super().stopService()
-        for loop in (self._flush_loop, self._snapshot_loop):
-            if loop.running:
-                loop.stop()
-        for _, receiver in self._listeners:
-            if receiver.transport is not None:
-                receiver.read_pending()
-        self._gelf.stop()
-        listening = list(self.ports)
-        if self.mail is not None:
-            self.mail.stop_accepting()
-            listening.append(self.smtp_port)
         _log.info("failnozzle stopping: flushing the buffer and delivering "
                   "for up to {seconds:g} s",
                   seconds=self.settings.SHUTDOWN_TIMEOUT_SECONDS)
-        stopped = defer.gatherResults([defer.maybeDeferred(port.stopListening)
-                                       for port in listening])
-        stopped.addCallback(lambda _: self.flush(final=True))
-        stopped.addCallback(lambda _: self.outbox.stop(
-            self.settings.SHUTDOWN_TIMEOUT_SECONDS))
-        stopped.addCallback(lambda _: self.save_state())
+        return _each_step([
+            ("stop the loops", self._stop_loops),
+            ("read what the kernel holds", self._read_pending),
+            ("drop incomplete GELF messages", self._gelf.stop),
+            ("refuse new mail", self._stop_accepting_mail),
+            ("stop listening", self._stop_listening),
+            ("flush", lambda: self.flush(final=True)),
+            ("deliver", lambda: self.outbox.stop(
+                self.settings.SHUTDOWN_TIMEOUT_SECONDS)),
+            ("snapshot", self.save_state),
+            ("hang up on mail clients", self._hang_up_mail),
+        ]).addCallback(lambda _: _log.info("failnozzle stopped"))
+
+    def _stop_loops(self) -> None:
+        for loop in (self._flush_loop, self._snapshot_loop):
+            if loop.running:
+                loop.stop()
+
+    def _read_pending(self) -> None:
+        for _, receiver in self._listeners:
+            if receiver.transport is not None:
+                receiver.read_pending()
+
+    def _stop_accepting_mail(self) -> None:
         if self.mail is not None:
-            stopped.addCallback(lambda _: self.mail.hang_up())
-        stopped.addCallback(lambda _: _log.info("failnozzle stopped"))
-        return stopped
+            self.mail.stop_accepting()
+
+    def _stop_listening(self) -> defer.Deferred:
+        listening = self.ports + ([self.smtp_port] if self.mail else [])
+        return defer.gatherResults(
+            [defer.maybeDeferred(port.stopListening) for port in listening],
+            consumeErrors=True).addErrback(
+                lambda failure: failure.value.subFailure)
+
+    def _hang_up_mail(self) -> Optional[defer.Deferred]:
+        return self.mail.hang_up() if self.mail is not None else None
 
     def _gelf_incomplete(self, error: BadDatagram, sender: tuple) -> None:
         # Chunked GELF messages whose chunks never all came are bad input.
@@ -285,15 +307,9 @@ class FailnozzleService(Service):
         # Errors whose digest was not yet safe in the spool are reported
         # again: at least once.
         for kind in ("digest", "monitoring"):
-            batches = [batch for batch in (state.held.get(kind),
-                                           state.unsettled.get(kind)) if batch]
-            if batches:
-                self._held[kind] = Batch().merge(
-                    batches[0] if len(batches) == 1 else
-                    batches[0].merge(batches[1], self.settings.MAX_UNIQUE_MESSAGES,
-                                     self.settings.MAX_SOURCES_PER_ERROR),
-                    self.settings.MAX_UNIQUE_MESSAGES,
-                    self.settings.MAX_SOURCES_PER_ERROR)
+            for batch in (state.held.get(kind), state.unsettled.get(kind)):
+                if batch:
+                    self._hold(kind, batch)
         self.rate_window.counts = state.rate_window[-self.rate_window.size:]
         _log.info("Restored {total} errors from {path}",
                   total=state.buffer.total + sum(
@@ -366,8 +382,13 @@ class FailnozzleService(Service):
         self._state_unwritable = True
 
     def _scheduled_snapshot(self) -> None:
-        if self.aggregator.changed and not self.state_file.busy:
-            self.save_state()
+        # As for the flush: an exception would stop the loop for good.
+        try:
+            if self.aggregator.changed and not self.state_file.busy:
+                self.save_state()
+        except Exception:
+            _log.failure("Snapshot failed; the next one is in {seconds:g} s",
+                         seconds=self.settings.SNAPSHOT_SECONDS)
 
     def _scheduled_flush(self) -> None:
         # Never let an exception out: it would stop the LoopingCall for good.
@@ -378,36 +399,68 @@ class FailnozzleService(Service):
             _log.failure("Flush failed; the next one is in {seconds:g} s",
                          seconds=self.settings.FLUSH_SECONDS)
 
+    def _hold(self, kind: str, batch: Batch) -> None:
+        """Keep C{batch} for the next digest of C{kind}, with what is held."""
+        held = self._held.get(kind)
+        self._held[kind] = batch if not held else held.merge(
+            batch, self.settings.MAX_UNIQUE_MESSAGES,
+            self.settings.MAX_SOURCES_PER_ERROR)
+
+    def _may_hold_across_restart(self) -> bool:
+        """Whether held errors outlive this run: in a snapshot."""
+        return self.state_file is not None and not self._state_unwritable
+
     def flush(self, final: bool = False) -> list:
         """
         Flush the buffer: check the error rate, then send each recipient
         class its digest, unless its last digest is still undelivered: then
-        the errors are held for the next one.
+        the errors are held for the next one.  Errors whose digest could
+        not be made or handed over are held too: a failing flush loses
+        nothing.
 
-        @param final: send everything, held or not (on a clean stop).
+        @param final: this is the last flush of the run (a clean stop):
+            errors are held only if the snapshot keeps them for the next
+            run, which sends them once the undelivered digest is out, so an
+            outage across a restart still gives two digests.
         @return: the outcomes (see L{Outbox.send}) of the messages sent.
         """
         batch = self.aggregator.flush()
-        monitoring, real = batch.partition(self._is_monitoring)
+        try:
+            monitoring, real = batch.partition(self._is_monitoring)
+        except Exception:
+            self.aggregator.restore(batch)
+            raise
         sending = []
         if self.rate_window.add(real.total):
-            sending += self._page(self.rate_window.total)
+            total = self.rate_window.total
             self.rate_window.reset()
-        undelivered = set() if final else self.outbox.waiting_kinds()
+            try:
+                sending += self._page(total)
+            except Exception:
+                _log.failure("Could not send the pager alert about {total} "
+                             "errors", total=total)
+        undelivered = (self.outbox.waiting_kinds()
+                       if not final or self._may_hold_across_restart()
+                       else set())
         for kind, part in (("digest", real), ("monitoring", monitoring)):
-            held = self._held.pop(kind, None)
-            pending = (held.merge(part, self.settings.MAX_UNIQUE_MESSAGES,
-                                  self.settings.MAX_SOURCES_PER_ERROR)
-                       if held else part)
+            if part:
+                self._hold(kind, part)
+            pending = self._held.get(kind)
             if not pending:
                 continue
             if kind in undelivered:
-                self._held[kind] = pending
                 _log.info("Holding {total} errors for the next {kind}: the "
                           "last one is not delivered yet",
                           total=pending.total, kind=kind)
-            else:
+                continue
+            try:
                 sending += self._send_digest(self._routes[kind], pending)
+            except Exception:
+                _log.failure("Could not make the {kind} of {total} errors; "
+                             "they are kept for the next one", kind=kind,
+                             total=pending.total)
+            else:
+                del self._held[kind]
         self.save_state()
         return sending
 
@@ -436,12 +489,26 @@ class FailnozzleService(Service):
             recipients=route.recipients,
             subject=subject,
             body=body,
-            date=self._reactor.seconds(),
+            date=self._reactor.seconds() + self._wall_offset(),
             domain=self.settings.SERVER_NAME,
             reply_to=route.reply_to,
             kind=route.kind,
         )
         return [self.outbox.send(message)]
+
+
+def _each_step(steps: list) -> defer.Deferred:
+    """
+    Take C{(description, step)} steps in turn, each once the one before it
+    (and any Deferred it returned) is done, whether it worked or failed; a
+    failure is logged with its description.
+    """
+    done = defer.succeed(None)
+    for description, step in steps:
+        done.addCallback(lambda _, step=step: step())
+        done.addErrback(lambda failure, description=description: _log.failure(
+            "Stopping: could not {step}", failure, step=description))
+    return done
 
 
 def _prepare(directory, setting: str, consequence: str) -> None:

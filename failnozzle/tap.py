@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
+from failnozzle.clock import SteadyClock, steady_reactor
 from failnozzle.config import ConfigError, load_settings, parse_host_port
 from failnozzle.ingest import bind_udp_socket
 from failnozzle.mailin import bind_tcp_socket
@@ -107,8 +108,10 @@ def makeService(options: Options, reactor=None) -> IService:
     that cannot be listened on, stops start-up with one line naming the
     setting (SystemExit), never a traceback.
     """
+    wall_offset = lambda: 0.0  # noqa: E731 (a reactor given by a test)
     if reactor is None:
         from twisted.internet import reactor
+        wall_offset = steady_reactor(reactor, SteadyClock())
     try:
         settings, notices = load_settings(options["config"], options.overrides)
         sockets = {}
@@ -126,7 +129,8 @@ def makeService(options: Options, reactor=None) -> IService:
                 settings, reactor, sockets["UDP_BIND"],
                 in_thread=partial(_in_thread_pool, reactor),
                 gelf_socket=sockets.get("GELF_BIND"),
-                smtp_socket=sockets.get("SMTP_INGEST_BIND"))
+                smtp_socket=sockets.get("SMTP_INGEST_BIND"),
+                wall_offset=wall_offset)
         except BaseException:
             for sock in sockets.values():
                 sock.close()

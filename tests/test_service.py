@@ -146,7 +146,8 @@ class FlushLoopTests(ServiceTestCase):
 
     def test_failing_flush_keeps_loop(self):
         """
-        An exception in one flush is logged and the loop goes on.
+        An exception in one flush is logged and the loop goes on; the
+        errors of the failed flush are in the next digest.
         """
         self.start(FLUSH_SECONDS=10)
 
@@ -161,7 +162,50 @@ class FlushLoopTests(ServiceTestCase):
         self.receive(record("two"))
         self.reactor.advance(10)
         [(_, _, message)] = self.transport.by_kind("digest")
-        self.assertIn("two", message.get_content())
+        self.assertIn("** 2 instances of 2 unique errors (app) **",
+                      message.get_content())
+
+    def test_failing_partition_gives_batch_back(self):
+        """
+        A flush that fails before any digest is made counts its errors in
+        again, for the next flush.
+        """
+        self.start(FLUSH_SECONDS=10)
+
+        def broken(entry):
+            raise RuntimeError("filter exploded")
+
+        self.service._is_monitoring = broken
+        self.receive(record("one"))
+        self.reactor.advance(10)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.transport.pending, [])
+        del self.service._is_monitoring
+        self.service._is_monitoring = lambda entry: False
+        self.receive(record("two"))
+        self.reactor.advance(10)
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("** 2 instances of 2 unique errors (app) **",
+                      message.get_content())
+
+    def test_failing_snapshot_keeps_loop(self):
+        """
+        An exception while taking a snapshot is logged and the snapshot
+        loop goes on.
+        """
+        self.start(SNAPSHOT_SECONDS=1, FLUSH_SECONDS=3600)
+        calls = []
+
+        def broken():
+            calls.append(1)
+            raise RuntimeError("snapshot exploded")
+
+        self.service.save_state = broken
+        for _ in range(3):
+            self.receive(record("one"))
+            self.reactor.advance(1)
+        self.assertEqual(len(calls), 3)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)
 
     def test_digest_message(self):
         """
@@ -463,6 +507,58 @@ class StopTests(ServiceTestCase):
         stopped = self.service.stopService()
         self.transport.pending[0][-1].errback(ConnectionRefusedError())
         self.assertIsNone(self.successResultOf(stopped))
+
+    def test_stop_steps_after_failure(self):
+        """
+        A step of the stop that fails is logged and the steps after it
+        are taken all the same: the buffer is still flushed and the
+        snapshot written.
+        """
+        self.start()
+        self.receive(record("buffered"))
+
+        def broken():
+            raise OSError("the port would not close")
+
+        self.service.udp_port.stopListening = broken
+        stopped = self.service.stopService()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("buffered", message.get_content())
+        self.transport.succeed_all()
+        self.assertIsNone(self.successResultOf(stopped))
+        [failure] = self.flushLoggedErrors(OSError)
+        state = StateFile(self.service.settings.STATE_FILE, Clock()).load()
+        self.assertEqual(state.buffer.total, 0)
+
+    def test_held_errors_wait_across_restart(self):
+        """
+        Errors held behind an undelivered digest are not sent as one more
+        digest by the final flush: the snapshot keeps them for the next
+        run, so an outage across a clean restart still gives two digests.
+        """
+        self.start(FLUSH_SECONDS=10)
+        self.receive(record("one"))
+        self.reactor.advance(10)
+        self.receive(record("two"))
+        self.reactor.advance(10)
+        self.receive(record("three"))
+        self.service.stopService()
+        self.assertEqual(len(self.transport.by_kind("digest")), 1)
+        state = StateFile(self.service.settings.STATE_FILE, Clock()).load()
+        self.assertEqual(state.held["digest"].total, 2)
+
+    def test_held_errors_sent_without_snapshots(self):
+        """
+        Without snapshots nothing outlives the run but the spool: the
+        final flush sends the held errors as a digest of their own.
+        """
+        self.start(FLUSH_SECONDS=10, SNAPSHOT_SECONDS=0)
+        self.receive(record("one"))
+        self.reactor.advance(10)
+        self.receive(record("two"))
+        self.reactor.advance(10)
+        self.service.stopService()
+        self.assertEqual(len(self.transport.by_kind("digest")), 2)
 
     def test_stop_empty(self):
         """
