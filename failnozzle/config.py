@@ -600,6 +600,25 @@ def _both_or_neither(settings: Settings, first: str, second: str) -> None:
         raise ConfigError(f"{missing} is required when {given} is set")
 
 
+def changed_settings(old: Settings, new: Settings) -> set:
+    """
+    The names of the settings whose values differ, for a reload: a
+    namedtuple class by its fields, a function by its code and defaults
+    (a config file read again defines it anew).
+    """
+    return {item.name for item in dataclasses.fields(Settings)
+            if _comparable(getattr(old, item.name))
+            != _comparable(getattr(new, item.name))}
+
+
+def _comparable(value: object) -> object:
+    if isinstance(value, type) and hasattr(value, "_fields"):
+        return ("namedtuple", value._fields)
+    if isinstance(value, types.FunctionType):
+        return ("function", value.__code__, value.__defaults__)
+    return value
+
+
 def parse_host_port(text: str, default_host: Optional[str] = "0.0.0.0"
                     ) -> tuple:
     """

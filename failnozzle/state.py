@@ -40,7 +40,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from failnozzle.aggregate import Batch, Entry
+from failnozzle.aggregate import Batch, Entry, rekeying
 from failnozzle.spool import fsync_directory
 
 _log = Logger()
@@ -336,7 +336,7 @@ class StateFile:
                   if type(row) is list and row and type(row[0]) is int}
         keys = self._read_keys(generation, wanted,
                                len(fields) if fields else None)
-        rekey = _rekeying(fields, self._fields)
+        rekey = rekeying(fields, self._fields)
         read = {name: _batch(batch, keys, rekey, shift)
                 for name, batch in batches.items()}
         rate_window = snapshot.get("rate_window", [])
@@ -484,20 +484,6 @@ def _private_file(path: str, mode_flag: int):
         raise
 
 
-def _rekeying(saved: Optional[list],
-              current: Optional[tuple]) -> Callable[[tuple], tuple]:
-    """
-    What turns a key saved with the fields C{saved} into one with the
-    fields C{current}: by field name, a field not saved being None.
-    """
-    if saved is None or current is None or tuple(saved) == current:
-        return lambda key: key
-    positions = {name: number for number, name in enumerate(saved)}
-    picks = [positions.get(name) for name in current]
-    return lambda key: tuple(None if number is None else key[number]
-                             for number in picks)
-
-
 def _pieces(snapshot: _Snapshot) -> Iterator[str]:
     """
     The snapshot as JSON, in pieces: its rows are not joined into one
@@ -565,13 +551,12 @@ def _batch(rows: dict, keys: dict, rekey: Callable[[tuple], tuple],
     A batch from the rows L{_rows} wrote, checked; rows whose keys become
     one (re-keyed, or repeated) are merged.
     """
-    entries = [_entry(row, keys, rekey, shift) for row in rows["entries"]]
+    entries = tuple(_entry(row, keys, shift) for row in rows["entries"])
     overflow = _count(rows.get("overflow", 0), "overflow")
-    return Batch().merge(Batch(tuple(entries), overflow), len(entries))
+    return Batch(entries, overflow).rekeyed(rekey)
 
 
-def _entry(row: object, keys: dict, rekey: Callable[[tuple], tuple],
-           shift: float) -> Entry:
+def _entry(row: object, keys: dict, shift: float) -> Entry:
     _check(type(row) is list and 4 <= len(row) <= 6, "a row of the wrong "
            "shape")
     number, sources, first, last, *optional = row
@@ -585,5 +570,5 @@ def _entry(row: object, keys: dict, rekey: Callable[[tuple], tuple],
     _check(level is None or (type(level) is int and 0 <= level <= 7),
            "bad level")
     other = _count(optional[1], "other_sources") if len(optional) > 1 else 0
-    return Entry(rekey(keys[number]), counts, _time(first, shift),
+    return Entry(keys[number], counts, _time(first, shift),
                  _time(last, shift), level, other)

@@ -5,8 +5,9 @@ The twistd side: command-line options and L{makeService}.
 """
 from __future__ import annotations
 
+import socket
 from functools import partial
-from typing import Callable, Optional
+from typing import Optional
 
 from twisted.application.service import IService
 from twisted.internet import threads
@@ -16,8 +17,7 @@ from twisted.python import usage
 
 from failnozzle.clock import SteadyClock, steady_reactor
 from failnozzle.config import ConfigError, load_settings, parse_host_port
-from failnozzle.ingest import bind_udp_socket
-from failnozzle.mailin import bind_tcp_socket
+from failnozzle.listeners import bind_listening, close_all
 from failnozzle.service import FailnozzleService
 
 _log = Logger()
@@ -88,20 +88,6 @@ def _in_thread_pool(reactor, function, *args) -> Deferred:
                                      function, *args)
 
 
-def _bind(settings, setting: str, bind: Callable[[str, int], object]):
-    """
-    @return: what C{bind(host, port)} returns for the address C{setting}
-        holds: the socket bound there.
-    @raise ConfigError: it cannot be bound.
-    """
-    host, port = getattr(settings, setting)
-    try:
-        return bind(host, port)
-    except OSError as error:
-        raise ConfigError(f"{setting}: cannot listen on {host}:{port}: "
-                          f"{error.strerror}") from None
-
-
 def makeService(options: Options, reactor=None) -> IService:
     """
     Build the daemon from its options.  A wrong setting, or an address
@@ -112,28 +98,19 @@ def makeService(options: Options, reactor=None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
         wall_offset = steady_reactor(reactor, SteadyClock())
+    load = partial(load_settings, options["config"], options.overrides)
     try:
-        settings, notices = load_settings(options["config"], options.overrides)
-        sockets = {}
-        bind_udp = partial(bind_udp_socket,
-                           receive_buffer=settings.UDP_RCVBUF)
+        settings, notices = load()
+        sockets = bind_listening(settings)
         try:
-            for setting in ("UDP_BIND", "GELF_BIND"):
-                if getattr(settings, setting) is not None:
-                    sockets[setting], granted = _bind(settings, setting,
-                                                      bind_udp)
-            if settings.SMTP_INGEST_BIND is not None:
-                sockets["SMTP_INGEST_BIND"] = _bind(
-                    settings, "SMTP_INGEST_BIND", bind_tcp_socket)
             service = FailnozzleService(
                 settings, reactor, sockets["UDP_BIND"],
                 in_thread=partial(_in_thread_pool, reactor),
                 gelf_socket=sockets.get("GELF_BIND"),
                 smtp_socket=sockets.get("SMTP_INGEST_BIND"),
-                wall_offset=wall_offset)
+                wall_offset=wall_offset, reload_settings=load)
         except BaseException:
-            for sock in sockets.values():
-                sock.close()
+            close_all(sockets)
             raise
     except ConfigError as error:
         raise SystemExit(f"failnozzle: {error}") from None
@@ -142,5 +119,7 @@ def makeService(options: Options, reactor=None) -> IService:
     _log.info("UDP receive buffer: asked for {asked} bytes, the kernel "
               "reports {granted} (UDP_RCVBUF; the kernel caps it at "
               "net.core.rmem_max unless run as root)",
-              asked=settings.UDP_RCVBUF, granted=granted)
+              asked=settings.UDP_RCVBUF,
+              granted=sockets["UDP_BIND"].getsockopt(socket.SOL_SOCKET,
+                                                     socket.SO_RCVBUF))
     return service
