@@ -7,8 +7,9 @@ tested without a reactor and, later, written to disk and read back.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Mapping, Optional
+from typing import Callable, Hashable, Iterable, Mapping, Optional, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -106,10 +107,33 @@ class Batch:
                              max_sources)
         return _batch_of(tallies, overflow)
 
+    def rekeyed(self, rekey: Callable[[tuple], tuple]) -> Batch:
+        """The batch with every key replaced by C{rekey(key)}; entries
+        whose keys become one are merged."""
+        entries = tuple(dataclasses.replace(entry, key=rekey(entry.key))
+                        for entry in self.entries)
+        return Batch().merge(Batch(entries, self.overflow), len(entries))
+
     @classmethod
     def of(cls, entries: Iterable[Entry], overflow: int = 0) -> Batch:
         """A batch of these entries, in digest order."""
         return cls(_sorted_entries(entries), overflow)
+
+
+def rekeying(fields: Optional[Sequence[str]],
+             new_fields: Optional[Sequence[str]]) -> Callable[[tuple], tuple]:
+    """
+    What turns a key of the fields C{fields} (UNIQUE_MSG_TUPLE's names)
+    into one of C{new_fields}: by field name, a field it did not have being
+    None.  Unknown fields (None) leave keys as they are.
+    """
+    if fields is None or new_fields is None or tuple(fields) == tuple(
+            new_fields):
+        return lambda key: key
+    positions = {name: number for number, name in enumerate(fields)}
+    picks = [positions.get(name) for name in new_fields]
+    return lambda key: tuple(None if number is None else key[number]
+                             for number in picks)
 
 
 def _sorted_entries(entries: Iterable[Entry]) -> tuple:
@@ -286,6 +310,21 @@ class Aggregator:
             _entry_of(self._internal_error_key(_count(tally), error),
                       tally.copy())
             for tally, error in self._bad.values())
+
+    def configure(self, max_unique: int, max_sources: int,
+                  internal_error_key: Callable[[int, Exception], tuple],
+                  rekey: Callable[[tuple], tuple] = lambda key: key) -> None:
+        """
+        Take new settings (a reload), keys read anew by C{rekey}: nothing
+        counted is lost, though errors past a lowered C{max_unique} are
+        only counted from now on.
+        """
+        self._max_unique = max_unique
+        self._max_sources = max_sources
+        self._internal_error_key = internal_error_key
+        buffer = _batch_of(self._tallies, self._overflow).rekeyed(rekey)
+        self._tallies, self._overflow, self._texts = {}, 0, {}
+        self.restore(buffer)
 
     def restore(self, batch: Batch) -> None:
         """Count a batch in again, such as one read back from a snapshot."""

@@ -265,6 +265,11 @@ class GELFDecoder:
         self._held = 0
         self._timer: Optional[IDelayedCall] = None
 
+    def configure(self, source_field: str, default_kind: str) -> None:
+        """Take new settings (a reload) for the messages decoded from now."""
+        self._source_field = source_field
+        self._default_kind = default_kind
+
     @property
     def partial_messages(self) -> int:
         """How many incomplete messages are held."""

@@ -275,13 +275,14 @@ class ErrorReceiver(DatagramProtocol):
         """
         @param aggregator: an L{failnozzle.aggregate.Aggregator}.
         """
-        self._reader = reader
+        #: What reads datagrams: replaced by a reload.
+        self.reader = reader
         self._aggregator = aggregator
         self._bad_input_log = _BadInputLog(clock)
 
     def datagramReceived(self, data: bytes, addr: tuple) -> None:
         try:
-            read = self._reader.read(data, addr)
+            read = self.reader.read(data, addr)
         except BadDatagram as error:
             self.report_bad_input(error, addr)
         else:
@@ -302,7 +303,7 @@ class ErrorReceiver(DatagramProtocol):
         @return: how many were read.
         """
         sock = self.transport.getHandle()
-        size = self._reader.max_size + 1
+        size = self.reader.max_size + 1
         for count in range(limit):
             try:
                 data, addr = sock.recvfrom(size)

@@ -617,11 +617,25 @@ class MailIngest(ServerFactory):
         @param tls: offered with STARTTLS; with C{users}, AUTH only after
             it.
         """
-        self._reader = reader
         self._aggregator = aggregator
         self._report_bad_input = report_bad_input
         self._saved = saved
         self.clock = clock
+        self.sessions: set = set()
+        self.accepting = True
+        self.configure(reader, domain=domain, source_field=source_field,
+                       max_bytes=max_bytes, max_connections=max_connections,
+                       max_recipients=max_recipients, users=users, tls=tls)
+
+    def configure(self, reader, *, domain: str, source_field: str,
+                  max_bytes: int, max_connections: int, max_recipients: int,
+                  users: Optional[dict] = None,
+                  tls: Optional[ssl.CertificateOptions] = None) -> None:
+        """
+        Take new settings (see L{__init__}): for the connections made from
+        now on, and for the messages of those open.
+        """
+        self._reader = reader
         self.domain = domain.encode("ascii", "replace")
         self._source_field = source_field
         self.max_bytes = max_bytes
@@ -634,8 +648,6 @@ class MailIngest(ServerFactory):
             self.challengers = {b"PLAIN": _PlainCredentials,
                                 b"LOGIN": _LoginCredentials}
             self.portal = Portal(_Realm(self), [UsersChecker(users)])
-        self.sessions: set = set()
-        self.accepting = True
 
     def buildProtocol(self, addr) -> Protocol:
         if len(self.sessions) >= self.max_connections:

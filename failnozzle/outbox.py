@@ -432,9 +432,19 @@ class Outbox:
     def __init__(self, transport, spool: Spool, clock: IReactorTime,
                  retry_min: float = 30, retry_max: float = 1800,
                  lifetime: float = 5 * 24 * 3600) -> None:
-        self.transport = transport
         self.spool = spool
         self._clock = clock
+        self._waiting: list = []
+        self._stopping = False
+        self.configure(transport, retry_min, retry_max, lifetime)
+
+    def configure(self, transport, retry_min: float, retry_max: float,
+                  lifetime: float) -> None:
+        """
+        Take new settings (a reload): the next attempts use C{transport}
+        and the new delays; messages waiting keep their place.
+        """
+        self.transport = transport
         self._retry_min = retry_min
         self._retry_max = retry_max
         #: Past this many doublings the delay is retry_max anyway; capping
@@ -442,8 +452,6 @@ class Outbox:
         self._max_doublings = max(0, math.ceil(math.log2(
             retry_max / retry_min)))
         self._lifetime = lifetime
-        self._waiting: list = []
-        self._stopping = False
 
     def waiting_kinds(self) -> set:
         """The kinds (X-Failnozzle) of the messages not delivered yet."""

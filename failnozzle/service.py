@@ -6,6 +6,7 @@ and on a clean stop flushes into the spool and delivers what it can.
 """
 from __future__ import annotations
 
+import signal
 import socket
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -16,12 +17,15 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from failnozzle.aggregate import Aggregator, Batch, Entry, RateWindow
-from failnozzle.config import Settings
+from failnozzle.aggregate import (Aggregator, Batch, Entry, RateWindow,
+                                  rekeying)
+from failnozzle.config import ConfigError, Settings, changed_settings
 from failnozzle.digest import DigestRenderer, build_message, pager_alert
 from failnozzle.gelf import GELFDecoder, GELFRecordReader
 from failnozzle.ingest import (BadDatagram, ErrorReceiver,
                                internal_error_key_maker)
+from failnozzle.listeners import (DATAGRAM, LISTENING, Listeners,
+                                  bind_listening)
 from failnozzle.mailin import MailIngest, tls_options
 from failnozzle.outbox import MaildirTransport, Outbox, SMTPTransport
 from failnozzle.spool import Spool
@@ -94,12 +98,30 @@ class MonitoringFilter:
                    for text in texts)
 
 
+@dataclass
+class _Configured:
+    """
+    What the service makes of its settings, besides what it counts: made
+    whole before any of it is used, so a reload whose settings cannot be
+    used (a template that does not compile, a certificate that cannot be
+    read) changes nothing.
+    """
+
+    reader: GELFRecordReader
+    internal_error_key: Callable[[int, Exception], tuple]
+    renderer: DigestRenderer
+    transport: object
+    mail_tls: Optional[object]
+    is_monitoring: MonitoringFilter
+    routes: dict
+
+
 class FailnozzleService(Service):
     """
     The whole daemon as one twistd service.
 
-    @ivar udp_port: the listening port, once started.
-    @ivar ports: all listening ports, UDP_BIND's first, then GELF_BIND's.
+    @ivar udp_port: the listening port of UDP_BIND, once started.
+    @ivar ports: the datagram ports, UDP_BIND's first, then GELF_BIND's.
     @ivar mail: the SMTP server (SMTP_INGEST_BIND), or None.
     @ivar smtp_port: its listening port, once started.
     """
@@ -109,10 +131,13 @@ class FailnozzleService(Service):
                  transport: Optional[object] = None,
                  in_thread: Optional[Callable[..., defer.Deferred]] = None,
                  gelf_socket: Optional[socket.socket] = None,
-                 smtp_socket: Optional[socket.socket] = None) -> None:
+                 smtp_socket: Optional[socket.socket] = None,
+                 wall_offset: Callable[[], float] = lambda: 0.0,
+                 reload_settings: Optional[Callable[[], tuple]] = None
+                 ) -> None:
         """
         @param udp_socket: the bound socket errors arrive on (see
-            L{failnozzle.ingest.bind_udp_socket}); the service adopts it
+            L{failnozzle.listeners.bind_listening}); the service adopts it
             when it starts.
         @param transport: where mail goes; by default the one the settings
             describe.
@@ -121,48 +146,43 @@ class FailnozzleService(Service):
             on it.
         @param gelf_socket: a second bound socket (GELF_BIND), read the
             same way: both take GELF and failnozzle's JSON.
-        @param smtp_socket: a bound, listening TCP socket (SMTP_INGEST_BIND,
-            see L{failnozzle.mailin.bind_tcp_socket}) to receive errors by
-            mail on.
-        @raise ConfigError: SMTP_INGEST_TLS_CERT or _KEY is unusable.
+        @param smtp_socket: a bound, listening TCP socket (SMTP_INGEST_BIND)
+            to receive errors by mail on.
+        @param wall_offset: how far the wall clock is ahead of the
+            reactor's time (see L{failnozzle.clock}); what people read is
+            dated in wall-clock time.
+        @param reload_settings: gives C{(settings, notices)} read anew
+            from the config file, or raises ConfigError: what L{reload}
+            (SIGHUP) takes; None: the service cannot reload.
+        @raise ConfigError: a setting cannot be used (a template, a
+            certificate).
         """
         self.settings = settings
         self._reactor = reactor
-        self.udp_port = None
-        self._gelf = GELFDecoder(reactor,
-                                 source_field=settings.SOURCE_FIELD_NAME,
-                                 default_kind=settings.GELF_DEFAULT_KIND,
-                                 on_incomplete=self._gelf_incomplete)
-        reader = GELFRecordReader(settings.unique_fields,
-                                  settings.SOURCE_FIELD_NAME,
-                                  settings.INCOMING_MESSAGE_MAX_SIZE,
-                                  self._gelf)
+        self._wall_offset = wall_offset
+        self._reload_settings = reload_settings
+        self._given_transport = transport
+        self._in_thread = in_thread or defer.maybeDeferred
+        self._sockets = {name: sock for name, sock in (
+            ("UDP_BIND", udp_socket), ("GELF_BIND", gelf_socket),
+            ("SMTP_INGEST_BIND", smtp_socket)) if sock is not None}
+        self._listeners = Listeners(reactor)
+        self._gelf = GELFDecoder(reactor, on_incomplete=self._gelf_incomplete)
+        self.outbox: Optional[Outbox] = None
+        configured = self._configure(settings, set())
         self.aggregator = Aggregator(
             settings.MAX_UNIQUE_MESSAGES, reactor,
-            internal_error_key_maker(reader, settings.INTERNAL_ERROR_FUNC),
-            settings.MAX_SOURCES_PER_ERROR)
-        self.receiver = ErrorReceiver(reader, self.aggregator, reactor)
-        self._listeners = [(udp_socket, self.receiver)]
-        if gelf_socket is not None:
-            self._listeners.append(
-                (gelf_socket, ErrorReceiver(reader, self.aggregator, reactor)))
-        self.ports: list = []
-        self._smtp_socket = smtp_socket
-        self.smtp_port = None
-        self.mail = None
-        if smtp_socket is not None:
-            self.mail = self._mail_ingest(reader)
+            configured.internal_error_key, settings.MAX_SOURCES_PER_ERROR)
+        #: The protocol of each datagram port, by setting: one each, made
+        #: anew when a reload moves the port.
+        self._receivers = {"UDP_BIND": ErrorReceiver(
+            configured.reader, self.aggregator, reactor)}
+        self.mail: Optional[MailIngest] = None
         self.rate_window = RateWindow(settings.PAGER_WINDOW_SIZE,
                                       settings.PAGER_LIMIT)
-        self.renderer = make_renderer(settings)
-        self.outbox = Outbox(
-            transport or make_transport(settings, reactor),
-            Spool(settings.SPOOL_DIR, reactor), reactor,
-            settings.RETRY_MIN_SECONDS, settings.RETRY_MAX_SECONDS,
-            settings.SPOOL_LIFETIME_SECONDS)
-        self.state_file = (StateFile(settings.STATE_FILE, reactor,
-                                     in_thread or defer.maybeDeferred)
-                           if settings.SNAPSHOT_SECONDS else None)
+        self.outbox = Outbox(configured.transport,
+                             Spool(settings.SPOOL_DIR, reactor), reactor)
+        self.state_file: Optional[StateFile] = None
         self._state_unwritable = False
         #: Who waits for the snapshot that has not begun yet, if one is
         #: queued (see L{saved_soon}).
@@ -170,40 +190,146 @@ class FailnozzleService(Service):
         #: Per digest kind, the errors waiting for that kind's last digest
         #: to be delivered, so an outage gives one digest, not one a flush.
         self._held: dict = {}
-        self._is_monitoring = MonitoringFilter(
-            settings.unique_fields, settings.MONITORING_ERROR_MARKERS)
-        self._routes = {
-            "digest": Route("digest", "REPORT_TO", settings.REPORT_TO,
-                            settings.REPORT_FROM, settings.REPLY_TO),
-            "monitoring": Route("monitoring", "JUST_MONITORING_REPORT_TO",
-                                settings.JUST_MONITORING_REPORT_TO,
-                                settings.REPORT_FROM, settings.REPLY_TO),
-            "pager": Route("pager", "PAGER_TO", settings.PAGER_TO,
-                           settings.PAGER_FROM or settings.REPORT_FROM,
-                           settings.PAGER_REPLY_TO),
-        }
         self._flush_loop = LoopingCall(self._scheduled_flush)
         self._flush_loop.clock = reactor
         self._snapshot_loop = LoopingCall(self._scheduled_snapshot)
         self._snapshot_loop.clock = reactor
+        self._previous_sighup = None
+        self._apply(settings, configured, set(), None)
 
-    def _mail_ingest(self, reader) -> MailIngest:
-        settings = self.settings
-        tls = (tls_options(settings.SMTP_INGEST_TLS_CERT,
-                           settings.SMTP_INGEST_TLS_KEY)
-               if settings.SMTP_INGEST_TLS_CERT else None)
-        return MailIngest(
-            reader, self.aggregator, self.receiver.report_bad_input,
-            self.saved_soon, self._reactor,
+    @property
+    def ports(self) -> list:
+        return [port for port in map(self._listeners.get, DATAGRAM)
+                if port is not None]
+
+    @property
+    def receiver(self) -> ErrorReceiver:
+        """The protocol of UDP_BIND's port."""
+        return self._receivers["UDP_BIND"]
+
+    @property
+    def udp_port(self):
+        return self._listeners.get("UDP_BIND")
+
+    @property
+    def smtp_port(self):
+        return self._listeners.get("SMTP_INGEST_BIND")
+
+    def _configure(self, settings: Settings, changed: set) -> _Configured:
+        """
+        Make what the settings describe (C{changed}: the names a reload
+        changed; empty at start, when everything is made).
+
+        @raise ConfigError: a setting cannot be used.
+        """
+        reader = GELFRecordReader(settings.unique_fields,
+                                  settings.SOURCE_FIELD_NAME,
+                                  settings.INCOMING_MESSAGE_MAX_SIZE,
+                                  self._gelf)
+        transport = self._given_transport
+        if transport is None:
+            delivery_changed = any(
+                name.startswith("SMTP_") and not name.startswith(
+                    "SMTP_INGEST") or name in ("MAILDIR", "SERVER_NAME")
+                for name in changed)
+            transport = (self.outbox.transport
+                         if changed and not delivery_changed
+                         else make_transport(settings, self._reactor))
+        mail_tls = None
+        if settings.SMTP_INGEST_BIND and settings.SMTP_INGEST_TLS_CERT:
+            mail_tls = tls_options(settings.SMTP_INGEST_TLS_CERT,
+                                   settings.SMTP_INGEST_TLS_KEY)
+        return _Configured(
+            reader=reader,
+            internal_error_key=internal_error_key_maker(
+                reader, settings.INTERNAL_ERROR_FUNC),
+            renderer=make_renderer(settings),
+            transport=transport,
+            mail_tls=mail_tls,
+            is_monitoring=MonitoringFilter(
+                settings.unique_fields, settings.MONITORING_ERROR_MARKERS),
+            routes={
+                "digest": Route("digest", "REPORT_TO", settings.REPORT_TO,
+                                settings.REPORT_FROM, settings.REPLY_TO),
+                "monitoring": Route(
+                    "monitoring", "JUST_MONITORING_REPORT_TO",
+                    settings.JUST_MONITORING_REPORT_TO,
+                    settings.REPORT_FROM, settings.REPLY_TO),
+                "pager": Route("pager", "PAGER_TO", settings.PAGER_TO,
+                               settings.PAGER_FROM or settings.REPORT_FROM,
+                               settings.PAGER_REPLY_TO),
+            })
+
+    def _apply(self, settings: Settings, configured: _Configured,
+               changed: set, previous: Optional[Settings]) -> None:
+        """
+        Take what L{_configure} made, keeping everything counted, held or
+        waiting: re-keyed if the fields of a key changed.
+        """
+        self.settings = settings
+        self._reader = configured.reader
+        self.renderer = configured.renderer
+        self._is_monitoring = configured.is_monitoring
+        self._routes = configured.routes
+        self._gelf.configure(settings.SOURCE_FIELD_NAME,
+                             settings.GELF_DEFAULT_KIND)
+        for receiver in self._receivers.values():
+            receiver.reader = configured.reader
+        rekey = rekeying(previous and previous.unique_fields,
+                         settings.unique_fields)
+        self.aggregator.configure(settings.MAX_UNIQUE_MESSAGES,
+                                  settings.MAX_SOURCES_PER_ERROR,
+                                  configured.internal_error_key, rekey)
+        self._held = {kind: batch.rekeyed(rekey)
+                      for kind, batch in self._held.items()}
+        self.rate_window.size = settings.PAGER_WINDOW_SIZE
+        self.rate_window.limit = settings.PAGER_LIMIT
+        del self.rate_window.counts[:-settings.PAGER_WINDOW_SIZE]
+        if "SPOOL_DIR" in changed:
+            self.outbox.spool = Spool(settings.SPOOL_DIR, self._reactor)
+            _prepare(self.outbox.spool, "SPOOL_DIR",
+                     "messages wait in memory only")
+        if "MAILDIR" in changed and isinstance(configured.transport,
+                                               MaildirTransport):
+            _prepare(configured.transport, "MAILDIR",
+                     "digests cannot be written")
+        self.outbox.configure(configured.transport,
+                              settings.RETRY_MIN_SECONDS,
+                              settings.RETRY_MAX_SECONDS,
+                              settings.SPOOL_LIFETIME_SECONDS)
+        self._configure_mail(settings, configured)
+        if not changed or changed & {"STATE_FILE", "SNAPSHOT_SECONDS",
+                                     "UNIQUE_MSG_TUPLE"}:
+            self.state_file = (
+                StateFile(settings.STATE_FILE, self._reactor, self._in_thread,
+                          settings.unique_fields, self._wall_offset)
+                if settings.SNAPSHOT_SECONDS else None)
+            self._state_unwritable = False
+
+    def _configure_mail(self, settings: Settings,
+                        configured: _Configured) -> None:
+        if settings.SMTP_INGEST_BIND is None:
+            return
+        limits = dict(
             domain=settings.SERVER_NAME,
             source_field=settings.SOURCE_FIELD_NAME,
             max_bytes=settings.SMTP_INGEST_MAX_BYTES,
             max_connections=settings.SMTP_INGEST_MAX_CONNECTIONS,
             max_recipients=settings.SMTP_INGEST_MAX_RECIPIENTS,
-            users=settings.SMTP_INGEST_USERS, tls=tls)
+            users=settings.SMTP_INGEST_USERS, tls=configured.mail_tls)
+        if self.mail is None:
+            self.mail = MailIngest(
+                configured.reader, self.aggregator, self._report_bad_input,
+                self.saved_soon, self._reactor, **limits)
+        else:
+            self.mail.configure(configured.reader, **limits)
 
     def startService(self) -> None:
         super().startService()
+        if self._reload_settings is not None:
+            # First: a SIGHUP from now on must not end the process.
+            self._previous_sighup = signal.signal(signal.SIGHUP,
+                                                  self._sighup)
         transport = self.outbox.transport
         if isinstance(transport, MaildirTransport):
             _prepare(transport, "MAILDIR", "digests cannot be written")
@@ -214,12 +340,8 @@ class FailnozzleService(Service):
             # Also finds out now, not at the first flush, if it cannot be
             # written.
             self.save_state()
-        for sock, receiver in self._listeners:
-            self.ports.append(self._reactor.adoptDatagramPort(
-                sock.fileno(), sock.family, receiver,
-                maxPacketSize=self.settings.INCOMING_MESSAGE_MAX_SIZE + 1))
-            sock.close()
-        self.udp_port = self.ports[0]
+        self._listen(self._sockets)
+        self._sockets = {}
         address = self.udp_port.getHost()
         _log.info(
             "failnozzle listening for errors on UDP {host}:{port}; a digest "
@@ -228,61 +350,136 @@ class FailnozzleService(Service):
             seconds=self.settings.FLUSH_SECONDS,
             transport=transport.describe(),
         )
-        for port in self.ports[1:]:
-            address = port.getHost()
-            _log.info("failnozzle listening for GELF on UDP {host}:{port}",
-                      host=address.host, port=address.port)
-        if self.mail is not None:
-            sock = self._smtp_socket
-            self.smtp_port = self._reactor.adoptStreamPort(
-                sock.fileno(), sock.family, self.mail)
-            sock.close()
-            address = self.smtp_port.getHost()
-            _log.info("failnozzle listening for mail on SMTP {host}:{port}",
-                      host=address.host, port=address.port)
         self.outbox.recover()
+        self._start_loops()
+
+    def _listen(self, sockets: dict) -> None:
+        """Adopt the bound C{sockets}, by setting, and say where."""
+        for name in LISTENING:
+            sock = sockets.get(name)
+            if sock is None:
+                continue
+            protocol = self.mail
+            if name in DATAGRAM:
+                receiver = self._receivers.get(name)
+                if receiver is None or receiver.numPorts:
+                    # The old port may still be closing with its own.
+                    receiver = self._receivers[name] = ErrorReceiver(
+                        self._reader, self.aggregator, self._reactor)
+                protocol = receiver
+            self._listeners.adopt(
+                name, sock, protocol,
+                self.settings.INCOMING_MESSAGE_MAX_SIZE + 1)
+            address = self._listeners.get(name).getHost()
+            what = {"GELF_BIND": "GELF on UDP",
+                    "SMTP_INGEST_BIND": "mail on SMTP"}.get(name)
+            if what is not None:
+                _log.info("failnozzle listening for {what} {host}:{port}",
+                          what=what, host=address.host, port=address.port)
+
+    def _start_loops(self) -> None:
         self._flush_loop.start(self.settings.FLUSH_SECONDS, now=False)
         if self.state_file is not None:
             self._snapshot_loop.start(self.settings.SNAPSHOT_SECONDS,
                                       now=False)
 
+    def _sighup(self, signum: int, frame: object) -> None:
+        # In a signal handler: the reactor does the work in its own turn.
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        """
+        Read the config file again (SIGHUP) and take its settings: what is
+        counted, held or waiting is kept (re-keyed if UNIQUE_MSG_TUPLE
+        changed), ports whose address changed are moved, loops whose
+        period changed restart.  A config that cannot be used is reported
+        in one line, and the running one kept.
+
+        @return: whether the new settings were taken.
+        """
+        try:
+            settings, notices = self._reload_settings()
+            changed = changed_settings(self.settings, settings)
+            configured = self._configure(settings, changed)
+            moved = [name for name in LISTENING if name in changed]
+            sockets = bind_listening(settings, moved)
+        except ConfigError as error:
+            _log.error("Not reloading the config: {error}; the running "
+                       "settings are kept", error=error)
+            return False
+        for notice in notices:
+            _log.warn("Config: {notice}", notice=notice)
+        if not changed:
+            _log.info("Reloaded the config: nothing changed")
+            return True
+        previous = self.settings
+        self._stop_loops()
+        self._apply(settings, configured, changed, previous)
+        self._listeners.resize(settings.INCOMING_MESSAGE_MAX_SIZE + 1,
+                               settings.UDP_RCVBUF
+                               if "UDP_RCVBUF" in changed else None)
+        stopping = self._listeners.stop(moved)
+        stopping.addErrback(lambda failure: _log.failure(
+            "Reload: could not stop listening on an old address", failure))
+        self._listen(sockets)
+        self._start_loops()
+        if self.state_file is not None:
+            self.save_state()
+        _log.info("Reloaded the config: {names} changed",
+                  names=", ".join(sorted(changed)))
+        return True
+
     def stopService(self) -> defer.Deferred:
         """
         Stop reading, flush what is buffered into the spool, and try to
         deliver for up to SHUTDOWN_TIMEOUT_SECONDS; what is not delivered
-        by then stays in the spool for the next start.  Mail clients get
-        their 250 for what was counted before, and 421 (try again later)
-        for what arrives once the stop began.
+        by then stays in the spool for the next start, and errors held
+        behind an undelivered digest stay in the snapshot.  Mail clients
+        get their 250 for what was counted before, and 421 (try again
+        later) for what arrives once the stop began.  Every step is taken
+        even if one before it failed: that one is logged.
         """
         super().stopService()
-        for loop in (self._flush_loop, self._snapshot_loop):
-            if loop.running:
-                loop.stop()
-        for _, receiver in self._listeners:
-            if receiver.transport is not None:
-                receiver.read_pending()
-        self._gelf.stop()
-        listening = list(self.ports)
-        if self.mail is not None:
-            self.mail.stop_accepting()
-            listening.append(self.smtp_port)
         _log.info("failnozzle stopping: flushing the buffer and delivering "
                   "for up to {seconds:g} s",
                   seconds=self.settings.SHUTDOWN_TIMEOUT_SECONDS)
-        stopped = defer.gatherResults([defer.maybeDeferred(port.stopListening)
-                                       for port in listening])
-        stopped.addCallback(lambda _: self.flush(final=True))
-        stopped.addCallback(lambda _: self.outbox.stop(
-            self.settings.SHUTDOWN_TIMEOUT_SECONDS))
-        stopped.addCallback(lambda _: self.save_state())
+        return _each_step([
+            ("stop reloading", self._restore_sighup),
+            ("stop the loops", self._stop_loops),
+            ("refuse new mail", self._stop_accepting_mail),
+            ("read what the kernel holds and stop listening",
+             lambda: self._listeners.stop(LISTENING)),
+            ("drop incomplete GELF messages", self._gelf.stop),
+            ("flush", lambda: self.flush(final=True)),
+            ("deliver", lambda: self.outbox.stop(
+                self.settings.SHUTDOWN_TIMEOUT_SECONDS)),
+            ("snapshot", self.save_state),
+            ("hang up on mail clients", self._hang_up_mail),
+        ]).addCallback(lambda _: _log.info("failnozzle stopped"))
+
+    def _stop_loops(self) -> None:
+        for loop in (self._flush_loop, self._snapshot_loop):
+            if loop.running:
+                loop.stop()
+
+    def _stop_accepting_mail(self) -> None:
         if self.mail is not None:
-            stopped.addCallback(lambda _: self.mail.hang_up())
-        stopped.addCallback(lambda _: _log.info("failnozzle stopped"))
-        return stopped
+            self.mail.stop_accepting()
+
+    def _restore_sighup(self) -> None:
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+
+    def _hang_up_mail(self) -> Optional[defer.Deferred]:
+        return self.mail.hang_up() if self.mail is not None else None
+
+    def _report_bad_input(self, error: BadDatagram, sender: tuple) -> None:
+        self.receiver.report_bad_input(error, sender)
 
     def _gelf_incomplete(self, error: BadDatagram, sender: tuple) -> None:
         # Chunked GELF messages whose chunks never all came are bad input.
-        self.receiver.report_bad_input(error, sender)
+        self._report_bad_input(error, sender)
 
     def _restore_state(self) -> None:
         """Count in again what the last run had counted but not sent."""
@@ -290,8 +487,12 @@ class FailnozzleService(Service):
         if state is None:
             return
         self.aggregator.restore(state.buffer)
-        self._held = {kind: batch for kind, batch in state.held.items()
-                      if kind in ("digest", "monitoring")}
+        # Errors whose digest was not yet safe in the spool are reported
+        # again: at least once.
+        for kind in ("digest", "monitoring"):
+            for batch in (state.held.get(kind), state.unsettled.get(kind)):
+                if batch:
+                    self._hold(kind, batch)
         self.rate_window.counts = state.rate_window[-self.rate_window.size:]
         _log.info("Restored {total} errors from {path}",
                   total=state.buffer.total + sum(
@@ -364,8 +565,13 @@ class FailnozzleService(Service):
         self._state_unwritable = True
 
     def _scheduled_snapshot(self) -> None:
-        if self.aggregator.changed and not self.state_file.busy:
-            self.save_state()
+        # As for the flush: an exception would stop the loop for good.
+        try:
+            if self.aggregator.changed and not self.state_file.busy:
+                self.save_state()
+        except Exception:
+            _log.failure("Snapshot failed; the next one is in {seconds:g} s",
+                         seconds=self.settings.SNAPSHOT_SECONDS)
 
     def _scheduled_flush(self) -> None:
         # Never let an exception out: it would stop the LoopingCall for good.
@@ -376,36 +582,68 @@ class FailnozzleService(Service):
             _log.failure("Flush failed; the next one is in {seconds:g} s",
                          seconds=self.settings.FLUSH_SECONDS)
 
+    def _hold(self, kind: str, batch: Batch) -> None:
+        """Keep C{batch} for the next digest of C{kind}, with what is held."""
+        held = self._held.get(kind)
+        self._held[kind] = batch if not held else held.merge(
+            batch, self.settings.MAX_UNIQUE_MESSAGES,
+            self.settings.MAX_SOURCES_PER_ERROR)
+
+    def _may_hold_across_restart(self) -> bool:
+        """Whether held errors outlive this run: in a snapshot."""
+        return self.state_file is not None and not self._state_unwritable
+
     def flush(self, final: bool = False) -> list:
         """
         Flush the buffer: check the error rate, then send each recipient
         class its digest, unless its last digest is still undelivered: then
-        the errors are held for the next one.
+        the errors are held for the next one.  Errors whose digest could
+        not be made or handed over are held too: a failing flush loses
+        nothing.
 
-        @param final: send everything, held or not (on a clean stop).
+        @param final: this is the last flush of the run (a clean stop):
+            errors are held only if the snapshot keeps them for the next
+            run, which sends them once the undelivered digest is out, so an
+            outage across a restart still gives two digests.
         @return: the outcomes (see L{Outbox.send}) of the messages sent.
         """
         batch = self.aggregator.flush()
-        monitoring, real = batch.partition(self._is_monitoring)
+        try:
+            monitoring, real = batch.partition(self._is_monitoring)
+        except Exception:
+            self.aggregator.restore(batch)
+            raise
         sending = []
         if self.rate_window.add(real.total):
-            sending += self._page(self.rate_window.total)
+            total = self.rate_window.total
             self.rate_window.reset()
-        undelivered = set() if final else self.outbox.waiting_kinds()
+            try:
+                sending += self._page(total)
+            except Exception:
+                _log.failure("Could not send the pager alert about {total} "
+                             "errors", total=total)
+        undelivered = (self.outbox.waiting_kinds()
+                       if not final or self._may_hold_across_restart()
+                       else set())
         for kind, part in (("digest", real), ("monitoring", monitoring)):
-            held = self._held.pop(kind, None)
-            pending = (held.merge(part, self.settings.MAX_UNIQUE_MESSAGES,
-                                  self.settings.MAX_SOURCES_PER_ERROR)
-                       if held else part)
+            if part:
+                self._hold(kind, part)
+            pending = self._held.get(kind)
             if not pending:
                 continue
             if kind in undelivered:
-                self._held[kind] = pending
                 _log.info("Holding {total} errors for the next {kind}: the "
                           "last one is not delivered yet",
                           total=pending.total, kind=kind)
-            else:
+                continue
+            try:
                 sending += self._send_digest(self._routes[kind], pending)
+            except Exception:
+                _log.failure("Could not make the {kind} of {total} errors; "
+                             "they are kept for the next one", kind=kind,
+                             total=pending.total)
+            else:
+                del self._held[kind]
         self.save_state()
         return sending
 
@@ -434,12 +672,26 @@ class FailnozzleService(Service):
             recipients=route.recipients,
             subject=subject,
             body=body,
-            date=self._reactor.seconds(),
+            date=self._reactor.seconds() + self._wall_offset(),
             domain=self.settings.SERVER_NAME,
             reply_to=route.reply_to,
             kind=route.kind,
         )
         return [self.outbox.send(message)]
+
+
+def _each_step(steps: list) -> defer.Deferred:
+    """
+    Take C{(description, step)} steps in turn, each once the one before it
+    (and any Deferred it returned) is done, whether it worked or failed; a
+    failure is logged with its description.
+    """
+    done = defer.succeed(None)
+    for description, step in steps:
+        done.addCallback(lambda _, step=step: step())
+        done.addErrback(lambda failure, description=description: _log.failure(
+            "Stopping: could not {step}", failure, step=description))
+    return done
 
 
 def _prepare(directory, setting: str, consequence: str) -> None:

@@ -11,12 +11,18 @@ next, so a snapshot reads and encodes only the errors counted since the
 last one: its cost on the reactor grows with what changed, not with the
 size of the buffer.
 
-  STATE_FILE           {version, generation, buffer, held, rate_window}
+  STATE_FILE           {version, generation, fields, wall_offset, buffer,
+                       held, unsettled, rate_window}
                        replaced atomically (written beside, fsynced, renamed)
   STATE_FILE.keys.G    one JSON line per key: [number, key]; appended to and
                        fsynced before any snapshot refers to its numbers, and
                        begun afresh (generation G + 1) once it holds mostly
                        keys no longer counted
+
+Keys are saved with the names of their fields, so a run whose
+UNIQUE_MSG_TUPLE differs reads them by name.  Nothing in these files can
+keep the daemon from starting: a file that is not what this module wrote is
+set aside whole (C{.bad-<time>}) with one log line, however it is wrong.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import itertools
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -33,15 +40,27 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from failnozzle.aggregate import Batch, Entry
+from failnozzle.aggregate import Batch, Entry, rekeying
 from failnozzle.spool import fsync_directory
 
 _log = Logger()
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Versions L{StateFile.load} reads: 2 had no field names.
+_READABLE_VERSIONS = (2, 3)
 
 #: Begin a new keys file once it holds this many more keys than are counted.
 _COMPACT_SLACK = 1000
+
+#: The largest state file and key line read: far above what failnozzle
+#: writes, and a bound on what a damaged or hostile file can cost.
+_MAX_STATE_BYTES = 256 * 1024 * 1024
+_MAX_KEY_LINE_BYTES = 64 * 1024 * 1024
+
+#: Reactor times a snapshot may hold: what a datetime can show.
+_LATEST_TIME = 253402300799.0
+
+_SCALARS = (str, int, float, bool, type(None))
 
 
 @dataclass
@@ -59,6 +78,14 @@ class State:
     #: each time (see L{failnozzle.aggregate.Aggregator.bad_input}); a
     #: loaded buffer holds them.
     bad_input: tuple = ()
+    #: Per digest kind, errors whose digest is not yet safe: handed to the
+    #: outbox but not yet in the spool, or kept in memory only because the
+    #: spool could not take it.  A run that finds them reports them again.
+    unsettled: dict = field(default_factory=dict)
+
+
+class _Unusable(ValueError):
+    """A snapshot file is not what this module writes; the text says how."""
 
 
 @dataclass
@@ -66,10 +93,12 @@ class _Snapshot:
     """What one snapshot writes, as data no one changes meanwhile."""
 
     generation: int
+    fields: Optional[list]
+    wall_offset: float
     new_keys: list  # [number, key] pairs for the keys file
     rows: Iterable  # the buffer's, encoded
     overflow: int
-    held: dict  # kind: the batch, encoded
+    batches: dict  # "held" and "unsettled": kind: the batch, encoded
     rate_window: list
 
 
@@ -79,15 +108,23 @@ class StateFile:
     """
 
     def __init__(self, path: str, clock: IReactorTime,
-                 in_thread: Callable[..., defer.Deferred] = defer.maybeDeferred
-                 ) -> None:
+                 in_thread: Callable[..., defer.Deferred] = defer.maybeDeferred,
+                 fields: Optional[tuple] = None,
+                 wall_offset: Callable[[], float] = lambda: 0.0) -> None:
         """
-        @param in_thread: runs the blocking writes: C{deferToThread} in the
+        @param in_thread: runs the blocking writes: the disk writer in the
             daemon; by default they run at once, in this thread.
+        @param fields: the names of the fields of a key (UNIQUE_MSG_TUPLE),
+            saved so a later run whose fields differ can read keys by name;
+            None: keys are taken as they are.
+        @param wall_offset: how far wall-clock time is ahead of the clock's
+            time now, saved with the times so a later run shows them right.
         """
         self.path = os.path.abspath(path)
         self._clock = clock
         self._in_thread = in_thread
+        self._fields = None if fields is None else tuple(fields)
+        self._wall_offset = wall_offset
         self._lock = defer.DeferredLock()
         self._generation = 0
         #: The keys of this generation's keys file, and their numbers.
@@ -95,9 +132,10 @@ class StateFile:
         self._needs_whole = True
         #: What the last snapshot wrote, encoded, for the next one to
         #: write again with only what changed: the buffer's rows by number,
-        #: each held batch by kind (with the batch, to tell it is the same).
+        #: and for "held" and "unsettled" each batch by kind (with the
+        #: batch, to tell it is the same).
         self._buffer_rows: dict = {}
-        self._held_rows: dict = {}
+        self._batch_rows: dict = {}
 
     def _keys_path(self, generation: int) -> str:
         return f"{self.path}.keys.{generation}"
@@ -132,11 +170,13 @@ class StateFile:
     def _save(self, state: State) -> defer.Deferred:
         if state.changes_only and self._needs_whole:
             raise ValueError("this snapshot needs the whole buffer")
+        kept = {"held": state.held, "unsettled": state.unsettled}
         if not state.changes_only:
             # Keys are no longer counted once flushed, so only a whole
             # buffer tells whether most in the keys file are gone.
-            live = {entry.key for batch in [state.buffer, *state.held.values()]
-                    for entry in batch.entries}
+            live = {entry.key for batch in [
+                state.buffer, *state.held.values(), *state.unsettled.values()]
+                for entry in batch.entries}
             if len(self._numbers) > len(live) + _COMPACT_SLACK:
                 self._begin_generation()
             self._needs_whole = False
@@ -145,24 +185,30 @@ class StateFile:
         for entry in state.buffer.entries:
             number = self._numbers[entry.key]
             self._buffer_rows[number] = _row(entry, number)
-        held_rows = {}
-        for kind, batch in state.held.items():
-            saved, rows = self._held_rows.get(kind, (None, None))
-            if saved is not batch:
-                new_keys += self._number(batch.entries)
-                rows = _rows(batch, self._numbers)
-            held_rows[kind] = (batch, rows)
-        self._held_rows = held_rows
+        batch_rows = {}
+        for name, batches in kept.items():
+            batch_rows[name] = {}
+            for kind, batch in batches.items():
+                saved, rows = self._batch_rows.get(name, {}).get(
+                    kind, (None, None))
+                if saved is not batch:
+                    new_keys += self._number(batch.entries)
+                    rows = _rows(batch, self._numbers)
+                batch_rows[name][kind] = (batch, rows)
+        self._batch_rows = batch_rows
         new_keys += self._number(state.bad_input)
         bad_input = [_row(entry, self._numbers[entry.key])
                      for entry in state.bad_input]
         # The rows are handed over as they are: they change only in the
         # next snapshot, which waits for this one to be written.
         snapshot = _Snapshot(
-            self._generation, new_keys,
+            self._generation,
+            None if self._fields is None else list(self._fields),
+            self._wall_offset(), new_keys,
             itertools.chain(self._buffer_rows.values(), bad_input),
             state.buffer.overflow,
-            {kind: rows for kind, (_, rows) in held_rows.items()},
+            {name: {kind: rows for kind, (_, rows) in batches.items()}
+             for name, batches in batch_rows.items()},
             list(state.rate_window))
         writing = self._in_thread(self._write, snapshot)
         writing.addErrback(self._write_failed)
@@ -186,17 +232,18 @@ class StateFile:
         """
         The slow part: append the new keys (encoded one by one, so the
         reactor's thread gets its turns), then write and replace the
-        snapshot.
+        snapshot.  Both files are readable by their owner only: they hold
+        tracebacks.
         """
         keys_path = self._keys_path(snapshot.generation)
         if snapshot.new_keys or not os.path.exists(keys_path):
-            with open(keys_path, "a", encoding="utf-8") as keys:
+            with _private_file(keys_path, os.O_APPEND) as keys:
                 for number, key in snapshot.new_keys:
                     keys.write(_dumps([number, key], key) + "\n")
                 keys.flush()
                 os.fsync(keys.fileno())
         temporary = f"{self.path}.tmp"
-        with open(temporary, "w", encoding="utf-8") as out:
+        with _private_file(temporary, os.O_TRUNC) as out:
             out.writelines(_pieces(snapshot))
             out.flush()
             os.fsync(out.fileno())
@@ -217,12 +264,12 @@ class StateFile:
         """
         self._generation += 1
         self._numbers = {}
-        self._held_rows = {}
+        self._batch_rows = {}
         self._needs_whole = True
 
     def _remove_old_generations(self, generation: int) -> None:
         for path in glob.glob(f"{glob.escape(self.path)}.keys.*"):
-            if path != self._keys_path(generation):
+            if path != self._keys_path(generation) and ".bad-" not in path:
                 try:
                     os.unlink(path)
                 except OSError:
@@ -232,62 +279,209 @@ class StateFile:
         """
         The last snapshot; None if there is none or it is unusable, in which
         case its files are moved aside (never deleted) and the reason logged.
-        Later snapshots go on numbering keys after those read.
+        Keys saved with other fields are read by field name.  Later
+        snapshots go on numbering keys after those read.
         """
         try:
-            with open(self.path, encoding="utf-8") as saved:
-                data = json.load(saved)
-            if data.get("version") != FORMAT_VERSION:
-                raise ValueError(f"unknown format {data.get('version')!r}")
-            generation = int(data["generation"])
-            keys = self._read_keys(generation)
-            state = State(
-                _batch(data["buffer"], keys),
-                {kind: _batch(rows, keys)
-                 for kind, rows in data["held"].items()},
-                [int(count) for count in data["rate_window"]],
-            )
-        except (FileNotFoundError, NotADirectoryError) as error:
-            # No snapshot at all is no trouble (and a directory that cannot
-            # hold one is reported when saving fails); a snapshot without
-            # its keys file is.
-            if error.filename != self.path:
-                self._set_aside(error)
+            data = _read_regular(self.path, _MAX_STATE_BYTES)
+        except (FileNotFoundError, NotADirectoryError):
+            # No snapshot at all is no trouble; a directory that cannot
+            # hold one is reported when saving fails.
             return None
-        except (OSError, ValueError, KeyError, TypeError,
-                AttributeError) as error:
+        except (OSError, ValueError) as error:
+            self._set_aside(error)
+            return None
+        try:
+            state, generation = self._parse(data)
+        # Whatever is wrong with the files, the daemon must start: every
+        # error here is a reason to set them aside, never to stop.
+        except Exception as error:
             self._set_aside(error)
             return None
         self._generation = generation + 1
         return state
 
-    def _read_keys(self, generation: int) -> dict:
-        """Number to key; a line cut short by a crash is not needed."""
+    def _parse(self, data: bytes) -> tuple:
+        """
+        @return: C{(state, generation)} of a snapshot's bytes.
+        @raise Exception: anything; the snapshot is unusable.
+        """
+        snapshot = _loads(data)
+        _check(type(snapshot) is dict, "not a JSON object")
+        version = snapshot.get("version")
+        _check(version in _READABLE_VERSIONS,
+               f"unknown format {version!r}")
+        generation = _count(snapshot.get("generation"), "generation")
+        fields = snapshot.get("fields", self._fields)
+        _check(fields is None or (type(fields) in (list, tuple) and fields
+                                  and all(type(name) is str
+                                          for name in fields)), "bad fields")
+        shift = 0.0
+        if "wall_offset" in snapshot:
+            saved = snapshot["wall_offset"]
+            _check(type(saved) in (int, float) and math.isfinite(saved),
+                   "bad wall_offset")
+            shift = saved - self._wall_offset()
+        batches = {"buffer": snapshot.get("buffer")}
+        for name in ("held", "unsettled"):
+            kept = snapshot.get(name, {})
+            _check(type(kept) is dict, f"bad {name}")
+            for kind, batch in kept.items():
+                batches[(name, kind)] = batch
+        for batch in batches.values():
+            _check(type(batch) is dict and type(batch.get("entries")) is list,
+                   "a batch without entries")
+        wanted = {row[0] for batch in batches.values()
+                  for row in batch["entries"]
+                  if type(row) is list and row and type(row[0]) is int}
+        keys = self._read_keys(generation, wanted,
+                               len(fields) if fields else None)
+        rekey = rekeying(fields, self._fields)
+        read = {name: _batch(batch, keys, rekey, shift)
+                for name, batch in batches.items()}
+        rate_window = snapshot.get("rate_window", [])
+        _check(type(rate_window) is list and len(rate_window) <= 10000,
+               "bad rate_window")
+        state = State(
+            read.pop("buffer"),
+            {kind: batch for (name, kind), batch in read.items()
+             if name == "held"},
+            [_count(count, "a rate_window count") for count in rate_window],
+            unsettled={kind: batch for (name, kind), batch in read.items()
+                       if name == "unsettled"})
+        return state, generation
+
+    def _read_keys(self, generation: int, wanted: set,
+                   length: Optional[int]) -> dict:
+        """
+        Number to key, for the numbers C{wanted}; a line cut short by a
+        crash is not needed.
+
+        @param length: how many fields a key has, if known.
+        """
         keys = {}
-        with open(self._keys_path(generation), encoding="utf-8") as lines:
-            for line in lines:
-                try:
-                    number, key = json.loads(line)
-                except ValueError:
+        with _open_regular(self._keys_path(generation)) as lines:
+            while True:
+                line = lines.readline(_MAX_KEY_LINE_BYTES + 1)
+                if len(line) > _MAX_KEY_LINE_BYTES:
+                    raise _Unusable("a key line is too long")
+                if not line.endswith(b"\n"):
                     break
-                keys[number] = tuple(key)
+                pair = _loads(line)
+                _check(type(pair) is list and len(pair) == 2
+                       and type(pair[0]) is int and type(pair[1]) is list,
+                       "a key line is not [number, key]")
+                number, key = pair
+                if number in wanted:
+                    _check((length is None or len(key) == length) and all(
+                        type(value) in _SCALARS for value in key),
+                        "a key of the wrong shape")
+                    keys[number] = tuple(key)
+        missing = wanted - keys.keys()
+        _check(not missing, f"{len(missing)} keys missing from the keys file")
         return keys
 
     def _set_aside(self, error: Exception) -> None:
         """Move unusable snapshot files out of the way, saying why."""
         suffix = f".bad-{int(self._clock.seconds())}"
         moved = []
-        keys_files = glob.glob(f"{glob.escape(self.path)}.keys.*")
+        keys_files = [path for path in glob.glob(
+            f"{glob.escape(self.path)}.keys.*") if ".bad-" not in path]
         for path in [self.path, *keys_files]:
+            aside = _unused_name(path + suffix)
             try:
-                os.replace(path, path + suffix)
-                moved.append(path + suffix)
+                os.rename(path, aside)
+                moved.append(aside)
             except OSError:
                 pass
+        reason = str(error) or type(error).__name__
         _log.error("STATE_FILE {path} is unusable ({error}); moved to "
                    "{aside}, starting with an empty buffer",
-                   path=self.path, error=error,
+                   path=self.path, error=_one_line(reason)[:200],
                    aside=", ".join(moved) or "nowhere")
+
+
+def _unused_name(path: str) -> str:
+    """C{path}, or C{path.N} for the first N that names nothing yet."""
+    candidates = itertools.chain(
+        [path], (f"{path}.{number}" for number in itertools.count(1)))
+    return next(name for name in candidates if not os.path.lexists(name))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _check(condition: bool, problem: str) -> None:
+    if not condition:
+        raise _Unusable(problem)
+
+
+def _count(value: object, what: str) -> int:
+    """A count as a snapshot holds one: a whole number, 0 or more."""
+    _check(type(value) is int and 0 <= value < 2 ** 63, f"bad {what}")
+    return value
+
+
+def _time(value: object, shift: float) -> float:
+    """A reactor time of a snapshot, moved to this run's clock."""
+    _check(type(value) in (int, float) and 0 <= value <= _LATEST_TIME,
+           "bad time")
+    return min(max(float(value) + shift, 0.0), _LATEST_TIME)
+
+
+def _loads(data: bytes) -> object:
+    """
+    JSON as orjson reads it, or as the standard library does what orjson
+    refuses (NaN, infinities and lone surrogates, which failnozzle writes
+    where datagrams held them); nesting too deep for either is unusable.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(data.decode("utf-8"))
+        except RecursionError:
+            raise _Unusable("nested too deeply") from None
+
+
+def _open_regular(path: str):
+    """
+    Open a file for reading only if it is a regular file: a FIFO or a
+    device in its place would block or never end.
+
+    @raise OSError: it cannot be opened, or is not a regular file.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise _Unusable(f"{path} is not a regular file")
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def _read_regular(path: str, limit: int) -> bytes:
+    """The contents of a regular file of at most C{limit} bytes."""
+    with _open_regular(path) as opened:
+        data = opened.read(limit + 1)
+    _check(len(data) <= limit, f"larger than {limit} bytes")
+    return data
+
+
+def _private_file(path: str, mode_flag: int):
+    """
+    A text file open for writing (C{os.O_APPEND} or C{os.O_TRUNC}) that
+    only its owner may read, whatever the umask and however it was before.
+    """
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | mode_flag, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)
+        return os.fdopen(descriptor, "w", encoding="utf-8")
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 def _pieces(snapshot: _Snapshot) -> Iterator[str]:
@@ -296,16 +490,21 @@ def _pieces(snapshot: _Snapshot) -> Iterator[str]:
     string, which would be copied again to be written.
     """
     yield (f'{{"version": {FORMAT_VERSION}, '
-           f'"generation": {snapshot.generation}, "buffer": {{"entries": [')
+           f'"generation": {snapshot.generation}, '
+           f'"fields": {json.dumps(snapshot.fields)}, '
+           f'"wall_offset": {json.dumps(snapshot.wall_offset)}, '
+           f'"buffer": {{"entries": [')
     rows = iter(snapshot.rows)
     yield next(rows, "")
     for row in rows:
         yield ","
         yield row
-    held = ", ".join(f"{json.dumps(kind)}: {rows}"
-                     for kind, rows in snapshot.held.items())
-    yield (f'], "overflow": {snapshot.overflow}}}, "held": {{{held}}}, '
-           f'"rate_window": {json.dumps(snapshot.rate_window)}}}')
+    yield f'], "overflow": {snapshot.overflow}}}'
+    for name, batches in snapshot.batches.items():
+        kinds = ", ".join(f"{json.dumps(kind)}: {rows}"
+                          for kind, rows in batches.items())
+        yield f', "{name}": {{{kinds}}}'
+    yield f', "rate_window": {json.dumps(snapshot.rate_window)}}}'
 
 
 def _rows(batch: Batch, numbers: dict) -> str:
@@ -346,16 +545,30 @@ def _dumps(value: list, scalars: Iterable) -> str:
     return json.dumps(value)
 
 
-def _batch(rows: dict, keys: dict) -> Batch:
-    """A batch from the rows L{_rows} wrote."""
-    return Batch.of(
-        (Entry(keys[number], {source: int(count) for source, count in sources},
-               float(first), float(last), *_optional_items(optional))
-         for number, sources, first, last, *optional in rows["entries"]),
-        int(rows["overflow"]))
+def _batch(rows: dict, keys: dict, rekey: Callable[[tuple], tuple],
+           shift: float) -> Batch:
+    """
+    A batch from the rows L{_rows} wrote, checked; rows whose keys become
+    one (re-keyed, or repeated) are merged.
+    """
+    entries = tuple(_entry(row, keys, shift) for row in rows["entries"])
+    overflow = _count(rows.get("overflow", 0), "overflow")
+    return Batch(entries, overflow).rekeyed(rekey)
 
 
-def _optional_items(items: list) -> tuple:
-    """The level (or None) and other_sources a row ends with, if any."""
-    level = None if not items or items[0] is None else int(items[0])
-    return (level, int(items[1]) if len(items) > 1 else 0)
+def _entry(row: object, keys: dict, shift: float) -> Entry:
+    _check(type(row) is list and 4 <= len(row) <= 6, "a row of the wrong "
+           "shape")
+    number, sources, first, last, *optional = row
+    _check(type(sources) is list, "bad sources")
+    counts: dict = {}
+    for pair in sources:
+        _check(type(pair) is list and len(pair) == 2
+               and type(pair[0]) in _SCALARS, "bad source")
+        counts[pair[0]] = counts.get(pair[0], 0) + _count(pair[1], "count")
+    level = optional[0] if optional else None
+    _check(level is None or (type(level) is int and 0 <= level <= 7),
+           "bad level")
+    other = _count(optional[1], "other_sources") if len(optional) > 1 else 0
+    return Entry(keys[number], counts, _time(first, shift),
+                 _time(last, shift), level, other)

@@ -6,8 +6,9 @@ The twistd side: command-line options and L{makeService}.
 """
 from __future__ import annotations
 
+import socket
 from functools import partial
-from typing import Any, Callable, Mapping, NoReturn, Optional
+from typing import Any, Mapping, NoReturn, Optional
 
 from twisted.application.service import IService
 from twisted.internet import threads
@@ -16,10 +17,11 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from failnozzle import __version__
+from failnozzle.clock import SteadyClock, steady_reactor
 from failnozzle.config import (ConfigError, Settings, check_settings,
                                load_settings, parse_host_port)
-from failnozzle.ingest import bind_udp_socket
-from failnozzle.mailin import bind_tcp_socket, tls_options
+from failnozzle.listeners import bind_listening, close_all
+from failnozzle.mailin import tls_options
 from failnozzle.service import FailnozzleService, make_renderer, make_transport
 
 _log = Logger()
@@ -169,49 +171,29 @@ def _in_thread_pool(reactor, function, *args) -> Deferred:
                                      function, *args)
 
 
-def _bind(settings, setting: str, bind: Callable[[str, int], object]):
-    """
-    @return: what C{bind(host, port)} returns for the address C{setting}
-        holds: the socket bound there.
-    @raise ConfigError: it cannot be bound.
-    """
-    host, port = getattr(settings, setting)
-    try:
-        return bind(host, port)
-    except OSError as error:
-        raise ConfigError(f"{setting}: cannot listen on {host}:{port}: "
-                          f"{error.strerror}") from None
-
-
 def makeService(options: Options, reactor=None) -> IService:
     """
     Build the daemon from its options.  A wrong setting, or an address
     that cannot be listened on, stops start-up with one line naming the
     setting (SystemExit), never a traceback.
     """
+    wall_offset = lambda: 0.0  # noqa: E731 (a reactor given by a test)
     if reactor is None:
         from twisted.internet import reactor
+        wall_offset = steady_reactor(reactor, SteadyClock())
+    load = partial(load_settings, options["config"], options.overrides)
     try:
-        settings, notices = load_settings(options["config"], options.overrides)
-        sockets = {}
-        bind_udp = partial(bind_udp_socket,
-                           receive_buffer=settings.UDP_RCVBUF)
+        settings, notices = load()
+        sockets = bind_listening(settings)
         try:
-            for setting in ("UDP_BIND", "GELF_BIND"):
-                if getattr(settings, setting) is not None:
-                    sockets[setting], granted = _bind(settings, setting,
-                                                      bind_udp)
-            if settings.SMTP_INGEST_BIND is not None:
-                sockets["SMTP_INGEST_BIND"] = _bind(
-                    settings, "SMTP_INGEST_BIND", bind_tcp_socket)
             service = FailnozzleService(
                 settings, reactor, sockets["UDP_BIND"],
                 in_thread=partial(_in_thread_pool, reactor),
                 gelf_socket=sockets.get("GELF_BIND"),
-                smtp_socket=sockets.get("SMTP_INGEST_BIND"))
+                smtp_socket=sockets.get("SMTP_INGEST_BIND"),
+                wall_offset=wall_offset, reload_settings=load)
         except BaseException:
-            for sock in sockets.values():
-                sock.close()
+            close_all(sockets)
             raise
     except ConfigError as error:
         raise SystemExit(f"failnozzle: {error}") from None
@@ -220,5 +202,7 @@ def makeService(options: Options, reactor=None) -> IService:
     _log.info("UDP receive buffer: asked for {asked} bytes, the kernel "
               "reports {granted} (UDP_RCVBUF; the kernel caps it at "
               "net.core.rmem_max unless run as root)",
-              asked=settings.UDP_RCVBUF, granted=granted)
+              asked=settings.UDP_RCVBUF,
+              granted=sockets["UDP_BIND"].getsockopt(socket.SOL_SOCKET,
+                                                     socket.SO_RCVBUF))
     return service

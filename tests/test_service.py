@@ -14,7 +14,7 @@ from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from failnozzle.config import DEFAULT_MONITORING_ERROR_MARKERS
+from failnozzle.config import ConfigError, DEFAULT_MONITORING_ERROR_MARKERS
 from failnozzle.outbox import MaildirTransport, SMTPTransport
 from failnozzle.service import FailnozzleService, make_transport
 from failnozzle.state import StateFile
@@ -28,7 +28,7 @@ class ServiceTestCase(SynchronousTestCase):
     A started service on a L{MemoryReactorClock} with a L{FakeMailTransport}.
     """
 
-    def start(self, **overrides):
+    def start(self, reload_settings=None, **overrides):
         overrides.setdefault("REPORT_FROM", "nozzle@example.com")
         overrides.setdefault("REPORT_TO", "ops@example.com")
         overrides.setdefault("FLUSH_SECONDS", 60)
@@ -39,9 +39,11 @@ class ServiceTestCase(SynchronousTestCase):
         self.transport = FakeMailTransport()
         udp_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(udp_socket.close)
+        self.overrides = overrides
         self.service = FailnozzleService(make_settings(**overrides),
                                          self.reactor, udp_socket,
-                                         self.transport)
+                                         self.transport,
+                                         reload_settings=reload_settings)
         self.service.startService()
         return self.service
 
@@ -146,7 +148,8 @@ class FlushLoopTests(ServiceTestCase):
 
     def test_failing_flush_keeps_loop(self):
         """
-        An exception in one flush is logged and the loop goes on.
+        An exception in one flush is logged and the loop goes on; the
+        errors of the failed flush are in the next digest.
         """
         self.start(FLUSH_SECONDS=10)
 
@@ -161,7 +164,50 @@ class FlushLoopTests(ServiceTestCase):
         self.receive(record("two"))
         self.reactor.advance(10)
         [(_, _, message)] = self.transport.by_kind("digest")
-        self.assertIn("two", message.get_content())
+        self.assertIn("** 2 instances of 2 unique errors (app) **",
+                      message.get_content())
+
+    def test_failing_partition_gives_batch_back(self):
+        """
+        A flush that fails before any digest is made counts its errors in
+        again, for the next flush.
+        """
+        self.start(FLUSH_SECONDS=10)
+
+        def broken(entry):
+            raise RuntimeError("filter exploded")
+
+        self.service._is_monitoring = broken
+        self.receive(record("one"))
+        self.reactor.advance(10)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.transport.pending, [])
+        del self.service._is_monitoring
+        self.service._is_monitoring = lambda entry: False
+        self.receive(record("two"))
+        self.reactor.advance(10)
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("** 2 instances of 2 unique errors (app) **",
+                      message.get_content())
+
+    def test_failing_snapshot_keeps_loop(self):
+        """
+        An exception while taking a snapshot is logged and the snapshot
+        loop goes on.
+        """
+        self.start(SNAPSHOT_SECONDS=1, FLUSH_SECONDS=3600)
+        calls = []
+
+        def broken():
+            calls.append(1)
+            raise RuntimeError("snapshot exploded")
+
+        self.service.save_state = broken
+        for _ in range(3):
+            self.receive(record("one"))
+            self.reactor.advance(1)
+        self.assertEqual(len(calls), 3)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)
 
     def test_digest_message(self):
         """
@@ -464,6 +510,58 @@ class StopTests(ServiceTestCase):
         self.transport.pending[0][-1].errback(ConnectionRefusedError())
         self.assertIsNone(self.successResultOf(stopped))
 
+    def test_stop_steps_after_failure(self):
+        """
+        A step of the stop that fails is logged and the steps after it
+        are taken all the same: the buffer is still flushed and the
+        snapshot written.
+        """
+        self.start()
+        self.receive(record("buffered"))
+
+        def broken():
+            raise OSError("the port would not close")
+
+        self.service.udp_port.stopListening = broken
+        stopped = self.service.stopService()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("buffered", message.get_content())
+        self.transport.succeed_all()
+        self.assertIsNone(self.successResultOf(stopped))
+        [failure] = self.flushLoggedErrors(OSError)
+        state = StateFile(self.service.settings.STATE_FILE, Clock()).load()
+        self.assertEqual(state.buffer.total, 0)
+
+    def test_held_errors_wait_across_restart(self):
+        """
+        Errors held behind an undelivered digest are not sent as one more
+        digest by the final flush: the snapshot keeps them for the next
+        run, so an outage across a clean restart still gives two digests.
+        """
+        self.start(FLUSH_SECONDS=10)
+        self.receive(record("one"))
+        self.reactor.advance(10)
+        self.receive(record("two"))
+        self.reactor.advance(10)
+        self.receive(record("three"))
+        self.service.stopService()
+        self.assertEqual(len(self.transport.by_kind("digest")), 1)
+        state = StateFile(self.service.settings.STATE_FILE, Clock()).load()
+        self.assertEqual(state.held["digest"].total, 2)
+
+    def test_held_errors_sent_without_snapshots(self):
+        """
+        Without snapshots nothing outlives the run but the spool: the
+        final flush sends the held errors as a digest of their own.
+        """
+        self.start(FLUSH_SECONDS=10, SNAPSHOT_SECONDS=0)
+        self.receive(record("one"))
+        self.reactor.advance(10)
+        self.receive(record("two"))
+        self.reactor.advance(10)
+        self.service.stopService()
+        self.assertEqual(len(self.transport.by_kind("digest")), 2)
+
     def test_stop_empty(self):
         """
         With nothing buffered, stopping sends nothing and ends at once.
@@ -637,3 +735,154 @@ class OutageTests(SynchronousTestCase):
         self.assertEqual(sum(totals), sent)
         self.assertEqual(spooled_most, 1)
         self.assertEqual(service.outbox.spool.waiting.messages(), [])
+
+
+class ReloadTests(ServiceTestCase):
+    """
+    A reload (SIGHUP) takes the config file's new settings and keeps what
+    is counted, held or waiting.
+    """
+
+    def setUp(self):
+        self.given = []
+        self.start(reload_settings=lambda: self.given.pop(0),
+                   FLUSH_SECONDS=60)
+        self.addCleanup(self.service.stopService)
+        self.events = EventLoggingObserver.createWithCleanup(
+            self, globalLogPublisher)
+
+    def reload(self, **changes):
+        """Reload with the settings of start(), changed so."""
+        self.given.append((make_settings(**dict(self.overrides, **changes)),
+                           []))
+        return self.service.reload()
+
+    def digests(self):
+        return [(recipients, message) for _, recipients, message
+                in self.transport.by_kind("digest")]
+
+    def test_recipients_and_templates(self):
+        """
+        New recipients and templates take effect for the errors counted
+        before the reload too.
+        """
+        templates = self.mktemp()
+        os.makedirs(templates)
+        with open(os.path.join(templates, "subject.txt"), "w") as out:
+            out.write("reloaded: {{ total }}")
+        self.receive(record("before"))
+        self.assertTrue(self.reload(REPORT_TO="new@example.com",
+                                    EMAIL_TEMPLATE_DIR=templates,
+                                    EMAIL_SUBJECT_TEMPLATE="subject.txt"))
+        self.receive(record("after"))
+        self.reactor.advance(60)
+        [(recipients, message)] = self.digests()
+        self.assertEqual(recipients, ("new@example.com",))
+        self.assertEqual(message["Subject"], "reloaded: 2")
+        [line] = [e for e in self.events if "Reloaded" in e["log_format"]]
+        self.assertIn("EMAIL_SUBJECT_TEMPLATE", line["names"])
+
+    def test_flush_period(self):
+        """
+        A new FLUSH_SECONDS is the loop's period from the reload on.
+        """
+        self.receive(record("one"))
+        self.reactor.advance(30)
+        self.reload(FLUSH_SECONDS=5)
+        self.reactor.advance(5)
+        self.assertEqual(len(self.digests()), 1)
+
+    def test_unique_fields(self):
+        """
+        With lineno no longer a unique field, errors counted before the
+        reload that differed only by it are one error, counted in full;
+        so are the errors held behind an undelivered digest.
+        """
+        self.receive(record("one", lineno=1))
+        self.reactor.advance(60)
+        self.receive(record("two", lineno=1), record("two", lineno=2))
+        self.reactor.advance(60)
+        self.receive(record("three", lineno=1), record("three", lineno=2))
+        fields = [name for name in self.service.settings.unique_fields
+                  if name != "lineno"]
+        self.assertTrue(self.reload(UNIQUE_MSG_TUPLE=fields))
+        self.transport.succeed_all()
+        self.reactor.advance(60)
+        [_, (_, covering)] = self.digests()
+        body = covering.get_content()
+        self.assertIn("** 4 instances of 2 unique errors (app) **", body)
+        self.assertIn("2X three (in app", body)
+        self.assertIn("2X two (in app", body)
+
+    def test_unusable_config_kept(self):
+        """
+        A config that cannot be used is reported in one line and changes
+        nothing: the running settings go on.
+        """
+        def broken():
+            raise ConfigError("REPORT_TO: 'nobody' is not an email address")
+
+        self.service._reload_settings = broken
+        self.receive(record("kept"))
+        self.assertFalse(self.service.reload())
+        [line] = [e for e in self.events if "Not reloading" in
+                  e["log_format"]]
+        self.assertIn("REPORT_TO", str(line["error"]))
+        self.reactor.advance(60)
+        [(recipients, message)] = self.digests()
+        self.assertEqual(recipients, ("ops@example.com",))
+        self.assertIn("kept", message.get_content())
+
+    def test_template_that_fails_kept(self):
+        """
+        New settings with a template that does not compile are not taken,
+        none of them.
+        """
+        templates = self.mktemp()
+        os.makedirs(templates)
+        with open(os.path.join(templates, "body.txt"), "w") as out:
+            out.write("{% for %}")
+        self.assertFalse(self.reload(REPORT_TO="new@example.com",
+                                     EMAIL_TEMPLATE_DIR=templates,
+                                     EMAIL_BODY_TEMPLATE="body.txt"))
+        self.receive(record("kept"))
+        self.reactor.advance(60)
+        [(recipients, _)] = self.digests()
+        self.assertEqual(recipients, ("ops@example.com",))
+
+    def test_nothing_changed(self):
+        """
+        A reload of the same settings says so and changes nothing.
+        """
+        self.receive(record("one"))
+        self.assertTrue(self.reload())
+        self.assertTrue([e for e in self.events
+                         if "nothing changed" in e["log_format"]])
+        self.reactor.advance(60)
+        self.assertEqual(len(self.digests()), 1)
+
+    def test_snapshots_turned_on(self):
+        """
+        Snapshots turned on by a reload are taken from then on, holding
+        what was counted before.
+        """
+        self.service.stopService()
+        self.start(reload_settings=lambda: self.given.pop(0),
+                   SNAPSHOT_SECONDS=0)
+        self.receive(record("before"))
+        self.reload(SNAPSHOT_SECONDS=1)
+        self.reactor.advance(1)
+        state = StateFile(self.service.settings.STATE_FILE, Clock()).load()
+        self.assertEqual(state.buffer.total, 1)
+
+    def test_sighup_handler(self):
+        """
+        The service reloads on SIGHUP while it runs, and gives the signal
+        back to what had it before once it stops.
+        """
+        import signal
+        self.assertEqual(signal.getsignal(signal.SIGHUP),
+                         self.service._sighup)
+        self.service.stopService()
+        self.assertNotEqual(signal.getsignal(signal.SIGHUP),
+                            self.service._sighup)

@@ -351,3 +351,259 @@ class NoSnapshotTests(SynchronousTestCase):
         states = StateFile(os.path.join(blocker, "state.json"), Clock())
         self.assertIsNone(states.load())
         self.assertEqual(len(events), 0)
+
+
+FIELDS = ("module", "funcName", "message", "exc_text")
+
+
+class HostileFileTests(SynchronousTestCase):
+    """
+    No state or keys file, whatever it holds, keeps a run from starting:
+    each is loaded or set aside with one line, never raises, never hangs.
+    """
+
+    def setUp(self):
+        self.path = self.mktemp()
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)),
+                    exist_ok=True)
+        self.events = EventLoggingObserver.createWithCleanup(
+            self, globalLogPublisher)
+
+    def state_file(self, fields=FIELDS):
+        return StateFile(self.path, Clock(), fields=fields)
+
+    def save_one(self):
+        self.state_file().save(lambda: State(
+            Batch.of([entry("a")]), {"digest": Batch.of([entry("b")])},
+            [1, 2]))
+
+    def assertSetAside(self):
+        self.assertIsNone(self.state_file().load())
+        self.assertFalse(os.path.exists(self.path))
+        self.assertTrue(glob.glob(self.path + ".bad-*"))
+        [event] = [e for e in self.events if "unusable" in e["log_format"]]
+        self.assertIn("STATE_FILE", event["log_format"])
+
+    def write(self, text, path=None):
+        with open(path or self.path, "w") as out:
+            out.write(text)
+
+    def test_deep_nesting(self):
+        """
+        A state file nested deeper than any JSON reader recurses is set
+        aside, not a RecursionError.
+        """
+        self.write("[" * 200000 + "]" * 200000)
+        self.assertSetAside()
+
+    def test_deep_nesting_in_keys(self):
+        """
+        So is a keys file with a deeply nested key.
+        """
+        self.save_one()
+        [keys] = glob.glob(f"{self.path}.keys.*")
+        self.write("[0, " + "[" * 100000 + "]" * 100000 + "]\n", keys)
+        self.assertSetAside()
+
+    def test_infinite_times_and_counts(self):
+        """
+        Infinity or NaN where a time or a count belongs, or a time no date
+        can show, is unusable: it would fail every flush.
+        """
+        for bad in ("Infinity", "NaN", "1e308", "-5", '"x"', "true"):
+            for where in ("first", "count"):
+                self.save_one()
+                self.assertIsNotNone(self.state_file().load())
+                with open(self.path) as saved:
+                    changed = json.load(saved)
+                row = changed["buffer"]["entries"][0]
+                if where == "first":
+                    row[2] = "PLACEHOLDER"
+                else:
+                    row[1][0][1] = "PLACEHOLDER"
+                self.write(json.dumps(changed).replace('"PLACEHOLDER"', bad))
+                self.assertIsNone(self.state_file().load(), (bad, where))
+                self.assertFalse(os.path.exists(self.path))
+
+    def test_wrong_shapes(self):
+        """
+        Every part of a snapshot replaced by a value of another shape
+        gives a snapshot that loads or is set aside; none raises.
+        """
+        self.save_one()
+        with open(self.path) as saved:
+            snapshot = json.load(saved)
+        replacements = [None, 0, -1, 2 ** 80, 1.5, "x", [], {}, [[]],
+                        {"entries": None}, [1, 2, 3, 4, 5, 6, 7]]
+
+        def paths(value, prefix=()):
+            yield prefix
+            items = (value.items() if isinstance(value, dict) else
+                     enumerate(value) if isinstance(value, list) else ())
+            for name, item in items:
+                yield from paths(item, prefix + (name,))
+
+        tried = 0
+        for where in list(paths(snapshot))[1:]:
+            for replacement in replacements:
+                changed = json.loads(json.dumps(snapshot))
+                parent = changed
+                for name in where[:-1]:
+                    parent = parent[name]
+                parent[where[-1]] = replacement
+                self.write(json.dumps(changed))
+                loaded = self.state_file().load()
+                self.assertTrue(loaded is None or isinstance(loaded, State))
+                tried += 1
+                self.save_one()
+        self.assertGreater(tried, 100)
+
+    def test_wrong_key_shapes(self):
+        """
+        A keys file whose lines are not [number, key] of scalars, or whose
+        keys have the wrong number of fields, is set aside.
+        """
+        for line in ('{"a": 1}', '[0]', '[0, "key"]', '[0, [[1], 2]]',
+                     '[0, ["too", "few"]]', '["0", ["a", "b", "c", "d"]]'):
+            self.save_one()
+            [keys] = glob.glob(f"{self.path}.keys.[0-9]")
+            self.write(line + "\n", keys)
+            self.assertIsNone(self.state_file().load(), line)
+            self.assertFalse(os.path.exists(self.path), line)
+
+    def test_fifo(self):
+        """
+        A FIFO where the state file or its keys file should be is set
+        aside at once: opening it for reading would wait forever for a
+        writer.
+        """
+        os.mkfifo(self.path)
+        self.assertSetAside()
+        self.save_one()
+        [keys] = glob.glob(f"{self.path}.keys.*")
+        os.unlink(keys)
+        os.mkfifo(keys)
+        self.assertIsNone(self.state_file().load())
+        self.assertTrue(glob.glob(keys + ".bad-*"))
+
+    def test_directory(self):
+        """
+        A directory where the state file should be is set aside too.
+        """
+        os.mkdir(self.path)
+        self.assertSetAside()
+
+    def test_set_aside_keys_kept(self):
+        """
+        The keys files set aside with a snapshot are not removed by the
+        snapshots written after.
+        """
+        self.save_one()
+        self.write("{not json")
+        self.assertIsNone(self.state_file().load())
+        self.save_one()
+        self.assertEqual(len(glob.glob(self.path + ".keys.*.bad-*")), 1)
+
+
+class RekeyTests(SynchronousTestCase):
+    """
+    Keys saved with other UNIQUE_MSG_TUPLE fields are read by name.
+    """
+
+    def setUp(self):
+        self.path = self.mktemp()
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)),
+                    exist_ok=True)
+
+    def test_fields_changed(self):
+        """
+        A field dropped is gone from every key, one added is None, the
+        order follows the new fields; entries that become one are merged,
+        held batches included.
+        """
+        old = StateFile(self.path, Clock(), fields=FIELDS)
+        old.save(lambda: State(
+            Batch.of([entry("a", {"web1": 2}), entry("b", {"web2": 3})]),
+            {"digest": Batch.of([entry("c", {"web1": 1}, first=0.5)])}))
+        new = StateFile(self.path, Clock(),
+                        fields=("exc_text", "module", "kind"))
+        state = new.load()
+        [merged] = state.buffer.entries
+        self.assertEqual(merged.key, ("Traceback\n" + "x" * 500, "views",
+                                      None))
+        self.assertEqual(merged.sources, {"web1": 2, "web2": 3})
+        [held] = state.held["digest"].entries
+        self.assertEqual(held.key, merged.key)
+        self.assertEqual(held.first_seen, 0.5)
+
+    def test_version_2_same_fields(self):
+        """
+        A snapshot of the previous format, which saved no field names, is
+        read when its keys have as many fields as now.
+        """
+        StateFile(self.path, Clock(), fields=FIELDS).save(
+            lambda: State(Batch.of([entry("a")])))
+        with open(self.path) as saved:
+            snapshot = json.load(saved)
+        snapshot["version"] = 2
+        del snapshot["fields"], snapshot["wall_offset"]
+        with open(self.path, "w") as out:
+            json.dump(snapshot, out)
+        [loaded] = StateFile(self.path, Clock(),
+                             fields=FIELDS).load().buffer.entries
+        self.assertEqual(loaded.key, entry("a").key)
+        self.assertIsNone(StateFile(self.path, Clock(),
+                                    fields=("message",)).load())
+
+
+class KeptStateTests(SynchronousTestCase):
+    """
+    What a snapshot keeps besides the buffer and the held errors.
+    """
+
+    def setUp(self):
+        self.path = self.mktemp()
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)),
+                    exist_ok=True)
+
+    def test_unsettled(self):
+        """
+        Errors whose digest is not yet safe in the spool are saved, and
+        replaced like held batches.
+        """
+        states = StateFile(self.path, Clock())
+        first = Batch.of([entry("unsettled")])
+        states.save(lambda: State(unsettled={"digest": first}))
+        self.assertEqual(StateFile(self.path, Clock()).load().unsettled,
+                         {"digest": first})
+        states.save(lambda: State(changes_only=True))
+        self.assertEqual(StateFile(self.path, Clock()).load().unsettled, {})
+
+    def test_wall_offset(self):
+        """
+        Times are saved with how far wall-clock time was ahead of the
+        clock, and read back moved to the clock of the run reading them,
+        so they still name the same moment.
+        """
+        StateFile(self.path, Clock(), wall_offset=lambda: 100.0).save(
+            lambda: State(Batch.of([entry("a", first=1000.0,
+                                          last=2000.0)])))
+        [loaded] = StateFile(self.path, Clock(),
+                             wall_offset=lambda: -500.0).load().buffer.entries
+        self.assertEqual((loaded.first_seen, loaded.last_seen),
+                         (1600.0, 2600.0))
+
+    def test_private(self):
+        """
+        The state file and its keys file are readable by their owner only,
+        whatever the umask, even if they were not before.
+        """
+        previous = os.umask(0)
+        self.addCleanup(os.umask, previous)
+        with open(self.path, "w"):
+            pass
+        os.chmod(self.path, 0o666)
+        StateFile(self.path, Clock()).save(
+            lambda: State(Batch.of([entry("a")])))
+        for path in [self.path, *glob.glob(f"{self.path}.keys.*")]:
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o600, path)

@@ -286,7 +286,7 @@ class MakeServiceTests(SynchronousTestCase):
 
     def make(self, *argv):
         service = makeService(options(*argv), MemoryReactorClock())
-        for sock, _ in service._listeners:
+        for sock in service._sockets.values():
             self.addCleanup(sock.close)
         return service
 
@@ -301,7 +301,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(service, FailnozzleService)
         self.assertEqual(service.settings.FLUSH_SECONDS, 3)
         self.assertEqual(service.settings.SERVER_NAME, "nozzle1")
-        [(sock, _)] = service._listeners
+        [sock] = service._sockets.values()
         self.assertEqual(sock.getsockname()[0], "127.0.0.1")
 
     def test_gelf_bind(self):
@@ -311,7 +311,7 @@ class MakeServiceTests(SynchronousTestCase):
         """
         path = self.config("GELF_BIND = ('127.0.0.1', 0)\n")
         service = self.make("--config", path, "--udp", "127.0.0.1:0")
-        self.assertEqual(len(service._listeners), 2)
+        self.assertEqual(set(service._sockets), {"UDP_BIND", "GELF_BIND"})
         taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(taken.close)
         taken.bind(("127.0.0.1", 0))
@@ -377,10 +377,9 @@ class SMTPIngestTests(SynchronousTestCase):
         service = makeService(options("--udp", "127.0.0.1:0",
                                       "--smtp-ingest", "127.0.0.1:0"),
                               MemoryReactorClock())
-        sock = service._smtp_socket
-        self.addCleanup(sock.close)
-        for udp_socket, _ in service._listeners:
-            self.addCleanup(udp_socket.close)
+        for bound in service._sockets.values():
+            self.addCleanup(bound.close)
+        sock = service._sockets["SMTP_INGEST_BIND"]
         self.assertEqual(sock.type, socket.SOCK_STREAM)
         with socket.create_connection(sock.getsockname()):
             pass
