@@ -258,7 +258,7 @@ class DigestRenderer:
                                     wall_offset=wall_offset)
         message = build_message(subject=subject, body=body,
                                 wall_offset=wall_offset, **envelope)
-        return message if max_bytes is None else _within(message, max_bytes)
+        return message if max_bytes is None else fit_message(message, max_bytes)
 
     def _render(self, templates: tuple, details: Optional[int],
                 batch: Batch, max_bytes: Optional[int],
@@ -606,10 +606,12 @@ def _set_body(message: EmailMessage, body: str) -> None:
     message.set_content(body, charset="utf-8", cte=_transfer_encoding(body))
 
 
-def _within(message: EmailMessage, max_bytes: int) -> EmailMessage:
+def fit_message(message: EmailMessage, max_bytes: int) -> EmailMessage:
     """
-    C{message}, its body cut at a line if it is larger than C{max_bytes}
-    as it travels: the last guard, as digests are sized to leave room.
+    C{message} (changed in place), its body cut at a line if it is larger
+    than C{max_bytes} as it travels: the last guard of digests, which are
+    sized to leave room, and a way to fit a message made already (a
+    spooled one) to a smaller limit.
     """
     for _ in range(_ATTEMPTS):
         over = len(message.as_bytes()) - max_bytes

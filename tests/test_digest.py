@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from failnozzle.aggregate import Batch, Entry
 from failnozzle.config import ConfigError, UniqueMessage
 from failnozzle.digest import (SUBJECT_MAX_CHARS, DigestRenderer,
-                               build_message, pager_alert)
+                               build_message, fit_message, pager_alert)
 
 
 def at(text):
@@ -999,6 +999,24 @@ class SizeTests(SynchronousTestCase):
             r"^(Ä line\n){2000,}\[\.\.\. the rest of this digest "
             r"\(\d+ lines\) is cut to fit its size limit \.\.\.\]\n$")
         self.assertGreater(len(raw), 45_000)
+
+    def test_fit_message_made(self):
+        """
+        A message made already, as read back from the spool, is cut to a
+        smaller limit, its headers kept.
+        """
+        made = renderer().message(
+            Batch.of([error(n, "x\n" * 20_000) for n in range(5)]),
+            **ENVELOPE)
+        spooled = email.message_from_bytes(
+            made.as_bytes(), _class=email.message.EmailMessage,
+            policy=email.policy.SMTP)
+        fitted = fit_message(spooled, 30_000)
+        self.assertLessEqual(len(fitted.as_bytes()), 30_000)
+        self.assertEqual(fitted["Message-ID"], made["Message-ID"])
+        self.assertTrue(fitted.get_content().startswith(
+            "** 5 instances of 5 unique errors (app) **\n"))
+        self.assertIn("\n[... the rest of this digest (", fitted.get_content())
 
     def test_limit_too_small_logged(self):
         """
