@@ -258,7 +258,9 @@ class DigestRenderer:
                                     wall_offset=wall_offset)
         message = build_message(subject=subject, body=body,
                                 wall_offset=wall_offset, **envelope)
-        return message if max_bytes is None else fit_message(message, max_bytes)
+        if max_bytes is not None:
+            fit_message(message, max_bytes)
+        return message
 
     def _render(self, templates: tuple, details: Optional[int],
                 batch: Batch, max_bytes: Optional[int],
