@@ -373,8 +373,8 @@ class _DigestView:
                 break
             estimate = _bytes_saved(texts, chars, shorter)
             body = _render_body(template, self.context(listed, shorter))
-            saved, size = size, _wire_size(body)
-            chars, scale = shorter, (saved - size) / estimate
+            before, size = size, _wire_size(body)
+            chars, scale = shorter, (before - size) / estimate
             if size <= max_bytes:
                 return body
             if scale <= 0:
