@@ -9,6 +9,8 @@ from __future__ import annotations
 import signal
 import socket
 from dataclasses import dataclass
+from email.message import EmailMessage
+from functools import partial
 from typing import Callable, Optional
 
 from twisted.application.service import Service
@@ -76,7 +78,8 @@ def make_renderer(settings: Settings) -> DigestRenderer:
         settings.EMAIL_TEMPLATE_DIR,
         settings.EMAIL_SUBJECT_TEMPLATE,
         settings.EMAIL_BODY_TEMPLATE,
-        settings.DIGEST_MAX_DETAILS or 100,
+        settings.DIGEST_MAX_DETAILS,
+        settings.MAX_SOURCES_PER_ERROR,
     )
 
 
@@ -648,8 +651,9 @@ class FailnozzleService(Service):
         return sending
 
     def _send_digest(self, route: Route, batch: Batch) -> list:
-        subject, body = self.renderer.render(batch)
-        return self._send(route, subject, body, batch.total)
+        return self._send(route, batch.total, partial(
+            self.renderer.message, batch,
+            max_bytes=self.settings.DIGEST_MAX_BYTES))
 
     def _page(self, total: int) -> list:
         _log.warn("Error rate exceeded: {total} errors in the last {flushes} "
@@ -658,21 +662,25 @@ class FailnozzleService(Service):
         subject, body = pager_alert(self.settings.SERVER_NAME, total,
                                     self.rate_window.size,
                                     self.settings.FLUSH_SECONDS)
-        return self._send(self._routes["pager"], subject, body, total)
+        return self._send(self._routes["pager"], total, partial(
+            build_message, subject=subject, body=body))
 
-    def _send(self, route: Route, subject: str, body: str,
-              count: int) -> list:
+    def _send(self, route: Route, count: int,
+              make_message: Callable[..., EmailMessage]) -> list:
+        """
+        Send the message C{make_message} makes, given the route's envelope,
+        if the route has recipients.
+        """
         if not route.recipients:
             _log.warn("Not sending the {kind} message about {count} errors: "
                       "{setting} is not set", kind=route.kind, count=count,
                       setting=route.setting)
             return []
-        message = build_message(
+        message = make_message(
             sender=route.sender,
             recipients=route.recipients,
-            subject=subject,
-            body=body,
-            date=self._reactor.seconds() + self._wall_offset(),
+            date=self._reactor.seconds(),
+            wall_offset=self._wall_offset(),
             domain=self.settings.SERVER_NAME,
             reply_to=route.reply_to,
             kind=route.kind,

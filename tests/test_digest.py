@@ -5,16 +5,20 @@ import calendar
 import email
 import email.policy
 import os
+import random
+import re
 import time
 from collections import namedtuple
 
+from jinja2 import Template
 from twisted.logger import globalLogPublisher
 from twisted.internet.testing import EventLoggingObserver
 from twisted.trial.unittest import SynchronousTestCase
 
 from failnozzle.aggregate import Batch, Entry
 from failnozzle.config import ConfigError, UniqueMessage
-from failnozzle.digest import DigestRenderer, build_message, pager_alert
+from failnozzle.digest import (SUBJECT_MAX_CHARS, DigestRenderer,
+                               build_message, fit_message, pager_alert)
 
 
 def at(text):
@@ -98,9 +102,129 @@ IOError: [Errno 2] No such file or directory: 'foo.txt'
 """
 
 
+#: The original failnozzle's own templates, byte for byte.
+ORIGINAL_BODY_TEMPLATE = """\
+{%- macro plural(count, singular, plural, show_count=True) -%}
+  {{- count if show_count }} {% if count == 1 -%}
+    {{ singular }}
+  {%- else -%}
+    {{ plural }}
+  {%- endif -%}
+{%- endmacro -%}
+
+** {{ plural(total, 'instance', 'instances') }} of {{ plural(total_unique, \
+'unique error', 'unique errors') }} ({{ ', '.join(kinds) }}) **
+
+========
+Summary:
+========
+{%- for message, info in sorted_counts %}
+{{ info.total }}X {{ message.message }} (in {{ message.kind }}, \
+{{ message.pathname }}:{{ message.lineno }})
+{%- endfor %}
+\x20\x20
+========
+Details:
+========
+{%- for message, info in sorted_counts %}
+Exception #{{ loop.index }} of {{ loop.length }}: {{ info.total }}X \
+{{ message.message }} (in {{ message.kind }}, {{ message.pathname }}:\
+{{ message.lineno }})
+
+Seen between {{ info.first_seen }} to {{ info.last_seen }}
+{%- for source, count in info.sources_sorted %}\x20
+- on {{ source }}, {{ count }}X
+{%- endfor %}
+
+{{ message.exc_text }}
+{%- if not loop.last %}
+----------------------------------------------------------------------
+{% endif -%}
+{%- endfor %}
+[EOM]
+"""
+ORIGINAL_SUBJECT_TEMPLATE = (
+    "{{ server_name }} errors: {{ total }} total, {{ total_unique }} unique "
+    "({{ ', '.join(kinds) }})\n")
+
+#: What the original's templates make of its example (times are aware
+#: UTC datetimes here, naive local ones there).
+ORIGINAL_TEMPLATES_BODY = """\
+** 5 instances of 2 unique errors (service1, service2) **
+
+========
+Summary:
+========
+4X Exception in view: Traceback (most recent call last): (in service1, \
+src/service1/views.py:50)
+1X Could not retrieve file "foo.txt" (in service2, src/service2/files.py:363)
+\x20\x20
+========
+Details:
+========
+Exception #1 of 2: 4X Exception in view: Traceback (most recent call last): \
+(in service1, src/service1/views.py:50)
+
+Seen between 2013-01-09 15:08:41+00:00 to 2013-01-09 15:08:45+00:00\x20
+- on host1, 1X\x20
+- on host2, 3X
+
+%s
+----------------------------------------------------------------------
+
+Exception #2 of 2: 1X Could not retrieve file "foo.txt" (in service2, \
+src/service2/files.py:363)
+
+Seen between 2013-01-09 15:08:41+00:00 to 2013-01-09 15:08:41+00:00\x20
+- on host3, 1X
+
+%s
+[EOM]
+""" % (VIEW_TRACEBACK, FILE_TRACEBACK)
+
+ENVELOPE = dict(sender="nozzle@example.com", recipients=("a@example.com",),
+                date=at("2013-01-09 15:09:00"), domain="nozzle1.example.com")
+
+
 def renderer(template_dir=None, unique_tuple=UniqueMessage, **names):
     return DigestRenderer(unique_tuple, "nozzle1", 10000, template_dir,
                           **names)
+
+
+def error(number, exc_text="trace", kind="app", sources=None, **fields):
+    """An entry of one error numbered C{number}, from host h by default."""
+    key = UniqueMessage("m", "f", "f.py", f"error {number}", "p.py", number,
+                        exc_text, kind)._replace(**fields)
+    return Entry(key, {"h": 1} if sources is None else sources, 0, 0)
+
+
+def write_template(testcase, text, name="body.txt"):
+    """A new template directory holding C{text} as C{name}."""
+    path = testcase.mktemp()
+    os.makedirs(path)
+    with open(os.path.join(path, name), "w") as out:
+        out.write(text)
+    return path
+
+
+def body_bytes(body):
+    """The bytes C{body} takes in a digest as it travels (CRLF line ends)."""
+    payload = build_message(subject="", body=body, **ENVELOPE).get_payload()
+    return len(payload) + payload.count("\n")
+
+
+def not_listed(body):
+    """The numbers of the "N more not listed" line: (instances, errors)."""
+    [(instances, errors)] = re.findall(
+        r"^(\d+)X in (\d+) more unique errors not listed", body, re.M)
+    return int(instances), int(errors)
+
+
+def summary_total(body):
+    """The instances the Summary lines of the errors listed add up to."""
+    summary = body.split("Summary:\n========\n", 1)[1].split("\n\n", 1)[0]
+    return sum(int(count) for count in re.findall(
+        r"^(\d+)X (?!in \d+ more unique errors)", summary, re.M))
 
 
 class DefaultTemplateTests(SynchronousTestCase):
@@ -392,6 +516,26 @@ class MessageTests(SynchronousTestCase):
         self.assertTrue(all(len(line) <= 998 for line in raw.split(b"\r\n")))
         self.assertEqual(message.get_content(), "x" * 5000 + "\n")
 
+    def test_nul_encoded(self):
+        """
+        A NUL, which 7bit may not carry (RFC 2045), makes the body
+        quoted-printable.
+        """
+        raw, message = self.build(body="a\0b\n")
+        self.assertEqual(message["Content-Transfer-Encoding"],
+                         "quoted-printable")
+        self.assertNotIn(b"\0", raw)
+        self.assertEqual(message.get_content(), "a\0b\n")
+
+    def test_wall_offset(self):
+        """
+        The Date header shows the reactor time shifted by the wall-clock
+        offset given.
+        """
+        _, message = self.build(wall_offset=-60)
+        self.assertEqual(message["Date"].datetime.timestamp(),
+                         at("2013-01-09 15:08:00"))
+
 
 class PagerAlertTests(SynchronousTestCase):
     """
@@ -407,3 +551,482 @@ class PagerAlertTests(SynchronousTestCase):
         self.assertEqual(
             body, "Danger: received 120 errors within the alert window "
                   "(the last 5 flushes of 60 s).\n")
+
+
+class LayoutTests(SynchronousTestCase):
+    """
+    What the built-in body shows beyond the original's example.
+    """
+
+    def test_location_unknown(self):
+        """
+        Where a record gave no pathname or lineno, the headline says what
+        is known and no "None".
+        """
+        entries = [error(1, pathname=None, lineno=None),
+                   error(2, lineno=None),
+                   error(3, kind=None, pathname=None)]
+        entries = [Entry(entry.key, {"h": 3 - n}, 0, 0)
+                   for n, entry in enumerate(entries)]
+        _, body = renderer().render(Batch.of(entries))
+        self.assertIn("Summary:\n========\n"
+                      "3X error 1 (in app)\n"
+                      "2X error 2 (in app, p.py)\n"
+                      "1X error 3\n\n", body)
+        self.assertNotIn("None", body)
+
+    def test_other_sources(self):
+        """
+        Instances from hosts past MAX_SOURCES_PER_ERROR are one line after
+        the named hosts, and the totals include them.
+        """
+        entry = Entry(error(1).key, {"web1": 1, "web2": 1}, 0, 0,
+                      other_sources=998000)
+        _, body = DigestRenderer(UniqueMessage, "nozzle1", 10000,
+                                 max_sources=2).render(Batch((entry,)))
+        self.assertIn("** 998002 instances of 1 unique error (app) **", body)
+        self.assertIn(
+            "- on web1, 1X\n- on web2, 1X\n"
+            "- and 998000X on other hosts (only MAX_SOURCES_PER_ERROR = 2 "
+            "are named)\n", body)
+
+    def test_sources_capped_when_shown(self):
+        """
+        An error with more sources than MAX_SOURCES_PER_ERROR (a batch
+        made with a larger cap) names the first ones and counts the rest.
+        """
+        sources = {f"web{n:03d}": 2 for n in range(150)}
+        entry = Entry(error(1).key, sources, 0, 0)
+        _, body = DigestRenderer(UniqueMessage, "nozzle1", 10000,
+                                 max_sources=100).render(Batch((entry,)))
+        self.assertEqual(body.count("\n- on web"), 100)
+        self.assertIn("- on web099, 2X\n- and 100X on other hosts", body)
+        self.assertNotIn("web100", body)
+        self.assertIn("300X error 1", body)
+
+    def test_wall_offset(self):
+        """
+        Times are shown shifted by the wall-clock offset given, for a
+        reactor whose clock is not the wall clock.
+        """
+        _, body = renderer().render(EXAMPLE_BATCH, wall_offset=3600.5)
+        self.assertIn("Seen between 2013-01-09 16:08:41 UTC to "
+                      "2013-01-09 16:08:45 UTC\n", body)
+        message = renderer().message(EXAMPLE_BATCH, wall_offset=3600,
+                                     **ENVELOPE)
+        self.assertIn("16:08:45 UTC\n", message.get_content())
+        self.assertEqual(message["Date"].datetime.timestamp(),
+                         ENVELOPE["date"] + 3600)
+
+    def test_times_no_date_shows(self):
+        """
+        A time no date can show (NaN, far future) is clamped, not an error
+        that costs the digest.
+        """
+        entry = Entry(error(1).key, {"h": 1}, float("nan"), 1e30)
+        _, body = renderer().render(Batch((entry,)))
+        self.assertIn("Seen between 1970-01-01 00:00:00 UTC to "
+                      "9999-12-31 23:59:59 UTC\n", body)
+
+
+class OriginalContextTests(SynchronousTestCase):
+    """
+    Templates written for the original failnozzle work unchanged: they get
+    its whole context.
+    """
+
+    def test_original_templates(self):
+        """
+        The original's own subject and body templates render its example.
+        """
+        path = write_template(self, ORIGINAL_BODY_TEMPLATE,
+                              "body-template.txt")
+        with open(os.path.join(path, "subject-template.txt"), "w") as out:
+            out.write(ORIGINAL_SUBJECT_TEMPLATE)
+        subject, body = renderer(path).render(EXAMPLE_BATCH)
+        self.assertEqual(
+            subject, "nozzle1 errors: 5 total, 2 unique (service1, service2)")
+        self.assertEqual(body, ORIGINAL_TEMPLATES_BODY)
+
+    def test_names_and_methods(self):
+        """
+        What the original's context offered a template: kinds as a
+        collection of strings, info.sources as a dict of source -> count
+        (with the Python 2 methods and 0 for a missing source), the
+        message as a namedtuple, first_seen and last_seen as datetimes.
+        """
+        path = write_template(self, (
+            "{{ server_name }} {{ total }} {{ total_unique }} "
+            "{{ sorted_counts | length }} {{ ', '.join(kinds) }} "
+            "{{ kinds | length }}\n"
+            "{% for message, info in sorted_counts %}"
+            "{{ message._asdict()['kind'] }} {{ message[3] }} "
+            "{{ message._fields | length }} {{ info.total }} "
+            "{{ info.sources.items() | sort | list }} "
+            "{{ info.sources.iteritems() | sort | list }} "
+            "{{ info.sources['nowhere'] }} "
+            "{{ info.sources.has_key('host3') }} "
+            "{{ info.sources | length }} {{ info.sources.values() | sum }} "
+            "{{ info.first_seen.strftime('%H:%M:%S') }} "
+            "{{ (info.last_seen - info.first_seen).seconds }}\n"
+            "{% endfor %}"))
+        _, body = renderer(path, body_template="body.txt").render(
+            EXAMPLE_BATCH)
+        self.assertEqual(body.splitlines(), [
+            "nozzle1 5 2 2 service1, service2 2",
+            "service1 Exception in view: Traceback (most recent call last): "
+            "8 4 [('host1', 1), ('host2', 3)] [('host1', 1), ('host2', 3)] "
+            "0 False 2 4 15:08:41 4",
+            'service2 Could not retrieve file "foo.txt" 8 1 [(\'host3\', 1)] '
+            "[('host3', 1)] 0 True 1 1 15:08:41 0",
+        ])
+
+    def test_additions(self):
+        """
+        Beside the original's names, templates get the level, the
+        instances from hosts not named and the ready kinds summary.
+        """
+        path = write_template(self, (
+            "{{ kinds_summary }} {{ max_sources }}\n"
+            "{% for message, info in sorted_counts %}"
+            "{{ info.level }} {{ info.level_name }} {{ info.other_sources }} "
+            "{{ info.total }}\n{% endfor %}"))
+        entry = Entry(error(1).key, {"h": 2}, 0, 0, 3, other_sources=5)
+        _, body = renderer(path, body_template="body.txt").render(
+            Batch((entry,)))
+        self.assertEqual(body, "app 100\n3 error 5 7\n")
+
+
+class DetailsTests(SynchronousTestCase):
+    """
+    How many errors the templates list in full (DIGEST_MAX_DETAILS).
+    """
+
+    batch = Batch.of([Entry(error(n).key, {"h": 200 - n}, 0, 0)
+                      for n in range(120)])
+
+    def test_custom_template_gets_every_error(self):
+        """
+        A custom body template gets every kept error when
+        DIGEST_MAX_DETAILS is not set.
+        """
+        path = write_template(
+            self, "{{ sorted_counts | length }} {{ not_listed_unique }}")
+        _, body = renderer(path, body_template="body.txt").render(self.batch)
+        self.assertEqual(body, "120 0\n")
+
+    def test_max_details_for_custom_template(self):
+        """
+        DIGEST_MAX_DETAILS, when set, limits a custom template too.
+        """
+        path = write_template(
+            self, "{{ sorted_counts | length }} {{ not_listed_unique }} "
+                  "{{ not_listed_total }} {{ max_details }}")
+        _, body = renderer(path, body_template="body.txt",
+                           max_details=5).render(self.batch)
+        self.assertEqual(body, f"5 115 {sum(range(81, 196))} 5\n")
+
+    def test_builtin_lists_100(self):
+        """
+        The built-in body lists 100 errors in full by default and counts
+        the rest in one line.
+        """
+        _, body = renderer().render(self.batch)
+        self.assertIn("Exception #100 of 100: 101X error 99 ", body)
+        self.assertIn(f"\n{sum(range(81, 101))}X in 20 more unique errors "
+                      "not listed (DIGEST_MAX_DETAILS = 100)\n", body)
+
+    def test_fallback_lists_100(self):
+        """
+        A custom template that fails falls back to the built-in one, which
+        lists 100.
+        """
+        path = write_template(self, "{{ total / 0 }}")
+        _, body = renderer(path, body_template="body.txt").render(self.batch)
+        self.flushLoggedErrors(ZeroDivisionError)
+        self.assertIn("Exception #100 of 100:", body)
+
+
+class SubjectTests(SynchronousTestCase):
+    """
+    Subjects stay one readable line within SMTP's limits.
+    """
+
+    def test_kinds_cut(self):
+        """
+        The built-in subject lists the kinds that fit and says how many
+        more there are; the totals stay exact.
+        """
+        batch = Batch.of([error(n, kind=f"kind-{n:04d}") for n in range(2000)])
+        subject, body = renderer().render(batch)
+        kinds = ", ".join(f"kind-{n:04d}" for n in range(8))
+        self.assertEqual(subject, f"nozzle1 errors: 2000 total, 2000 unique "
+                                  f"({kinds} +1992 more)")
+        self.assertIn(f"** 2000 instances of 2000 unique errors ({kinds} "
+                      "+1992 more) **", body)
+
+    def test_long_kind(self):
+        """
+        A kind too long for the subject is shortened rather than left out.
+        """
+        batch = Batch.of([error(1, kind="k" * 5000), error(2, kind="z")])
+        subject, _ = renderer().render(batch)
+        self.assertEqual(subject, "nozzle1 errors: 2 total, 2 unique "
+                                  f"({'k' * 89}... +1 more)")
+
+    def test_custom_subject_capped(self):
+        """
+        Whatever a custom subject template renders, the subject is one
+        line of at most SUBJECT_MAX_CHARS.
+        """
+        path = write_template(self, "{{ ', '.join(kinds) }}\n" * 3,
+                              "subject.txt")
+        batch = Batch.of([error(n, kind=f"kind-{n}\nx" * 50)
+                          for n in range(2000)])
+        subject, _ = renderer(path, subject_template="subject.txt").render(
+            batch)
+        self.assertEqual(len(subject), SUBJECT_MAX_CHARS)
+        self.assertTrue(subject.startswith("kind-0 xkind-0 x"), subject)
+        self.assertTrue(subject.endswith(" ..."), subject)
+
+    def test_encoded_words_literal(self):
+        """
+        An encoded word in a kind is shown as it is, never decoded into
+        the header, where its line break would start another header.
+        """
+        kind = "=?utf-8?q?=0D=0ABcc:_evil@example.com?="
+        subject, body = renderer().render(Batch((error(1, kind=kind),)))
+        message = build_message(subject=subject, body=body, **ENVELOPE)
+        raw = message.as_bytes()
+        self.assertNotIn(b"\nBcc:", raw)
+        parsed = email.message_from_bytes(raw, policy=email.policy.default)
+        self.assertIsNone(parsed["Bcc"])
+        self.assertEqual(parsed["Subject"].replace("\N{ZERO WIDTH SPACE}", ""),
+                         f"nozzle1 errors: 1 total, 1 unique ({kind})")
+
+    def test_control_characters(self):
+        """
+        Control characters in a subject are replaced: a NUL would have a
+        server refuse the digest.
+        """
+        subject, body = renderer().render(
+            Batch((error(1, kind="a\x00b\x1bc\x85d"),)))
+        self.assertTrue(subject.endswith("(a?b?c d)"), subject)
+        raw = build_message(subject=subject, body=body, **ENVELOPE).as_bytes()
+        self.assertNotIn(b"\0", raw)
+
+
+class SizeTests(SynchronousTestCase):
+    """
+    A digest always fits DIGEST_MAX_BYTES (or the smaller limit a server
+    gives), as it travels, headers and transfer encoding included.
+    """
+
+    def message(self, batch, max_bytes, renderer=None, **envelope):
+        envelope = dict(ENVELOPE, **envelope)
+        message = (renderer or globals()["renderer"]()).message(
+            batch, max_bytes=max_bytes, **envelope)
+        raw = message.as_bytes()
+        self.assertLessEqual(len(raw), max_bytes)
+        return message, raw
+
+    def test_fitting_digest_unchanged(self):
+        """
+        A digest within the limit is as it would be without one.
+        """
+        message, _ = self.message(EXAMPLE_BATCH, 2_000_000)
+        self.assertEqual(message.get_content(), EXAMPLE_BODY)
+
+    def test_long_traceback_cut(self):
+        """
+        A traceback too long for the limit keeps its head and its tail,
+        whole lines around a marker saying how many characters are cut;
+        the other errors are shown as they are.
+        """
+        frames = "".join(f'  File "app.py", line {n}, in f{n}\n    f()\n'
+                         for n in range(100_000))
+        traceback = ("Traceback (most recent call last):\n" + frames
+                     + "ValueError: the end")
+        batch = Batch.of([error(1, traceback, sources={"h": 5}),
+                          error(2, FILE_TRACEBACK)])
+        message, _ = self.message(batch, 200_000)
+        body = message.get_content()
+        shown = body.split("- on h, 5X\n\n", 1)[1].split(
+            "\n------", 1)[0]
+        self.assertTrue(shown.startswith(
+            'Traceback (most recent call last):\n  File "app.py", line 0, '
+            "in f0\n"), shown[:200])
+        self.assertTrue(shown.endswith("    f()\nValueError: the end"))
+        [(head, cut, tail)] = re.findall(
+            r"(.*)\n\[\.\.\. (\d+) characters cut here to fit the digest's "
+            r"size limit \.\.\.\]\n(.*)", shown, re.S)
+        self.assertEqual(len(head) + int(cut) + len(tail), len(traceback))
+        self.assertTrue(traceback.startswith(head + "\n"))
+        self.assertTrue(traceback.endswith("\n" + tail))
+        self.assertIn("\n" + FILE_TRACEBACK + "\n", body)
+        self.assertIn("** 6 instances of 2 unique errors (app) **", body)
+        self.assertGreater(len(body), 150_000)
+
+    def test_fewer_errors_listed(self):
+        """
+        When shortened tracebacks are still too many, fewer errors are
+        listed in full; the totals and the "not listed" line stay exact.
+        """
+        batch = Batch.of([error(n, f"line {n}\n" * 3000,
+                                sources={"h": 100 - n}) for n in range(50)])
+        message, _ = self.message(batch, 60_000)
+        body = message.get_content()
+        instances, errors = not_listed(body)
+        listed = body.count("\nException #")
+        self.assertGreater(listed, 5)
+        self.assertEqual(listed + errors, 50)
+        self.assertEqual(summary_total(body) + instances, batch.total)
+        self.assertIn("** 3775 instances of 50 unique errors (app) **", body)
+        self.assertIn("errors not listed (to fit the digest's size limit)",
+                      body)
+        self.assertTrue(body.endswith("[EOM]\n"))
+
+    def test_quoted_printable_growth(self):
+        """
+        Non-ASCII text, which grows threefold and more when encoded as
+        quoted-printable, is measured as it travels.
+        """
+        batch = Batch.of([error(n, "Ärger ☃ 😀 = \t \n" * 20_000)
+                          for n in range(3)])
+        message, raw = self.message(batch, 300_000)
+        self.assertEqual(message["Content-Transfer-Encoding"],
+                         "quoted-printable")
+        self.assertIn("characters cut here", message.get_content())
+        self.assertGreater(len(raw), 250_000)
+
+    def test_limit_per_call(self):
+        """
+        The limit is given with each digest, as a server's SIZE may lower
+        it.
+        """
+        batch = Batch.of([error(n, "x" * 50_000) for n in range(10)])
+        digests = renderer()
+        _, large = self.message(batch, 400_000, digests)
+        _, small = self.message(batch, 100_000, digests)
+        self.assertGreater(len(large), 300_000)
+        self.assertGreater(len(small), 75_000)
+
+    def test_headers_counted(self):
+        """
+        Long headers (many recipients) leave less room to the body.
+        """
+        recipients = [f"someone.{n}@example.com" for n in range(100)]
+        batch = Batch.of([error(n, "x" * 5000) for n in range(20)])
+        message, _ = self.message(batch, 20_000, recipients=recipients)
+        self.assertEqual(len(message["To"].addresses), 100)
+
+    def test_render_bounds_body(self):
+        """
+        render's max_bytes bounds the body as it travels, whatever it
+        holds: escapes, spaces at line ends, long lines, NUL.
+        """
+        chooser = random.Random(9)
+        pieces = ["a", "=", " ", "\t", "\n", "Ä", "😀", "\0", "x" * 1200]
+        batch = Batch.of([
+            error(n, "".join(chooser.choices(pieces, k=10_000)))
+            for n in range(20)])
+        digests = renderer()
+        for max_bytes in (3_000, 40_000, 250_000, 1_000_000):
+            _, body = digests.render(batch, max_bytes=max_bytes)
+            self.assertLessEqual(body_bytes(body), max_bytes)
+            self.assertGreater(body_bytes(body), max_bytes * 0.8)
+
+    def test_custom_template_cut_at_line(self):
+        """
+        A custom template that prints more than any shortening can spare
+        has its body cut at a line, with a marker that says so.
+        """
+        path = write_template(
+            self, "{% for n in range(20000) %}line {{ n }}\n{% endfor %}")
+        message, _ = self.message(
+            EXAMPLE_BATCH, 20_000, renderer(path, body_template="body.txt"))
+        body = message.get_content()
+        lines = body.splitlines()
+        self.assertEqual(lines[:2], ["line 0", "line 1"])
+        kept = len(lines) - 1
+        self.assertEqual(lines[-2], f"line {kept - 1}")
+        self.assertEqual(lines[-1], f"[... the rest of this digest "
+                                    f"({20000 - kept} lines) is cut to fit "
+                                    f"its size limit ...]")
+
+    def test_one_huge_line(self):
+        """
+        Even one line larger than the limit is cut.
+        """
+        path = write_template(self, "{{ 'x' * 1000000 }}")
+        message, _ = self.message(
+            EXAMPLE_BATCH, 50_000, renderer(path, body_template="body.txt"))
+        self.assertTrue(message.get_content().endswith(
+            "x\n[... the rest of this digest (1 line) is cut to fit its size "
+            "limit ...]\n"))
+
+    def test_few_renders(self):
+        """
+        Fitting 2,000 errors takes a few renders, not one per error.
+        """
+        renders = []
+        original = Template.render
+
+        def counting(template, *args, **kwargs):
+            renders.append(template)
+            return original(template, *args, **kwargs)
+
+        self.patch(Template, "render", counting)
+        path = write_template(
+            self, "{% for message, info in sorted_counts %}"
+                  "{{ message.exc_text }}\n{% endfor %}")
+        batch = Batch.of([error(n, f"{n}\n" * (2000 + n))
+                          for n in range(2000)])
+        self.message(batch, 100_000, renderer(path, body_template="body.txt"))
+        self.assertLessEqual(len(renders), 10)
+
+    def test_message_guard(self):
+        """
+        Whatever body rendering gave, the message is cut to the limit at
+        a line: the last guard under the estimates.
+        """
+        digests = renderer()
+        self.patch(digests, "render",
+                   lambda batch, **options: ("s", "Ä line\n" * 100_000))
+        message, raw = self.message(EXAMPLE_BATCH, 50_000, digests)
+        self.assertRegex(
+            message.get_content(),
+            r"^(Ä line\n){2000,}\[\.\.\. the rest of this digest "
+            r"\(\d+ lines\) is cut to fit its size limit \.\.\.\]\n$")
+        self.assertGreater(len(raw), 45_000)
+
+    def test_fit_message_made(self):
+        """
+        A message made already, as read back from the spool, is cut to a
+        smaller limit, its headers kept.
+        """
+        made = renderer().message(
+            Batch.of([error(n, "x\n" * 20_000) for n in range(5)]),
+            **ENVELOPE)
+        spooled = email.message_from_bytes(
+            made.as_bytes(), _class=email.message.EmailMessage,
+            policy=email.policy.SMTP)
+        fitted = fit_message(spooled, 30_000)
+        self.assertLessEqual(len(fitted.as_bytes()), 30_000)
+        self.assertEqual(fitted["Message-ID"], made["Message-ID"])
+        self.assertTrue(fitted.get_content().startswith(
+            "** 5 instances of 5 unique errors (app) **\n"))
+        self.assertIn("\n[... the rest of this digest (", fitted.get_content())
+
+    def test_limit_too_small_logged(self):
+        """
+        A limit smaller than the headers themselves cannot be met: that is
+        said in one line, and the smallest digest is made.
+        """
+        events = EventLoggingObserver.createWithCleanup(self,
+                                                        globalLogPublisher)
+        message = renderer().message(EXAMPLE_BATCH, max_bytes=100, **ENVELOPE)
+        [event] = [e for e in events if e["log_level"].name == "error"]
+        self.assertIn("cannot be made to fit", event["log_format"])
+        self.assertTrue(message.get_content().startswith(
+            "[... the rest of this digest"))

@@ -28,7 +28,8 @@ class ServiceTestCase(SynchronousTestCase):
     A started service on a L{MemoryReactorClock} with a L{FakeMailTransport}.
     """
 
-    def start(self, reload_settings=None, **overrides):
+    def start(self, reload_settings=None, wall_offset=lambda: 0.0,
+              **overrides):
         overrides.setdefault("REPORT_FROM", "nozzle@example.com")
         overrides.setdefault("REPORT_TO", "ops@example.com")
         overrides.setdefault("FLUSH_SECONDS", 60)
@@ -43,7 +44,8 @@ class ServiceTestCase(SynchronousTestCase):
         self.service = FailnozzleService(make_settings(**overrides),
                                          self.reactor, udp_socket,
                                          self.transport,
-                                         reload_settings=reload_settings)
+                                         reload_settings=reload_settings,
+                                         wall_offset=wall_offset)
         self.service.startService()
         return self.service
 
@@ -146,6 +148,21 @@ class FlushLoopTests(ServiceTestCase):
                       "1970-01-01 00:00:51 UTC\n- on web1, 5X\n", body)
         self.assertIn("- on web2, 5X\n", body)
 
+    def test_wall_clock_times(self):
+        """
+        Times people read (the Date header, first and last seen) are in
+        wall-clock time: the reactor's, moved by the offset of the wall
+        clock (as after an NTP step).
+        """
+        self.start(FLUSH_SECONDS=10, wall_offset=lambda: -3600.0)
+        self.reactor.advance(7200)
+        self.receive(record("one"))
+        self.reactor.advance(10)
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertEqual(message["Date"], "Thu, 01 Jan 1970 01:00:10 +0000")
+        self.assertIn("Seen between 1970-01-01 01:00:00 UTC to "
+                      "1970-01-01 01:00:00 UTC", message.get_content())
+
     def test_failing_flush_keeps_loop(self):
         """
         An exception in one flush is logged and the loop goes on; the
@@ -153,7 +170,7 @@ class FlushLoopTests(ServiceTestCase):
         """
         self.start(FLUSH_SECONDS=10)
 
-        def broken(batch):
+        def broken(batch, **options):
             raise RuntimeError("render exploded")
 
         self.service.renderer.render = broken
@@ -244,6 +261,44 @@ class FlushLoopTests(ServiceTestCase):
         self.assertIn("1X Internal error: datagram is not valid UTF-8", body)
 
 
+class DigestLimitTests(ServiceTestCase):
+    """
+    DIGEST_MAX_BYTES and DIGEST_MAX_DETAILS reach the digests.
+    """
+
+    def test_digest_max_bytes(self):
+        """
+        A digest of errors larger in all than DIGEST_MAX_BYTES is made to
+        fit, its totals exact.
+        """
+        self.start(DIGEST_MAX_BYTES=20_000)
+        self.receive(*(record(f"boom {n}", exc_text=f"line {n}\n" * 600)
+                       for n in range(30)))
+        self.service.flush()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertLessEqual(len(message.as_bytes()), 20_000)
+        self.assertIn("** 30 instances of 30 unique errors (app) **",
+                      message.get_content())
+
+    def test_custom_template_every_error(self):
+        """
+        With DIGEST_MAX_DETAILS unset, a custom body template gets every
+        error; set, it gets that many.
+        """
+        templates = self.mktemp()
+        os.makedirs(templates)
+        with open(os.path.join(templates, "body.txt"), "w") as out:
+            out.write("{{ sorted_counts | length }} listed")
+        for details, listed in ((None, 120), (7, 7)):
+            self.start(EMAIL_TEMPLATE_DIR=templates,
+                       EMAIL_BODY_TEMPLATE="body.txt",
+                       DIGEST_MAX_DETAILS=details)
+            self.receive(*(record(f"boom {n}") for n in range(120)))
+            self.service.flush()
+            [(_, _, message)] = self.transport.by_kind("digest")
+            self.assertEqual(message.get_content(), f"{listed} listed\n")
+
+
 class OddTextTests(ServiceTestCase):
     """
     Text that is valid JSON but not encodable as UTF-8.
@@ -288,7 +343,7 @@ class GELFTests(ServiceTestCase):
         self.service.flush()
         [(_, _, message)] = self.transport.by_kind("digest")
         body = message.get_content()
-        self.assertIn("3X disk full (in storage, None:None)", body)
+        self.assertIn("3X disk full (in storage)\n", body)
         self.assertIn("UTC\nLevel: error (3)\n- on web7, 3X", body)
         self.assertIn("1X fine", body)
         self.assertEqual(body.count("Level:"), 1)
