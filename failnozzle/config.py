@@ -641,7 +641,9 @@ _CHECKS: Mapping[str, Checker] = {
     "PAGER_LIMIT": _count(2**63 - 1),
     "MAX_UNIQUE_MESSAGES": _count(1_000_000),
     "DIGEST_MAX_DETAILS": _optional_count(1_000_000),
-    "DIGEST_MAX_BYTES": _count(100_000_000),
+    # Below 10 kB the headers and a summary line may not fit.
+    "DIGEST_MAX_BYTES": partial(_number, integer=True, minimum=10_000,
+                                maximum=100_000_000),
     "UNIQUE_MSG_TUPLE": _unique_tuple,
     "SOURCE_FIELD_NAME": _string,
     "GELF_DEFAULT_KIND": _string,

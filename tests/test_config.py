@@ -1198,6 +1198,16 @@ class BoundsTests(ConfigTestCase):
             self.assertConfigError(f"{name} = {largest + 1}\n", name,
                                    f"at most {largest}")
 
+    def test_digest_max_bytes_floor(self):
+        """
+        DIGEST_MAX_BYTES below 10,000 is refused: the headers and the
+        summary line of a digest may not fit in less.
+        """
+        self.assertEqual(self.load("DIGEST_MAX_BYTES = 10000\n")[0]
+                         .DIGEST_MAX_BYTES, 10000)
+        self.assertConfigError("DIGEST_MAX_BYTES = 9999\n",
+                               "DIGEST_MAX_BYTES", "at least 10000")
+
     def test_absurd_byte_limit(self):
         """
         SMTP_INGEST_MAX_BYTES = 2**40, which the mail server would
