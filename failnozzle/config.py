@@ -61,8 +61,9 @@ class ConfigError(Exception):
 class Settings:
     """
     Every setting with its default.  Addresses are tuples of strings, however
-    they were written; L{load_settings} fills in what is derived (SMTP_TLS,
-    the sender and recipient defaults of maildir mode).
+    they were written; L{load_settings} fills in what is derived (the
+    sender and recipient defaults of maildir mode).  SMTP_TLS None means
+    found out when sending (see L{failnozzle.outbox.SMTPTransport}).
     """
 
     UDP_BIND: tuple = ("127.0.0.1", 1549)
@@ -560,9 +561,6 @@ def load_settings(
 def _complete(settings: Settings, notices: list) -> Settings:
     """Check settings that depend on each other; fill in derived values."""
     changes: dict = {}
-    if settings.SMTP_TLS is None:
-        changes["SMTP_TLS"] = ("implicit" if settings.SMTP_PORT == 465
-                               else "starttls")
     if settings.smtp_enabled:
         for name in ("REPORT_FROM", "REPORT_TO"):
             if not getattr(settings, name):
@@ -576,8 +574,9 @@ def _complete(settings: Settings, notices: list) -> Settings:
     if settings.RETRY_MAX_SECONDS < settings.RETRY_MIN_SECONDS:
         raise ConfigError("RETRY_MAX_SECONDS must not be less than "
                           "RETRY_MIN_SECONDS")
-    tls = changes.get("SMTP_TLS", settings.SMTP_TLS)
-    if settings.smtp_enabled and settings.SMTP_USER and tls == "off":
+    # Unset, SMTP_TLS is found out, and never falls back to clear text.
+    if (settings.smtp_enabled and settings.SMTP_USER
+            and settings.SMTP_TLS == "off"):
         notices.append("SMTP_USER is set with SMTP_TLS = 'off': the password "
                        "crosses the network in clear")
     if (settings.SMTP_INGEST_BIND and settings.SMTP_INGEST_USERS

@@ -26,6 +26,7 @@ from failnozzle.mailin import MailIngest, tls_options
 from failnozzle.outbox import MaildirTransport, Outbox, SMTPTransport
 from failnozzle.spool import Spool
 from failnozzle.state import State, StateFile
+from failnozzle.writer import InlineWriter, Writer
 
 _log = Logger()
 
@@ -41,10 +42,14 @@ class Route:
     reply_to: tuple
 
 
-def make_transport(settings: Settings, reactor):
-    """The SMTP transport if an SMTP server is configured, else the maildir."""
+def make_transport(settings: Settings, reactor,
+                   writer: Optional[Writer] = None):
+    """
+    The SMTP transport if an SMTP server is configured, else the maildir
+    (written with C{writer}).
+    """
     if not settings.smtp_enabled:
-        return MaildirTransport(settings.MAILDIR, reactor)
+        return MaildirTransport(settings.MAILDIR, reactor, writer)
     return SMTPTransport(
         reactor,
         settings.SMTP_HOST,
@@ -92,25 +97,29 @@ class FailnozzleService(Service):
                  transport: Optional[object] = None,
                  in_thread: Optional[Callable[..., defer.Deferred]] = None,
                  gelf_socket: Optional[socket.socket] = None,
-                 smtp_socket: Optional[socket.socket] = None) -> None:
+                 smtp_socket: Optional[socket.socket] = None,
+                 writer: Optional[Writer] = None) -> None:
         """
         @param udp_socket: the bound socket errors arrive on (see
             L{failnozzle.ingest.bind_udp_socket}); the service adopts it
             when it starts.
         @param transport: where mail goes; by default the one the settings
             describe.
-        @param in_thread: runs blocking file writes (snapshots) off the
-            reactor, such as C{threads.deferToThread}; by default they run
-            on it.
+        @param in_thread: runs the snapshots' writes; by default C{writer}.
         @param gelf_socket: a second bound socket (GELF_BIND), read the
             same way: both take GELF and failnozzle's JSON.
         @param smtp_socket: a bound, listening TCP socket (SMTP_INGEST_BIND,
             see L{failnozzle.mailin.bind_tcp_socket}) to receive errors by
             mail on.
+        @param writer: runs the disk writes (spool, maildir, snapshots),
+            started and stopped with the service: a
+            L{failnozzle.writer.DiskWriter}; by default they run at once,
+            on the reactor.
         @raise ConfigError: SMTP_INGEST_TLS_CERT or _KEY is unusable.
         """
         self.settings = settings
         self._reactor = reactor
+        self.writer = writer or InlineWriter()
         self.udp_port = None
         self._gelf = GELFDecoder(reactor,
                                  source_field=settings.SOURCE_FIELD_NAME,
@@ -147,12 +156,13 @@ class FailnozzleService(Service):
             settings.DIGEST_MAX_DETAILS or 100,
         )
         self.outbox = Outbox(
-            transport or make_transport(settings, reactor),
+            transport or make_transport(settings, reactor, self.writer),
             Spool(settings.SPOOL_DIR, reactor), reactor,
             settings.RETRY_MIN_SECONDS, settings.RETRY_MAX_SECONDS,
-            settings.SPOOL_LIFETIME_SECONDS)
+            settings.SPOOL_LIFETIME_SECONDS, self.writer,
+            settings.DIGEST_MAX_BYTES)
         self.state_file = (StateFile(settings.STATE_FILE, reactor,
-                                     in_thread or defer.maybeDeferred)
+                                     in_thread or self.writer.run)
                            if settings.SNAPSHOT_SECONDS else None)
         self._state_unwritable = False
         #: Who waits for the snapshot that has not begun yet, if one is
@@ -195,6 +205,7 @@ class FailnozzleService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.writer.start()
         transport = self.outbox.transport
         if isinstance(transport, MaildirTransport):
             _prepare(transport, "MAILDIR", "digests cannot be written")
@@ -266,6 +277,7 @@ class FailnozzleService(Service):
         stopped.addCallback(lambda _: self.outbox.stop(
             self.settings.SHUTDOWN_TIMEOUT_SECONDS))
         stopped.addCallback(lambda _: self.save_state())
+        stopped.addCallback(lambda _: self.writer.stop())
         if self.mail is not None:
             stopped.addCallback(lambda _: self.mail.hang_up())
         stopped.addCallback(lambda _: _log.info("failnozzle stopped"))
@@ -430,7 +442,7 @@ class FailnozzleService(Service):
             reply_to=route.reply_to,
             kind=route.kind,
         )
-        return [self.outbox.send(message)]
+        return [self.outbox.send(message).outcome]
 
 
 def _prepare(directory, setting: str, consequence: str) -> None:

@@ -9,8 +9,6 @@ from functools import partial
 from typing import Callable, Optional
 
 from twisted.application.service import IService
-from twisted.internet import threads
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -18,6 +16,7 @@ from failnozzle.config import ConfigError, load_settings, parse_host_port
 from failnozzle.ingest import bind_udp_socket
 from failnozzle.mailin import bind_tcp_socket
 from failnozzle.service import FailnozzleService
+from failnozzle.writer import DiskWriter
 
 _log = Logger()
 
@@ -81,12 +80,6 @@ def _host_port(option: str, text: str,
         raise usage.UsageError(f"{option}: {error}") from None
 
 
-def _in_thread_pool(reactor, function, *args) -> Deferred:
-    """Run blocking work in the reactor's thread pool."""
-    return threads.deferToThreadPool(reactor, reactor.getThreadPool(),
-                                     function, *args)
-
-
 def _bind(settings, setting: str, bind: Callable[[str, int], object]):
     """
     @return: what C{bind(host, port)} returns for the address C{setting}
@@ -124,7 +117,7 @@ def makeService(options: Options, reactor=None) -> IService:
                     settings, "SMTP_INGEST_BIND", bind_tcp_socket)
             service = FailnozzleService(
                 settings, reactor, sockets["UDP_BIND"],
-                in_thread=partial(_in_thread_pool, reactor),
+                writer=DiskWriter(reactor),
                 gelf_socket=sockets.get("GELF_BIND"),
                 smtp_socket=sockets.get("SMTP_INGEST_BIND"))
         except BaseException:

@@ -12,22 +12,48 @@ from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.internet.testing import (EventLoggingObserver, MemoryReactorClock,
                                       StringTransport)
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from failnozzle.digest import build_message
-from failnozzle.outbox import (MaildirTransport, Outbox, RecipientsRefused,
-                               SMTPTransport, describe_failure, is_permanent)
+from failnozzle.outbox import (BothModesFailed, MaildirTransport,
+                               MessageTooBig, NoGreeting, Outbox,
+                               RecipientsRefused, SMTPTransport,
+                               UnconfirmedDelivery, describe_failure,
+                               is_permanent)
+from failnozzle.shrink import wire_size
 from failnozzle.spool import Spool
 from tests.common import FakeMailTransport
 
 
-def message(subject="nozzle1 errors: 1 total", body="boom\n"):
+def message(subject="nozzle1 errors: 1 total", body="boom\n", kind="digest"):
     return build_message(sender="nozzle@example.com",
                          recipients=["ops@example.com"], subject=subject,
-                         body=body, date=0, domain="nozzle1")
+                         body=body, date=0, domain="nozzle1", kind=kind)
+
+
+class QueuedWriter:
+    """
+    A disk writer whose writes wait until the test lets them run, as the
+    writer thread would make them wait.
+    """
+
+    def __init__(self):
+        self.queued = []
+
+    def run(self, function, *args):
+        written = defer.Deferred()
+        self.queued.append((written, function, args))
+        return written
+
+    def finish(self, count=None):
+        """Run the first C{count} writes queued (all by default), in order."""
+        while self.queued and count != 0:
+            written, function, args = self.queued.pop(0)
+            defer.maybeDeferred(function, *args).chainDeferred(written)
+            count = None if count is None else count - 1
 
 
 class MaildirTransportTests(SynchronousTestCase):
@@ -80,11 +106,13 @@ class MaildirTransportTests(SynchronousTestCase):
         self.assertIn("maildir", transport.describe())
 
 
-class OutboxTests(SynchronousTestCase):
+class OutboxTestCase(SynchronousTestCase):
     """
-    The outbox spools before sending, logs each outcome in one line,
-    retries with backoff and gives up only into failed/.
+    An outbox on a real spool, a fake clock and a L{FakeMailTransport}; its
+    writes wait in a L{QueuedWriter} unless C{queued} is False.
     """
+
+    queued = True
 
     def setUp(self):
         self.events = EventLoggingObserver.createWithCleanup(
@@ -93,20 +121,36 @@ class OutboxTests(SynchronousTestCase):
         self.transport = FakeMailTransport()
         self.spool = Spool(self.mktemp(), self.clock)
         self.spool.prepare()
+        self.writer = QueuedWriter() if self.queued else None
         self.outbox = self.make_outbox()
 
-    def make_outbox(self):
-        return Outbox(self.transport, self.spool, self.clock, retry_min=30,
-                      retry_max=600, lifetime=3600)
+    def make_outbox(self, **options):
+        options = dict(dict(retry_min=30, retry_max=600, lifetime=3600),
+                       **options)
+        return Outbox(self.transport, self.spool, self.clock,
+                      writer=self.writer, **options)
 
     def spooled(self):
         return self.spool.waiting.messages()
 
-    def failed(self):
-        return self.spool.failed.messages()
+    def lines(self, level=None):
+        return [formatEvent(event) for event in self.events
+                if level is None or event["log_level"] == level]
 
     def fail_next(self, exception):
         self.transport.pending[-1][-1].errback(exception)
+
+
+class OutboxTests(OutboxTestCase):
+    """
+    The outbox spools before sending, logs each outcome in one line,
+    retries with backoff and gives up only into failed/.
+    """
+
+    queued = False
+
+    def failed(self):
+        return self.spool.failed.messages()
 
     def test_spooled_before_sending(self):
         """
@@ -114,7 +158,7 @@ class OutboxTests(SynchronousTestCase):
         the server accepted it; the outcome is True.
         """
         self.transport.deliver = self.checking_spool(self.transport.deliver)
-        sent = self.outbox.send(message("hello"))
+        sent = self.outbox.send(message("hello")).outcome
         self.assertNoResult(sent)
         [path] = self.spooled()
         with open(path, "rb") as stored:
@@ -191,7 +235,7 @@ class OutboxTests(SynchronousTestCase):
             sender="nozzle@example.com",
             recipients=["ops@example.com", "Dev <dev@example.com>"],
             subject="s", body="b\n", date=0, domain="nozzle1")
-        sent = self.outbox.send(named)
+        sent = self.outbox.send(named).outcome
         self.fail_next(RecipientsRefused([("dev@example.com", 451, "later")]))
         self.clock.advance(30)
         self.assertEqual([recipients for _, recipients, _, _
@@ -207,7 +251,7 @@ class OutboxTests(SynchronousTestCase):
         A message that fails, then goes through, is delivered once and
         leaves the spool.
         """
-        sent = self.outbox.send(message())
+        sent = self.outbox.send(message()).outcome
         self.fail_next(smtp.SMTPDeliveryError(451, b"try later"))
         self.clock.advance(30)
         self.assertEqual(len(self.transport.pending), 2)
@@ -221,7 +265,7 @@ class OutboxTests(SynchronousTestCase):
         A 5xx reply moves the message to failed/ at once, with an error
         saying why; the outcome is False and nothing is retried.
         """
-        sent = self.outbox.send(message("doomed"))
+        sent = self.outbox.send(message("doomed")).outcome
         self.fail_next(smtp.SMTPDeliveryError(550, b"no such user"))
         self.assertIs(self.successResultOf(sent), False)
         self.assertEqual(self.spooled(), [])
@@ -238,7 +282,7 @@ class OutboxTests(SynchronousTestCase):
         A message still undelivered after SPOOL_LIFETIME_SECONDS moves to
         failed/; the last retry is not put off past the lifetime.
         """
-        sent = self.outbox.send(message())
+        sent = self.outbox.send(message()).outcome
         while not sent.called:
             self.fail_next(error.ConnectionRefusedError())
             if self.clock.getDelayedCalls():
@@ -302,7 +346,7 @@ class OutboxTests(SynchronousTestCase):
         with open(blocker, "w"):
             pass
         self.outbox.spool = Spool(os.path.join(blocker, "spool"), self.clock)
-        sent = self.outbox.send(message())
+        sent = self.outbox.send(message()).outcome
         self.assertIn("Cannot write to the spool", self.events[0]["log_format"])
         self.transport.pending[0][-1].callback(None)
         self.assertIs(self.successResultOf(sent), True)
@@ -482,6 +526,321 @@ class SMTPTransportTests(SynchronousTestCase):
         self.assertTrue(connector._disconnected)
 
 
+class SMTPConversationTests(SynchronousTestCase):
+    """
+    What the SMTP transport makes of a server's answers, over a memory
+    reactor and a fake connection: the SIZE it announces, a reply to the
+    end of the message that never comes, a refusal for size.
+    """
+
+    BIG = "Summary: 99 errors\n" + "  File \"app.py\", line 1, in f\n" * 3000
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.transport = SMTPTransport(self.reactor, "mail.example.com", 25,
+                                       tls="off", timeout=10)
+
+    def connect(self, body="boom\n"):
+        """
+        Deliver a message, and connect its client to a fake connection.
+
+        @return: C{(result, protocol, wire)}.
+        """
+        result = self.transport.deliver("a@example.com", ["b@example.com"],
+                                        message(body=body))
+        factory = self.reactor.tcpClients[-1][2]
+        protocol = factory.buildProtocol(None)
+        wire = StringTransport()
+        protocol.makeConnection(wire)
+        return result, protocol, wire
+
+    def to_data(self, protocol, wire, ehlo=b"250 ok"):
+        """Answer up to DATA, and let the content through."""
+        for reply in [b"220 hello", ehlo, b"250 sender ok",
+                      b"250 recipient ok", b"354 go on"]:
+            protocol.dataReceived(reply + b"\r\n")
+        while wire.producer is not None:
+            wire.producer.resumeProducing()
+
+    def test_size_announced(self):
+        """
+        A message over the SIZE the server announces is cut to it before
+        it is sent, its summary kept, with a marker saying why.
+        """
+        _, protocol, wire = self.connect(self.BIG)
+        self.to_data(protocol, wire, ehlo=b"250-mail.example.com\r\n"
+                                         b"250 SIZE 20000")
+        content = wire.value().split(b"DATA\r\n", 1)[1]
+        self.assertLessEqual(len(content), 20000 + len(b".\r\n"))
+        self.assertIn(b"Summary: 99 errors", content)
+        self.assertIn(b"the mail server takes at most 20,000 bytes (SIZE).]",
+                      content)
+
+    def test_size_nonsense(self):
+        """
+        A SIZE of nonsense, of zero (no limit) or of thousands of digits
+        limits nothing.
+        """
+        for size in (b"", b"0", b"lots", b"9" * 5000):
+            _, protocol, wire = self.connect(self.BIG)
+            self.to_data(protocol, wire, ehlo=b"250 SIZE " + size)
+            self.assertNotIn(b"failnozzle cut", wire.value(), size)
+
+    def test_silent_after_end(self):
+        """
+        A server that says nothing once the end of the message is sent
+        may have kept it: the attempt fails as unconfirmed, on the idle
+        timer as on the attempt's timeout.
+        """
+        result, protocol, wire = self.connect()
+        self.to_data(protocol, wire)
+        self.assertTrue(wire.value().endswith(b"\r\n.\r\n"))
+        self.reactor.advance(10)
+        failure = self.failureResultOf(result, UnconfirmedDelivery)
+        self.assertEqual(describe_failure(failure, 10),
+                         "no answer within 10 s after the end of the "
+                         "message, before replying to it: the server may "
+                         "have kept it")
+        self.assertFalse(is_permanent(failure))
+
+    def test_lost_after_end(self):
+        """
+        A connection lost once the end of the message is sent is
+        unconfirmed too; one lost before is not.
+        """
+        result, protocol, wire = self.connect()
+        self.to_data(protocol, wire)
+        protocol.connectionLost(Failure(error.ConnectionLost()))
+        factory = self.reactor.tcpClients[-1][2]
+        factory.clientConnectionLost(None, Failure(error.ConnectionLost()))
+        failure = self.failureResultOf(result, UnconfirmedDelivery)
+        self.assertIn("the connection was lost after the end of the message",
+                      describe_failure(failure, 10))
+
+        result, protocol, wire = self.connect()
+        protocol.dataReceived(b"220 hello\r\n")
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.reactor.tcpClients[-1][2].clientConnectionLost(
+            None, Failure(error.ConnectionDone()))
+        self.failureResultOf(result, error.ConnectionDone)
+
+    def test_tls_reason_kept(self):
+        """
+        The reason the protocol was given for the end of its connection
+        (through TLS, a certificate for another name) is the failure's,
+        though the factory is told only that the connection closed, as
+        Twisted 23.10 tells it.
+        """
+        result, protocol, wire = self.connect()
+        protocol.dataReceived(b"220 hello\r\n")
+        protocol.connectionLost(Failure(VerificationError(errors=[])))
+        self.reactor.tcpClients[-1][2].clientConnectionLost(
+            None, Failure(error.ConnectionDone()))
+        failure = self.failureResultOf(result, VerificationError)
+        self.assertTrue(is_permanent(failure))
+
+    def test_reply_after_end(self):
+        """
+        Any reply to the end of the message settles it: a 451 is a plain
+        temporary failure.
+        """
+        result, protocol, wire = self.connect()
+        self.to_data(protocol, wire)
+        protocol.dataReceived(b"451 4.3.0 later\r\n")
+        self.failureResultOf(result, smtp.SMTPDeliveryError)
+
+    def test_refused_for_size(self):
+        """
+        A 552, or a 5.3.4 or 5.2.3 status, in reply to the message is a
+        refusal for size, with the size offered; a 552 5.2.2 (mailbox
+        full) is not.
+        """
+        for reply, too_big in [(b"552 Error: Too much mail data", True),
+                               (b"552 5.3.4 Message size exceeds limit", True),
+                               (b"554 5.3.4 Message too big", True),
+                               (b"552-5.2.3 Your message exceeded Google's "
+                                b"message size limits", True),
+                               (b"552 5.2.2 Mailbox full", False)]:
+            result, protocol, wire = self.connect()
+            self.to_data(protocol, wire)
+            protocol.dataReceived(reply.replace(b"552-", b"552 ") + b"\r\n")
+            if too_big:
+                failure = self.failureResultOf(result, MessageTooBig)
+                self.assertEqual(failure.value.sent, wire_size(
+                    self.reactor.tcpClients[-1][2].data))
+                self.assertFalse(is_permanent(failure))
+            else:
+                failure = self.failureResultOf(result,
+                                               smtp.SMTPDeliveryError)
+                self.assertTrue(is_permanent(failure))
+
+    def test_recipient_552_not_size(self):
+        """
+        A 552 to every recipient is the recipients' refusal, not the
+        message's size.
+        """
+        result, protocol, wire = self.connect()
+        for reply in [b"220 hello", b"250 ok", b"250 sender ok",
+                      b"552 5.2.2 mailbox full"]:
+            protocol.dataReceived(reply + b"\r\n")
+        failure = self.failureResultOf(result, smtp.SMTPDeliveryError)
+        self.assertTrue(is_permanent(failure))
+
+
+class AutomaticTLSTests(SynchronousTestCase):
+    """
+    SMTP_TLS unset: implicit TLS first on 465, STARTTLS first elsewhere,
+    the other mode when the first one's failure points to it, and never
+    clear text.
+    """
+
+    def transport(self, port):
+        self.reactor = MemoryReactorClock()
+        return SMTPTransport(self.reactor, "mail.example.com", port,
+                             verify=False, timeout=30, greeting_wait=5)
+
+    def deliver(self, transport):
+        return transport.deliver("a@example.com", ["b@example.com"],
+                                 message())
+
+    def connected(self, client):
+        """The protocol of a client the reactor was asked for, connected."""
+        protocol = client[2].buildProtocol(None)
+        wire = StringTransport()
+        protocol.makeConnection(wire)
+        return protocol, wire
+
+    def test_465_implicit_first(self):
+        """
+        On port 465 the first connection is TLS from the first byte.
+        """
+        transport = self.transport(465)
+        self.deliver(transport)
+        self.assertEqual(len(self.reactor.sslClients), 1)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_silence_means_implicit(self):
+        """
+        On another port STARTTLS comes first; a server silent for the
+        greeting wait is then tried with implicit TLS.
+        """
+        transport = self.transport(2525)
+        result = self.deliver(transport)
+        [client] = self.reactor.tcpClients
+        protocol, wire = self.connected(client)
+        self.assertTrue(client[2].buildProtocol(None).requireTransportSecurity)
+        self.reactor.advance(4.9)
+        self.assertEqual(self.reactor.sslClients, [])
+        self.reactor.advance(0.1)
+        self.assertTrue(wire.disconnecting or wire.disconnected)
+        [ssl_client] = self.reactor.sslClients
+        self.assertNoResult(result)
+        self.assertFalse(ssl_client[2].buildProtocol(None)
+                         .requireTransportSecurity)
+
+    def test_greeting_stops_the_wait(self):
+        """
+        A server that greets in time is not doubted: nothing more is tried
+        after the greeting wait.
+        """
+        transport = self.transport(2525)
+        self.deliver(transport)
+        protocol, wire = self.connected(self.reactor.tcpClients[0])
+        protocol.dataReceived(b"220 hello\r\n")
+        self.reactor.advance(6)
+        self.assertEqual(self.reactor.sslClients, [])
+
+    def test_plain_answer_means_starttls(self):
+        """
+        A TLS handshake answered in plain text (OpenSSL's "wrong version
+        number") is tried again with STARTTLS, which still insists on TLS.
+        """
+        transport = self.transport(465)
+        result = self.deliver(transport)
+        factory = self.reactor.sslClients[0][2]
+        factory.clientConnectionLost(None, Failure(SSL.Error(
+            [("SSL routines", "", "wrong version number")])))
+        [client] = self.reactor.tcpClients
+        self.assertTrue(client[2].buildProtocol(None).requireTransportSecurity)
+        self.assertNoResult(result)
+
+    def test_certificate_points_nowhere(self):
+        """
+        A certificate that fails its check is no reason to try the other
+        mode: the attempt fails with it, permanently for a wrong name.
+        """
+        transport = self.transport(465)
+        result = self.deliver(transport)
+        self.reactor.sslClients[0][2].clientConnectionLost(
+            None, Failure(VerificationError(errors=[])))
+        failure = self.failureResultOf(result, VerificationError)
+        self.assertTrue(is_permanent(failure))
+        self.assertEqual(self.reactor.tcpClients, [])
+
+        result = self.deliver(transport)
+        self.reactor.sslClients[1][2].clientConnectionLost(None, Failure(
+            SSL.Error([("SSL routines", "", "certificate verify failed")])))
+        self.failureResultOf(result, SSL.Error)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_both_fail(self):
+        """
+        When the other mode fails too, the reason gives both.
+        """
+        transport = self.transport(2525)
+        result = self.deliver(transport)
+        self.connected(self.reactor.tcpClients[0])
+        self.reactor.advance(5)
+        self.reactor.sslClients[0][2].clientConnectionFailed(
+            None, Failure(error.ConnectionRefusedError()))
+        failure = self.failureResultOf(result, BothModesFailed)
+        self.assertEqual(describe_failure(failure, 30),
+                         "no greeting within 5 s (a server waiting for TLS "
+                         "from the first byte?); then over implicit TLS: "
+                         "connection refused")
+
+    def test_mode_kept(self):
+        """
+        Once a mode worked it is the only one: the next message goes
+        straight to it with no greeting wait, and the log says so once.
+        """
+        events = EventLoggingObserver.createWithCleanup(self,
+                                                        globalLogPublisher)
+        transport = self.transport(2525)
+        self.deliver(transport)
+        self.connected(self.reactor.tcpClients[0])
+        self.reactor.advance(5)
+        protocol, wire = self.connected(self.reactor.sslClients[0])
+        for reply in [b"220 hello", b"250 ok", b"250 sender ok",
+                      b"250 recipient ok", b"354 go on"]:
+            protocol.dataReceived(reply + b"\r\n")
+        while wire.producer is not None:
+            wire.producer.resumeProducing()
+        protocol.dataReceived(b"250 queued\r\n")
+        self.assertEqual(transport.mode, "implicit")
+        [line] = [formatEvent(event) for event in events]
+        self.assertEqual(line, "SMTP_TLS is not set: SMTP server "
+                               "mail.example.com:2525 takes mail over "
+                               "implicit TLS, which failnozzle uses from now "
+                               "on")
+        self.deliver(transport)
+        self.assertEqual(len(self.reactor.sslClients), 2)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_explicit_mode_never_switches(self):
+        """
+        SMTP_TLS set: a silent server is only a timeout.
+        """
+        self.reactor = MemoryReactorClock()
+        transport = SMTPTransport(self.reactor, "mail.example.com", 2525,
+                                  tls="starttls", verify=False, timeout=30)
+        result = self.deliver(transport)
+        self.connected(self.reactor.tcpClients[0])
+        self.reactor.advance(30)
+        self.failureResultOf(result, defer.TimeoutError)
+        self.assertEqual(self.reactor.sslClients, [])
+
+
 class IsPermanentTests(SynchronousTestCase):
     """
     Which failures are worth trying again.
@@ -490,11 +849,16 @@ class IsPermanentTests(SynchronousTestCase):
     def test_permanent(self):
         """
         5xx replies (AUTH rejections included) and a certificate for
-        another name are permanent.
+        another name are permanent, however Twisted and pyOpenSSL wrapped
+        the certificate's failure.
         """
+        wrapped = smtp.SMTPConnectError(-1, "Unable to connect")
+        wrapped.__cause__ = VerificationError(errors=[])
+        chained = SSL.Error([("SSL routines", "", "handshake failure")])
+        chained.__context__ = VerificationError(errors=[])
         for exception in (smtp.SMTPDeliveryError(550, b"no"),
                           smtp.AUTHDeclinedError(535, b"bad password"),
-                          VerificationError(errors=[]),
+                          VerificationError(errors=[]), wrapped, chained,
                           RecipientsRefused([("a@example.com", 550, "no")])):
             self.assertTrue(is_permanent(Failure(exception)), exception)
 
@@ -512,3 +876,434 @@ class IsPermanentTests(SynchronousTestCase):
                           error.ConnectionLost(), defer.TimeoutError(),
                           wrapped, partly):
             self.assertFalse(is_permanent(Failure(exception)), exception)
+
+
+class SpoolingTests(OutboxTestCase):
+    """
+    Spooling runs in the writer, and delivery starts only once the message
+    is on disk.
+    """
+
+    def test_delivery_waits_for_spool(self):
+        """
+        Nothing is sent while the spool write is under way, though the
+        message counts as waiting; once it is on disk, C{spooled} fires
+        with True and the first attempt begins.
+        """
+        sending = self.outbox.send(message(kind="pager"))
+        self.assertNoResult(sending.spooled)
+        self.assertEqual(self.transport.pending, [])
+        self.assertEqual(self.outbox.waiting_kinds(), {"pager"})
+        self.assertEqual(self.spooled(), [])
+        self.writer.finish()
+        self.assertIs(self.successResultOf(sending.spooled), True)
+        self.assertEqual(len(self.spooled()), 1)
+        self.assertEqual(len(self.transport.pending), 1)
+        self.transport.succeed_all()
+        self.assertNoResult(sending.outcome)
+        self.writer.finish()
+        self.assertIs(self.successResultOf(sending.outcome), True)
+        self.assertEqual(self.spooled(), [])
+        self.assertEqual(self.outbox.waiting_kinds(), set())
+
+    def test_spool_write_fails(self):
+        """
+        A spool write that fails fires C{spooled} with False, says why in
+        one line, and the message is delivered from memory, retried as any
+        other.
+        """
+        self.writer = None
+        blocker = self.mktemp()
+        with open(blocker, "w"):
+            pass
+        self.spool = Spool(os.path.join(blocker, "spool"), self.clock)
+        self.outbox = self.make_outbox()
+        sending = self.outbox.send(message("unspooled"))
+        self.assertIs(self.successResultOf(sending.spooled), False)
+        [line] = self.lines()
+        self.assertIn("Cannot write to the spool", line)
+        self.assertIn("Not a directory", line)
+        self.assertIn("'unspooled' waits in memory only", line)
+        self.fail_next(error.ConnectionRefusedError())
+        self.clock.advance(30)
+        self.transport.succeed_all()
+        self.assertIs(self.successResultOf(sending.outcome), True)
+        self.assertEqual(len(self.transport.pending), 2)
+
+    def test_stop_waits_for_spooling(self):
+        """
+        A stop while a message is being spooled waits for it to be on disk
+        and for the attempt that follows.
+        """
+        sending = self.outbox.send(message())
+        stopped = self.outbox.stop(10)
+        self.assertNoResult(stopped)
+        self.writer.finish()
+        self.assertNoResult(stopped)
+        self.transport.succeed_all()
+        self.successResultOf(stopped)
+        self.writer.finish()
+        self.assertIs(self.successResultOf(sending.outcome), True)
+
+    def test_stop_times_out_while_spooling(self):
+        """
+        A spool write still under way when the stop's time is up no longer
+        begins an attempt: the message waits in the spool.
+        """
+        sending = self.outbox.send(message())
+        stopped = self.outbox.stop(10)
+        self.clock.advance(10)
+        self.successResultOf(stopped)
+        self.writer.finish()
+        self.assertIs(self.successResultOf(sending.spooled), True)
+        self.assertEqual(self.transport.pending, [])
+        self.assertEqual(len(self.spooled()), 1)
+
+
+class ReplaceTests(OutboxTestCase):
+    """
+    Outbox.replace: one pending message of a kind instead of one per
+    window of an outage.
+    """
+
+    queued = False
+
+    def pager(self, subject):
+        return message(subject, kind="pager")
+
+    def test_replaces_waiting(self):
+        """
+        A message of the kind waiting for its retry is replaced: its file
+        leaves the spool, only the new one is tried, and the old one's
+        outcome fires with the new one's.
+        """
+        first = self.outbox.send(self.pager("3 errors"))
+        self.fail_next(error.ConnectionRefusedError())
+        second = self.outbox.replace("pager", self.pager("7 errors"))
+        [path] = self.spooled()
+        with open(path, "rb") as stored:
+            self.assertIn(b"Subject: 7 errors", stored.read())
+        self.assertEqual(len(self.transport.pending), 2)
+        self.clock.advance(30)
+        self.assertEqual(len(self.transport.pending), 2, "no retry of it")
+        self.transport.succeed_all()
+        self.assertIs(self.successResultOf(second.outcome), True)
+        self.assertIs(self.successResultOf(first.outcome), True)
+        self.assertEqual(self.spooled(), [])
+        self.assertIn("'7 errors' replaces '3 errors', not delivered yet",
+                      self.lines())
+
+    def test_leaves_attempt_alone(self):
+        """
+        A message in the middle of an attempt is not replaced, nor is one
+        of another kind.
+        """
+        sending = self.outbox.send(self.pager("3 errors"))
+        digest = self.outbox.send(message("digest"))
+        self.fail_next(error.ConnectionRefusedError())
+        self.outbox.replace("pager", self.pager("7 errors"))
+        self.assertEqual(len(self.spooled()), 3)
+        self.transport.pending[0][-1].callback(None)
+        self.assertIs(self.successResultOf(sending.outcome), True)
+        self.clock.advance(30)
+        self.assertEqual([m["Subject"] for _, _, m, _
+                          in self.transport.pending],
+                         ["3 errors", "digest", "7 errors", "digest"])
+        self.assertNoResult(digest.outcome)
+
+    def test_replaces_one_being_spooled(self):
+        """
+        A message still being spooled is replaced too: once both writes
+        are done only the new one is on disk, and the old one was never
+        tried.
+        """
+        self.writer = QueuedWriter()
+        self.outbox = self.make_outbox()
+        first = self.outbox.send(self.pager("3 errors"))
+        second = self.outbox.replace("pager", self.pager("7 errors"))
+        self.writer.finish()
+        self.assertIs(self.successResultOf(first.spooled), True)
+        self.writer.finish()
+        [path] = self.spooled()
+        with open(path, "rb") as stored:
+            self.assertIn(b"Subject: 7 errors", stored.read())
+        self.assertEqual([m["Subject"] for _, _, m, _
+                          in self.transport.pending], ["7 errors"])
+        self.transport.succeed_all()
+        self.writer.finish()
+        self.assertIs(self.successResultOf(first.outcome), True)
+        self.assertIs(self.successResultOf(second.outcome), True)
+
+    def test_old_file_kept_until_new_is_safe(self):
+        """
+        If the new message cannot be spooled, the old one's file stays on
+        disk (a crash would still find an alert there) until the new one
+        is delivered.
+        """
+        self.outbox.send(self.pager("3 errors"))
+        self.fail_next(error.ConnectionRefusedError())
+        [old] = self.spooled()
+        self.outbox.spool = Spool(os.path.join(old, "not-a-directory"),
+                                  self.clock)
+        self.outbox.spool.remove = self.spool.remove
+        replacing = self.outbox.replace("pager", self.pager("7 errors"))
+        self.assertIs(self.successResultOf(replacing.spooled), False)
+        self.assertEqual(self.spooled(), [old])
+        self.transport.succeed_all()
+        self.assertIs(self.successResultOf(replacing.outcome), True)
+        self.assertEqual(self.spooled(), [])
+
+
+class UnconfirmedTests(OutboxTestCase):
+    """
+    A server that never answers the end of the message may have kept it:
+    tried a few times, then set aside as probably delivered.
+    """
+
+    queued = False
+
+    def unconfirmed(self):
+        return UnconfirmedDelivery(Failure(defer.TimeoutError()))
+
+    def test_set_aside_after_three(self):
+        """
+        After three attempts without a reply to the end of the message the
+        message moves to unconfirmed/, one warning says it is probably
+        delivered, its outcome is True and nothing more is tried.
+        """
+        sending = self.outbox.send(message("maybe"))
+        for _ in range(3):
+            self.fail_next(self.unconfirmed())
+            for call in self.clock.getDelayedCalls():
+                self.clock.advance(call.getTime() - self.clock.seconds())
+        self.assertEqual(len(self.transport.pending), 3)
+        self.assertIs(self.successResultOf(sending.outcome), True)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.spooled(), [])
+        [kept] = self.spool.unconfirmed.messages()
+        line = self.lines(LogLevel.warn)[-1]
+        self.assertIn("'maybe' to ops@example.com via fake transport is "
+                      "probably delivered: no answer within 30 s after the "
+                      "end of the message, before replying to it: the "
+                      "server may have kept it, 3 times, so it is not sent "
+                      "again", line)
+        self.assertIn(kept, line)
+        self.assertEqual(self.outbox.waiting_kinds(), set())
+
+    def test_retries_are_normal_failures(self):
+        """
+        The first two are retried with the usual backoff, and a delivery
+        then ends it as any other.
+        """
+        sending = self.outbox.send(message())
+        self.fail_next(self.unconfirmed())
+        self.clock.advance(30)
+        self.fail_next(self.unconfirmed())
+        self.clock.advance(60)
+        self.transport.succeed_all()
+        self.assertIs(self.successResultOf(sending.outcome), True)
+        self.assertFalse(os.path.exists(self.spool.unconfirmed.path))
+        self.assertEqual(len(self.transport.pending), 3)
+
+
+class SizeTests(OutboxTestCase):
+    """
+    A message too big for the server, or for DIGEST_MAX_BYTES, is cut,
+    not given up on.
+    """
+
+    queued = False
+
+    BODY = "Summary: 500 errors\n" + "  File \"app.py\", line 1\n" * 2000
+
+    def setUp(self):
+        super().setUp()
+        self.transport.offered = []
+        deliver = self.transport.deliver
+
+        def keeping(sender, recipients, message, data=None):
+            self.transport.offered.append(data)
+            return deliver(sender, recipients, message, data)
+
+        self.transport.deliver = keeping
+
+    def too_big(self, sent):
+        return MessageTooBig(sent, smtp.SMTPDeliveryError(
+            552, b"5.3.4 Message size exceeds fixed limit"))
+
+    def test_cut_and_retried_at_once(self):
+        """
+        Refused for its size, the message is offered again at once, cut to
+        half the size refused, with the summary and a marker; the spool
+        keeps it whole.
+        """
+        sending = self.outbox.send(message(body=self.BODY))
+        whole = self.transport.offered[0]
+        self.fail_next(self.too_big(wire_size(whole)))
+        self.clock.advance(0)
+        self.assertEqual(len(self.transport.pending), 2)
+        cut = self.transport.offered[1]
+        self.assertLessEqual(wire_size(cut), wire_size(whole) // 2)
+        body = email.message_from_bytes(
+            cut, policy=email.policy.default).get_content()
+        self.assertTrue(body.startswith("Summary: 500 errors\n"))
+        self.assertIn(f"the mail server refused {wire_size(whole):,} bytes "
+                      f"of it as too big.]", body)
+        self.transport.succeed_all()
+        self.assertIs(self.successResultOf(sending.outcome), True)
+        self.assertEqual(self.spool.failed.messages(), [])
+        [warning] = self.lines(LogLevel.warn)
+        self.assertIn("as too big: 552 5.3.4 Message size exceeds fixed "
+                      "limit; sending it cut to", warning)
+        self.assertIn(", cut to ", self.lines(LogLevel.info)[-1])
+
+    def test_refused_until_it_cannot_be_cut(self):
+        """
+        A server that refuses every size gets ever smaller messages, then
+        the whole message goes to failed/ saying it cannot be cut more.
+        """
+        sending = self.outbox.send(message(body=self.BODY))
+        while not sending.outcome.called:
+            self.fail_next(self.too_big(wire_size(
+                self.transport.offered[-1])))
+            self.clock.advance(0)
+        self.assertIs(self.successResultOf(sending.outcome), False)
+        self.assertLess(len(self.transport.pending), 12)
+        [kept] = self.spool.failed.messages()
+        with open(kept, "rb") as stored:
+            self.assertEqual(stored.read(), self.transport.offered[0])
+        [line] = self.lines(LogLevel.error)
+        self.assertIn("it cannot be cut to", line)
+
+    def test_digest_max_bytes(self):
+        """
+        A message larger than max_bytes is offered cut to it; the spool
+        holds it whole.
+        """
+        self.outbox = self.make_outbox(max_bytes=10000)
+        self.outbox.send(message(body=self.BODY))
+        self.assertLessEqual(wire_size(self.transport.offered[0]), 10000)
+        self.assertIn(b"DIGEST_MAX_BYTES is 10,000", self.transport.offered[0])
+        [path] = self.spooled()
+        self.assertGreater(os.path.getsize(path), 40000)
+
+
+class RecoveryTests(OutboxTestCase):
+    """
+    Whatever a previous run (or anyone) left in the spool's new/, start-up
+    goes on: each entry that is no message to send is moved to bad/ with
+    one line, the others are sent.
+    """
+
+    queued = False
+
+    def entry(self, name, content=None):
+        path = os.path.join(self.spool.path, "new", name)
+        if content is not None:
+            with open(path, "wb") as out:
+                out.write(content)
+        return path
+
+    def good(self, subject="left behind"):
+        return message(subject).as_bytes(policy=email.policy.default)
+
+    def test_odd_entries(self):
+        """
+        FIFOs, directories, sockets, links, empty files, garbage and
+        messages without a usable From or To are each set aside in one line
+        saying what they are; the good messages beside them are sent.
+        """
+        import socket
+        import tempfile
+
+        good = self.good()
+        os.mkfifo(self.entry("1.fifo"))
+        os.mkdir(self.entry("2.dir"))
+        os.symlink("/etc/passwd", self.entry("3.link"))
+        with tempfile.TemporaryDirectory() as short:
+            with socket.socket(socket.AF_UNIX) as listening:
+                listening.bind(os.path.join(short, "s"))
+                os.rename(os.path.join(short, "s"), self.entry("4.socket"))
+        odd = {
+            "5.empty": b"",
+            "6.garbage": os.urandom(3000),
+            "7.no-from": good.replace(b"From:", b"X-From:"),
+            "8.no-to": good.replace(b"To:", b"X-To:"),
+            "9.spaces": good.replace(b"To: ops@example.com",
+                                     b"To: a b@example.com"),
+            "10.unicode": good.replace(b"To: ops@example.com",
+                                       "To: öps@exämple.com".encode()),
+            "11.crlf": good.replace(b"From: nozzle@example.com",
+                                    b"From: =?utf-8?q?a=0D=0AB?= <x@y>"),
+            "12.encoded": good.replace(b"To: ops@example.com",
+                                       b"To: =?utf-8?b?////?="),
+        }
+        for name, content in odd.items():
+            self.entry(name, content)
+        self.entry("99.good", good)
+        self.assertEqual(self.outbox.recover(), 1)
+        [(_, recipients, sent, _)] = self.transport.pending
+        self.assertEqual(sent["Subject"], "left behind")
+        errors = self.lines(LogLevel.error)
+        self.assertEqual(len(errors), 4 + len(odd), errors)
+        for name, what in [("1.fifo", "is a FIFO"),
+                           ("2.dir", "is a directory"),
+                           ("3.link", "is a symbolic link"),
+                           ("4.socket", "is a socket"),
+                           ("5.empty", "no usable From header"),
+                           ("8.no-to", "no usable To header"),
+                           ("9.spaces", "no usable To header"),
+                           ("10.unicode", "no usable To header")]:
+            [line] = [line for line in errors if f"/{name} " in line]
+            self.assertIn(what, line)
+            self.assertIn(f"moved to {self.spool.bad}/{name}", line)
+        self.assertEqual(len(os.listdir(self.spool.bad)), 4 + len(odd))
+        self.assertEqual(os.listdir(os.path.join(self.spool.path, "new")),
+                         ["99.good"])
+
+    def test_fuzz(self):
+        """
+        Hundreds of messages cut, flipped and spliced at random never stop
+        recovery: each is sent or set aside in one line.
+        """
+        import random
+
+        chance = random.Random(9)
+        good = self.good()
+        for number in range(300):
+            data = bytearray(good)
+            for _ in range(chance.randint(1, 20)):
+                where = chance.randrange(len(data))
+                what = chance.choice([b"\n", b":", b"<", b">", b"\xff",
+                                      b"=?utf-8?q?", b"\r", b" ", b"\0",
+                                      b",", b"@", b'"', b"\\"])
+                if chance.random() < 0.3:
+                    del data[where:where + chance.randint(1, 50)]
+                else:
+                    data[where:where] = what
+            self.entry(f"{number}.fuzz", bytes(data))
+        count = self.outbox.recover()
+        self.assertEqual(count, len(self.transport.pending))
+        aside = os.listdir(self.spool.bad)
+        self.assertEqual(count + len(aside), 300)
+        self.assertEqual(len(self.lines(LogLevel.error)), len(aside))
+        for _, recipients, _, _ in self.transport.pending:
+            self.assertTrue(recipients)
+            self.assertTrue(all(address.isascii() for address in recipients))
+
+    def test_too_big_to_read_whole(self):
+        """
+        A spooled file larger than max_bytes is read only that far and
+        sent cut, its summary first; the file stays whole on disk.
+        """
+        body = "Summary: 9000 errors\n" + "a traceback line\n" * 100000
+        path = self.entry("1.big", message(body=body).as_bytes(
+            policy=email.policy.default))
+        self.outbox = self.make_outbox(max_bytes=50000)
+        self.assertEqual(self.outbox.recover(), 1)
+        [(_, _, sent, _)] = self.transport.pending
+        text = sent.get_content()
+        self.assertTrue(text.startswith("Summary: 9000 errors\n"))
+        self.assertIn("only 50,000 bytes of it were read back from the "
+                      "spool (DIGEST_MAX_BYTES).]", text)
+        self.assertGreater(os.path.getsize(path), 1000000)

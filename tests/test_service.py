@@ -568,7 +568,8 @@ class MakeTransportTests(SynchronousTestCase):
                           REPORT_TO="b@example.com"),
             MemoryReactorClock())
         self.assertIsInstance(transport, SMTPTransport)
-        self.assertEqual((transport.host, transport.port, transport.tls,
+        # SMTP_TLS unset: implicit TLS is tried first on 465.
+        self.assertEqual((transport.host, transport.port, transport.mode,
                           transport.timeout),
                          ("mail.example.com", 465, "implicit", 7))
 
