@@ -23,9 +23,10 @@ from failnozzle.gelf import GELFDecoder, GELFRecordReader
 from failnozzle.ingest import (BadDatagram, ErrorReceiver,
                                internal_error_key_maker)
 from failnozzle.mailin import MailIngest, tls_options
-from failnozzle.outbox import MaildirTransport, Outbox, SMTPTransport
+from failnozzle.outbox import Outbox
 from failnozzle.spool import Spool
 from failnozzle.state import State, StateFile
+from failnozzle.transport import MaildirTransport, SMTPTransport
 from failnozzle.writer import InlineWriter, Writer
 
 _log = Logger()

@@ -20,6 +20,7 @@ from twisted.logger import LogLevel, Logger, formatEvent, globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 
 from failnozzle.config import Settings, load_settings
+from failnozzle.digest import build_message
 from failnozzle.ingest import bind_udp_socket
 from failnozzle.mailin import bind_tcp_socket
 from failnozzle.service import FailnozzleService
@@ -137,6 +138,14 @@ def record(message: str = "boom", source: str = "host1", **fields) -> dict:
     }
     base.update(fields)
     return base
+
+
+def digest_message(subject: str = "nozzle1 errors: 1 total",
+                   body: str = "boom\n", kind: str = "digest"):
+    """A message as the service builds it, to ops@example.com."""
+    return build_message(sender="nozzle@example.com",
+                         recipients=["ops@example.com"], subject=subject,
+                         body=body, date=0, domain="nozzle1", kind=kind)
 
 
 class _ToTwistedLog(logging.Handler):

@@ -30,6 +30,7 @@ from tests.common import (HANG_UP, KEEP_AND_HANG_UP, DroppingServer, SMTPSink,
                           written)
 
 OUTBOX = "failnozzle.outbox"
+TRANSPORT = "failnozzle.transport"
 SERVICE = "failnozzle.service"
 STATE = "failnozzle.state"
 MARKER = DEFAULT_MONITORING_ERROR_MARKERS[0]
@@ -785,9 +786,7 @@ class AutomaticTLSTests(TestCase):
             self.assertEqual(outcomes, [True])
         self.assertEqual(len(sink.messages), 2)
         self.assertTrue(all(sink.tls_versions), sink.tls_versions)
-        [line] = [line for line in logged_lines(events, OUTBOX,
-                                                LogLevel.info)
-                  if "SMTP_TLS" in line]
+        [line] = logged_lines(events, TRANSPORT, LogLevel.info)
         self.assertEqual(line, f"SMTP_TLS is not set: SMTP server "
                                f"127.0.0.1:{sink.port} takes mail over "
                                f"{mode}, which failnozzle uses from now on")

@@ -15,7 +15,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from failnozzle.config import DEFAULT_MONITORING_ERROR_MARKERS
-from failnozzle.outbox import MaildirTransport, SMTPTransport
+from failnozzle.transport import MaildirTransport, SMTPTransport
 from failnozzle.service import FailnozzleService, make_transport
 from failnozzle.state import StateFile
 from tests.common import FakeMailTransport, make_settings, record
