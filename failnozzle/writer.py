@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Protocol, TypeVar
 
 from twisted.internet import defer, threads
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.python.threadpool import ThreadPool
 
 _R = TypeVar("_R")
@@ -32,15 +32,18 @@ class DiskWriter:
     Runs writes in one thread of its own, one after the other.  A write
     asked for before L{start} waits for it; one asked for after L{stop}
     runs at once in the caller's thread, so nothing asked for is dropped.
+    If L{stop} is never called, the thread ends when the reactor shuts
+    down (it would keep the process alive otherwise).
     """
 
-    def __init__(self, reactor: IReactorFromThreads) -> None:
+    def __init__(self, reactor: IReactorCore | IReactorFromThreads) -> None:
         self._reactor = reactor
         self._pool = ThreadPool(1, 1, name="failnozzle-writer")
         self._stopped = False
 
     def start(self) -> None:
         self._pool.start()
+        self._reactor.addSystemEventTrigger("during", "shutdown", self._end)
 
     def run(self, function: Callable[..., _R], *args) -> defer.Deferred:
         if self._stopped:
@@ -59,14 +62,12 @@ class DiskWriter:
             self._pool.start()
         # Queued last, so it runs once the others are done; the thread is
         # then idle and joining it costs nothing.
-        done = self.run(lambda: None)
+        return self.run(lambda: None).addCallback(lambda _: self._end())
 
-        def end(_: object) -> None:
-            if not self._stopped:
-                self._stopped = True
-                self._pool.stop()
-
-        return done.addCallback(end)
+    def _end(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._pool.stop()
 
 
 class InlineWriter:
