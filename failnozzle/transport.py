@@ -122,7 +122,6 @@ class SMTPTransport:
         self._reactor = reactor
         self.host = host
         self.port = port
-        self.tls = tls
         #: The mode tried first; once one worked, the only one.
         self.mode = tls or ("implicit" if port == 465 else "starttls")
         self._finding_mode = tls is None
@@ -182,6 +181,10 @@ class SMTPTransport:
                            mode: str) -> None:
         if _spoke_smtp(root_error(second)):
             self._mode_worked(None, mode)
+        elif mode == "implicit" and _points_to_other_mode(second, mode):
+            # Silent at first, then in clear: a server slow to greet, to
+            # be waited for from now on.
+            self._doubting_silence = False
         raise BothModesFailed(first, second, mode)
 
     def _mode_worked(self, result: object, mode: str) -> object:

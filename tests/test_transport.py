@@ -498,6 +498,24 @@ class AutomaticTLSTests(SynchronousTestCase):
                          "from the first byte?); then over implicit TLS: "
                          "connection refused")
 
+    def test_slow_greeting(self):
+        """
+        A server silent for the greeting wait that then answers implicit
+        TLS in clear is slow, not waiting for TLS: the next attempt waits
+        for its greeting as long as for any reply.
+        """
+        transport = self.transport(2525)
+        result = self.deliver(transport)
+        self.connected(self.reactor.tcpClients[0])
+        self.reactor.advance(5)
+        self.reactor.sslClients[0][2].clientConnectionLost(None, Failure(
+            SSL.Error([("SSL routines", "", "wrong version number")])))
+        self.failureResultOf(result, BothModesFailed)
+        self.deliver(transport)
+        self.connected(self.reactor.tcpClients[1])
+        self.reactor.advance(29)
+        self.assertEqual(len(self.reactor.sslClients), 1)
+
     def test_mode_kept(self):
         """
         Once a mode worked it is the only one: the next message goes
