@@ -112,8 +112,8 @@ class _Waiting:
     @ivar offered: what is offered to the server: C{data}, or C{data} cut
         (to DIGEST_MAX_BYTES, or after a server refused it for its size);
         None until the first attempt.
-    @ivar failures: attempts in a row that failed for a reason worth a
-        wait (the backoff doubles with each).
+    @ivar failures: attempts that failed for a reason worth a wait (the
+        backoff doubles with each).
     @ivar unconfirmed: attempts whose end the server never answered.
     @ivar successor: the message that replaced this one (L{Outbox.replace}).
     @ivar replaced: the spool files of the messages this one replaced, to
@@ -348,6 +348,7 @@ class Outbox:
         old.successor = new
         new.followers += [old.outcome] + old.followers
         new.replaced += old.replaced
+        old.followers, old.replaced = [], []
         if old.state is _State.READY:
             self._hand_on(old)
 
@@ -402,18 +403,14 @@ class Outbox:
                   transport=self.transport.describe(),
                   where=f": {result}" if isinstance(result, str) else "",
                   cut=cut)
-        self._remove(waiting, True)
-
-    def _remove(self, waiting: _Waiting, outcome: bool) -> None:
-        """Take a message that needs no more trying out of the spool."""
         waiting.state = _State.FINISHING
         self._settle()
         if waiting.path is None:
-            self._finish(waiting, outcome)
+            self._finish(waiting, True)
             return
         removing = self._writer.run(self.spool.remove, waiting.path)
         removing.addErrback(self._not_removed, waiting.path)
-        removing.addCallback(lambda _: self._finish(waiting, outcome))
+        removing.addCallback(lambda _: self._finish(waiting, True))
 
     @staticmethod
     def _not_removed(failure: Failure, path: str) -> None:
@@ -525,7 +522,7 @@ class Outbox:
                       subject=waiting.subject,
                       recipients=", ".join(waiting.recipients),
                       transport=self.transport.describe(), reason=reason,
-                      count=waiting.attempts, where=where)
+                      count=waiting.unconfirmed + 1, where=where)
             self._finish(waiting, True)
 
         self._keep(waiting, self.spool.set_unconfirmed,
