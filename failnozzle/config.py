@@ -63,7 +63,7 @@ class Settings:
     Every setting with its default.  Addresses are tuples of strings, however
     they were written; L{load_settings} fills in what is derived (the
     sender and recipient defaults of maildir mode).  SMTP_TLS None means
-    found out when sending (see L{failnozzle.outbox.SMTPTransport}).
+    found out when sending (see L{failnozzle.transport.SMTPTransport}).
     """
 
     UDP_BIND: tuple = ("127.0.0.1", 1549)
