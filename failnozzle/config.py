@@ -66,8 +66,9 @@ class ConfigError(Exception):
 class Settings:
     """
     Every setting with its default.  Addresses are tuples of strings, however
-    they were written; L{load_settings} fills in what is derived (SMTP_TLS,
-    the sender and recipient defaults of maildir mode).
+    they were written; L{load_settings} fills in what is derived (the
+    sender and recipient defaults of maildir mode).  SMTP_TLS None means
+    found out when sending (see L{failnozzle.transport.SMTPTransport}).
     """
 
     UDP_BIND: tuple = ("127.0.0.1", 1549)
@@ -868,9 +869,6 @@ def _complete(settings: Settings, notices: list, problems: list,
     is told once.
     """
     changes: dict = {}
-    if settings.SMTP_TLS is None:
-        changes["SMTP_TLS"] = ("implicit" if settings.SMTP_PORT == 465
-                               else "starttls")
 
     def problem(text: str, *names: str) -> None:
         if refused.isdisjoint(names):
@@ -897,8 +895,9 @@ def _complete(settings: Settings, notices: list, problems: list,
         notices.append(f"INCOMING_MESSAGE_MAX_SIZE = "
                        f"{settings.INCOMING_MESSAGE_MAX_SIZE} is read as "
                        f"{UDP_MAX_PAYLOAD}, the largest payload UDP carries")
-    tls = changes.get("SMTP_TLS", settings.SMTP_TLS)
-    if settings.smtp_enabled and settings.SMTP_USER and tls == "off":
+    # Unset, SMTP_TLS is found out, and never falls back to clear text.
+    if (settings.smtp_enabled and settings.SMTP_USER
+            and settings.SMTP_TLS == "off"):
         notices.append("SMTP_USER is set with SMTP_TLS = 'off': the password "
                        "crosses the network in clear")
     if (settings.SMTP_INGEST_BIND and settings.SMTP_INGEST_USERS

@@ -564,13 +564,22 @@ def _load(environment: Environment, setting: str, name: str):
 
 
 def pager_alert(server_name: str, total: int, window_size: int,
-                flush_seconds: float) -> tuple:
-    """The subject and body of a pager alert, worded as the original's."""
-    return (
-        f"{server_name} error rate exceeded",
-        f"Danger: received {total} errors within the alert window "
-        f"(the last {window_size} flushes of {flush_seconds:g} s).\n",
-    )
+                flush_seconds: float, windows: int = 1,
+                since: Optional[float] = None,
+                all_windows: Optional[int] = None) -> tuple:
+    """
+    The subject and body of a pager alert, worded as the original's; one
+    that replaces alerts not delivered says since when (wall-clock time)
+    and how many windows were over the limit, with how many errors.
+    """
+    body = (f"Danger: received {total} errors within the alert window "
+            f"(the last {window_size} flushes of {flush_seconds:g} s).\n")
+    if windows > 1:
+        body += (f"The error rate was over the limit in {windows} alert "
+                 f"windows since {_format_utc(utc(since))}, with "
+                 f"{all_windows} errors in all; this alert replaces those "
+                 f"that could not be delivered meanwhile.\n")
+    return f"{server_name} error rate exceeded", body
 
 
 def build_message(

@@ -29,9 +29,11 @@ from failnozzle.ingest import (BadDatagram, ErrorReceiver,
 from failnozzle.listeners import (DATAGRAM, LISTENING, Listeners,
                                   bind_listening)
 from failnozzle.mailin import MailIngest, tls_options
-from failnozzle.outbox import MaildirTransport, Outbox, SMTPTransport
+from failnozzle.outbox import Outbox, Sending
 from failnozzle.spool import Spool
 from failnozzle.state import State, StateFile
+from failnozzle.transport import MaildirTransport, SMTPTransport
+from failnozzle.writer import InlineWriter, Writer
 
 _log = Logger()
 
@@ -47,10 +49,14 @@ class Route:
     reply_to: tuple
 
 
-def make_transport(settings: Settings, reactor):
-    """The SMTP transport if an SMTP server is configured, else the maildir."""
+def make_transport(settings: Settings, reactor,
+                   writer: Optional[Writer] = None):
+    """
+    The SMTP transport if an SMTP server is configured, else the maildir
+    (written with C{writer}).
+    """
     if not settings.smtp_enabled:
-        return MaildirTransport(settings.MAILDIR, reactor)
+        return MaildirTransport(settings.MAILDIR, reactor, writer)
     return SMTPTransport(
         reactor,
         settings.SMTP_HOST,
@@ -102,6 +108,18 @@ class MonitoringFilter:
 
 
 @dataclass
+class _Page:
+    """
+    The pager alert not delivered yet: each window over the limit until it
+    is replaces it with one that says it all, not one more alert.
+    """
+
+    since: float
+    windows: int = 0
+    total: int = 0
+
+
+@dataclass
 class _Configured:
     """
     What the service makes of its settings, besides what it counts: made
@@ -136,17 +154,15 @@ class FailnozzleService(Service):
                  gelf_socket: Optional[socket.socket] = None,
                  smtp_socket: Optional[socket.socket] = None,
                  wall_offset: Callable[[], float] = lambda: 0.0,
-                 reload_settings: Optional[Callable[[], tuple]] = None
-                 ) -> None:
+                 reload_settings: Optional[Callable[[], tuple]] = None,
+                 writer: Optional[Writer] = None) -> None:
         """
         @param udp_socket: the bound socket errors arrive on (see
             L{failnozzle.listeners.bind_listening}); the service adopts it
             when it starts.
         @param transport: where mail goes; by default the one the settings
             describe.
-        @param in_thread: runs blocking file writes (snapshots) off the
-            reactor, such as C{threads.deferToThread}; by default they run
-            on it.
+        @param in_thread: runs the snapshots' writes; by default C{writer}.
         @param gelf_socket: a second bound socket (GELF_BIND), read the
             same way: both take GELF and failnozzle's JSON.
         @param smtp_socket: a bound, listening TCP socket (SMTP_INGEST_BIND)
@@ -157,6 +173,10 @@ class FailnozzleService(Service):
         @param reload_settings: gives C{(settings, notices)} read anew
             from the config file, or raises ConfigError: what L{reload}
             (SIGHUP) takes; None: the service cannot reload.
+        @param writer: runs the disk writes (spool, maildir, snapshots),
+            started and stopped with the service: a
+            L{failnozzle.writer.DiskWriter}; by default they run at once,
+            on the reactor.
         @raise ConfigError: a setting cannot be used (a template, a
             certificate).
         """
@@ -165,7 +185,8 @@ class FailnozzleService(Service):
         self._wall_offset = wall_offset
         self._reload_settings = reload_settings
         self._given_transport = transport
-        self._in_thread = in_thread or defer.maybeDeferred
+        self.writer = writer or InlineWriter()
+        self._in_thread = in_thread or self.writer.run
         self._sockets = {name: sock for name, sock in (
             ("UDP_BIND", udp_socket), ("GELF_BIND", gelf_socket),
             ("SMTP_INGEST_BIND", smtp_socket)) if sock is not None}
@@ -184,7 +205,8 @@ class FailnozzleService(Service):
         self.rate_window = RateWindow(settings.PAGER_WINDOW_SIZE,
                                       settings.PAGER_LIMIT)
         self.outbox = Outbox(configured.transport,
-                             Spool(settings.SPOOL_DIR, reactor), reactor)
+                             Spool(settings.SPOOL_DIR, reactor), reactor,
+                             writer=self.writer)
         self.state_file: Optional[StateFile] = None
         self._state_unwritable = False
         #: Who waits for the snapshot that has not begun yet, if one is
@@ -193,6 +215,9 @@ class FailnozzleService(Service):
         #: Per digest kind, the errors waiting for that kind's last digest
         #: to be delivered, so an outage gives one digest, not one a flush.
         self._held: dict = {}
+        #: The batches of digests not yet safe (see L{_keep_until_safe}).
+        self._unsettled: dict = {}
+        self._undelivered_page: Optional[_Page] = None
         self._flush_loop = LoopingCall(self._scheduled_flush)
         self._flush_loop.clock = reactor
         self._snapshot_loop = LoopingCall(self._scheduled_snapshot)
@@ -237,7 +262,8 @@ class FailnozzleService(Service):
                 for name in changed)
             transport = (self.outbox.transport
                          if changed and not delivery_changed
-                         else make_transport(settings, self._reactor))
+                         else make_transport(settings, self._reactor,
+                                             self.writer))
         mail_tls = None
         if settings.SMTP_INGEST_BIND and settings.SMTP_INGEST_TLS_CERT:
             mail_tls = tls_options(settings.SMTP_INGEST_TLS_CERT,
@@ -299,7 +325,8 @@ class FailnozzleService(Service):
         self.outbox.configure(configured.transport,
                               settings.RETRY_MIN_SECONDS,
                               settings.RETRY_MAX_SECONDS,
-                              settings.SPOOL_LIFETIME_SECONDS)
+                              settings.SPOOL_LIFETIME_SECONDS,
+                              settings.DIGEST_MAX_BYTES)
         self._configure_mail(settings, configured)
         if not changed or changed & {"STATE_FILE", "SNAPSHOT_SECONDS",
                                      "UNIQUE_MSG_TUPLE"}:
@@ -333,6 +360,7 @@ class FailnozzleService(Service):
             # First: a SIGHUP from now on must not end the process.
             self._previous_sighup = signal.signal(signal.SIGHUP,
                                                   self._sighup)
+        self.writer.start()
         transport = self.outbox.transport
         if isinstance(transport, MaildirTransport):
             _prepare(transport, "MAILDIR", "digests cannot be written")
@@ -458,6 +486,7 @@ class FailnozzleService(Service):
                 self.settings.SHUTDOWN_TIMEOUT_SECONDS)),
             ("snapshot", self.save_state),
             ("hang up on mail clients", self._hang_up_mail),
+            ("finish the disk writes", self.writer.stop),
         ]).addCallback(lambda _: _log.info("failnozzle stopped"))
 
     def _stop_loops(self) -> None:
@@ -549,7 +578,8 @@ class FailnozzleService(Service):
         buffer, whole = self.aggregator.changes(self.state_file.needs_whole)
         return State(buffer, dict(self._held), list(self.rate_window.counts),
                      changes_only=not whole,
-                     bad_input=self.aggregator.bad_input())
+                     bad_input=self.aggregator.bad_input(),
+                     unsettled=self._unsettled_batches())
 
     def _state_saved(self, _: object) -> None:
         if self._state_unwritable:
@@ -651,31 +681,83 @@ class FailnozzleService(Service):
         return sending
 
     def _send_digest(self, route: Route, batch: Batch) -> list:
-        return self._send(route, batch.total, partial(
+        sending = self._send(route, batch.total, partial(
             self.renderer.message, batch,
             max_bytes=self.settings.DIGEST_MAX_BYTES))
+        if sending is None:
+            return []
+        self._keep_until_safe(route.kind, batch, sending)
+        return [sending.outcome]
+
+    def _keep_until_safe(self, kind: str, batch: Batch,
+                         sending: Sending) -> None:
+        """
+        Keep C{batch} in the snapshots until its digest is in the spool,
+        or, if the spool cannot take it, until it is delivered: a crash
+        before then reports those errors again rather than never.
+        """
+        token = object()
+        self._unsettled[token] = (kind, batch)
+
+        def settled(result: bool, now: bool = True) -> bool:
+            if now and self._unsettled.pop(token, None) is not None:
+                self.save_state()
+            return result
+
+        # Callbacks hand the result on: the caller's outcome stays whole.
+        sending.spooled.addCallback(lambda spooled: settled(spooled, spooled))
+        sending.outcome.addCallback(settled)
+
+    def _unsettled_batches(self) -> dict:
+        """The unsettled batches by kind, as a snapshot holds them."""
+        by_kind: dict = {}
+        for kind, batch in self._unsettled.values():
+            held = by_kind.get(kind)
+            by_kind[kind] = batch if held is None else held.merge(
+                batch, self.settings.MAX_UNIQUE_MESSAGES,
+                self.settings.MAX_SOURCES_PER_ERROR)
+        return by_kind
 
     def _page(self, total: int) -> list:
         _log.warn("Error rate exceeded: {total} errors in the last {flushes} "
                   "flushes (PAGER_LIMIT = {limit})", total=total,
                   flushes=self.rate_window.size, limit=self.rate_window.limit)
-        subject, body = pager_alert(self.settings.SERVER_NAME, total,
-                                    self.rate_window.size,
-                                    self.settings.FLUSH_SECONDS)
-        return self._send(self._routes["pager"], total, partial(
-            build_message, subject=subject, body=body))
+        page = self._undelivered_page
+        if page is None or "pager" not in self.outbox.waiting_kinds():
+            page = self._undelivered_page = _Page(self._reactor.seconds())
+        page.windows += 1
+        page.total += total
+        subject, body = pager_alert(
+            self.settings.SERVER_NAME, total, self.rate_window.size,
+            self.settings.FLUSH_SECONDS, windows=page.windows,
+            since=page.since + self._wall_offset(), all_windows=page.total)
+        sending = self._send(self._routes["pager"], total, partial(
+            build_message, subject=subject, body=body),
+            replace=page.windows > 1)
+        if sending is None:
+            return []
+
+        def delivered(result: bool) -> bool:
+            if self._undelivered_page is page:
+                self._undelivered_page = None
+            return result
+
+        sending.outcome.addCallback(delivered)
+        return [sending.outcome]
 
     def _send(self, route: Route, count: int,
-              make_message: Callable[..., EmailMessage]) -> list:
+              make_message: Callable[..., EmailMessage],
+              replace: bool = False) -> Optional[Sending]:
         """
         Send the message C{make_message} makes, given the route's envelope,
-        if the route has recipients.
+        if the route has recipients; if C{replace}, instead of the messages
+        of its kind still waiting.
         """
         if not route.recipients:
             _log.warn("Not sending the {kind} message about {count} errors: "
                       "{setting} is not set", kind=route.kind, count=count,
                       setting=route.setting)
-            return []
+            return None
         message = make_message(
             sender=route.sender,
             recipients=route.recipients,
@@ -685,7 +767,9 @@ class FailnozzleService(Service):
             reply_to=route.reply_to,
             kind=route.kind,
         )
-        return [self.outbox.send(message)]
+        if replace:
+            return self.outbox.replace(route.kind, message)
+        return self.outbox.send(message)
 
 
 def _each_step(steps: list) -> defer.Deferred:

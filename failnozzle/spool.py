@@ -1,19 +1,64 @@
 """
 Messages on disk: maildirs written safely (in C{tmp/}, fsynced, renamed into
 C{new/}), the spool every message waits in until the mail server took it,
-and the C{failed/} maildir beside it for those it never will.
+and beside it C{failed/} for those it never will, C{unconfirmed/} for those
+a server probably took without saying so, and C{bad/} for entries that are
+no message failnozzle can send.
 
 Each message is a plain RFC 5322 file, so any mail tool can read what is
-waiting or what failed.
+waiting or what failed.  Everything written here, and by the state file
+(L{open_private}, L{make_private_dirs}), is private to failnozzle's user:
+files 0600 and the directories it creates 0700, whatever the umask.
 """
 from __future__ import annotations
 
 import itertools
 import os
 import socket
-from typing import Optional
+import stat
+from typing import IO, BinaryIO, Optional
 
 from twisted.internet.interfaces import IReactorTime
+
+PRIVATE_FILE = 0o600
+PRIVATE_DIRECTORY = 0o700
+
+
+def _private_opener(path: str, flags: int) -> int:
+    descriptor = os.open(path, flags | os.O_CLOEXEC, PRIVATE_FILE)
+    try:
+        # The umask may have taken bits away from the mode, or the file was
+        # there before with a wider one.
+        os.fchmod(descriptor, PRIVATE_FILE)
+    except OSError:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def open_private(path: str, mode: str = "wb", **options) -> IO:
+    """
+    C{open(path, mode, **options)} for writing, the file being 0600 whatever
+    the umask, and made so if it was there before with another mode.
+    """
+    return open(path, mode, opener=_private_opener, **options)
+
+
+def make_private_dirs(path: str) -> None:
+    """
+    C{os.makedirs(path, exist_ok=True)}, each directory it creates being
+    0700 whatever the umask; those there before are left as they are.
+    """
+    parent = os.path.dirname(path)
+    if parent and parent != path and not os.path.exists(parent):
+        make_private_dirs(parent)
+    try:
+        os.mkdir(path, PRIVATE_DIRECTORY)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    os.chmod(path, PRIVATE_DIRECTORY)
 
 
 def fsync_directory(path: str) -> None:
@@ -23,6 +68,60 @@ def fsync_directory(path: str) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+class BadEntry(Exception):
+    """A spool entry that cannot be a message: says what it is instead."""
+
+
+_FILE_TYPES = [(stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+               (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device")]
+
+
+def _check_regular(mode: int) -> None:
+    """@raise BadEntry: C{mode} is not that of a regular file."""
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_TYPES if test(mode)),
+                    "not a regular file")
+        raise BadEntry(kind)
+
+
+def open_regular(path: str) -> BinaryIO:
+    """
+    Open for reading what is at C{path} only if it is a regular file: a
+    FIFO would block, a device never end, and a symbolic link is not
+    followed.
+
+    @raise BadEntry: it is not a regular file.
+    @raise OSError: it cannot be opened.
+    """
+    _check_regular(os.lstat(path).st_mode)
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW
+                         | os.O_CLOEXEC)
+    opened = open(descriptor, "rb")
+    try:
+        # Checked again on what was opened, in case it was swapped meanwhile.
+        _check_regular(os.fstat(descriptor).st_mode)
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def read_entry(path: str, limit: int) -> tuple:
+    """
+    Read what may be a message, safely whatever is at C{path} (see
+    L{open_regular}); a huge file costs at most C{limit} bytes.
+
+    @return: C{(data, size)}: at most the first C{limit} bytes, and the
+        file's size.
+    @raise BadEntry: it is not a regular file.
+    @raise OSError: it cannot be read.
+    """
+    with open_regular(path) as stored:
+        return stored.read(limit), os.fstat(stored.fileno()).st_size
 
 
 class Maildir:
@@ -44,7 +143,7 @@ class Maildir:
         @raise OSError: it cannot be created.
         """
         for sub in ("tmp", "new", "cur"):
-            os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+            make_private_dirs(os.path.join(self.path, sub))
 
     def write(self, data: bytes) -> str:
         """
@@ -59,11 +158,25 @@ class Maildir:
                 f"Q{next(self._serial)}.{socket.gethostname()}")
         temporary = os.path.join(self.path, "tmp", name)
         final = os.path.join(self.path, "new", name)
-        with open(temporary, "wb") as out:
+        with open_private(temporary, "xb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
         os.rename(temporary, final)
+        fsync_directory(os.path.dirname(final))
+        return final
+
+    def take(self, path: str) -> str:
+        """
+        Move the message at C{path} (in another maildir of the same file
+        system) into this one's C{new/}, under the same name.
+
+        @return: its new path.
+        @raise OSError: it could not be moved.
+        """
+        self.prepare()
+        final = os.path.join(self.path, "new", os.path.basename(path))
+        os.rename(path, final)
         fsync_directory(os.path.dirname(final))
         return final
 
@@ -87,14 +200,18 @@ def written_at(path: str) -> float:
 
 class Spool:
     """
-    Where messages wait until delivered: a maildir at C{path}, and the
-    maildir C{path/failed} for those given up on.
+    Where messages wait until delivered: a maildir at C{path}, and beside
+    them the maildirs C{path/failed} for those given up on and
+    C{path/unconfirmed} for those probably delivered, and the folder
+    C{path/bad} for entries that were no message to send.
     """
 
     def __init__(self, path: str, clock: IReactorTime) -> None:
         self.waiting = Maildir(path, clock)
         self.failed = Maildir(os.path.join(path, "failed"), clock)
+        self.unconfirmed = Maildir(os.path.join(path, "unconfirmed"), clock)
         self.path = self.waiting.path
+        self.bad = os.path.join(self.path, "bad")
 
     def prepare(self) -> None:
         """
@@ -123,10 +240,40 @@ class Spool:
         @return: its path in C{failed/}.
         @raise OSError: it could not be stored there.
         """
+        return self._keep(self.failed, path, data)
+
+    def set_unconfirmed(self, path: Optional[str], data: bytes) -> str:
+        """
+        Move a message a server probably took, without ever saying so, to
+        C{unconfirmed/}.
+
+        @return: its path there.
+        @raise OSError: it could not be stored there.
+        """
+        return self._keep(self.unconfirmed, path, data)
+
+    @staticmethod
+    def _keep(maildir: Maildir, path: Optional[str], data: bytes) -> str:
         if path is None:
-            return self.failed.write(data)
-        self.failed.prepare()
-        final = os.path.join(self.failed.path, "new", os.path.basename(path))
+            return maildir.write(data)
+        return maildir.take(path)
+
+    def set_aside(self, path: str) -> str:
+        """
+        Move an entry of C{new/} that is no message to send, whatever it is
+        (a FIFO, a directory, a file with no recipients), into C{bad/},
+        where it does nothing until someone looks.
+
+        @return: its path there.
+        @raise OSError: it could not be moved.
+        """
+        make_private_dirs(self.bad)
+        name = os.path.basename(path)
+        final = os.path.join(self.bad, name)
+        for number in itertools.count(1):
+            if not os.path.lexists(final):
+                break
+            final = os.path.join(self.bad, f"{name}.{number}")
         os.rename(path, final)
-        fsync_directory(os.path.dirname(final))
+        fsync_directory(self.bad)
         return final

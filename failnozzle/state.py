@@ -31,7 +31,6 @@ import itertools
 import json
 import math
 import os
-import stat
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -41,7 +40,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from failnozzle.aggregate import Batch, Entry, rekeying
-from failnozzle.spool import fsync_directory
+from failnozzle.spool import (BadEntry, fsync_directory, open_private, open_regular,
+                              read_entry)
 
 _log = Logger()
 
@@ -237,13 +237,13 @@ class StateFile:
         """
         keys_path = self._keys_path(snapshot.generation)
         if snapshot.new_keys or not os.path.exists(keys_path):
-            with _private_file(keys_path, os.O_APPEND) as keys:
+            with open_private(keys_path, "a", encoding="utf-8") as keys:
                 for number, key in snapshot.new_keys:
                     keys.write(_dumps([number, key], key) + "\n")
                 keys.flush()
                 os.fsync(keys.fileno())
         temporary = f"{self.path}.tmp"
-        with _private_file(temporary, os.O_TRUNC) as out:
+        with open_private(temporary, "w", encoding="utf-8") as out:
             out.writelines(_pieces(snapshot))
             out.flush()
             os.fsync(out.fileno())
@@ -288,7 +288,7 @@ class StateFile:
             # No snapshot at all is no trouble; a directory that cannot
             # hold one is reported when saving fails.
             return None
-        except (OSError, ValueError) as error:
+        except (OSError, BadEntry, _Unusable) as error:
             self._set_aside(error)
             return None
         try:
@@ -360,7 +360,7 @@ class StateFile:
         @param length: how many fields a key has, if known.
         """
         keys = {}
-        with _open_regular(self._keys_path(generation)) as lines:
+        with open_regular(self._keys_path(generation)) as lines:
             while True:
                 line = lines.readline(_MAX_KEY_LINE_BYTES + 1)
                 if len(line) > _MAX_KEY_LINE_BYTES:
@@ -445,43 +445,11 @@ def _loads(data: bytes) -> object:
             raise _Unusable("nested too deeply") from None
 
 
-def _open_regular(path: str):
-    """
-    Open a file for reading only if it is a regular file: a FIFO or a
-    device in its place would block or never end.
-
-    @raise OSError: it cannot be opened, or is not a regular file.
-    """
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise _Unusable(f"{path} is not a regular file")
-        return os.fdopen(descriptor, "rb")
-    except BaseException:
-        os.close(descriptor)
-        raise
-
-
 def _read_regular(path: str, limit: int) -> bytes:
     """The contents of a regular file of at most C{limit} bytes."""
-    with _open_regular(path) as opened:
-        data = opened.read(limit + 1)
-    _check(len(data) <= limit, f"larger than {limit} bytes")
+    data, size = read_entry(path, limit)
+    _check(size <= limit, f"larger than {limit} bytes")
     return data
-
-
-def _private_file(path: str, mode_flag: int):
-    """
-    A text file open for writing (C{os.O_APPEND} or C{os.O_TRUNC}) that
-    only its owner may read, whatever the umask and however it was before.
-    """
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | mode_flag, 0o600)
-    try:
-        os.fchmod(descriptor, 0o600)
-        return os.fdopen(descriptor, "w", encoding="utf-8")
-    except BaseException:
-        os.close(descriptor)
-        raise
 
 
 def _pieces(snapshot: _Snapshot) -> Iterator[str]:

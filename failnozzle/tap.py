@@ -11,8 +11,6 @@ from functools import partial
 from typing import Any, Mapping, NoReturn, Optional
 
 from twisted.application.service import IService
-from twisted.internet import threads
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -23,6 +21,7 @@ from failnozzle.config import (ConfigError, Settings, check_settings,
 from failnozzle.listeners import bind_listening, close_all
 from failnozzle.mailin import tls_options
 from failnozzle.service import FailnozzleService, make_renderer, make_transport
+from failnozzle.writer import DiskWriter
 
 _log = Logger()
 
@@ -165,12 +164,6 @@ def report_check(path: Optional[str],
     return 0
 
 
-def _in_thread_pool(reactor, function, *args) -> Deferred:
-    """Run blocking work in the reactor's thread pool."""
-    return threads.deferToThreadPool(reactor, reactor.getThreadPool(),
-                                     function, *args)
-
-
 def makeService(options: Options, reactor=None) -> IService:
     """
     Build the daemon from its options.  A wrong setting, or an address
@@ -188,7 +181,7 @@ def makeService(options: Options, reactor=None) -> IService:
         try:
             service = FailnozzleService(
                 settings, reactor, sockets["UDP_BIND"],
-                in_thread=partial(_in_thread_pool, reactor),
+                writer=DiskWriter(reactor),
                 gelf_socket=sockets.get("GELF_BIND"),
                 smtp_socket=sockets.get("SMTP_INGEST_BIND"),
                 wall_offset=wall_offset, reload_settings=load)

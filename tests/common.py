@@ -20,9 +20,11 @@ from twisted.logger import LogLevel, Logger, formatEvent, globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 
 from failnozzle.config import Settings, load_settings
+from failnozzle.digest import build_message
 from failnozzle.ingest import bind_udp_socket
 from failnozzle.mailin import bind_tcp_socket
 from failnozzle.service import FailnozzleService
+from failnozzle.writer import DiskWriter
 
 #: Upper bound for waiting on anything over real sockets; a test that
 #: needs it has failed.
@@ -53,8 +55,8 @@ def free_tcp_port() -> int:
 def start_service(testcase, transport=None, **overrides) -> FailnozzleService:
     """
     Start a L{FailnozzleService} on 127.0.0.1 (a free UDP port, and a TCP
-    port for mail if SMTP_INGEST_BIND is given) with the real reactor; it
-    is stopped when the test ends.
+    port for mail if SMTP_INGEST_BIND is given) with the real reactor and
+    its disk writer thread; it is stopped when the test ends.
     """
     overrides.setdefault("UDP_BIND", ("127.0.0.1", 0))
     for name in ("SPOOL_DIR", "STATE_FILE", "MAILDIR"):
@@ -64,10 +66,19 @@ def start_service(testcase, transport=None, **overrides) -> FailnozzleService:
     smtp_socket = (bind_tcp_socket(*settings.SMTP_INGEST_BIND)
                    if settings.SMTP_INGEST_BIND else None)
     service = FailnozzleService(settings, reactor, udp_socket, transport,
-                                smtp_socket=smtp_socket)
+                                smtp_socket=smtp_socket,
+                                writer=DiskWriter(reactor))
     service.startService()
     testcase.addCleanup(lambda: service.running and service.stopService())
     return service
+
+
+def written(service: FailnozzleService) -> defer.Deferred:
+    """
+    A Deferred firing once the service's disk writer has done every write
+    asked for until now (spooling, snapshots).
+    """
+    return service.writer.run(lambda: None)
 
 
 def udp_address(service: FailnozzleService) -> tuple:
@@ -127,6 +138,14 @@ def record(message: str = "boom", source: str = "host1", **fields) -> dict:
     }
     base.update(fields)
     return base
+
+
+def digest_message(subject: str = "nozzle1 errors: 1 total",
+                   body: str = "boom\n", kind: str = "digest"):
+    """A message as the service builds it, to ops@example.com."""
+    return build_message(sender="nozzle@example.com",
+                         recipients=["ops@example.com"], subject=subject,
+                         body=body, date=0, domain="nozzle1", kind=kind)
 
 
 class _ToTwistedLog(logging.Handler):
@@ -302,6 +321,31 @@ class _DropInData(_Tracked, LineReceiver):
             self.sendLine(b"250 OK")
 
 
+class _KeepAndStaySilent(_Tracked, LineReceiver):
+    """
+    Says yes to every SMTP command and keeps each message's content, but
+    never answers the end of a message: a server whose reply is lost.
+    """
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._content = None
+        self.sendLine(b"220 127.0.0.1 ESMTP")
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._content is None:
+            if line.upper().startswith(b"DATA"):
+                self._content = []
+                self.sendLine(b"354 go ahead")
+            else:
+                self.sendLine(b"250 OK")
+        elif line == b".":
+            self.factory.messages.append(b"\n".join(self._content) + b"\n")
+            self._content = None
+        else:
+            self._content.append(line[1:] if line.startswith(b".") else line)
+
+
 class _LoopbackServer:
     """
     A TCP server on 127.0.0.1 speaking L{protocol}.  When stopped, or when
@@ -310,6 +354,8 @@ class _LoopbackServer:
 
     @ivar port: the port it listens on.
     @ivar connections: the server side of each connection accepted.
+    @ivar messages: the content of each message it kept, if it keeps any,
+        with LF line ends.
     """
 
     protocol: type = Protocol
@@ -317,6 +363,7 @@ class _LoopbackServer:
     def __init__(self, testcase) -> None:
         factory = Factory.forProtocol(self.protocol)
         factory.connections = self.connections = []
+        factory.messages = self.messages = []
         self._listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.port = self._listening.getHost().port
         self._stopped = False
@@ -346,6 +393,15 @@ class SilentServer(_LoopbackServer):
     """
 
     protocol = _Silent
+
+
+class SilentAfterDataServer(_LoopbackServer):
+    """
+    An SMTP server that takes and keeps every message, then never replies
+    to its end, as if its 250 was lost on the way.
+    """
+
+    protocol = _KeepAndStaySilent
 
 
 class DroppingServer(_LoopbackServer):

@@ -16,6 +16,7 @@ from failnozzle.config import (DEFAULT_MONITORING_ERROR_MARKERS,
                                UniqueMessage, changed_settings, check_settings,
                                default_value, load_settings, parse_host_port,
                                read_config_file)
+from failnozzle.service import make_transport
 
 
 def without_udp_bind(notices):
@@ -83,7 +84,7 @@ class DefaultsTests(ConfigTestCase):
                          "subject-template.txt")
         self.assertIsNone(settings.INTERNAL_ERROR_FUNC)
         self.assertIsNone(settings.SMTP_HOST)
-        self.assertEqual(settings.SMTP_TLS, "starttls")
+        self.assertIsNone(settings.SMTP_TLS)
         self.assertFalse(settings.smtp_enabled)
 
     def test_no_file(self):
@@ -138,23 +139,32 @@ class DefaultsTests(ConfigTestCase):
 
 class SMTPTLSTests(ConfigTestCase):
     """
-    SMTP_TLS, derived from SMTP_PORT unless it is set.
+    SMTP_TLS: unset, it is found out when sending, whatever the port.
     """
 
-    def test_465_is_implicit(self):
+    def test_unset_stays_unset(self):
         """
-        Port 465 means TLS from the first byte, as the original's SMTP_SSL.
+        Unset, SMTP_TLS stays None on every port (the transport tries
+        implicit TLS first on 465, STARTTLS first elsewhere).
         """
-        settings, _ = self.load("SMTP_PORT = 465\n")
-        self.assertEqual(settings.SMTP_TLS, "implicit")
-
-    def test_other_ports_starttls(self):
-        """
-        Any other port means STARTTLS.
-        """
-        for port in (25, 587, 2525):
+        for port in (25, 465, 587, 2525):
             settings, _ = self.load(f"SMTP_PORT = {port}\n")
-            self.assertEqual(settings.SMTP_TLS, "starttls", port)
+            self.assertIsNone(settings.SMTP_TLS, port)
+
+    def test_password_not_in_clear_when_unset(self):
+        """
+        AUTH with SMTP_TLS unset is no notice: the mode found out is always
+        TLS, never clear text.
+        """
+        _, notices = self.load("""\
+            UDP_BIND = ('127.0.0.1', 1549)
+            SMTP_HOST = 'smtp.example.com'
+            SMTP_USER = 'u'
+            SMTP_PASSWORD = 'p'
+            REPORT_FROM = 'nozzle@example.com'
+            REPORT_TO = 'ops@example.com'
+            """)
+        self.assertEqual(notices, [])
 
     def test_explicit_kept(self):
         """
@@ -249,7 +259,8 @@ class OriginalConfigTests(ConfigTestCase):
         self.assertEqual(settings.UDP_BIND, ("0.0.0.0", 1549))
         self.assertEqual(settings.SMTP_HOST, "smtp.example.com")
         self.assertEqual(settings.SMTP_PORT, 465)
-        self.assertEqual(settings.SMTP_TLS, "implicit")
+        # Found out when sending, implicit TLS first on 465.
+        self.assertIsNone(settings.SMTP_TLS)
         self.assertEqual(settings.SMTP_USER, "error.reporter@example.com")
         self.assertEqual(settings.SMTP_PASSWORD, "drink canada pony solvent")
         self.assertEqual(settings.REPORT_FROM, "error.reporter@example.com")
@@ -1114,12 +1125,15 @@ class NumericStringTests(ConfigTestCase):
 
     def test_whole_numbers(self):
         """
-        C{'465'} is 465, and SMTP_TLS is derived from it as from 465.
+        C{'465'} is 465, so delivery begins with implicit TLS as on 465.
         """
-        settings, _ = self.load("SMTP_PORT = '465'\n"
+        settings, _ = self.load("SMTP_HOST = 'smtp.example.com'\n"
+                                "REPORT_FROM = 'nozzle@example.com'\n"
+                                "REPORT_TO = 'ops@example.com'\n"
+                                "SMTP_PORT = '465'\n"
                                 "SMTP_INGEST_MAX_BYTES = ' 1000 '\n")
         self.assertEqual(settings.SMTP_PORT, 465)
-        self.assertEqual(settings.SMTP_TLS, "implicit")
+        self.assertEqual(make_transport(settings, None).mode, "implicit")
         self.assertEqual(settings.SMTP_INGEST_MAX_BYTES, 1000)
 
     def test_seconds(self):

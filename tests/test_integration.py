@@ -19,14 +19,18 @@ from twisted.trial.unittest import TestCase
 from failnozzle.aggregate import Batch
 from failnozzle.config import DEFAULT_MONITORING_ERROR_MARKERS, ConfigError
 from failnozzle.service import FailnozzleService, make_transport
+from failnozzle.shrink import wire_size
 from tests.common import (HANG_UP, KEEP_AND_HANG_UP, DroppingServer, SMTPSink,
-                          SilentServer, bounded, capture_log, datagrams_received,
-                          digest_counts, failed, free_tcp_port, logged_lines,
+                          SilentAfterDataServer, SilentServer, bounded,
+                          capture_log, datagrams_received, digest_counts,
+                          failed, free_tcp_port, logged_lines, maildir_files,
                           make_settings, poll_until, read_message, record,
                           send_datagrams, spooled, start_service,
-                          state_file_total, udp_address, wait_for_log)
+                          state_file_total, udp_address, wait_for_log,
+                          written)
 
 OUTBOX = "failnozzle.outbox"
+TRANSPORT = "failnozzle.transport"
 SERVICE = "failnozzle.service"
 STATE = "failnozzle.state"
 MARKER = DEFAULT_MONITORING_ERROR_MARKERS[0]
@@ -545,8 +549,8 @@ class FailedDeliveryTests(TestCase):
     def test_connection_dropped_in_data(self):
         """
         A server that hangs up after the message's content but before its
-        reply has not taken the message: the attempt is logged as such, and
-        the retry delivers it, once.
+        reply may have kept it (this one did not): the attempt is logged as
+        such, and the retry delivers it, once.
         """
         sink = SMTPSink(self, first_answers=[HANG_UP])
         service = start_service(self, **smtp_settings(sink.port,
@@ -556,7 +560,8 @@ class FailedDeliveryTests(TestCase):
         [outcome] = service.flush()
         line = yield lost
         self.assertIn(f"SMTP server 127.0.0.1:{sink.port}: the server "
-                      f"closed the connection before accepting the message",
+                      f"closed the connection after the end of the message, "
+                      f"before replying to it: the server may have kept it",
                       line)
         yield self.assertDeliveredOnce(service, sink, outcome)
         self.assertEqual(len(sink.offered), 2)
@@ -608,6 +613,253 @@ class FailedDeliveryTests(TestCase):
         self.assertEqual(digest_counts(second.get_content()),
                          {"boom": {"web1": 2, "web2": 1}})
         self.assertEqual(spooled(service), [])
+
+
+class UnconfirmedTests(TestCase):
+    """
+    At least once, not ten times: a server that keeps each message but
+    whose reply to its end is lost gets it three times, then the message is
+    set aside as probably delivered and the errors held behind it flow on.
+    """
+
+    @defer.inlineCallbacks
+    def assertProbablyDelivered(self, server_port: int, copies, **settings):
+        """
+        Errors flushed while the server at C{server_port} never confirms
+        reach it three times (C{copies()} lists what it kept), then sit in
+        C{unconfirmed/} with one warning; errors counted meanwhile are
+        held, and sent in the next digest.
+
+        @return: the service, for the next digest.
+        """
+        events = capture_log(self)
+        service = start_service(self, **smtp_settings(
+            server_port, SMTP_TIMEOUT=0.5, **FAST_RETRY, **settings))
+        yield count_in(service, BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2)
+        [outcome] = service.flush()
+        retried = wait_for_log(self, OUTBOX, r"attempt 1, next in")
+        yield retried
+        yield count_in(service, [record("held", source="web9")])
+        self.assertEqual(service.flush(), [])
+        delivered = yield bounded(outcome)
+        self.assertIs(delivered, True)
+        kept = copies()
+        self.assertEqual(len(kept), 3)
+        for content in kept:
+            message = email.message_from_bytes(content,
+                                               policy=email.policy.default)
+            self.assertEqual(digest_counts(message.get_content()),
+                             {"boom": {"web1": 2, "web2": 1}})
+        warnings = logged_lines(events, OUTBOX, LogLevel.warn)
+        self.assertEqual(len(warnings), 3)
+        self.assertIn("is probably delivered", warnings[-1])
+        self.assertIn("the server may have kept it, 3 times, so it is not "
+                      "sent again", warnings[-1])
+        [aside] = maildir_files(service.outbox.spool.unconfirmed.path)
+        self.assertIn(aside, warnings[-1])
+        self.assertEqual(spooled(service), [])
+        self.assertEqual(failed(service), [])
+        return service
+
+    @defer.inlineCallbacks
+    def assertHeldFlowOn(self, service, port):
+        """The next flush sends what was held, to a server on C{port}."""
+        sink = SMTPSink(self, port=port)
+        [outcome] = service.flush()
+        delivered = yield bounded(outcome)
+        self.assertIs(delivered, True)
+        [message] = sink.messages
+        self.assertEqual(digest_counts(message.get_content()),
+                         {"held": {"web9": 1}})
+
+    @defer.inlineCallbacks
+    def test_silent_after_data(self):
+        """
+        A server that keeps the message and never answers the end of it.
+        """
+        server = SilentAfterDataServer(self)
+        service = yield self.assertProbablyDelivered(
+            server.port, lambda: server.messages)
+        yield server.stop()
+        yield self.assertHeldFlowOn(service, server.port)
+
+    @defer.inlineCallbacks
+    def test_drops_after_data(self):
+        """
+        A server (aiosmtpd) that keeps the message and hangs up before
+        its reply, each time.
+        """
+        sink = SMTPSink(self, first_answers=[KEEP_AND_HANG_UP] * 3)
+        service = yield self.assertProbablyDelivered(
+            sink.port, lambda: sink.offered)
+        [outcome] = service.flush()
+        delivered = yield bounded(outcome)
+        self.assertIs(delivered, True)
+        self.assertEqual(digest_counts(sink.messages[-1].get_content()),
+                         {"held": {"web9": 1}})
+        self.assertEqual(len(sink.offered), 4)
+
+
+class SizeTests(TestCase):
+    """
+    A digest too big for the server is cut, never put in failed/ for its
+    size: to the SIZE the server announces, or to half after a 552.
+    """
+
+    TRACEBACK = "Traceback (most recent call last):\n" + "  frame\n" * 400
+
+    def records(self):
+        return [record(f"boom {number}", exc_text=self.TRACEBACK)
+                for number in range(40)]
+
+    def assertCut(self, message, why: str):
+        """
+        C{message} is a digest cut with a marker saying C{why}, and its
+        summary (every error's headline and total) kept.
+        """
+        body = message.get_content()
+        self.assertIn("** 40 instances of 40 unique errors (app) **", body)
+        for number in range(40):
+            self.assertIn(f"1X boom {number} (in app", body)
+        self.assertIn(why, body.rstrip().splitlines()[-1])
+
+    @defer.inlineCallbacks
+    def test_size_announced(self):
+        """
+        A server announcing SIZE 30000 (aiosmtpd's data_size_limit) gets
+        the digest cut to it, at the first attempt.
+        """
+        sink = SMTPSink(self, data_size_limit=30000)
+        service = start_service(self, **smtp_settings(sink.port))
+        outcomes = yield report(service, self.records())
+        self.assertEqual(outcomes, [True])
+        [message] = sink.messages
+        self.assertLessEqual(len(sink.envelopes[0].original_content), 30000)
+        self.assertCut(message, "the mail server takes at most 30,000 bytes "
+                                "(SIZE).]")
+        self.assertEqual(len(sink.offered), 1)
+
+    @defer.inlineCallbacks
+    def test_refused_for_size(self):
+        """
+        A 552 to the digest (no SIZE announced) gets it again at once, cut
+        to half, and it arrives.
+        """
+        sink = SMTPSink(self, first_answers=[
+            "552 5.3.4 Message size exceeds fixed maximum message size"])
+        events = capture_log(self)
+        service = start_service(self, **smtp_settings(sink.port))
+        outcomes = yield report(service, self.records())
+        self.assertEqual(outcomes, [True])
+        first, second = sink.offered
+        self.assertLessEqual(wire_size(second), wire_size(first) // 2)
+        [message] = sink.messages
+        self.assertCut(message, "bytes of it as too big.]")
+        [line] = logged_lines(events, OUTBOX, LogLevel.warn)
+        self.assertIn("as too big: 552 5.3.4 Message size exceeds fixed "
+                      "maximum message size; sending it cut to", line)
+        self.assertEqual(failed(service), [])
+
+
+class AutomaticTLSTests(TestCase):
+    """
+    SMTP_TLS unset, against real servers on ports other than 465: a server
+    speaking TLS from the first byte (as the original failnozzle always
+    did) and a STARTTLS server both get the digest, over TLS with the
+    certificate checked; the log says once which mode worked.
+    """
+
+    def start(self, sink: SMTPSink, ca_file: str) -> FailnozzleService:
+        """
+        A service sending to C{sink} with SMTP_TLS unset, trusting
+        C{ca_file}; a greeting wait of 1 s (SMTP_TIMEOUT / 2).
+        """
+        return start_service(self, **smtp_settings(
+            sink.port, SMTP_TLS=None, SMTP_CA_FILE=ca_file, SMTP_TIMEOUT=2))
+
+    @defer.inlineCallbacks
+    def assertDelivered(self, sink: SMTPSink, ca_file: str, mode: str):
+        events = capture_log(self)
+        service = self.start(sink, ca_file)
+        for message in ("first", "second"):
+            outcomes = yield report(service, [record(message)])
+            self.assertEqual(outcomes, [True])
+        self.assertEqual(len(sink.messages), 2)
+        self.assertTrue(all(sink.tls_versions), sink.tls_versions)
+        [line] = logged_lines(events, TRANSPORT, LogLevel.info)
+        self.assertEqual(line, f"SMTP_TLS is not set: SMTP server "
+                               f"127.0.0.1:{sink.port} takes mail over "
+                               f"{mode}, which failnozzle uses from now on")
+        self.assertEqual(logged_lines(events, OUTBOX, LogLevel.warn), [])
+
+    def test_implicit(self):
+        """
+        An implicit TLS server on a random port: silent at first, it is
+        reached with implicit TLS.
+        """
+        context, ca_file = make_ca(self)
+        sink = SMTPSink(self, ssl_context=context)
+        return self.assertDelivered(sink, ca_file, "implicit TLS")
+
+    def test_starttls(self):
+        """
+        A STARTTLS server is reached over STARTTLS.
+        """
+        context, ca_file = make_ca(self)
+        sink = SMTPSink(self, tls_context=context, require_starttls=True)
+        return self.assertDelivered(sink, ca_file, "STARTTLS")
+
+    @defer.inlineCallbacks
+    def test_implicit_first_answered_in_clear(self):
+        """
+        Implicit TLS tried first (as on port 465) on a STARTTLS server: its
+        answer in plain text sends the digest over STARTTLS.
+        """
+        context, ca_file = make_ca(self)
+        sink = SMTPSink(self, tls_context=context, require_starttls=True)
+        service = self.start(sink, ca_file)
+        service.outbox.transport.mode = "implicit"
+        outcomes = yield report(service, [record("boom")])
+        self.assertEqual(outcomes, [True])
+        self.assertIsNotNone(sink.tls_versions[0])
+        self.assertEqual(service.outbox.transport.mode, "starttls")
+
+    @defer.inlineCallbacks
+    def assertGivenUp(self, sink: SMTPSink, ca_file: str, why: str):
+        """
+        C{sink} is offered nothing, not even in clear: the digest goes to
+        failed/ at once, with no retry, and the log line says C{why}.
+        """
+        events = capture_log(self)
+        service = self.start(sink, ca_file)
+        outcomes = yield report(service, [record("boom")])
+        self.assertEqual(outcomes, [False])
+        self.assertEqual(sink.offered, [])
+        [line] = logged_lines(events, OUTBOX)
+        self.assertIn(f"SMTP server 127.0.0.1:{sink.port}: {why}", line)
+        self.assertEqual(logged_lines(events, OUTBOX, LogLevel.warn), [])
+        self.assertEqual(len(failed(service)), 1)
+
+    def test_never_in_clear(self):
+        """
+        A server offering neither implicit TLS nor STARTTLS.
+        """
+        _, ca_file = make_ca(self)
+        return self.assertGivenUp(
+            SMTPSink(self), ca_file, "the server does not offer STARTTLS "
+            "(nothing is sent in clear unless SMTP_TLS = 'off')")
+
+    def test_wrong_host(self):
+        """
+        A certificate for another name, once the implicit TLS server was
+        found out: refused for good.
+        """
+        context, ca_file = make_ca(self, "wrong.example")
+        return self.assertGivenUp(
+            SMTPSink(self, ssl_context=context), ca_file,
+            "no greeting within 1 s (a server waiting for TLS from the first "
+            "byte?); then over implicit TLS: TLS failed: the server's "
+            "certificate is not valid for 127.0.0.1")
 
 
 class OutageTests(TestCase):
@@ -713,11 +965,12 @@ class OutageTests(TestCase):
         self.assertEqual(failed(service), [])
 
     @defer.inlineCallbacks
-    def test_pager_alerts_not_merged(self):
+    def test_pager_alerts_coalesced(self):
         """
-        Pager alerts are not held: each crossing of PAGER_LIMIT during the
-        outage is one alert in the spool, and each arrives once the server
-        is back, beside the pending digest.
+        An alert that cannot be delivered is replaced by the next one, which
+        says how many windows were over the limit since when: one alert in
+        the spool during an outage, not one per window, and it arrives once
+        the server is back, beside the pending digest.
         """
         port = free_tcp_port()
         service = start_service(self, **smtp_settings(
@@ -730,20 +983,26 @@ class OutageTests(TestCase):
             yield count_in(service, [record("boom")] * count)
             [alert] = service.flush()
             outcomes.append(alert)
-        self.assertEqual(len(spooled(service)), 3)
+            yield written(service)
+        # The replaced alert's file goes once the new one is on disk (and
+        # its attempt, if one was under way, has failed).
+        yield poll_until(lambda: len(spooled(service)) == 2,
+                         "the replaced alert to leave the spool")
 
         sink = SMTPSink(self, port=port)
         delivered = yield bounded(
             defer.gatherResults([pending] + outcomes))
         self.assertEqual(delivered, [True, True, True])
-        pages = sorted(message.get_content().split("received ")[1].split()[0]
-                       for message in sink.messages
-                       if message["To"] == "pager@example.com")
-        self.assertEqual(pages, ["3", "4"])
-        self.assertEqual(len(sink.messages), 3)
+        [page] = [message for message in sink.messages
+                  if message["To"] == "pager@example.com"]
+        body = page.get_content()
+        self.assertIn("received 3 errors within the alert window", body)
+        self.assertIn("over the limit in 2 alert windows since", body)
+        self.assertIn("with 7 errors in all", body)
+        self.assertEqual(len(sink.messages), 2)
         [outcome] = service.flush()
         yield bounded(outcome)
-        self.assertEqual(digest_counts(sink.messages[3].get_content()),
+        self.assertEqual(digest_counts(sink.messages[2].get_content()),
                          {"boom": {"host1": 5}})
 
 
@@ -804,6 +1063,7 @@ class SpoolTests(TestCase):
                                 **smtp_settings(sink.port))
         cannot_write = [f"Cannot write STATE_FILE {state}: Not a directory; "
                         f"a crash now would lose what is buffered"]
+        yield written(service)
         self.assertEqual(logged_lines(events, SERVICE), cannot_write,
                          "reported at start-up")
         for message in ("first", "second"):
@@ -815,6 +1075,36 @@ class SpoolTests(TestCase):
             [{"first": {"host1": 1}}, {"second": {"host1": 1}}])
         self.assertEqual(logged_lines(events, SERVICE), cannot_write,
                          "and only once")
+
+    @defer.inlineCallbacks
+    def test_odd_spool_entries_at_start(self):
+        """
+        A FIFO, a directory and a message without recipients in the spool
+        do not stop start-up (a FIFO used to hang it): each is moved to
+        bad/ in one line, and the good message beside them is delivered.
+        """
+        spool = os.path.abspath(self.mktemp())
+        first = start_service(self, SPOOL_DIR=spool)
+        yield first.stopService()
+        new = os.path.join(spool, "new")
+        os.mkfifo(os.path.join(new, "fifo"))
+        os.mkdir(os.path.join(new, "directory"))
+        with open(os.path.join(new, "no-recipients"), "wb") as out:
+            out.write(b"From: a@example.com\nSubject: s\n\nbody\n")
+        with open(os.path.join(new, "good"), "wb") as out:
+            out.write(b"From: a@example.com\nTo: ops@example.com\n"
+                      b"Subject: left behind\n\nbody\n")
+        sink = SMTPSink(self)
+        events = capture_log(self)
+        service = start_service(self, SPOOL_DIR=spool,
+                                **smtp_settings(sink.port))
+        [message] = yield sink.wait_for(1)
+        self.assertEqual(message["Subject"], "left behind")
+        yield written(service)
+        lines = logged_lines(events, OUTBOX)
+        self.assertEqual(len(lines), 3, lines)
+        self.assertEqual(sorted(os.listdir(os.path.join(spool, "bad"))),
+                         ["directory", "fifo", "no-recipients"])
 
     @defer.inlineCallbacks
     def test_restart_delivers_spooled(self):

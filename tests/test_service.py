@@ -15,7 +15,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from failnozzle.config import ConfigError, DEFAULT_MONITORING_ERROR_MARKERS
-from failnozzle.outbox import MaildirTransport, SMTPTransport
+from failnozzle.transport import MaildirTransport, SMTPTransport
 from failnozzle.service import FailnozzleService, make_transport
 from failnozzle.state import StateFile
 from tests.common import FakeMailTransport, make_settings, record
@@ -696,6 +696,72 @@ class SnapshotTests(ServiceTestCase):
         self.assertEqual(set(self.saved()), {"a", "b", "c"})
 
 
+class UnsettledTests(ServiceTestCase):
+    """
+    Errors stay in the snapshots until their digest is in the spool, or,
+    when the spool cannot take it, until it is delivered.
+    """
+
+    def unspoolable(self):
+        blocker = self.mktemp()
+        with open(blocker, "w"):
+            pass
+        return os.path.join(blocker, "spool")
+
+    def saved(self):
+        return StateFile(self.service.settings.STATE_FILE, Clock(),
+                         fields=self.service.settings.unique_fields).load()
+
+    def test_spool_unwritable(self):
+        """
+        With the spool unwritable, a flushed digest's errors are in the
+        snapshot until it is delivered, then they leave it: the next run
+        sends nothing again.
+        """
+        self.start(SPOOL_DIR=self.unspoolable(), SNAPSHOT_SECONDS=1)
+        self.receive(record("one"), record("one"))
+        self.reactor.advance(60)
+        self.assertEqual(len(self.transport.pending), 1)
+        self.assertEqual(self.saved().unsettled["digest"].total, 2)
+        self.transport.succeed_all()
+        self.assertEqual(self.saved().unsettled, {})
+
+        self.transport.pending.clear()
+        self.service.stopService()
+        self.start(**self.overrides)
+        self.reactor.advance(60)
+        self.assertEqual(self.transport.pending, [])
+
+    def test_restored_after_crash(self):
+        """
+        Errors of a digest that was never safe in the spool come back as
+        held errors after a crash, and are in the next digest.
+        """
+        self.start(SPOOL_DIR=self.unspoolable(), SNAPSHOT_SECONDS=1)
+        self.receive(record("one"), record("one"))
+        self.reactor.advance(60)
+        crashed = dict(self.overrides)
+        crashed["SPOOL_DIR"] = self.mktemp()
+        self.start(**crashed)
+        self.reactor.advance(60)
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("** 2 instances of 1 unique error (app) **",
+                      message.get_content())
+
+    def test_spooled_settles(self):
+        """
+        Once the digest is in the spool its errors leave the snapshot:
+        the spool holds them.
+        """
+        self.start(SNAPSHOT_SECONDS=1)
+        self.receive(record("one"))
+        self.reactor.advance(60)
+        self.assertEqual(len(self.transport.pending), 1)
+        state = self.saved()
+        self.assertEqual(state.unsettled, {})
+        self.assertEqual(state.buffer.total, 0)
+
+
 class MakeTransportTests(SynchronousTestCase):
     """
     Which transport the settings choose.
@@ -721,7 +787,8 @@ class MakeTransportTests(SynchronousTestCase):
                           REPORT_TO="b@example.com"),
             MemoryReactorClock())
         self.assertIsInstance(transport, SMTPTransport)
-        self.assertEqual((transport.host, transport.port, transport.tls,
+        # SMTP_TLS unset: implicit TLS is tried first on 465.
+        self.assertEqual((transport.host, transport.port, transport.mode,
                           transport.timeout),
                          ("mail.example.com", 465, "implicit", 7))
 

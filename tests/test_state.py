@@ -12,6 +12,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from failnozzle.aggregate import Batch, Entry
+from failnozzle import state
 from failnozzle.state import State, StateFile
 
 
@@ -485,6 +486,15 @@ class HostileFileTests(SynchronousTestCase):
         os.mkfifo(keys)
         self.assertIsNone(self.state_file().load())
         self.assertTrue(glob.glob(keys + ".bad-*"))
+
+    def test_too_large(self):
+        """
+        A state file larger than any failnozzle writes is set aside
+        unread.
+        """
+        self.patch(state, "_MAX_STATE_BYTES", 100)
+        self.write(" " * 101)
+        self.assertSetAside()
 
     def test_directory(self):
         """

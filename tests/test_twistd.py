@@ -22,8 +22,8 @@ from twisted.trial.unittest import TestCase
 
 import failnozzle
 from tests.common import (WAIT_SECONDS, SMTPSink, SilentServer,
-                          digest_counts, maildir_files, poll_until,
-                          read_message, record, send_datagrams,
+                          digest_counts, free_tcp_port, maildir_files,
+                          poll_until, read_message, record, send_datagrams,
                           state_file_total)
 
 #: What the C{twistd} console script runs.  C{python -m twisted} would run
@@ -389,6 +389,34 @@ class RecoveryTests(_TwistdTestCase):
         yield poll_until(
             lambda: not maildir_files(os.path.join(cwd, "failnozzle-spool")),
             "empty spool")
+
+
+    @defer.inlineCallbacks
+    def test_sigkill_with_spool_unwritable(self):
+        """
+        With the spool unwritable and the mail server down, a digest made
+        before a SIGKILL holds errors no spool file has: the snapshot still
+        does, so the next run, spool and server back, reports them.
+        """
+        settings = self.smtp_settings(
+            free_tcp_port(), flush_seconds=1, SNAPSHOT_SECONDS=0.1,
+            SPOOL_DIR="blocked/spool", RETRY_MIN_SECONDS=3600,
+            RETRY_MAX_SECONDS=3600)
+        cwd = self.make_directory()
+        with open(os.path.join(cwd, "blocked"), "w"):
+            pass
+        process, address, _ = yield self.start_daemon(cwd=cwd, **settings)
+        send_datagrams(address, [record("boom", source="web1")] * 3)
+        yield process.wait_for(r"Could not send .* connection refused")
+        process.transport.signalProcess("KILL")
+        yield process.wait_for_end()
+
+        os.unlink(os.path.join(cwd, "blocked"))
+        sink = SMTPSink(self)
+        settings.update(SMTP_PORT=sink.port, FLUSH_SECONDS=0.5)
+        restarted, address, _ = yield self.start_daemon(cwd=cwd, **settings)
+        yield self.assertNextDigests(restarted, address, sink, {
+            "boom": {"web1": 3}})
 
 
 class MaildirDaemonTests(_TwistdTestCase):
