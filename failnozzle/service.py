@@ -99,9 +99,9 @@ class FailnozzleService(Service):
             when it starts.
         @param transport: where mail goes; by default the one the settings
             describe.
-        @param in_thread: runs blocking file writes (snapshots) off the
-            reactor, such as C{threads.deferToThread}; by default they run
-            on it.
+        @param in_thread: runs blocking file writes (snapshots), and the
+            reading of mail, off the reactor, such as
+            C{threads.deferToThread}; by default they run on it.
         @param gelf_socket: a second bound socket (GELF_BIND), read the
             same way: both take GELF and failnozzle's JSON.
         @param smtp_socket: a bound, listening TCP socket (SMTP_INGEST_BIND,
@@ -134,7 +134,7 @@ class FailnozzleService(Service):
         self.smtp_port = None
         self.mail = None
         if smtp_socket is not None:
-            self.mail = self._mail_ingest(reader)
+            self.mail = self._mail_ingest(reader, in_thread)
         self.rate_window = RateWindow(settings.PAGER_WINDOW_SIZE,
                                       settings.PAGER_LIMIT)
         self.renderer = DigestRenderer(
@@ -178,7 +178,7 @@ class FailnozzleService(Service):
         self._snapshot_loop = LoopingCall(self._scheduled_snapshot)
         self._snapshot_loop.clock = reactor
 
-    def _mail_ingest(self, reader) -> MailIngest:
+    def _mail_ingest(self, reader, in_thread) -> MailIngest:
         settings = self.settings
         tls = (tls_options(settings.SMTP_INGEST_TLS_CERT,
                            settings.SMTP_INGEST_TLS_KEY)
@@ -191,7 +191,8 @@ class FailnozzleService(Service):
             max_bytes=settings.SMTP_INGEST_MAX_BYTES,
             max_connections=settings.SMTP_INGEST_MAX_CONNECTIONS,
             max_recipients=settings.SMTP_INGEST_MAX_RECIPIENTS,
-            users=settings.SMTP_INGEST_USERS, tls=tls)
+            users=settings.SMTP_INGEST_USERS, tls=tls,
+            in_thread=in_thread or defer.maybeDeferred)
 
     def startService(self) -> None:
         super().startService()
