@@ -266,13 +266,16 @@ def _delimiters(body: bytes, delimiter: bytes) -> Iterator[tuple]:
     that is C{delimiter} (a boundary after two dashes), closing if two more
     dashes follow.
     """
-    found = body.find(delimiter)
+    # Every line after a line end, the first too: only line starts are
+    # found, by bytes.find.
+    text = b"\n" + body
+    line = b"\n" + delimiter
+    found = text.find(line)
     while found >= 0:
-        if found == 0 or body[found - 1] == 0x0a:
-            end = _DELIMITER_END.match(body, found + len(delimiter))
-            if end is not None:
-                yield found, end.end(), end.group(1) is not None
-        found = body.find(delimiter, found + 1)
+        end = _DELIMITER_END.match(text, found + len(line))
+        if end is not None:
+            yield found, end.end() - 1, end.group(1) is not None
+        found = text.find(line, found + 1)
 
 
 def text_body(message: _Part) -> str:
@@ -589,8 +592,8 @@ class _Message:
 
     def write(self, piece: bytes) -> None:
         """
-        Take a piece of the content as it came: a line end, then lines up
-        to the next one, dots still doubled.
+        Take a piece of the content as it came, dots still doubled: from
+        a line end (or a bare LF) to before the next one.
         """
         if self.refused:
             return
@@ -778,10 +781,14 @@ class _Session(ESMTP):
             del unread[:end + 5]
             self._end_of_data()
             return True
-        last = unread.rfind(b"\r\n")
-        if last > 0:
-            self._message.write(bytes(unread[:last]))
-            del unread[:last]
+        # Up to the last line end: before it if it is CRLF, so the next
+        # piece begins with one; after it if it is a bare LF (as smtplib
+        # sends bytes), which begins no SMTP line.
+        last = unread.rfind(b"\n")
+        cut = last - 1 if unread[last - 1:last] == b"\r" else last + 1
+        if cut > 0:
+            self._message.write(bytes(unread[:cut]))
+            del unread[:cut]
         if len(unread) > MAX_LINE_BYTES + 2:
             self._line_too_long(MAX_LINE_BYTES)
         return False

@@ -1351,6 +1351,21 @@ class LimitTests(IngestTestCase):
         self.finish_snapshots()
         self.assertEqual(client.replies(), ["250 Counted for the next digest"])
 
+    def test_bare_line_feeds(self):
+        """
+        Content whose lines end in bare LFs (smtplib sends bytes as they
+        are) is taken however long, its short lines not one long line.
+        """
+        client = self.connect(self.make_ingest(max_bytes=10 * MAX_LINE_BYTES))
+        client.replies()
+        client.send(b"EHLO x", b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>", b"DATA")
+        for _ in range(4):
+            client.protocol.dataReceived(b"Subject: bare\n\n" + b"x\n" * (
+                MAX_LINE_BYTES // 4))
+        client.protocol.dataReceived(b"\r\n.\r\n")
+        self.finish_snapshots()
+        self.assertEqual(client.replies(), ["250 Counted for the next digest"])
+
     def test_endless_line(self):
         """
         A command without a line end is not kept past MAX_COMMAND_BYTES:
