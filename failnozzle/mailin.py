@@ -29,8 +29,8 @@ import ipaddress
 import pkgutil
 import re
 import socket
+import urllib.parse
 from collections import OrderedDict
-from email.message import Message
 from typing import Callable, Iterator, Optional
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -82,10 +82,6 @@ MAX_TEXT_CHARS = 65536
 
 #: Of a header, what is read (before any decoding), in characters.
 MAX_HEADER_CHARS = 4096
-
-#: Of a Content-Type, what is read: Python parses its parameters in time
-#: growing with the square of its length.
-MAX_CONTENT_TYPE_CHARS = 1024
 
 #: MIME parts looked at, and how deep in nested multiparts, to find the
 #: text body.
@@ -196,7 +192,8 @@ class _Part:
     body needs: the header fields that say what it is, its body undecoded.
 
     @ivar subject: the raw Subject (at most MAX_HEADER_CHARS), or "".
-    @ivar content_type: such as C{"text/plain"}, lower case.
+    @ivar content_type: such as C{"text/plain"}, lower case, as the email
+        package gives it.
     @ivar params: the Content-Type's parameters, names in lower case.
     """
 
@@ -205,32 +202,30 @@ class _Part:
         # A blank line ends the headers; a line that is none begins the body.
         self.body = data[end + (data[end:end + 1] == b"\n"):]
 
-        def field(pattern: re.Pattern, limit: int = MAX_HEADER_CHARS) -> str:
+        def field(pattern: re.Pattern) -> Optional[str]:
             found = pattern.search(data, 0, end)
             if found is None:
-                return ""
-            value = found.group(1)[:limit].decode("utf-8", "replace")
-            return value.replace("\n", "").strip()
+                return None
+            value = found.group(1)[:MAX_HEADER_CHARS]
+            return value.decode("utf-8", "replace").replace("\n", "").strip()
 
-        self.subject = field(_SUBJECT)
-        self.kind = field(_KIND)
-        self.transfer_encoding = field(_TRANSFER_ENCODING).lower()
-        self.disposition = field(_DISPOSITION).partition(";")[0].lower()
-        self.content_id = field(_CONTENT_ID)
-        fields = Message()
-        fields.set_default_type(default_type)
-        content_type = field(_CONTENT_TYPE, MAX_CONTENT_TYPE_CHARS)
-        if content_type:
-            fields["Content-Type"] = content_type
-        self.content_type = fields.get_content_type()
+        self.subject = field(_SUBJECT) or ""
+        self.kind = field(_KIND) or ""
+        self.transfer_encoding = (field(_TRANSFER_ENCODING) or "").lower()
+        self.disposition = (field(_DISPOSITION) or "").partition(";")[
+            0].strip().lower()
+        self.content_id = field(_CONTENT_ID) or ""
+        content_type = field(_CONTENT_TYPE)
+        self.content_type = default_type
         self.params: dict = {}
-        for name, value in (fields.get_params() or [])[1:]:
-            self.params.setdefault(name.lower(), value)
+        if content_type is not None:
+            main, _, params = content_type.partition(";")
+            main = main.strip().lower()
+            self.content_type = main if main.count("/") == 1 else "text/plain"
+            self.params = _parameters(params)
 
     def param(self, name: str) -> str:
-        """A Content-Type parameter; of an RFC 2231 one, its raw value."""
-        value = self.params.get(name) or ""
-        return value[2] if isinstance(value, tuple) else value
+        return self.params.get(name, "")
 
     def subparts(self, tickets: Iterator) -> Iterator[_Part]:
         """
@@ -255,6 +250,31 @@ class _Part:
             start = after
         if start is not None and next(tickets, None) is not None:
             yield _Part(self.body[start:], default)
+
+
+_PARAMETER = re.compile(r'(?:^|;)[ \t]*([^\s;=]+)[ \t]*=[ \t]*'
+                        r'("(?:[^"\\]|\\.)*"|[^;]*)')
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
+def _parameters(text: str) -> dict:
+    """
+    A header's parameters (RFC 2045), the first of each name (in lower
+    case), unquoted; of an RFC 2231 one (C{name*=charset'language'value}),
+    its value, percent-decoded.  In one pass: the email package's parser
+    takes time growing with the square of their length.
+    """
+    params: dict = {}
+    for name, value in _PARAMETER.findall(text):
+        value = value.strip()
+        if value[:1] == '"' and value[-1:] == '"' and len(value) > 1:
+            value = _QUOTED_PAIR.sub(r"\1", value[1:-1])
+        name = name.lower()
+        if name.endswith("*"):
+            name = name[:-1]
+            value = urllib.parse.unquote(value.split("'", 2)[-1])
+        params.setdefault(name, value)
+    return params
 
 
 _DELIMITER_END = re.compile(rb"(--)?[ \t]*(?:\n|\Z)")

@@ -405,6 +405,20 @@ class ReadMailTests(SynchronousTestCase):
                 b"charset*=x-attacker''iso-8859-1\n\nM\xfcnchen")
         self.assertEqual(read(data)["exc_text"], "München")
 
+    def test_parameters(self):
+        """
+        Content-Type parameters are read as the email package reads them:
+        quoted (with ";" and escaped quotes inside) or not, names in any
+        case, the first of a name; a boundary so found splits the parts.
+        """
+        data = (b'Subject: x\nContent-Type: Multipart/Mixed; x="a;\\"b"; '
+                b'BOUNDARY = "=_a;b" ; boundary=other\n\n'
+                b"--=_a;b\nContent-Type: text/plain; charset=\"iso-8859-1\"\n"
+                b"\nM\xfcnchen\n--=_a;b--\n")
+        self.assertEqual(read(data)["exc_text"], "München")
+        self.assertEqual(read(data)["exc_text"],
+                         reference_record(data)["body"])
+
     def test_unknown_charsets_not_remembered(self):
         """
         Charset names Python does not know are not looked up, so the
