@@ -370,6 +370,26 @@ def attack_slowloris(port: int, connections: int = 90, seconds: float = 10
     return {"connections in DATA": len(clients)}
 
 
+def attack_drip(port: int, connections: int = 20) -> dict:
+    """20 connections in DATA, each dripping a 60 kB line 10 bytes a
+    packet."""
+    clients = []
+    for _ in range(connections):
+        client = Client(port)
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for line in (b"EHLO x", b"MAIL FROM:<a@b>", b"RCPT TO:<k@x>",
+                     b"DATA"):
+            client.command(line)
+        client.sock.sendall(b"Subject: drip\r\n\r\n")
+        clients.append(client)
+    for _ in range(6000):
+        for client in clients:
+            client.sock.send(b"d" * 10)
+    for client in clients:
+        client.sock.sendall(b"\r\n.\r\n")
+    return {"replies": [client.reply()[0] for client in clients]}
+
+
 def attack_junk(port: int, lines: int = 200000) -> dict:
     """200,000 lines of junk commands in one go."""
     client = Client(port)
@@ -391,7 +411,7 @@ ATTACKS = {attack.__name__.partition("_")[2]: attack for attack in (
     attack_traceback, attack_subject, attack_lines, attack_auth, attack_size,
     attack_pipelining, attack_recipients, attack_helo, attack_nul,
     attack_headers, attack_mime, attack_encodings, attack_charsets,
-    attack_html, attack_idle, attack_slowloris, attack_junk)}
+    attack_html, attack_idle, attack_slowloris, attack_drip, attack_junk)}
 
 #: The daemon's settings for an attack, beyond SMTP_INGEST_BIND.
 SETTINGS = {"auth": {"SMTP_INGEST_USERS": {"django": "s3cret"}}}

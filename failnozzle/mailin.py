@@ -90,8 +90,8 @@ MAX_MIME_DEPTH = 10
 
 #: Bytes of commands one session runs before the reactor does something
 #: else: a command costs about as much as it is long (an address is parsed
-#: a character at a time).
-COMMAND_BYTES_PER_TURN = 4096
+#: a character at a time, 1 ms for one of 256 bytes).
+COMMAND_BYTES_PER_TURN = 1024
 
 #: Commands refused (5xx) before a client is told 421 and dropped.
 MAX_REFUSED_COMMANDS = 20
@@ -717,6 +717,9 @@ class _Session(ESMTP):
         if not ingest.challengers:
             self.deliveryFactory = ingest
         self._unread = bytearray()
+        # Of it, what was searched for a line end already: a line sent a
+        # byte at a time is searched once, not once a byte.
+        self._searched = 0
         self._waiting: set = set()
         self._timers: dict = {}
         self._reading = False
@@ -778,13 +781,17 @@ class _Session(ESMTP):
 
     def _command(self) -> Optional[bytes]:
         """The next command line, if it has come in whole."""
-        end = self._unread.find(b"\r\n", 0, MAX_COMMAND_BYTES + 2)
+        unread = self._unread
+        end = unread.find(b"\r\n", max(0, self._searched - 1),
+                          MAX_COMMAND_BYTES + 2)
         if end < 0:
-            if len(self._unread) > MAX_COMMAND_BYTES:
+            self._searched = len(unread)
+            if len(unread) > MAX_COMMAND_BYTES:
                 self._line_too_long(MAX_COMMAND_BYTES)
             return None
-        line = bytes(self._unread[:end])
-        del self._unread[:end + 2]
+        line = bytes(unread[:end])
+        del unread[:end + 2]
+        self._searched = 0
         return line
 
     def _content(self) -> bool:
@@ -795,20 +802,22 @@ class _Session(ESMTP):
         """
         self.resetTimeout()
         unread = self._unread
-        end = unread.find(b"\r\n.\r\n")
+        end = unread.find(b"\r\n.\r\n", max(0, self._searched - 4))
         if end >= 0:
             self._message.write(bytes(unread[:end]))
             del unread[:end + 5]
+            self._searched = 0
             self._end_of_data()
             return True
         # Up to the last line end: before it if it is CRLF, so the next
         # piece begins with one; after it if it is a bare LF (as smtplib
         # sends bytes), which begins no SMTP line.
-        last = unread.rfind(b"\n")
+        last = unread.rfind(b"\n", self._searched)
         cut = last - 1 if unread[last - 1:last] == b"\r" else last + 1
         if cut > 0:
             self._message.write(bytes(unread[:cut]))
             del unread[:cut]
+        self._searched = len(unread)
         if len(unread) > MAX_LINE_BYTES + 2:
             self._line_too_long(MAX_LINE_BYTES)
         return False
@@ -821,6 +830,7 @@ class _Session(ESMTP):
               **fields) -> None:
         """Say why, and close the connection."""
         self._unread.clear()
+        self._searched = 0
         self._ingest.events.warn(why, "Closed the SMTP connection from "
                                  "{host}: it " + why,
                                  host=self._address, **fields)
@@ -907,6 +917,7 @@ class _Session(ESMTP):
             # Lines sent with STARTTLS in one packet are plain text someone
             # may have injected, not commands over TLS (CVE-2011-0411).
             self._unread.clear()
+            self._searched = 0
 
     def ext_AUTH(self, rest: bytes) -> None:
         if not self.challengers:
@@ -997,6 +1008,7 @@ class _Session(ESMTP):
         # The content begins at a line start: a line end before it lets
         # its first line be found as any other.
         self._unread[:0] = b"\r\n"
+        self._searched = 0
         self.sendCode(354, b"Continue")
 
     def _end_of_data(self) -> None:

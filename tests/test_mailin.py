@@ -1045,6 +1045,37 @@ class InputTests(IngestTestCase):
                          b"250 OK\r\n" * (10000 - COMMAND_BYTES_PER_TURN // 6
                                           - 1))
 
+    def test_slow_lines_searched_once(self):
+        """
+        A command or a content line sent a byte at a time is searched for
+        its end once, not once a byte: the bytes searched grow as the
+        bytes sent, not as their square.
+        """
+        class Searched(bytearray):
+            count = 0
+
+            def find(self, sub, start=0, end=None):
+                Searched.count += len(self[start:end])
+                return super().find(sub, start, end)
+
+            def rfind(self, sub, start=0, end=None):
+                Searched.count += len(self[start:end])
+                return super().rfind(sub, start, end)
+
+        client = self.connect(self.make_ingest(max_bytes=100000))
+        client.replies()
+        client.protocol._unread = Searched()
+        sent = b"HELO " + b"h" * 5000 + b"\r\nMAIL FROM:<a@b>\r\n"
+        sent += b"RCPT TO:<k@x>\r\nDATA\r\nSubject: slow\r\n\r\n"
+        sent += b"y" * 20000 + b"\r\n.\r\n"
+        for byte in range(len(sent)):
+            client.protocol.dataReceived(sent[byte:byte + 1])
+            self.clock.advance(0)  # The next turn, after a long command.
+        self.assertEqual(client.reply_codes(), [250, 250, 250, 354])
+        self.assertLess(Searched.count, 8 * len(sent))
+        self.finish_snapshots()
+        self.assertEqual(client.reply_codes(), [250])
+
     def test_replies_not_read(self):
         """
         The session is the producer of its own transport: when replies
