@@ -588,8 +588,14 @@ PARSE_CASES = {
     "nested parts": lambda n: b"".join(
         b"Content-Type: multipart/mixed; boundary=%d\n\n--%d\n" % (i, i)
         for i in range(n // 50)),
+    "html open tags": lambda n: (b"Content-Type: text/html\n\n"
+                                 + (b"<a" * 500 + b"\n") * (n // 1001)),
     "html tags": lambda n: (b"Content-Type: text/html\n\n"
-                            + (b"<a" * 500 + b"\n") * (n // 1001)),
+                            + (b"<b>" * 300 + b"\n") * (n // 901)),
+    "html comments": lambda n: (b"Content-Type: text/html\n\n"
+                                + (b"<!---->" * 100 + b"\n") * (n // 701)),
+    "html entities": lambda n: (b"Content-Type: text/html\n\n"
+                                + (b"&amp;" * 200 + b"\n") * (n // 1001)),
     "punycode": lambda n: (b"Content-Type: text/plain; charset=punycode\n"
                            b"Content-Transfer-Encoding: base64\n\n"
                            + base64.encodebytes(b"a-" + b"9" * (n * 3 // 4))),

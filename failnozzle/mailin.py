@@ -430,50 +430,42 @@ def _decoded_words(value: str) -> str:
     return "".join(pieces)
 
 
+# Comments, and the elements whose content is no text.
+_HIDDEN = re.compile(r"<!--|<(script|style|head|title)\b", re.IGNORECASE)
 _HIDDEN_END = {name: re.compile(rf"</{name}\b[^<>]*>", re.IGNORECASE)
                for name in ("script", "style", "head", "title")}
-_BREAKS = frozenset(("br", "p", "div", "tr", "li", "pre", "table",
-                     "h1", "h2", "h3", "h4", "h5", "h6"))
-_TAG = re.compile(r"<(/?)([a-zA-Z][a-zA-Z0-9]*)")
+# The start tags of blocks, which begin a line; and any tag, declaration
+# or processing instruction.  Neither takes a "<" that is not closed.
+_BREAK = re.compile(r"<(?:br|p|div|tr|li|pre|table|h[1-6])\b[^<>]*>",
+                    re.IGNORECASE)
+_TAG = re.compile(r"</?[a-zA-Z][^<>]*>|<[!?/][^<>]*>")
 
 
 def _html_text(document: str) -> str:
     """
     The text of an HTML document: no tags, comments, scripts or styles,
-    blocks on lines of their own, entities decoded; in one pass (Python's
-    HTMLParser takes time growing with the square of some inputs).
+    blocks on lines of their own, entities decoded; a "<" that opens no
+    tag, or one never closed, is text.  By regular expressions, with a
+    step of Python only per comment or hidden element (Python's HTMLParser
+    takes time growing with the square of some inputs).
     """
-    parts = []
+    pieces = []
     position = 0
     while True:
-        start = document.find("<", position)
-        if start < 0:
+        hidden = _HIDDEN.search(document, position)
+        if hidden is None:
             break
-        parts.append(html.unescape(document[position:start]))
-        if document.startswith("<!--", start):
-            end = document.find("-->", start + 4)
+        pieces.append(document[position:hidden.start()])
+        if hidden.group(1) is None:
+            end = document.find("-->", hidden.end())
             position = len(document) if end < 0 else end + 3
-            continue
-        tag = _TAG.match(document, start)
-        if tag is None and not document.startswith(("<!", "<?", "</"),
-                                                     start):
-            parts.append("<")  # It opens nothing: text.
-            position = start + 1
-            continue
-        end = document.find(">", start)
-        if end < 0:
-            position = start  # Never closed: text, as for HTMLParser.
-            break
-        position = end + 1
-        if tag is not None and not tag.group(1):
-            name = tag.group(2).lower()
-            if name in _HIDDEN_END:
-                closing = _HIDDEN_END[name].search(document, position)
-                position = len(document) if closing is None else closing.end()
-            elif name in _BREAKS:
-                parts.append("\n")
-    parts.append(html.unescape(document[position:]))
-    return re.sub(r"\n\s*\n+", "\n\n", "".join(parts))
+        else:
+            end = _HIDDEN_END[hidden.group(1).lower()].search(document,
+                                                              hidden.end())
+            position = len(document) if end is None else end.end()
+    pieces.append(document[position:])
+    text = _TAG.sub("", _BREAK.sub("\n", "".join(pieces)))
+    return re.sub(r"\n\s*\n+", "\n\n", html.unescape(text))
 
 
 def error_text(body: str) -> str:
