@@ -10,16 +10,28 @@ and is counted as a datagram's record is.  The client hears 250 only once
 it is counted and, with snapshots on, in a snapshot: from then on a crash
 loses nothing the client let go of.  Nothing is ever relayed: every
 recipient address is a mailbox named after a kind.
+
+Whatever a client sends costs a bounded amount: of a message only its
+first MAX_PARSED_BYTES are kept (in one bytearray), all sessions together
+keep at most MAX_HELD_BYTES, reading it is linear in what is kept (and runs
+off the reactor when the service gives it a thread), a session reads no
+more while its reply is pending or unread, and failed AUTH attempts are
+answered ever later.
 """
 from __future__ import annotations
 
-import email
-import email.policy
+import binascii
+import encodings
+import encodings.aliases
 import hmac
+import html
+import ipaddress
+import pkgutil
 import re
 import socket
-from html.parser import HTMLParser
-from typing import Callable, Optional
+import urllib.parse
+from collections import OrderedDict
+from typing import Callable, Iterator, Optional
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
@@ -27,12 +39,13 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from OpenSSL import SSL, crypto
 from twisted.internet import defer, ssl
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.mail.interfaces import (IChallengeResponse, IMessageDelivery,
-                                     IMessageDeliveryFactory, IMessageSMTP)
+                                     IMessageDeliveryFactory)
 from twisted.mail.smtp import ESMTP, SMTPServerError
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from failnozzle.config import ConfigError
@@ -44,25 +57,77 @@ _log = Logger()
 #: RFC 5321's five minutes (Twisted's default is ten).
 IDLE_TIMEOUT_SECONDS = 300
 
-#: Longest line accepted, in bytes.  RFC 5321 allows 1,000; this is more
-#: lenient with careless senders, and still bounds a line's buffer.
+#: The most a message's content may send without a line end, in bytes.
+#: RFC 5321 allows lines of 1,000; this is lenient with careless senders,
+#: and still bounds what waits for a line end.
 MAX_LINE_BYTES = 65536
+
+#: Longest command line, in bytes (RFC 5321: 512, AUTH responses longer;
+#: a MAIL FROM with a 5,000-digit SIZE is still read, and refused).
+MAX_COMMAND_BYTES = 8192
+
+#: Longest address in MAIL FROM or RCPT TO, brackets included (RFC 5321).
+MAX_PATH_BYTES = 256
+
+#: Of each message, what is kept and read: its headers and the start of
+#: its body, where the subject, the kind and the first text part are.
+MAX_PARSED_BYTES = 128 * 1024
+
+#: What all sessions together may keep of messages not read yet; past it,
+#: new messages are told 452 (try again later).
+MAX_HELD_BYTES = 8 * 1024 * 1024
+
+#: Of the text body, what is searched for a traceback, in characters.
+MAX_TEXT_CHARS = 65536
+
+#: Of a header, what is read (before any decoding), in characters.
+MAX_HEADER_CHARS = 4096
+
+#: MIME parts looked at, and how deep in nested multiparts, to find the
+#: text body.
+MAX_MIME_PARTS = 100
+MAX_MIME_DEPTH = 10
+
+#: Bytes of commands one session runs before the reactor does something
+#: else: a command costs about as much as it is long (an address is parsed
+#: a character at a time, 1 ms for one of 256 bytes).
+COMMAND_BYTES_PER_TURN = 1024
+
+#: Commands refused (5xx) before a client is told 421 and dropped.
+MAX_REFUSED_COMMANDS = 20
+
+#: Failed AUTH attempts before a connection is closed.
+AUTH_TRIES = 3
+
+#: The wait before answering an AUTH from an address that failed lately:
+#: from the first, doubled with each failure up to the most.
+AUTH_FIRST_DELAY_SECONDS = 1.0
+AUTH_MAX_DELAY_SECONDS = 30.0
+
+#: How long, and for how many client addresses, failures are remembered.
+AUTH_MEMORY_SECONDS = 900
+AUTH_MEMORY_CLIENTS = 10000
 
 #: Seconds a stop waits for clients to be told 421 before hanging up on
 #: them.
 _HANG_UP_SECONDS = 2
 
+# What a session may hold unread: a line waiting for its end, and what one
+# read brings while it waits for its reply to be sent.
+_MAX_UNREAD_BYTES = 4 * MAX_LINE_BYTES
+
 _TRACEBACK = "Traceback (most recent call last):"
 # Python's and Django's lines between the tracebacks of chained exceptions.
 _CHAINED = ("During handling of the above exception",
             "The above exception")
-_FRAME = re.compile(r'^\s*File "(?P<path>[^"]+)", line (?P<line>\d+), '
-                    r'in (?P<function>\S+)', re.MULTILINE)
+_FRAME = re.compile(r'^[ \t]*File "(?P<path>[^"\n]+)", line (?P<line>\d{1,9})'
+                    r', in (?P<function>\S+)', re.MULTILINE)
 # Where the per-request and per-server part of a Django technical report
 # without a traceback begins.
 _DJANGO_DETAILS = re.compile(r"^(?:Request Method|Django Version): ",
                              re.MULTILINE)
-_SIZE_PARAMETER = re.compile(rb"(?:^|\s)SIZE=(\d+)", re.IGNORECASE)
+_SIZE_PARAMETER = re.compile(rb"(?:^|\s)SIZE=(\S*)", re.IGNORECASE)
+_SIZE_VALUE = re.compile(rb"\d{1,20}")
 
 
 class BadMail(BadDatagram):
@@ -73,91 +138,334 @@ def read_mail(data: bytes, kind: str, source: str,
               source_field: str = "source") -> dict:
     """
     The error report a mail message (as received, without the dots SMTP
-    adds) stands for.
+    adds) stands for, read from its first MAX_PARSED_BYTES in time linear
+    in them.
 
     @param kind: the kind when the message has no X-Failnozzle-Kind header.
     @param source: the host it came from.
     """
-    message = email.message_from_bytes(data, policy=email.policy.default)
+    message = _Part(data[:MAX_PARSED_BYTES].replace(b"\r\n", b"\n"))
     exc_text = error_text(text_body(message))
     record = {
-        "message": _one_line(message["Subject"]) or "(no subject)",
+        "message": _one_line(_decoded_words(message.subject))
+        or "(no subject)",
         "exc_text": exc_text,
-        "kind": _one_line(message["X-Failnozzle-Kind"]) or kind,
+        "kind": _one_line(_decoded_words(message.kind)) or kind,
         **_where(exc_text),
     }
     record[source_field] = source
     return record
 
 
-def _one_line(header: Optional[str]) -> str:
-    return " ".join(str(header).split()) if header is not None else ""
+# Control characters (C0, DEL, C1) read as spaces: a NUL or an escape
+# sequence would go on into digests and logs.
+_CONTROLS = dict.fromkeys([*range(0x20), *range(0x7f, 0xa0)], " ")
 
 
-def text_body(message: email.message.EmailMessage) -> str:
+def _one_line(text: str) -> str:
+    return " ".join(text.translate(_CONTROLS).split())
+
+
+# A message's (or a part's) header lines from its start, as the email
+# package reads them: a name and a colon, or a continuation.
+_HEADER_LINES = re.compile(
+    rb"(?:(?:[\x21-\x39\x3b-\x7e]*:|[ \t])[^\n]*(?:\n|\Z))*")
+
+
+def _field(name: bytes) -> re.Pattern:
+    """The first header line of C{name}, its continuations with it."""
+    return re.compile(rb"^" + name + rb":([^\n]*(?:\n[ \t][^\n]*)*)",
+                      re.IGNORECASE | re.MULTILINE)
+
+
+_SUBJECT = _field(rb"subject")
+_KIND = _field(rb"x-failnozzle-kind")
+_CONTENT_TYPE = _field(rb"content-type")
+_TRANSFER_ENCODING = _field(rb"content-transfer-encoding")
+_DISPOSITION = _field(rb"content-disposition")
+_CONTENT_ID = _field(rb"content-id")
+
+
+class _Part:
+    """
+    One entity of a MIME message, read only as far as finding its text
+    body needs: the header fields that say what it is, its body undecoded.
+
+    @ivar subject: the raw Subject (at most MAX_HEADER_CHARS), or "".
+    @ivar content_type: such as C{"text/plain"}, lower case, as the email
+        package gives it.
+    @ivar params: the Content-Type's parameters, names in lower case.
+    """
+
+    def __init__(self, data: bytes, default_type: str = "text/plain") -> None:
+        end = _HEADER_LINES.match(data).end()
+        # A blank line ends the headers; a line that is none begins the body.
+        self.body = data[end + (data[end:end + 1] == b"\n"):]
+
+        def field(pattern: re.Pattern) -> Optional[str]:
+            found = pattern.search(data, 0, end)
+            if found is None:
+                return None
+            value = found.group(1)[:MAX_HEADER_CHARS]
+            return value.decode("utf-8", "replace").replace("\n", "").strip()
+
+        self.subject = field(_SUBJECT) or ""
+        self.kind = field(_KIND) or ""
+        self.transfer_encoding = (field(_TRANSFER_ENCODING) or "").lower()
+        self.disposition = (field(_DISPOSITION) or "").partition(";")[
+            0].strip().lower()
+        self.content_id = field(_CONTENT_ID) or ""
+        content_type = field(_CONTENT_TYPE)
+        self.content_type = default_type
+        self.params: dict = {}
+        if content_type is not None:
+            main, _, params = content_type.partition(";")
+            main = main.strip().lower()
+            self.content_type = main if main.count("/") == 1 else "text/plain"
+            self.params = _parameters(params)
+
+    def param(self, name: str) -> str:
+        return self.params.get(name, "")
+
+    def subparts(self, tickets: Iterator) -> Iterator[_Part]:
+        """
+        The parts of a multipart entity, in order, each taking one of
+        C{tickets} (those left for the whole message): none once they are
+        used up.
+        """
+        boundary = self.param("boundary").rstrip()
+        if not boundary:
+            return
+        default = ("message/rfc822" if self.content_type == "multipart/digest"
+                   else "text/plain")
+        start = None
+        for line, after, closing in _delimiters(
+                self.body, b"--" + boundary.encode("utf-8", "replace")):
+            if start is not None:
+                if next(tickets, None) is None:
+                    return
+                yield _Part(self.body[start:max(start, line - 1)], default)
+            if closing:
+                return
+            start = after
+        if start is not None and next(tickets, None) is not None:
+            yield _Part(self.body[start:], default)
+
+
+_PARAMETER = re.compile(r'(?:^|;)[ \t]*([^\s;=]+)[ \t]*=[ \t]*'
+                        r'("(?:[^"\\]|\\.)*"|[^;]*)')
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
+def _parameters(text: str) -> dict:
+    """
+    A header's parameters (RFC 2045), the first of each name (in lower
+    case), unquoted; of an RFC 2231 one (C{name*=charset'language'value}),
+    its value, percent-decoded.  In one pass: the email package's parser
+    takes time growing with the square of their length.
+    """
+    params: dict = {}
+    for name, value in _PARAMETER.findall(text):
+        value = value.strip()
+        if value[:1] == '"' and value[-1:] == '"' and len(value) > 1:
+            value = _QUOTED_PAIR.sub(r"\1", value[1:-1])
+        name = name.lower()
+        if name.endswith("*"):
+            name = name[:-1]
+            value = urllib.parse.unquote(value.split("'", 2)[-1])
+        params.setdefault(name, value)
+    return params
+
+
+_DELIMITER_END = re.compile(rb"(--)?[ \t]*(?:\n|\Z)")
+
+
+def _delimiters(body: bytes, delimiter: bytes) -> Iterator[tuple]:
+    """
+    C{(start, start of the next line, closing)} of each line of C{body}
+    that is C{delimiter} (a boundary after two dashes), closing if two more
+    dashes follow.
+    """
+    # Every line after a line end, the first too: only line starts are
+    # found, by bytes.find.
+    text = b"\n" + body
+    line = b"\n" + delimiter
+    found = text.find(line)
+    while found >= 0:
+        end = _DELIMITER_END.match(text, found + len(line))
+        if end is not None:
+            yield found, end.end() - 1, end.group(1) is not None
+        found = text.find(line, found + 1)
+
+
+def text_body(message: _Part) -> str:
     """
     The text a reader would see: the first text/plain part, else the first
     text/html part without its tags, else nothing; line ends as LF, no
-    trailing white space.
+    trailing white space, at most MAX_TEXT_CHARS.
     """
-    part = message.get_body(preferencelist=("plain", "html"))
+    part = _text_part(message)
     if part is None:
         return ""
-    text = _decoded(part)
-    if part.get_content_subtype() == "html":
-        text = _HTMLText.of(text)
-    lines = text.replace("\r\n", "\n").split("\n")
+    text = _text(_payload(part), part.param("charset"))
+    if part.content_type == "text/html":
+        text = _html_text(text)
+    lines = text[:MAX_TEXT_CHARS].replace("\r\n", "\n").split("\n")
     return "\n".join(line.rstrip() for line in lines).strip("\n")
 
 
-def _decoded(part: email.message.EmailMessage) -> str:
+def _text_part(message: _Part) -> Optional[_Part]:
     """
-    A text part's content, its transfer encoding and charset undone.  No
-    charset, or ASCII, is read as UTF-8 (a cron job's output often is,
-    undeclared); an unknown charset too.  Undecodable bytes are replaced.
+    The part C{EmailMessage.get_body(("plain", "html"))} would give,
+    looking at no more than MAX_MIME_PARTS parts, MAX_MIME_DEPTH deep.
     """
-    payload = part.get_payload(decode=True) or b""
-    charset = part.get_content_charset() or "utf-8"
-    if charset in ("us-ascii", "ascii"):
-        charset = "utf-8"
+    html_part = None
+    for part in _text_parts(message, 0, iter(range(MAX_MIME_PARTS))):
+        if part.content_type == "text/plain":
+            return part
+        html_part = html_part or part
+    return html_part
+
+
+def _text_parts(part: _Part, depth: int, tickets: Iterator
+                ) -> Iterator[_Part]:
+    """The text/plain and text/html parts that are no attachments."""
+    if part.disposition == "attachment":
+        return
+    maintype, _, subtype = part.content_type.partition("/")
+    if maintype == "text":
+        if subtype in ("plain", "html"):
+            yield part
+        return
+    if maintype != "multipart" or depth == MAX_MIME_DEPTH:
+        return
+    subparts = part.subparts(tickets)
+    if subtype == "related":
+        subparts = _start_part(part, subparts)
+    for subpart in subparts:
+        yield from _text_parts(subpart, depth + 1, tickets)
+
+
+def _start_part(related: _Part, subparts: Iterator[_Part]) -> list:
+    """
+    Of a multipart/related, the part a reader sees: the one its start
+    parameter names, else the first.
+    """
+    start = related.param("start")
+    first = None
+    for subpart in subparts:
+        if not start or subpart.content_id == start:
+            return [subpart]
+        first = first or subpart
+    return [first] if first else []
+
+
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]+")
+
+
+def _base64(data: bytes) -> bytes:
+    """Base64 read leniently: other bytes skipped, a cut-short end padded."""
+    data = _NOT_BASE64.sub(b"", data)
+    if len(data) % 4 == 1:
+        data = data[:-1]
+    return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
+
+
+def _payload(part: _Part) -> bytes:
+    """A part's body, its transfer encoding undone."""
+    if part.transfer_encoding == "base64":
+        return _base64(part.body)
+    if part.transfer_encoding == "quoted-printable":
+        return binascii.a2b_qp(part.body)
+    return part.body
+
+
+# The codecs Python has, by their normalized names and aliases: only these
+# are looked up, as every other name would stay in the codec registry's
+# cache for good.
+_KNOWN_CODECS = frozenset(
+    {*encodings.aliases.aliases, *encodings.aliases.aliases.values(),
+     *(module.name for module in pkgutil.iter_modules(encodings.__path__))})
+# Decoding these takes time growing with the square of the length.
+_SLOW_CODECS = frozenset(("punycode", "idna"))
+
+
+def _text(data: bytes, charset: str) -> str:
+    """
+    Bytes in a charset as text.  No charset, or ASCII, is read as UTF-8 (a
+    cron job's output often is, undeclared); an unknown or slow charset
+    too.  Undecodable bytes are replaced.
+    """
+    codec = encodings.normalize_encoding(charset.lower())
+    codec = encodings.aliases.aliases.get(codec, codec)
+    if codec not in _KNOWN_CODECS or codec in _SLOW_CODECS or codec == "ascii":
+        codec = "utf_8"
     try:
-        return payload.decode(charset, "replace")
+        return data.decode(codec, "replace")
     except (LookupError, ValueError):
-        return payload.decode("utf-8", "replace")
+        return data.decode("utf-8", "replace")
 
 
-class _HTMLText(HTMLParser):
-    """The text of an HTML document: no tags, scripts or styles."""
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
 
-    _HIDDEN = frozenset(("script", "style", "head", "title"))
-    _BREAKS = frozenset(("br", "p", "div", "tr", "li", "pre", "table",
-                         "h1", "h2", "h3", "h4", "h5", "h6"))
 
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self._parts: list = []
-        self._hidden = 0
+def _decoded_words(value: str) -> str:
+    """
+    A header's text with its RFC 2047 encoded words decoded (white space
+    between two of them dropped), in time linear in its length.
+    """
+    pieces = []
+    position = 0
+    for word in _ENCODED_WORD.finditer(value):
+        between = value[position:word.start()]
+        if not position or between.strip():
+            pieces.append(between)
+        charset, encoding, text = word.groups()
+        raw = text.encode("ascii", "replace")
+        data = (_base64(raw) if encoding in "bB"
+                else binascii.a2b_qp(raw, header=True))
+        pieces.append(_text(data, charset.partition("*")[0]))
+        position = word.end()
+    pieces.append(value[position:])
+    return "".join(pieces)
 
-    @classmethod
-    def of(cls, html: str) -> str:
-        parser = cls()
-        parser.feed(html)
-        parser.close()
-        return re.sub(r"\n\s*\n+", "\n\n", "".join(parser._parts))
 
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        if tag in self._HIDDEN:
-            self._hidden += 1
-        elif tag in self._BREAKS:
-            self._parts.append("\n")
+# Comments, and the elements whose content is no text.
+_HIDDEN = re.compile(r"<!--|<(script|style|head|title)\b", re.IGNORECASE)
+_HIDDEN_END = {name: re.compile(rf"</{name}\b[^<>]*>", re.IGNORECASE)
+               for name in ("script", "style", "head", "title")}
+# The start tags of blocks, which begin a line; and any tag, declaration
+# or processing instruction.  Neither takes a "<" that is not closed.
+_BREAK = re.compile(r"<(?:br|p|div|tr|li|pre|table|h[1-6])\b[^<>]*>",
+                    re.IGNORECASE)
+_TAG = re.compile(r"</?[a-zA-Z][^<>]*>|<[!?/][^<>]*>")
 
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._HIDDEN:
-            self._hidden = max(0, self._hidden - 1)
 
-    def handle_data(self, data: str) -> None:
-        if not self._hidden:
-            self._parts.append(data)
+def _html_text(document: str) -> str:
+    """
+    The text of an HTML document: no tags, comments, scripts or styles,
+    blocks on lines of their own, entities decoded; a "<" that opens no
+    tag, or one never closed, is text.  By regular expressions, with a
+    step of Python only per comment or hidden element (Python's HTMLParser
+    takes time growing with the square of some inputs).
+    """
+    pieces = []
+    position = 0
+    while True:
+        hidden = _HIDDEN.search(document, position)
+        if hidden is None:
+            break
+        pieces.append(document[position:hidden.start()])
+        if hidden.group(1) is None:
+            end = document.find("-->", hidden.end())
+            position = len(document) if end < 0 else end + 3
+        else:
+            end = _HIDDEN_END[hidden.group(1).lower()].search(document,
+                                                              hidden.end())
+            position = len(document) if end is None else end.end()
+    pieces.append(document[position:])
+    text = _TAG.sub("", _BREAK.sub("\n", "".join(pieces)))
+    return re.sub(r"\n\s*\n+", "\n\n", html.unescape(text))
 
 
 def error_text(body: str) -> str:
@@ -169,7 +477,7 @@ def error_text(body: str) -> str:
     else, for a Django report without a traceback, its head before the
     request and server details; else the whole body.  A Django report's
     other parts (server time, request, META, settings) differ in every
-    report.
+    report.  Linear in the length of C{body}.
     """
     lines = body.split("\n")
     start = next((number for number, line in enumerate(lines)
@@ -189,7 +497,8 @@ def _traceback_end(lines: list, start: int) -> Optional[int]:
     The number of the line that ends the traceback beginning at
     C{lines[start]}: the first line after it indented no deeper than its
     header, unless a chained exception's traceback follows; None if the
-    text ends before that (cut short).
+    text ends before that (cut short).  Each line is looked at at most
+    twice.
     """
     indent = _indent(lines[start])
     number = start + 1
@@ -203,11 +512,12 @@ def _traceback_end(lines: list, start: int) -> Optional[int]:
         if (line.startswith("Exception Type:") and end + 1 < len(lines)
                 and lines[end + 1].startswith("Exception Value:")):
             end += 1
-        following = next((text.strip() for text in lines[end + 1:]
-                          if text.strip()), "")
-        if not following.startswith(_CHAINED):
-            return end
         number = end + 1
+        while number < len(lines) and not lines[number].strip():
+            number += 1
+        if number == len(lines) or not lines[number].strip().startswith(
+                _CHAINED):
+            return end
     return None
 
 
@@ -222,13 +532,15 @@ def _where(exc_text: str) -> dict:
     """
     if not exc_text.startswith(_TRACEBACK):
         return {}
-    frames = list(_FRAME.finditer(exc_text))
-    if not frames:
+    last = None
+    for last in _FRAME.finditer(exc_text):
+        pass
+    if last is None:
         return {}
-    path = frames[-1].group("path")
+    path = last.group("path")
     filename = path.replace("\\", "/").rpartition("/")[2]
-    return {"pathname": path, "lineno": int(frames[-1].group("line")),
-            "funcName": frames[-1].group("function"), "filename": filename,
+    return {"pathname": path, "lineno": int(last.group("line")),
+            "funcName": last.group("function"), "filename": filename,
             "module": filename.rpartition(".")[0] or filename}
 
 
@@ -248,61 +560,87 @@ def client_name(helo: tuple) -> str:
     brackets), else, or if that is "localhost", its IP address.
     """
     name, address = helo
-    given = _address_text(name or b"").split()
-    name = given[0].strip("[]")[:255] if given else ""
+    given = _one_line(_address_text(name or b"")).partition(" ")[0]
+    name = given.strip("[]")[:255]
     return _address_text(address) if name.lower() in _NO_NAMES else name
 
 
-@implementer(IMessageSMTP)
+def _declared_size(options: Optional[bytes]) -> Optional[int]:
+    """
+    The SIZE a client declared in MAIL FROM's options (RFC 1870), if any.
+
+    @raise ValueError: it is not 1 to 20 digits.
+    """
+    found = _SIZE_PARAMETER.search(options or b"")
+    if found is None:
+        return None
+    if not _SIZE_VALUE.fullmatch(found.group(1)):
+        raise ValueError("SIZE is not a number of bytes")
+    return int(found.group(1))
+
+
 class _Message:
     """
-    The content of one message, kept up to C{max_bytes} (counted as on
-    the wire, CRLF included); beyond that the client is told 552 at its
-    end, and nothing is counted.
+    The content of one message as it arrives: its size (counted as on the
+    wire, CRLF included), and its first MAX_PARSED_BYTES in one bytearray,
+    taken from what all sessions may hold.  Past C{max_bytes} it is refused
+    with 552, and with 452 if there is no room to keep it.
+
+    @ivar refused: C{(code, reply)} it is to be answered at its end, if not
+        250.
+    @ivar abandoned: the client left before it was answered.
     """
 
     def __init__(self, ingest: MailIngest, recipient) -> None:
+        self.recipient = recipient
+        self.refused: Optional[tuple] = None
+        self.abandoned = False
         self._ingest = ingest
-        self._recipient = recipient
-        self._lines: list = []
         self._size = 0
+        # A line end (standing for the one before the final dot, which
+        # ends no line of the content), then the content.
+        self._kept = bytearray()
+        self._held = 0
 
-    def lineReceived(self, line: bytes) -> None:
-        self._size += len(line) + 2
+    def write(self, piece: bytes) -> None:
+        """
+        Take a piece of the content as it came, dots still doubled: from
+        a line end (or a bare LF) to before the next one.
+        """
+        if self.refused:
+            return
+        data = piece.replace(b"\r\n.", b"\r\n")
+        self._size += len(data)
         if self._size > self._ingest.max_bytes:
-            self._lines = []
             # Twisted sends it as it is: bytes.
-            raise SMTPServerError(
-                552, b"Message too big: more than %d bytes"
-                % self._ingest.max_bytes)
-        self._lines.append(line)
+            self._refuse(552, b"Message too big: more than %d bytes"
+                         % self._ingest.max_bytes)
+            return
+        room = MAX_PARSED_BYTES + 2 - len(self._kept)
+        if room > 0:
+            data = data[:room]
+            if not self._ingest.hold(len(data)):
+                self._refuse(452, b"Insufficient system storage; try again "
+                                  b"later")
+                return
+            self._held += len(data)
+            self._kept += data
 
-    def eomReceived(self) -> defer.Deferred:
-        data, self._lines = b"\n".join(self._lines), []
-        return self._ingest.receive(data, self._recipient)
+    def _refuse(self, code: int, reply: bytes) -> None:
+        self.refused = (code, reply)
+        self.release()
 
-    def connectionLost(self) -> None:
-        self._lines = []
+    def content(self) -> bytes:
+        """What was kept, to be read once; still held until L{release}."""
+        content = bytes(memoryview(self._kept)[2:])
+        self._kept = bytearray()
+        return content
 
-
-@implementer(IMessageSMTP)
-class _Copy:
-    """
-    A further recipient's copy of a message: Twisted hands every
-    recipient the content, but one message is one error, counted once.
-    """
-
-    def lineReceived(self, line: bytes) -> None:
-        pass
-
-    def eomReceived(self) -> defer.Deferred:
-        return defer.succeed(None)
-
-    def connectionLost(self) -> None:
-        pass
-
-
-_COPY = _Copy()
+    def release(self) -> None:
+        """Give back what this message held."""
+        self._kept = bytearray()
+        self._ingest.release(self._held)
+        self._held = 0
 
 
 @implementer(IMessageDelivery)
@@ -311,8 +649,7 @@ class _Transaction:
 
     def __init__(self, ingest: MailIngest) -> None:
         self._ingest = ingest
-        self._recipients: list = []
-        self._message: Optional[_Message] = None
+        self._recipients = 0
 
     def receivedHeader(self, helo, origin, recipients) -> None:
         return None
@@ -320,34 +657,48 @@ class _Transaction:
     def validateFrom(self, helo, origin):
         return origin
 
-    def validateTo(self, user) -> Callable[[], IMessageSMTP]:
+    def validateTo(self, user) -> Callable[[], None]:
         """
         Every address is accepted, as the mailbox of a kind, up to
         C{max_recipients}; nothing is relayed.
         """
-        if len(self._recipients) >= self._ingest.max_recipients:
+        if self._recipients >= self._ingest.max_recipients:
             # Twisted sends it with networkString: str.
             raise SMTPServerError(452, "Too many recipients")
-        self._recipients.append(user)
-        return self._message_for
-
-    def _message_for(self) -> IMessageSMTP:
-        if self._message is not None:
-            return _COPY
-        self._message = _Message(self._ingest, self._recipients[0])
-        return self._message
+        self._recipients += 1
+        # The content goes to _Session.do_DATA, not to an IMessage.
+        return lambda: None
 
 
+def _client_address(host: str) -> str:
+    """Whose failed AUTH attempts these are: an IPv6 client's /64."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+@implementer(IPushProducer)
 class _Session(ESMTP):
     """
     One client's connection: Twisted's ESMTP, with SIZE, limits, AUTH only
-    where allowed, and answers for what Twisted would raise on or answer
-    550 to.
+    where allowed and slowed down after failures, and answers for what
+    Twisted would raise on or answer 550 to.
+
+    It reads its input itself, one command at a time: nothing more while
+    a reply is pending (the count of a message, a delayed AUTH answer) or
+    unsent (it is the producer of its own transport), and at most
+    C{COMMAND_BYTES_PER_TURN} before the reactor does something else.  A
+    message's content is taken whole pieces at a time, not line by line.
     """
 
     noisy = False
     timeout = IDLE_TIMEOUT_SECONDS
-    MAX_LENGTH = MAX_LINE_BYTES
 
     def __init__(self, ingest: MailIngest) -> None:
         super().__init__(ingest.challengers, ingest.tls)
@@ -357,33 +708,178 @@ class _Session(ESMTP):
         self.closed = defer.Deferred()
         if not ingest.challengers:
             self.deliveryFactory = ingest
-        self._discard_read = False
+        self._unread = bytearray()
+        # Of it, what was searched for a line end already: a line sent a
+        # byte at a time is searched once, not once a byte.
+        self._searched = 0
+        self._waiting: set = set()
+        self._timers: dict = {}
+        self._reading = False
+        self._gone = False
+        self._message: Optional[_Message] = None
+        self._counting: Optional[_Message] = None
+        self._refused = 0
+        self._auth_failures = 0
 
     def connectionMade(self) -> None:
         self._ingest.sessions.add(self)
+        self._address = _client_address(self.transport.getPeer().host)
         super().connectionMade()
+        self.transport.registerProducer(self, True)
 
     def connectionLost(self, reason) -> None:
+        self._gone = True
+        for timer in self._timers.values():
+            timer.cancel()
+        if self._message is not None:
+            self._message.release()
+        if self._counting is not None:
+            self._counting.abandoned = True
         super().connectionLost(reason)
         self._ingest.sessions.discard(self)
         self.closed.callback(None)
 
+    # Reading, one command at a time.
+
     def dataReceived(self, data: bytes) -> None:
-        self._discard_read = False
-        super().dataReceived(data)
+        self._unread += data
+        if len(self._unread) > _MAX_UNREAD_BYTES:
+            self._drop("sent more than {limit} bytes without waiting for "
+                       "replies", b"Too much unread input",
+                       limit=_MAX_UNREAD_BYTES)
+            return
+        self._read()
 
-    def lineReceived(self, line: bytes) -> None:
-        # Lines sent with STARTTLS in one packet are plain text someone may
-        # have injected, not commands over TLS (CVE-2011-0411).
-        if not self._discard_read:
-            super().lineReceived(line)
+    def _read(self) -> None:
+        if self._reading:
+            return  # Called back from a command: its loop goes on.
+        self._reading = True
+        try:
+            read = 0
+            while not self._waiting and not self.transport.disconnecting:
+                if self._message is not None:
+                    if not self._content():
+                        return
+                elif read >= COMMAND_BYTES_PER_TURN:
+                    self._wait("turn", 0)
+                else:
+                    line = self._command()
+                    if line is None:
+                        return
+                    read += len(line) + 2
+                    self.lineReceived(line)
+        finally:
+            self._reading = False
 
-    def lineLengthExceeded(self, line: bytes) -> None:
-        # Twisted answers 500 and goes on reading: the rest of the line then
-        # arrives as commands, and a line without an end fills memory.
-        self._buffer = b""
-        self.sendCode(500, b"Line too long")
+    def _command(self) -> Optional[bytes]:
+        """The next command line, if it has come in whole."""
+        unread = self._unread
+        end = unread.find(b"\r\n", max(0, self._searched - 1),
+                          MAX_COMMAND_BYTES + 2)
+        if end < 0:
+            self._searched = len(unread)
+            if len(unread) > MAX_COMMAND_BYTES:
+                self._line_too_long(MAX_COMMAND_BYTES)
+            return None
+        line = bytes(unread[:end])
+        del unread[:end + 2]
+        self._searched = 0
+        return line
+
+    def _content(self) -> bool:
+        """
+        Hand the message the content read so far; at its end answer it.
+
+        @return: whether its end was reached.
+        """
+        self.resetTimeout()
+        unread = self._unread
+        end = unread.find(b"\r\n.\r\n", max(0, self._searched - 4))
+        if end >= 0:
+            self._message.write(bytes(unread[:end]))
+            del unread[:end + 5]
+            self._searched = 0
+            self._end_of_data()
+            return True
+        # Up to the last line end: before it if it is CRLF, so the next
+        # piece begins with one; after it if it is a bare LF (as smtplib
+        # sends bytes), which begins no SMTP line.
+        last = unread.rfind(b"\n", self._searched)
+        cut = last - 1 if unread[last - 1:last] == b"\r" else last + 1
+        if cut > 0:
+            self._message.write(bytes(unread[:cut]))
+            del unread[:cut]
+        self._searched = len(unread)
+        if len(unread) > MAX_LINE_BYTES + 2:
+            self._line_too_long(MAX_LINE_BYTES)
+        return False
+
+    def _line_too_long(self, limit: int) -> None:
+        self._drop("sent more than {limit} bytes without a line end",
+                   b"Line too long", limit=limit)
+
+    def _drop(self, why: str, reply: bytes, code: int = 500,
+              **fields) -> None:
+        """Say why, and close the connection."""
+        self._unread.clear()
+        self._searched = 0
+        self._ingest.events.warn(why, "Closed the SMTP connection from "
+                                 "{host}: it " + why,
+                                 host=self._address, **fields)
+        ESMTP.sendCode(self, code, reply)
         self.transport.loseConnection()
+
+    def _wait(self, reason: str, seconds: float) -> defer.Deferred:
+        """
+        Read nothing more for C{seconds}: the Deferred fires then, before
+        reading goes on.
+        """
+        waited = defer.Deferred()
+
+        def over() -> None:
+            del self._timers[reason]
+            waited.callback(None)
+            self._resume(reason)
+
+        self._pause(reason)
+        self._timers[reason] = self._ingest.clock.callLater(seconds, over)
+        return waited
+
+    def _pause(self, reason: str) -> None:
+        if not self._waiting and not self.transport.disconnecting:
+            self.transport.pauseProducing()
+        self._waiting.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason not in self._waiting:
+            return
+        self._waiting.discard(reason)
+        if self._waiting or self._gone or self.transport.disconnecting:
+            return
+        self.transport.resumeProducing()
+        self._read()
+
+    # IPushProducer: replies the client does not read stop the reading.
+
+    def pauseProducing(self) -> None:
+        self._pause("replies")
+
+    def resumeProducing(self) -> None:
+        self._resume("replies")
+
+    def stopProducing(self) -> None:
+        pass
+
+    # Commands.
+
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        super().sendCode(code, message)
+        if 500 <= code < 600:
+            self._refused += 1
+            if self._refused == MAX_REFUSED_COMMANDS:
+                self._drop("had {count} commands refused",
+                           b"Too many errors; closing", 421,
+                           count=self._refused)
 
     def do_NOOP(self, rest: bytes) -> None:
         # RFC 5321 requires it; Twisted answers 500.
@@ -407,10 +903,13 @@ class _Session(ESMTP):
         return extensions
 
     def ext_STARTTLS(self, rest: bytes) -> None:
+        started = self.startedTLS
         super().ext_STARTTLS(rest)
-        if self.startedTLS:
-            self._discard_read = True
-            self._buffer = b""
+        if self.startedTLS and not started:
+            # Lines sent with STARTTLS in one packet are plain text someone
+            # may have injected, not commands over TLS (CVE-2011-0411).
+            self._unread.clear()
+            self._searched = 0
 
     def ext_AUTH(self, rest: bytes) -> None:
         if not self.challengers:
@@ -422,15 +921,65 @@ class _Session(ESMTP):
         else:
             super().ext_AUTH(rest)
 
+    def _cbAuthenticated(self, loginInfo):
+        # An address that failed lately waits even for a success: guesses
+        # sent at once on many connections tell nothing sooner.
+        result = super()._cbAuthenticated(loginInfo)
+        delay = self._ingest.auth_failures.delay(self._address)
+        if delay:
+            return self._wait("auth", delay).addCallback(lambda _: result)
+        return result
+
+    def _ebAuthenticated(self, reason) -> None:
+        if not reason.check(UnauthorizedLogin):
+            super()._ebAuthenticated(reason)
+            return
+        self._auth_failures += 1
+        failures = self._ingest.auth_failures.failed(self._address)
+        delay = self._ingest.auth_failures.delay(self._address)
+        self._ingest.events.warn(
+            "failed AUTH", "Failed AUTH from {host} ({failures} lately); "
+            "the answer waits {delay:g} s", host=self._address,
+            failures=failures, delay=delay)
+        if self._auth_failures < AUTH_TRIES:
+            self._wait("auth", delay).addCallback(
+                lambda _: self.sendCode(535, b"Authentication failed"))
+        else:
+            self._wait("auth", delay).addCallback(lambda _: self._drop(
+                "failed AUTH {tries} times", b"Too many failed AUTH "
+                b"attempts; closing", 421, tries=AUTH_TRIES))
+
     def do_MAIL(self, rest: bytes) -> None:
         match = self.mail_re.match(rest)
-        size = (_SIZE_PARAMETER.search(match.group("opts") or b"")
-                if match else None)
-        if size and int(size.group(1)) > self._ingest.max_bytes:
+        if match is None:
+            super().do_MAIL(rest)
+            return
+        try:
+            size = _declared_size(match.group("opts"))
+        except ValueError:
+            self.sendCode(501, b"Syntax: SIZE=<message size in bytes>")
+            return
+        if len(match.group("path")) > MAX_PATH_BYTES:
+            self.sendCode(501, b"Path too long")
+        elif size is not None and size > self._ingest.max_bytes:
             self.sendCode(552, b"Message too big: more than %d bytes"
                           % self._ingest.max_bytes)
+        elif not self._ingest.has_room():
+            self._ingest.events.warn(
+                "memory", "Refused mail from {host} for now (452): the "
+                "messages being received hold {held} bytes, the most they "
+                "may", host=self._address, held=self._ingest.held_bytes)
+            self.sendCode(452, b"Insufficient system storage; try again "
+                               b"later")
         else:
             super().do_MAIL(rest)
+
+    def do_RCPT(self, rest: bytes) -> None:
+        match = self.rcpt_re.match(rest)
+        if match is not None and len(match.group("path")) > MAX_PATH_BYTES:
+            self.sendCode(501, b"Path too long")
+        else:
+            super().do_RCPT(rest)
 
     def validateFrom(self, helo, origin):
         if self.deliveryFactory is None:
@@ -438,18 +987,51 @@ class _Session(ESMTP):
             raise SMTPServerError(530, "Authentication required")
         return super().validateFrom(helo, origin)
 
-    def _messageHandled(self, resultList: list) -> None:
-        # Twisted answers any failure 550, which tells the client to give
-        # up; a stop (421) must tell it to try again later.
-        for success, result in resultList:
-            if not success:
-                if result.check(SMTPServerError):
-                    self.sendCode(result.value.code, result.value.resp)
-                else:
-                    _log.failure("Could not count a mail message", result)
-                    self.sendCode(451, b"Local error; try again later")
-                return
+    def do_DATA(self, rest: bytes) -> None:
+        # Twisted's hands each line to each recipient's IMessage; here the
+        # content is read whole pieces at a time, once.
+        if self._from is None or not self._to:
+            self.sendCode(503, b"Must have valid receiver and originator")
+            return
+        recipient = self._to[0][0]
+        self._from = None
+        self._to = []
+        self._message = _Message(self._ingest, recipient)
+        # The content begins at a line start: a line end before it lets
+        # its first line be found as any other.
+        self._unread[:0] = b"\r\n"
+        self._searched = 0
+        self.sendCode(354, b"Continue")
+
+    def _end_of_data(self) -> None:
+        message, self._message = self._message, None
+        if message.refused:
+            code, reply = message.refused
+            if code == 552:
+                self._ingest.events.warn(
+                    "too big", "Refused a message from {host}: more than "
+                    "SMTP_INGEST_MAX_BYTES ({limit} bytes)",
+                    host=self._address, limit=self._ingest.max_bytes)
+            self.sendCode(code, reply)
+            return
+        self._counting = message
+        self._pause("count")
+        counted = self._ingest.receive(message)
+        counted.addCallbacks(self._counted, self._not_counted)
+        counted.addBoth(lambda _: self._resume("count"))
+
+    def _counted(self, _: object) -> None:
+        self._counting = None
         self.sendCode(250, b"Counted for the next digest")
+
+    def _not_counted(self, failure: Failure) -> None:
+        # A stop (421) must tell the client to try again later.
+        self._counting = None
+        if failure.check(SMTPServerError):
+            self.sendCode(failure.value.code, failure.value.resp)
+        else:
+            _log.failure("Could not count a mail message", failure)
+            self.sendCode(451, b"Local error; try again later")
 
     def hang_up(self) -> defer.Deferred:
         """Tell the client the server is stopping, and close."""
@@ -466,6 +1048,80 @@ class _Busy(Protocol):
         self.transport.write(b"421 Too many connections; try again later"
                              b"\r\n")
         self.transport.loseConnection()
+
+
+class _EventLog:
+    """
+    Warnings about clients, at most one line per kind a minute: the first
+    is logged, the next ones counted and told with the next line of their
+    kind (or at the stop).  A hostile client costs a line a minute, not
+    one a command.
+    """
+
+    def __init__(self, clock: IReactorTime, interval: float = 60.0) -> None:
+        self._clock = clock
+        self._interval = interval
+        #: Per kind: when its last line was logged, how many since.
+        self._kinds: dict = {}
+
+    def warn(self, kind: str, text: str, **fields) -> None:
+        now = self._clock.seconds()
+        logged, since = self._kinds.get(kind, (None, 0))
+        if logged is not None and now - logged < self._interval:
+            self._kinds[kind] = (logged, since + 1)
+            return
+        if since:
+            text += " ({since} more not logged in the last {seconds:.0f} s)"
+            fields.update(since=since, seconds=now - logged)
+        _log.warn(text, **fields)
+        self._kinds[kind] = (now, 0)
+
+    def stop(self) -> None:
+        """Say how many of each kind were not logged."""
+        for kind, (_, since) in self._kinds.items():
+            if since:
+                _log.warn("SMTP ingest: {since} more not logged: {kind}",
+                          since=since, kind=kind)
+        self._kinds.clear()
+
+
+class _AuthFailures:
+    """
+    Failed AUTH attempts per client address (an IPv6 client's /64), each
+    remembered AUTH_MEMORY_SECONDS after the last, for at most
+    AUTH_MEMORY_CLIENTS addresses (the oldest forgotten first): each one
+    doubles the wait before answering that address, which reconnecting
+    does not start again.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        #: Per address: failures, and the time of the last one.
+        self._failures: OrderedDict = OrderedDict()
+
+    def delay(self, address: str) -> float:
+        """The seconds to wait before answering an AUTH from C{address}."""
+        failures = self._count(address)
+        if not failures:
+            return 0.0
+        return min(AUTH_MAX_DELAY_SECONDS, AUTH_FIRST_DELAY_SECONDS
+                   * 2 ** min(failures - 1, 16))
+
+    def failed(self, address: str) -> int:
+        """Count one more failure of C{address}; return how many lately."""
+        failures = self._count(address) + 1
+        self._failures[address] = (failures, self._clock.seconds())
+        self._failures.move_to_end(address)
+        while len(self._failures) > AUTH_MEMORY_CLIENTS:
+            self._failures.popitem(last=False)
+        return failures
+
+    def _count(self, address: str) -> int:
+        failures, last = self._failures.get(address, (0, 0.0))
+        if failures and self._clock.seconds() - last > AUTH_MEMORY_SECONDS:
+            del self._failures[address]
+            return 0
+        return failures
 
 
 @implementer(IChallengeResponse)
@@ -593,6 +1249,9 @@ class MailIngest(ServerFactory):
     C{max_connections}), and counts each message that arrives.
 
     @ivar sessions: the connections open now.
+    @ivar held_bytes: what the messages being received and read hold.
+    @ivar events: the warnings about clients, at a limited rate.
+    @ivar auth_failures: the failed AUTH attempts remembered.
     """
 
     noisy = False
@@ -602,7 +1261,10 @@ class MailIngest(ServerFactory):
                  domain: str, source_field: str, max_bytes: int,
                  max_connections: int, max_recipients: int,
                  users: Optional[dict] = None,
-                 tls: Optional[ssl.CertificateOptions] = None) -> None:
+                 tls: Optional[ssl.CertificateOptions] = None,
+                 in_thread: Callable[..., defer.Deferred] = (
+                     defer.maybeDeferred),
+                 max_held_bytes: int = MAX_HELD_BYTES) -> None:
         """
         @param reader: the L{failnozzle.ingest.RecordReader} datagrams are
             read with, for the unique key of each message's record.
@@ -616,11 +1278,21 @@ class MailIngest(ServerFactory):
         @param users: names and passwords: AUTH is then required.
         @param tls: offered with STARTTLS; with C{users}, AUTH only after
             it.
+        @param in_thread: runs the reading of a message, one at a time,
+            such as in the reactor's thread pool; by default on the
+            reactor.
+        @param max_held_bytes: what all messages may hold together.
         """
         self._aggregator = aggregator
         self._report_bad_input = report_bad_input
         self._saved = saved
         self.clock = clock
+        self._in_thread = in_thread
+        self._reading = defer.DeferredLock()
+        self.max_held_bytes = max_held_bytes
+        self.held_bytes = 0
+        self.events = _EventLog(clock)
+        self.auth_failures = _AuthFailures(clock)
         self.sessions: set = set()
         self.accepting = True
         self.configure(reader, domain=domain, source_field=source_field,
@@ -651,6 +1323,10 @@ class MailIngest(ServerFactory):
 
     def buildProtocol(self, addr) -> Protocol:
         if len(self.sessions) >= self.max_connections:
+            self.events.warn(
+                "too many connections", "Turned a client away (421): "
+                "SMTP_INGEST_MAX_CONNECTIONS ({limit}) are connected",
+                limit=self.max_connections)
             return _Busy()
         session = _Session(self)
         session.factory = self
@@ -660,26 +1336,52 @@ class MailIngest(ServerFactory):
     def getMessageDelivery(self) -> IMessageDelivery:
         return _Transaction(self)
 
-    def receive(self, data: bytes, recipient) -> defer.Deferred:
+    def has_room(self) -> bool:
+        """Whether a new message may be taken now."""
+        return self.held_bytes < self.max_held_bytes
+
+    def hold(self, size: int) -> bool:
+        """Take C{size} bytes for a message, if all may still hold them."""
+        if self.held_bytes + size > self.max_held_bytes:
+            return False
+        self.held_bytes += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.held_bytes -= size
+
+    def receive(self, message: _Message) -> defer.Deferred:
         """
-        Count the message C{data} sent to C{recipient} (the first one, a
-        L{twisted.mail.smtp.User}), once, whoever else it went to.
+        Read and count C{message}, once, whoever else it went to: as the
+        first recipient's (a L{twisted.mail.smtp.User}) kind, from the host
+        its client named.
 
         @return: a Deferred firing when the client may be told 250.
         """
         if not self.accepting:
-            # Not counted: the last digest may be gone already.
-            return defer.fail(SMTPServerError(
-                421, b"failnozzle stopping; try again later"))
+            message.release()
+            return defer.fail(_stopping())
+        recipient = message.recipient
         peer = recipient.protocol.transport.getPeer()
-        source = client_name(recipient.helo)
-        kind = _address_text(recipient.dest.local).lower()
-        try:
-            record = read_mail(data, kind, source, self._source_field)
-        except Exception as error:
-            self._report_bad_input(
-                BadMail(f"{type(error).__name__}: {error}", data),
-                (peer.host, peer.port))
+        data = message.content()
+        reading = self._reading.run(
+            self._in_thread, read_mail, data,
+            _one_line(_address_text(recipient.dest.local)).lower(),
+            client_name(recipient.helo), self._source_field)
+        return reading.addBoth(self._count, message, data, (peer.host,
+                                                            peer.port))
+
+    def _count(self, record, message: _Message, data: bytes,
+               sender: tuple) -> Optional[defer.Deferred]:
+        message.release()
+        if not self.accepting:
+            # Not counted: the last digest may be gone already.
+            raise _stopping()
+        if message.abandoned:
+            return None  # Not told 250, the client sends it again.
+        if isinstance(record, Failure):
+            self._report_bad_input(BadMail(
+                f"{record.type.__name__}: {record.value}", data), sender)
         else:
             self._aggregator.add_key(*self._reader.key_and_source(record))
         return self._saved().addCallback(lambda _: None)
@@ -695,6 +1397,7 @@ class MailIngest(ServerFactory):
 
         @return: a Deferred firing once all are closed.
         """
+        self.events.stop()
         sessions = list(self.sessions)
         closed = defer.gatherResults([session.hang_up()
                                       for session in sessions])
@@ -707,6 +1410,10 @@ class MailIngest(ServerFactory):
                 abort.cancel()
 
         return closed.addBoth(done)
+
+
+def _stopping() -> SMTPServerError:
+    return SMTPServerError(421, b"failnozzle stopping; try again later")
 
 
 def bind_tcp_socket(host: str, port: int, backlog: int = 50

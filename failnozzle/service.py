@@ -162,7 +162,8 @@ class FailnozzleService(Service):
             when it starts.
         @param transport: where mail goes; by default the one the settings
             describe.
-        @param in_thread: runs the snapshots' writes; by default C{writer}.
+        @param in_thread: runs the reading of mail off the reactor, such as
+            in the reactor's thread pool; by default it runs on it.
         @param gelf_socket: a second bound socket (GELF_BIND), read the
             same way: both take GELF and failnozzle's JSON.
         @param smtp_socket: a bound, listening TCP socket (SMTP_INGEST_BIND)
@@ -186,7 +187,7 @@ class FailnozzleService(Service):
         self._reload_settings = reload_settings
         self._given_transport = transport
         self.writer = writer or InlineWriter()
-        self._in_thread = in_thread or self.writer.run
+        self._in_thread = in_thread or defer.maybeDeferred
         self._sockets = {name: sock for name, sock in (
             ("UDP_BIND", udp_socket), ("GELF_BIND", gelf_socket),
             ("SMTP_INGEST_BIND", smtp_socket)) if sock is not None}
@@ -331,7 +332,7 @@ class FailnozzleService(Service):
         if not changed or changed & {"STATE_FILE", "SNAPSHOT_SECONDS",
                                      "UNIQUE_MSG_TUPLE"}:
             self.state_file = (
-                StateFile(settings.STATE_FILE, self._reactor, self._in_thread,
+                StateFile(settings.STATE_FILE, self._reactor, self.writer.run,
                           settings.unique_fields, self._wall_offset)
                 if settings.SNAPSHOT_SECONDS else None)
             self._state_unwritable = False
@@ -350,7 +351,8 @@ class FailnozzleService(Service):
         if self.mail is None:
             self.mail = MailIngest(
                 configured.reader, self.aggregator, self._report_bad_input,
-                self.saved_soon, self._reactor, **limits)
+                self.saved_soon, self._reactor, in_thread=self._in_thread,
+                **limits)
         else:
             self.mail.configure(configured.reader, **limits)
 

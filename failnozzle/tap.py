@@ -11,6 +11,8 @@ from functools import partial
 from typing import Any, Mapping, NoReturn, Optional
 
 from twisted.application.service import IService
+from twisted.internet import threads
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -164,6 +166,12 @@ def report_check(path: Optional[str],
     return 0
 
 
+def _in_thread_pool(reactor, function, *args) -> Deferred:
+    """Run C{function} in the reactor's thread pool (made when first used)."""
+    return threads.deferToThreadPool(reactor, reactor.getThreadPool(),
+                                     function, *args)
+
+
 def makeService(options: Options, reactor=None) -> IService:
     """
     Build the daemon from its options.  A wrong setting, or an address
@@ -182,6 +190,7 @@ def makeService(options: Options, reactor=None) -> IService:
             service = FailnozzleService(
                 settings, reactor, sockets["UDP_BIND"],
                 writer=DiskWriter(reactor),
+                in_thread=partial(_in_thread_pool, reactor),
                 gelf_socket=sockets.get("GELF_BIND"),
                 smtp_socket=sockets.get("SMTP_INGEST_BIND"),
                 wall_offset=wall_offset, reload_settings=load)

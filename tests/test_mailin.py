@@ -5,6 +5,9 @@ waits for the count and the snapshot, and random input, over
 L{StringTransport} and L{Clock}.
 """
 import base64
+import email
+import email.policy
+import encodings
 import random
 import socket
 from email.message import EmailMessage
@@ -18,6 +21,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -25,7 +29,12 @@ import failnozzle.mailin
 from failnozzle.aggregate import Aggregator
 from failnozzle.config import ConfigError, UniqueMessage
 from failnozzle.ingest import RecordReader
-from failnozzle.mailin import (IDLE_TIMEOUT_SECONDS, MAX_LINE_BYTES, BadMail,
+from failnozzle.mailin import (AUTH_MAX_DELAY_SECONDS, AUTH_MEMORY_SECONDS,
+                               COMMAND_BYTES_PER_TURN, IDLE_TIMEOUT_SECONDS,
+                               MAX_COMMAND_BYTES, MAX_HEADER_CHARS,
+                               MAX_LINE_BYTES, MAX_MIME_DEPTH, MAX_MIME_PARTS,
+                               MAX_PARSED_BYTES, MAX_PATH_BYTES,
+                               MAX_REFUSED_COMMANDS, MAX_TEXT_CHARS, BadMail,
                                MailIngest, UsersChecker, bind_tcp_socket,
                                client_name, error_text, read_mail,
                                tls_options)
@@ -105,6 +114,17 @@ def mail(body: str = "disk full", subject: str = "backup failed",
         message[name.replace("_", "-")] = value
     message.set_content(body)
     return message.as_bytes()
+
+
+def with_attachments() -> EmailMessage:
+    """A text body, then a text attachment and a binary one."""
+    message = EmailMessage()
+    message["Subject"] = "with attachments"
+    message.set_content("the body\n")
+    message.add_attachment("an attached log\n", filename="run.log")
+    message.add_attachment(b"\x00\x01", maintype="application",
+                           subtype="octet-stream", filename="core")
+    return message
 
 
 def read(data: bytes, kind: str = "cron", source: str = "web1") -> dict:
@@ -225,13 +245,8 @@ class ReadMailTests(SynchronousTestCase):
         With attachments the first text/plain part that is not one is the
         body: a text attachment is not.
         """
-        message = EmailMessage()
-        message["Subject"] = "x"
-        message.set_content("the body\n")
-        message.add_attachment("an attached log\n", filename="run.log")
-        message.add_attachment(b"\x00\x01", maintype="application",
-                               subtype="octet-stream", filename="core")
-        self.assertEqual(read(message.as_bytes())["exc_text"], "the body")
+        self.assertEqual(read(with_attachments().as_bytes())["exc_text"],
+                         "the body")
 
     def test_html_only(self):
         """
@@ -300,6 +315,300 @@ class ReadMailTests(SynchronousTestCase):
         reader = RecordReader(FIELDS, "source", 65536)
         for data in inputs:
             reader.key_and_source(read(data))
+
+    def test_subject_capped_before_decoding(self):
+        """
+        A Subject of 200 kB of encoded words, folded, is read from its
+        first MAX_HEADER_CHARS only: the message is the decoded start.
+        """
+        data = b"Subject: " + b"=?utf-8?q?a?=\n " * 14300 + b"\n\nbody\n"
+        message = read(data)["message"]
+        self.assertEqual(set(message), {"a"})
+        self.assertLessEqual(len(message), MAX_HEADER_CHARS // 13)
+        self.assertGreater(len(message), MAX_HEADER_CHARS // 16)
+
+    def test_encoded_words(self):
+        """
+        Encoded words are decoded however they come: B without its
+        padding, a language after the charset (RFC 2231), a charset
+        Python does not know (as UTF-8), text between words kept and
+        white space between them dropped.
+        """
+        data = (b"Subject: =?utf-8?b?w4Q?= =?UTF-8*de?Q?=C3=B6_x?=y "
+                b"=?x-unknown?q?=C3=BC?= =?utf-8?q?broken\n\nbody\n")
+        self.assertEqual(read(data)["message"],
+                         "Äö xy ü =?utf-8?q?broken")
+
+    def test_control_characters(self):
+        """
+        NULs and other control characters in the subject, the kind and
+        the HELO name read as spaces: they do not reach digests.
+        """
+        data = (b"Subject: a\0b\x1b[31mc\xc2\x85d\n"
+                b"X-Failnozzle-Kind: k\0x\n\nbody")
+        record = read(data)
+        self.assertEqual((record["message"], record["kind"]),
+                         ("a b [31mc d", "k x"))
+        self.assertEqual(client_name((b"web1\0evil", b"10.0.0.7")), "web1")
+        self.assertEqual(client_name((b"\0", b"10.0.0.7")), "10.0.0.7")
+
+    def test_raw_utf8_headers(self):
+        """
+        A header in raw UTF-8 (no encoded words) reads as UTF-8; bytes
+        that are not are replaced.
+        """
+        data = "Subject: Ärger ☃\n\nbody".encode() + b"\nSubject: x"
+        self.assertEqual(read(data)["message"], "Ärger ☃")
+        self.assertEqual(read(b"Subject: \xff\n\nbody")["message"], "\ufffd")
+
+    def test_prefix_only(self):
+        """
+        Of a message only its first MAX_PARSED_BYTES are read: a
+        traceback beyond them is not seen, and exc_text is the start of
+        the body, at most MAX_TEXT_CHARS.
+        """
+        data = mail("x\n" * MAX_PARSED_BYTES + PYTHON_TRACEBACK)
+        exc_text = read(data)["exc_text"]
+        self.assertNotIn("Traceback", exc_text)
+        self.assertEqual(set(exc_text), {"x", "\n"})
+        self.assertLessEqual(len(exc_text), MAX_TEXT_CHARS)
+
+    def test_cut_short_base64(self):
+        """
+        A base64 body cut short (by the prefix, or a client) decodes as
+        far as it goes.
+        """
+        encoded = base64.b64encode(b"disk full on /var")
+        for cut in range(len(encoded) - 4, len(encoded) + 1):
+            data = (b"Subject: x\nContent-Transfer-Encoding: base64\n\n"
+                    + encoded[:cut])
+            self.assertTrue(
+                "disk full on /var".startswith(read(data)["exc_text"]), cut)
+            self.assertGreaterEqual(len(read(data)["exc_text"]), 12)
+
+    def test_slow_charsets(self):
+        """
+        A body in punycode or idna, whose decoding takes time growing
+        with the square of the length, is read as UTF-8.
+        """
+        for charset in (b"punycode", b"IDNA"):
+            data = (b"Subject: x\nContent-Type: text/plain; charset="
+                    + charset + b"\n\na-" + b"9" * 1000)
+            self.assertEqual(read(data)["exc_text"], "a-" + "9" * 1000)
+
+    def test_rfc2231_charset(self):
+        """
+        A charset given as an RFC 2231 parameter is used; the charset it
+        is itself declared in is not looked up.
+        """
+        data = (b"Subject: x\nContent-Type: text/plain; "
+                b"charset*=x-attacker''iso-8859-1\n\nM\xfcnchen")
+        self.assertEqual(read(data)["exc_text"], "München")
+
+    def test_parameters(self):
+        """
+        Content-Type parameters are read as the email package reads them:
+        quoted (with ";" and escaped quotes inside) or not, names in any
+        case, the first of a name; a boundary so found splits the parts.
+        """
+        data = (b'Subject: x\nContent-Type: Multipart/Mixed; x="a;\\"b"; '
+                b'BOUNDARY = "=_a;b" ; boundary=other\n\n'
+                b"--=_a;b\nContent-Type: text/plain; charset=\"iso-8859-1\"\n"
+                b"\nM\xfcnchen\n--=_a;b--\n")
+        self.assertEqual(read(data)["exc_text"], "München")
+        self.assertEqual(read(data)["exc_text"],
+                         reference_record(data)["body"])
+
+    def test_unknown_charsets_not_remembered(self):
+        """
+        Charset names Python does not know are not looked up, so the
+        codec registry's cache does not grow with each new one.
+        """
+        read(mail())
+        cached = len(encodings._cache)
+        for number in range(200):
+            read(b"Subject: =?x-%d?q?a?=\nContent-Type: text/plain; "
+                 b"charset=x-%d\n\nbody" % (number, number))
+        self.assertEqual(len(encodings._cache), cached)
+
+    def multipart(self, depth: int, parts: int = 1) -> bytes:
+        """C{depth} nested multiparts, the last holding C{parts} parts,
+        the text one last."""
+        data = (b"Content-Type: multipart/mixed; boundary=last\n\n"
+                + b"--last\nContent-Type: application/x-empty\n\n\n" * (
+                    parts - 1)
+                + b"--last\n\nthe text\n--last--\n")
+        for level in range(depth - 1):
+            data = (b"Content-Type: multipart/mixed; boundary=%d\n\n--%d\n"
+                    % (level, level) + data + b"\n--%d--\n" % level)
+        return b"Subject: x\n" + data
+
+    def test_nesting_bounded(self):
+        """
+        A text part is found MAX_MIME_DEPTH multiparts deep, not
+        deeper; a message nested 5,000 deep reads (as no text) at once.
+        """
+        self.assertEqual(read(self.multipart(MAX_MIME_DEPTH))["exc_text"],
+                         "the text")
+        self.assertEqual(read(self.multipart(MAX_MIME_DEPTH + 1))["exc_text"],
+                         "")
+        self.assertEqual(read(self.multipart(5000))["exc_text"], "")
+
+    def test_parts_bounded(self):
+        """
+        A text part is found among MAX_MIME_PARTS parts, not after more.
+        """
+        self.assertEqual(read(self.multipart(1, MAX_MIME_PARTS))["exc_text"],
+                         "the text")
+        self.assertEqual(read(self.multipart(1, MAX_MIME_PARTS + 1))[
+            "exc_text"], "")
+
+    def test_related_start(self):
+        """
+        Of a multipart/related only the start part is read: the one its
+        start parameter names, else the first.
+        """
+        def related(start: bytes) -> bytes:
+            return (b"Subject: x\nContent-Type: multipart/related; "
+                    b"boundary=b" + start + b"\n\n--b\nContent-ID: <one>\n\n"
+                    b"first\n--b\nContent-ID: <two>\n\nsecond\n--b--\n")
+
+        self.assertEqual(read(related(b""))["exc_text"], "first")
+        self.assertEqual(read(related(b'; start="<two>"'))["exc_text"],
+                         "second")
+        self.assertEqual(read(related(b'; start="<three>"'))["exc_text"],
+                         "first")
+
+    def test_digest_parts(self):
+        """
+        The parts of a multipart/digest are messages, not text, unless
+        they say so.
+        """
+        data = (b"Subject: x\nContent-Type: multipart/digest; boundary=b\n\n"
+                b"--b\n\nnot text\n--b\nContent-Type: text/plain\n\ntext\n"
+                b"--b--\n")
+        self.assertEqual(read(data)["exc_text"], "text")
+
+    def test_html_edges(self):
+        """
+        Of HTML, a "<" that opens no tag is text, an unclosed comment or
+        script hides the rest, an unclosed tag shows as text, and 50,000
+        unclosed tags read as text at once.
+        """
+        def html(text: bytes) -> str:
+            return read(b"Subject: x\nContent-Type: text/html\n\n"
+                        + text)["exc_text"]
+
+        self.assertEqual(html(b"a < b &lt; c"), "a < b < c")
+        self.assertEqual(html(b"a<!-- b"), "a")
+        self.assertEqual(html(b"a<script>b</script c"), "a")
+        self.assertEqual(html(b"a<SCRIPT>b</Script >c"), "ac")
+        self.assertEqual(html(b"a<b c"), "a<b c")
+        self.assertEqual(html(b"<!DOCTYPE html><?xml x?>a</ >b"), "ab")
+        self.assertEqual(html(b"<a" * 50000), ("<a" * 50000)[:MAX_TEXT_CHARS])
+
+
+def reference_record(data: bytes) -> dict:
+    """
+    What the email package makes of a message (as read_mail did before it
+    read MIME itself): its subject and its text body, before the
+    traceback is looked for.
+    """
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    part = message.get_body(preferencelist=("plain", "html"))
+    text = ""
+    if part is not None:
+        payload = part.get_payload(decode=True) or b""
+        charset = part.get_content_charset() or "utf-8"
+        text = payload.decode("utf-8" if charset in ("us-ascii", "ascii")
+                              else charset, "replace")
+        if part.get_content_subtype() == "html":
+            text = failnozzle.mailin._html_text(text)
+    text = "\n".join(line.rstrip() for line in text.replace(
+        "\r\n", "\n").split("\n")).strip("\n")
+    return {"message": " ".join(str(message["Subject"] or "").split()),
+            "body": text}
+
+
+class ReferenceTests(SynchronousTestCase):
+    """
+    L{read_mail} reads what mail clients send as the email package does.
+    """
+
+    def messages(self):
+        """Messages as Python, Django and mail clients make them."""
+        plain = EmailMessage()
+        plain["Subject"] = "Ärger im Büro: the backup failed again"
+        plain.set_content("Größe: 12 GB\nTraceback? none\n")
+        yield plain
+        for cte in ("quoted-printable", "base64", "8bit", "7bit"):
+            message = EmailMessage()
+            message["Subject"] = "=?utf-8?q?encoded?= and plain"
+            body = ("caf\u00e9 " * 50 + "\n") if cte != "7bit" else "ascii\n"
+            message.set_content(body, cte=cte)
+            yield message
+        for charset in ("iso-8859-1", "windows-1252", "koi8-r", "shift_jis"):
+            message = EmailMessage()
+            message["Subject"] = "legacy"
+            message.set_content("Жёлтый ключ 鍵\n".encode(charset, "replace"),
+                                maintype="text", subtype="plain",
+                                cte="8bit")
+            message.set_param("charset", charset)
+            yield message
+        alternative = EmailMessage()
+        alternative["Subject"] = "alternative"
+        alternative.set_content("<p>html first</p>", subtype="html")
+        alternative.add_alternative("plain second\n")
+        yield alternative
+        yield with_attachments()
+        related = EmailMessage()
+        related["Subject"] = "related"
+        related.set_content("<p>see <img src='cid:x'></p>", subtype="html")
+        related.add_related(b"GIF89a", maintype="image", subtype="gif",
+                            cid="<x>")
+        yield related
+        nested = EmailMessage()
+        nested["Subject"] = "nested"
+        nested.make_mixed()
+        inner = EmailMessage()
+        inner.set_content("<b>inner html</b>", subtype="html")
+        inner.add_alternative("inner plain\n")
+        nested.attach(inner)
+        yield nested
+        html_only = EmailMessage()
+        html_only["Subject"] = "html only"
+        html_only.set_content("<html><body><h1>Error</h1><p>at &amp; "
+                              "there</p></body></html>", subtype="html")
+        yield html_only
+
+    def test_same_as_email_package(self):
+        """
+        Subject and text body of each message are those the email package
+        gives, with CRLF or LF line ends.
+        """
+        for message in self.messages():
+            for data in (message.as_bytes(),
+                         message.as_bytes().replace(b"\n", b"\r\n")):
+                record = read(data)
+                expected = reference_record(data)
+                self.assertEqual(record["message"], expected["message"])
+                self.assertEqual(record["exc_text"],
+                                 error_text(expected["body"]),
+                                 message["Subject"])
+
+    def test_django_report(self):
+        """
+        Django's error mail (text and HTML alternatives) reads the same.
+        """
+        message = EmailMessage()
+        message["Subject"] = "[Django] ERROR: Internal Server Error: /items/1/"
+        message.set_content(django_report())
+        message.add_alternative("<html><body><pre>"
+                                + django_report() + "</pre></body></html>",
+                                subtype="html")
+        data = message.as_bytes()
+        self.assertEqual(read(data)["exc_text"],
+                         error_text(reference_record(data)["body"]))
 
 
 class ErrorTextTests(SynchronousTestCase):
@@ -396,6 +705,48 @@ class ErrorTextTests(SynchronousTestCase):
             {"pathname": "/srv/app/shop/views.py", "lineno": 20,
              "funcName": "item", "filename": "views.py", "module": "views"})
 
+    def test_linear(self):
+        """
+        Finding a traceback's end looks at each line at most three times,
+        whatever the body: chained headers by the thousand, blank lines,
+        deep indentation, headers within headers.
+        """
+        class CountingList(list):
+            looks = 0
+
+            def __getitem__(self, index):
+                item = super().__getitem__(index)
+                CountingList.looks += len(item) if isinstance(
+                    index, slice) else 1
+                return item
+
+        bodies = {
+            "chained": ["x", "The above exception"] * 5000,
+            "blank": [""] * 10000 + ["E: x"],
+            "indented": [" " * 100 + "x"] * 10000 + ["E: x"],
+            "headers": ["Traceback (most recent call last):", "x",
+                        "", "During handling of the above exception"] * 2500,
+            "django": ["Exception Type: E", "Exception Value: v", "",
+                       "The above exception"] * 2500,
+        }
+        for name, lines in bodies.items():
+            lines = CountingList(["Traceback (most recent call last):"]
+                                 + lines)
+            CountingList.looks = 0
+            failnozzle.mailin._traceback_end(lines, 0)
+            self.assertLessEqual(CountingList.looks, 3 * len(lines), name)
+
+    def test_where_overflow(self):
+        """
+        A line number of 5,000 digits is no frame (Python cannot even
+        make it an int), not an error.
+        """
+        text = (f"{PYTHON_TRACEBACK.rpartition(chr(10))[0]}\n"
+                f'  File "/x.py", line {"9" * 5000}, in f\nE: x')
+        record = read(mail(text))
+        self.assertEqual((record["pathname"], record["lineno"]),
+                         ("/srv/backup/run.py", 9))
+
 
 class ClientNameTests(SynchronousTestCase):
     """
@@ -461,6 +812,11 @@ class Client:
     def codes(self, *lines: bytes) -> list:
         """Send C{lines}; return the codes of the last line of each reply."""
         return [int(line[:3]) for line in self.send(*lines)
+                if line[3:4] != "-"]
+
+    def reply_codes(self) -> list:
+        """The codes of the replies sent since the last L{send}."""
+        return [int(line[:3]) for line in self.replies()
                 if line[3:4] != "-"]
 
 
@@ -650,6 +1006,188 @@ class SessionTests(IngestTestCase):
         self.assertEqual(self.connect().codes(b"STARTTLS"), [454])
 
 
+class InputTests(IngestTestCase):
+    """
+    How a session reads: one command at a time, a message's content
+    compactly, what all may hold bounded.
+    """
+
+    def start_data(self, client: Client) -> list:
+        return client.codes(b"EHLO web1", b"MAIL FROM:<a@b>",
+                            b"RCPT TO:<kind@x>", b"DATA")
+
+    def test_one_command_at_a_time(self):
+        """
+        Commands sent while a message waits for its 250 are answered
+        after it, in order: one message at a time per client.
+        """
+        client = self.connect()
+        client.replies()
+        self.start_data(client)
+        self.assertEqual(client.codes(b"Subject: one", b"", b"x", b".",
+                                      b"NOOP", b"MAIL FROM:<a@b>"), [])
+        self.assertEqual(len(self.snapshots), 1)
+        self.finish_snapshots()
+        self.assertEqual(client.reply_codes(), [250, 250, 250])
+
+    def test_turns(self):
+        """
+        A client sending thousands of commands at once has
+        COMMAND_BYTES_PER_TURN of them run, then the rest at the next
+        turns of the reactor.
+        """
+        client = self.connect()
+        client.replies()
+        self.assertEqual(len(client.codes(*[b"NOOP"] * 10000)),
+                         COMMAND_BYTES_PER_TURN // 6 + 1)
+        self.clock.advance(0)
+        self.assertEqual(client.transport.value(),
+                         b"250 OK\r\n" * (10000 - COMMAND_BYTES_PER_TURN // 6
+                                          - 1))
+
+    def test_slow_lines_searched_once(self):
+        """
+        A command or a content line sent a byte at a time is searched for
+        its end once, not once a byte: the bytes searched grow as the
+        bytes sent, not as their square.
+        """
+        class Searched(bytearray):
+            count = 0
+
+            def find(self, sub, start=0, end=None):
+                Searched.count += len(self[start:end])
+                return super().find(sub, start, end)
+
+            def rfind(self, sub, start=0, end=None):
+                Searched.count += len(self[start:end])
+                return super().rfind(sub, start, end)
+
+        client = self.connect(self.make_ingest(max_bytes=100000))
+        client.replies()
+        client.protocol._unread = Searched()
+        sent = b"HELO " + b"h" * 5000 + b"\r\nMAIL FROM:<a@b>\r\n"
+        sent += b"RCPT TO:<k@x>\r\nDATA\r\nSubject: slow\r\n\r\n"
+        sent += b"y" * 20000 + b"\r\n.\r\n"
+        for byte in range(len(sent)):
+            client.protocol.dataReceived(sent[byte:byte + 1])
+            self.clock.advance(0)  # The next turn, after a long command.
+        self.assertEqual(client.reply_codes(), [250, 250, 250, 354])
+        self.assertLess(Searched.count, 8 * len(sent))
+        self.finish_snapshots()
+        self.assertEqual(client.reply_codes(), [250])
+
+    def test_replies_not_read(self):
+        """
+        The session is the producer of its own transport: when replies
+        back up (the client does not read them) it reads nothing more,
+        and goes on when they are gone.
+        """
+        client = self.connect()
+        self.assertIs(client.transport.producer, client.protocol)
+        client.replies()
+        client.protocol.pauseProducing()
+        self.assertEqual(client.transport.producerState, "paused")
+        self.assertEqual(client.codes(b"NOOP", b"NOOP"), [])
+        client.protocol.resumeProducing()
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertEqual(client.reply_codes(), [250, 250])
+
+    def test_too_much_unread(self):
+        """
+        A transport that delivers what a waiting session did not ask for
+        cannot make it hold more than a few lines' worth: the client is
+        dropped.
+        """
+        client = self.connect()
+        client.replies()
+        client.protocol.pauseProducing()
+        client.protocol.dataReceived(b"NOOP\r\n" * 60000)
+        self.assertEqual(client.replies(), ["500 Too much unread input"])
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(client.protocol._unread, b"")
+
+    def test_content_kept_compactly(self):
+        """
+        Of a message only MAX_PARSED_BYTES are kept, in one bytearray,
+        however it comes (short lines, pieces of any size); at its end
+        nothing is held any more.
+        """
+        client = self.connect(self.make_ingest(max_bytes=10 * 1024 * 1024))
+        client.replies()
+        self.start_data(client)
+        client.protocol.dataReceived(b"Subject: lines\r\n\r\n")
+        for _ in range(50):
+            client.protocol.dataReceived(b"a\r\n" * 10000 + b"a")
+        self.assertEqual(self.ingest.held_bytes, MAX_PARSED_BYTES + 2)
+        self.assertEqual(len(client.protocol._message._kept),
+                         MAX_PARSED_BYTES + 2)
+        client.protocol.dataReceived(b"\r\n.\r\n")
+        self.assertEqual(self.ingest.held_bytes, 0)
+        self.finish_snapshots()
+        self.assertEqual(client.replies(), ["250 Counted for the next digest"])
+        self.assertEqual(self.counted(), [("lines", "kind", "web1", 1)])
+
+    def test_content_in_any_pieces(self):
+        """
+        Content cut anywhere, the end of data and doubled dots included,
+        arrives as it was sent.
+        """
+        data = (b"Subject: pieces\r\n\r\n.first\r\n..\r\nx\r\n.\r\n")
+        for size in (1, 2, 3, 5, 7):
+            client = self.connect()
+            self.start_data(client)
+            for start in range(0, len(data), size):
+                client.protocol.dataReceived(data[start:start + size])
+            [entry] = self.aggregator.flush().entries
+            self.assertEqual(entry.key[FIELDS.index("exc_text")],
+                             "first\n.\nx", size)
+        client = self.connect()
+        self.start_data(client)
+        self.assertEqual(client.codes(b"."), [])
+        self.assertEqual(self.aggregator.flush().entries[0].key[
+            FIELDS.index("message")], "(no subject)")
+
+    def test_all_sessions_bounded(self):
+        """
+        Past max_held_bytes over all sessions, a message being received
+        is refused 452 at its end and MAIL of another is refused 452
+        (try again later), nothing counted; once memory is free again,
+        mail is taken.
+        """
+        ingest = self.make_ingest(max_held_bytes=2000, max_bytes=100000)
+        events = capture_log(self)
+        first, second = self.connect(ingest), self.connect(ingest)
+        self.start_data(first)
+        first.protocol.dataReceived(b"Subject: big\r\n\r\n" + b"y" * 1982
+                                    + b"\r\n")
+        self.assertEqual(ingest.held_bytes, 2000)
+        self.assertEqual(self.start_data(second)[1:2], [452])
+        first.protocol.dataReceived(b"more\r\n.\r\n")
+        self.assertEqual(first.reply_codes(), [452])
+        self.assertEqual(ingest.held_bytes, 0)
+        self.assertEqual(self.transaction(second)[-1], 354)
+        self.finish_snapshots()
+        self.assertEqual(second.reply_codes(), [250])
+        self.assertEqual(self.counted(), [("backup failed", "backup",
+                                           "web1.example", 1)])
+        self.assertIn("Refused mail from 10.0.0.7 for now (452): the "
+                      "messages being received hold 2000 bytes, the most "
+                      "they may", [formatEvent(event) for event in events])
+
+    def test_connection_lost_in_data(self):
+        """
+        A client gone in the middle of a message gives back what it held;
+        nothing is counted.
+        """
+        client = self.connect()
+        self.start_data(client)
+        client.protocol.dataReceived(b"Subject: x\r\n\r\nbody\r\n")
+        self.assertGreater(self.ingest.held_bytes, 0)
+        client.protocol.connectionLost(None)
+        self.assertEqual(self.ingest.held_bytes, 0)
+        self.assertEqual(self.aggregator.view().total, 0)
+
+
 class LimitTests(IngestTestCase):
     """
     SMTP_INGEST_MAX_BYTES, _MAX_CONNECTIONS, _MAX_RECIPIENTS, the line
@@ -697,6 +1235,92 @@ class LimitTests(IngestTestCase):
         self.transaction(self.connect(self.make_ingest(max_bytes=size)),
                          data)
         self.assertEqual(self.aggregator.view().total, 1)
+
+    def test_bad_size(self):
+        """
+        A SIZE that is not 1 to 20 digits (5,000 digits, negative, not a
+        number, empty) is answered 501, and nothing is logged; 20 digits
+        over the limit are 552.
+        """
+        events = capture_log(self)
+        client = self.connect(self.make_ingest(max_bytes=1000))
+        client.send(b"EHLO x")
+        for size in (b"9" * 5000, b"-5", b"abc", b"", b"1e3", b"1,2"):
+            codes = client.codes(b"MAIL FROM:<a@b> SIZE=" + size)
+            self.clock.advance(0)  # The next turn, after a long command.
+            self.assertEqual(codes + client.reply_codes(), [501], size[:10])
+        self.assertEqual(client.codes(b"MAIL FROM:<a@b> size=" + b"9" * 20),
+                         [552])
+        self.assertEqual(client.codes(b"MAIL FROM:<a@b> SIZE=0999"), [250])
+        self.assertEqual(list(events), [])
+
+    def test_long_paths(self):
+        """
+        An address over MAX_PATH_BYTES in MAIL FROM or RCPT TO is answered
+        501 before it is parsed (Twisted takes time growing with the
+        square of its length); up to it, it is taken.
+        """
+        path = b"<" + b"a." * 126 + b"a@x>"
+        shorter = path[:-5] + b"@x>"
+        self.assertEqual((len(path), len(shorter)),
+                         (MAX_PATH_BYTES + 1, MAX_PATH_BYTES - 1))
+        client = self.connect()
+        client.send(b"EHLO x")
+        self.assertEqual(client.codes(b"MAIL FROM:" + path,
+                                      b"MAIL FROM:" + shorter,
+                                      b"RCPT TO:" + path,
+                                      b"RCPT TO:" + shorter),
+                         [501, 250, 501, 250])
+
+    def test_refused_commands(self):
+        """
+        After MAX_REFUSED_COMMANDS commands refused (5xx) a client is
+        told 421 and dropped, with one line logged.
+        """
+        events = capture_log(self)
+        client = self.connect()
+        client.replies()
+        replies = client.send(*[b"GET / HTTP/1.1"] * 100)
+        self.assertEqual(replies[-1], "421 Too many errors; closing")
+        self.assertEqual(len(replies), MAX_REFUSED_COMMANDS + 1)
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual([formatEvent(event) for event in events],
+                         ["Closed the SMTP connection from 10.0.0.7: it had "
+                          "20 commands refused"])
+
+    def test_nul_bytes(self):
+        """
+        NULs in a command, in a quoted recipient and in a message are
+        taken as any other byte: answered; in the subject and the kind
+        they read as spaces.
+        """
+        client = self.connect()
+        client.replies()
+        self.assertEqual(client.codes(b"\0\0"), [500])
+        self.transaction(client, b"Subject: a\0b\n\nc\0d",
+                         recipients=[b'"k\0ind"@x'])
+        self.finish_snapshots()
+        [entry] = self.aggregator.flush().entries
+        self.assertEqual([entry.key[FIELDS.index(name)] for name in (
+            "message", "kind", "exc_text")], ["a b", '"k ind"', "c\0d"])
+
+    def test_turned_away_logged_once(self):
+        """
+        Clients turned away for SMTP_INGEST_MAX_CONNECTIONS are logged one
+        line a minute, the next line saying how many were not.
+        """
+        events = capture_log(self)
+        ingest = self.make_ingest(max_connections=1)
+        self.connect(ingest)
+        for _ in range(50):
+            ingest.buildProtocol(None)
+        self.clock.advance(60)
+        ingest.buildProtocol(None)
+        line = ("Turned a client away (421): SMTP_INGEST_MAX_CONNECTIONS "
+                "(1) are connected")
+        self.assertEqual([formatEvent(event) for event in events],
+                         [line, line + " (49 more not logged in the last "
+                                       "60 s)"])
 
     def test_recipients(self):
         """
@@ -746,28 +1370,70 @@ class LimitTests(IngestTestCase):
 
     def test_line_too_long(self):
         """
-        A line longer than MAX_LINE_BYTES, even in a message's content,
-        is answered 500 and the connection closed; nothing is counted.
+        A message's content that goes on for more than MAX_LINE_BYTES
+        without a line end is answered 500 and the connection closed;
+        nothing is counted.
         """
         client = self.connect()
         client.send(b"EHLO x", b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>",
                     b"DATA", b"Subject: x", b"")
-        replies = client.send(b"y" * (MAX_LINE_BYTES + 1), b".")
-        self.assertEqual(replies, ["500 Line too long"])
+        for _ in range(3):
+            client.protocol.dataReceived(b"y" * (MAX_LINE_BYTES // 2))
+        self.assertEqual(client.replies(), ["500 Line too long"])
         self.assertTrue(client.transport.disconnecting)
         client.protocol.connectionLost(None)
         self.assertEqual(self.aggregator.view().total, 0)
+        self.assertEqual(self.ingest.held_bytes, 0)
+
+    def test_long_content_line(self):
+        """
+        A line longer than MAX_LINE_BYTES that ends is content as any
+        other: only what waits for a line end is bounded.
+        """
+        client = self.connect(self.make_ingest(max_bytes=10 * MAX_LINE_BYTES))
+        codes = self.transaction(client, mail("y" * (2 * MAX_LINE_BYTES)))
+        self.assertEqual(codes[-1], 354)
+        self.finish_snapshots()
+        self.assertEqual(client.replies(), ["250 Counted for the next digest"])
+
+    def test_bare_line_feeds(self):
+        """
+        Content whose lines end in bare LFs (smtplib sends bytes as they
+        are) is taken however long, its short lines not one long line.
+        """
+        client = self.connect(self.make_ingest(max_bytes=10 * MAX_LINE_BYTES))
+        client.replies()
+        client.send(b"EHLO x", b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>", b"DATA")
+        for _ in range(4):
+            client.protocol.dataReceived(b"Subject: bare\n\n" + b"x\n" * (
+                MAX_LINE_BYTES // 4))
+        client.protocol.dataReceived(b"\r\n.\r\n")
+        self.finish_snapshots()
+        self.assertEqual(client.replies(), ["250 Counted for the next digest"])
 
     def test_endless_line(self):
         """
-        Data without a line end is not kept past MAX_LINE_BYTES.
+        A command without a line end is not kept past MAX_COMMAND_BYTES:
+        the client is told 500 and dropped.
         """
         client = self.connect()
         client.replies()
         for _ in range(3):
-            client.protocol.dataReceived(b"z" * (MAX_LINE_BYTES // 2))
+            client.protocol.dataReceived(b"z" * (MAX_COMMAND_BYTES // 2))
         self.assertEqual(client.replies(), ["500 Line too long"])
-        self.assertEqual(client.protocol._buffer, b"")
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(client.protocol._unread, b"")
+
+    def test_command_too_long(self):
+        """
+        A command line over MAX_COMMAND_BYTES, line end and all, is
+        answered 500 and the connection closed.
+        """
+        client = self.connect()
+        client.replies()
+        self.assertEqual(client.send(b"HELO " + b"h" * MAX_COMMAND_BYTES),
+                         ["500 Line too long"])
+        self.assertTrue(client.transport.disconnecting)
 
 
 class AuthTests(IngestTestCase):
@@ -824,7 +1490,8 @@ class AuthTests(IngestTestCase):
     def test_wrong(self):
         """
         A wrong password, another user's password, an unknown user and a
-        malformed response are all 535, and MAIL is still refused.
+        malformed response are all 535 (once the delay is over), and MAIL
+        is still refused.
         """
         for line in (self.plain(b"django", b"wrong"),
                      self.plain(b"django", b"other"),
@@ -833,8 +1500,9 @@ class AuthTests(IngestTestCase):
                      b"AUTH PLAIN " + base64.b64encode(b"\0a\0b\0c")):
             client = self.connect()
             self.assertEqual(client.codes(b"EHLO x", line,
-                                          b"MAIL FROM:<a@b>"),
-                             [250, 535, 530], line)
+                                          b"MAIL FROM:<a@b>"), [250], line)
+            self.clock.advance(AUTH_MAX_DELAY_SECONDS)
+            self.assertEqual(client.reply_codes(), [535, 530], line)
 
     def test_bad_commands(self):
         """
@@ -851,6 +1519,112 @@ class AuthTests(IngestTestCase):
         """
         client = self.connect(self.make_ingest())
         self.assertEqual(client.codes(b"AUTH PLAIN AGEAYg=="), [502])
+
+    def connect_from(self, host: str) -> Client:
+        client = self.connect(transport=StringTransport(
+            peerAddress=IPv4Address("TCP", host, 40000)))
+        client.send(b"EHLO x")
+        return client
+
+    def answer_after(self, client: Client, seconds: float) -> list:
+        """The codes answered within C{seconds}, and not before."""
+        self.clock.advance(seconds - 0.001)
+        early = client.reply_codes()
+        self.clock.advance(0.001)
+        self.assertEqual(early, [], f"answered before {seconds} s")
+        return client.reply_codes()
+
+    def test_slowed_and_dropped(self):
+        """
+        Each failed attempt is answered later than the last (1 s, 2 s, 4
+        s); after AUTH_TRIES failures the client is told 421 and dropped;
+        guesses sent together are tried one after the other.
+        """
+        events = capture_log(self)
+        client = self.connect_from("10.0.0.7")
+        self.assertEqual(client.codes(*[self.plain(b"django", b"guess")] * 5),
+                         [])
+        self.assertEqual(self.answer_after(client, 1), [535])
+        self.assertEqual(self.answer_after(client, 2), [535])
+        self.assertEqual(self.answer_after(client, 4), [421])
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(
+            [formatEvent(event) for event in events],
+            ["Failed AUTH from 10.0.0.7 (1 lately); the answer waits 1 s",
+             "Closed the SMTP connection from 10.0.0.7: it failed AUTH 3 "
+             "times"])
+
+    def test_remembered_per_address(self):
+        """
+        Reconnecting does not start the wait again: the address's
+        failures are remembered AUTH_MEMORY_SECONDS, and another
+        address's are its own.  An IPv6 client's /64 is one address.
+        """
+        first = self.connect_from("10.0.0.7")
+        first.send(self.plain(b"django", b"guess"))
+        self.assertEqual(self.answer_after(first, 1), [535])
+        again = self.connect_from("10.0.0.7")
+        again.send(self.plain(b"django", b"guess"))
+        self.assertEqual(self.answer_after(again, 2), [535])
+        other = self.connect_from("10.0.0.8")
+        other.send(self.plain(b"django", b"guess"))
+        self.assertEqual(self.answer_after(other, 1), [535])
+        for host, wait in (("2001:db8::1", 1), ("2001:db8::2", 2),
+                           ("2001:db8:0:1::1", 1)):
+            client = self.connect_from(host)
+            client.send(self.plain(b"django", b"guess"))
+            self.assertEqual(self.answer_after(client, wait), [535], host)
+        self.clock.advance(AUTH_MEMORY_SECONDS + 1)
+        later = self.connect_from("10.0.0.7")
+        later.send(self.plain(b"django", b"guess"))
+        self.assertEqual(self.answer_after(later, 1), [535])
+
+    def test_success_waits_too(self):
+        """
+        After failures from its address, the right password too is
+        answered only after the wait (guesses sent on many connections at
+        once learn nothing sooner); from another address at once.
+        """
+        client = self.connect_from("10.0.0.7")
+        client.send(self.plain(b"django", b"guess"),
+                    self.plain(b"django", b"s3cret"), b"MAIL FROM:<a@b>")
+        self.assertEqual(self.answer_after(client, 1), [535])
+        self.assertEqual(self.answer_after(client, 1), [235, 250])
+        other = self.connect_from("10.0.0.8")
+        self.assertEqual(other.codes(self.plain(b"django", b"s3cret")),
+                         [235])
+
+    def test_memory_bounded(self):
+        """
+        At most AUTH_MEMORY_CLIENTS addresses are remembered, the one that
+        failed longest ago forgotten first.
+        """
+        self.patch(failnozzle.mailin, "AUTH_MEMORY_CLIENTS", 2)
+        for host in ("10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.3"):
+            self.ingest.auth_failures.failed(host)
+        self.assertEqual(
+            [self.ingest.auth_failures.delay(host) for host in (
+                "10.0.0.1", "10.0.0.2", "10.0.0.3")], [2.0, 0.0, 1.0])
+
+    def test_delay_capped(self):
+        """
+        The wait grows no longer than AUTH_MAX_DELAY_SECONDS, however
+        many failures.
+        """
+        for _ in range(10000):
+            self.ingest.auth_failures.failed("10.0.0.7")
+        self.assertEqual(self.ingest.auth_failures.delay("10.0.0.7"),
+                         AUTH_MAX_DELAY_SECONDS)
+
+    def test_lost_while_waiting(self):
+        """
+        A client gone during the wait leaves nothing scheduled.
+        """
+        client = self.connect_from("10.0.0.7")
+        client.send(self.plain(b"django", b"guess"))
+        client.protocol.connectionLost(None)
+        self.assertEqual([call for call in self.clock.getDelayedCalls()
+                          if call.active()], [])
 
 
 class UsersCheckerTests(SynchronousTestCase):
@@ -917,6 +1691,88 @@ class TLSTests(IngestTestCase):
         self.assertEqual(client.codes(b"STARTTLS", b"EHLO evil",
                                       b"MAIL FROM:<a@b>"), [220])
         self.assertEqual(client.codes(b"EHLO x"), [250])
+
+
+class ReadingTests(IngestTestCase):
+    """
+    The reading of each message handed to C{in_thread}, one at a time,
+    and counted when it is done.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.runs = []
+        self.make_ingest(in_thread=self.in_thread)
+
+    def in_thread(self, function, *args) -> defer.Deferred:
+        """Runs C{function} when the test says so."""
+        done = defer.Deferred()
+        self.runs.append(lambda: defer.maybeDeferred(
+            function, *args).chainDeferred(done))
+        return done
+
+    def send(self, subject: str) -> Client:
+        client = self.connect()
+        self.transaction(client, mail(subject=subject))
+        return client
+
+    def test_counted_once_read(self):
+        """
+        A message is counted only once it is read, and a second one is
+        read only once the first is done, with what it holds given back
+        only then.
+        """
+        first, second = self.send("one"), self.send("two")
+        self.assertEqual(len(self.runs), 1)
+        self.assertGreater(self.ingest.held_bytes, 0)
+        self.assertEqual(self.aggregator.view().total, 0)
+        self.runs.pop()()
+        self.assertEqual(self.aggregator.view().total, 1)
+        self.assertEqual(len(self.runs), 1)
+        self.runs.pop()()
+        self.assertEqual(self.ingest.held_bytes, 0)
+        self.finish_snapshots()
+        self.assertEqual([first.replies(), second.replies()],
+                         [["250 Counted for the next digest"]] * 2)
+        self.assertEqual(sorted(self.counted()),
+                         [("one", "backup", "web1.example", 1),
+                          ("two", "backup", "web1.example", 1)])
+
+    def test_client_gone(self):
+        """
+        A message whose client left before it was read is not counted:
+        it was not told 250, and sends it again.
+        """
+        client = self.send("gone")
+        client.protocol.connectionLost(None)
+        self.runs.pop()()
+        self.assertEqual(self.aggregator.view().total, 0)
+        self.assertEqual(self.ingest.held_bytes, 0)
+        self.assertEqual(self.snapshots, [])
+
+    def test_stop_while_reading(self):
+        """
+        A message read after the stop began is not counted, and the
+        client is told 421.
+        """
+        client = self.send("late")
+        self.ingest.stop_accepting()
+        self.runs.pop()()
+        self.assertEqual(self.aggregator.view().total, 0)
+        self.assertEqual(client.reply_codes(), [421])
+
+    def test_unreadable(self):
+        """
+        A message whose reading raises is counted as bad input.
+        """
+        self.patch(failnozzle.mailin, "read_mail", lambda *args: 1 / 0)
+        client = self.send("bad")
+        self.runs.pop()()
+        [(error, _)] = self.bad
+        self.assertEqual(str(error), "mail that could not be read: "
+                                     "ZeroDivisionError: division by zero")
+        self.finish_snapshots()
+        self.assertEqual(client.reply_codes(), [250])
 
 
 class StopTests(IngestTestCase):
@@ -1147,6 +2003,26 @@ class BindTests(SynchronousTestCase):
         self.assertRaises(OSError, bind_tcp_socket, *holder.getsockname())
 
 
+class _HeldWriter:
+    """A disk writer whose writes (snapshots, spool) wait in C{writes}
+    until the test finishes them."""
+
+    def __init__(self, writes: list) -> None:
+        self._writes = writes
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def run(self, function, *args) -> defer.Deferred:
+        written = defer.Deferred()
+        written.addCallback(lambda _: function(*args))
+        self._writes.append(written)
+        return written
+
+
 class ServiceTests(SynchronousTestCase):
     """
     The service with SMTP_INGEST_BIND: the port, the 250's snapshot, the
@@ -1165,22 +2041,16 @@ class ServiceTests(SynchronousTestCase):
         self.service = FailnozzleService(
             make_settings(SMTP_INGEST_BIND=("127.0.0.1", 0), **overrides),
             self.reactor, udp_socket, FakeMailTransport(),
-            in_thread=self.in_thread, smtp_socket=smtp_socket)
+            writer=_HeldWriter(self.writes), smtp_socket=smtp_socket)
         events = capture_log(self)
         self.service.startService()
         self.events = events
         return self.service
 
-    def in_thread(self, function, *args) -> defer.Deferred:
-        """Snapshot writes wait until the test finishes them."""
-        written = defer.Deferred()
-        written.addCallback(lambda _: function(*args))
-        self.writes.append(written)
-        return written
-
     def finish_writes(self):
         """Finish the snapshot writes begun so far, not those they let in."""
-        writes, self.writes = self.writes, []
+        writes = self.writes[:]
+        del self.writes[:]
         for written in writes:
             written.callback(None)
 

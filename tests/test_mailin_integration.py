@@ -3,20 +3,29 @@ Errors by mail over real sockets: the standard library's smtplib and
 Django's own AdminEmailHandler send to the service's SMTP_INGEST_BIND on
 127.0.0.1, and the digest arrives at a real SMTP server (aiosmtpd).
 """
+import base64
 import logging
 import smtplib
+import socket
 import ssl
 from email.message import EmailMessage
+from functools import partial
 
 import trustme
 from django.core.mail.backends.smtp import EmailBackend
 from django.urls import path
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, threads
+from twisted.internet.task import deferLater
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
+import failnozzle.mailin
+from failnozzle.mailin import MAX_PARSED_BYTES
 from failnozzle.service import FailnozzleService
-from tests.common import (WAIT_SECONDS, SMTPSink, bounded, digest_counts,
-                          free_tcp_port, start_service, state_file_total)
+from tests.common import (WAIT_SECONDS, SMTPSink, bounded, capture_log,
+                          datagrams_received, digest_counts, free_tcp_port,
+                          record, send_datagrams, start_service,
+                          state_file_total, udp_address)
 
 TRACEBACK = (
     "Traceback (most recent call last):\n"
@@ -237,6 +246,203 @@ class AuthTLSTests(TestCase):
         error = yield self.assertFailure(send_mail(service, cron_mail()),
                                          smtplib.SMTPSenderRefused)
         self.assertEqual(error.smtp_code, 530)
+
+
+def raw_session(service: FailnozzleService, data: bytes,
+                replies: int) -> defer.Deferred:
+    """
+    Send C{data} at once on a plain socket, as a hostile client would,
+    then read until C{replies} lines (the greeting first) have come or
+    the server closes.
+
+    @return: a Deferred firing with the lines.
+    """
+    def talk():
+        with socket.create_connection(mail_address(service),
+                                      timeout=WAIT_SECONDS) as sock:
+            lines = sock.makefile("rb")
+            sock.sendall(data)
+            got = []
+            while len(got) < replies:
+                line = lines.readline()
+                if not line:
+                    break
+                got.append(line.rstrip(b"\r\n"))
+            return got
+
+    return bounded(threads.deferToThread(talk))
+
+
+class HostileClientTests(TestCase):
+    """
+    What a hostile client gets over a real socket: bounded, answered,
+    never a traceback.
+    """
+
+    def setUp(self):
+        self.events = capture_log(self)
+
+    def tearDown(self):
+        self.assertEqual([formatEvent(event) for event in self.events
+                          if event.get("log_failure")], [])
+
+    @defer.inlineCallbacks
+    def test_auth_slowed_then_dropped(self):
+        """
+        On one connection, the third wrong password is answered 421 and
+        the connection closed; guesses sent at once are tried one at a
+        time; after a reconnection the address's failures still count,
+        and the right password still works.
+        """
+        self.patch(failnozzle.mailin, "AUTH_FIRST_DELAY_SECONDS", 0.01)
+        service = start(self, SMTPSink(self), SMTP_INGEST_USERS={
+            "django": "s3cret"})
+        guess = b"AUTH PLAIN " + base64.b64encode(b"\0django\0guess")
+        lines = yield raw_session(service, b"EHLO x\r\n" + (guess + b"\r\n")
+                                  * 10, 20)
+        self.assertEqual([line[:4] for line in lines if line[3:4] == b" "],
+                         [b"220 ", b"250 ", b"535 ", b"535 ", b"421 "])
+        error = yield self.assertFailure(
+            send_mail(service, cron_mail(), login=("django", "guess")),
+            smtplib.SMTPAuthenticationError)
+        self.assertEqual(error.smtp_code, 535)
+        # smtplib tried PLAIN, then LOGIN: five failures from the address.
+        self.assertEqual(service.mail.auth_failures.delay("127.0.0.1"),
+                         0.01 * 2 ** 4)
+        yield send_mail(service, cron_mail(), login=("django", "s3cret"))
+        self.assertEqual(service.aggregator.flush().total, 1)
+
+    @defer.inlineCallbacks
+    def test_bad_size(self):
+        """
+        MAIL FROM with a SIZE of 5,000 digits, negative or not a number
+        is answered 501, the session goes on, nothing is logged.
+        """
+        service = start(self, SMTPSink(self))
+        host, port = mail_address(service)
+
+        def send():
+            with smtplib.SMTP(host, port, timeout=WAIT_SECONDS) as client:
+                client.ehlo()
+                codes = [client.mail("a@b", [f"SIZE={size}"])[0] for size in
+                         ("9" * 5000, "-1", "lots")]
+                return codes + [client.noop()[0]]
+
+        codes = yield bounded(threads.deferToThread(send))
+        self.assertEqual(codes, [501, 501, 501, 250])
+
+    @defer.inlineCallbacks
+    def test_replies_not_read(self):
+        """
+        A client that sends commands without reading the replies makes
+        the session stop reading (its replies wait in the socket, not in
+        memory); once it reads, every reply comes, in order.
+        """
+        service = start(self, SMTPSink(self))
+        paused = defer.Deferred()
+        pause = failnozzle.mailin._Session.pauseProducing
+
+        def pausing(session):
+            pause(session)
+            if not paused.called:
+                paused.callback(session)
+
+        made = failnozzle.mailin._Session.connectionMade
+
+        def small_buffer(session):
+            # Replies not read soon fill the sockets, not the kernel's
+            # megabytes.
+            session.transport.getHandle().setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            made(session)
+
+        self.patch(failnozzle.mailin._Session, "pauseProducing", pausing)
+        self.patch(failnozzle.mailin._Session, "connectionMade", small_buffer)
+        count = 200000
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(WAIT_SECONDS)
+            sock.connect(mail_address(service))
+            sock.setblocking(False)
+            data = b"NOOP\r\n" * count
+            sent = 0
+            while not paused.called:
+                try:
+                    sent += sock.send(data[sent:sent + 65536])
+                except BlockingIOError:
+                    yield deferLater(reactor, 0.01, lambda: None)
+                if sent == len(data):
+                    break
+            session = yield bounded(paused)
+            self.assertIn("replies", session._waiting)
+            sock.settimeout(WAIT_SECONDS)
+            # Reading and sending at once, as the server waits for both.
+            reading = threads.deferToThread(sock.makefile("rb").read)
+            yield bounded(threads.deferToThread(
+                sock.sendall, data[sent:] + b"QUIT\r\n"))
+            replies = yield bounded(reading)
+        lines = replies.split(b"\r\n")
+        self.assertEqual(lines[1:count + 1], [b"250 OK"] * count)
+        self.assertEqual(lines[count + 1][:4], b"221 ")
+
+    @defer.inlineCallbacks
+    def test_content_bounded(self):
+        """
+        A 5 MiB message of short lines is taken whole (250) while at most
+        MAX_PARSED_BYTES of it is ever held, and all is given back.
+        """
+        service = start(self, SMTPSink(self))
+        held = []
+        hold = service.mail.hold
+        self.patch(service.mail, "hold", lambda size: held.append(
+            service.mail.held_bytes + size) or hold(size))
+        message = cron_mail().replace(b"starting", b"x\n" * (2_500_000))
+        yield send_mail(service, message)
+        self.assertLessEqual(max(held), MAX_PARSED_BYTES + 2)
+        self.assertEqual(service.mail.held_bytes, 0)
+        self.assertEqual(service.aggregator.flush().total, 1)
+
+    @defer.inlineCallbacks
+    def test_read_in_thread(self):
+        """
+        With mail read in the reactor's thread pool (as under twistd), a
+        message is counted, and datagrams sent meanwhile are too.
+        """
+        service = start(self, SMTPSink(self))
+        service.mail._in_thread = partial(
+            threads.deferToThreadPool, reactor, reactor.getThreadPool())
+        arrived = datagrams_received(service, 100)
+        sending = send_mail(service, cron_mail())
+        send_datagrams(udp_address(service), [record()] * 100)
+        yield sending
+        yield arrived
+        self.assertEqual(service.aggregator.flush().total, 101)
+
+    @defer.inlineCallbacks
+    def test_connections_turned_away(self):
+        """
+        Past SMTP_INGEST_MAX_CONNECTIONS each client is told 421, with
+        one line logged for all of them.
+        """
+        service = start(self, SMTPSink(self), SMTP_INGEST_MAX_CONNECTIONS=1)
+
+        def connect() -> socket.socket:
+            sock = socket.create_connection(mail_address(service),
+                                            timeout=WAIT_SECONDS)
+            self.assertEqual(sock.makefile("rb").readline()[:4], b"220 ")
+            return sock
+
+        first = yield bounded(threads.deferToThread(connect))
+        self.addCleanup(first.close)
+        for _ in range(10):
+            lines = yield raw_session(service, b"", 2)
+            self.assertEqual(lines,
+                             [b"421 Too many connections; try again later"])
+        self.assertEqual(
+            [formatEvent(event) for event in self.events
+             if "Turned" in event.get("log_format", "")],
+            ["Turned a client away (421): SMTP_INGEST_MAX_CONNECTIONS (1) "
+             "are connected"])
 
 
 def item(request, number: int):
