@@ -18,6 +18,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from failnozzle.textcap import cut_end, cut_middle, format_capped
+
 _log = Logger()
 
 # JSON values that can be part of a unique key as they are.
@@ -90,14 +92,28 @@ class RecordReader:
 
     As in the original, missing fields are None, and a multi-line message is
     clipped at its first line, the whole text moving to exc_text if that is
-    empty.
+    empty.  Every text kept is capped: exc_text at C{max_exc_text_chars},
+    cut in the middle; the other fields and the source at
+    C{max_field_chars}, cut at the end.
     """
 
     def __init__(self, unique_fields: Sequence[str], source_field: str,
-                 max_size: int) -> None:
+                 max_size: int, max_field_chars: int = 1000,
+                 max_exc_text_chars: int = 16384) -> None:
         self._fields = tuple(unique_fields)
         self._source_field = source_field
         self.max_size = max_size
+        self._field_cap = max_field_chars
+        self._exc_cap = max_exc_text_chars
+        #: How each field is cut, and where.
+        self._cuts = tuple(
+            (cut_middle, max_exc_text_chars) if name == "exc_text"
+            else (cut_end, max_field_chars) for name in self._fields)
+        self._exc_index = (self._fields.index("exc_text")
+                           if "exc_text" in self._fields else None)
+        #: No text of a datagram this long or shorter can need a cut.
+        self._uncut_size = min([cap for _, cap in self._cuts]
+                               + [max_field_chars])
 
     def read(self, data: bytes, sender: Optional[tuple] = None
              ) -> Optional[tuple]:
@@ -117,21 +133,37 @@ class RecordReader:
             record = _decode_json_slowly(data)
         if type(record) is not dict:
             raise NotAnObject(f"got a JSON {type(record).__name__}", data)
-        return self.key_and_source(record, data)
+        # A text decoded from JSON has at most as many characters as the
+        # datagram has bytes.
+        return self._key(record, data, len(data))
 
     def key_and_source(self, record: dict, data: bytes = b"") -> tuple:
         """
-        Read the key and source of a decoded record (changed in place).
+        Read the key and source of a decoded record (changed in place), its
+        texts capped.
 
+        @param data: the input it came from, for the sample bad input
+            keeps.
         @raise WrongFieldType: a unique field or the source holds a list or
             an object, which cannot be compared as a whole.
         """
+        return self._key(record, data, None)
+
+    def _key(self, record: dict, data: bytes, longest: Optional[int]
+             ) -> tuple:
+        """
+        L{key_and_source}, where C{longest}, if known, bounds the length of
+        every text the record holds: the hot path skips the caps when no
+        text can need one.
+        """
         message = record.get("message")
         if message is None and "msg" in record:
-            message = record["message"] = _formatted_msg(record)
+            message = record["message"] = self._formatted_msg(record)
+            longest = None
         if type(message) is str and "\n" in message:
             if not record.get("exc_text"):
                 record["exc_text"] = message
+                longest = None  # the first line is no longer elsewhere
             record["message"] = message.partition("\n")[0]
         key = tuple(map(record.get, self._fields))
         source = record.get(self._source_field)
@@ -139,7 +171,45 @@ class RecordReader:
         if type(source) not in _SCALARS or not _SCALARS.issuperset(
                 map(type, key)):
             raise self._wrong_type(key, source, data)
+        if longest is None or longest > self._uncut_size:
+            return self._capped(key, source, longest)
         return key, source
+
+    def _capped(self, key: tuple, source: object,
+                longest: Optional[int]) -> tuple:
+        """C{key} and C{source} with each text cut to its cap."""
+        if longest is not None and self._exc_index is not None:
+            exc_text = key[self._exc_index]
+            # Each other text is elsewhere in the datagram, so shorter than
+            # what exc_text leaves of it: most tracebacks need no more.
+            if (type(exc_text) is str and len(exc_text) <= self._exc_cap
+                    and longest - len(exc_text) <= self._field_cap):
+                return key, source
+        key = tuple([
+            value if type(value) is not str or len(value) <= cap
+            else cut(value, cap) for value, (cut, cap) in zip(key, self._cuts)])
+        if type(source) is str:
+            source = cut_end(source, self._field_cap)
+        return key, source
+
+    def _formatted_msg(self, record: dict) -> object:
+        """
+        The message of a record sent as C{logging} holds it, as the original
+        failnozzle's handler did unless the record carried a traceback: the
+        C{msg} format with its C{args}, formatted under the exc_text cap
+        (a multi-line message may move there); if they do not fit, both
+        as text.
+        """
+        msg, args = record["msg"], record.get("args")
+        if type(msg) is not str or not args:
+            return msg
+        if type(args) is list:
+            args = tuple(args)
+        try:
+            return format_capped(msg, args, max(self._exc_cap,
+                                                self._field_cap))
+        except Exception:
+            return f"{msg} (arguments that do not fit: {_text_of(args)})"
 
     def _wrong_type(self, key: tuple, source: object,
                     data: bytes) -> WrongFieldType:
@@ -151,19 +221,12 @@ class RecordReader:
                               data)
 
 
-def _formatted_msg(record: dict) -> object:
-    """
-    The message of a record sent as C{logging} holds it, as the original
-    failnozzle's handler did unless the record carried a traceback: the
-    C{msg} format with its C{args}, or the bare C{msg} if they do not fit.
-    """
-    msg, args = record["msg"], record.get("args")
-    if type(msg) is not str or not args:
-        return msg
+def _text_of(args: object) -> str:
+    """The arguments of a C{msg} that they do not fit, as text."""
     try:
-        return msg % (tuple(args) if type(args) is list else args)
-    except (TypeError, ValueError, KeyError):
-        return msg
+        return repr(list(args) if type(args) is tuple else args)
+    except Exception:
+        return f"<{type(args).__name__}>"
 
 
 def _json_type(value: object) -> str:

@@ -119,7 +119,8 @@ class FailnozzleService(Service):
         reader = GELFRecordReader(settings.unique_fields,
                                   settings.SOURCE_FIELD_NAME,
                                   settings.INCOMING_MESSAGE_MAX_SIZE,
-                                  self._gelf)
+                                  self._gelf, settings.MAX_FIELD_CHARS,
+                                  settings.MAX_EXC_TEXT_CHARS)
         self.aggregator = Aggregator(
             settings.MAX_UNIQUE_MESSAGES, reactor,
             internal_error_key_maker(reader, settings.INTERNAL_ERROR_FUNC),
