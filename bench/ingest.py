@@ -18,7 +18,7 @@ ladder       Each rate of --rates, for --seconds, --repeat times, to two
              receivers one after the other: the real daemon, started as
              users start it (twistd -n failnozzle --config=...), counting
              what its digests report after SIGTERM; and a reference
-             receiver: socket.recv + json.loads + a dict count of the same
+             receiver: socket.recv + orjson.loads + a dict count of the same
              unique key, with the same receive buffer, in a process of its
              own.  Per point: the loss (sent - counted, cross-checked with
              the socket's drop counter in /proc/net/udp and the kernel's UDP
@@ -27,6 +27,14 @@ ladder       Each rate of --rates, for --seconds, --repeat times, to two
              (VmHWM).  A receiver leaves the ladder once it loses more than
              5 %.  Then the highest rate with no loss, the throughput at
              saturation, and the daemon-to-reference ratios.
+sustained    The reference at each of --sustained-rates for
+             --sustained-seconds (10 s) until it loses: the highest rate it
+             holds.  Then the daemon at that rate as long, with a flush
+             every --flush-seconds (2 s) and snapshots every second, and
+             the reference again.  Prints both losses and CPU per datagram,
+             and places each of the daemon's losses: within 0.25 s of a
+             flush, of a snapshot, or elsewhere (the socket's drop counter
+             sampled every 10 ms).
 cardinality  --flood-count distinct errors (1,000,000) into the daemon at a
              rate it takes: its peak RSS, and whether the digest stays
              bounded (its size, the errors listed, the "more errors not
@@ -43,7 +51,6 @@ from __future__ import annotations
 import argparse
 import email
 import email.policy
-import json
 import multiprocessing
 import os
 import re
@@ -53,9 +60,11 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
-from common import (Daemon, cpu_seconds, cycling, datagram_maker,
+import orjson
+from common import (Daemon, DropTimeline, cpu_seconds, cycling,
+                    datagram_maker,
                     kernel_udp_drops, peak_rss, realistic_datagrams,
                     send_from_processes, udp_socket_queue, wait_drained)
 from failnozzle.config import UniqueMessage
@@ -71,8 +80,8 @@ MB = 1024 * 1024
 
 def reference_receiver(buffer_size: int, connection) -> None:
     """
-    The Python ceiling: a blocking socket.recv, decoding, json.loads and a
-    count per unique key and source, nothing else.  Sends C{(port, granted
+    The Python ceiling: a blocking socket.recv, orjson.loads and a count
+    per unique key and source, nothing else.  Sends C{(port, granted
     buffer)} once bound, and the number of datagrams counted once it reads
     L{STOP}.
     """
@@ -80,20 +89,21 @@ def reference_receiver(buffer_size: int, connection) -> None:
     # As failnozzle.ingest.set_receive_buffer asks (not imported: it would
     # bring Twisted into this process's memory).
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, buffer_size)
-    except (AttributeError, PermissionError):
+        # SO_RCVBUFFORCE, which Python's socket module does not name.
+        sock.setsockopt(socket.SOL_SOCKET, 33, buffer_size)
+    except PermissionError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
     sock.bind(("127.0.0.1", 0))
     connection.send((sock.getsockname()[1],
                      sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)))
     fields = UniqueMessage._fields
     counts: dict = {}
-    recv, loads = sock.recv, json.loads
+    recv, loads = sock.recv, orjson.loads
     while True:
         data = recv(65536)
         if data == STOP:
             break
-        record = loads(data.decode())
+        record = loads(data)
         key = (tuple(map(record.get, fields)), record.get("source"))
         counts[key] = counts.get(key, 0) + 1
     connection.send(sum(counts.values()))
@@ -157,6 +167,8 @@ class Run:
     peak_rss: int
     socket_drops: int
     kernel_drops: int
+    #: The drops over time, if asked for (see L{common.DropTimeline}).
+    timeline: Optional[DropTimeline] = None
 
     @property
     def lost(self) -> int:
@@ -173,15 +185,22 @@ class Run:
 
 
 def measure(receiver, datagram: Callable[[int], bytes], rate: float,
-            seconds: float, count: int, senders: int) -> Run:
+            seconds: float, count: int, senders: int,
+            watched: Optional[str] = None) -> Run:
     """
     Send one load to a started receiver, wait until it has read it all,
     take the readings, then stop it and learn what it counted.
+
+    @param watched: a file whose changes are timed beside the drops (the
+        daemon's state file), for a L{DropTimeline}.
     """
     kernel_before = kernel_udp_drops()
     drops_before = udp_socket_queue(receiver.port)[1]
     cpu_before = cpu_seconds(receiver.pid)
+    timeline = None
     try:
+        if watched is not None:
+            timeline = DropTimeline(receiver.port, watched)
         sent, start = send_from_processes(receiver.port, datagram, rate,
                                           seconds, count, senders)
         drained = wait_drained(receiver.port)
@@ -191,9 +210,11 @@ def measure(receiver, datagram: Callable[[int], bytes], rate: float,
         socket_drops = udp_socket_queue(receiver.port)[1] - drops_before
         kernel_drops = kernel_udp_drops() - kernel_before
     finally:
+        if timeline is not None:
+            timeline.stop()
         counted = receiver.stop()
     return Run(sent, counted, drained - start, cpu, rss, socket_drops,
-               kernel_drops)
+               kernel_drops, timeline)
 
 
 class Point:
@@ -305,6 +326,69 @@ def summarize_ladder(results: dict) -> None:
             print(f"({name} lost nothing even at the top rate: its "
                   f"saturation is above the ladder)")
     print()
+
+
+def run_sustained(options, datagrams: list) -> None:
+    """
+    The bare reference at each of --sustained-rates until it loses: the
+    highest rate it holds.  Then the daemon at that rate for as long, with
+    flushes every --flush-seconds and snapshots every second, and the
+    reference once more (the machine is shared; a loss there says the run
+    is not clean).  Each of the daemon's losses is placed: within 0.25 s of
+    a flush (a digest written), of a snapshot (the state file replaced),
+    or elsewhere.
+    """
+    seconds = options.sustained_seconds
+    size = sum(map(len, datagrams)) / len(datagrams)
+    print(f"== sustained: {options.unique} unique errors x {options.hosts} "
+          f"hosts, {size:.0f} bytes per datagram, {seconds:g} s per run from "
+          f"{options.senders} sender process(es)")
+    header = (f"{'receiver':<32} {'offered/s':>10} {'sent':>9} {'lost':>7} "
+              f"{'CPU us/msg':>10}")
+    print(header)
+
+    def run(name: str, rate: int, **settings) -> Run:
+        with tempfile.TemporaryDirectory() as directory:
+            if name == "reference":
+                receiver, watched = ReferenceUnderTest(options.rcvbuf), None
+            else:
+                receiver = DaemonUnderTest(directory, options.rcvbuf,
+                                           **settings)
+                watched = os.path.join(directory, "failnozzle-state.json")
+            result = measure(receiver, cycling(datagrams), rate, seconds,
+                             int(rate * seconds), options.senders, watched)
+            result.granted = receiver.receive_buffer
+            if watched is not None:
+                result.flushes = [os.path.getmtime(path) for path
+                                  in receiver.daemon.digests()]
+        label = name if name == "reference" else (
+            f"daemon (flush every {settings['FLUSH_SECONDS']:g} s)")
+        print(f"{label:<32} {rate:>10,} {result.sent:>9,} {result.lost:>7,} "
+              f"{result.cpu_per_message:>10.1f}", flush=True)
+        return result
+
+    held = 0
+    for rate in options.sustained_rates:
+        if run("reference", rate).lost:
+            break
+        held = rate
+    if not held:
+        print("the reference lost datagrams at every rate: nothing to "
+              "compare\n")
+        return
+    daemon = run("daemon", held, FLUSH_SECONDS=options.flush_seconds)
+    again = run("reference", held)
+    split = daemon.timeline.losses(daemon.flushes)
+    print(f"\nhighest rate the reference held without loss: {held:,}/s "
+          f"(again after the daemon: {again.lost:,} lost)")
+    print(f"daemon at {held:,}/s for {seconds:g} s: {daemon.lost:,} lost of "
+          f"{daemon.sent:,} ({', '.join(f'{count:,} {place}' for place, count in split.items())}); "
+          f"{len(daemon.flushes)} digests; its socket held at most "
+          f"{daemon.timeline.max_queued / MB:.1f} MB of the "
+          f"{daemon.granted / MB:.0f} MB granted")
+    ratio = daemon.cpu_per_message / again.cpu_per_message
+    print(f"CPU per datagram: daemon {daemon.cpu_per_message:.1f} us, "
+          f"reference {again.cpu_per_message:.1f} us: {ratio:.2f}x\n")
 
 
 def read_digest(path: str) -> dict:
@@ -515,7 +599,8 @@ def parse_options(argv: list) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--scenario", default="all",
-                        choices=("all", "ladder", "cardinality", "flush"))
+                        choices=("all", "ladder", "sustained",
+                                 "cardinality", "flush"))
     parser.add_argument("--quick", action="store_true",
                         help="a short smoke run: fewer rates, one run each, "
                              "a smaller flood")
@@ -539,6 +624,11 @@ def parse_options(argv: list) -> argparse.Namespace:
     parser.add_argument("--max-unique", type=int,
                         help="the daemon's MAX_UNIQUE_MESSAGES in the "
                         "cardinality flood (default: its default)")
+    parser.add_argument("--sustained-rates", type=lambda text: [
+        int(rate) for rate in text.split(",")],
+        help="rates the sustained scenario tries the reference at")
+    parser.add_argument("--sustained-seconds", type=float, default=10,
+                        help="seconds of each sustained run")
     parser.add_argument("--flush-unique", type=int, default=10000)
     parser.add_argument("--flush-seconds", type=float, default=2,
                         help="FLUSH_SECONDS in the flush-under-load runs")
@@ -557,6 +647,8 @@ def parse_options(argv: list) -> argparse.Namespace:
         "repeat": 1 if quick else 3,
         "flood_count": 100000 if quick else 1000000,
         "flush_load_seconds": 5 if quick else 7,
+        "sustained_rates": [20000, 40000] if quick else [
+            20000, 30000, 40000, 50000, 60000, 70000, 80000, 90000, 100000],
     }
     for name, value in defaults.items():
         if getattr(options, name) is None:
@@ -583,6 +675,9 @@ def main(argv: list) -> None:
     if options.scenario in ("all", "ladder"):
         run_ladder(options, realistic_datagrams(options.unique,
                                                 options.hosts))
+    if options.scenario in ("all", "sustained"):
+        run_sustained(options, realistic_datagrams(options.unique,
+                                                   options.hosts))
     if options.scenario in ("all", "cardinality"):
         run_cardinality(options)
     if options.scenario in ("all", "flush"):

@@ -556,27 +556,27 @@ class GELFRecordReader(RecordReader):
                          max_field_chars, max_exc_text_chars)
         self._decoder = decoder
 
-    # Every datagram passes through both methods: the cheapest test that
-    # rules GELF out comes first.
+    # RecordReader's hooks: every datagram passes its cheap tests.
+    _framed_first_bytes = _FRAMED_FIRST_BYTES
+    _foreign_field = "short_message"
 
-    def read(self, data: bytes, sender: Optional[tuple] = None
-             ) -> Optional[tuple]:
-        if data[:1] in _FRAMED_FIRST_BYTES and is_gelf(data):
-            record = self._decoder.decode(data, sender)
-            return None if record is None else self._gelf_key(record, data)
-        return super().read(data, sender)
+    _is_framed = staticmethod(is_gelf)
 
-    def _key(self, record: dict, data: bytes, longest: Optional[int]
-             ) -> tuple:
+    def _read_framed(self, data: bytes, sender: Optional[tuple]
+                     ) -> Optional[tuple]:
+        record = self._decoder.decode(data, sender)
+        return None if record is None else self._gelf_key(record, data)
+
+    def _read_foreign(self, record: dict, data: bytes) -> Optional[tuple]:
         """
-        @return: C{(key, source)}, and for GELF C{(key, source, level)}:
-            what L{failnozzle.aggregate.Aggregator.add_key} takes.
+        @return: for a GELF message C{(key, source, level)}, what
+            L{failnozzle.aggregate.Aggregator.add_key} takes; None for
+            failnozzle's JSON.
         """
-        if "short_message" in record and looks_like_gelf(record):
-            return self._gelf_key(self._decoder.record_from(record, data),
-                                  data)
-        return super()._key(record, data, longest)
+        if not looks_like_gelf(record):
+            return None
+        return self._gelf_key(self._decoder.record_from(record, data), data)
 
     def _gelf_key(self, record: dict, data: bytes) -> tuple:
         # Inflated, its texts may be longer than the datagram: all checked.
-        return (*super()._key(record, data, None), record["level"])
+        return (*self._key(record, data, None), record["level"])

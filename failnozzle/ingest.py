@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import orjson
+from twisted.internet import udp
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -115,6 +117,23 @@ class RecordReader:
         self._uncut_size = min([cap for _, cap in self._cuts]
                                + [max_field_chars])
 
+    # Hooks for a reader of another format too (GELF): a datagram starting
+    # with one of these bytes for which _is_framed is true goes to
+    # _read_framed, and a record holding this field to _read_foreign,
+    # which gives its key or None.
+    _framed_first_bytes: frozenset = frozenset()
+    _foreign_field: Optional[str] = None
+
+    def _is_framed(self, data: bytes) -> bool:
+        raise NotImplementedError
+
+    def _read_framed(self, data: bytes, sender: Optional[tuple]
+                     ) -> Optional[tuple]:
+        raise NotImplementedError
+
+    def _read_foreign(self, record: dict, data: bytes) -> Optional[tuple]:
+        raise NotImplementedError
+
     def read(self, data: bytes, sender: Optional[tuple] = None
              ) -> Optional[tuple]:
         """
@@ -124,6 +143,8 @@ class RecordReader:
             error report yet (a subclass may hold partial messages).
         @raise BadDatagram: it is not a JSON object with usable fields.
         """
+        if data[:1] in self._framed_first_bytes and self._is_framed(data):
+            return self._read_framed(data, sender)
         if len(data) > self.max_size:
             raise OversizedDatagram(
                 f"more than {self.max_size} bytes", data)
@@ -156,6 +177,10 @@ class RecordReader:
         every text the record holds: the hot path skips the caps when no
         text can need one.
         """
+        if self._foreign_field in record:
+            found = self._read_foreign(record, data)
+            if found is not None:
+                return found
         message = record.get("message")
         if message is None and "msg" in record:
             message = record["message"] = self._formatted_msg(record)
@@ -171,20 +196,21 @@ class RecordReader:
         if type(source) not in _SCALARS or not _SCALARS.issuperset(
                 map(type, key)):
             raise self._wrong_type(key, source, data)
-        if longest is None or longest > self._uncut_size:
-            return self._capped(key, source, longest)
-        return key, source
-
-    def _capped(self, key: tuple, source: object,
-                longest: Optional[int]) -> tuple:
-        """C{key} and C{source} with each text cut to its cap."""
-        if longest is not None and self._exc_index is not None:
-            exc_text = key[self._exc_index]
-            # Each other text is elsewhere in the datagram, so shorter than
-            # what exc_text leaves of it: most tracebacks need no more.
-            if (type(exc_text) is str and len(exc_text) <= self._exc_cap
-                    and longest - len(exc_text) <= self._field_cap):
+        if longest is not None:
+            if longest <= self._uncut_size:
                 return key, source
+            if self._exc_index is not None:
+                exc_text = key[self._exc_index]
+                # Each other text is elsewhere in the datagram, so shorter
+                # than what exc_text leaves of it: most tracebacks need no
+                # more.
+                if (type(exc_text) is str and len(exc_text) <= self._exc_cap
+                        and longest - len(exc_text) <= self._field_cap):
+                    return key, source
+        return self._capped(key, source)
+
+    def _capped(self, key: tuple, source: object) -> tuple:
+        """C{key} and C{source} with each text cut to its cap."""
         key = tuple([
             value if type(value) is not str or len(value) <= cap
             else cut(value, cap) for value, (cut, cap) in zip(key, self._cuts)])
@@ -342,14 +368,37 @@ class ErrorReceiver(DatagramProtocol):
         self._aggregator = aggregator
         self._bad_input_log = _BadInputLog(clock)
 
+    #: How many datagrams the port reads per wake-up, at most: about 5 ms
+    #: of them, enough to make the reactor's turn cheap per datagram, few
+    #: enough to keep timers and mail on time.
+    batch = 1000
+
+    def startProtocol(self) -> None:
+        """
+        Read the port in L{read_pending}'s loop.  Twisted's port calls
+        datagramReceived once per datagram from a loop that checks its
+        throughput and the address family each time, and reads at most
+        256 KiB per wake-up.
+        """
+        if isinstance(self.transport, udp.Port):
+            self.transport.doRead = self._read_batch
+
+    def _read_batch(self) -> None:
+        # None: anything else returned by doRead tells the reactor to close
+        # the port.
+        self.read_pending(self.batch)
+
     def datagramReceived(self, data: bytes, addr: tuple) -> None:
         try:
             read = self._reader.read(data, addr)
-        except BadDatagram as error:
-            self.report_bad_input(error, addr)
-        else:
             if read is not None:
                 self._aggregator.add_key(*read)
+        except BadDatagram as error:
+            self.report_bad_input(error, addr)
+        except Exception:
+            # A bug, not bad input: said, and the next datagram is read.
+            _log.failure("Could not count a datagram from {host}",
+                         host=addr[0])
 
     def report_bad_input(self, error: BadDatagram, sender: tuple) -> None:
         """Count bad input from C{sender} for the digest, and log it."""
@@ -358,24 +407,28 @@ class ErrorReceiver(DatagramProtocol):
 
     def read_pending(self, limit: int = 100000) -> int:
         """
-        Read the datagrams the kernel still holds for this port, so a clean
-        stop counts every error sent before it.  Bounded: a flood may not
-        end.
+        Read what the kernel holds for this port, up to C{limit} datagrams:
+        the port's read loop (see L{ErrorPort}), and on a clean stop the
+        last datagrams sent before it.
 
         @return: how many were read.
         """
-        sock = self.transport.getHandle()
+        recvfrom = self.transport.getHandle().recvfrom
         size = self._reader.max_size + 1
         for count in range(limit):
             try:
-                data, addr = sock.recvfrom(size)
-            except BlockingIOError:
+                data, addr = recvfrom(size)
+            except (BlockingIOError, ConnectionRefusedError):
                 return count
             self.datagramReceived(data, addr)
         return limit
 
     def stopProtocol(self) -> None:
         self._bad_input_log.stop()
+
+
+#: Linux's SO_RCVBUFFORCE, which Python's socket module does not name.
+_SO_RCVBUFFORCE = 33 if sys.platform.startswith("linux") else None
 
 
 def set_receive_buffer(sock: socket.socket, size: int) -> int:
@@ -386,7 +439,7 @@ def set_receive_buffer(sock: socket.socket, size: int) -> int:
 
     @return: the size the kernel reports afterwards.
     """
-    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    force = getattr(socket, "SO_RCVBUFFORCE", _SO_RCVBUFFORCE)
     try:
         if force is None:
             raise PermissionError

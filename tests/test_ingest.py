@@ -7,9 +7,11 @@ import random
 import socket
 import tracemalloc
 
+from twisted.internet import udp
 from twisted.internet.task import Clock
 from twisted.internet.testing import (EventLoggingObserver,
-                                      FakeDatagramTransport)
+                                      FakeDatagramTransport,
+                                      MemoryReactorClock)
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -680,6 +682,78 @@ class FuzzTests(ReceiverTestCase):
             self.receive(data, sender=("10.0.0.%d" % (number % 7), number))
             self.clock.advance(0.01)
         self.assertEqual(self.aggregator.flush().total, len(payloads))
+
+
+class ReadLoopTests(SynchronousTestCase):
+    """
+    The port's read loop: L{ErrorReceiver} reads a real socket on
+    127.0.0.1, up to a batch per wake-up of the reactor.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.reader = make_reader()
+        self.aggregator = Aggregator(10000, self.reactor,
+                                     internal_error_key_maker(self.reader))
+        self.receiver = ErrorReceiver(self.reader, self.aggregator,
+                                      self.reactor)
+        self.port = udp.Port(0, self.receiver, "127.0.0.1", 65536,
+                             self.reactor)
+        self.port.startListening()
+        self.addCleanup(self.reactor.advance, 0)  # connectionLost: closed
+        self.addCleanup(self.port.stopListening)
+        self.sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(self.sender.close)
+        self.sender.connect(("127.0.0.1", self.port.getHost().port))
+
+    def send(self, *payloads):
+        for payload in payloads:
+            self.sender.send(payload)
+
+    def test_reads_a_batch(self):
+        """
+        A wake-up reads at most a batch of datagrams, counting each; the
+        next reads the rest; doRead returns None, which keeps the port
+        open.
+        """
+        self.receiver.batch = 10
+        self.send(*[encode(record(f"e{number % 3}")) for number in range(25)])
+        for expected in (10, 20, 25, 25):
+            self.assertIsNone(self.port.doRead())
+            self.assertEqual(self.aggregator.view().total, expected)
+
+    def test_bad_input_and_bugs_do_not_stop_it(self):
+        """
+        Bad input is counted as such, and a reader that fails (a bug) is
+        logged; the datagrams after them in the batch are counted.
+        """
+        read = self.reader.read
+
+        def failing(data, sender=None):
+            if data == b'"bug"':
+                raise RuntimeError("a bug")
+            return read(data, sender)
+
+        self.reader.read = failing
+        self.send(b"junk", b'"bug"', encode(record("after")))
+        self.port.doRead()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        message = FIELDS.index("message")
+        self.assertEqual(
+            sorted(entry.key[message] for entry in
+                   self.aggregator.flush().entries),
+            ["Internal error: datagram is not valid JSON", "after"])
+
+    def test_read_pending(self):
+        """
+        read_pending reads what is queued, up to its limit, and says how
+        many it read.
+        """
+        self.send(*[encode(record("m"))] * 5)
+        self.assertEqual(self.receiver.read_pending(3), 3)
+        self.assertEqual(self.receiver.read_pending(), 2)
+        self.assertEqual(self.receiver.read_pending(), 0)
+        self.assertEqual(self.aggregator.view().total, 5)
 
 
 class SocketTests(SynchronousTestCase):
