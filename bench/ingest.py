@@ -39,6 +39,11 @@ cardinality  --flood-count distinct errors (1,000,000) into the daemon at a
              rate it takes: its peak RSS, and whether the digest stays
              bounded (its size, the errors listed, the "more errors not
              shown" line).
+hostile      The issue's hostile inputs (a %100000000d format, a repeated
+             mapping key, bad formats, 60,000-character fields, zlib GELF
+             inflating to 1 MB, a chunk flood from one host beside another
+             host's messages, chunks sent again), each into a fresh daemon:
+             its memory before and after, the digest, what it logged.
 flush        How long a flush of 10,000 unique errors blocks the reactor,
              measured in process phase by phase; then whether the real
              daemon loses datagrams while it flushes such a buffer every
@@ -463,6 +468,139 @@ def run_cardinality(options) -> None:
     print()
 
 
+def current_rss(pid: int) -> int:
+    """A process's resident set size now (VmRSS), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for process {pid}")
+
+
+def gelf_chunks(payload: bytes, size: int, message_id: bytes) -> list:
+    """C{payload} as GELF chunks of C{size} bytes."""
+    pieces = [payload[start:start + size]
+              for start in range(0, len(payload), size)]
+    return [b"\x1e\x0f" + message_id + bytes([number, len(pieces)]) + piece
+            for number, piece in enumerate(pieces)]
+
+
+def gelf_message(**fields) -> bytes:
+    return orjson.dumps({"version": "1.1", "host": "gelf-host",
+                         "short_message": "boom", **fields})
+
+
+def hostile_loads() -> list:
+    """
+    C{(name, [(datagrams, sender address), ...], wait)}: each load of the
+    issue's hostile inputs, in the order sent, and the seconds to wait
+    before stopping the daemon (past GELF's 5 s chunk timeout where it
+    matters).
+    """
+    import zlib
+
+    mark = "1669fe88"  # not a monitoring marker: it is only an id here
+    one, two = ("127.0.0.1", 0), ("127.0.0.2", 0)
+    flood = [gelf_chunks(b"x" * 16000, 8000, b"F%07d" % number)[0]
+             for number in range(3000)]
+    chunked = [gelf_chunks(gelf_message(short_message=f"chunked {number}",
+                                        full_message="t" * 3000), 1000,
+                           b"B%07d" % number) for number in range(50)]
+    resent = gelf_chunks(gelf_message(short_message="sent twice",
+                                      full_message="r" * 5000), 1000,
+                         b"RESENT!!")
+    return [
+        ("5 x {'msg': '%100000000d', 'args': [1]}",
+         [([orjson.dumps({"msg": "%100000000d", "args": [number],
+                          "source": "web1"}) for number in range(5)], one)],
+         0),
+        ("5 x '%(a)s' * 6000 with a 30,000-character a",
+         [([orjson.dumps({"msg": "%(a)s" * 6000,
+                          "args": {"a": f"{number}" * 30000},
+                          "source": "web1"}) for number in range(5)], one)],
+         0),
+        ("1,000 x %c of 2**40, %d of a string, too few arguments",
+         [([orjson.dumps({"msg": spec, "args": args, "source": "web1"})
+            for number in range(334)
+            for spec, args in (("%c", [2 ** 40 + number]),
+                               ("%d items", [f"x{number}"]),
+                               ("%s and %s", [number]))], one)], 0),
+        ("200 x a 60,000-character traceback, message, kind, source",
+         [([orjson.dumps({"message": f"{number} " + "m" * 15000,
+                          "exc_text": "Traceback\n" + "t" * 15000 + "\n"
+                          + "u" * 15000 + f"\nError {number}",
+                          "kind": "k" * 5000, "source": "s" * 5000})
+            for number in range(200)], one)], 0),
+        ("200 x zlib GELF inflating to 1 MB each (distinct)",
+         [([zlib.compress(gelf_message(
+             short_message=f"bomb {number}",
+             full_message=f"{number}:" + "x" * (1024 * 1024 - 300)))
+            for number in range(200)], one)], 0),
+        ("3,000 first chunks from 127.0.0.1, then 50 chunked messages from "
+         "127.0.0.2",
+         [(flood, one), ([data for message in chunked for data in message],
+                         two)], 6),
+        (f"a chunked message, then its chunks again ({mark})",
+         [(resent, one), (resent, one)], 6),
+    ]
+
+
+def run_hostile(options) -> None:
+    """
+    The issue's hostile inputs against the real daemon, one daemon each:
+    its memory before and after, what the digest shows, and what it
+    logged.
+    """
+    print("== hostile input: each load into a fresh daemon (FLUSH_SECONDS "
+          "3600), then SIGTERM")
+    for number, (name, sends, wait) in enumerate(hostile_loads(), 1):
+        if options.hostile and number not in options.hostile:
+            continue
+        with tempfile.TemporaryDirectory() as directory:
+            receiver = DaemonUnderTest(directory, options.rcvbuf)
+            daemon = receiver.daemon
+            before = current_rss(receiver.pid)
+            for datagrams, address in sends:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.bind(address)
+                    for data in datagrams:
+                        sock.sendto(data, ("127.0.0.1", receiver.port))
+                        # A millisecond's worth at a time, as send_paced.
+                        time.sleep(0.0002)
+            wait_drained(receiver.port)
+            time.sleep(0.2 + wait)
+            after, peak = current_rss(receiver.pid), peak_rss(receiver.pid)
+            drops = udp_socket_queue(receiver.port)[1]
+            print(f"* {number}. {name}\n  RSS {before / MB:.1f} MB before, "
+                  f"{after / MB:.1f} MB after, peak {peak / MB:.1f} MB; "
+                  f"socket drops {drops}", flush=True)
+            try:
+                daemon.stop()
+            except SystemExit as error:  # killed: say so, go on
+                print(f"  {error}")
+                continue
+            with open(daemon.log.name) as stored:
+                log = stored.read()
+            texts = [email.message_from_binary_file(
+                open(path, "rb"), policy=email.policy.default)
+                for path in daemon.digests()]
+        print(f"  {log.count('Traceback (most recent call last)')} "
+              f"tracebacks and {log.count('Bad datagram')} bad-datagram "
+              f"lines logged")
+        for message in texts:
+            body = message.get_content()
+            summary = body.split("Summary:\n========\n", 1)[1].split(
+                "\n\n", 1)[0].splitlines()
+            longest = max(map(len, body.splitlines()))
+            print(f"  digest: {len(message.as_bytes()):,} bytes, "
+                  f"{message['Subject'][:90]!r}; longest line {longest:,} "
+                  f"characters; {body.count('characters cut')} cut "
+                  f"tracebacks")
+            for line in summary[:4] + (["..."] if len(summary) > 4 else []):
+                print(f"    {line[:110]}{'…' if len(line) > 110 else ''}")
+    print()
+
+
 def fill_service(unique: int, hosts: int):
     """
     A FailnozzleService, not started, on a fake clock, writing into a
@@ -600,7 +738,7 @@ def parse_options(argv: list) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--scenario", default="all",
                         choices=("all", "ladder", "sustained",
-                                 "cardinality", "flush"))
+                                 "cardinality", "flush", "hostile"))
     parser.add_argument("--quick", action="store_true",
                         help="a short smoke run: fewer rates, one run each, "
                              "a smaller flood")
@@ -629,6 +767,9 @@ def parse_options(argv: list) -> argparse.Namespace:
         help="rates the sustained scenario tries the reference at")
     parser.add_argument("--sustained-seconds", type=float, default=10,
                         help="seconds of each sustained run")
+    parser.add_argument("--hostile", type=lambda text: [
+        int(number) for number in text.split(",")],
+        help="which hostile loads to send, by number (default all)")
     parser.add_argument("--flush-unique", type=int, default=10000)
     parser.add_argument("--flush-seconds", type=float, default=2,
                         help="FLUSH_SECONDS in the flush-under-load runs")
@@ -678,6 +819,8 @@ def main(argv: list) -> None:
     if options.scenario in ("all", "sustained"):
         run_sustained(options, realistic_datagrams(options.unique,
                                                    options.hosts))
+    if options.scenario in ("all", "hostile"):
+        run_hostile(options)
     if options.scenario in ("all", "cardinality"):
         run_cardinality(options)
     if options.scenario in ("all", "flush"):
