@@ -372,28 +372,39 @@ def run_sustained(options, datagrams: list) -> None:
               f"{result.cpu_per_message:>10.1f}", flush=True)
         return result
 
-    held = 0
+    # The machine is shared: a rate counts as held if one of the tries
+    # lost nothing, and the daemon gets as many tries.
+    held, references = 0, []
     for rate in options.sustained_rates:
-        if run("reference", rate).lost:
+        tries = []
+        for _ in range(options.sustained_tries):
+            tries.append(run("reference", rate))
+            if not tries[-1].lost:
+                break
+        if tries[-1].lost:
             break
-        held = rate
+        held, references = rate, tries
     if not held:
         print("the reference lost datagrams at every rate: nothing to "
               "compare\n")
         return
-    daemon = run("daemon", held, FLUSH_SECONDS=options.flush_seconds)
-    again = run("reference", held)
-    split = daemon.timeline.losses(daemon.flushes)
-    print(f"\nhighest rate the reference held without loss: {held:,}/s "
-          f"(again after the daemon: {again.lost:,} lost)")
-    print(f"daemon at {held:,}/s for {seconds:g} s: {daemon.lost:,} lost of "
-          f"{daemon.sent:,} ({', '.join(f'{count:,} {place}' for place, count in split.items())}); "
-          f"{len(daemon.flushes)} digests; its socket held at most "
-          f"{daemon.timeline.max_queued / MB:.1f} MB of the "
-          f"{daemon.granted / MB:.0f} MB granted")
-    ratio = daemon.cpu_per_message / again.cpu_per_message
-    print(f"CPU per datagram: daemon {daemon.cpu_per_message:.1f} us, "
-          f"reference {again.cpu_per_message:.1f} us: {ratio:.2f}x\n")
+    daemons = []
+    for _ in range(options.sustained_tries):
+        daemons.append(run("daemon", held, FLUSH_SECONDS=options.flush_seconds))
+        references.append(run("reference", held))
+    print(f"\nhighest rate the reference held without loss: {held:,}/s; "
+          f"its runs there lost {', '.join(f'{run.lost:,}' for run in references)}")
+    for daemon in daemons:
+        split = daemon.timeline.losses(daemon.flushes)
+        print(f"daemon at {held:,}/s for {seconds:g} s: {daemon.lost:,} lost "
+              f"of {daemon.sent:,} ({', '.join(f'{count:,} {place}' for place, count in split.items())}); "
+              f"{len(daemon.flushes)} digests; its socket held at most "
+              f"{daemon.timeline.max_queued / MB:.1f} MB of the "
+              f"{daemon.granted / MB:.0f} MB granted")
+    mine = statistics.median(run.cpu_per_message for run in daemons)
+    theirs = statistics.median(run.cpu_per_message for run in references)
+    print(f"CPU per datagram at {held:,}/s (medians): daemon {mine:.1f} us, "
+          f"reference {theirs:.1f} us: {mine / theirs:.2f}x\n")
 
 
 def read_digest(path: str) -> dict:
@@ -767,6 +778,9 @@ def parse_options(argv: list) -> argparse.Namespace:
         help="rates the sustained scenario tries the reference at")
     parser.add_argument("--sustained-seconds", type=float, default=10,
                         help="seconds of each sustained run")
+    parser.add_argument("--sustained-tries", type=int, default=2,
+                        help="runs of the reference per rate until one "
+                             "loses nothing, and runs of the daemon")
     parser.add_argument("--hostile", type=lambda text: [
         int(number) for number in text.split(",")],
         help="which hostile loads to send, by number (default all)")

@@ -375,10 +375,9 @@ class ErrorReceiver(DatagramProtocol):
 
     def startProtocol(self) -> None:
         """
-        Read the port in L{read_pending}'s loop.  Twisted's port calls
-        datagramReceived once per datagram from a loop that checks its
-        throughput and the address family each time, and reads at most
-        256 KiB per wake-up.
+        Have the port read in L{read_pending}'s loop, which costs less per
+        datagram than Twisted's: that one checks its throughput and the
+        address family for each datagram, and stops after 256 KiB.
         """
         if isinstance(self.transport, udp.Port):
             self.transport.doRead = self._read_batch
@@ -407,9 +406,10 @@ class ErrorReceiver(DatagramProtocol):
 
     def read_pending(self, limit: int = 100000) -> int:
         """
-        Read what the kernel holds for this port, up to C{limit} datagrams:
-        the port's read loop (see L{ErrorPort}), and on a clean stop the
-        last datagrams sent before it.
+        Read what the kernel holds for this port, up to C{limit} datagrams,
+        each with its sender's address as C{recvfrom} gives it: the port's
+        read loop (see L{startProtocol}), and on a clean stop the last
+        datagrams sent before it.
 
         @return: how many were read.
         """
