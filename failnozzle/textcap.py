@@ -12,19 +12,24 @@ from __future__ import annotations
 import math
 import re
 import sys
+from itertools import chain
 from typing import Callable
 
 #: Ends a field cut at its cap.
 FIELD_MARK = "…"
 
-#: Every specifier that may ask for more output than its argument holds: a
-#: width, a precision, C{*}, or a mapping key (which may repeat).  A format
-#: without one formats in time and space linear in its arguments.
-_WIDE_SPEC = re.compile(r"%[-+ #0]*[(*.1-9]")
+#: A specifier with a mapping key (which may repeat), a C{*}, or an C{f}
+#: (1e308 takes 309 digits): what it asks for is known only once parsed.
+_KEY_OR_STAR = re.compile(r"%[-+ #0]*(?:[(*]|[0-9]*\.\*|[0-9.]*[hlL]?[fF])")
+#: The widths and precisions a format asks for (and, harmlessly, digits
+#: after a C{%%}).
+_SIZES = re.compile(r"%[-+ #0]*([0-9]*)(?:\.([0-9]*))?")
 
 #: What follows C{%} and the mapping key, as Python's parser reads it.
 _SPEC = re.compile(r"([-+ #0]*)(\*|[0-9]*)(?:\.(\*|[0-9]*))?[hlL]?(.?)",
                    re.S)
+#: A specifier with a mapping key holding no parentheses, as a whole.
+_SIMPLE_KEYED = re.compile(r"\([^()]*\)" + _SPEC.pattern, re.S)
 
 _TEXT_CONVERSIONS = {"s": str, "r": repr, "a": ascii}
 _INTEGER_CONVERSIONS = frozenset("diouxX")
@@ -88,7 +93,7 @@ def format_capped(msg: str, args: object, cap: int) -> str:
     @raise Exception: whatever C{msg % args} raises (TypeError, ValueError,
         KeyError, OverflowError, or what an argument's C{__str__} raises).
     """
-    if not _WIDE_SPEC.search(msg):
+    if _asks_little(msg, 4 * cap):
         return cut_middle(msg % args, cap)
     pieces = _Pieces(msg, args).pieces
     length = sum(piece.length for piece in pieces)
@@ -96,6 +101,22 @@ def format_capped(msg: str, args: object, cap: int) -> str:
         return "".join(piece.text(piece.length) for piece in pieces)
     return _cut_middle(length, lambda size: _head(pieces, size),
                        lambda size: _head(pieces[::-1], size, True), cap)
+
+
+def _asks_little(msg: str, room: int) -> bool:
+    """
+    Whether C{msg % args} has at most C{room} characters more than C{msg}
+    and its arguments converted each once: no mapping key, no C{*}, no
+    C{f}, and widths and precisions adding up to at most C{room}.  Python's C{%}
+    then formats it in C at a bounded cost.
+    """
+    if _KEY_OR_STAR.search(msg):
+        return False
+    try:
+        return sum(map(int, filter(None, chain.from_iterable(
+            _SIZES.findall(msg))))) <= room
+    except ValueError:  # more digits than Python converts
+        return False
 
 
 def _head(pieces: list, size: int, backwards: bool = False) -> str:
@@ -131,7 +152,7 @@ class _Conversion:
 
     def __init__(self, flags: str, width, precision, conversion: str,
                  value: object, converted: dict) -> None:
-        self._flags, self._conversion, self._value = flags, conversion, value
+        self._flags, self._conversion, self.value = flags, conversion, value
         self._width, self._precision = width, precision
         if conversion in _TEXT_CONVERSIONS:
             key = (id(value), conversion)
@@ -164,7 +185,7 @@ class _Conversion:
     def _plain(self, precision, converted: dict) -> str:
         """The conversion without a width, made once per value and
         specifier however often a mapping key repeats it."""
-        key = (id(self._value), self._flags, self._conversion, precision)
+        key = (id(self.value), self._flags, self._conversion, precision)
         text = converted.get(key)
         if text is None:
             text = converted[key] = self._format(None, precision)
@@ -178,7 +199,7 @@ class _Conversion:
         spec = "%" + self._flags + ("" if width is None else str(width))
         if precision is not None:
             spec += "." + str(precision)
-        return (spec + self._conversion) % (self._value,)
+        return (spec + self._conversion) % (self.value,)
 
     def text(self, size: int) -> str:
         padding = (0 if self._width is None
@@ -219,6 +240,9 @@ class _Pieces:
         self._mapping = (args if hasattr(type(args), "__getitem__")
                          and not isinstance(args, (tuple, str)) else None)
         self._converted: dict = {}
+        #: The piece of each specifier with a simple mapping key, as text:
+        #: one repeated a thousand times is parsed once.
+        self._keyed: dict = {}
         self.pieces: list = []
         position = 0
         while True:
@@ -255,7 +279,15 @@ class _Pieces:
         if msg[position:position + 1] == "%":
             self.pieces.append(_Literal("%"))
             return position + 1
+        keyed = None
         if msg[position:position + 1] == "(":
+            keyed = _SIMPLE_KEYED.match(msg, position)
+            piece = keyed and self._keyed.get(keyed.group())
+            if piece:
+                # Its key looked up and its value taken, as the first time.
+                self.pieces.append(piece)
+                self._args, self._count, self._next = piece.value, -1, -1
+                return keyed.end()
             position = self._key(msg, position + 1)
         match = _SPEC.match(msg, position)
         flags, width, precision, conversion = match.groups()
@@ -273,8 +305,11 @@ class _Pieces:
             precision = max(0, self._star())
         elif precision is not None:
             precision = _number(precision, "precision") or 0
-        self.pieces.append(_Conversion(flags, width, precision, conversion,
-                                       self._argument(), self._converted))
+        piece = _Conversion(flags, width, precision, conversion,
+                            self._argument(), self._converted)
+        self.pieces.append(piece)
+        if keyed:
+            self._keyed[keyed.group()] = piece
         return match.end()
 
     def _key(self, msg: str, start: int) -> int:
