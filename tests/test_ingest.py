@@ -744,6 +744,23 @@ class ReadLoopTests(SynchronousTestCase):
                    self.aggregator.flush().entries),
             ["Internal error: datagram is not valid JSON", "after"])
 
+    def test_hostile_capped(self):
+        """
+        Hostile datagrams over the socket give capped keys: a 52-byte
+        C{%100000000d} a 1,000-character message, a 60,000-character
+        traceback 16,384 characters, its end kept.
+        """
+        self.send(encode({"msg": "%100000000d", "args": [1]}),
+                  encode(record("long", exc_text="t" * 60000 + "the end")))
+        self.port.doRead()
+        fields = {entry.key[FIELDS.index("message")][:4]:
+                  dict(zip(FIELDS, entry.key))
+                  for entry in self.aggregator.flush().entries}
+        self.assertEqual(fields["    "]["message"], " " * 999 + FIELD_MARK)
+        exc_text = fields["long"]["exc_text"]
+        self.assertLessEqual(len(exc_text), 16384)
+        self.assertTrue(exc_text.endswith("the end"))
+
     def test_read_pending(self):
         """
         read_pending reads what is queued, up to its limit, and says how
