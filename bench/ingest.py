@@ -390,14 +390,18 @@ def run_sustained(options, datagrams: list) -> None:
         return
     daemons = []
     for _ in range(options.sustained_tries):
-        daemons.append(run("daemon", held, FLUSH_SECONDS=options.flush_seconds))
+        daemons.append(run("daemon", held,
+                           FLUSH_SECONDS=options.flush_seconds))
         references.append(run("reference", held))
     print(f"\nhighest rate the reference held without loss: {held:,}/s; "
-          f"its runs there lost {', '.join(f'{run.lost:,}' for run in references)}")
+          f"its runs there lost "
+          f"{', '.join(f'{run.lost:,}' for run in references)}")
     for daemon in daemons:
-        split = daemon.timeline.losses(daemon.flushes)
+        split = ", ".join(
+            f"{count:,} {place}" for place, count
+            in daemon.timeline.losses(daemon.flushes).items())
         print(f"daemon at {held:,}/s for {seconds:g} s: {daemon.lost:,} lost "
-              f"of {daemon.sent:,} ({', '.join(f'{count:,} {place}' for place, count in split.items())}); "
+              f"of {daemon.sent:,} ({split}); "
               f"{len(daemon.flushes)} digests; its socket held at most "
               f"{daemon.timeline.max_queued / MB:.1f} MB of the "
               f"{daemon.granted / MB:.0f} MB granted")

@@ -8,8 +8,8 @@ and in bytes, in all and per sending host (so one host's flood of chunks
 cannot stop another's messages), and expire after L{CHUNK_TIMEOUT} seconds;
 compressed data is never inflated past the size limit, so a zlib or gzip
 bomb costs at most that much; and the record a message becomes has its
-texts capped by L{failnozzle.ingest.RecordReader} like any other.  Every rejection is a L{BadDatagram} subclass, counted like other
-bad input.
+texts capped by L{failnozzle.ingest.RecordReader} like any other.  Every
+rejection is a L{BadDatagram} subclass, counted like other bad input.
 """
 from __future__ import annotations
 

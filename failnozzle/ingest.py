@@ -213,7 +213,8 @@ class RecordReader:
         """C{key} and C{source} with each text cut to its cap."""
         key = tuple([
             value if type(value) is not str or len(value) <= cap
-            else cut(value, cap) for value, (cut, cap) in zip(key, self._cuts)])
+            else cut(value, cap)
+            for value, (cut, cap) in zip(key, self._cuts)])
         if type(source) is str:
             source = cut_end(source, self._field_cap)
         return key, source

@@ -107,8 +107,8 @@ def _asks_little(msg: str, room: int) -> bool:
     """
     Whether C{msg % args} has at most C{room} characters more than C{msg}
     and its arguments converted each once: no mapping key, no C{*}, no
-    C{f}, and widths and precisions adding up to at most C{room}.  Python's C{%}
-    then formats it in C at a bounded cost.
+    C{f}, and widths and precisions adding up to at most C{room}.
+    Python's C{%} then formats it in C at a bounded cost.
     """
     if _KEY_OR_STAR.search(msg):
         return False

@@ -22,7 +22,8 @@ import failnozzle.ingest
 from failnozzle.config import UniqueMessage
 from failnozzle.gelf import (CHUNK_TIMEOUT, MAX_CHUNKS, BadChunkHeader,
                              CorruptCompressed, DecompressionBomb,
-                             GELFDecoder, GELFNotJSON, GELFRecordReader, IncompleteMessage,
+                             GELFDecoder, GELFNotJSON, GELFRecordReader,
+                             IncompleteMessage,
                              InvalidGELF, MessageTooLarge, NotGELF,
                              TooManyChunks, TooManyPartialBytes,
                              TooManyPartialBytesFromHost,

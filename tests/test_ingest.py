@@ -192,8 +192,9 @@ class CapTests(SynchronousTestCase):
             fields = self.fields(data, make_reader(10 ** 6))
             if name == "exc_text":
                 self.assertIn(len(fields[name]), range(16300, 16385))
-                self.assertRegex(fields[name],
-                                 r"^v{8000,}\[… 53,\d{3} characters cut …\]v+$")
+                self.assertRegex(
+                    fields[name],
+                    r"^v{8000,}\[… 53,\d{3} characters cut …\]v+$")
             else:
                 self.assertEqual(fields[name], "v" * 999 + FIELD_MARK, name)
             for other in set(names) - {name}:
