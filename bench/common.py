@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Optional
 
@@ -141,6 +142,71 @@ def wait_drained(port: int, limit: float = 10.0) -> float:
             return time.monotonic()
         time.sleep(0.01)
     return time.monotonic()
+
+
+class DropTimeline:
+    """
+    The drop counter and queue of a UDP socket sampled every C{interval}
+    seconds in a thread, beside the moments a file changed (the daemon's
+    state file: a snapshot), so that each loss can be told apart: at a
+    flush, at a snapshot, or in between.
+    """
+
+    def __init__(self, port: int, watched: str, interval: float = 0.01
+                 ) -> None:
+        self._port, self._watched, self._interval = port, watched, interval
+        #: C{(time.time(), drops, queued bytes)}, in order.
+        self.samples: list = []
+        #: The times C{watched} was seen to change.
+        self.changes: list = []
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        changed = None
+        while self._running:
+            now = time.time()
+            queued, drops = udp_socket_queue(self._port)
+            self.samples.append((now, drops, queued))
+            try:
+                mtime = os.stat(self._watched).st_mtime
+            except OSError:
+                mtime = None
+            if mtime != changed and mtime is not None:
+                self.changes.append(mtime)
+            changed = mtime
+            time.sleep(self._interval)
+
+    def stop(self) -> None:
+        self._running = False
+        self._thread.join()
+
+    @property
+    def max_queued(self) -> int:
+        return max((queued for _, _, queued in self.samples), default=0)
+
+    def losses(self, flushes: list, window: float = 0.25) -> dict:
+        """
+        The datagrams dropped within C{window} seconds of a flush (the
+        moments in C{flushes}), else of a change of the watched file (a
+        snapshot), else elsewhere.
+        """
+        split = {"at a flush": 0, "at a snapshot": 0, "elsewhere": 0}
+        for (before, dropped_before, _), (after, dropped, _) in zip(
+                self.samples, self.samples[1:]):
+            lost = dropped - dropped_before
+            if not lost:
+                continue
+
+            def near(moments: list) -> bool:
+                return any(before - window <= moment <= after + window
+                           for moment in moments)
+
+            place = ("at a flush" if near(flushes) else
+                     "at a snapshot" if near(self.changes) else "elsewhere")
+            split[place] += lost
+        return split
 
 
 def kernel_udp_drops() -> int:

@@ -18,7 +18,7 @@ ladder       Each rate of --rates, for --seconds, --repeat times, to two
              receivers one after the other: the real daemon, started as
              users start it (twistd -n failnozzle --config=...), counting
              what its digests report after SIGTERM; and a reference
-             receiver: socket.recv + json.loads + a dict count of the same
+             receiver: socket.recv + orjson.loads + a dict count of the same
              unique key, with the same receive buffer, in a process of its
              own.  Per point: the loss (sent - counted, cross-checked with
              the socket's drop counter in /proc/net/udp and the kernel's UDP
@@ -27,10 +27,23 @@ ladder       Each rate of --rates, for --seconds, --repeat times, to two
              (VmHWM).  A receiver leaves the ladder once it loses more than
              5 %.  Then the highest rate with no loss, the throughput at
              saturation, and the daemon-to-reference ratios.
+sustained    The reference at each of --sustained-rates for
+             --sustained-seconds (10 s) until it loses: the highest rate it
+             holds.  Then the daemon at that rate as long, with a flush
+             every --flush-seconds (2 s) and snapshots every second, and
+             the reference again.  Prints both losses and CPU per datagram,
+             and places each of the daemon's losses: within 0.25 s of a
+             flush, of a snapshot, or elsewhere (the socket's drop counter
+             sampled every 10 ms).
 cardinality  --flood-count distinct errors (1,000,000) into the daemon at a
              rate it takes: its peak RSS, and whether the digest stays
              bounded (its size, the errors listed, the "more errors not
              shown" line).
+hostile      The issue's hostile inputs (a %100000000d format, a repeated
+             mapping key, bad formats, 60,000-character fields, zlib GELF
+             inflating to 1 MB, a chunk flood from one host beside another
+             host's messages, chunks sent again), each into a fresh daemon:
+             its memory before and after, the digest, what it logged.
 flush        How long a flush of 10,000 unique errors blocks the reactor,
              measured in process phase by phase; then whether the real
              daemon loses datagrams while it flushes such a buffer every
@@ -43,7 +56,6 @@ from __future__ import annotations
 import argparse
 import email
 import email.policy
-import json
 import multiprocessing
 import os
 import re
@@ -53,9 +65,11 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
-from common import (Daemon, cpu_seconds, cycling, datagram_maker,
+import orjson
+from common import (Daemon, DropTimeline, cpu_seconds, cycling,
+                    datagram_maker,
                     kernel_udp_drops, peak_rss, realistic_datagrams,
                     send_from_processes, udp_socket_queue, wait_drained)
 from failnozzle.config import UniqueMessage
@@ -71,8 +85,8 @@ MB = 1024 * 1024
 
 def reference_receiver(buffer_size: int, connection) -> None:
     """
-    The Python ceiling: a blocking socket.recv, decoding, json.loads and a
-    count per unique key and source, nothing else.  Sends C{(port, granted
+    The Python ceiling: a blocking socket.recv, orjson.loads and a count
+    per unique key and source, nothing else.  Sends C{(port, granted
     buffer)} once bound, and the number of datagrams counted once it reads
     L{STOP}.
     """
@@ -80,20 +94,21 @@ def reference_receiver(buffer_size: int, connection) -> None:
     # As failnozzle.ingest.set_receive_buffer asks (not imported: it would
     # bring Twisted into this process's memory).
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, buffer_size)
-    except (AttributeError, PermissionError):
+        # SO_RCVBUFFORCE, which Python's socket module does not name.
+        sock.setsockopt(socket.SOL_SOCKET, 33, buffer_size)
+    except PermissionError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
     sock.bind(("127.0.0.1", 0))
     connection.send((sock.getsockname()[1],
                      sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)))
     fields = UniqueMessage._fields
     counts: dict = {}
-    recv, loads = sock.recv, json.loads
+    recv, loads = sock.recv, orjson.loads
     while True:
         data = recv(65536)
         if data == STOP:
             break
-        record = loads(data.decode())
+        record = loads(data)
         key = (tuple(map(record.get, fields)), record.get("source"))
         counts[key] = counts.get(key, 0) + 1
     connection.send(sum(counts.values()))
@@ -157,6 +172,8 @@ class Run:
     peak_rss: int
     socket_drops: int
     kernel_drops: int
+    #: The drops over time, if asked for (see L{common.DropTimeline}).
+    timeline: Optional[DropTimeline] = None
 
     @property
     def lost(self) -> int:
@@ -173,15 +190,22 @@ class Run:
 
 
 def measure(receiver, datagram: Callable[[int], bytes], rate: float,
-            seconds: float, count: int, senders: int) -> Run:
+            seconds: float, count: int, senders: int,
+            watched: Optional[str] = None) -> Run:
     """
     Send one load to a started receiver, wait until it has read it all,
     take the readings, then stop it and learn what it counted.
+
+    @param watched: a file whose changes are timed beside the drops (the
+        daemon's state file), for a L{DropTimeline}.
     """
     kernel_before = kernel_udp_drops()
     drops_before = udp_socket_queue(receiver.port)[1]
     cpu_before = cpu_seconds(receiver.pid)
+    timeline = None
     try:
+        if watched is not None:
+            timeline = DropTimeline(receiver.port, watched)
         sent, start = send_from_processes(receiver.port, datagram, rate,
                                           seconds, count, senders)
         drained = wait_drained(receiver.port)
@@ -191,9 +215,11 @@ def measure(receiver, datagram: Callable[[int], bytes], rate: float,
         socket_drops = udp_socket_queue(receiver.port)[1] - drops_before
         kernel_drops = kernel_udp_drops() - kernel_before
     finally:
+        if timeline is not None:
+            timeline.stop()
         counted = receiver.stop()
     return Run(sent, counted, drained - start, cpu, rss, socket_drops,
-               kernel_drops)
+               kernel_drops, timeline)
 
 
 class Point:
@@ -307,6 +333,84 @@ def summarize_ladder(results: dict) -> None:
     print()
 
 
+def run_sustained(options, datagrams: list) -> None:
+    """
+    The bare reference at each of --sustained-rates until it loses: the
+    highest rate it holds.  Then the daemon at that rate for as long, with
+    flushes every --flush-seconds and snapshots every second, and the
+    reference once more (the machine is shared; a loss there says the run
+    is not clean).  Each of the daemon's losses is placed: within 0.25 s of
+    a flush (a digest written), of a snapshot (the state file replaced),
+    or elsewhere.
+    """
+    seconds = options.sustained_seconds
+    size = sum(map(len, datagrams)) / len(datagrams)
+    print(f"== sustained: {options.unique} unique errors x {options.hosts} "
+          f"hosts, {size:.0f} bytes per datagram, {seconds:g} s per run from "
+          f"{options.senders} sender process(es)")
+    header = (f"{'receiver':<32} {'offered/s':>10} {'sent':>9} {'lost':>7} "
+              f"{'CPU us/msg':>10}")
+    print(header)
+
+    def run(name: str, rate: int, **settings) -> Run:
+        with tempfile.TemporaryDirectory() as directory:
+            if name == "reference":
+                receiver, watched = ReferenceUnderTest(options.rcvbuf), None
+            else:
+                receiver = DaemonUnderTest(directory, options.rcvbuf,
+                                           **settings)
+                watched = os.path.join(directory, "failnozzle-state.json")
+            result = measure(receiver, cycling(datagrams), rate, seconds,
+                             int(rate * seconds), options.senders, watched)
+            result.granted = receiver.receive_buffer
+            if watched is not None:
+                result.flushes = [os.path.getmtime(path) for path
+                                  in receiver.daemon.digests()]
+        label = name if name == "reference" else (
+            f"daemon (flush every {settings['FLUSH_SECONDS']:g} s)")
+        print(f"{label:<32} {rate:>10,} {result.sent:>9,} {result.lost:>7,} "
+              f"{result.cpu_per_message:>10.1f}", flush=True)
+        return result
+
+    # The machine is shared: a rate counts as held if one of the tries
+    # lost nothing, and the daemon gets as many tries.
+    held, references = 0, []
+    for rate in options.sustained_rates:
+        tries = []
+        for _ in range(options.sustained_tries):
+            tries.append(run("reference", rate))
+            if not tries[-1].lost:
+                break
+        if tries[-1].lost:
+            break
+        held, references = rate, tries
+    if not held:
+        print("the reference lost datagrams at every rate: nothing to "
+              "compare\n")
+        return
+    daemons = []
+    for _ in range(options.sustained_tries):
+        daemons.append(run("daemon", held,
+                           FLUSH_SECONDS=options.flush_seconds))
+        references.append(run("reference", held))
+    print(f"\nhighest rate the reference held without loss: {held:,}/s; "
+          f"its runs there lost "
+          f"{', '.join(f'{run.lost:,}' for run in references)}")
+    for daemon in daemons:
+        split = ", ".join(
+            f"{count:,} {place}" for place, count
+            in daemon.timeline.losses(daemon.flushes).items())
+        print(f"daemon at {held:,}/s for {seconds:g} s: {daemon.lost:,} lost "
+              f"of {daemon.sent:,} ({split}); "
+              f"{len(daemon.flushes)} digests; its socket held at most "
+              f"{daemon.timeline.max_queued / MB:.1f} MB of the "
+              f"{daemon.granted / MB:.0f} MB granted")
+    mine = statistics.median(run.cpu_per_message for run in daemons)
+    theirs = statistics.median(run.cpu_per_message for run in references)
+    print(f"CPU per datagram at {held:,}/s (medians): daemon {mine:.1f} us, "
+          f"reference {theirs:.1f} us: {mine / theirs:.2f}x\n")
+
+
 def read_digest(path: str) -> dict:
     """
     The figures of one digest file: its size, the errors listed in full,
@@ -376,6 +480,139 @@ def run_cardinality(options) -> None:
               f"{'; '.join(digest['summary lines']) or 'nothing more'}; "
               f"summary counts add up to the total: "
               f"{'yes' if digest['exact'] else 'NO'}")
+    print()
+
+
+def current_rss(pid: int) -> int:
+    """A process's resident set size now (VmRSS), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for process {pid}")
+
+
+def gelf_chunks(payload: bytes, size: int, message_id: bytes) -> list:
+    """C{payload} as GELF chunks of C{size} bytes."""
+    pieces = [payload[start:start + size]
+              for start in range(0, len(payload), size)]
+    return [b"\x1e\x0f" + message_id + bytes([number, len(pieces)]) + piece
+            for number, piece in enumerate(pieces)]
+
+
+def gelf_message(**fields) -> bytes:
+    return orjson.dumps({"version": "1.1", "host": "gelf-host",
+                         "short_message": "boom", **fields})
+
+
+def hostile_loads() -> list:
+    """
+    C{(name, [(datagrams, sender address), ...], wait)}: each load of the
+    issue's hostile inputs, in the order sent, and the seconds to wait
+    before stopping the daemon (past GELF's 5 s chunk timeout where it
+    matters).
+    """
+    import zlib
+
+    mark = "1669fe88"  # not a monitoring marker: it is only an id here
+    one, two = ("127.0.0.1", 0), ("127.0.0.2", 0)
+    flood = [gelf_chunks(b"x" * 16000, 8000, b"F%07d" % number)[0]
+             for number in range(3000)]
+    chunked = [gelf_chunks(gelf_message(short_message=f"chunked {number}",
+                                        full_message="t" * 3000), 1000,
+                           b"B%07d" % number) for number in range(50)]
+    resent = gelf_chunks(gelf_message(short_message="sent twice",
+                                      full_message="r" * 5000), 1000,
+                         b"RESENT!!")
+    return [
+        ("5 x {'msg': '%100000000d', 'args': [1]}",
+         [([orjson.dumps({"msg": "%100000000d", "args": [number],
+                          "source": "web1"}) for number in range(5)], one)],
+         0),
+        ("5 x '%(a)s' * 6000 with a 30,000-character a",
+         [([orjson.dumps({"msg": "%(a)s" * 6000,
+                          "args": {"a": f"{number}" * 30000},
+                          "source": "web1"}) for number in range(5)], one)],
+         0),
+        ("1,000 x %c of 2**40, %d of a string, too few arguments",
+         [([orjson.dumps({"msg": spec, "args": args, "source": "web1"})
+            for number in range(334)
+            for spec, args in (("%c", [2 ** 40 + number]),
+                               ("%d items", [f"x{number}"]),
+                               ("%s and %s", [number]))], one)], 0),
+        ("200 x a 60,000-character traceback, message, kind, source",
+         [([orjson.dumps({"message": f"{number} " + "m" * 15000,
+                          "exc_text": "Traceback\n" + "t" * 15000 + "\n"
+                          + "u" * 15000 + f"\nError {number}",
+                          "kind": "k" * 5000, "source": "s" * 5000})
+            for number in range(200)], one)], 0),
+        ("200 x zlib GELF inflating to 1 MB each (distinct)",
+         [([zlib.compress(gelf_message(
+             short_message=f"bomb {number}",
+             full_message=f"{number}:" + "x" * (1024 * 1024 - 300)))
+            for number in range(200)], one)], 0),
+        ("3,000 first chunks from 127.0.0.1, then 50 chunked messages from "
+         "127.0.0.2",
+         [(flood, one), ([data for message in chunked for data in message],
+                         two)], 6),
+        (f"a chunked message, then its chunks again ({mark})",
+         [(resent, one), (resent, one)], 6),
+    ]
+
+
+def run_hostile(options) -> None:
+    """
+    The issue's hostile inputs against the real daemon, one daemon each:
+    its memory before and after, what the digest shows, and what it
+    logged.
+    """
+    print("== hostile input: each load into a fresh daemon (FLUSH_SECONDS "
+          "3600), then SIGTERM")
+    for number, (name, sends, wait) in enumerate(hostile_loads(), 1):
+        if options.hostile and number not in options.hostile:
+            continue
+        with tempfile.TemporaryDirectory() as directory:
+            receiver = DaemonUnderTest(directory, options.rcvbuf)
+            daemon = receiver.daemon
+            before = current_rss(receiver.pid)
+            for datagrams, address in sends:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.bind(address)
+                    for data in datagrams:
+                        sock.sendto(data, ("127.0.0.1", receiver.port))
+                        # A millisecond's worth at a time, as send_paced.
+                        time.sleep(0.0002)
+            wait_drained(receiver.port)
+            time.sleep(0.2 + wait)
+            after, peak = current_rss(receiver.pid), peak_rss(receiver.pid)
+            drops = udp_socket_queue(receiver.port)[1]
+            print(f"* {number}. {name}\n  RSS {before / MB:.1f} MB before, "
+                  f"{after / MB:.1f} MB after, peak {peak / MB:.1f} MB; "
+                  f"socket drops {drops}", flush=True)
+            try:
+                daemon.stop()
+            except SystemExit as error:  # killed: say so, go on
+                print(f"  {error}")
+                continue
+            with open(daemon.log.name) as stored:
+                log = stored.read()
+            texts = [email.message_from_binary_file(
+                open(path, "rb"), policy=email.policy.default)
+                for path in daemon.digests()]
+        print(f"  {log.count('Traceback (most recent call last)')} "
+              f"tracebacks and {log.count('Bad datagram')} bad-datagram "
+              f"lines logged")
+        for message in texts:
+            body = message.get_content()
+            summary = body.split("Summary:\n========\n", 1)[1].split(
+                "\n\n", 1)[0].splitlines()
+            longest = max(map(len, body.splitlines()))
+            print(f"  digest: {len(message.as_bytes()):,} bytes, "
+                  f"{message['Subject'][:90]!r}; longest line {longest:,} "
+                  f"characters; {body.count('characters cut')} cut "
+                  f"tracebacks")
+            for line in summary[:4] + (["..."] if len(summary) > 4 else []):
+                print(f"    {line[:110]}{'…' if len(line) > 110 else ''}")
     print()
 
 
@@ -515,7 +752,8 @@ def parse_options(argv: list) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--scenario", default="all",
-                        choices=("all", "ladder", "cardinality", "flush"))
+                        choices=("all", "ladder", "sustained",
+                                 "cardinality", "flush", "hostile"))
     parser.add_argument("--quick", action="store_true",
                         help="a short smoke run: fewer rates, one run each, "
                              "a smaller flood")
@@ -539,6 +777,17 @@ def parse_options(argv: list) -> argparse.Namespace:
     parser.add_argument("--max-unique", type=int,
                         help="the daemon's MAX_UNIQUE_MESSAGES in the "
                         "cardinality flood (default: its default)")
+    parser.add_argument("--sustained-rates", type=lambda text: [
+        int(rate) for rate in text.split(",")],
+        help="rates the sustained scenario tries the reference at")
+    parser.add_argument("--sustained-seconds", type=float, default=10,
+                        help="seconds of each sustained run")
+    parser.add_argument("--sustained-tries", type=int, default=2,
+                        help="runs of the reference per rate until one "
+                             "loses nothing, and runs of the daemon")
+    parser.add_argument("--hostile", type=lambda text: [
+        int(number) for number in text.split(",")],
+        help="which hostile loads to send, by number (default all)")
     parser.add_argument("--flush-unique", type=int, default=10000)
     parser.add_argument("--flush-seconds", type=float, default=2,
                         help="FLUSH_SECONDS in the flush-under-load runs")
@@ -557,6 +806,8 @@ def parse_options(argv: list) -> argparse.Namespace:
         "repeat": 1 if quick else 3,
         "flood_count": 100000 if quick else 1000000,
         "flush_load_seconds": 5 if quick else 7,
+        "sustained_rates": [20000, 40000] if quick else [
+            20000, 30000, 40000, 50000, 60000, 70000, 80000, 90000, 100000],
     }
     for name, value in defaults.items():
         if getattr(options, name) is None:
@@ -583,6 +834,11 @@ def main(argv: list) -> None:
     if options.scenario in ("all", "ladder"):
         run_ladder(options, realistic_datagrams(options.unique,
                                                 options.hosts))
+    if options.scenario in ("all", "sustained"):
+        run_sustained(options, realistic_datagrams(options.unique,
+                                                   options.hosts))
+    if options.scenario in ("all", "hostile"):
+        run_hostile(options)
     if options.scenario in ("all", "cardinality"):
         run_cardinality(options)
     if options.scenario in ("all", "flush"):

@@ -4,10 +4,12 @@ datagram apart, reassembling chunked messages, inflating compressed ones
 within a size limit, and mapping a GELF message onto a failnozzle record.
 
 Memory stays bounded whatever arrives: partial messages are capped in number
-and in bytes and expire after L{CHUNK_TIMEOUT} seconds, and compressed data
-is never inflated past the size limit, so a zlib or gzip bomb costs at most
-that much.  Every rejection is a L{BadDatagram} subclass, counted like other
-bad input.
+and in bytes, in all and per sending host (so one host's flood of chunks
+cannot stop another's messages), and expire after L{CHUNK_TIMEOUT} seconds;
+compressed data is never inflated past the size limit, so a zlib or gzip
+bomb costs at most that much; and the record a message becomes has its
+texts capped by L{failnozzle.ingest.RecordReader} like any other.  Every
+rejection is a L{BadDatagram} subclass, counted like other bad input.
 """
 from __future__ import annotations
 
@@ -33,6 +35,12 @@ DEFAULT_MAX_SIZE = 1024 * 1024
 DEFAULT_MAX_PARTIALS = 1000
 #: The default cap on the bytes of chunks held for incomplete messages.
 DEFAULT_MAX_PARTIAL_BYTES = 32 * 1024 * 1024
+#: The default caps on what one sending host may hold: a tenth of the
+#: messages, an eighth of the bytes.
+DEFAULT_MAX_PARTIALS_PER_HOST = 100
+DEFAULT_MAX_PARTIAL_BYTES_PER_HOST = 4 * 1024 * 1024
+#: The default cap on the ids of chunked messages remembered as completed.
+DEFAULT_MAX_COMPLETED = 10000
 
 _CHUNK_MAGIC = b"\x1e\x0f"
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -73,6 +81,15 @@ class TooManyPartialMessages(BadDatagram):
 
 class TooManyPartialBytes(BadDatagram):
     reason = "too many bytes of incomplete chunked GELF messages held"
+
+
+class TooManyPartialMessagesFromHost(BadDatagram):
+    reason = "too many incomplete chunked GELF messages held from one host"
+
+
+class TooManyPartialBytesFromHost(BadDatagram):
+    reason = ("too many bytes of incomplete chunked GELF messages held from "
+              "one host")
 
 
 class IncompleteMessage(BadDatagram):
@@ -224,6 +241,10 @@ class GELFDecoder:
 
     Chunks are grouped by sending host and message id, so two hosts that
     happen to pick the same id (or a host spoofing another's) do not mix.
+    The ids of messages completed in the last L{CHUNK_TIMEOUT} seconds are
+    remembered, so a chunk sent again (UDP may duplicate a datagram, some
+    clients resend) is dropped rather than held as a new message that
+    would never complete.
 
     @param clock: where time comes from, for the expiry of partial messages.
     @param max_size: the largest message accepted, in bytes, once
@@ -233,6 +254,11 @@ class GELFDecoder:
     @param max_partial_bytes: how many bytes of chunks incomplete messages
         may hold in all; a chunk beyond that is rejected along with the
         message it belongs to.
+    @param max_partials_per_host: C{max_partials} for the messages of one
+        sending host (an address).
+    @param max_partial_bytes_per_host: C{max_partial_bytes} for them.
+    @param max_completed: how many ids of completed messages are
+        remembered at most; past it the oldest is forgotten.
     @param source_field: the record field the host goes into
         (SOURCE_FIELD_NAME).
     @param default_kind: the kind of a message that names none.
@@ -248,6 +274,9 @@ class GELFDecoder:
         max_size: int = DEFAULT_MAX_SIZE,
         max_partials: int = DEFAULT_MAX_PARTIALS,
         max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
+        max_partials_per_host: int = DEFAULT_MAX_PARTIALS_PER_HOST,
+        max_partial_bytes_per_host: int = DEFAULT_MAX_PARTIAL_BYTES_PER_HOST,
+        max_completed: int = DEFAULT_MAX_COMPLETED,
         source_field: str = "source",
         default_kind: str = "gelf",
         on_incomplete: Optional[
@@ -257,12 +286,19 @@ class GELFDecoder:
         self.max_size = max_size
         self._max_partials = max_partials
         self._max_partial_bytes = max_partial_bytes
+        self._max_host_partials = max_partials_per_host
+        self._max_host_bytes = max_partial_bytes_per_host
+        self._max_completed = max_completed
         self._source_field = source_field
         self._default_kind = default_kind
         self._on_incomplete = on_incomplete
         # In order of arrival of their first chunk, hence of deadline.
         self._partials: dict = {}
         self._held = 0
+        #: Per sending host, C{[messages, bytes]} its partial messages hold.
+        self._hosts: dict = {}
+        #: The keys of messages completed, in order, with their deadlines.
+        self._completed: dict = {}
         self._timer: Optional[IDelayedCall] = None
 
     def configure(self, source_field: str, default_kind: str) -> None:
@@ -279,6 +315,15 @@ class GELFDecoder:
     def partial_bytes(self) -> int:
         """How many bytes of chunks incomplete messages hold."""
         return self._held
+
+    @property
+    def completed_ids(self) -> int:
+        """How many ids of completed messages are remembered."""
+        return len(self._completed)
+
+    def held_by(self, host: str) -> tuple:
+        """C{(messages, bytes)} the partial messages of C{host} hold."""
+        return tuple(self._hosts.get(host, (0, 0)))
 
     def decode(self, data: bytes, sender: tuple) -> Optional[dict]:
         """
@@ -366,14 +411,15 @@ class GELFDecoder:
                 f"sequence number {number} of count {count}", data)
         body = data[_CHUNK_HEADER_SIZE:]
         self._expire()
-        key = (sender[0], data[2:10])
+        host = sender[0]
+        key = (host, data[2:10])
         partial = self._partials.get(key)
         if partial is None:
             if count == 1:
                 return body
-            if len(self._partials) >= self._max_partials:
-                raise TooManyPartialMessages(
-                    f"{len(self._partials)} held already", data)
+            if key in self._completed:
+                return None  # Sent again: the message was counted.
+            self._check_room(host, data)
         elif len(partial.chunks) != count:
             raise BadChunkHeader(
                 f"sequence count {count}, earlier chunks said "
@@ -382,29 +428,68 @@ class GELFDecoder:
             return None  # A duplicate: UDP may deliver a datagram twice.
         elif partial.missing == 1:
             self._discard(key)
+            self._remember(key)
             partial.chunks[number] = body
             return b"".join(partial.chunks)
-        if self._held + len(body) > self._max_partial_bytes:
+        held = self._hosts.setdefault(host, [0, 0])
+        error = None
+        if held[1] + len(body) > self._max_host_bytes:
+            error = TooManyPartialBytesFromHost(
+                f"{len(body)} more bytes on {held[1]} held from {host}, the "
+                f"limit is {self._max_host_bytes}", data)
+        elif self._held + len(body) > self._max_partial_bytes:
             error = TooManyPartialBytes(
                 f"{len(body)} more bytes on {self._held} held, the limit is "
                 f"{self._max_partial_bytes}", data)
+        if error is not None:
             if partial is not None:
                 self._discard(key)
+            elif not held[0]:
+                del self._hosts[host]
             raise error
         if partial is None:
             partial = self._partials[key] = _Partial(
                 sender, self._clock.seconds() + CHUNK_TIMEOUT,
                 [None] * count, count, 0, data[:120])
+            held[0] += 1
             self._arm()
         partial.chunks[number] = body
         partial.missing -= 1
         partial.size += len(body)
         self._held += len(body)
+        held[1] += len(body)
         return None
+
+    def _check_room(self, host: str, data: bytes) -> None:
+        """
+        @raise TooManyPartialMessages: no new partial message may be held.
+        @raise TooManyPartialMessagesFromHost: none from C{host}.
+        """
+        held = self._hosts.get(host)
+        if held is not None and held[0] >= self._max_host_partials:
+            raise TooManyPartialMessagesFromHost(
+                f"{held[0]} held already from {host}", data)
+        if len(self._partials) >= self._max_partials:
+            raise TooManyPartialMessages(
+                f"{len(self._partials)} held already", data)
+
+    def _remember(self, key: tuple) -> None:
+        """Remember a completed message for L{CHUNK_TIMEOUT} seconds, and
+        forget the oldest past L{max_completed}."""
+        if len(self._completed) >= self._max_completed:
+            del self._completed[next(iter(self._completed))]
+        self._completed[key] = self._clock.seconds() + CHUNK_TIMEOUT
 
     def _discard(self, key: tuple) -> _Partial:
         partial = self._partials.pop(key)
         self._held -= partial.size
+        host = key[0]
+        held = self._hosts[host]
+        if held[0] == 1:
+            del self._hosts[host]
+        else:
+            held[0] -= 1
+            held[1] -= partial.size
         return partial
 
     def _expire(self) -> None:
@@ -412,6 +497,9 @@ class GELFDecoder:
         chunk, so the limits count only live messages even while a burst
         keeps the timer from running."""
         now = self._clock.seconds()
+        completed = self._completed
+        while completed and next(iter(completed.values())) <= now:
+            del completed[next(iter(completed))]
         while self._partials:
             key, partial = next(iter(self._partials.items()))
             if partial.deadline > now:
@@ -451,6 +539,7 @@ class GELFDecoder:
             self._timer = None
         for key in list(self._partials):
             self._drop(key, "at shutdown")
+        self._completed.clear()
 
 
 class GELFRecordReader(RecordReader):
@@ -461,33 +550,38 @@ class GELFRecordReader(RecordReader):
     """
 
     def __init__(self, unique_fields: Sequence[str], source_field: str,
-                 max_size: int, decoder: GELFDecoder) -> None:
+                 max_size: int, decoder: GELFDecoder,
+                 max_field_chars: int = 1000,
+                 max_exc_text_chars: int = 16384) -> None:
         """
         @param max_size: the largest failnozzle datagram; GELF messages are
             bounded by the decoder's own C{max_size} once inflated.
         """
-        super().__init__(unique_fields, source_field, max_size)
+        super().__init__(unique_fields, source_field, max_size,
+                         max_field_chars, max_exc_text_chars)
         self._decoder = decoder
 
-    # Every datagram passes through both methods: the cheapest test that
-    # rules GELF out comes first.
+    # RecordReader's hooks: every datagram passes its cheap tests.
+    _framed_first_bytes = _FRAMED_FIRST_BYTES
+    _foreign_field = "short_message"
 
-    def read(self, data: bytes, sender: Optional[tuple] = None
-             ) -> Optional[tuple]:
-        if data[:1] in _FRAMED_FIRST_BYTES and is_gelf(data):
-            record = self._decoder.decode(data, sender)
-            return None if record is None else self._gelf_key(record, data)
-        return super().read(data, sender)
+    _is_framed = staticmethod(is_gelf)
 
-    def key_and_source(self, record: dict, data: bytes = b"") -> tuple:
+    def _read_framed(self, data: bytes, sender: Optional[tuple]
+                     ) -> Optional[tuple]:
+        record = self._decoder.decode(data, sender)
+        return None if record is None else self._gelf_key(record, data)
+
+    def _read_foreign(self, record: dict, data: bytes) -> Optional[tuple]:
         """
-        @return: C{(key, source)}, and for GELF C{(key, source, level)}:
-            what L{failnozzle.aggregate.Aggregator.add_key} takes.
+        @return: for a GELF message C{(key, source, level)}, what
+            L{failnozzle.aggregate.Aggregator.add_key} takes; None for
+            failnozzle's JSON.
         """
-        if "short_message" in record and looks_like_gelf(record):
-            return self._gelf_key(self._decoder.record_from(record, data),
-                                  data)
-        return super().key_and_source(record, data)
+        if not looks_like_gelf(record):
+            return None
+        return self._gelf_key(self._decoder.record_from(record, data), data)
 
     def _gelf_key(self, record: dict, data: bytes) -> tuple:
-        return (*super().key_and_source(record, data), record["level"])
+        # Inflated, its texts may be longer than the datagram: all checked.
+        return (*self._key(record, data, None), record["level"])

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import orjson
+from twisted.internet import udp
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+
+from failnozzle.textcap import cut_end, cut_middle, format_capped
 
 _log = Logger()
 
@@ -90,14 +94,45 @@ class RecordReader:
 
     As in the original, missing fields are None, and a multi-line message is
     clipped at its first line, the whole text moving to exc_text if that is
-    empty.
+    empty.  Every text kept is capped: exc_text at C{max_exc_text_chars},
+    cut in the middle; the other fields and the source at
+    C{max_field_chars}, cut at the end.
     """
 
     def __init__(self, unique_fields: Sequence[str], source_field: str,
-                 max_size: int) -> None:
+                 max_size: int, max_field_chars: int = 1000,
+                 max_exc_text_chars: int = 16384) -> None:
         self._fields = tuple(unique_fields)
         self._source_field = source_field
         self.max_size = max_size
+        self._field_cap = max_field_chars
+        self._exc_cap = max_exc_text_chars
+        #: How each field is cut, and where.
+        self._cuts = tuple(
+            (cut_middle, max_exc_text_chars) if name == "exc_text"
+            else (cut_end, max_field_chars) for name in self._fields)
+        self._exc_index = (self._fields.index("exc_text")
+                           if "exc_text" in self._fields else None)
+        #: No text of a datagram this long or shorter can need a cut.
+        self._uncut_size = min([cap for _, cap in self._cuts]
+                               + [max_field_chars])
+
+    # Hooks for a reader of another format too (GELF): a datagram starting
+    # with one of these bytes for which _is_framed is true goes to
+    # _read_framed, and a record holding this field to _read_foreign,
+    # which gives its key or None.
+    _framed_first_bytes: frozenset = frozenset()
+    _foreign_field: Optional[str] = None
+
+    def _is_framed(self, data: bytes) -> bool:
+        raise NotImplementedError
+
+    def _read_framed(self, data: bytes, sender: Optional[tuple]
+                     ) -> Optional[tuple]:
+        raise NotImplementedError
+
+    def _read_foreign(self, record: dict, data: bytes) -> Optional[tuple]:
+        raise NotImplementedError
 
     def read(self, data: bytes, sender: Optional[tuple] = None
              ) -> Optional[tuple]:
@@ -108,6 +143,8 @@ class RecordReader:
             error report yet (a subclass may hold partial messages).
         @raise BadDatagram: it is not a JSON object with usable fields.
         """
+        if data[:1] in self._framed_first_bytes and self._is_framed(data):
+            return self._read_framed(data, sender)
         if len(data) > self.max_size:
             raise OversizedDatagram(
                 f"more than {self.max_size} bytes", data)
@@ -117,21 +154,41 @@ class RecordReader:
             record = _decode_json_slowly(data)
         if type(record) is not dict:
             raise NotAnObject(f"got a JSON {type(record).__name__}", data)
-        return self.key_and_source(record, data)
+        # A text decoded from JSON has at most as many characters as the
+        # datagram has bytes.
+        return self._key(record, data, len(data))
 
     def key_and_source(self, record: dict, data: bytes = b"") -> tuple:
         """
-        Read the key and source of a decoded record (changed in place).
+        Read the key and source of a decoded record (changed in place), its
+        texts capped.
 
+        @param data: the input it came from, for the sample bad input
+            keeps.
         @raise WrongFieldType: a unique field or the source holds a list or
             an object, which cannot be compared as a whole.
         """
+        return self._key(record, data, None)
+
+    def _key(self, record: dict, data: bytes, longest: Optional[int]
+             ) -> tuple:
+        """
+        L{key_and_source}, where C{longest}, if known, bounds the length of
+        every text the record holds: the hot path skips the caps when no
+        text can need one.
+        """
+        if self._foreign_field in record:
+            found = self._read_foreign(record, data)
+            if found is not None:
+                return found
         message = record.get("message")
         if message is None and "msg" in record:
-            message = record["message"] = _formatted_msg(record)
+            message = record["message"] = self._formatted_msg(record)
+            longest = None
         if type(message) is str and "\n" in message:
             if not record.get("exc_text"):
                 record["exc_text"] = message
+                longest = None  # the first line is no longer elsewhere
             record["message"] = message.partition("\n")[0]
         key = tuple(map(record.get, self._fields))
         source = record.get(self._source_field)
@@ -139,7 +196,47 @@ class RecordReader:
         if type(source) not in _SCALARS or not _SCALARS.issuperset(
                 map(type, key)):
             raise self._wrong_type(key, source, data)
+        if longest is not None:
+            if longest <= self._uncut_size:
+                return key, source
+            if self._exc_index is not None:
+                exc_text = key[self._exc_index]
+                # Each other text is elsewhere in the datagram, so shorter
+                # than what exc_text leaves of it: most tracebacks need no
+                # more.
+                if (type(exc_text) is str and len(exc_text) <= self._exc_cap
+                        and longest - len(exc_text) <= self._field_cap):
+                    return key, source
+        return self._capped(key, source)
+
+    def _capped(self, key: tuple, source: object) -> tuple:
+        """C{key} and C{source} with each text cut to its cap."""
+        key = tuple([
+            value if type(value) is not str or len(value) <= cap
+            else cut(value, cap)
+            for value, (cut, cap) in zip(key, self._cuts)])
+        if type(source) is str:
+            source = cut_end(source, self._field_cap)
         return key, source
+
+    def _formatted_msg(self, record: dict) -> object:
+        """
+        The message of a record sent as C{logging} holds it, as the original
+        failnozzle's handler did unless the record carried a traceback: the
+        C{msg} format with its C{args}, formatted under the exc_text cap
+        (a multi-line message may move there); if they do not fit, both
+        as text.
+        """
+        msg, args = record["msg"], record.get("args")
+        if type(msg) is not str or not args:
+            return msg
+        if type(args) is list:
+            args = tuple(args)
+        try:
+            return format_capped(msg, args, max(self._exc_cap,
+                                                self._field_cap))
+        except Exception:
+            return f"{msg} (arguments that do not fit: {_text_of(args)})"
 
     def _wrong_type(self, key: tuple, source: object,
                     data: bytes) -> WrongFieldType:
@@ -151,19 +248,12 @@ class RecordReader:
                               data)
 
 
-def _formatted_msg(record: dict) -> object:
-    """
-    The message of a record sent as C{logging} holds it, as the original
-    failnozzle's handler did unless the record carried a traceback: the
-    C{msg} format with its C{args}, or the bare C{msg} if they do not fit.
-    """
-    msg, args = record["msg"], record.get("args")
-    if type(msg) is not str or not args:
-        return msg
+def _text_of(args: object) -> str:
+    """The arguments of a C{msg} that they do not fit, as text."""
     try:
-        return msg % (tuple(args) if type(args) is list else args)
-    except (TypeError, ValueError, KeyError):
-        return msg
+        return repr(list(args) if type(args) is tuple else args)
+    except Exception:
+        return f"<{type(args).__name__}>"
 
 
 def _json_type(value: object) -> str:
@@ -280,14 +370,36 @@ class ErrorReceiver(DatagramProtocol):
         self._aggregator = aggregator
         self._bad_input_log = _BadInputLog(clock)
 
+    #: How many datagrams the port reads per wake-up, at most: about 5 ms
+    #: of them, enough to make the reactor's turn cheap per datagram, few
+    #: enough to keep timers and mail on time.
+    batch = 1000
+
+    def startProtocol(self) -> None:
+        """
+        Have the port read in L{read_pending}'s loop, which costs less per
+        datagram than Twisted's: that one checks its throughput and the
+        address family for each datagram, and stops after 256 KiB.
+        """
+        if isinstance(self.transport, udp.Port):
+            self.transport.doRead = self._read_batch
+
+    def _read_batch(self) -> None:
+        # None: anything else returned by doRead tells the reactor to close
+        # the port.
+        self.read_pending(self.batch)
+
     def datagramReceived(self, data: bytes, addr: tuple) -> None:
         try:
             read = self.reader.read(data, addr)
-        except BadDatagram as error:
-            self.report_bad_input(error, addr)
-        else:
             if read is not None:
                 self._aggregator.add_key(*read)
+        except BadDatagram as error:
+            self.report_bad_input(error, addr)
+        except Exception:
+            # A bug, not bad input: said, and the next datagram is read.
+            _log.failure("Could not count a datagram from {host}",
+                         host=addr[0])
 
     def report_bad_input(self, error: BadDatagram, sender: tuple) -> None:
         """Count bad input from C{sender} for the digest, and log it."""
@@ -296,24 +408,29 @@ class ErrorReceiver(DatagramProtocol):
 
     def read_pending(self, limit: int = 100000) -> int:
         """
-        Read the datagrams the kernel still holds for this port, so a clean
-        stop counts every error sent before it.  Bounded: a flood may not
-        end.
+        Read what the kernel holds for this port, up to C{limit} datagrams,
+        each with its sender's address as C{recvfrom} gives it: the port's
+        read loop (see L{startProtocol}), and on a clean stop the last
+        datagrams sent before it.
 
         @return: how many were read.
         """
-        sock = self.transport.getHandle()
+        recvfrom = self.transport.getHandle().recvfrom
         size = self.reader.max_size + 1
         for count in range(limit):
             try:
-                data, addr = sock.recvfrom(size)
-            except BlockingIOError:
+                data, addr = recvfrom(size)
+            except (BlockingIOError, ConnectionRefusedError):
                 return count
             self.datagramReceived(data, addr)
         return limit
 
     def stopProtocol(self) -> None:
         self._bad_input_log.stop()
+
+
+#: Linux's SO_RCVBUFFORCE, which Python's socket module does not name.
+_SO_RCVBUFFORCE = 33 if sys.platform.startswith("linux") else None
 
 
 def set_receive_buffer(sock: socket.socket, size: int) -> int:
@@ -324,7 +441,7 @@ def set_receive_buffer(sock: socket.socket, size: int) -> int:
 
     @return: the size the kernel reports afterwards.
     """
-    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    force = getattr(socket, "SO_RCVBUFFORCE", _SO_RCVBUFFORCE)
     try:
         if force is None:
             raise PermissionError

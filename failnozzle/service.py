@@ -254,7 +254,8 @@ class FailnozzleService(Service):
         reader = GELFRecordReader(settings.unique_fields,
                                   settings.SOURCE_FIELD_NAME,
                                   settings.INCOMING_MESSAGE_MAX_SIZE,
-                                  self._gelf)
+                                  self._gelf, settings.MAX_FIELD_CHARS,
+                                  settings.MAX_EXC_TEXT_CHARS)
         transport = self._given_transport
         if transport is None:
             delivery_changed = any(

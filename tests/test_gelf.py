@@ -22,10 +22,13 @@ import failnozzle.ingest
 from failnozzle.config import UniqueMessage
 from failnozzle.gelf import (CHUNK_TIMEOUT, MAX_CHUNKS, BadChunkHeader,
                              CorruptCompressed, DecompressionBomb,
-                             GELFDecoder, GELFNotJSON, IncompleteMessage,
+                             GELFDecoder, GELFNotJSON, GELFRecordReader,
+                             IncompleteMessage,
                              InvalidGELF, MessageTooLarge, NotGELF,
                              TooManyChunks, TooManyPartialBytes,
-                             TooManyPartialMessages, is_gelf,
+                             TooManyPartialBytesFromHost,
+                             TooManyPartialMessages,
+                             TooManyPartialMessagesFromHost, is_gelf,
                              looks_like_gelf, record_from_gelf)
 from failnozzle.ingest import BadDatagram, RecordReader
 from tests.common import WAIT_SECONDS
@@ -386,8 +389,10 @@ class ChunkTests(DecoderTestCase):
         reassembled, and nothing is held afterwards.
         """
         message = gelf(full_message="x" * 3000)
-        for payload in (plain(message), zlibbed(message), gzipped(message)):
-            datagrams = chunked(payload, max(1, len(payload) // 5))
+        for number, payload in enumerate(
+                (plain(message), zlibbed(message), gzipped(message))):
+            datagrams = chunked(payload, max(1, len(payload) // 5),
+                                bytes([number]) * 8)
             self.assertGreater(len(datagrams), 4)
             self.assertEqual(self.feed(datagrams), record_from_gelf(message))
             self.assertHoldsNothing()
@@ -397,12 +402,11 @@ class ChunkTests(DecoderTestCase):
         Chunks may arrive in any order.
         """
         message = gelf(full_message="y" * 1000)
-        datagrams = chunked(zlibbed(message), 7)
         for seed in range(5):
-            shuffled = list(datagrams)
+            shuffled = chunked(zlibbed(message), 7, bytes([seed]) * 8)
             random.Random(seed).shuffle(shuffled)
             self.assertEqual(self.feed(shuffled), record_from_gelf(message))
-        self.assertEqual(self.feed(datagrams[::-1]),
+        self.assertEqual(self.feed(chunked(zlibbed(message), 7)[::-1]),
                          record_from_gelf(message))
         self.assertHoldsNothing()
 
@@ -730,25 +734,197 @@ class LimitTests(DecoderTestCase):
     def test_defaults(self):
         """
         By default a message may inflate to 1 MiB, 1000 partial messages
-        may be held, and 32 MiB of chunks.
+        may be held, and 32 MiB of chunks; 100 of the messages and 4 MiB
+        from one host.
         """
         decoder = GELFDecoder(Clock())
         self.assertEqual(decoder.max_size, 1024 * 1024)
         for number in range(1000):
             decoder.decode(chunked(b"x" * 4, 2, number.to_bytes(8, "big"))[0],
-                           SENDER)
+                           (f"10.0.0.{number // 100}", 5000))
         self.assertEqual(decoder.partial_messages, 1000)
         self.assertBad(TooManyPartialMessages,
+                       chunked(b"x" * 4, 2, b"one more")[0],
+                       ("10.0.1.1", 5000), decoder=decoder)
+        self.assertBad(TooManyPartialMessagesFromHost,
                        chunked(b"x" * 4, 2, b"one more")[0], decoder=decoder)
         decoder.stop()
         body = b"x" * 60000
         for number in range(559):
             decoder.decode(b"\x1e\x0f" + number.to_bytes(8, "big") + b"\x00\x02"
-                           + body, SENDER)
+                           + body, (f"10.0.0.{number // 69}", 5000))
         self.assertEqual(decoder.partial_bytes, 559 * 60000)
+        self.assertEqual(decoder.held_by("10.0.0.0"), (69, 69 * 60000))
         self.assertBad(TooManyPartialBytes,
+                       b"\x1e\x0fone more\x00\x02" + body,
+                       ("10.0.1.1", 5000), decoder=decoder)
+        self.assertBad(TooManyPartialBytesFromHost,
                        b"\x1e\x0fone more\x00\x02" + body, decoder=decoder)
         decoder.stop()
+
+
+class HostLimitTests(DecoderTestCase):
+    """
+    One host's chunks cannot take the room of another's.
+    """
+
+    def streams(self, count, size=30):
+        """C{count} chunked messages, each in chunks of C{size} bytes."""
+        return [chunked(plain(gelf(short_message=str(number))), size,
+                        number.to_bytes(8, "big")) for number in range(count)]
+
+    def test_partials_per_host(self):
+        """
+        Past max_partials_per_host a new message from that host is
+        rejected; other hosts' messages are still taken and complete.
+        """
+        self.decoder = self.make_decoder(max_partials=10,
+                                         max_partials_per_host=3)
+        flood = self.streams(5)
+        for stream in flood[:3]:
+            self.decoder.decode(stream[0], SENDER)
+        error = self.assertBad(TooManyPartialMessagesFromHost, flood[3][0])
+        self.assertIn("3 held already from 10.0.0.1", str(error))
+        self.assertEqual(self.decoder.held_by("10.0.0.1")[0], 3)
+        other = ("10.0.0.2", 5000)
+        for stream in self.streams(3):
+            self.assertIsNone(self.decoder.decode(stream[0], other))
+        self.assertEqual(self.feed(self.streams(3)[2][1:], other)["message"],
+                         "2")
+        self.assertEqual(self.feed(flood[0][1:])["message"], "0")
+        self.assertEqual(self.feed(flood[4])["message"], "4")
+
+    def test_bytes_per_host(self):
+        """
+        Past max_partial_bytes_per_host a chunk from that host is rejected
+        and its message dropped; another host's chunks are still taken.
+        """
+        self.decoder = self.make_decoder(max_partial_bytes=1000,
+                                         max_partial_bytes_per_host=40)
+        [big] = self.streams(1, size=10)
+        for data in big[:4]:
+            self.decoder.decode(data, SENDER)
+        error = self.assertBad(TooManyPartialBytesFromHost, big[4])
+        self.assertIn("10 more bytes on 40 held from 10.0.0.1, the limit is "
+                      "40", str(error))
+        self.assertEqual(self.decoder.held_by("10.0.0.1"), (0, 0))
+        other = ("10.0.0.2", 5000)
+        self.assertEqual(self.feed(self.streams(1, size=30)[0],
+                                   other)["message"], "0")
+        self.assertHoldsNothing()
+
+    def test_flood_does_not_stop_others(self):
+        """
+        A host sending 5,000 first chunks that never complete, under the
+        default limits, leaves room for every message of another host.
+        """
+        decoder = GELFDecoder(self.clock)
+        for number in range(5000):
+            try:
+                decoder.decode(b"\x1e\x0f" + number.to_bytes(8, "big")
+                               + b"\x00\x02" + b"x" * 8000, SENDER)
+            except BadDatagram:
+                pass
+        self.assertEqual(decoder.held_by(SENDER[0]), (100, 800000))
+        other = ("10.0.0.2", 5000)
+        for stream in self.streams(50, size=20):
+            self.assertEqual(self.feed(stream, other, decoder)["source"],
+                             "web1")
+        decoder.stop()
+
+
+class ResentChunkTests(DecoderTestCase):
+    """
+    Chunks of a message that completed, sent again, are not a new message.
+    """
+
+    def test_resent_after_completion(self):
+        """
+        Every chunk of a completed message, sent again within
+        CHUNK_TIMEOUT, is dropped: nothing is held, nothing is reported
+        incomplete.
+        """
+        message = gelf(short_message="once")
+        datagrams = chunked(plain(message), 20)
+        self.assertEqual(self.feed(datagrams), record_from_gelf(message))
+        for data in datagrams[::-1] + datagrams:
+            self.assertIsNone(self.decoder.decode(data, SENDER))
+        self.assertHoldsNothing()
+        self.clock.advance(CHUNK_TIMEOUT)
+        self.assertEqual(self.incomplete, [])
+        self.assertEqual(self.decoder.completed_ids, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_same_id_from_another_host(self):
+        """
+        The same id from another host is another message.
+        """
+        datagrams = chunked(plain(gelf()), 20)
+        self.feed(datagrams)
+        self.assertEqual(self.feed(datagrams, ("10.0.0.2", 1)),
+                         record_from_gelf(gelf()))
+
+    def test_forgotten_after_timeout(self):
+        """
+        After CHUNK_TIMEOUT the id is forgotten: a sender may use it again.
+        """
+        datagrams = chunked(plain(gelf()), 20)
+        self.feed(datagrams)
+        self.assertEqual(self.decoder.completed_ids, 1)
+        self.clock.advance(CHUNK_TIMEOUT)
+        self.assertEqual(self.feed(datagrams), record_from_gelf(gelf()))
+
+    def test_bounded(self):
+        """
+        At most max_completed ids are remembered; the oldest goes first.
+        """
+        self.decoder = self.make_decoder(max_completed=2)
+        streams = [chunked(plain(gelf()), 20, bytes([number]) * 8)
+                   for number in range(3)]
+        for stream in streams:
+            self.feed(stream)
+        self.assertEqual(self.decoder.completed_ids, 2)
+        self.assertIsNone(self.decoder.decode(streams[2][0], SENDER))
+        self.assertIsNone(self.decoder.decode(streams[0][0], SENDER))
+        self.assertEqual(self.decoder.partial_messages, 1)
+
+
+class GELFCapTests(SynchronousTestCase):
+    """
+    A GELF message's texts are capped like those of failnozzle's JSON,
+    however large it inflates.
+    """
+
+    def test_inflated_capped(self):
+        """
+        A zlib message inflating to about 1 MiB gives a key of capped
+        texts: exc_text cut in the middle, message, kind and source at
+        the end.
+        """
+        reader = GELFRecordReader(FIELDS, "source", 65507,
+                                  GELFDecoder(Clock()))
+        data = zlibbed(gelf(short_message="s" * 300000,
+                            full_message="f" * 400000 + "the end",
+                            host="h" * 5000, _kind="k" * 200000))
+        self.assertLess(len(data), 10000)
+        key, source, level = reader.read(data, SENDER)
+        fields = dict(zip(FIELDS, key))
+        self.assertLessEqual(len(fields["exc_text"]), 16384)
+        self.assertTrue(fields["exc_text"].endswith("the end"))
+        self.assertEqual(len(fields["message"]), 1000)
+        self.assertEqual(len(fields["kind"]), 1000)
+        self.assertEqual(len(source), 1000)
+
+    def test_plain_capped(self):
+        """
+        So is a plain JSON GELF message.
+        """
+        reader = GELFRecordReader(FIELDS, "source", 65507,
+                                  GELFDecoder(Clock()),
+                                  max_field_chars=50)
+        key, source, _ = reader.read(plain(gelf(short_message="s" * 60)),
+                                     SENDER)
+        self.assertEqual(len(dict(zip(FIELDS, key))["message"]), 50)
 
 
 class CompressionTests(DecoderTestCase):
@@ -868,7 +1044,7 @@ class RejectionTests(SynchronousTestCase):
         kinds = [value for value in vars(failnozzle.gelf).values()
                  if isinstance(value, type) and issubclass(value, BadDatagram)
                  and value is not BadDatagram]
-        self.assertEqual(len(kinds), 11)
+        self.assertEqual(len(kinds), 13)
         ours = [kind.reason for kind in kinds]
         theirs = [value.reason for value in vars(failnozzle.ingest).values()
                   if isinstance(value, type)

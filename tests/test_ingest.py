@@ -5,10 +5,13 @@ the receiver's counting and rate-limited logging, and the UDP socket.
 import json
 import random
 import socket
+import tracemalloc
 
+from twisted.internet import udp
 from twisted.internet.task import Clock
 from twisted.internet.testing import (EventLoggingObserver,
-                                      FakeDatagramTransport)
+                                      FakeDatagramTransport,
+                                      MemoryReactorClock)
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -19,6 +22,7 @@ from failnozzle.ingest import (BadDatagram, ErrorReceiver, NotAnObject,
                                RecordReader, WrongFieldType,
                                bind_udp_socket, default_internal_error_record,
                                internal_error_key_maker, set_receive_buffer)
+from failnozzle.textcap import FIELD_MARK
 from tests.common import record
 
 FIELDS = UniqueMessage._fields
@@ -149,6 +153,114 @@ class RecordReaderTests(SynchronousTestCase):
         self.assertEqual(len(data), 100)
         key, _ = make_reader(max_size=100).read(data)
         self.assertEqual(dict(zip(FIELDS, key))["message"], "")
+
+
+class CapTests(SynchronousTestCase):
+    """
+    Every text kept is capped: exc_text at MAX_EXC_TEXT_CHARS, cut in the
+    middle; the message's first line, every other field and the source at
+    MAX_FIELD_CHARS, cut at the end.
+    """
+
+    def fields(self, data, reader=None):
+        key, source = (reader or make_reader()).read(encode(data))
+        return dict(zip(FIELDS, key), source=source)
+
+    def test_short_untouched(self):
+        """
+        Texts within the caps are kept as they are, long datagram or short;
+        numbers, booleans and null are not texts.
+        """
+        data = record("m" * 1000, exc_text="t" * 16384, module="x" * 1000,
+                      source="h" * 1000, lineno=10 ** 18, kind=True)
+        fields = self.fields(data)
+        for name in ("message", "exc_text", "module", "source", "lineno",
+                     "kind"):
+            self.assertEqual(fields[name], data[name], name)
+        self.assertEqual(self.fields({"message": "m", "lineno": None}),
+                         dict(self.fields({"message": "m"})))
+
+    def test_each_field_capped(self):
+        """
+        Each text field, the source included, is cut at its cap, however
+        the others are.
+        """
+        names = [name for name in FIELDS if name != "lineno"] + ["source"]
+        for name in names:
+            data = record("m", exc_text="short")
+            data[name] = "v" * 70000
+            fields = self.fields(data, make_reader(10 ** 6))
+            if name == "exc_text":
+                self.assertIn(len(fields[name]), range(16300, 16385))
+                self.assertRegex(
+                    fields[name],
+                    r"^v{8000,}\[… 53,\d{3} characters cut …\]v+$")
+            else:
+                self.assertEqual(fields[name], "v" * 999 + FIELD_MARK, name)
+            for other in set(names) - {name}:
+                self.assertEqual(fields[other], data[other])
+
+    def test_long_traceback_with_long_fields(self):
+        """
+        A datagram with a long traceback and other long texts has all of
+        them cut.
+        """
+        fields = self.fields(record("m" * 5000, exc_text="t" * 20000,
+                                    pathname="p" * 3000))
+        self.assertIn(len(fields["exc_text"]), range(16300, 16385))
+        self.assertEqual(len(fields["message"]), 1000)
+        self.assertEqual(len(fields["pathname"]), 1000)
+
+    def test_multiline_message_capped(self):
+        """
+        A long multi-line message gives a capped first line, and exc_text
+        capped in the middle, keeping the last line.
+        """
+        message = "first " * 400 + "\n" + "middle\n" * 5000 + "last line"
+        fields = self.fields({"message": message})
+        self.assertEqual(len(fields["message"]), 1000)
+        self.assertTrue(fields["message"].startswith("first first"))
+        self.assertLessEqual(len(fields["exc_text"]), 16384)
+        self.assertTrue(fields["exc_text"].startswith("first first"))
+        self.assertTrue(fields["exc_text"].endswith("middle\nlast line"))
+
+    def test_custom_caps(self):
+        """
+        The caps are the reader's settings.
+        """
+        reader = RecordReader(FIELDS, "source", 65536, max_field_chars=10,
+                              max_exc_text_chars=100)
+        fields = self.fields(record("m" * 50, exc_text="e" * 500,
+                                    source="s" * 11), reader)
+        self.assertEqual(fields["message"], "m" * 9 + FIELD_MARK)
+        self.assertEqual(fields["source"], "s" * 9 + FIELD_MARK)
+        self.assertIn(len(fields["exc_text"]), range(90, 101))
+        self.assertIn("characters cut", fields["exc_text"])
+
+    def test_records_capped(self):
+        """
+        A record read by key_and_source (mail, the internal error record)
+        is capped too.
+        """
+        key, source = make_reader().key_and_source(
+            {"message": "m" * 5000, "exc_text": "e" * 50000,
+             "source": "s" * 2000})
+        fields = dict(zip(FIELDS, key))
+        self.assertEqual(len(fields["message"]), 1000)
+        self.assertLessEqual(len(fields["exc_text"]), 16384)
+        self.assertEqual(len(source), 1000)
+
+    def test_internal_error_record_capped(self):
+        """
+        So is what INTERNAL_ERROR_FUNC returns.
+        """
+        key = internal_error_key_maker(
+            make_reader(), lambda count, error: {"message": "x" * 10 ** 6,
+                                                 "kind": "k" * 5000})(
+                1, NotJSON("x"))
+        fields = dict(zip(FIELDS, key))
+        self.assertEqual(len(fields["message"]), 1000)
+        self.assertEqual(len(fields["kind"]), 1000)
 
 
 class BadDatagramTests(SynchronousTestCase):
@@ -573,6 +685,95 @@ class FuzzTests(ReceiverTestCase):
         self.assertEqual(self.aggregator.flush().total, len(payloads))
 
 
+class ReadLoopTests(SynchronousTestCase):
+    """
+    The port's read loop: L{ErrorReceiver} reads a real socket on
+    127.0.0.1, up to a batch per wake-up of the reactor.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.reader = make_reader()
+        self.aggregator = Aggregator(10000, self.reactor,
+                                     internal_error_key_maker(self.reader))
+        self.receiver = ErrorReceiver(self.reader, self.aggregator,
+                                      self.reactor)
+        self.port = udp.Port(0, self.receiver, "127.0.0.1", 65536,
+                             self.reactor)
+        self.port.startListening()
+        self.addCleanup(self.reactor.advance, 0)  # connectionLost: closed
+        self.addCleanup(self.port.stopListening)
+        self.sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(self.sender.close)
+        self.sender.connect(("127.0.0.1", self.port.getHost().port))
+
+    def send(self, *payloads):
+        for payload in payloads:
+            self.sender.send(payload)
+
+    def test_reads_a_batch(self):
+        """
+        A wake-up reads at most a batch of datagrams, counting each; the
+        next reads the rest; doRead returns None, which keeps the port
+        open.
+        """
+        self.receiver.batch = 10
+        self.send(*[encode(record(f"e{number % 3}")) for number in range(25)])
+        for expected in (10, 20, 25, 25):
+            self.assertIsNone(self.port.doRead())
+            self.assertEqual(self.aggregator.view().total, expected)
+
+    def test_bad_input_and_bugs_do_not_stop_it(self):
+        """
+        Bad input is counted as such, and a reader that fails (a bug) is
+        logged; the datagrams after them in the batch are counted.
+        """
+        read = self.reader.read
+
+        def failing(data, sender=None):
+            if data == b'"bug"':
+                raise RuntimeError("a bug")
+            return read(data, sender)
+
+        self.reader.read = failing
+        self.send(b"junk", b'"bug"', encode(record("after")))
+        self.port.doRead()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        message = FIELDS.index("message")
+        self.assertEqual(
+            sorted(entry.key[message] for entry in
+                   self.aggregator.flush().entries),
+            ["Internal error: datagram is not valid JSON", "after"])
+
+    def test_hostile_capped(self):
+        """
+        Hostile datagrams over the socket give capped keys: a 52-byte
+        C{%100000000d} a 1,000-character message, a 60,000-character
+        traceback 16,384 characters, its end kept.
+        """
+        self.send(encode({"msg": "%100000000d", "args": [1]}),
+                  encode(record("long", exc_text="t" * 60000 + "the end")))
+        self.port.doRead()
+        fields = {entry.key[FIELDS.index("message")][:4]:
+                  dict(zip(FIELDS, entry.key))
+                  for entry in self.aggregator.flush().entries}
+        self.assertEqual(fields["    "]["message"], " " * 999 + FIELD_MARK)
+        exc_text = fields["long"]["exc_text"]
+        self.assertLessEqual(len(exc_text), 16384)
+        self.assertTrue(exc_text.endswith("the end"))
+
+    def test_read_pending(self):
+        """
+        read_pending reads what is queued, up to its limit, and says how
+        many it read.
+        """
+        self.send(*[encode(record("m"))] * 5)
+        self.assertEqual(self.receiver.read_pending(3), 3)
+        self.assertEqual(self.receiver.read_pending(), 2)
+        self.assertEqual(self.receiver.read_pending(), 0)
+        self.assertEqual(self.aggregator.view().total, 5)
+
+
 class SocketTests(SynchronousTestCase):
     """
     L{bind_udp_socket} and L{set_receive_buffer} on a real socket.
@@ -649,10 +850,64 @@ class OriginalHandlerTests(SynchronousTestCase):
 
     def test_args_do_not_fit(self):
         """
-        C{args} that do not fit the format leave the bare C{msg}.
+        C{args} that do not fit the format show C{msg} and C{args} as text:
+        a C{%d} given a string, a C{%c} given a huge number, too few or too
+        many arguments.  Nothing is logged.
         """
-        self.assertEqual(self.read(msg="%d items", args=["x"])[0],
-                         ("%d items", None))
+        events = EventLoggingObserver.createWithCleanup(self,
+                                                        globalLogPublisher)
+        for msg, args in (("%d items", ["x"]), ("%c", [2 ** 40]),
+                          ("%s and %s", ["a"]), ("%s", ["a", "b"]),
+                          ("%(user)s", ["bob"])):
+            self.assertEqual(
+                self.read(msg=msg, args=args)[0],
+                (f"{msg} (arguments that do not fit: {args!r})", None))
+        self.assertEqual(list(events), [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_formatted_as_python_does(self):
+        """
+        What fits is formatted as Python's C{%} formats it: widths, flags,
+        precisions, C{*}, mapping keys.
+        """
+        for msg, args in (("%5d|%-5s|%+.2f", [42, "ab", 3.14159]),
+                          ("%*d %#x %.3s", [6, 7, 255, "abcdef"]),
+                          ("%(a)s-%(a)05d", {"a": 7}), ("100%% %s", ["done"])):
+            self.assertEqual(self.read(msg=msg, args=args)[0][0],
+                             msg % (tuple(args) if type(args) is list
+                                    else args))
+
+    def test_huge_width_capped(self):
+        """
+        The 52-byte C{%100000000d} (98 MB each, formatted whole) gives a
+        message of MAX_FIELD_CHARS, ending in the mark, at a cost of little
+        more than that.
+        """
+        data = json.dumps({"msg": "%100000000d", "args": [1]}).encode()
+        reader = RecordReader(("message",), "source", 65536)
+        tracemalloc.start()
+        try:
+            (message,), _ = reader.read(data)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(message, " " * 999 + FIELD_MARK)
+        self.assertLess(peak, 1024 * 1024)
+
+    def test_repeated_key_capped(self):
+        """
+        A mapping key repeated for a long multi-line value fills message
+        and exc_text to their caps only.
+        """
+        value = "line one\n" + "x" * 3000
+        reader = make_reader()
+        key, _ = reader.read(json.dumps(
+            {"msg": "%(a)s" * 20, "args": {"a": value}}).encode())
+        fields = dict(zip(FIELDS, key))
+        self.assertEqual(fields["message"], "line one")
+        self.assertLessEqual(len(fields["exc_text"]), 16384)
+        self.assertIn("characters cut", fields["exc_text"])
+        self.assertTrue(fields["exc_text"].endswith("x" * 1000))
 
     def test_message_wins(self):
         """
