@@ -268,8 +268,8 @@ class Aggregator:
     def view(self) -> Batch:
         """
         Everything counted so far, bad input included, neither copied nor
-        sorted: cheap, but valid only until the next count.  Snapshots read
-        L{changes} instead.
+        sorted, for a look at the buffer: cheap, but valid only until the
+        next count.
         """
         entries = {key: _entry_of(key, tally)
                    for key, tally in self._tallies.items()}

@@ -22,6 +22,8 @@ import os
 import re
 import reprlib
 import socket
+import sys
+import sysconfig
 import traceback
 import types
 from collections import namedtuple
@@ -729,6 +731,7 @@ def read_config_file(path: str) -> tuple:
     # original's imp.load_source.
     module = types.ModuleType("failnozzle_config")
     module.__file__ = path
+    before = set(sys.modules)
     try:
         exec(compile(tree, path, "exec"), module.__dict__)
     except Exception as error:
@@ -739,6 +742,8 @@ def read_config_file(path: str) -> tuple:
             f"config file {path!r}{where}: "
             f"{type(error).__name__}: {_one_line(str(error))}"
         ) from None
+    finally:
+        _forget_own_modules(set(sys.modules) - before)
 
     collector = _ModuleNames()
     collector.visit(tree)
@@ -753,6 +758,23 @@ def read_config_file(path: str) -> tuple:
             notices.append(f"config file {path!r}: {name} is not a setting "
                            f"and is ignored" + _suggestion(name))
     return values, notices
+
+
+def _forget_own_modules(names: set) -> None:
+    """
+    Forget the modules of the site's own that a config file imported
+    (C{from common_settings import *}), so that reading it again, as a
+    reload does, reads them again; installed packages stay imported.
+    """
+    installed = tuple(os.path.realpath(path) + os.sep for path in {
+        sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib",
+                                               "purelib", "platlib")})
+    for name in names:
+        if name == "failnozzle" or name.startswith("failnozzle."):
+            continue
+        where = getattr(sys.modules.get(name), "__file__", None)
+        if where and not os.path.realpath(where).startswith(installed):
+            del sys.modules[name]
 
 
 def _suggestion(name: str) -> str:

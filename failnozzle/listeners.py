@@ -64,9 +64,15 @@ def close_all(sockets: Mapping[str, socket.socket]) -> None:
         sock.close()
 
 
-def receive_buffer(port) -> int:
-    """The receive buffer the kernel gives a datagram port's socket."""
-    return port.getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+def overlaps(old: Optional[tuple], new: Optional[tuple]) -> bool:
+    """
+    Whether a socket bound to C{new} conflicts with one still bound to
+    C{old}: the same port, on the same host or on all of them.
+    """
+    if old is None or new is None or old[1] != new[1] or old[1] == 0:
+        return False
+    wildcards = ("0.0.0.0", "::")
+    return old[0] == new[0] or old[0] in wildcards or new[0] in wildcards
 
 
 class Listeners:
@@ -101,6 +107,14 @@ class Listeners:
         """The port of the setting C{name}, or None."""
         return self.ports.get(name)
 
+    def address(self, name: str) -> Optional[tuple]:
+        """The (host, port) the port of C{name} is bound to, or None."""
+        port = self.ports.get(name)
+        if port is None:
+            return None
+        bound = port.getHost()
+        return (bound.host, bound.port)
+
     def stop(self, names: Iterable[str]) -> defer.Deferred:
         """
         Stop listening on the ports of C{names}, datagram ports after
@@ -121,11 +135,11 @@ class Listeners:
         return defer.gatherResults(closing, consumeErrors=True).addErrback(
             lambda failure: failure.value.subFailure)
 
-    def resize(self, max_packet_size: int, rcvbuf: Optional[int]) -> None:
-        """A reload's new datagram size and receive buffer, in place."""
+    def set_receive_buffer(self, rcvbuf: Optional[int]) -> None:
+        """A reload's new UDP_RCVBUF, on the datagram ports in place."""
+        if rcvbuf is None:
+            return
         for name in DATAGRAM:
             port = self.ports.get(name)
             if port is not None:
-                port.maxPacketSize = max_packet_size
-                if rcvbuf is not None:
-                    set_receive_buffer(port.getHandle(), rcvbuf)
+                set_receive_buffer(port.getHandle(), rcvbuf)

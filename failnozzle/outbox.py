@@ -323,7 +323,10 @@ class Outbox:
         self._waiting.append(waiting)
         self._writer.run(self.spool.add, data).addCallbacks(
             self._spooled, self._not_spooled, callbackArgs=(waiting,),
-            errbackArgs=(waiting,))
+            errbackArgs=(waiting,)).addErrback(
+                lambda failure: _log.failure(
+                    "Could not go on with {subject!r} once spooled", failure,
+                    subject=waiting.subject))
         return waiting
 
     def _spooled(self, path: str, waiting: _Waiting) -> None:

@@ -27,7 +27,7 @@ from failnozzle.gelf import GELFDecoder, GELFRecordReader
 from failnozzle.ingest import (BadDatagram, ErrorReceiver,
                                internal_error_key_maker)
 from failnozzle.listeners import (DATAGRAM, LISTENING, Listeners,
-                                  bind_listening)
+                                  bind_listening, overlaps)
 from failnozzle.mailin import MailIngest, tls_options
 from failnozzle.outbox import Outbox, Sending
 from failnozzle.spool import Spool
@@ -209,6 +209,7 @@ class FailnozzleService(Service):
                              Spool(settings.SPOOL_DIR, reactor), reactor,
                              writer=self.writer)
         self.state_file: Optional[StateFile] = None
+        self._snapshots: Optional[StateFile] = None
         self._state_unwritable = False
         #: Who waits for the snapshot that has not begun yet, if one is
         #: queued (see L{saved_soon}).
@@ -258,14 +259,10 @@ class FailnozzleService(Service):
                                   settings.MAX_EXC_TEXT_CHARS)
         transport = self._given_transport
         if transport is None:
-            delivery_changed = any(
-                name.startswith("SMTP_") and not name.startswith(
-                    "SMTP_INGEST") or name in ("MAILDIR", "SERVER_NAME")
-                for name in changed)
-            transport = (self.outbox.transport
-                         if changed and not delivery_changed
-                         else make_transport(settings, self._reactor,
-                                             self.writer))
+            # Made anew each time: a reload reads SMTP_CA_FILE again.
+            transport = make_transport(settings, self._reactor, self.writer)
+            if self.outbox is not None and hasattr(transport, "keep_mode_of"):
+                transport.keep_mode_of(self.outbox.transport)
         mail_tls = None
         if settings.SMTP_INGEST_BIND and settings.SMTP_INGEST_TLS_CERT:
             mail_tls = tls_options(settings.SMTP_INGEST_TLS_CERT,
@@ -313,30 +310,52 @@ class FailnozzleService(Service):
                                   configured.internal_error_key, rekey)
         self._held = {kind: batch.rekeyed(rekey)
                       for kind, batch in self._held.items()}
+        self._unsettled = {token: (kind, batch.rekeyed(rekey))
+                           for token, (kind, batch) in self._unsettled.items()}
         self.rate_window.size = settings.PAGER_WINDOW_SIZE
         self.rate_window.limit = settings.PAGER_LIMIT
         del self.rate_window.counts[:-settings.PAGER_WINDOW_SIZE]
-        if "SPOOL_DIR" in changed:
-            self.outbox.spool = Spool(settings.SPOOL_DIR, self._reactor)
-            _prepare(self.outbox.spool, "SPOOL_DIR",
-                     "messages wait in memory only")
-        if "MAILDIR" in changed and isinstance(configured.transport,
-                                               MaildirTransport):
-            _prepare(configured.transport, "MAILDIR",
-                     "digests cannot be written")
         self.outbox.configure(configured.transport,
                               settings.RETRY_MIN_SECONDS,
                               settings.RETRY_MAX_SECONDS,
                               settings.SPOOL_LIFETIME_SECONDS,
                               settings.DIGEST_MAX_BYTES)
+        if previous is not None:
+            self._prepare_directories(changed)
         self._configure_mail(settings, configured)
-        if not changed or changed & {"STATE_FILE", "SNAPSHOT_SECONDS",
-                                     "UNIQUE_MSG_TUPLE"}:
-            self.state_file = (
-                StateFile(settings.STATE_FILE, self._reactor, self.writer.run,
-                          settings.unique_fields, self._wall_offset)
-                if settings.SNAPSHOT_SECONDS else None)
+        self._configure_snapshots(settings, changed)
+
+    def _prepare_directories(self, changed: set) -> None:
+        """What start-up does for the directories a reload changed."""
+        transport = self.outbox.transport
+        if isinstance(transport, MaildirTransport):
+            _prepare(transport, "MAILDIR", "digests cannot be written")
+        if "SPOOL_DIR" in changed:
+            self.outbox.spool = Spool(self.settings.SPOOL_DIR, self._reactor)
+            _prepare(self.outbox.spool, "SPOOL_DIR",
+                     "messages wait in memory only")
+            self.outbox.recover()
+
+    def _configure_snapshots(self, settings: Settings, changed: set) -> None:
+        """
+        One L{StateFile} for the life of the service, so its keys files'
+        generations only grow; a reload that changes where or how keys are
+        saved makes the next snapshot whole, in a new keys file.
+        """
+        if not settings.SNAPSHOT_SECONDS:
+            self.state_file = None
+            return
+        if self._snapshots is None:
+            self._snapshots = StateFile(settings.STATE_FILE, self._reactor,
+                                        self.writer.run,
+                                        settings.unique_fields,
+                                        self._wall_offset)
+        elif self.state_file is None or changed & {"STATE_FILE",
+                                                   "UNIQUE_MSG_TUPLE"}:
+            self._snapshots.configure(settings.STATE_FILE,
+                                      settings.unique_fields)
             self._state_unwritable = False
+        self.state_file = self._snapshots
 
     def _configure_mail(self, settings: Settings,
                         configured: _Configured) -> None:
@@ -374,7 +393,7 @@ class FailnozzleService(Service):
             # Also finds out now, not at the first flush, if it cannot be
             # written.
             self.save_state()
-        self._listen(self._sockets)
+        self._listen(self._sockets, moved=False)
         self._sockets = {}
         address = self.udp_port.getHost()
         _log.info(
@@ -387,8 +406,11 @@ class FailnozzleService(Service):
         self.outbox.recover()
         self._start_loops()
 
-    def _listen(self, sockets: dict) -> None:
-        """Adopt the bound C{sockets}, by setting, and say where."""
+    def _listen(self, sockets: dict, moved: bool = True) -> None:
+        """
+        Adopt the bound C{sockets}, by setting, and say where (UDP_BIND's
+        only if C{moved} by a reload).
+        """
         for name in LISTENING:
             sock = sockets.get(name)
             if sock is None:
@@ -410,6 +432,11 @@ class FailnozzleService(Service):
             if what is not None:
                 _log.info("failnozzle listening for {what} {host}:{port}",
                           what=what, host=address.host, port=address.port)
+            elif moved:
+                # Start-up says it in a line of its own.
+                _log.info("failnozzle listening for errors on UDP "
+                          "{host}:{port}", host=address.host,
+                          port=address.port)
 
     def _start_loops(self) -> None:
         self._flush_loop.start(self.settings.FLUSH_SECONDS, now=False)
@@ -423,45 +450,93 @@ class FailnozzleService(Service):
 
     def reload(self) -> bool:
         """
-        Read the config file again (SIGHUP) and take its settings: what is
-        counted, held or waiting is kept (re-keyed if UNIQUE_MSG_TUPLE
-        changed), ports whose address changed are moved, loops whose
-        period changed restart.  A config that cannot be used is reported
-        in one line, and the running one kept.
+        Read the config file again (SIGHUP) and take its settings, and the
+        templates and certificate files again: what is counted, held or
+        waiting is kept (re-keyed if UNIQUE_MSG_TUPLE changed), ports whose
+        address changed are moved, loops whose period changed restart.  A
+        config that cannot be used is reported in one line, and the running
+        one kept.
 
         @return: whether the new settings were taken.
         """
+        if not self.running:
+            # A SIGHUP just before a stop: the stop has begun.
+            return False
         try:
             settings, notices = self._reload_settings()
             changed = changed_settings(self.settings, settings)
             configured = self._configure(settings, changed)
             moved = [name for name in LISTENING if name in changed]
-            sockets = bind_listening(settings, moved)
+            # An address that overlaps the old one (127.0.0.1:1549 then
+            # 0.0.0.0:1549) can only be bound once the old port is closed.
+            swapped = [name for name in moved if overlaps(
+                self._listeners.address(name), getattr(settings, name))]
+            sockets = bind_listening(settings, [
+                name for name in moved if name not in swapped])
         except ConfigError as error:
             _log.error("Not reloading the config: {error}; the running "
                        "settings are kept", error=error)
             return False
         for notice in notices:
             _log.warn("Config: {notice}", notice=notice)
-        if not changed:
-            _log.info("Reloaded the config: nothing changed")
-            return True
         previous = self.settings
-        self._stop_loops()
-        self._apply(settings, configured, changed, previous)
-        self._listeners.resize(settings.INCOMING_MESSAGE_MAX_SIZE + 1,
-                               settings.UDP_RCVBUF
-                               if "UDP_RCVBUF" in changed else None)
-        stopping = self._listeners.stop(moved)
-        stopping.addErrback(lambda failure: _log.failure(
-            "Reload: could not stop listening on an old address", failure))
-        self._listen(sockets)
-        self._start_loops()
+        try:
+            self._apply(settings, configured, changed, previous)
+            self._listeners.set_receive_buffer(
+                settings.UDP_RCVBUF if "UDP_RCVBUF" in changed else None)
+            self._listeners.stop(
+                [name for name in moved if name not in swapped]).addErrback(
+                    lambda failure: _log.failure(
+                        "Reload: could not stop listening on an old address",
+                        failure))
+            self._listen(sockets)
+            for name in swapped:
+                self._move(name, previous)
+        finally:
+            self._restart_loops(changed)
         if self.state_file is not None:
             self.save_state()
-        _log.info("Reloaded the config: {names} changed",
-                  names=", ".join(sorted(changed)))
+        _log.info("Reloaded the config: {names}; templates and certificate "
+                  "files read again", names=", ".join(sorted(changed))
+                  + " changed" if changed else "no setting changed")
         return True
+
+    def _move(self, name: str, previous: Settings) -> defer.Deferred:
+        """
+        Close the port of C{name}, then listen on its new address; if that
+        cannot be bound, on the old one again (both said in the log).
+        """
+        def listen(_: object) -> None:
+            for settings in (self.settings, previous):
+                try:
+                    self._listen(bind_listening(settings, [name]))
+                except ConfigError as error:
+                    _log.error("Reload: {error}", error=error)
+                else:
+                    return
+            _log.error("Reload: not listening on {setting} any more",
+                       setting=name)
+
+        moving = self._listeners.stop([name])
+        moving.addBoth(listen)
+        return moving
+
+    def _restart_loops(self, changed: set) -> None:
+        """
+        Restart the loops whose period a reload changed, and any that is
+        not running: only they, or frequent reloads would put off every
+        flush.
+        """
+        if "FLUSH_SECONDS" in changed and self._flush_loop.running:
+            self._flush_loop.stop()
+        if self._snapshot_loop.running and (
+                "SNAPSHOT_SECONDS" in changed or self.state_file is None):
+            self._snapshot_loop.stop()
+        if not self._flush_loop.running:
+            self._flush_loop.start(self.settings.FLUSH_SECONDS, now=False)
+        if self.state_file is not None and not self._snapshot_loop.running:
+            self._snapshot_loop.start(self.settings.SNAPSHOT_SECONDS,
+                                      now=False)
 
     def stopService(self) -> defer.Deferred:
         """

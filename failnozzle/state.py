@@ -93,6 +93,9 @@ class _Snapshot:
     """What one snapshot writes, as data no one changes meanwhile."""
 
     generation: int
+    #: Whether the keys file is begun by this snapshot: written anew, not
+    #: appended to, whatever an earlier run left at that name.
+    fresh_keys: bool
     fields: Optional[list]
     wall_offset: float
     new_keys: list  # [number, key] pairs for the keys file
@@ -130,6 +133,8 @@ class StateFile:
         #: The keys of this generation's keys file, and their numbers.
         self._numbers: dict = {}
         self._needs_whole = True
+        #: The generation whose keys file this object has begun.
+        self._keys_begun: Optional[int] = None
         #: What the last snapshot wrote, encoded, for the next one to
         #: write again with only what changed: the buffer's rows by number,
         #: and for "held" and "unsettled" each batch by kind (with the
@@ -201,8 +206,10 @@ class StateFile:
                      for entry in state.bad_input]
         # The rows are handed over as they are: they change only in the
         # next snapshot, which waits for this one to be written.
+        fresh = self._keys_begun != self._generation
+        self._keys_begun = self._generation
         snapshot = _Snapshot(
-            self._generation,
+            self._generation, fresh,
             None if self._fields is None else list(self._fields),
             self._wall_offset(), new_keys,
             itertools.chain(self._buffer_rows.values(), bad_input),
@@ -236,8 +243,9 @@ class StateFile:
         tracebacks.
         """
         keys_path = self._keys_path(snapshot.generation)
-        if snapshot.new_keys or not os.path.exists(keys_path):
-            with open_private(keys_path, "a", encoding="utf-8") as keys:
+        if snapshot.new_keys or snapshot.fresh_keys:
+            mode = "w" if snapshot.fresh_keys else "a"
+            with open_private(keys_path, mode, encoding="utf-8") as keys:
                 for number, key in snapshot.new_keys:
                     keys.write(_dumps([number, key], key) + "\n")
                 keys.flush()
@@ -256,6 +264,20 @@ class StateFile:
         # from the whole buffer.
         self._begin_generation()
         return failure
+
+    def configure(self, path: str, fields: Optional[tuple]
+                  ) -> defer.Deferred:
+        """
+        Take a reload's STATE_FILE and fields of a key, once the snapshots
+        asked for before are written: the next snapshot is whole, in a new
+        keys file, at C{path} (replacing what may be there).
+        """
+        def change() -> None:
+            self.path = os.path.abspath(path)
+            self._fields = None if fields is None else tuple(fields)
+            self._begin_generation()
+
+        return self._lock.run(change)
 
     def _begin_generation(self) -> None:
         """

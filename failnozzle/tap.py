@@ -139,7 +139,9 @@ def _startup_checks(settings: Settings) -> list:
         # The transport keeps the reactor for later; nothing connects.
         checks.append((("SMTP_HOST", "SMTP_CA_FILE"),
                        partial(make_transport, settings, None)))
-    if settings.SMTP_INGEST_TLS_CERT and settings.SMTP_INGEST_TLS_KEY:
+    # As the service reads them: only with SMTP_INGEST_BIND.
+    if (settings.SMTP_INGEST_BIND and settings.SMTP_INGEST_TLS_CERT
+            and settings.SMTP_INGEST_TLS_KEY):
         checks.append((("SMTP_INGEST_TLS_CERT", "SMTP_INGEST_TLS_KEY"),
                        partial(tls_options, settings.SMTP_INGEST_TLS_CERT,
                                settings.SMTP_INGEST_TLS_KEY)))

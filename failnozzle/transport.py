@@ -140,6 +140,17 @@ class SMTPTransport:
     def describe(self) -> str:
         return f"SMTP server {self.host}:{self.port}"
 
+    def keep_mode_of(self, other: object) -> None:
+        """
+        Take the mode C{other}, the transport this one replaces on a
+        reload, found out for the same server: not found out again.
+        """
+        if (isinstance(other, SMTPTransport) and self._finding_mode
+                and (other.host, other.port) == (self.host, self.port)):
+            self.mode = other.mode
+            self._finding_mode = other._finding_mode
+            self._doubting_silence = other._doubting_silence
+
     def deliver(self, sender: str, recipients: Sequence[str],
                 message: EmailMessage,
                 data: Optional[bytes] = None) -> defer.Deferred:

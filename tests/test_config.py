@@ -39,6 +39,20 @@ class ConfigTestCase(SynchronousTestCase):
             config_file.write(textwrap.dedent(text))
         return path
 
+    def shared_module(self, module, text):
+        """
+        Write C{text} as the module C{module} a config file may import
+        (C{from module import *}), importable until the test ends.
+
+        @return: its path.
+        """
+        path = self.write(text, name=f"{module}.py")
+        directory = os.path.dirname(path)
+        self.addCleanup(sys.modules.pop, module, None)
+        self.addCleanup(sys.path.remove, directory)
+        sys.path.insert(0, directory)
+        return path
+
     def load(self, text):
         """The settings and notices a config file of C{text} gives."""
         return load_settings(self.write(text))
@@ -347,21 +361,31 @@ class NamesTests(ConfigTestCase):
         Settings imported from a shared module count, as they did for the
         original; other UPPER_CASE names that come with them do not.
         """
-        shared = self.write("""\
+        self.shared_module("failnozzle_shared_defaults", """\
             REPORT_TO = ['shared@example.com']
             FLUSH_SECONDS = 15
             SOME_CONSTANT = 3
-            """, name="failnozzle_shared_defaults.py")
-        directory = os.path.dirname(shared)
-        self.addCleanup(sys.modules.pop, "failnozzle_shared_defaults", None)
-        self.addCleanup(sys.path.remove, directory)
-        sys.path.insert(0, directory)
+            """)
         settings, _ = self.load("""\
             from failnozzle_shared_defaults import *
             FLUSH_SECONDS = 20
             """)
         self.assertEqual(settings.REPORT_TO, ("shared@example.com",))
         self.assertEqual(settings.FLUSH_SECONDS, 20)
+
+    def test_shared_module_read_again(self):
+        """
+        A module of the site's own that a config imports is read again
+        with it (a reload), so a change to it takes effect.
+        """
+        shared = self.shared_module("failnozzle_shared_reread",
+                                    "FLUSH_SECONDS = 15\n")
+        config = "from failnozzle_shared_reread import *\n"
+        self.assertEqual(self.load(config)[0].FLUSH_SECONDS, 15)
+        with open(shared, "w") as out:
+            out.write("FLUSH_SECONDS = 250\n")
+        self.assertEqual(self.load(config)[0].FLUSH_SECONDS, 250)
+        self.assertNotIn("failnozzle_shared_reread", sys.modules)
 
     def test_definition_in_block(self):
         """
@@ -1520,12 +1544,8 @@ class UDPBindNoticeTests(ConfigTestCase):
         """
         UDP_BIND set in a shared module the file imports is set.
         """
-        shared = self.write("UDP_BIND = ('0.0.0.0', 1549)\n",
-                            name="failnozzle_shared_bind.py")
-        directory = os.path.dirname(shared)
-        self.addCleanup(sys.modules.pop, "failnozzle_shared_bind", None)
-        self.addCleanup(sys.path.remove, directory)
-        sys.path.insert(0, directory)
+        self.shared_module("failnozzle_shared_bind",
+                           "UDP_BIND = ('0.0.0.0', 1549)\n")
         path = self.write("from failnozzle_shared_bind import *\n")
         self.assertEqual(self.udp_notices(path), [])
         self.assertEqual(load_settings(path)[0].UDP_BIND, ("0.0.0.0", 1549))

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from failnozzle.aggregate import Batch, Entry
 from failnozzle.config import ConfigError, UniqueMessage
 from failnozzle.digest import (SUBJECT_MAX_CHARS, DigestRenderer,
-                               build_message, fit_message, pager_alert)
+                               build_message, pager_alert)
 
 
 def at(text):
@@ -984,49 +984,3 @@ class SizeTests(SynchronousTestCase):
                           for n in range(2000)])
         self.message(batch, 100_000, renderer(path, body_template="body.txt"))
         self.assertLessEqual(len(renders), 10)
-
-    def test_message_guard(self):
-        """
-        Whatever body rendering gave, the message is cut to the limit at
-        a line: the last guard under the estimates.
-        """
-        digests = renderer()
-        self.patch(digests, "render",
-                   lambda batch, **options: ("s", "Ä line\n" * 100_000))
-        message, raw = self.message(EXAMPLE_BATCH, 50_000, digests)
-        self.assertRegex(
-            message.get_content(),
-            r"^(Ä line\n){2000,}\[\.\.\. the rest of this digest "
-            r"\(\d+ lines\) is cut to fit its size limit \.\.\.\]\n$")
-        self.assertGreater(len(raw), 45_000)
-
-    def test_fit_message_made(self):
-        """
-        A message made already, as read back from the spool, is cut to a
-        smaller limit, its headers kept.
-        """
-        made = renderer().message(
-            Batch.of([error(n, "x\n" * 20_000) for n in range(5)]),
-            **ENVELOPE)
-        spooled = email.message_from_bytes(
-            made.as_bytes(), _class=email.message.EmailMessage,
-            policy=email.policy.SMTP)
-        fitted = fit_message(spooled, 30_000)
-        self.assertLessEqual(len(fitted.as_bytes()), 30_000)
-        self.assertEqual(fitted["Message-ID"], made["Message-ID"])
-        self.assertTrue(fitted.get_content().startswith(
-            "** 5 instances of 5 unique errors (app) **\n"))
-        self.assertIn("\n[... the rest of this digest (", fitted.get_content())
-
-    def test_limit_too_small_logged(self):
-        """
-        A limit smaller than the headers themselves cannot be met: that is
-        said in one line, and the smallest digest is made.
-        """
-        events = EventLoggingObserver.createWithCleanup(self,
-                                                        globalLogPublisher)
-        message = renderer().message(EXAMPLE_BATCH, max_bytes=100, **ENVELOPE)
-        [event] = [e for e in events if e["log_level"].name == "error"]
-        self.assertIn("cannot be made to fit", event["log_format"])
-        self.assertTrue(message.get_content().startswith(
-            "[... the rest of this digest"))

@@ -92,6 +92,30 @@ class MovedPortTests(TestCase):
         self.assertIn("1X after", body)
 
     @defer.inlineCallbacks
+    def test_same_port_all_interfaces(self):
+        """
+        From 127.0.0.1:P to 0.0.0.0:P, which cannot be bound beside the old
+        socket (what the start-up notice about UDP_BIND suggests): the old
+        port is closed first, then the new one read.
+        """
+        service, transport = self.start()
+        port = service.udp_port.getHost().port
+        arrived = datagrams_received(service, 1)
+        send_datagrams(("127.0.0.1", port), [record("before")])
+        yield arrived
+        self.changed(UDP_BIND=("0.0.0.0", port))
+        self.assertTrue(service.reload())
+        yield poll_until(lambda: service.udp_port is not None
+                         and service.udp_port.getHost().host == "0.0.0.0",
+                         "the port to move to 0.0.0.0")
+        arrived = datagrams_received(service, 1)
+        send_datagrams(("127.0.0.1", port), [record("after")])
+        yield arrived
+        service.flush()
+        [(_, _, message, _)] = transport.pending
+        self.assertIn("** 2 instances of 2 unique errors", message.get_content())
+
+    @defer.inlineCallbacks
     def test_mail_turned_on(self):
         """
         A reload that sets SMTP_INGEST_BIND starts the SMTP server: mail

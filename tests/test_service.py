@@ -2,6 +2,7 @@
 Tests for L{failnozzle.service}: the flush loop, routing, the pager and a
 clean stop, over a fake reactor and a fake mail transport.
 """
+import glob
 import gzip
 import json
 import os
@@ -978,8 +979,8 @@ class ReloadTests(ServiceTestCase):
         """
         self.receive(record("one"))
         self.assertTrue(self.reload())
-        self.assertTrue([e for e in self.events
-                         if "nothing changed" in e["log_format"]])
+        [line] = [e for e in self.events if "Reloaded" in e["log_format"]]
+        self.assertEqual(line["names"], "no setting changed")
         self.reactor.advance(60)
         self.assertEqual(len(self.digests()), 1)
 
@@ -996,6 +997,94 @@ class ReloadTests(ServiceTestCase):
         self.reactor.advance(1)
         state = StateFile(self.service.settings.STATE_FILE, Clock()).load()
         self.assertEqual(state.buffer.total, 1)
+
+    def test_fields_changed_then_restart(self):
+        """
+        A reload that adds a field of a key, then a restart: the snapshot
+        written since is read back (not set aside for keys of two shapes),
+        with what was counted before and after the reload.
+        """
+        self.service.stopService()
+        self.start(reload_settings=lambda: self.given.pop(0),
+                   SNAPSHOT_SECONDS=1)
+        self.receive(record("before"))
+        self.reactor.advance(1)
+        fields = list(self.service.settings.unique_fields) + ["request_id"]
+        self.assertTrue(self.reload(UNIQUE_MSG_TUPLE=fields))
+        self.receive(record("after", request_id=7))
+        self.reactor.advance(1)
+        state = StateFile(self.service.settings.STATE_FILE, Clock(),
+                          fields=tuple(fields)).load()
+        self.assertEqual(state.buffer.total, 2)
+        self.assertEqual(glob.glob(self.service.settings.STATE_FILE + "*.bad-*"),
+                         [])
+
+    def test_unsettled_rekeyed(self):
+        """
+        Errors kept until their digest is safe are re-keyed with the rest.
+        """
+        self.service.stopService()
+        blocker = self.mktemp()
+        with open(blocker, "w"):
+            pass
+        self.start(reload_settings=lambda: self.given.pop(0),
+                   SNAPSHOT_SECONDS=1,
+                   SPOOL_DIR=os.path.join(blocker, "spool"))
+        self.receive(record("one"))
+        self.reactor.advance(60)
+        fields = [name for name in self.service.settings.unique_fields
+                  if name != "lineno"]
+        self.assertTrue(self.reload(UNIQUE_MSG_TUPLE=fields))
+        self.reactor.advance(1)
+        state = StateFile(self.service.settings.STATE_FILE, Clock(),
+                          fields=tuple(fields)).load()
+        [entry] = state.unsettled["digest"].entries
+        self.assertEqual(len(entry.key), len(fields))
+
+    def test_frequent_reloads(self):
+        """
+        Reloads more often than FLUSH_SECONDS put off no flush: only a
+        changed period restarts its loop.
+        """
+        for number in range(5):
+            self.receive(record("one"))
+            self.reactor.advance(50)
+            self.transport.succeed_all()
+            self.reload(REPORT_TO=f"new{number}@example.com")
+        self.assertEqual(len(self.digests()), 4)
+
+    def test_template_edited_in_place(self):
+        """
+        A template changed in its file is read again by a reload, though no
+        setting changed.
+        """
+        templates = self.mktemp()
+        os.makedirs(templates)
+        subject = os.path.join(templates, "subject.txt")
+        with open(subject, "w") as out:
+            out.write("first: {{ total }}")
+        self.service.stopService()
+        self.start(reload_settings=lambda: self.given.pop(0),
+                   EMAIL_TEMPLATE_DIR=templates,
+                   EMAIL_SUBJECT_TEMPLATE="subject.txt")
+        with open(subject, "w") as out:
+            out.write("second: {{ total }}")
+        self.assertTrue(self.reload())
+        self.receive(record("one"))
+        self.reactor.advance(60)
+        [(_, message)] = self.digests()
+        self.assertEqual(message["Subject"], "second: 1")
+
+    def test_not_after_stop(self):
+        """
+        A reload asked for once a stop has begun (a SIGHUP just before a
+        SIGTERM) does nothing: no loop starts again.
+        """
+        self.service.stopService()
+        self.given.append((make_settings(**dict(self.overrides,
+                                                FLUSH_SECONDS=5)), []))
+        self.assertFalse(self.service.reload())
+        self.assertFalse(self.service._flush_loop.running)
 
     def test_sighup_handler(self):
         """

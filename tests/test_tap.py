@@ -162,11 +162,16 @@ REPORT_FROM = 'nozzle@example.com'
 SMTP_CA_FILE = {not_pem!r}
 EMAIL_TEMPLATE_DIR = {os.path.join(self.directory, "templates")!r}
 EMAIL_BODY_TEMPLATE = 'body.txt'
+SMTP_INGEST_BIND = ('127.0.0.1', 0)
 SMTP_INGEST_TLS_CERT = SMTP_INGEST_TLS_KEY = {not_pem!r}
 """)
         status, lines = self.check("--config", path)
         self.assertEqual(status, 1)
         self.assertEqual(len(lines), 6, lines)
+        without_mail_in = self.write("nomail.py", open(path).read().replace(
+            "SMTP_INGEST_BIND = ('127.0.0.1', 0)\n", ""))
+        _, fewer = self.check("--config", without_mail_in)
+        self.assertEqual(len(fewer), 5, "no mail-in: its files are not read")
         self.assertEqual(lines[:2], [
             "failnozzle: SMTP_PORT must be a port number (1-65535), not 70000",
             "failnozzle: REPORT_TO is required when SMTP_HOST is set"])
