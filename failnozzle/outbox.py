@@ -153,6 +153,11 @@ class _Waiting:
         return str(self.message["Subject"])
 
 
+def message_bytes(message: EmailMessage) -> bytes:
+    """A message as the spool keeps it: bytes with LF line ends."""
+    return message.as_bytes(policy=default_policy)
+
+
 class Outbox:
     """
     Never loses a message: each one is written to the spool before the
@@ -286,12 +291,16 @@ class Outbox:
         self._writer.run(self.spool.set_aside, path).addCallbacks(
             moved, not_moved)
 
-    def send(self, message: EmailMessage) -> Sending:
+    def send(self, message: EmailMessage,
+             data: Optional[bytes] = None) -> Sending:
         """
         Spool one message, then deliver it to the addresses in its To
         header, from the one in its From header.
+
+        @param data: the message as bytes with LF line ends, if made
+            already (off the reactor).
         """
-        return self._sending(self._queue(message))
+        return self._sending(self._queue(message, data))
 
     def replace(self, kind: str, message: EmailMessage) -> Sending:
         """
@@ -315,8 +324,10 @@ class Outbox:
     def _sending(waiting: _Waiting) -> Sending:
         return Sending(waiting.spooled, waiting.outcome)
 
-    def _queue(self, message: EmailMessage) -> _Waiting:
-        data = message.as_bytes(policy=default_policy)
+    def _queue(self, message: EmailMessage,
+               data: Optional[bytes] = None) -> _Waiting:
+        if data is None:
+            data = message_bytes(message)
         sender, recipients = envelope(message)
         waiting = _Waiting(message, data, self._clock.seconds(), sender,
                            recipients)

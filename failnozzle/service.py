@@ -29,7 +29,7 @@ from failnozzle.ingest import (BadDatagram, ErrorReceiver,
 from failnozzle.listeners import (DATAGRAM, LISTENING, Listeners,
                                   bind_listening, overlaps)
 from failnozzle.mailin import MailIngest, tls_options
-from failnozzle.outbox import Outbox, Sending
+from failnozzle.outbox import Outbox, message_bytes
 from failnozzle.spool import Spool
 from failnozzle.state import State, StateFile
 from failnozzle.transport import MaildirTransport, SMTPTransport
@@ -219,6 +219,8 @@ class FailnozzleService(Service):
         self._held: dict = {}
         #: The batches of digests not yet safe (see L{_keep_until_safe}).
         self._unsettled: dict = {}
+        #: Per kind, how many digests are being made (L{_send_digest}).
+        self._making: dict = {}
         self._undelivered_page: Optional[_Page] = None
         self._flush_loop = LoopingCall(self._scheduled_flush)
         self._flush_loop.clock = reactor
@@ -560,6 +562,7 @@ class FailnozzleService(Service):
              lambda: self._listeners.stop(LISTENING)),
             ("drop incomplete GELF messages", self._gelf.stop),
             ("flush", lambda: self.flush(final=True)),
+            ("make the last digests", self._handed_over),
             ("deliver", lambda: self.outbox.stop(
                 self.settings.SHUTDOWN_TIMEOUT_SECONDS)),
             ("snapshot", self.save_state),
@@ -733,9 +736,9 @@ class FailnozzleService(Service):
             except Exception:
                 _log.failure("Could not send the pager alert about {total} "
                              "errors", total=total)
-        undelivered = (self.outbox.waiting_kinds()
-                       if not final or self._may_hold_across_restart()
-                       else set())
+        undelivered = (self.outbox.waiting_kinds() | {
+            kind for kind, making in self._making.items() if making}
+            if not final or self._may_hold_across_restart() else set())
         for kind, part in (("digest", real), ("monitoring", monitoring)):
             if part:
                 self._hold(kind, part)
@@ -747,44 +750,87 @@ class FailnozzleService(Service):
                           "last one is not delivered yet",
                           total=pending.total, kind=kind)
                 continue
-            try:
-                sending += self._send_digest(self._routes[kind], pending)
-            except Exception:
-                _log.failure("Could not make the {kind} of {total} errors; "
-                             "they are kept for the next one", kind=kind,
-                             total=pending.total)
-            else:
-                del self._held[kind]
+            # Handed on: a digest that cannot be made holds them again.
+            del self._held[kind]
+            sending += self._send_digest(self._routes[kind], pending)
         self.save_state()
         return sending
 
     def _send_digest(self, route: Route, batch: Batch) -> list:
-        sending = self._send(route, batch.total, partial(
-            self.renderer.message, batch,
-            max_bytes=self.settings.DIGEST_MAX_BYTES))
-        if sending is None:
-            return []
-        self._keep_until_safe(route.kind, batch, sending)
-        return [sending.outcome]
+        """
+        Make the digest of C{batch} (rendering and serializing it: tens of
+        milliseconds for a large one) with C{in_thread}, off the reactor,
+        then hand it to the outbox.  Its errors are in the snapshots until
+        it is safe (see L{_keep_until_safe}), and held again if it cannot
+        be made.
 
-    def _keep_until_safe(self, kind: str, batch: Batch,
-                         sending: Sending) -> None:
+        @return: the digest's outcome, as L{flush} gives them.
+        """
+        if not self._has_recipients(route, batch.total):
+            return []
+        kind = route.kind
+        settled = self._keep_until_safe(kind, batch)
+        #: Fires once the digest is in the outbox's hands, or not made.
+        handed = defer.Deferred()
+        making = self._making.setdefault(kind, set())
+        making.add(handed)
+
+        def done_making() -> None:
+            making.discard(handed)
+            handed.callback(None)
+
+        def hand_over(made: tuple) -> defer.Deferred:
+            try:
+                sending = self.outbox.send(*made)
+            except Exception:
+                return not_made(Failure())
+            done_making()
+            sending.spooled.addCallback(
+                lambda spooled: settled(spooled) if spooled else spooled)
+            return sending.outcome.addCallback(settled)
+
+        def not_made(failure: Failure) -> bool:
+            _log.failure("Could not make the {kind} of {total} errors; "
+                         "they are kept for the next one", failure,
+                         kind=kind, total=batch.total)
+            self._hold(kind, batch)
+            done_making()
+            return settled(False)
+
+        made = self._in_thread(self._make_digest, batch, self._envelope(route))
+        return [made.addCallbacks(hand_over, not_made)]
+
+    def _handed_over(self) -> defer.DeferredList:
+        """Fires once the digests being made are in the outbox's hands."""
+        return defer.DeferredList([handed for making in self._making.values()
+                                   for handed in making])
+
+    def _make_digest(self, batch: Batch, envelope: dict) -> tuple:
+        """The digest message and its bytes: run off the reactor."""
+        message = self.renderer.message(
+            batch, max_bytes=self.settings.DIGEST_MAX_BYTES, **envelope)
+        return message, message_bytes(message)
+
+    def _keep_until_safe(self, kind: str,
+                         batch: Batch) -> Callable[[bool], bool]:
         """
         Keep C{batch} in the snapshots until its digest is in the spool,
-        or, if the spool cannot take it, until it is delivered: a crash
-        before then reports those errors again rather than never.
+        or, if the spool cannot take it, until it is delivered or given up
+        on: a crash before then reports those errors again rather than
+        never.
+
+        @return: what to call, once, when that is so; it hands on the
+            result it is given, so the caller's outcome stays whole.
         """
         token = object()
         self._unsettled[token] = (kind, batch)
 
-        def settled(result: bool, now: bool = True) -> bool:
-            if now and self._unsettled.pop(token, None) is not None:
+        def settled(result: bool) -> bool:
+            if self._unsettled.pop(token, None) is not None:
                 self.save_state()
             return result
 
-        # Callbacks hand the result on: the caller's outcome stays whole.
-        sending.spooled.addCallback(lambda spooled: settled(spooled, spooled))
-        sending.outcome.addCallback(settled)
+        return settled
 
     def _unsettled_batches(self) -> dict:
         """The unsettled batches by kind, as a snapshot holds them."""
@@ -809,11 +855,13 @@ class FailnozzleService(Service):
             self.settings.SERVER_NAME, total, self.rate_window.size,
             self.settings.FLUSH_SECONDS, windows=page.windows,
             since=page.since + self._wall_offset(), all_windows=page.total)
-        sending = self._send(self._routes["pager"], total, partial(
-            build_message, subject=subject, body=body),
-            replace=page.windows > 1)
-        if sending is None:
+        route = self._routes["pager"]
+        if not self._has_recipients(route, total):
             return []
+        message = build_message(subject=subject, body=body,
+                                **self._envelope(route))
+        sending = (self.outbox.replace(route.kind, message)
+                   if page.windows > 1 else self.outbox.send(message))
 
         def delivered(result: bool) -> bool:
             if self._undelivered_page is page:
@@ -823,31 +871,20 @@ class FailnozzleService(Service):
         sending.outcome.addCallback(delivered)
         return [sending.outcome]
 
-    def _send(self, route: Route, count: int,
-              make_message: Callable[..., EmailMessage],
-              replace: bool = False) -> Optional[Sending]:
-        """
-        Send the message C{make_message} makes, given the route's envelope,
-        if the route has recipients; if C{replace}, instead of the messages
-        of its kind still waiting.
-        """
+    def _has_recipients(self, route: Route, count: int) -> bool:
         if not route.recipients:
             _log.warn("Not sending the {kind} message about {count} errors: "
                       "{setting} is not set", kind=route.kind, count=count,
                       setting=route.setting)
-            return None
-        message = make_message(
-            sender=route.sender,
-            recipients=route.recipients,
-            date=self._reactor.seconds(),
-            wall_offset=self._wall_offset(),
-            domain=self.settings.SERVER_NAME,
-            reply_to=route.reply_to,
-            kind=route.kind,
-        )
-        if replace:
-            return self.outbox.replace(route.kind, message)
-        return self.outbox.send(message)
+        return bool(route.recipients)
+
+    def _envelope(self, route: Route) -> dict:
+        """What a message of C{route} is addressed and dated with."""
+        return dict(sender=route.sender, recipients=route.recipients,
+                    date=self._reactor.seconds(),
+                    wall_offset=self._wall_offset(),
+                    domain=self.settings.SERVER_NAME,
+                    reply_to=route.reply_to, kind=route.kind)
 
 
 def _each_step(steps: list) -> defer.Deferred:
