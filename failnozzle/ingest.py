@@ -175,8 +175,10 @@ class RecordReader:
         """
         L{key_and_source}, where C{longest}, if known, bounds the length of
         every text the record holds: the hot path skips the caps when no
-        text can need one.
+        text can need one.  It is known only for a record just decoded
+        from JSON.
         """
+        decoded = longest is not None
         if self._foreign_field in record:
             found = self._read_foreign(record, data)
             if found is not None:
@@ -192,10 +194,18 @@ class RecordReader:
             record["message"] = message.partition("\n")[0]
         key = tuple(map(record.get, self._fields))
         source = record.get(self._source_field)
-        # One check in C for the common case; names only for the error.
-        if type(source) not in _SCALARS or not _SCALARS.issuperset(
-                map(type, key)):
-            raise self._wrong_type(key, source, data)
+        if not decoded:
+            # A record made in Python may hold any object.
+            if type(source) not in _SCALARS or not _SCALARS.issuperset(
+                    map(type, key)):
+                raise self._wrong_type(key, source, data)
+        else:
+            # Of what JSON decodes to, only the scalars hash: one hash each,
+            # which counting the key needs anyway, checks every value.
+            try:
+                hash(key), hash(source)
+            except TypeError:
+                raise self._wrong_type(key, source, data) from None
         if longest is not None:
             if longest <= self._uncut_size:
                 return key, source

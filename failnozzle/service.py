@@ -155,7 +155,8 @@ class FailnozzleService(Service):
                  smtp_socket: Optional[socket.socket] = None,
                  wall_offset: Callable[[], float] = lambda: 0.0,
                  reload_settings: Optional[Callable[[], tuple]] = None,
-                 writer: Optional[Writer] = None) -> None:
+                 writer: Optional[Writer] = None,
+                 freeze_heap: Callable[[], None] = lambda: None) -> None:
         """
         @param udp_socket: the bound socket errors arrive on (see
             L{failnozzle.listeners.bind_listening}); the service adopts it
@@ -178,6 +179,9 @@ class FailnozzleService(Service):
             started and stopped with the service: a
             L{failnozzle.writer.DiskWriter}; by default they run at once,
             on the reactor.
+        @param freeze_heap: called once start-up, and then each reload, has
+            made what lasts, to put it out of the garbage collector's sight
+            (L{failnozzle.tap.freeze_heap}); by default nothing is done.
         @raise ConfigError: a setting cannot be used (a template, a
             certificate).
         """
@@ -185,6 +189,7 @@ class FailnozzleService(Service):
         self._reactor = reactor
         self._wall_offset = wall_offset
         self._reload_settings = reload_settings
+        self._freeze_heap = freeze_heap
         self._given_transport = transport
         self.writer = writer or InlineWriter()
         self._in_thread = in_thread or defer.maybeDeferred
@@ -407,6 +412,7 @@ class FailnozzleService(Service):
         )
         self.outbox.recover()
         self._start_loops()
+        self._freeze_heap()
 
     def _listen(self, sockets: dict, moved: bool = True) -> None:
         """
@@ -501,6 +507,7 @@ class FailnozzleService(Service):
         _log.info("Reloaded the config: {names}; templates and certificate "
                   "files read again", names=", ".join(sorted(changed))
                   + " changed" if changed else "no setting changed")
+        self._freeze_heap()
         return True
 
     def _move(self, name: str, previous: Settings) -> defer.Deferred:

@@ -30,7 +30,7 @@ class ServiceTestCase(SynchronousTestCase):
     """
 
     def start(self, reload_settings=None, wall_offset=lambda: 0.0,
-              **overrides):
+              freeze_heap=lambda: None, **overrides):
         overrides.setdefault("REPORT_FROM", "nozzle@example.com")
         overrides.setdefault("REPORT_TO", "ops@example.com")
         overrides.setdefault("FLUSH_SECONDS", 60)
@@ -46,7 +46,8 @@ class ServiceTestCase(SynchronousTestCase):
                                          self.reactor, udp_socket,
                                          self.transport,
                                          reload_settings=reload_settings,
-                                         wall_offset=wall_offset)
+                                         wall_offset=wall_offset,
+                                         freeze_heap=freeze_heap)
         self.service.startService()
         return self.service
 
@@ -868,7 +869,11 @@ class ReloadTests(ServiceTestCase):
 
     def setUp(self):
         self.given = []
+        #: When the service asked for its heap to be frozen.
+        self.freezes = []
         self.start(reload_settings=lambda: self.given.pop(0),
+                   freeze_heap=lambda: self.freezes.append(
+                       self.service.running),
                    FLUSH_SECONDS=60)
         self.addCleanup(self.service.stopService)
         self.events = EventLoggingObserver.createWithCleanup(
@@ -972,6 +977,22 @@ class ReloadTests(ServiceTestCase):
         self.reactor.advance(60)
         [(recipients, _)] = self.digests()
         self.assertEqual(recipients, ("ops@example.com",))
+
+    def test_heap_frozen(self):
+        """
+        The heap is frozen once the service has started, and again after
+        each reload that took new settings, not after one that did not.
+        """
+        self.assertEqual(self.freezes, [True])
+        self.assertTrue(self.reload(REPORT_TO="new@example.com"))
+        self.assertEqual(len(self.freezes), 2)
+
+        def broken():
+            raise ConfigError("REPORT_TO: 'nobody' is not an email address")
+
+        self.service._reload_settings = broken
+        self.assertFalse(self.service.reload())
+        self.assertEqual(len(self.freezes), 2)
 
     def test_nothing_changed(self):
         """
