@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from failnozzle.aggregate import Batch, Entry
 from failnozzle.config import ConfigError
 from failnozzle.gelf import SYSLOG_LEVELS
+from failnozzle.steps import Steps, finish
 
 _log = Logger()
 
@@ -51,6 +52,9 @@ _AIM = 0.97
 #: words; the rest covers the transfer encoding's name and the Message-ID,
 #: whose length varies.
 _SUBJECT_ALLOWANCE = 2048
+#: Pieces of a body template's output (a word to a line each) rendered in
+#: one step: about a millisecond's worth.
+_PIECES_PER_STEP = 1000
 #: How much of what a subject template renders is read at all.
 _SUBJECT_SCAN_CHARS = 10_000
 #: Characters a header must not carry (line breaks are folded before).
@@ -230,15 +234,20 @@ class DigestRenderer:
         @return: C{(subject, body)}; the subject is one line of at most
             L{SUBJECT_MAX_CHARS}.
         """
+        return finish(self._rendering(batch, max_bytes, wall_offset))
+
+    def _rendering(self, batch: Batch, max_bytes: Optional[int],
+                   wall_offset: float) -> Steps[tuple]:
+        """L{render} in steps."""
         try:
-            return self._render(self._templates, self._details, batch,
-                                max_bytes, wall_offset)
+            return (yield from self._render(self._templates, self._details,
+                                            batch, max_bytes, wall_offset))
         except Exception:
             _log.failure("A custom digest template failed; this digest uses "
                          "the built-in templates")
-            return self._render(self._builtin_templates,
-                                self._builtin_details, batch, max_bytes,
-                                wall_offset)
+            return (yield from self._render(
+                self._builtin_templates, self._builtin_details, batch,
+                max_bytes, wall_offset))
 
     def message(self, batch: Batch, *, max_bytes: Optional[int] = None,
                 wall_offset: float = 0.0, **envelope) -> EmailMessage:
@@ -249,13 +258,22 @@ class DigestRenderer:
         @param envelope: the other arguments of L{build_message}: sender,
             recipients, date, domain, and reply_to and kind if wanted.
         """
+        return finish(self.making(batch, max_bytes=max_bytes,
+                                  wall_offset=wall_offset, **envelope))
+
+    def making(self, batch: Batch, *, max_bytes: Optional[int] = None,
+               wall_offset: float = 0.0, **envelope) -> Steps[EmailMessage]:
+        """
+        L{message} in steps (see L{failnozzle.steps}), so that the reactor
+        takes its turns while a large digest is made.
+        """
         budget = None
         if max_bytes is not None:
             headers = build_message(subject="", body="",
                                     wall_offset=wall_offset, **envelope)
             budget = max_bytes - len(headers.as_bytes()) - _SUBJECT_ALLOWANCE
-        subject, body = self.render(batch, max_bytes=budget,
-                                    wall_offset=wall_offset)
+        subject, body = yield from self._rendering(batch, budget, wall_offset)
+        yield
         # The outbox cuts what it offers if this is still too big (see
         # failnozzle.shrink): estimates of quoted-printable may be short.
         return build_message(subject=subject, body=body,
@@ -263,7 +281,7 @@ class DigestRenderer:
 
     def _render(self, templates: tuple, details: Optional[int],
                 batch: Batch, max_bytes: Optional[int],
-                wall_offset: float) -> tuple:
+                wall_offset: float) -> Steps[tuple]:
         subject_template, body_template = templates
         view = _DigestView(batch, self._unique_tuple, self._common(
             batch, details), details, self._max_sources, wall_offset)
@@ -271,7 +289,7 @@ class DigestRenderer:
         # are cut to that length before it renders them.
         subject = subject_line(subject_template.render(
             view.context(view.listable, _SUBJECT_SCAN_CHARS)))
-        return subject, view.body(body_template, max_bytes)
+        return subject, (yield from view.body(body_template, max_bytes))
 
     def _common(self, batch: Batch, details: Optional[int]) -> dict:
         """The names every template context has, however it is cut."""
@@ -340,17 +358,18 @@ class _DigestView:
             not_listed_reason=reason,
         )
 
-    def body(self, template: Template, max_bytes: Optional[int]) -> str:
+    def body(self, template: Template, max_bytes: Optional[int]
+             ) -> Steps[str]:
         """
         The body C{template} renders, within C{max_bytes} if given: the
         longest texts are shortened first (down to L{MIN_TEXT_CHARS}), then
         fewer errors are listed in full, and as a last resort the body is
-        cut at a line.  Each step estimates from the last render and
-        checks with the next, so a few renders are enough.
+        cut at a line.  Each way estimates from the last render and checks
+        with the next, so a few renders are enough.
         """
         listed = self.listable
         if max_bytes is None:
-            return _render_body(template, self.context(listed))
+            return (yield from _render_body(template, self.context(listed)))
         sizes = [[_text_size(value) for value in message
                   if type(value) is str] for message in self._messages]
         texts = [text for per_message in sizes for text in per_message]
@@ -358,7 +377,8 @@ class _DigestView:
         # whole: cutting them first spares rendering and measuring them.
         chars = _text_limit(texts, None, sum(length * ratio for length, ratio
                                              in texts) - max_bytes)
-        body = _render_body(template, self.context(listed, chars))
+        body = yield from _render_body(template,
+                                       self.context(listed, chars))
         size = _wire_size(body)
         if size <= max_bytes:
             return body
@@ -371,14 +391,16 @@ class _DigestView:
             if shorter is None:
                 break
             estimate = _bytes_saved(texts, chars, shorter)
-            body = _render_body(template, self.context(listed, shorter))
+            body = yield from _render_body(template,
+                                           self.context(listed, shorter))
             before, size = size, _wire_size(body)
             chars, scale = shorter, (before - size) / estimate
             if size <= max_bytes:
                 return body
             if scale <= 0:
                 break
-        base = _wire_size(_render_body(template, self.context(0, chars)))
+        base = _wire_size((yield from _render_body(template,
+                                                   self.context(0, chars))))
         weights = self._weights_before(chars, sizes)
         for _ in range(_ATTEMPTS):
             if not listed or size <= base:
@@ -387,7 +409,8 @@ class _DigestView:
             fitting = bisect.bisect_right(
                 weights, (max_bytes * _AIM - base) / bytes_per_weight) - 1
             listed = max(0, min(fitting, listed - 1 - listed // 20))
-            body = _render_body(template, self.context(listed, chars))
+            body = yield from _render_body(template,
+                                           self.context(listed, chars))
             size = _wire_size(body)
             if size <= max_bytes:
                 return body
@@ -411,8 +434,20 @@ class _DigestView:
             weight, self._messages, self._infos, sizes))]
 
 
-def _render_body(template: Template, context: dict) -> str:
-    body = template.render(context)
+def _render_body(template: Template, context: dict) -> Steps[str]:
+    """
+    What C{template} renders from C{context}, ending with a line end, in
+    steps of L{_PIECES_PER_STEP} pieces of its output.
+    """
+    rendering = template.generate(context)
+    pieces: list = []
+    while True:
+        before = len(pieces)
+        pieces.extend(itertools.islice(rendering, _PIECES_PER_STEP))
+        if len(pieces) - before < _PIECES_PER_STEP:
+            break
+        yield
+    body = "".join(pieces)
     return body if body.endswith("\n") else body + "\n"
 
 

@@ -32,6 +32,7 @@ from failnozzle.mailin import MailIngest, tls_options
 from failnozzle.outbox import Outbox, message_bytes
 from failnozzle.spool import Spool
 from failnozzle.state import State, StateFile
+from failnozzle.steps import Steps, run_at_once
 from failnozzle.transport import MaildirTransport, SMTPTransport
 from failnozzle.writer import InlineWriter, Writer
 
@@ -151,6 +152,7 @@ class FailnozzleService(Service):
                  udp_socket: socket.socket,
                  transport: Optional[object] = None,
                  in_thread: Optional[Callable[..., defer.Deferred]] = None,
+                 in_steps: Callable[[Steps], defer.Deferred] = run_at_once,
                  gelf_socket: Optional[socket.socket] = None,
                  smtp_socket: Optional[socket.socket] = None,
                  wall_offset: Callable[[], float] = lambda: 0.0,
@@ -165,6 +167,9 @@ class FailnozzleService(Service):
             describe.
         @param in_thread: runs the reading of mail off the reactor, such as
             in the reactor's thread pool; by default it runs on it.
+        @param in_steps: runs the making of digests, written as steps
+            (see L{failnozzle.steps}), such as a slice at a time on the
+            reactor; by default at once.
         @param gelf_socket: a second bound socket (GELF_BIND), read the
             same way: both take GELF and failnozzle's JSON.
         @param smtp_socket: a bound, listening TCP socket (SMTP_INGEST_BIND)
@@ -193,6 +198,7 @@ class FailnozzleService(Service):
         self._given_transport = transport
         self.writer = writer or InlineWriter()
         self._in_thread = in_thread or defer.maybeDeferred
+        self._in_steps = in_steps
         self._sockets = {name: sock for name, sock in (
             ("UDP_BIND", udp_socket), ("GELF_BIND", gelf_socket),
             ("SMTP_INGEST_BIND", smtp_socket)) if sock is not None}
@@ -766,8 +772,8 @@ class FailnozzleService(Service):
     def _send_digest(self, route: Route, batch: Batch) -> list:
         """
         Make the digest of C{batch} (rendering and serializing it: tens of
-        milliseconds for a large one) with C{in_thread}, off the reactor,
-        then hand it to the outbox.  Its errors are in the snapshots until
+        milliseconds for a large one) with C{in_steps}, then hand it to
+        the outbox.  Its errors are in the snapshots until
         it is safe (see L{_keep_until_safe}), and held again if it cannot
         be made.
 
@@ -804,7 +810,8 @@ class FailnozzleService(Service):
             done_making()
             return settled(False)
 
-        made = self._in_thread(self._make_digest, batch, self._envelope(route))
+        made = self._in_steps(self._making_digest(batch,
+                                                  self._envelope(route)))
         return [made.addCallbacks(hand_over, not_made)]
 
     def _handed_over(self) -> defer.DeferredList:
@@ -812,10 +819,11 @@ class FailnozzleService(Service):
         return defer.DeferredList([handed for making in self._making.values()
                                    for handed in making])
 
-    def _make_digest(self, batch: Batch, envelope: dict) -> tuple:
-        """The digest message and its bytes: run off the reactor."""
-        message = self.renderer.message(
+    def _making_digest(self, batch: Batch, envelope: dict) -> Steps[tuple]:
+        """The digest message and its bytes, in steps."""
+        message = yield from self.renderer.making(
             batch, max_bytes=self.settings.DIGEST_MAX_BYTES, **envelope)
+        yield
         return message, message_bytes(message)
 
     def _keep_until_safe(self, kind: str,

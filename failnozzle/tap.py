@@ -24,6 +24,7 @@ from failnozzle.config import (ConfigError, Settings, check_settings,
 from failnozzle.listeners import bind_listening, close_all
 from failnozzle.mailin import tls_options
 from failnozzle.service import FailnozzleService, make_renderer, make_transport
+from failnozzle.steps import in_slices
 from failnozzle.writer import DiskWriter
 
 _log = Logger()
@@ -211,6 +212,7 @@ def makeService(options: Options, reactor=None) -> IService:
                 settings, reactor, sockets["UDP_BIND"],
                 writer=DiskWriter(reactor),
                 in_thread=partial(_in_thread_pool, reactor),
+                in_steps=in_slices(reactor),
                 gelf_socket=sockets.get("GELF_BIND"),
                 smtp_socket=sockets.get("SMTP_INGEST_BIND"),
                 wall_offset=wall_offset, reload_settings=load,

@@ -569,3 +569,31 @@ class FakeMailTransport:
         return [(sender, recipients, message)
                 for sender, recipients, message, _ in self.pending
                 if message["X-Failnozzle"] == kind]
+
+
+class Turns:
+    """
+    A reactor as far as C{callLater(0, ...)} goes, whose turns the test
+    takes: a call scheduled in a turn runs in the next one, as the real
+    reactor does it (L{twisted.internet.task.Clock} would run it in the
+    same one).
+    """
+
+    def __init__(self) -> None:
+        self._due: list = []
+
+    def callLater(self, delay: float, function, *args) -> None:
+        self._due.append((function, args))
+
+    def turn(self) -> None:
+        due, self._due = self._due, []
+        for function, args in due:
+            function(*args)
+
+    def take_all(self) -> int:
+        """Take turns until nothing is due; how many were taken."""
+        taken = 0
+        while self._due:
+            self.turn()
+            taken += 1
+        return taken

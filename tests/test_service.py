@@ -19,7 +19,8 @@ from failnozzle.config import ConfigError, DEFAULT_MONITORING_ERROR_MARKERS
 from failnozzle.transport import MaildirTransport, SMTPTransport
 from failnozzle.service import FailnozzleService, make_transport
 from failnozzle.state import StateFile
-from tests.common import FakeMailTransport, make_settings, record
+from failnozzle.steps import in_slices, run_at_once
+from tests.common import FakeMailTransport, Turns, make_settings, record
 
 MARKER = DEFAULT_MONITORING_ERROR_MARKERS[0]
 
@@ -30,7 +31,7 @@ class ServiceTestCase(SynchronousTestCase):
     """
 
     def start(self, reload_settings=None, wall_offset=lambda: 0.0,
-              freeze_heap=lambda: None, **overrides):
+              freeze_heap=lambda: None, in_steps=run_at_once, **overrides):
         overrides.setdefault("REPORT_FROM", "nozzle@example.com")
         overrides.setdefault("REPORT_TO", "ops@example.com")
         overrides.setdefault("FLUSH_SECONDS", 60)
@@ -47,7 +48,8 @@ class ServiceTestCase(SynchronousTestCase):
                                          self.transport,
                                          reload_settings=reload_settings,
                                          wall_offset=wall_offset,
-                                         freeze_heap=freeze_heap)
+                                         freeze_heap=freeze_heap,
+                                         in_steps=in_steps)
         self.service.startService()
         return self.service
 
@@ -175,11 +177,11 @@ class FlushLoopTests(ServiceTestCase):
         def broken(batch, **options):
             raise RuntimeError("render exploded")
 
-        self.service.renderer.render = broken
+        self.service.renderer.making = broken
         self.receive(record("one"))
         self.reactor.advance(10)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        del self.service.renderer.render
+        del self.service.renderer.making
         self.receive(record("two"))
         self.reactor.advance(10)
         [(_, _, message)] = self.transport.by_kind("digest")
@@ -530,6 +532,36 @@ class PagerTests(ServiceTestCase):
         self.assertEqual(
             [e["setting"] for e in events if e.get("setting")], ["PAGER_TO"])
         self.assertTrue([e for e in events if e.get("total") == 5])
+
+
+class DigestInStepsTests(ServiceTestCase):
+    """
+    Digests are made in steps, the reactor taking its turns between them,
+    and a clean stop waits for those being made.
+    """
+
+    def setUp(self):
+        self.turns = Turns()
+        self.start(in_steps=in_slices(self.turns, slice_seconds=0))
+
+    def test_made_in_turns(self):
+        self.receive(record("one"), record("two"))
+        self.reactor.advance(60)
+        self.assertEqual(self.transport.by_kind("digest"), [])
+        self.assertGreater(self.turns.take_all(), 1)
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("2 unique errors", message.get_content())
+
+    def test_stop_waits_for_digest_being_made(self):
+        self.receive(record("buffered"))
+        stopped = self.service.stopService()
+        self.turns.turn()
+        self.assertNoResult(stopped)
+        self.turns.take_all()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("buffered", message.get_content())
+        self.transport.succeed_all()
+        self.assertIsNone(self.successResultOf(stopped))
 
 
 class StopTests(ServiceTestCase):
