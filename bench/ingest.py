@@ -34,7 +34,8 @@ sustained    The reference at each of --sustained-rates for
              the reference again.  Prints both losses and CPU per datagram,
              and places each of the daemon's losses: within 0.25 s of a
              flush, of a snapshot, or elsewhere (the socket's drop counter
-             sampled every 10 ms).
+             sampled every 10 ms); and how long the longest step of making
+             one of its digests holds the reactor.
 cardinality  --flood-count distinct errors (1,000,000) into the daemon at a
              rate it takes: its peak RSS, and whether the digest stays
              bounded (its size, the errors listed, the "more errors not
@@ -45,7 +46,9 @@ hostile      The issue's hostile inputs (a %100000000d format, a repeated
              host's messages, chunks sent again), each into a fresh daemon:
              its memory before and after, the digest, what it logged.
 flush        How long a flush of 10,000 unique errors blocks the reactor,
-             measured in process phase by phase; then whether the real
+             measured in process phase by phase, and the steps of making
+             its digest (the longest is what the reactor waits for at
+             once); then whether the real
              daemon loses datagrams while it flushes such a buffer every
              --flush-seconds, against the same load with no flush.
 
@@ -408,7 +411,9 @@ def run_sustained(options, datagrams: list) -> None:
     mine = statistics.median(run.cpu_per_message for run in daemons)
     theirs = statistics.median(run.cpu_per_message for run in references)
     print(f"CPU per datagram at {held:,}/s (medians): daemon {mine:.1f} us, "
-          f"reference {theirs:.1f} us: {mine / theirs:.2f}x\n")
+          f"reference {theirs:.1f} us: {mine / theirs:.2f}x")
+    print_digest_steps(options.unique, options.hosts, options.repeat)
+    print()
 
 
 def read_digest(path: str) -> dict:
@@ -706,6 +711,37 @@ def time_flush_phases(unique: int, hosts: int) -> dict:
     }
 
 
+def digest_steps(unique: int, hosts: int) -> list:
+    """
+    Seconds each step of making the digest of C{unique} errors from
+    C{hosts} hosts takes, the reactor taking its turns between them (see
+    failnozzle.steps), in process.
+    """
+    service, directory = fill_service(unique, hosts)
+    with directory:
+        batch = service.aggregator.flush()
+        making = service._making_digest(
+            batch, service._envelope(service._routes["digest"]))
+        steps = []
+        while True:
+            started = time.perf_counter()
+            try:
+                next(making)
+            except StopIteration:
+                steps.append(time.perf_counter() - started)
+                return steps
+            steps.append(time.perf_counter() - started)
+
+
+def print_digest_steps(unique: int, hosts: int, repeat: int) -> None:
+    runs = [digest_steps(unique, hosts) for _ in range(max(repeat, 3))]
+    print(f"making the digest of {unique:,} errors x {hosts} hosts on the "
+          f"reactor, in process, median of {len(runs)}: "
+          f"{statistics.median(map(len, runs)):.0f} steps, "
+          f"{statistics.median(map(sum, runs)) * 1000:.1f} ms in all, the "
+          f"longest {statistics.median(map(max, runs)) * 1000:.1f} ms")
+
+
 def run_flush(options) -> None:
     """How long a flush of --flush-unique errors blocks the reactor, and
     whether the daemon loses datagrams while it flushes."""
@@ -719,6 +755,7 @@ def run_flush(options) -> None:
             print(f"  {name:<36} {value:>12,.0f}")
         else:
             print(f"  {name:<36} {value * 1000:>9,.0f} ms")
+    print_digest_steps(unique, 2, options.repeat)
     seconds = options.flush_load_seconds
     print(f"\n== flush under load: the daemon, {unique:,} unique errors from "
           f"{options.hosts} hosts at {rate:,.0f}/s for {seconds:g} s, "

@@ -283,8 +283,12 @@ class DigestRenderer:
                 batch: Batch, max_bytes: Optional[int],
                 wall_offset: float) -> Steps[tuple]:
         subject_template, body_template = templates
-        view = _DigestView(batch, self._unique_tuple, self._common(
-            batch, details), details, self._max_sources, wall_offset)
+        # Each of these walks every error of the batch: a step of its own.
+        common = self._common(batch, details)
+        yield
+        view = _DigestView(batch, self._unique_tuple, common, details,
+                           self._max_sources, wall_offset)
+        yield
         # Only the head of what a subject template renders is read: texts
         # are cut to that length before it renders them.
         subject = subject_line(subject_template.render(

@@ -436,6 +436,30 @@ class CustomTemplateTests(SynchronousTestCase):
         self.assertIn("built-in templates",
                       events[0]["log_format"])
 
+    def test_render_error_after_steps_falls_back(self):
+        """
+        A custom template that fails once it has rendered several steps'
+        worth falls back the same way when the digest is made in steps.
+        """
+        path = self.template_dir()
+        self.write(path, "body.txt",
+                   "{% for i in range(5000) %}{{ i }}\n{% endfor %}"
+                   "{{ total / 0 }}")
+        making = renderer(path, body_template="body.txt").making(
+            EXAMPLE_BATCH, sender="n@example.com",
+            recipients=["ops@example.com"], date=0, domain="example.com")
+        steps = 0
+        while True:
+            try:
+                next(making)
+            except StopIteration as done:
+                message = done.value
+                break
+            steps += 1
+        self.assertGreater(steps, 3)
+        self.assertEqual(message.get_content(), EXAMPLE_BODY)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
 
 class MessageTests(SynchronousTestCase):
     """
