@@ -773,9 +773,8 @@ class FailnozzleService(Service):
         """
         Make the digest of C{batch} (rendering and serializing it: tens of
         milliseconds for a large one) with C{in_steps}, then hand it to
-        the outbox.  Its errors are in the snapshots until
-        it is safe (see L{_keep_until_safe}), and held again if it cannot
-        be made.
+        the outbox.  Its errors are in the snapshots until it is safe (see
+        L{_keep_until_safe}), and held again if it cannot be made.
 
         @return: the digest's outcome, as L{flush} gives them.
         """
