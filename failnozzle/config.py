@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Mapping, Optional
 
+from failnozzle.textcap import one_line
+
 #: The fields that make two error reports "the same error", as in the original.
 UniqueMessage = namedtuple(
     "UniqueMessage",
@@ -691,10 +693,6 @@ class _ModuleNames(ast.NodeVisitor):
     visit_DictComp = visit_GeneratorExp = visit_own_scope
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def read_config_file(path: str) -> tuple:
     """
     Run a config file and return the settings it defines, with their
@@ -720,7 +718,7 @@ def read_config_file(path: str) -> tuple:
     except SyntaxError as error:
         where = f" line {error.lineno}" if error.lineno else ""
         raise ConfigError(
-            f"config file {path!r}{where}: {_one_line(str(error.msg))}"
+            f"config file {path!r}{where}: {one_line(str(error.msg))}"
         ) from None
     except ValueError as error:
         # Python 3.10 and older say "source code string cannot contain
@@ -740,7 +738,7 @@ def read_config_file(path: str) -> tuple:
         where = f" line {lines[-1]}" if lines else ""
         raise ConfigError(
             f"config file {path!r}{where}: "
-            f"{type(error).__name__}: {_one_line(str(error))}"
+            f"{type(error).__name__}: {one_line(str(error))}"
         ) from None
     finally:
         _forget_own_modules(set(sys.modules) - before)

@@ -50,6 +50,7 @@ from zope.interface import implementer
 
 from failnozzle.config import ConfigError
 from failnozzle.ingest import BadDatagram
+from failnozzle.textcap import one_line
 
 _log = Logger()
 
@@ -147,23 +148,14 @@ def read_mail(data: bytes, kind: str, source: str,
     message = _Part(data[:MAX_PARSED_BYTES].replace(b"\r\n", b"\n"))
     exc_text = error_text(text_body(message))
     record = {
-        "message": _one_line(_decoded_words(message.subject))
+        "message": one_line(_decoded_words(message.subject))
         or "(no subject)",
         "exc_text": exc_text,
-        "kind": _one_line(_decoded_words(message.kind)) or kind,
+        "kind": one_line(_decoded_words(message.kind)) or kind,
         **_where(exc_text),
     }
     record[source_field] = source
     return record
-
-
-# Control characters (C0, DEL, C1) read as spaces: a NUL or an escape
-# sequence would go on into digests and logs.
-_CONTROLS = dict.fromkeys([*range(0x20), *range(0x7f, 0xa0)], " ")
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.translate(_CONTROLS).split())
 
 
 # A message's (or a part's) header lines from its start, as the email
@@ -560,7 +552,7 @@ def client_name(helo: tuple) -> str:
     brackets), else, or if that is "localhost", its IP address.
     """
     name, address = helo
-    given = _one_line(_address_text(name or b"")).partition(" ")[0]
+    given = one_line(_address_text(name or b"")).partition(" ")[0]
     name = given.strip("[]")[:255]
     return _address_text(address) if name.lower() in _NO_NAMES else name
 
@@ -1366,7 +1358,7 @@ class MailIngest(ServerFactory):
         data = message.content()
         reading = self._reading.run(
             self._in_thread, read_mail, data,
-            _one_line(_address_text(recipient.dest.local)).lower(),
+            one_line(_address_text(recipient.dest.local)).lower(),
             client_name(recipient.helo), self._source_field)
         return reading.addBoth(self._count, message, data, (peer.host,
                                                             peer.port))

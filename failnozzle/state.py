@@ -42,6 +42,7 @@ from twisted.logger import Logger
 from failnozzle.aggregate import Batch, Entry, rekeying
 from failnozzle.spool import (BadEntry, fsync_directory, open_private, open_regular,
                               read_entry)
+from failnozzle.textcap import one_line
 
 _log = Logger()
 
@@ -419,7 +420,7 @@ class StateFile:
         reason = str(error) or type(error).__name__
         _log.error("STATE_FILE {path} is unusable ({error}); moved to "
                    "{aside}, starting with an empty buffer",
-                   path=self.path, error=_one_line(reason)[:200],
+                   path=self.path, error=one_line(reason)[:200],
                    aside=", ".join(moved) or "nowhere")
 
 
@@ -428,10 +429,6 @@ def _unused_name(path: str) -> str:
     candidates = itertools.chain(
         [path], (f"{path}.{number}" for number in itertools.count(1)))
     return next(name for name in candidates if not os.path.lexists(name))
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _check(condition: bool, problem: str) -> None:

@@ -1,6 +1,7 @@
 """
 Texts within a size bound: a field cut at its end, a traceback cut in the
-middle, and C{logging}'s C{msg % args} formatted under a cap.
+middle, C{logging}'s C{msg % args} formatted under a cap, and a text made
+one line.
 
 Every text an error keeps passes through here, so no input costs more than
 its capped size.  The formatter never builds more than the cap, whatever the
@@ -35,9 +36,21 @@ _TEXT_CONVERSIONS = {"s": str, "r": repr, "a": ascii}
 _INTEGER_CONVERSIONS = frozenset("diouxX")
 _FLOAT_CONVERSIONS = frozenset("eEfFgG")
 
+#: Control characters (C0, DEL, C1), read as spaces by L{one_line}.
+_CONTROLS = dict.fromkeys([*range(0x20), *range(0x7f, 0xa0)], " ")
+
 #: Past this precision a float's digits are all known zeros (a double has
 #: at most 1074 digits after the point, 767 significant ones).
 _FLOAT_PRECISION = 1100
+
+
+def one_line(text: str) -> str:
+    """
+    C{text} on one line, each run of white space and control characters
+    one space: a NUL, an escape sequence or a line break would go on into
+    digests and logs.
+    """
+    return " ".join(text.translate(_CONTROLS).split())
 
 
 def cut_end(text: str, cap: int) -> str:

@@ -8,7 +8,8 @@ import tracemalloc
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from failnozzle.textcap import FIELD_MARK, cut_end, cut_middle, format_capped
+from failnozzle.textcap import (FIELD_MARK, cut_end, cut_middle, format_capped,
+                                one_line)
 
 KEYS = ("a", "b", "a(b)c", "", "x y")
 
@@ -92,6 +93,26 @@ def outcome(function, *args):
         return ("ok", function(*args))
     except Exception:
         return ("error",)
+
+
+class OneLineTests(SynchronousTestCase):
+    """
+    L{one_line}: a text made one line for a digest or a log.
+    """
+
+    def test_white_space_and_controls(self):
+        """
+        Line breaks, runs of white space and control characters (C0, DEL,
+        C1) are one space each; the ends are stripped.
+        """
+        self.assertEqual(one_line(" a\r\n\tb\x00c\x1b[0m\x7fd\x85e\x9f  "),
+                         "a b c [0m d e")
+
+    def test_other_text_kept(self):
+        """
+        Other characters, non-ASCII ones included, are kept.
+        """
+        self.assertEqual(one_line("Ärger ☃ 😀"), "Ärger ☃ 😀")
 
 
 class CutEndTests(SynchronousTestCase):
