@@ -21,6 +21,7 @@ from jinja2 import (ChoiceLoader, Environment, FileSystemLoader, Template,
 from twisted.logger import Logger
 
 from failnozzle.aggregate import Batch, Entry
+from failnozzle.clock import LAST_SECOND
 from failnozzle.config import ConfigError
 from failnozzle.gelf import SYSLOG_LEVELS
 
@@ -59,8 +60,6 @@ _HEADER_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _QP_SAFE = bytes(range(32, 127)).replace(b"=", b"") + b"\t\r\n"
 #: The longest line SMTP carries (RFC 5321), CRLF aside.
 _MAX_LINE_BYTES = 998
-#: The last second a datetime can show, as seconds since the epoch.
-_LAST_SECOND = 253402300799.0
 
 _TEXT_MARKER = ("[... {cut} characters cut here to fit the digest's size "
                 "limit ...]")
@@ -74,8 +73,8 @@ def utc(seconds: float) -> datetime:
     A timestamp as an aware UTC datetime; one no date can show (out of
     range, NaN) is clamped, so an odd time cannot cost a digest.
     """
-    if not 0 <= seconds <= _LAST_SECOND:
-        seconds = _LAST_SECOND if seconds > _LAST_SECOND else 0
+    if not 0 <= seconds <= LAST_SECOND:
+        seconds = LAST_SECOND if seconds > LAST_SECOND else 0
     return datetime.fromtimestamp(seconds, timezone.utc)
 
 

@@ -20,12 +20,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from failnozzle.aggregate import SCALAR_TYPES
 from failnozzle.textcap import cut_end, cut_middle, format_capped
 
 _log = Logger()
-
-# JSON values that can be part of a unique key as they are.
-_SCALARS = frozenset((str, int, float, bool, type(None)))
 
 # Built once: json.loads(text, parse_constant=...) builds a new decoder per
 # call, which is a tenth of a datagram's cost.  NaN and Infinity (Python's
@@ -196,8 +194,8 @@ class RecordReader:
         source = record.get(self._source_field)
         if not decoded:
             # A record made in Python may hold any object.
-            if type(source) not in _SCALARS or not _SCALARS.issuperset(
-                    map(type, key)):
+            if (type(source) not in SCALAR_TYPES
+                    or not SCALAR_TYPES.issuperset(map(type, key))):
                 raise self._wrong_type(key, source, data)
         else:
             # Of what JSON decodes to, only the scalars hash: one hash each,
@@ -253,7 +251,7 @@ class RecordReader:
         name, value = next(
             (name, value) for name, value in zip(
                 self._fields + (self._source_field,), key + (source,))
-            if type(value) not in _SCALARS)
+            if type(value) not in SCALAR_TYPES)
         return WrongFieldType(f"field {name!r} is a JSON {_json_type(value)}",
                               data)
 
