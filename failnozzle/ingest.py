@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import socket
 import sys
-from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import orjson
 from twisted.internet import udp
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from failnozzle.aggregate import SCALAR_TYPES
+from failnozzle.ratelog import RateLimitedLog
 from failnozzle.textcap import cut_end, cut_middle, format_capped
 
 _log = Logger()
@@ -314,52 +314,6 @@ def internal_error_key_maker(
     return internal_error_key
 
 
-@dataclass
-class _Window:
-    """The bad datagrams of one kind held back since one was logged."""
-
-    held_back: int
-    closing: IDelayedCall
-
-
-class _BadInputLog:
-    """
-    Logs the first bad datagram of a kind, then holds back the others of
-    that kind for C{interval} seconds and says how many there were when it
-    ends: a flood of junk costs at most two lines per kind and interval.
-    """
-
-    def __init__(self, clock: IReactorTime, interval: float = 60.0) -> None:
-        self._clock = clock
-        self._interval = interval
-        self._windows: dict = {}
-
-    def report(self, error: BadDatagram, sender: tuple) -> None:
-        kind = type(error)
-        window = self._windows.get(kind)
-        if window is not None:
-            window.held_back += 1
-            return
-        _log.warn("Bad datagram from {host}:{port}: {error}",
-                  host=sender[0], port=sender[1], error=error)
-        self._windows[kind] = _Window(
-            0, self._clock.callLater(self._interval, self._close, kind))
-
-    def _close(self, kind: type) -> None:
-        window = self._windows.pop(kind)
-        if window.held_back:
-            _log.warn("{held_back} more bad datagram(s) not logged in the "
-                      "last {seconds:g} s: {reason}",
-                      held_back=window.held_back, seconds=self._interval,
-                      reason=kind.reason)
-
-    def stop(self) -> None:
-        """Say now what is held back: no timer runs once the port is closed."""
-        for kind, window in list(self._windows.items()):
-            window.closing.cancel()
-            self._close(kind)
-
-
 class ErrorReceiver(DatagramProtocol):
     """
     The UDP endpoint applications send their errors to: one JSON object per
@@ -376,7 +330,7 @@ class ErrorReceiver(DatagramProtocol):
         #: What reads datagrams: replaced by a reload.
         self.reader = reader
         self._aggregator = aggregator
-        self._bad_input_log = _BadInputLog(clock)
+        self._bad_input_log = RateLimitedLog(_log, clock)
 
     #: How many datagrams the port reads per wake-up, at most: about 5 ms
     #: of them, enough to make the reactor's turn cheap per datagram, few
@@ -412,7 +366,9 @@ class ErrorReceiver(DatagramProtocol):
     def report_bad_input(self, error: BadDatagram, sender: tuple) -> None:
         """Count bad input from C{sender} for the digest, and log it."""
         self._aggregator.add_bad_input(error, sender[0])
-        self._bad_input_log.report(error, sender)
+        self._bad_input_log.warn(
+            error.reason, "Bad datagram from {host}:{port}: {error}",
+            host=sender[0], port=sender[1], error=error)
 
     def read_pending(self, limit: int = 100000) -> int:
         """

@@ -567,8 +567,8 @@ class BadInputLogTests(ReceiverTestCase):
         self.clock.advance(0.1)
         lines = self.logged()
         self.assertEqual(len(lines), 2)
-        self.assertIn("3 more bad datagram(s) not logged in the last 60 s: "
-                      "datagram is not valid JSON", lines[1])
+        self.assertIn("3 more not logged in the last 60 s: datagram is not "
+                      "valid JSON", lines[1])
 
     def test_nothing_held_back(self):
         """
@@ -627,7 +627,8 @@ class BadInputLogTests(ReceiverTestCase):
         self.receiver.doStop()
         lines = self.logged()
         self.assertEqual(len(lines), 3)
-        self.assertIn("1 more bad datagram(s)", lines[2])
+        self.assertIn("1 more not logged in the last 60 s: datagram is not "
+                      "valid JSON", lines[2])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
