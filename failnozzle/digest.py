@@ -24,6 +24,7 @@ from failnozzle.aggregate import Batch, Entry
 from failnozzle.clock import LAST_SECOND
 from failnozzle.config import ConfigError
 from failnozzle.gelf import SYSLOG_LEVELS
+from failnozzle.textcap import cut_middle
 
 _log = Logger()
 
@@ -61,11 +62,13 @@ _QP_SAFE = bytes(range(32, 127)).replace(b"=", b"") + b"\t\r\n"
 #: The longest line SMTP carries (RFC 5321), CRLF aside.
 _MAX_LINE_BYTES = 998
 
-_TEXT_MARKER = ("[... {cut} characters cut here to fit the digest's size "
+#: The line where a text is cut to fit, of the number of characters cut.
+_TEXT_MARKER = ("[... {} characters cut here to fit the digest's size "
                 "limit ...]")
 _BODY_MARKER = ("[... the rest of this digest ({lines}) is cut to fit its "
                 "size limit ...]\n")
-_MARKER_CHARS = len(_TEXT_MARKER.format(cut=10 ** 20)) + 2
+#: What a text shortened to C{n} characters takes beyond C{n}, at most.
+_MARKER_CHARS = len(_TEXT_MARKER.format(10 ** 20)) + 2
 
 
 def utc(seconds: float) -> datetime:
@@ -473,32 +476,11 @@ def _text_limit(texts: Sequence[tuple], now: Optional[int],
 
 def _shortened_message(message: tuple, text_chars: int) -> tuple:
     """The message with its texts longer than C{text_chars} shortened."""
-    changes = {name: _shortened(value, text_chars)
+    cap = text_chars + _MARKER_CHARS
+    changes = {name: cut_middle(value, cap, _TEXT_MARKER.format)
                for name, value in zip(message._fields, message)
-               if type(value) is str
-               and len(value) > text_chars + _MARKER_CHARS}
+               if type(value) is str and len(value) > cap}
     return message._replace(**changes) if changes else message
-
-
-def _shortened(text: str, chars: int) -> str:
-    """
-    C{text} cut to about C{chars} characters around a marker that says how
-    many are missing: its head and its tail are kept (a traceback's first
-    frames and its exception), a text of several lines is cut at line ends.
-    """
-    head = text[:chars // 2]
-    tail = text[len(text) - (chars - chars // 2):]
-    if "\n" not in text:
-        cut = len(text) - len(head) - len(tail)
-        return f"{head} {_TEXT_MARKER.format(cut=cut)} {tail}"
-    line_end = head.rfind("\n")
-    if line_end > len(head) // 2:
-        head = head[:line_end]
-    line_start = tail.find("\n")
-    if 0 <= line_start < len(tail) // 2:
-        tail = tail[line_start + 1:]
-    cut = len(text) - len(head) - len(tail)
-    return f"{head}\n{_TEXT_MARKER.format(cut=cut)}\n{tail}"
 
 
 def _kinds_summary(kinds: Sequence[str],

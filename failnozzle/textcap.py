@@ -61,24 +61,33 @@ def cut_end(text: str, cap: int) -> str:
     return text[:cap - 1] + FIELD_MARK
 
 
-def cut_middle(text: str, cap: int) -> str:
+def _mark(cut: int) -> str:
+    return f"[… {cut:,} characters cut …]"
+
+
+def cut_middle(text: str, cap: int,
+               mark: Callable[[int], str] = _mark) -> str:
     """
     C{text} if it has at most C{cap} characters, else its head and its tail
     around a line saying how many characters were cut, C{cap} characters in
     all: a Python traceback ends with what matters, a Java one begins with
     it.  The cut falls between lines where a line ends near it.
+
+    @param mark: makes that line of the number cut, if not the one the
+        texts of an error are cut with (a digest says why it cut).
     """
     if len(text) <= cap:
         return text
     return _cut_middle(len(text), lambda size: text[:size],
-                       lambda size: text[len(text) - size:], cap)
+                       lambda size: text[len(text) - size:], cap, mark)
 
 
 def _cut_middle(length: int, head: Callable[[int], str],
-                tail: Callable[[int], str], cap: int) -> str:
+                tail: Callable[[int], str], cap: int,
+                mark: Callable[[int], str] = _mark) -> str:
     """L{cut_middle} of a text known by its C{length}, its C{head(n)} and
     its C{tail(n)} (its first and last C{n} characters)."""
-    room = cap - len(_mark(length)) - 1
+    room = cap - len(mark(length)) - 1
     if room < 2:
         return head(cap)
     head_size = room // 2
@@ -89,12 +98,8 @@ def _cut_middle(length: int, head: Callable[[int], str],
     line_start = end.find("\n", 0, len(end) // 2)
     if line_start >= 0:
         end = end[line_start + 1:]
-    mark = _mark(length - len(start) - len(end))
-    return start + mark + ("\n" if start.endswith("\n") else "") + end
-
-
-def _mark(cut: int) -> str:
-    return f"[… {cut:,} characters cut …]"
+    return (start + mark(length - len(start) - len(end))
+            + ("\n" if start.endswith("\n") else "") + end)
 
 
 def format_capped(msg: str, args: object, cap: int) -> str:

@@ -858,10 +858,10 @@ class SizeTests(SynchronousTestCase):
             "in f0\n"), shown[:200])
         self.assertTrue(shown.endswith("    f()\nValueError: the end"))
         [(head, cut, tail)] = re.findall(
-            r"(.*)\n\[\.\.\. (\d+) characters cut here to fit the digest's "
+            r"(.*\n)\[\.\.\. (\d+) characters cut here to fit the digest's "
             r"size limit \.\.\.\]\n(.*)", shown, re.S)
         self.assertEqual(len(head) + int(cut) + len(tail), len(traceback))
-        self.assertTrue(traceback.startswith(head + "\n"))
+        self.assertTrue(traceback.startswith(head))
         self.assertTrue(traceback.endswith("\n" + tail))
         self.assertIn("\n" + FILE_TRACEBACK + "\n", body)
         self.assertIn("** 6 instances of 2 unique errors (app) **", body)
