@@ -219,6 +219,11 @@ class DigestRenderer:
                                      self._builtin_templates[1])
         self._details = (None if custom_body and max_details is None
                          else self._builtin_details)
+        #: Why errors past that many are not listed, as a digest says it.
+        self._details_reason = (
+            f"DIGEST_MAX_DETAILS = {max_details}" if max_details is not None
+            else f"DIGEST_MAX_DETAILS is not set: {BUILTIN_MAX_DETAILS} are "
+                 f"listed")
 
     def render(self, batch: Batch, *, max_bytes: Optional[int] = None,
                wall_offset: float = 0.0) -> tuple:
@@ -268,7 +273,8 @@ class DigestRenderer:
                 wall_offset: float) -> tuple:
         subject_template, body_template = templates
         view = _DigestView(batch, self._unique_tuple, self._common(
-            batch, details), details, self._max_sources, wall_offset)
+            batch, details), details, self._details_reason,
+            self._max_sources, wall_offset)
         # Only the head of what a subject template renders is read: texts
         # are cut to that length before it renders them.
         subject = subject_line(subject_template.render(
@@ -302,14 +308,18 @@ class _DigestView:
     """
 
     def __init__(self, batch: Batch, unique_tuple: type, common: dict,
-                 details: Optional[int], max_sources: int,
-                 wall_offset: float) -> None:
+                 details: Optional[int], details_reason: str,
+                 max_sources: int, wall_offset: float) -> None:
+        """
+        @param details: how many errors may be listed, if not all.
+        @param details_reason: why no more are, as the digest says it.
+        """
         entries = batch.entries
         #: How many errors may be listed: all, or DIGEST_MAX_DETAILS.
         self.listable = (len(entries) if details is None
                          else min(details, len(entries)))
         self._common = common
-        self._details = details
+        self._details_reason = details_reason
         self._unique = len(entries)
         self._messages = [unique_tuple._make(entry.key)
                           for entry in entries[:self.listable]]
@@ -330,8 +340,7 @@ class _DigestView:
         not_listed = self._unique - listed
         reason = None
         if not_listed:
-            reason = (f"DIGEST_MAX_DETAILS = {self._details}"
-                      if listed == self.listable
+            reason = (self._details_reason if listed == self.listable
                       else "to fit the digest's size limit")
         return dict(
             self._common,

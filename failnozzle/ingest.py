@@ -272,7 +272,9 @@ def _json_type(value: object) -> str:
 def default_internal_error_record(count: int, error: Exception) -> dict:
     """
     The record that stands for C{count} pieces of bad input like C{error}
-    in a digest (the default INTERNAL_ERROR_FUNC).
+    in a digest (the default INTERNAL_ERROR_FUNC): datagrams or mail, which
+    C{error}'s reason names.  Its place fields are failnozzle's, so every
+    kind of bad input comes under one module and function.
     """
     sample = getattr(error, "sample", b"")
     return {
@@ -284,7 +286,7 @@ def default_internal_error_record(count: int, error: Exception) -> dict:
         "kind": "failnozzle",
         "message": f"Internal error: {getattr(error, 'reason', error)}",
         "exc_text": (
-            f"Internal error: {count} bad datagram(s) of this kind since the "
+            f"Internal error: {count} bad input(s) of this kind since the "
             f"last digest.\nThe last one: {error}\n"
             f"It began with: {sample!r}"
         ),
@@ -367,7 +369,7 @@ class ErrorReceiver(DatagramProtocol):
         """Count bad input from C{sender} for the digest, and log it."""
         self._aggregator.add_bad_input(error, sender[0])
         self._bad_input_log.warn(
-            error.reason, "Bad datagram from {host}:{port}: {error}",
+            error.reason, "Bad input from {host}:{port}: {error}",
             host=sender[0], port=sender[1], error=error)
 
     def read_pending(self, limit: int = 100000) -> int:

@@ -372,7 +372,7 @@ class InternalErrorKeyTests(SynchronousTestCase):
         self.assertEqual(key, tuple(expected.get(name) for name in FIELDS))
         self.assertEqual(dict(zip(FIELDS, key))["message"],
                          "Internal error: datagram is not valid JSON")
-        self.assertIn("3 bad datagram(s)", expected["exc_text"])
+        self.assertIn("3 bad input(s)", expected["exc_text"])
         self.assertIn("b'junk'", expected["exc_text"])
 
     def test_custom_used(self):
@@ -522,7 +522,7 @@ class ErrorReceiverTests(ReceiverTestCase):
         record = default_internal_error_record(3, NotJSON("", b"junk"))
         self.assertEqual(dict(zip(FIELDS, entry.key))["module"],
                          record["module"])
-        self.assertIn("3 bad datagram(s)",
+        self.assertIn("3 bad input(s)",
                       dict(zip(FIELDS, entry.key))["exc_text"])
         self.assertEqual(entry.total, 3)
 
@@ -547,7 +547,7 @@ class BadInputLogTests(ReceiverTestCase):
         """
         self.receive(b"junk", sender=("10.0.0.9", 4321))
         [line] = self.logged()
-        self.assertIn("Bad datagram from 10.0.0.9:4321: datagram is not "
+        self.assertIn("Bad input from 10.0.0.9:4321: datagram is not "
                       "valid JSON", line)
         [event] = [e for e in self.events if e.get("host") == "10.0.0.9"]
         self.assertEqual(event["port"], 4321)
@@ -588,7 +588,7 @@ class BadInputLogTests(ReceiverTestCase):
         self.receive(b"junk")
         lines = self.logged()
         self.assertEqual(len(lines), 2)
-        self.assertIn("Bad datagram from", lines[1])
+        self.assertIn("Bad input from", lines[1])
 
     def test_kinds_apart(self):
         """

@@ -28,7 +28,7 @@ from zope.interface import implementer
 import failnozzle.mailin
 from failnozzle.aggregate import Aggregator
 from failnozzle.config import ConfigError, UniqueMessage
-from failnozzle.ingest import RecordReader
+from failnozzle.ingest import RecordReader, default_internal_error_record
 from failnozzle.mailin import (AUTH_MAX_DELAY_SECONDS, AUTH_MEMORY_SECONDS,
                                COMMAND_BYTES_PER_TURN, IDLE_TIMEOUT_SECONDS,
                                MAX_COMMAND_BYTES, MAX_HEADER_CHARS,
@@ -980,6 +980,21 @@ class SessionTests(IngestTestCase):
         self.assertEqual(self.aggregator.view().total, 0)
         self.finish_snapshots()
         self.assertEqual(client.replies(), ["250 Counted for the next digest"])
+
+    def test_unreadable_in_the_digest(self):
+        """
+        The digest's entry for mail that could not be read says what it
+        was, and does not call it a datagram.
+        """
+        record = default_internal_error_record(
+            2, BadMail("LookupError: no such codec", b"Subject: x"))
+        self.assertEqual(record["message"],
+                         "Internal error: mail that could not be read")
+        self.assertTrue(record["exc_text"].startswith(
+            "Internal error: 2 bad input(s) of this kind since the last "
+            "digest.\nThe last one: mail that could not be read: "
+            "LookupError: no such codec\n"), record["exc_text"])
+        self.assertNotIn("datagram", record["exc_text"])
 
     def test_snapshot_error(self):
         """
