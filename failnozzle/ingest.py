@@ -19,9 +19,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from failnozzle.aggregate import SCALAR_TYPES
+from failnozzle.aggregate import SCALAR_TYPES, rekeying
 from failnozzle.ratelog import RateLimitedLog
-from failnozzle.textcap import cut_end, cut_middle, format_capped
+from failnozzle.textcap import (cut_end, cut_middle, format_capped,
+                                recut_middle)
 
 _log = Logger()
 
@@ -105,15 +106,21 @@ class RecordReader:
         self.max_size = max_size
         self._field_cap = max_field_chars
         self._exc_cap = max_exc_text_chars
-        #: How each field is cut, and where.
-        self._cuts = tuple(
-            (cut_middle, max_exc_text_chars) if name == "exc_text"
-            else (cut_end, max_field_chars) for name in self._fields)
+        #: How each field is cut, and where: a record's, and a key's kept
+        #: from before (see L{rekeying}).
+        self._cuts = self._cuts_with(cut_middle)
+        self._recuts = self._cuts_with(recut_middle)
         self._exc_index = (self._fields.index("exc_text")
                            if "exc_text" in self._fields else None)
         #: No text of a datagram this long or shorter can need a cut.
         self._uncut_size = min([cap for _, cap in self._cuts]
                                + [max_field_chars])
+
+    def _cuts_with(self, cut_traceback: Callable[[str, int], str]) -> tuple:
+        """Per field, its cut and cap: C{cut_traceback} for exc_text."""
+        return tuple(
+            (cut_traceback, self._exc_cap) if name == "exc_text"
+            else (cut_end, self._field_cap) for name in self._fields)
 
     # Hooks for a reader of another format too (GELF): a datagram starting
     # with one of these bytes for which _is_framed is true goes to
@@ -219,13 +226,22 @@ class RecordReader:
 
     def _capped(self, key: tuple, source: object) -> tuple:
         """C{key} and C{source} with each text cut to its cap."""
-        key = tuple([
-            value if type(value) is not str or len(value) <= cap
-            else cut(value, cap)
-            for value, (cut, cap) in zip(key, self._cuts)])
         if type(source) is str:
             source = cut_end(source, self._field_cap)
-        return key, source
+        return _cut_key(key, self._cuts), source
+
+    def rekeying(self, fields: Optional[Sequence[str]]
+                 ) -> Callable[[tuple], tuple]:
+        """
+        What turns a key of C{fields} (None: of this reader's), counted
+        under other caps (before a reload, or in an earlier run), into the
+        key the same error arriving now gets: read by field name (see
+        L{failnozzle.aggregate.rekeying}), each text cut to this reader's
+        caps.  Errors kept from then and those from now are so counted
+        together, and a lowered cap frees what it is meant to.
+        """
+        renamed = rekeying(fields, self._fields)
+        return lambda key: _cut_key(renamed(key), self._recuts)
 
     def _formatted_msg(self, record: dict) -> object:
         """
@@ -254,6 +270,15 @@ class RecordReader:
             if type(value) not in SCALAR_TYPES)
         return WrongFieldType(f"field {name!r} is a JSON {_json_type(value)}",
                               data)
+
+
+def _cut_key(key: tuple, cuts: tuple) -> tuple:
+    """C{key} with each text longer than its cap cut; C{cuts} holds, per
+    field, its cut and its cap."""
+    return tuple([
+        value if type(value) is not str or len(value) <= cap
+        else cut(value, cap)
+        for value, (cut, cap) in zip(key, cuts)])
 
 
 def _text_of(args: object) -> str:

@@ -65,6 +65,10 @@ def _mark(cut: int) -> str:
     return f"[… {cut:,} characters cut …]"
 
 
+#: L{_mark} in a text, and the number it says (of a size a text can be).
+_MARK = re.compile(r"\[… ([0-9][0-9,]{0,24}) characters cut …\]")
+
+
 def cut_middle(text: str, cap: int,
                mark: Callable[[int], str] = _mark) -> str:
     """
@@ -80,6 +84,31 @@ def cut_middle(text: str, cap: int,
         return text
     return _cut_middle(len(text), lambda size: text[:size],
                        lambda size: text[len(text) - size:], cap, mark)
+
+
+def recut_middle(text: str, cap: int) -> str:
+    """
+    What L{cut_middle} makes of the text that C{text} was cut from (with
+    a cap above C{cap}), as far as C{text} holds it, or of C{text} if it
+    was not cut: the same, if C{cap} keeps no more of its head and tail
+    than C{text} kept, and otherwise as close as C{text} allows, its mark
+    still counting the characters cut from the text itself.  A cap
+    lowered between runs or by a reload so cuts a kept traceback as it
+    cuts the same traceback arriving anew.
+
+    A text that holds a mark of its own is taken as cut there.
+    """
+    if len(text) <= cap:
+        return text
+    found = _MARK.search(text)
+    if found is None:
+        return cut_middle(text, cap)
+    start, end = text[:found.start()], text[found.end():]
+    if start.endswith("\n") and end.startswith("\n"):
+        end = end[1:]  # the line end the mark was given
+    length = len(start) + int(found.group(1).replace(",", "")) + len(end)
+    return _cut_middle(length, lambda size: start[:size],
+                       lambda size: end[max(0, len(end) - size):], cap)
 
 
 def _cut_middle(length: int, head: Callable[[int], str],

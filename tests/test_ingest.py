@@ -263,6 +263,42 @@ class CapTests(SynchronousTestCase):
         self.assertEqual(len(fields["kind"]), 1000)
 
 
+class RekeyingTests(SynchronousTestCase):
+    """
+    L{RecordReader.rekeying}: keys counted under other fields or caps,
+    made what the same errors arriving now get.
+    """
+
+    def test_cut_as_if_arriving_now(self):
+        """
+        A key kept from a reader with higher caps is the key a reader
+        with lower caps gives the same record.
+        """
+        data = record("m" * 900, exc_text="frame\n" * 2000,
+                      module="x" * 500, lineno=7)
+        old = RecordReader(FIELDS, "source", 10 ** 6,
+                           max_exc_text_chars=8000).read(encode(data))[0]
+        new_reader = RecordReader(FIELDS, "source", 10 ** 6,
+                                  max_field_chars=100,
+                                  max_exc_text_chars=1000)
+        self.assertEqual(new_reader.rekeying(None)(old),
+                         new_reader.read(encode(data))[0])
+
+    def test_read_by_field_name(self):
+        """
+        A key of other fields is read by name, a field it lacks being
+        None, and then cut.
+        """
+        reader = RecordReader(("message", "kind"), "source", 65536,
+                              max_field_chars=5)
+        rekey = reader.rekeying(("kind", "module", "message"))
+        self.assertEqual(rekey(("app", "views", "a long message")),
+                         ("a lo" + FIELD_MARK, "app"))
+        self.assertEqual(RecordReader(("message", "lineno"), "source",
+                                      65536).rekeying(("message",))(("m",)),
+                         ("m", None))
+
+
 class BadDatagramTests(SynchronousTestCase):
     """
     Each kind of bad input raises its own L{BadDatagram} subclass.

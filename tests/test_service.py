@@ -24,6 +24,23 @@ from tests.common import FakeMailTransport, make_settings, record
 MARKER = DEFAULT_MONITORING_ERROR_MARKERS[0]
 
 
+def long_error(number: int) -> dict:
+    """
+    One of a family of errors that differ only past 50 characters of their
+    message and in the middle of their 4,300-character traceback.
+    """
+    frames = "  File \"app.py\", line 1, in f\n" * 60
+    return record("A" * 60 + f" {number}", exc_text=(
+        "Traceback (most recent call last):\n" + frames
+        + f"  File \"app.py\", line {number}, in g\n" + frames
+        + "ValueError: the end\n"))
+
+
+#: The summary line of the L{long_error}s, after the count, once cut to
+#: MAX_FIELD_CHARS = 50.
+LONG_ERRORS_CUT = f"X {'A' * 49}… (in app, src/app/views.py:50)\n"
+
+
 class ServiceTestCase(SynchronousTestCase):
     """
     A started service on a L{MemoryReactorClock} with a L{FakeMailTransport}.
@@ -764,6 +781,39 @@ class UnsettledTests(ServiceTestCase):
         self.assertEqual(state.buffer.total, 0)
 
 
+class LoweredCapsTests(ServiceTestCase):
+    """
+    Errors restored from the snapshot of a run with higher MAX_FIELD_CHARS
+    and MAX_EXC_TEXT_CHARS are cut as errors arriving now are.
+    """
+
+    def test_restored_cut(self):
+        """
+        What was counted, and kept until its digest was safe, by a run
+        with higher caps is cut to this run's and folded with the errors
+        that differ from it only past them; the totals are exact.
+        """
+        blocker = self.mktemp()
+        with open(blocker, "w"):
+            pass
+        self.start(SNAPSHOT_SECONDS=1, MAX_EXC_TEXT_CHARS=3000,
+                   SPOOL_DIR=os.path.join(blocker, "spool"))
+        self.receive(long_error(1), long_error(2))
+        self.reactor.advance(60)
+        self.receive(long_error(3))
+        self.reactor.advance(1)
+        crashed = dict(self.overrides, SPOOL_DIR=self.mktemp(),
+                       MAX_FIELD_CHARS=50, MAX_EXC_TEXT_CHARS=1000)
+        self.start(**crashed)
+        self.receive(long_error(4))
+        self.reactor.advance(60)
+        [(_, _, message)] = self.transport.by_kind("digest")
+        body = message.get_content()
+        self.assertIn("** 4 instances of 1 unique error (app) **", body)
+        self.assertIn("\n4" + LONG_ERRORS_CUT, body)
+        self.assertEqual(body.count("characters cut …]"), 1)
+
+
 class MakeTransportTests(SynchronousTestCase):
     """
     Which transport the settings choose.
@@ -941,6 +991,32 @@ class ReloadTests(ServiceTestCase):
         self.assertIn("** 4 instances of 2 unique errors (app) **", body)
         self.assertIn("2X three (in app", body)
         self.assertIn("2X two (in app", body)
+
+    def test_caps_lowered(self):
+        """
+        Lowered MAX_FIELD_CHARS and MAX_EXC_TEXT_CHARS cut the errors
+        counted and held before the reload as they cut those arriving
+        after it: errors that differ only past the new caps are one, with
+        every instance counted.
+        """
+        self.service.stopService()
+        self.start(reload_settings=lambda: self.given.pop(0),
+                   MAX_EXC_TEXT_CHARS=3000)
+        self.receive(long_error(1))
+        self.reactor.advance(60)
+        self.receive(long_error(2), long_error(3))
+        self.reactor.advance(60)  # held: the first digest is undelivered
+        self.receive(long_error(4))
+        self.assertTrue(self.reload(MAX_FIELD_CHARS=50,
+                                    MAX_EXC_TEXT_CHARS=1000))
+        self.receive(long_error(5))
+        self.transport.succeed_all()
+        self.reactor.advance(60)
+        [_, (_, covering)] = self.digests()
+        body = covering.get_content()
+        self.assertIn("** 4 instances of 1 unique error (app) **", body)
+        self.assertIn("\n4" + LONG_ERRORS_CUT, body)
+        self.assertEqual(body.count("characters cut …]"), 1)
 
     def test_unusable_config_kept(self):
         """
