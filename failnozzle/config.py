@@ -152,6 +152,10 @@ class Settings:
 
 SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(Settings))
 
+#: Settings accepted (and checked) only so that the original's configs
+#: load: logging goes through twistd, at start as after a reload.
+UNUSED_SETTINGS = frozenset({"LOG_LEVEL", "LOG_FORMAT"})
+
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 

@@ -20,7 +20,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from failnozzle.aggregate import Aggregator, Batch, Entry, RateWindow
-from failnozzle.config import ConfigError, Settings, changed_settings
+from failnozzle.config import (UNUSED_SETTINGS, ConfigError, Settings,
+                               changed_settings)
 from failnozzle.digest import DigestRenderer, build_message, pager_alert
 from failnozzle.gelf import GELFDecoder, GELFRecordReader
 from failnozzle.ingest import (BadDatagram, ErrorReceiver,
@@ -487,6 +488,11 @@ class FailnozzleService(Service):
             return False
         for notice in notices:
             _log.warn("Config: {notice}", notice=notice)
+        unused = changed & UNUSED_SETTINGS
+        if unused:
+            _log.warn("Reload: changing {names} has no effect, now or at "
+                      "the next start: logging goes through twistd "
+                      "(--logfile, --syslog)", names=", ".join(sorted(unused)))
         previous = self.settings
         try:
             self._apply(settings, configured, changed, previous)

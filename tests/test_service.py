@@ -12,7 +12,7 @@ import zlib
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from failnozzle.config import ConfigError, DEFAULT_MONITORING_ERROR_MARKERS
@@ -1017,6 +1017,30 @@ class ReloadTests(ServiceTestCase):
         self.assertIn("** 4 instances of 1 unique error (app) **", body)
         self.assertIn("\n4" + LONG_ERRORS_CUT, body)
         self.assertEqual(body.count("characters cut …]"), 1)
+
+    def test_unused_setting_said(self):
+        """
+        A changed LOG_LEVEL or LOG_FORMAT, which failnozzle accepts but
+        does not use, is said in one line; the rest of the reload is taken.
+        """
+        self.assertTrue(self.reload(LOG_LEVEL="INFO", LOG_FORMAT="%(message)s",
+                                    REPORT_TO="new@example.com"))
+        [line] = [formatEvent(event) for event in self.events
+                  if "no effect" in event["log_format"]]
+        self.assertEqual(line, "Reload: changing LOG_FORMAT, LOG_LEVEL has "
+                               "no effect, now or at the next start: "
+                               "logging goes through twistd (--logfile, "
+                               "--syslog)")
+        self.assertEqual(self.service.settings.REPORT_TO,
+                         ("new@example.com",))
+
+    def test_no_unused_setting_said(self):
+        """
+        A reload that leaves them as they were says nothing of them.
+        """
+        self.assertTrue(self.reload(REPORT_TO="new@example.com"))
+        self.assertEqual([event for event in self.events
+                          if "no effect" in event["log_format"]], [])
 
     def test_unusable_config_kept(self):
         """
