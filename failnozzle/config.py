@@ -435,6 +435,9 @@ def _ipv4_address(name: str, host: str) -> str:
     """
     The address a host name stands for.  The original bound an IPv4 socket
     to UDP_BIND, so names such as 'localhost' worked, meaning IPv4.
+
+    Blocking: a reload (L{failnozzle.service.FailnozzleService.reload})
+    loads the settings on the reactor, which waits for the resolver.
     """
     try:
         return socket.gethostbyname(host)
