@@ -105,13 +105,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss(pid: int) -> int:
-    """A process's peak resident set size so far (VmHWM), in bytes."""
+def rss(pid: int) -> tuple:
+    """
+    C{(VmRSS, VmHWM)} of a process, in bytes: its resident set size now
+    and its peak so far.
+    """
+    fields = {}
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise ValueError(f"no VmHWM for process {pid}")
+            name, _, value = line.partition(":")
+            fields[name] = value
+    return tuple(int(fields[name].split()[0]) * 1024
+                 for name in ("VmRSS", "VmHWM"))
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident set size so far (VmHWM), in bytes."""
+    return rss(pid)[1]
 
 
 def udp_socket_queue(port: int) -> tuple:

@@ -72,9 +72,9 @@ from typing import Callable, Optional
 
 import orjson
 from common import (Daemon, DropTimeline, cpu_seconds, cycling,
-                    datagram_maker,
-                    kernel_udp_drops, peak_rss, realistic_datagrams,
-                    send_from_processes, udp_socket_queue, wait_drained)
+                    datagram_maker, kernel_udp_drops, peak_rss,
+                    realistic_datagrams, rss, send_from_processes,
+                    udp_socket_queue, wait_drained)
 from failnozzle.config import UniqueMessage
 
 #: Ends the reference receiver's loop; it then reports its count.
@@ -214,14 +214,14 @@ def measure(receiver, datagram: Callable[[int], bytes], rate: float,
         drained = wait_drained(receiver.port)
         time.sleep(0.05)  # the last datagrams read are being counted
         cpu = cpu_seconds(receiver.pid) - cpu_before
-        rss = peak_rss(receiver.pid)
+        peak = peak_rss(receiver.pid)
         socket_drops = udp_socket_queue(receiver.port)[1] - drops_before
         kernel_drops = kernel_udp_drops() - kernel_before
     finally:
         if timeline is not None:
             timeline.stop()
         counted = receiver.stop()
-    return Run(sent, counted, drained - start, cpu, rss, socket_drops,
+    return Run(sent, counted, drained - start, cpu, peak, socket_drops,
                kernel_drops, timeline)
 
 
@@ -488,15 +488,6 @@ def run_cardinality(options) -> None:
     print()
 
 
-def current_rss(pid: int) -> int:
-    """A process's resident set size now (VmRSS), in bytes."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise ValueError(f"no VmRSS for process {pid}")
-
-
 def gelf_chunks(payload: bytes, size: int, message_id: bytes) -> list:
     """C{payload} as GELF chunks of C{size} bytes."""
     pieces = [payload[start:start + size]
@@ -579,7 +570,7 @@ def run_hostile(options) -> None:
         with tempfile.TemporaryDirectory() as directory:
             receiver = DaemonUnderTest(directory, options.rcvbuf)
             daemon = receiver.daemon
-            before = current_rss(receiver.pid)
+            before, _ = rss(receiver.pid)
             for datagrams, address in sends:
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
                     sock.bind(address)
@@ -589,7 +580,7 @@ def run_hostile(options) -> None:
                         time.sleep(0.0002)
             wait_drained(receiver.port)
             time.sleep(0.2 + wait)
-            after, peak = current_rss(receiver.pid), peak_rss(receiver.pid)
+            after, peak = rss(receiver.pid)
             drops = udp_socket_queue(receiver.port)[1]
             print(f"* {number}. {name}\n  RSS {before / MB:.1f} MB before, "
                   f"{after / MB:.1f} MB after, peak {peak / MB:.1f} MB; "

@@ -41,7 +41,7 @@ import threading
 import time
 from typing import Callable
 
-from common import Daemon
+from common import Daemon, rss
 
 MB = 1024 * 1024
 
@@ -59,17 +59,6 @@ def smtp_port(daemon: Daemon) -> int:
             return int(found.group(1))
         time.sleep(0.05)
     raise SystemExit("the daemon does not say where it takes mail")
-
-
-def rss(pid: int) -> tuple:
-    """C{(VmRSS, VmHWM)} of a process, in bytes."""
-    fields = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            name, _, value = line.partition(":")
-            fields[name] = value
-    return tuple(int(fields[name].split()[0]) * 1024
-                 for name in ("VmRSS", "VmHWM"))
 
 
 def reset_peak(pid: int) -> None:

@@ -13,6 +13,10 @@ from typing import Callable, Hashable, Iterable, Mapping, Optional, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 
+#: The types a value of a key or a source may have: JSON's scalars, which
+#: hash and compare as a whole (a list or an object would not).
+SCALAR_TYPES = frozenset((str, int, float, bool, type(None)))
+
 
 @dataclass(slots=True)
 class _Tally:

@@ -15,6 +15,11 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+#: The last second a datetime can show (9999-12-31 23:59:59 UTC), as
+#: seconds since the epoch: the latest time a snapshot keeps or a digest
+#: shows.
+LAST_SECOND = 253402300799.0
+
 
 class SteadyClock:
     """

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Mapping, Optional
 
+from failnozzle.textcap import one_line
+
 #: The fields that make two error reports "the same error", as in the original.
 UniqueMessage = namedtuple(
     "UniqueMessage",
@@ -149,6 +151,10 @@ class Settings:
 
 
 SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(Settings))
+
+#: Settings accepted (and checked) only so that the original's configs
+#: load: logging goes through twistd, at start as after a reload.
+UNUSED_SETTINGS = frozenset({"LOG_LEVEL", "LOG_FORMAT"})
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
@@ -429,6 +435,9 @@ def _ipv4_address(name: str, host: str) -> str:
     """
     The address a host name stands for.  The original bound an IPv4 socket
     to UDP_BIND, so names such as 'localhost' worked, meaning IPv4.
+
+    Blocking: a reload (L{failnozzle.service.FailnozzleService.reload})
+    loads the settings on the reactor, which waits for the resolver.
     """
     try:
         return socket.gethostbyname(host)
@@ -691,10 +700,6 @@ class _ModuleNames(ast.NodeVisitor):
     visit_DictComp = visit_GeneratorExp = visit_own_scope
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def read_config_file(path: str) -> tuple:
     """
     Run a config file and return the settings it defines, with their
@@ -720,7 +725,7 @@ def read_config_file(path: str) -> tuple:
     except SyntaxError as error:
         where = f" line {error.lineno}" if error.lineno else ""
         raise ConfigError(
-            f"config file {path!r}{where}: {_one_line(str(error.msg))}"
+            f"config file {path!r}{where}: {one_line(str(error.msg))}"
         ) from None
     except ValueError as error:
         # Python 3.10 and older say "source code string cannot contain
@@ -740,7 +745,7 @@ def read_config_file(path: str) -> tuple:
         where = f" line {lines[-1]}" if lines else ""
         raise ConfigError(
             f"config file {path!r}{where}: "
-            f"{type(error).__name__}: {_one_line(str(error))}"
+            f"{type(error).__name__}: {one_line(str(error))}"
         ) from None
     finally:
         _forget_own_modules(set(sys.modules) - before)

@@ -21,9 +21,11 @@ from jinja2 import (ChoiceLoader, Environment, FileSystemLoader, Template,
 from twisted.logger import Logger
 
 from failnozzle.aggregate import Batch, Entry
+from failnozzle.clock import LAST_SECOND
 from failnozzle.config import ConfigError
 from failnozzle.gelf import SYSLOG_LEVELS
 from failnozzle.steps import Steps, finish
+from failnozzle.textcap import cut_middle
 
 _log = Logger()
 
@@ -63,14 +65,14 @@ _HEADER_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _QP_SAFE = bytes(range(32, 127)).replace(b"=", b"") + b"\t\r\n"
 #: The longest line SMTP carries (RFC 5321), CRLF aside.
 _MAX_LINE_BYTES = 998
-#: The last second a datetime can show, as seconds since the epoch.
-_LAST_SECOND = 253402300799.0
 
-_TEXT_MARKER = ("[... {cut} characters cut here to fit the digest's size "
+#: The line where a text is cut to fit, of the number of characters cut.
+_TEXT_MARKER = ("[... {} characters cut here to fit the digest's size "
                 "limit ...]")
 _BODY_MARKER = ("[... the rest of this digest ({lines}) is cut to fit its "
                 "size limit ...]\n")
-_MARKER_CHARS = len(_TEXT_MARKER.format(cut=10 ** 20)) + 2
+#: What a text shortened to C{n} characters takes beyond C{n}, at most.
+_MARKER_CHARS = len(_TEXT_MARKER.format(10 ** 20)) + 2
 
 
 def utc(seconds: float) -> datetime:
@@ -78,8 +80,8 @@ def utc(seconds: float) -> datetime:
     A timestamp as an aware UTC datetime; one no date can show (out of
     range, NaN) is clamped, so an odd time cannot cost a digest.
     """
-    if not 0 <= seconds <= _LAST_SECOND:
-        seconds = _LAST_SECOND if seconds > _LAST_SECOND else 0
+    if not 0 <= seconds <= LAST_SECOND:
+        seconds = LAST_SECOND if seconds > LAST_SECOND else 0
     return datetime.fromtimestamp(seconds, timezone.utc)
 
 
@@ -221,6 +223,11 @@ class DigestRenderer:
                                      self._builtin_templates[1])
         self._details = (None if custom_body and max_details is None
                          else self._builtin_details)
+        #: Why errors past that many are not listed, as a digest says it.
+        self._details_reason = (
+            f"DIGEST_MAX_DETAILS = {max_details}" if max_details is not None
+            else f"DIGEST_MAX_DETAILS is not set: {BUILTIN_MAX_DETAILS} are "
+                 f"listed")
 
     def render(self, batch: Batch, *, max_bytes: Optional[int] = None,
                wall_offset: float = 0.0) -> tuple:
@@ -287,7 +294,8 @@ class DigestRenderer:
         common = self._common(batch, details)
         yield
         view = _DigestView(batch, self._unique_tuple, common, details,
-                           self._max_sources, wall_offset)
+                           self._details_reason, self._max_sources,
+                           wall_offset)
         yield
         # Only the head of what a subject template renders is read: texts
         # are cut to that length before it renders them.
@@ -322,14 +330,18 @@ class _DigestView:
     """
 
     def __init__(self, batch: Batch, unique_tuple: type, common: dict,
-                 details: Optional[int], max_sources: int,
-                 wall_offset: float) -> None:
+                 details: Optional[int], details_reason: str,
+                 max_sources: int, wall_offset: float) -> None:
+        """
+        @param details: how many errors may be listed, if not all.
+        @param details_reason: why no more are, as the digest says it.
+        """
         entries = batch.entries
         #: How many errors may be listed: all, or DIGEST_MAX_DETAILS.
         self.listable = (len(entries) if details is None
                          else min(details, len(entries)))
         self._common = common
-        self._details = details
+        self._details_reason = details_reason
         self._unique = len(entries)
         self._messages = [unique_tuple._make(entry.key)
                           for entry in entries[:self.listable]]
@@ -350,8 +362,7 @@ class _DigestView:
         not_listed = self._unique - listed
         reason = None
         if not_listed:
-            reason = (f"DIGEST_MAX_DETAILS = {self._details}"
-                      if listed == self.listable
+            reason = (self._details_reason if listed == self.listable
                       else "to fit the digest's size limit")
         return dict(
             self._common,
@@ -513,32 +524,11 @@ def _text_limit(texts: Sequence[tuple], now: Optional[int],
 
 def _shortened_message(message: tuple, text_chars: int) -> tuple:
     """The message with its texts longer than C{text_chars} shortened."""
-    changes = {name: _shortened(value, text_chars)
+    cap = text_chars + _MARKER_CHARS
+    changes = {name: cut_middle(value, cap, _TEXT_MARKER.format)
                for name, value in zip(message._fields, message)
-               if type(value) is str
-               and len(value) > text_chars + _MARKER_CHARS}
+               if type(value) is str and len(value) > cap}
     return message._replace(**changes) if changes else message
-
-
-def _shortened(text: str, chars: int) -> str:
-    """
-    C{text} cut to about C{chars} characters around a marker that says how
-    many are missing: its head and its tail are kept (a traceback's first
-    frames and its exception), a text of several lines is cut at line ends.
-    """
-    head = text[:chars // 2]
-    tail = text[len(text) - (chars - chars // 2):]
-    if "\n" not in text:
-        cut = len(text) - len(head) - len(tail)
-        return f"{head} {_TEXT_MARKER.format(cut=cut)} {tail}"
-    line_end = head.rfind("\n")
-    if line_end > len(head) // 2:
-        head = head[:line_end]
-    line_start = tail.find("\n")
-    if 0 <= line_start < len(tail) // 2:
-        tail = tail[line_start + 1:]
-    cut = len(text) - len(head) - len(tail)
-    return f"{head}\n{_TEXT_MARKER.format(cut=cut)}\n{tail}"
 
 
 def _kinds_summary(kinds: Sequence[str],

@@ -11,21 +11,20 @@ from __future__ import annotations
 import json
 import socket
 import sys
-from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import orjson
 from twisted.internet import udp
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from failnozzle.textcap import cut_end, cut_middle, format_capped
+from failnozzle.aggregate import SCALAR_TYPES, rekeying
+from failnozzle.ratelog import RateLimitedLog
+from failnozzle.textcap import (cut_end, cut_middle, format_capped,
+                                recut_middle)
 
 _log = Logger()
-
-# JSON values that can be part of a unique key as they are.
-_SCALARS = frozenset((str, int, float, bool, type(None)))
 
 # Built once: json.loads(text, parse_constant=...) builds a new decoder per
 # call, which is a tenth of a datagram's cost.  NaN and Infinity (Python's
@@ -107,15 +106,21 @@ class RecordReader:
         self.max_size = max_size
         self._field_cap = max_field_chars
         self._exc_cap = max_exc_text_chars
-        #: How each field is cut, and where.
-        self._cuts = tuple(
-            (cut_middle, max_exc_text_chars) if name == "exc_text"
-            else (cut_end, max_field_chars) for name in self._fields)
+        #: How each field is cut, and where: a record's, and a key's kept
+        #: from before (see L{rekeying}).
+        self._cuts = self._cuts_with(cut_middle)
+        self._recuts = self._cuts_with(recut_middle)
         self._exc_index = (self._fields.index("exc_text")
                            if "exc_text" in self._fields else None)
         #: No text of a datagram this long or shorter can need a cut.
         self._uncut_size = min([cap for _, cap in self._cuts]
                                + [max_field_chars])
+
+    def _cuts_with(self, cut_traceback: Callable[[str, int], str]) -> tuple:
+        """Per field, its cut and cap: C{cut_traceback} for exc_text."""
+        return tuple(
+            (cut_traceback, self._exc_cap) if name == "exc_text"
+            else (cut_end, self._field_cap) for name in self._fields)
 
     # Hooks for a reader of another format too (GELF): a datagram starting
     # with one of these bytes for which _is_framed is true goes to
@@ -196,8 +201,8 @@ class RecordReader:
         source = record.get(self._source_field)
         if not decoded:
             # A record made in Python may hold any object.
-            if type(source) not in _SCALARS or not _SCALARS.issuperset(
-                    map(type, key)):
+            if (type(source) not in SCALAR_TYPES
+                    or not SCALAR_TYPES.issuperset(map(type, key))):
                 raise self._wrong_type(key, source, data)
         else:
             # Of what JSON decodes to, only the scalars hash: one hash each,
@@ -221,13 +226,22 @@ class RecordReader:
 
     def _capped(self, key: tuple, source: object) -> tuple:
         """C{key} and C{source} with each text cut to its cap."""
-        key = tuple([
-            value if type(value) is not str or len(value) <= cap
-            else cut(value, cap)
-            for value, (cut, cap) in zip(key, self._cuts)])
         if type(source) is str:
             source = cut_end(source, self._field_cap)
-        return key, source
+        return _cut_key(key, self._cuts), source
+
+    def rekeying(self, fields: Optional[Sequence[str]]
+                 ) -> Callable[[tuple], tuple]:
+        """
+        What turns a key of C{fields} (None: of this reader's), counted
+        under other caps (before a reload, or in an earlier run), into the
+        key the same error arriving now gets: read by field name (see
+        L{failnozzle.aggregate.rekeying}), each text cut to this reader's
+        caps.  Errors kept from then and those from now are so counted
+        together, and a lowered cap frees what it is meant to.
+        """
+        renamed = rekeying(fields, self._fields)
+        return lambda key: _cut_key(renamed(key), self._recuts)
 
     def _formatted_msg(self, record: dict) -> object:
         """
@@ -253,9 +267,18 @@ class RecordReader:
         name, value = next(
             (name, value) for name, value in zip(
                 self._fields + (self._source_field,), key + (source,))
-            if type(value) not in _SCALARS)
+            if type(value) not in SCALAR_TYPES)
         return WrongFieldType(f"field {name!r} is a JSON {_json_type(value)}",
                               data)
+
+
+def _cut_key(key: tuple, cuts: tuple) -> tuple:
+    """C{key} with each text longer than its cap cut; C{cuts} holds, per
+    field, its cut and its cap."""
+    return tuple([
+        value if type(value) is not str or len(value) <= cap
+        else cut(value, cap)
+        for value, (cut, cap) in zip(key, cuts)])
 
 
 def _text_of(args: object) -> str:
@@ -274,7 +297,9 @@ def _json_type(value: object) -> str:
 def default_internal_error_record(count: int, error: Exception) -> dict:
     """
     The record that stands for C{count} pieces of bad input like C{error}
-    in a digest (the default INTERNAL_ERROR_FUNC).
+    in a digest (the default INTERNAL_ERROR_FUNC): datagrams or mail, which
+    C{error}'s reason names.  Its place fields are failnozzle's, so every
+    kind of bad input comes under one module and function.
     """
     sample = getattr(error, "sample", b"")
     return {
@@ -286,7 +311,7 @@ def default_internal_error_record(count: int, error: Exception) -> dict:
         "kind": "failnozzle",
         "message": f"Internal error: {getattr(error, 'reason', error)}",
         "exc_text": (
-            f"Internal error: {count} bad datagram(s) of this kind since the "
+            f"Internal error: {count} bad input(s) of this kind since the "
             f"last digest.\nThe last one: {error}\n"
             f"It began with: {sample!r}"
         ),
@@ -316,52 +341,6 @@ def internal_error_key_maker(
     return internal_error_key
 
 
-@dataclass
-class _Window:
-    """The bad datagrams of one kind held back since one was logged."""
-
-    held_back: int
-    closing: IDelayedCall
-
-
-class _BadInputLog:
-    """
-    Logs the first bad datagram of a kind, then holds back the others of
-    that kind for C{interval} seconds and says how many there were when it
-    ends: a flood of junk costs at most two lines per kind and interval.
-    """
-
-    def __init__(self, clock: IReactorTime, interval: float = 60.0) -> None:
-        self._clock = clock
-        self._interval = interval
-        self._windows: dict = {}
-
-    def report(self, error: BadDatagram, sender: tuple) -> None:
-        kind = type(error)
-        window = self._windows.get(kind)
-        if window is not None:
-            window.held_back += 1
-            return
-        _log.warn("Bad datagram from {host}:{port}: {error}",
-                  host=sender[0], port=sender[1], error=error)
-        self._windows[kind] = _Window(
-            0, self._clock.callLater(self._interval, self._close, kind))
-
-    def _close(self, kind: type) -> None:
-        window = self._windows.pop(kind)
-        if window.held_back:
-            _log.warn("{held_back} more bad datagram(s) not logged in the "
-                      "last {seconds:g} s: {reason}",
-                      held_back=window.held_back, seconds=self._interval,
-                      reason=kind.reason)
-
-    def stop(self) -> None:
-        """Say now what is held back: no timer runs once the port is closed."""
-        for kind, window in list(self._windows.items()):
-            window.closing.cancel()
-            self._close(kind)
-
-
 class ErrorReceiver(DatagramProtocol):
     """
     The UDP endpoint applications send their errors to: one JSON object per
@@ -378,7 +357,7 @@ class ErrorReceiver(DatagramProtocol):
         #: What reads datagrams: replaced by a reload.
         self.reader = reader
         self._aggregator = aggregator
-        self._bad_input_log = _BadInputLog(clock)
+        self._bad_input_log = RateLimitedLog(_log, clock)
 
     #: How many datagrams the port reads per wake-up, at most: about 5 ms
     #: of them, enough to make the reactor's turn cheap per datagram, few
@@ -414,7 +393,9 @@ class ErrorReceiver(DatagramProtocol):
     def report_bad_input(self, error: BadDatagram, sender: tuple) -> None:
         """Count bad input from C{sender} for the digest, and log it."""
         self._aggregator.add_bad_input(error, sender[0])
-        self._bad_input_log.report(error, sender)
+        self._bad_input_log.warn(
+            error.reason, "Bad input from {host}:{port}: {error}",
+            host=sender[0], port=sender[1], error=error)
 
     def read_pending(self, limit: int = 100000) -> int:
         """

@@ -50,6 +50,8 @@ from zope.interface import implementer
 
 from failnozzle.config import ConfigError
 from failnozzle.ingest import BadDatagram
+from failnozzle.ratelog import RateLimitedLog
+from failnozzle.textcap import one_line
 
 _log = Logger()
 
@@ -147,23 +149,14 @@ def read_mail(data: bytes, kind: str, source: str,
     message = _Part(data[:MAX_PARSED_BYTES].replace(b"\r\n", b"\n"))
     exc_text = error_text(text_body(message))
     record = {
-        "message": _one_line(_decoded_words(message.subject))
+        "message": one_line(_decoded_words(message.subject))
         or "(no subject)",
         "exc_text": exc_text,
-        "kind": _one_line(_decoded_words(message.kind)) or kind,
+        "kind": one_line(_decoded_words(message.kind)) or kind,
         **_where(exc_text),
     }
     record[source_field] = source
     return record
-
-
-# Control characters (C0, DEL, C1) read as spaces: a NUL or an escape
-# sequence would go on into digests and logs.
-_CONTROLS = dict.fromkeys([*range(0x20), *range(0x7f, 0xa0)], " ")
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.translate(_CONTROLS).split())
 
 
 # A message's (or a part's) header lines from its start, as the email
@@ -560,7 +553,7 @@ def client_name(helo: tuple) -> str:
     brackets), else, or if that is "localhost", its IP address.
     """
     name, address = helo
-    given = _one_line(_address_text(name or b"")).partition(" ")[0]
+    given = one_line(_address_text(name or b"")).partition(" ")[0]
     name = given.strip("[]")[:255]
     return _address_text(address) if name.lower() in _NO_NAMES else name
 
@@ -823,9 +816,10 @@ class _Session(ESMTP):
         """Say why, and close the connection."""
         self._unread.clear()
         self._searched = 0
-        self._ingest.events.warn(why, "Closed the SMTP connection from "
-                                 "{host}: it " + why,
-                                 host=self._address, **fields)
+        self._ingest.events.warn(
+            "connections closed: " + why.format(**fields),
+            "Closed the SMTP connection from {host}: it " + why,
+            host=self._address, **fields)
         ESMTP.sendCode(self, code, reply)
         self.transport.loseConnection()
 
@@ -966,9 +960,10 @@ class _Session(ESMTP):
                           % self._ingest.max_bytes)
         elif not self._ingest.has_room():
             self._ingest.events.warn(
-                "memory", "Refused mail from {host} for now (452): the "
-                "messages being received hold {held} bytes, the most they "
-                "may", host=self._address, held=self._ingest.held_bytes)
+                "mail refused for memory", "Refused mail from {host} for "
+                "now (452): the messages being received hold {held} bytes, "
+                "the most they may", host=self._address,
+                held=self._ingest.held_bytes)
             self.sendCode(452, b"Insufficient system storage; try again "
                                b"later")
         else:
@@ -1009,8 +1004,8 @@ class _Session(ESMTP):
             code, reply = message.refused
             if code == 552:
                 self._ingest.events.warn(
-                    "too big", "Refused a message from {host}: more than "
-                    "SMTP_INGEST_MAX_BYTES ({limit} bytes)",
+                    "messages too big", "Refused a message from {host}: "
+                    "more than SMTP_INGEST_MAX_BYTES ({limit} bytes)",
                     host=self._address, limit=self._ingest.max_bytes)
             self.sendCode(code, reply)
             return
@@ -1048,41 +1043,6 @@ class _Busy(Protocol):
         self.transport.write(b"421 Too many connections; try again later"
                              b"\r\n")
         self.transport.loseConnection()
-
-
-class _EventLog:
-    """
-    Warnings about clients, at most one line per kind a minute: the first
-    is logged, the next ones counted and told with the next line of their
-    kind (or at the stop).  A hostile client costs a line a minute, not
-    one a command.
-    """
-
-    def __init__(self, clock: IReactorTime, interval: float = 60.0) -> None:
-        self._clock = clock
-        self._interval = interval
-        #: Per kind: when its last line was logged, how many since.
-        self._kinds: dict = {}
-
-    def warn(self, kind: str, text: str, **fields) -> None:
-        now = self._clock.seconds()
-        logged, since = self._kinds.get(kind, (None, 0))
-        if logged is not None and now - logged < self._interval:
-            self._kinds[kind] = (logged, since + 1)
-            return
-        if since:
-            text += " ({since} more not logged in the last {seconds:.0f} s)"
-            fields.update(since=since, seconds=now - logged)
-        _log.warn(text, **fields)
-        self._kinds[kind] = (now, 0)
-
-    def stop(self) -> None:
-        """Say how many of each kind were not logged."""
-        for kind, (_, since) in self._kinds.items():
-            if since:
-                _log.warn("SMTP ingest: {since} more not logged: {kind}",
-                          since=since, kind=kind)
-        self._kinds.clear()
 
 
 class _AuthFailures:
@@ -1291,7 +1251,7 @@ class MailIngest(ServerFactory):
         self._reading = defer.DeferredLock()
         self.max_held_bytes = max_held_bytes
         self.held_bytes = 0
-        self.events = _EventLog(clock)
+        self.events = RateLimitedLog(_log, clock)
         self.auth_failures = _AuthFailures(clock)
         self.sessions: set = set()
         self.accepting = True
@@ -1324,7 +1284,7 @@ class MailIngest(ServerFactory):
     def buildProtocol(self, addr) -> Protocol:
         if len(self.sessions) >= self.max_connections:
             self.events.warn(
-                "too many connections", "Turned a client away (421): "
+                "clients turned away", "Turned a client away (421): "
                 "SMTP_INGEST_MAX_CONNECTIONS ({limit}) are connected",
                 limit=self.max_connections)
             return _Busy()
@@ -1366,7 +1326,7 @@ class MailIngest(ServerFactory):
         data = message.content()
         reading = self._reading.run(
             self._in_thread, read_mail, data,
-            _one_line(_address_text(recipient.dest.local)).lower(),
+            one_line(_address_text(recipient.dest.local)).lower(),
             client_name(recipient.helo), self._source_field)
         return reading.addBoth(self._count, message, data, (peer.host,
                                                             peer.port))

@@ -19,9 +19,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from failnozzle.aggregate import (Aggregator, Batch, Entry, RateWindow,
-                                  rekeying)
-from failnozzle.config import ConfigError, Settings, changed_settings
+from failnozzle.aggregate import Aggregator, Batch, Entry, RateWindow
+from failnozzle.config import (UNUSED_SETTINGS, ConfigError, Settings,
+                               changed_settings)
 from failnozzle.digest import DigestRenderer, build_message, pager_alert
 from failnozzle.gelf import GELFDecoder, GELFRecordReader
 from failnozzle.ingest import (BadDatagram, ErrorReceiver,
@@ -305,7 +305,8 @@ class FailnozzleService(Service):
                changed: set, previous: Optional[Settings]) -> None:
         """
         Take what L{_configure} made, keeping everything counted, held or
-        waiting: re-keyed if the fields of a key changed.
+        waiting: re-keyed if the fields of a key changed, and cut to the
+        caps (MAX_FIELD_CHARS, MAX_EXC_TEXT_CHARS) if they were lowered.
         """
         self.settings = settings
         self._reader = configured.reader
@@ -316,8 +317,8 @@ class FailnozzleService(Service):
                              settings.GELF_DEFAULT_KIND)
         for receiver in self._receivers.values():
             receiver.reader = configured.reader
-        rekey = rekeying(previous and previous.unique_fields,
-                         settings.unique_fields)
+        rekey = configured.reader.rekeying(previous
+                                           and previous.unique_fields)
         self.aggregator.configure(settings.MAX_UNIQUE_MESSAGES,
                                   settings.MAX_SOURCES_PER_ERROR,
                                   configured.internal_error_key, rekey)
@@ -493,6 +494,11 @@ class FailnozzleService(Service):
             return False
         for notice in notices:
             _log.warn("Config: {notice}", notice=notice)
+        unused = changed & UNUSED_SETTINGS
+        if unused:
+            _log.warn("Reload: changing {names} has no effect, now or at "
+                      "the next start: logging goes through twistd "
+                      "(--logfile, --syslog)", names=", ".join(sorted(unused)))
         previous = self.settings
         try:
             self._apply(settings, configured, changed, previous)
@@ -608,17 +614,21 @@ class FailnozzleService(Service):
         self._report_bad_input(error, sender)
 
     def _restore_state(self) -> None:
-        """Count in again what the last run had counted but not sent."""
+        """
+        Count in again what the last run had counted but not sent, cut to
+        this run's caps (the snapshot has its keys read by field name).
+        """
         state = self.state_file.load()
         if state is None:
             return
-        self.aggregator.restore(state.buffer)
+        recut = self._reader.rekeying(None)
+        self.aggregator.restore(state.buffer.rekeyed(recut))
         # Errors whose digest was not yet safe in the spool are reported
         # again: at least once.
         for kind in ("digest", "monitoring"):
             for batch in (state.held.get(kind), state.unsettled.get(kind)):
                 if batch:
-                    self._hold(kind, batch)
+                    self._hold(kind, batch.rekeyed(recut))
         self.rate_window.counts = state.rate_window[-self.rate_window.size:]
         _log.info("Restored {total} errors from {path}",
                   total=state.buffer.total + sum(

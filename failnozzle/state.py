@@ -39,9 +39,11 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from failnozzle.aggregate import Batch, Entry, rekeying
+from failnozzle.aggregate import SCALAR_TYPES, Batch, Entry, rekeying
+from failnozzle.clock import LAST_SECOND
 from failnozzle.spool import (BadEntry, fsync_directory, open_private, open_regular,
                               read_entry)
+from failnozzle.textcap import one_line
 
 _log = Logger()
 
@@ -56,11 +58,6 @@ _COMPACT_SLACK = 1000
 #: writes, and a bound on what a damaged or hostile file can cost.
 _MAX_STATE_BYTES = 256 * 1024 * 1024
 _MAX_KEY_LINE_BYTES = 64 * 1024 * 1024
-
-#: Reactor times a snapshot may hold: what a datetime can show.
-_LATEST_TIME = 253402300799.0
-
-_SCALARS = (str, int, float, bool, type(None))
 
 
 @dataclass
@@ -396,7 +393,7 @@ class StateFile:
                 number, key = pair
                 if number in wanted:
                     _check((length is None or len(key) == length) and all(
-                        type(value) in _SCALARS for value in key),
+                        type(value) in SCALAR_TYPES for value in key),
                         "a key of the wrong shape")
                     keys[number] = tuple(key)
         missing = wanted - keys.keys()
@@ -419,7 +416,7 @@ class StateFile:
         reason = str(error) or type(error).__name__
         _log.error("STATE_FILE {path} is unusable ({error}); moved to "
                    "{aside}, starting with an empty buffer",
-                   path=self.path, error=_one_line(reason)[:200],
+                   path=self.path, error=one_line(reason)[:200],
                    aside=", ".join(moved) or "nowhere")
 
 
@@ -428,10 +425,6 @@ def _unused_name(path: str) -> str:
     candidates = itertools.chain(
         [path], (f"{path}.{number}" for number in itertools.count(1)))
     return next(name for name in candidates if not os.path.lexists(name))
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _check(condition: bool, problem: str) -> None:
@@ -447,9 +440,9 @@ def _count(value: object, what: str) -> int:
 
 def _time(value: object, shift: float) -> float:
     """A reactor time of a snapshot, moved to this run's clock."""
-    _check(type(value) in (int, float) and 0 <= value <= _LATEST_TIME,
+    _check(type(value) in (int, float) and 0 <= value <= LAST_SECOND,
            "bad time")
-    return min(max(float(value) + shift, 0.0), _LATEST_TIME)
+    return min(max(float(value) + shift, 0.0), LAST_SECOND)
 
 
 def _loads(data: bytes) -> object:
@@ -554,7 +547,7 @@ def _entry(row: object, keys: dict, shift: float) -> Entry:
     counts: dict = {}
     for pair in sources:
         _check(type(pair) is list and len(pair) == 2
-               and type(pair[0]) in _SCALARS, "bad source")
+               and type(pair[0]) in SCALAR_TYPES, "bad source")
         counts[pair[0]] = counts.get(pair[0], 0) + _count(pair[1], "count")
     level = optional[0] if optional else None
     _check(level is None or (type(level) is int and 0 <= level <= 7),

@@ -1,6 +1,7 @@
 """
 Texts within a size bound: a field cut at its end, a traceback cut in the
-middle, and C{logging}'s C{msg % args} formatted under a cap.
+middle, C{logging}'s C{msg % args} formatted under a cap, and a text made
+one line.
 
 Every text an error keeps passes through here, so no input costs more than
 its capped size.  The formatter never builds more than the cap, whatever the
@@ -35,9 +36,21 @@ _TEXT_CONVERSIONS = {"s": str, "r": repr, "a": ascii}
 _INTEGER_CONVERSIONS = frozenset("diouxX")
 _FLOAT_CONVERSIONS = frozenset("eEfFgG")
 
+#: Control characters (C0, DEL, C1), read as spaces by L{one_line}.
+_CONTROLS = dict.fromkeys([*range(0x20), *range(0x7f, 0xa0)], " ")
+
 #: Past this precision a float's digits are all known zeros (a double has
 #: at most 1074 digits after the point, 767 significant ones).
 _FLOAT_PRECISION = 1100
+
+
+def one_line(text: str) -> str:
+    """
+    C{text} on one line, each run of white space and control characters
+    one space: a NUL, an escape sequence or a line break would go on into
+    digests and logs.
+    """
+    return " ".join(text.translate(_CONTROLS).split())
 
 
 def cut_end(text: str, cap: int) -> str:
@@ -48,24 +61,62 @@ def cut_end(text: str, cap: int) -> str:
     return text[:cap - 1] + FIELD_MARK
 
 
-def cut_middle(text: str, cap: int) -> str:
+def _mark(cut: int) -> str:
+    return f"[… {cut:,} characters cut …]"
+
+
+#: L{_mark} in a text, and the number it says (of a size a text can be).
+_MARK = re.compile(r"\[… ([0-9][0-9,]{0,24}) characters cut …\]")
+
+
+def cut_middle(text: str, cap: int,
+               mark: Callable[[int], str] = _mark) -> str:
     """
     C{text} if it has at most C{cap} characters, else its head and its tail
     around a line saying how many characters were cut, C{cap} characters in
     all: a Python traceback ends with what matters, a Java one begins with
     it.  The cut falls between lines where a line ends near it.
+
+    @param mark: makes that line of the number cut, if not the one the
+        texts of an error are cut with (a digest says why it cut).
     """
     if len(text) <= cap:
         return text
     return _cut_middle(len(text), lambda size: text[:size],
-                       lambda size: text[len(text) - size:], cap)
+                       lambda size: text[len(text) - size:], cap, mark)
+
+
+def recut_middle(text: str, cap: int) -> str:
+    """
+    What L{cut_middle} makes of the text that C{text} was cut from (with
+    a cap above C{cap}), as far as C{text} holds it, or of C{text} if it
+    was not cut: the same, if C{cap} keeps no more of its head and tail
+    than C{text} kept, and otherwise as close as C{text} allows, its mark
+    still counting the characters cut from the text itself.  A cap
+    lowered between runs or by a reload so cuts a kept traceback as it
+    cuts the same traceback arriving anew.
+
+    A text that holds a mark of its own is taken as cut there.
+    """
+    if len(text) <= cap:
+        return text
+    found = _MARK.search(text)
+    if found is None:
+        return cut_middle(text, cap)
+    start, end = text[:found.start()], text[found.end():]
+    if start.endswith("\n") and end.startswith("\n"):
+        end = end[1:]  # the line end the mark was given
+    length = len(start) + int(found.group(1).replace(",", "")) + len(end)
+    return _cut_middle(length, lambda size: start[:size],
+                       lambda size: end[max(0, len(end) - size):], cap)
 
 
 def _cut_middle(length: int, head: Callable[[int], str],
-                tail: Callable[[int], str], cap: int) -> str:
+                tail: Callable[[int], str], cap: int,
+                mark: Callable[[int], str] = _mark) -> str:
     """L{cut_middle} of a text known by its C{length}, its C{head(n)} and
     its C{tail(n)} (its first and last C{n} characters)."""
-    room = cap - len(_mark(length)) - 1
+    room = cap - len(mark(length)) - 1
     if room < 2:
         return head(cap)
     head_size = room // 2
@@ -76,12 +127,8 @@ def _cut_middle(length: int, head: Callable[[int], str],
     line_start = end.find("\n", 0, len(end) // 2)
     if line_start >= 0:
         end = end[line_start + 1:]
-    mark = _mark(length - len(start) - len(end))
-    return start + mark + ("\n" if start.endswith("\n") else "") + end
-
-
-def _mark(cut: int) -> str:
-    return f"[… {cut:,} characters cut …]"
+    return (start + mark(length - len(start) - len(end))
+            + ("\n" if start.endswith("\n") else "") + end)
 
 
 def format_capped(msg: str, args: object, cap: int) -> str:

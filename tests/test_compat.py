@@ -282,7 +282,7 @@ class ServerCommandTests(_TwistdTestCase):
         address = ("127.0.0.1", int(listening.group(1)))
         send_datagrams(address, [record("boom", host="web1"),
                                  record("boom", host="web2"), b"not json"])
-        yield process.wait_for(r"Bad datagram from 127\.0\.0\.1")
+        yield process.wait_for(r"Bad input from 127\.0\.0\.1")
         process.transport.signalProcess("TERM")
         reason = yield process.wait_for_end()
         self.assertIsInstance(reason, error.ProcessTerminated, process.text)

@@ -753,12 +753,23 @@ class DetailsTests(SynchronousTestCase):
     def test_builtin_lists_100(self):
         """
         The built-in body lists 100 errors in full by default and counts
-        the rest in one line.
+        the rest in one line, which does not claim DIGEST_MAX_DETAILS is
+        set.
         """
         _, body = renderer().render(self.batch)
         self.assertIn("Exception #100 of 100: 101X error 99 ", body)
         self.assertIn(f"\n{sum(range(81, 101))}X in 20 more unique errors "
-                      "not listed (DIGEST_MAX_DETAILS = 100)\n", body)
+                      "not listed (DIGEST_MAX_DETAILS is not set: 100 are "
+                      "listed)\n", body)
+
+    def test_builtin_lists_100_when_set(self):
+        """
+        DIGEST_MAX_DETAILS = 100, when set, is named as set.
+        """
+        _, body = renderer(max_details=100).render(self.batch)
+        self.assertIn("Exception #100 of 100: 101X error 99 ", body)
+        self.assertIn("more unique errors not listed (DIGEST_MAX_DETAILS = "
+                      "100)\n", body)
 
     def test_fallback_lists_100(self):
         """
@@ -882,10 +893,10 @@ class SizeTests(SynchronousTestCase):
             "in f0\n"), shown[:200])
         self.assertTrue(shown.endswith("    f()\nValueError: the end"))
         [(head, cut, tail)] = re.findall(
-            r"(.*)\n\[\.\.\. (\d+) characters cut here to fit the digest's "
+            r"(.*\n)\[\.\.\. (\d+) characters cut here to fit the digest's "
             r"size limit \.\.\.\]\n(.*)", shown, re.S)
         self.assertEqual(len(head) + int(cut) + len(tail), len(traceback))
-        self.assertTrue(traceback.startswith(head + "\n"))
+        self.assertTrue(traceback.startswith(head))
         self.assertTrue(traceback.endswith("\n" + tail))
         self.assertIn("\n" + FILE_TRACEBACK + "\n", body)
         self.assertIn("** 6 instances of 2 unique errors (app) **", body)

@@ -263,6 +263,42 @@ class CapTests(SynchronousTestCase):
         self.assertEqual(len(fields["kind"]), 1000)
 
 
+class RekeyingTests(SynchronousTestCase):
+    """
+    L{RecordReader.rekeying}: keys counted under other fields or caps,
+    made what the same errors arriving now get.
+    """
+
+    def test_cut_as_if_arriving_now(self):
+        """
+        A key kept from a reader with higher caps is the key a reader
+        with lower caps gives the same record.
+        """
+        data = record("m" * 900, exc_text="frame\n" * 2000,
+                      module="x" * 500, lineno=7)
+        old = RecordReader(FIELDS, "source", 10 ** 6,
+                           max_exc_text_chars=8000).read(encode(data))[0]
+        new_reader = RecordReader(FIELDS, "source", 10 ** 6,
+                                  max_field_chars=100,
+                                  max_exc_text_chars=1000)
+        self.assertEqual(new_reader.rekeying(None)(old),
+                         new_reader.read(encode(data))[0])
+
+    def test_read_by_field_name(self):
+        """
+        A key of other fields is read by name, a field it lacks being
+        None, and then cut.
+        """
+        reader = RecordReader(("message", "kind"), "source", 65536,
+                              max_field_chars=5)
+        rekey = reader.rekeying(("kind", "module", "message"))
+        self.assertEqual(rekey(("app", "views", "a long message")),
+                         ("a lo" + FIELD_MARK, "app"))
+        self.assertEqual(RecordReader(("message", "lineno"), "source",
+                                      65536).rekeying(("message",))(("m",)),
+                         ("m", None))
+
+
 class BadDatagramTests(SynchronousTestCase):
     """
     Each kind of bad input raises its own L{BadDatagram} subclass.
@@ -372,7 +408,7 @@ class InternalErrorKeyTests(SynchronousTestCase):
         self.assertEqual(key, tuple(expected.get(name) for name in FIELDS))
         self.assertEqual(dict(zip(FIELDS, key))["message"],
                          "Internal error: datagram is not valid JSON")
-        self.assertIn("3 bad datagram(s)", expected["exc_text"])
+        self.assertIn("3 bad input(s)", expected["exc_text"])
         self.assertIn("b'junk'", expected["exc_text"])
 
     def test_custom_used(self):
@@ -522,7 +558,7 @@ class ErrorReceiverTests(ReceiverTestCase):
         record = default_internal_error_record(3, NotJSON("", b"junk"))
         self.assertEqual(dict(zip(FIELDS, entry.key))["module"],
                          record["module"])
-        self.assertIn("3 bad datagram(s)",
+        self.assertIn("3 bad input(s)",
                       dict(zip(FIELDS, entry.key))["exc_text"])
         self.assertEqual(entry.total, 3)
 
@@ -547,7 +583,7 @@ class BadInputLogTests(ReceiverTestCase):
         """
         self.receive(b"junk", sender=("10.0.0.9", 4321))
         [line] = self.logged()
-        self.assertIn("Bad datagram from 10.0.0.9:4321: datagram is not "
+        self.assertIn("Bad input from 10.0.0.9:4321: datagram is not "
                       "valid JSON", line)
         [event] = [e for e in self.events if e.get("host") == "10.0.0.9"]
         self.assertEqual(event["port"], 4321)
@@ -567,8 +603,8 @@ class BadInputLogTests(ReceiverTestCase):
         self.clock.advance(0.1)
         lines = self.logged()
         self.assertEqual(len(lines), 2)
-        self.assertIn("3 more bad datagram(s) not logged in the last 60 s: "
-                      "datagram is not valid JSON", lines[1])
+        self.assertIn("3 more not logged in the last 60 s: datagram is not "
+                      "valid JSON", lines[1])
 
     def test_nothing_held_back(self):
         """
@@ -588,7 +624,7 @@ class BadInputLogTests(ReceiverTestCase):
         self.receive(b"junk")
         lines = self.logged()
         self.assertEqual(len(lines), 2)
-        self.assertIn("Bad datagram from", lines[1])
+        self.assertIn("Bad input from", lines[1])
 
     def test_kinds_apart(self):
         """
@@ -627,7 +663,8 @@ class BadInputLogTests(ReceiverTestCase):
         self.receiver.doStop()
         lines = self.logged()
         self.assertEqual(len(lines), 3)
-        self.assertIn("1 more bad datagram(s)", lines[2])
+        self.assertIn("1 more not logged in the last 60 s: datagram is not "
+                      "valid JSON", lines[2])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 

@@ -28,7 +28,7 @@ from zope.interface import implementer
 import failnozzle.mailin
 from failnozzle.aggregate import Aggregator
 from failnozzle.config import ConfigError, UniqueMessage
-from failnozzle.ingest import RecordReader
+from failnozzle.ingest import RecordReader, default_internal_error_record
 from failnozzle.mailin import (AUTH_MAX_DELAY_SECONDS, AUTH_MEMORY_SECONDS,
                                COMMAND_BYTES_PER_TURN, IDLE_TIMEOUT_SECONDS,
                                MAX_COMMAND_BYTES, MAX_HEADER_CHARS,
@@ -981,6 +981,21 @@ class SessionTests(IngestTestCase):
         self.finish_snapshots()
         self.assertEqual(client.replies(), ["250 Counted for the next digest"])
 
+    def test_unreadable_in_the_digest(self):
+        """
+        The digest's entry for mail that could not be read says what it
+        was, and does not call it a datagram.
+        """
+        record = default_internal_error_record(
+            2, BadMail("LookupError: no such codec", b"Subject: x"))
+        self.assertEqual(record["message"],
+                         "Internal error: mail that could not be read")
+        self.assertTrue(record["exc_text"].startswith(
+            "Internal error: 2 bad input(s) of this kind since the last "
+            "digest.\nThe last one: mail that could not be read: "
+            "LookupError: no such codec\n"), record["exc_text"])
+        self.assertNotIn("datagram", record["exc_text"])
+
     def test_snapshot_error(self):
         """
         Should the wait for the snapshot fail, the client is told to try
@@ -1307,7 +1322,7 @@ class LimitTests(IngestTestCase):
     def test_turned_away_logged_once(self):
         """
         Clients turned away for SMTP_INGEST_MAX_CONNECTIONS are logged one
-        line a minute, the next line saying how many were not.
+        line a minute, and a line at its end says how many were not.
         """
         events = capture_log(self)
         ingest = self.make_ingest(max_connections=1)
@@ -1319,8 +1334,8 @@ class LimitTests(IngestTestCase):
         line = ("Turned a client away (421): SMTP_INGEST_MAX_CONNECTIONS "
                 "(1) are connected")
         self.assertEqual([formatEvent(event) for event in events],
-                         [line, line + " (49 more not logged in the last "
-                                       "60 s)"])
+                         [line, "49 more not logged in the last 60 s: "
+                                "clients turned away", line])
 
     def test_recipients(self):
         """
@@ -1618,11 +1633,13 @@ class AuthTests(IngestTestCase):
 
     def test_lost_while_waiting(self):
         """
-        A client gone during the wait leaves nothing scheduled.
+        A client gone during the wait leaves nothing scheduled (the
+        minute of the failure's warning is the server's).
         """
         client = self.connect_from("10.0.0.7")
         client.send(self.plain(b"django", b"guess"))
         client.protocol.connectionLost(None)
+        self.ingest.events.stop()
         self.assertEqual([call for call in self.clock.getDelayedCalls()
                           if call.active()], [])
 

@@ -167,7 +167,7 @@ class SighupDaemonTests(_TwistdTestCase):
         process, address, cwd = yield self.start_daemon(**settings)
         send_datagrams(address, [record("before", source="web1")])
         send_datagrams(address, [b"not json"])
-        yield process.wait_for("Bad datagram")
+        yield process.wait_for("Bad input from")
         new_port = free_udp_port()
         settings.update(REPORT_TO=["new@example.com"], FLUSH_SECONDS=1,
                         UDP_BIND=("127.0.0.1", new_port))

@@ -12,7 +12,7 @@ import zlib
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from failnozzle.config import ConfigError, DEFAULT_MONITORING_ERROR_MARKERS
@@ -23,6 +23,23 @@ from failnozzle.steps import in_slices, run_at_once
 from tests.common import FakeMailTransport, Turns, make_settings, record
 
 MARKER = DEFAULT_MONITORING_ERROR_MARKERS[0]
+
+
+def long_error(number: int) -> dict:
+    """
+    One of a family of errors that differ only past 50 characters of their
+    message and in the middle of their 4,300-character traceback.
+    """
+    frames = "  File \"app.py\", line 1, in f\n" * 60
+    return record("A" * 60 + f" {number}", exc_text=(
+        "Traceback (most recent call last):\n" + frames
+        + f"  File \"app.py\", line {number}, in g\n" + frames
+        + "ValueError: the end\n"))
+
+
+#: The summary line of the L{long_error}s, after the count, once cut to
+#: MAX_FIELD_CHARS = 50.
+LONG_ERRORS_CUT = f"X {'A' * 49}… (in app, src/app/views.py:50)\n"
 
 
 class ServiceTestCase(SynchronousTestCase):
@@ -796,6 +813,39 @@ class UnsettledTests(ServiceTestCase):
         self.assertEqual(state.buffer.total, 0)
 
 
+class LoweredCapsTests(ServiceTestCase):
+    """
+    Errors restored from the snapshot of a run with higher MAX_FIELD_CHARS
+    and MAX_EXC_TEXT_CHARS are cut as errors arriving now are.
+    """
+
+    def test_restored_cut(self):
+        """
+        What was counted, and kept until its digest was safe, by a run
+        with higher caps is cut to this run's and folded with the errors
+        that differ from it only past them; the totals are exact.
+        """
+        blocker = self.mktemp()
+        with open(blocker, "w"):
+            pass
+        self.start(SNAPSHOT_SECONDS=1, MAX_EXC_TEXT_CHARS=3000,
+                   SPOOL_DIR=os.path.join(blocker, "spool"))
+        self.receive(long_error(1), long_error(2))
+        self.reactor.advance(60)
+        self.receive(long_error(3))
+        self.reactor.advance(1)
+        crashed = dict(self.overrides, SPOOL_DIR=self.mktemp(),
+                       MAX_FIELD_CHARS=50, MAX_EXC_TEXT_CHARS=1000)
+        self.start(**crashed)
+        self.receive(long_error(4))
+        self.reactor.advance(60)
+        [(_, _, message)] = self.transport.by_kind("digest")
+        body = message.get_content()
+        self.assertIn("** 4 instances of 1 unique error (app) **", body)
+        self.assertIn("\n4" + LONG_ERRORS_CUT, body)
+        self.assertEqual(body.count("characters cut …]"), 1)
+
+
 class MakeTransportTests(SynchronousTestCase):
     """
     Which transport the settings choose.
@@ -973,6 +1023,56 @@ class ReloadTests(ServiceTestCase):
         self.assertIn("** 4 instances of 2 unique errors (app) **", body)
         self.assertIn("2X three (in app", body)
         self.assertIn("2X two (in app", body)
+
+    def test_caps_lowered(self):
+        """
+        Lowered MAX_FIELD_CHARS and MAX_EXC_TEXT_CHARS cut the errors
+        counted and held before the reload as they cut those arriving
+        after it: errors that differ only past the new caps are one, with
+        every instance counted.
+        """
+        self.service.stopService()
+        self.start(reload_settings=lambda: self.given.pop(0),
+                   MAX_EXC_TEXT_CHARS=3000)
+        self.receive(long_error(1))
+        self.reactor.advance(60)
+        self.receive(long_error(2), long_error(3))
+        self.reactor.advance(60)  # held: the first digest is undelivered
+        self.receive(long_error(4))
+        self.assertTrue(self.reload(MAX_FIELD_CHARS=50,
+                                    MAX_EXC_TEXT_CHARS=1000))
+        self.receive(long_error(5))
+        self.transport.succeed_all()
+        self.reactor.advance(60)
+        [_, (_, covering)] = self.digests()
+        body = covering.get_content()
+        self.assertIn("** 4 instances of 1 unique error (app) **", body)
+        self.assertIn("\n4" + LONG_ERRORS_CUT, body)
+        self.assertEqual(body.count("characters cut …]"), 1)
+
+    def test_unused_setting_said(self):
+        """
+        A changed LOG_LEVEL or LOG_FORMAT, which failnozzle accepts but
+        does not use, is said in one line; the rest of the reload is taken.
+        """
+        self.assertTrue(self.reload(LOG_LEVEL="INFO", LOG_FORMAT="%(message)s",
+                                    REPORT_TO="new@example.com"))
+        [line] = [formatEvent(event) for event in self.events
+                  if "no effect" in event["log_format"]]
+        self.assertEqual(line, "Reload: changing LOG_FORMAT, LOG_LEVEL has "
+                               "no effect, now or at the next start: "
+                               "logging goes through twistd (--logfile, "
+                               "--syslog)")
+        self.assertEqual(self.service.settings.REPORT_TO,
+                         ("new@example.com",))
+
+    def test_no_unused_setting_said(self):
+        """
+        A reload that leaves them as they were says nothing of them.
+        """
+        self.assertTrue(self.reload(REPORT_TO="new@example.com"))
+        self.assertEqual([event for event in self.events
+                          if "no effect" in event["log_format"]], [])
 
     def test_unusable_config_kept(self):
         """

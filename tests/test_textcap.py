@@ -4,11 +4,13 @@ C{msg % args} formatted under a cap, checked against Python's own C{%} on
 many generated formats.
 """
 import random
+import re
 import tracemalloc
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from failnozzle.textcap import FIELD_MARK, cut_end, cut_middle, format_capped
+from failnozzle.textcap import (FIELD_MARK, cut_end, cut_middle, format_capped,
+                                one_line, recut_middle)
 
 KEYS = ("a", "b", "a(b)c", "", "x y")
 
@@ -94,6 +96,26 @@ def outcome(function, *args):
         return ("error",)
 
 
+class OneLineTests(SynchronousTestCase):
+    """
+    L{one_line}: a text made one line for a digest or a log.
+    """
+
+    def test_white_space_and_controls(self):
+        """
+        Line breaks, runs of white space and control characters (C0, DEL,
+        C1) are one space each; the ends are stripped.
+        """
+        self.assertEqual(one_line(" a\r\n\tb\x00c\x1b[0m\x7fd\x85e\x9f  "),
+                         "a b c [0m d e")
+
+    def test_other_text_kept(self):
+        """
+        Other characters, non-ASCII ones included, are kept.
+        """
+        self.assertEqual(one_line("Ärger ☃ 😀"), "Ärger ☃ 😀")
+
+
 class CutEndTests(SynchronousTestCase):
     """
     L{cut_end}: a field cut at its cap.
@@ -165,6 +187,95 @@ class CutMiddleTests(SynchronousTestCase):
         A cap with no room for the mark keeps the start.
         """
         self.assertEqual(cut_middle("abcdefghij", 4), "abcd")
+
+
+def random_traceback(rng):
+    """A text of lines of random lengths, some of them long."""
+    return "".join(
+        "x" * rng.choice([0, 1, 5, 40, 80, 300, 2000]) + "\n"
+        for _ in range(rng.randrange(1, 400)))
+
+
+class RecutMiddleTests(SynchronousTestCase):
+    """
+    L{recut_middle}: a text kept cut by L{cut_middle}, cut again to a
+    smaller cap.
+    """
+
+    def test_short_kept(self):
+        """
+        A text within the cap is the same object, mark or not.
+        """
+        text = cut_middle("line\n" * 1000, 500)
+        self.assertIs(recut_middle(text, 500), text)
+
+    def test_uncut_text(self):
+        """
+        A text that was not cut is cut as L{cut_middle} cuts it.
+        """
+        text = "Traceback\n" + "  frame\n" * 1000 + "ValueError\n"
+        self.assertEqual(recut_middle(text, 1000), cut_middle(text, 1000))
+
+    def test_as_if_cut_anew(self):
+        """
+        A text cut, then cut again to a third of its cap or less, is what
+        the first text cut to that cap is: a traceback kept from before a
+        cap was lowered is the same as one arriving after.
+        """
+        rng = random.Random(9)
+        for _ in range(300):
+            text = random_traceback(rng)
+            first = rng.randrange(300, 20000)
+            second = rng.randrange(40, first // 3)
+            self.assertEqual(recut_middle(cut_middle(text, first), second),
+                             cut_middle(text, second),
+                             (len(text), first, second))
+
+    def test_any_cap(self):
+        """
+        Cut again to any smaller cap, a text has at most that many
+        characters, all of them from the first text's head and tail, and
+        its mark counts every character of the first text not there.
+        """
+        rng = random.Random(10)
+        for _ in range(300):
+            text = random_traceback(rng)
+            first = rng.randrange(300, 20000)
+            second = rng.randrange(40, first)
+            recut = recut_middle(cut_middle(text, first), second)
+            self.assertLessEqual(len(recut), second)
+            if len(text) <= second:
+                self.assertEqual(recut, text)
+                continue
+            head, count, tail = re.fullmatch(
+                r"(.*?)\[… ([0-9,]+) characters cut …\](.*)", recut,
+                re.S).groups()
+            if head.endswith("\n"):
+                # The mark is a line of its own.
+                self.assertEqual(tail[:1], "\n")
+                tail = tail[1:]
+            self.assertTrue(text.startswith(head))
+            self.assertTrue(text.endswith(tail))
+            self.assertEqual(int(count.replace(",", "")),
+                             len(text) - len(head) - len(tail))
+
+    def test_mark_of_its_own(self):
+        """
+        A text holding a mark it was not cut at is still cut within the
+        cap (its count is the text's word).
+        """
+        text = "a" * 3000 + "[… 5 characters cut …]" + "b" * 3000
+        recut = recut_middle(text, 1000)
+        self.assertLessEqual(len(recut), 1000)
+        self.assertRegex(recut, r"^a+\[… 5,\d{3} characters cut …\]b+$")
+
+    def test_huge_count(self):
+        """
+        A mark whose number no text could have is not read as one.
+        """
+        text = "a" * 3000 + "[… " + "9" * 5000 + " characters cut …]"
+        recut = recut_middle(text, 1000)
+        self.assertEqual(recut, cut_middle(text, 1000))
 
 
 class FormatCappedTests(SynchronousTestCase):

@@ -267,7 +267,7 @@ class SMTPDaemonTests(_TwistdTestCase):
         # on the same socket, is logged once read: by then the kernel has
         # handed over the good ones before it (one socket, in order).
         send_datagrams(address, [b"not json"])
-        yield process.wait_for(r"Bad datagram from 127\.0\.0\.1:\d+: "
+        yield process.wait_for(r"Bad input from 127\.0\.0\.1:\d+: "
                                r"datagram is not valid JSON")
         self.assertEqual(sink.messages, [])
 
@@ -359,7 +359,7 @@ class RecoveryTests(_TwistdTestCase):
             record("boom", source="web1"), record("boom", source="web2")])
         # Logged once read: by then the two before it are counted.
         send_datagrams(address, [b"not json"])
-        yield process.wait_for(r"Bad datagram from ")
+        yield process.wait_for(r"Bad input from ")
 
         process.transport.signalProcess("TERM")
         reason = yield process.wait_for_end()
