@@ -711,8 +711,7 @@ def digest_steps(unique: int, hosts: int) -> list:
     service, directory = fill_service(unique, hosts)
     with directory:
         batch = service.aggregator.flush()
-        making = service._making_digest(
-            batch, service._envelope(service._routes["digest"]))
+        making = service._digest_steps(batch, service._routes["digest"])
         steps = []
         while True:
             started = time.perf_counter()

@@ -516,9 +516,10 @@ class FailnozzleService(Service):
             self._restart_loops(changed)
         if self.state_file is not None:
             self.save_state()
+        taken = sorted(changed - unused)
         _log.info("Reloaded the config: {names}; templates and certificate "
-                  "files read again", names=", ".join(sorted(changed))
-                  + " changed" if changed else "no setting changed")
+                  "files read again", names=", ".join(taken) + " changed"
+                  if taken else "no setting changed")
         self._freeze_heap()
         return True
 
@@ -815,12 +816,12 @@ class FailnozzleService(Service):
             _log.failure("Could not make the {kind} of {total} errors; "
                          "they are kept for the next one", failure,
                          kind=kind, total=batch.total)
-            self._hold(kind, batch)
+            result = settled(False, hold=True)
             done_making()
-            return settled(False)
+            return result
 
-        made = self._in_steps(self._making_digest(batch,
-                                                  self._envelope(route)))
+        made = defer.maybeDeferred(self._digest_steps, batch, route)
+        made.addCallback(self._in_steps)
         return [made.addCallbacks(hand_over, not_made)]
 
     def _handed_over(self) -> defer.DeferredList:
@@ -828,15 +829,18 @@ class FailnozzleService(Service):
         return defer.DeferredList([handed for making in self._making.values()
                                    for handed in making])
 
-    def _making_digest(self, batch: Batch, envelope: dict) -> Steps[tuple]:
-        """The digest message and its bytes, in steps."""
-        message = yield from self.renderer.making(
-            batch, max_bytes=self.settings.DIGEST_MAX_BYTES, **envelope)
-        yield
-        return message, message_bytes(message)
+    def _digest_steps(self, batch: Batch, route: Route) -> Steps[tuple]:
+        """
+        The steps that make the digest of C{batch} for C{route}, and its
+        bytes, with the renderer and settings of now: a reload before they
+        run would bring keys of another shape.
+        """
+        return _with_bytes(self.renderer.making(
+            batch, max_bytes=self.settings.DIGEST_MAX_BYTES,
+            **self._envelope(route)))
 
     def _keep_until_safe(self, kind: str,
-                         batch: Batch) -> Callable[[bool], bool]:
+                         batch: Batch) -> Callable[..., bool]:
         """
         Keep C{batch} in the snapshots until its digest is in the spool,
         or, if the spool cannot take it, until it is delivered or given up
@@ -844,13 +848,18 @@ class FailnozzleService(Service):
         never.
 
         @return: what to call, once, when that is so; it hands on the
-            result it is given, so the caller's outcome stays whole.
+            result it is given, so the caller's outcome stays whole.  With
+            C{hold}, the batch is held for the next digest, as it is then:
+            a reload meanwhile may have re-keyed it.
         """
         token = object()
         self._unsettled[token] = (kind, batch)
 
-        def settled(result: bool) -> bool:
-            if self._unsettled.pop(token, None) is not None:
+        def settled(result: bool, hold: bool = False) -> bool:
+            unsettled = self._unsettled.pop(token, None)
+            if unsettled is not None:
+                if hold:
+                    self._hold(*unsettled)
                 self.save_state()
             return result
 
@@ -909,6 +918,13 @@ class FailnozzleService(Service):
                     wall_offset=self._wall_offset(),
                     domain=self.settings.SERVER_NAME,
                     reply_to=route.reply_to, kind=route.kind)
+
+
+def _with_bytes(making: Steps[EmailMessage]) -> Steps[tuple]:
+    """The message that C{making} makes, and its bytes, in steps."""
+    message = yield from making
+    yield
+    return message, message_bytes(message)
 
 
 def _each_step(steps: list) -> defer.Deferred:

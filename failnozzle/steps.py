@@ -23,8 +23,9 @@ _R = TypeVar("_R")
 #: turn, and returns its result.
 Steps = Generator[None, None, _R]
 
-#: The longest run of steps the reactor waits for, in seconds: at 70,000
-#: datagrams a second, 140 of them, a small share of a socket's buffer.
+#: How long the reactor waits for steps in one turn, in seconds, unless a
+#: single step takes longer: at 70,000 datagrams a second, 140 of them
+#: arrive meanwhile, a small share of a socket's buffer.
 SLICE_SECONDS = 0.002
 
 

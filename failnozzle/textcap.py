@@ -98,8 +98,6 @@ def recut_middle(text: str, cap: int) -> str:
 
     A text that holds a mark of its own is taken as cut there.
     """
-    if len(text) <= cap:
-        return text
     found = _MARK.search(text)
     if found is None:
         return cut_middle(text, cap)
@@ -107,6 +105,12 @@ def recut_middle(text: str, cap: int) -> str:
     if start.endswith("\n") and end.startswith("\n"):
         end = end[1:]  # the line end the mark was given
     length = len(start) + int(found.group(1).replace(",", "")) + len(end)
+    room = cap - len(_mark(length)) - 1
+    if len(text) <= cap and not (2 <= room and room // 2 <= len(start)
+                                 and room - room // 2 <= len(end)):
+        # The cap keeps more of the head or the tail than the text holds:
+        # as it was cut is as close as it gets.
+        return text
     return _cut_middle(length, lambda size: start[:size],
                        lambda size: end[max(0, len(end) - size):], cap)
 

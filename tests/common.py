@@ -582,13 +582,21 @@ class Turns:
     def __init__(self) -> None:
         self._due: list = []
 
-    def callLater(self, delay: float, function, *args) -> None:
-        self._due.append((function, args))
+    def callLater(self, delay: float, function, *args) -> task.DelayedCall:
+        call = task.DelayedCall(0, function, args, {},
+                                self._cancel, lambda call: None)
+        self._due.append(call)
+        return call
+
+    def _cancel(self, call: task.DelayedCall) -> None:
+        if call in self._due:
+            self._due.remove(call)
 
     def turn(self) -> None:
         due, self._due = self._due, []
-        for function, args in due:
-            function(*args)
+        for call in due:
+            call.called = True
+            call.func(*call.args)
 
     def take_all(self) -> int:
         """Take turns until nothing is due; how many were taken."""

@@ -559,7 +559,16 @@ class DigestInStepsTests(ServiceTestCase):
 
     def setUp(self):
         self.turns = Turns()
-        self.start(in_steps=in_slices(self.turns, slice_seconds=0))
+        self.given = []
+        self.start(in_steps=in_slices(self.turns, slice_seconds=0),
+                   reload_settings=lambda: self.given.pop(0))
+
+    def reload_without_lineno(self) -> None:
+        fields = [name for name in self.service.settings.unique_fields
+                  if name != "lineno"]
+        self.given.append((make_settings(**dict(
+            self.overrides, UNIQUE_MSG_TUPLE=fields)), []))
+        self.assertTrue(self.service.reload())
 
     def test_made_in_turns(self):
         self.receive(record("one"), record("two"))
@@ -568,6 +577,47 @@ class DigestInStepsTests(ServiceTestCase):
         self.assertGreater(self.turns.take_all(), 1)
         [(_, _, message)] = self.transport.by_kind("digest")
         self.assertIn("2 unique errors", message.get_content())
+
+    def test_reload_before_first_step(self):
+        """
+        A reload that changes the shape of keys between a flush and the
+        first step of its digest: the digest is made as the flush found
+        its errors, and the next digest as the reload wants them.
+        """
+        self.receive(record("before", lineno=1), record("before", lineno=2))
+        self.reactor.advance(60)
+        self.reload_without_lineno()
+        self.turns.take_all()
+        [(_, _, first)] = self.transport.by_kind("digest")
+        self.assertIn("2 unique errors", first.get_content())
+        self.transport.succeed_all()
+        self.receive(record("after", lineno=1), record("after", lineno=2))
+        self.reactor.advance(60)
+        self.turns.take_all()
+        [_, (_, _, second)] = self.transport.by_kind("digest")
+        self.assertIn("2 instances of 1 unique error (app)",
+                      second.get_content())
+
+    def test_not_made_after_reload_held_rekeyed(self):
+        """
+        A digest that cannot be made holds its errors as a reload while it
+        was being made re-keyed them: the next digest has them, folded.
+        """
+        def broken(batch, **options):
+            yield
+            raise RuntimeError("template exploded")
+
+        self.service.renderer.making = broken
+        self.receive(record("one", lineno=1), record("one", lineno=2))
+        self.reactor.advance(60)
+        self.reload_without_lineno()
+        self.turns.take_all()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.reactor.advance(60)
+        self.turns.take_all()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("2 instances of 1 unique error (app)",
+                      message.get_content())
 
     def test_stop_waits_for_digest_being_made(self):
         self.receive(record("buffered"))
@@ -1065,6 +1115,9 @@ class ReloadTests(ServiceTestCase):
                                "--syslog)")
         self.assertEqual(self.service.settings.REPORT_TO,
                          ("new@example.com",))
+        [reloaded] = [event for event in self.events
+                      if "Reloaded" in event["log_format"]]
+        self.assertEqual(reloaded["names"], "REPORT_TO changed")
 
     def test_no_unused_setting_said(self):
         """

@@ -209,6 +209,18 @@ class RecutMiddleTests(SynchronousTestCase):
         text = cut_middle("line\n" * 1000, 500)
         self.assertIs(recut_middle(text, 500), text)
 
+    def test_cap_lowered_by_one(self):
+        """
+        A cut text already within a cap one lower is cut again when that
+        cap keeps less of its head or tail: as the first text is cut to
+        it (its mark counting one more character).
+        """
+        text = "yyyyy\n" * 83
+        kept = cut_middle(text, 422)
+        self.assertLessEqual(len(kept), 421)
+        self.assertEqual(recut_middle(kept, 421), cut_middle(text, 421))
+        self.assertNotEqual(recut_middle(kept, 421), kept)
+
     def test_uncut_text(self):
         """
         A text that was not cut is cut as L{cut_middle} cuts it.
