@@ -763,6 +763,11 @@ class FailnozzleService(Service):
         undelivered = (self.outbox.waiting_kinds() | {
             kind for kind, making in self._making.items() if making}
             if not final or self._may_hold_across_restart() else set())
+        #: Fired once the snapshot below, which holds the errors handed on,
+        #: is written: only then are their digests made (making one holds
+        #: Python's lock against the writer, and a crash meanwhile would
+        #: lose them).
+        written: list = []
         for kind, part in (("digest", real), ("monitoring", monitoring)):
             if part:
                 self._hold(kind, part)
@@ -776,16 +781,22 @@ class FailnozzleService(Service):
                 continue
             # Handed on: a digest that cannot be made holds them again.
             del self._held[kind]
-            sending += self._send_digest(self._routes[kind], pending)
-        self.save_state()
+            sending += self._send_digest(self._routes[kind], pending,
+                                         written)
+        saved = self.save_state()
+        for waiting in written:
+            saved.addBoth(waiting.callback)
         return sending
 
-    def _send_digest(self, route: Route, batch: Batch) -> list:
+    def _send_digest(self, route: Route, batch: Batch,
+                     written: list) -> list:
         """
         Make the digest of C{batch} (rendering and serializing it: tens of
         milliseconds for a large one) with C{in_steps}, then hand it to
         the outbox.  Its errors are in the snapshots until it is safe (see
         L{_keep_until_safe}), and held again if it cannot be made.
+
+        @param written: takes a Deferred whose firing starts the making.
 
         @return: the digest's outcome, as L{flush} gives them.
         """
@@ -820,8 +831,10 @@ class FailnozzleService(Service):
             done_making()
             return result
 
-        made = defer.maybeDeferred(self._digest_steps, batch, route)
-        made.addCallback(self._in_steps)
+        steps = defer.maybeDeferred(self._digest_steps, batch, route)
+        made = defer.Deferred()
+        written.append(made)
+        made.addCallback(lambda _: steps).addCallback(self._in_steps)
         return [made.addCallbacks(hand_over, not_made)]
 
     def _handed_over(self) -> defer.DeferredList:

@@ -48,7 +48,8 @@ class ServiceTestCase(SynchronousTestCase):
     """
 
     def start(self, reload_settings=None, wall_offset=lambda: 0.0,
-              freeze_heap=lambda: None, in_steps=run_at_once, **overrides):
+              freeze_heap=lambda: None, in_steps=run_at_once, writer=None,
+              **overrides):
         overrides.setdefault("REPORT_FROM", "nozzle@example.com")
         overrides.setdefault("REPORT_TO", "ops@example.com")
         overrides.setdefault("FLUSH_SECONDS", 60)
@@ -66,7 +67,7 @@ class ServiceTestCase(SynchronousTestCase):
                                          reload_settings=reload_settings,
                                          wall_offset=wall_offset,
                                          freeze_heap=freeze_heap,
-                                         in_steps=in_steps)
+                                         in_steps=in_steps, writer=writer)
         self.service.startService()
         return self.service
 
@@ -629,6 +630,77 @@ class DigestInStepsTests(ServiceTestCase):
         self.assertIn("buffered", message.get_content())
         self.transport.succeed_all()
         self.assertIsNone(self.successResultOf(stopped))
+
+
+class HeldWriter:
+    """
+    A writer whose writes wait until the test lets them run: what is
+    written when, and what waits for it, can be seen.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list = []
+
+    def start(self) -> None:
+        pass
+
+    def run(self, function, *args) -> defer.Deferred:
+        done = defer.Deferred()
+        self.pending.append((function, args, done))
+        return done
+
+    def stop(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def names(self) -> list:
+        return [function.__qualname__ for function, _, _ in self.pending]
+
+    def run_all(self) -> None:
+        """Run the writes waiting, and those they lead to."""
+        while self.pending:
+            function, args, done = self.pending.pop(0)
+            done.callback(function(*args))
+
+
+class DigestAfterSnapshotTests(ServiceTestCase):
+    """
+    The errors a flush hands on are in a snapshot on disk before their
+    digest is made: making it would slow the writing, and a crash
+    meanwhile would lose them.
+    """
+
+    def test_digest_made_once_snapshot_written(self):
+        writer = HeldWriter()
+        self.start(writer=writer)
+        writer.run_all()  # start-up's snapshot
+        self.receive(record("one"))
+        self.reactor.advance(60)
+        # A snapshot from before the flush, then the flush's: the digest
+        # waits for both.
+        for _ in range(2):
+            self.assertEqual(writer.names(), ["StateFile._write"])
+            function, args, done = writer.pending.pop()
+            done.callback(function(*args))
+        self.assertEqual(writer.names(), ["Spool.add"])
+        writer.run_all()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("one", message.get_content())
+
+    def test_digest_made_when_snapshot_fails(self):
+        """
+        A snapshot that cannot be written does not keep the digest back.
+        """
+        writer = HeldWriter()
+        self.start(writer=writer)
+        writer.run_all()
+        self.receive(record("one"))
+        self.reactor.advance(60)
+        [(_, _, done)] = writer.pending
+        writer.pending.clear()
+        done.errback(OSError(28, "No space left on device"))
+        writer.run_all()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("one", message.get_content())
 
 
 class StopTests(ServiceTestCase):
