@@ -240,7 +240,7 @@ class MappingTests(SynchronousTestCase):
 
     def test_table(self):
         """
-        Each GELF field goes where the README's table says; the filename
+        Each GELF field goes where docs/gelf.rst's table says; the filename
         is the file's basename.
         """
         record = record_from_gelf(gelf(

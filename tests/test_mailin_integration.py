@@ -459,7 +459,7 @@ urlpatterns = [path("items/<int:number>/", item)]
 
 class FailnozzleBackend(EmailBackend):
     """
-    The backend README.rst gives a site whose other mail must still go
+    The backend docs/mail-in.rst gives a site whose other mail must still go
     through EMAIL_HOST: error mail only, to failnozzle (here on the port
     a test sets).
     """
@@ -551,7 +551,7 @@ class DjangoTests(TestCase):
     @defer.inlineCallbacks
     def test_own_backend(self):
         """
-        With README's FailnozzleBackend on the mail_admins handler, error
+        With docs/mail-in.rst's FailnozzleBackend on the mail_admins handler, error
         mail goes to failnozzle while EMAIL_HOST (here a port nothing
         listens on) stays the site's for its other mail.
         """
