@@ -395,5 +395,15 @@ class RateWindow:
         del self.counts[:-self.size]
         return self.total >= self.limit
 
+    def configure(self, size: int, limit: int) -> None:
+        """Take a new size and limit (a reload), keeping the counts that
+        still fit."""
+        self.size, self.limit = size, limit
+        del self.counts[:-size]
+
+    def restore(self, counts: Sequence[int]) -> None:
+        """Take the counts a snapshot kept, as many as fit."""
+        self.counts = list(counts)[-self.size:]
+
     def reset(self) -> None:
         self.counts = []

@@ -506,13 +506,15 @@ def _text_limit(texts: Sequence[tuple], now: Optional[int],
     """
     long_ones = [text for text in texts
                  if text[0] > MIN_TEXT_CHARS + _MARKER_CHARS]
-    if (needed <= 0 or not long_ones
-            or _bytes_saved(long_ones, now, MIN_TEXT_CHARS) <= 0):
+    if needed <= 0 or not long_ones:
+        return None
+    most = _bytes_saved(long_ones, now, MIN_TEXT_CHARS)
+    if most <= 0:
         return None
     low = MIN_TEXT_CHARS
-    high = max(length for length, _ in long_ones) if now is None else now
-    if _bytes_saved(long_ones, now, low) < needed:
+    if most < needed:
         return low
+    high = max(length for length, _ in long_ones) if now is None else now
     while high - low > 1:
         middle = (low + high) // 2
         if _bytes_saved(long_ones, now, middle) >= needed:

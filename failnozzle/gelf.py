@@ -13,15 +13,15 @@ rejection is a L{BadDatagram} subclass, counted like other bad input.
 """
 from __future__ import annotations
 
-import json
 import re
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import orjson
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from failnozzle.ingest import BadDatagram, RecordReader
+from failnozzle.ingest import BadDatagram, RecordReader, decode_json_text
 
 #: A chunked message may have at most this many chunks (the GELF spec).
 MAX_CHUNKS = 128
@@ -382,13 +382,16 @@ class GELFDecoder:
 
     @staticmethod
     def _parse(data: bytes) -> dict:
-        # As RecordReader: UTF-8 only (json.loads would guess at UTF-16 or
-        # 32 from bytes), and NaN or Infinity kept as text.
+        # As RecordReader: orjson first, then the standard library for what
+        # it refuses (NaN, Infinity, lone surrogates), UTF-8 only.
         try:
-            obj = json.loads(data.decode("utf-8"), parse_constant=str)
-        except (ValueError, RecursionError) as error:
-            raise GELFNotJSON(str(error) or type(error).__name__,
-                              data) from None
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            try:
+                obj = decode_json_text(data.decode("utf-8"))
+            except (ValueError, RecursionError) as error:
+                raise GELFNotJSON(str(error) or type(error).__name__,
+                                  data) from None
         if type(obj) is not dict:
             raise GELFNotJSON(f"got a JSON {type(obj).__name__}", data)
         return obj

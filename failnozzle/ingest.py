@@ -26,11 +26,12 @@ from failnozzle.textcap import (cut_end, cut_middle, format_capped,
 
 _log = Logger()
 
-# Built once: json.loads(text, parse_constant=...) builds a new decoder per
-# call, which is a tenth of a datagram's cost.  NaN and Infinity (Python's
-# json writes them) are kept as text: a NaN float differs even from itself,
-# so each would be a new error.
-_decode_json = json.JSONDecoder(parse_constant=str).decode
+#: The standard library's JSON reader, for what orjson refuses, built once:
+#: json.loads(text, parse_constant=...) builds a new decoder per call, which
+#: is a tenth of a datagram's cost.  NaN and Infinity (Python's json writes
+#: them) are kept as text: a NaN float differs even from itself, so each
+#: would be a new error.
+decode_json_text = json.JSONDecoder(parse_constant=str).decode
 
 
 def _decode_json_slowly(data: bytes) -> object:
@@ -47,7 +48,7 @@ def _decode_json_slowly(data: bytes) -> object:
     except UnicodeDecodeError as error:
         raise NotUTF8(str(error), data) from None
     try:
-        return _decode_json(text)
+        return decode_json_text(text)
     except (ValueError, RecursionError) as error:
         raise NotJSON(str(error) or type(error).__name__, data) from None
 

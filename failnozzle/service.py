@@ -203,7 +203,8 @@ class FailnozzleService(Service):
             ("UDP_BIND", udp_socket), ("GELF_BIND", gelf_socket),
             ("SMTP_INGEST_BIND", smtp_socket)) if sock is not None}
         self._listeners = Listeners(reactor)
-        self._gelf = GELFDecoder(reactor, on_incomplete=self._gelf_incomplete)
+        self._gelf = GELFDecoder(reactor,
+                                 on_incomplete=self._report_bad_input)
         self.outbox: Optional[Outbox] = None
         configured = self._configure(settings, set())
         self.aggregator = Aggregator(
@@ -326,9 +327,8 @@ class FailnozzleService(Service):
                       for kind, batch in self._held.items()}
         self._unsettled = {token: (kind, batch.rekeyed(rekey))
                            for token, (kind, batch) in self._unsettled.items()}
-        self.rate_window.size = settings.PAGER_WINDOW_SIZE
-        self.rate_window.limit = settings.PAGER_LIMIT
-        del self.rate_window.counts[:-settings.PAGER_WINDOW_SIZE]
+        self.rate_window.configure(settings.PAGER_WINDOW_SIZE,
+                                   settings.PAGER_LIMIT)
         self.outbox.configure(configured.transport,
                               settings.RETRY_MIN_SECONDS,
                               settings.RETRY_MAX_SECONDS,
@@ -608,11 +608,9 @@ class FailnozzleService(Service):
         return self.mail.hang_up() if self.mail is not None else None
 
     def _report_bad_input(self, error: BadDatagram, sender: tuple) -> None:
+        # Bad mail, and chunked GELF messages whose chunks never all came:
+        # counted and logged as the receiver does its own.
         self.receiver.report_bad_input(error, sender)
-
-    def _gelf_incomplete(self, error: BadDatagram, sender: tuple) -> None:
-        # Chunked GELF messages whose chunks never all came are bad input.
-        self._report_bad_input(error, sender)
 
     def _restore_state(self) -> None:
         """
@@ -630,7 +628,7 @@ class FailnozzleService(Service):
             for batch in (state.held.get(kind), state.unsettled.get(kind)):
                 if batch:
                     self._hold(kind, batch.rekeyed(recut))
-        self.rate_window.counts = state.rate_window[-self.rate_window.size:]
+        self.rate_window.restore(state.rate_window)
         _log.info("Restored {total} errors from {path}",
                   total=state.buffer.total + sum(
                       batch.total for batch in self._held.values()),

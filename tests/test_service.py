@@ -221,7 +221,6 @@ class FlushLoopTests(ServiceTestCase):
         self.reactor.advance(10)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(self.transport.pending, [])
-        del self.service._is_monitoring
         self.service._is_monitoring = lambda entry: False
         self.receive(record("two"))
         self.reactor.advance(10)
