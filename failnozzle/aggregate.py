@@ -8,32 +8,79 @@ tested without a reactor and, later, written to disk and read back.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Mapping, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import (Callable, Hashable, Iterable, Mapping, NamedTuple,
+                    Optional, Sequence)
 
 from twisted.internet.interfaces import IReactorTime
+
+from failnozzle.fingerprint import MAX_EXAMPLES, Fingerprint, is_custom
 
 #: The types a value of a key or a source may have: JSON's scalars, which
 #: hash and compare as a whole (a list or an object would not).
 SCALAR_TYPES = frozenset((str, int, float, bool, type(None)))
+
+#: How many distinct reports the aggregator remembers the fingerprints of
+#: (by their hash) until the next flush: past them a report's fingerprint
+#: is made anew each time, and variants are no longer counted.
+INDEX_MAX = 65536
+
+
+class Report(NamedTuple):
+    """One error report as an input read it, for L{Aggregator.add}."""
+
+    #: The values of the unique fields, in UNIQUE_MSG_TUPLE order.
+    key: tuple
+    source: Hashable
+    #: The syslog level it was sent with (0 emergency … 7 debug), if any.
+    level: Optional[int] = None
+    #: The C{logging} format its message was made from, if known.
+    template: Optional[str] = None
+    #: What FINGERPRINT_FUNC made of it, if that is configured and said.
+    fingerprint: Optional[str] = None
+
+
+#: What makes a report's fingerprint: L{failnozzle.fingerprint.Grouping}'s.
+Grouper = Callable[[tuple, Optional[str]], Fingerprint]
+
+
+def _exact(key: tuple, template: Optional[str] = None) -> Fingerprint:
+    """The original's grouping: only byte-identical keys are one error."""
+    return Fingerprint(None)
 
 
 @dataclass(slots=True)
 class _Tally:
     """What is known about one unique error while it is being counted."""
 
+    #: The latest report's key: what the digest shows.
+    key: tuple
+    fingerprint: Optional[str]
     sources: dict
     first_seen: float
     last_seen: float
     level: Optional[int] = None
     #: Instances from sources past MAX_SOURCES_PER_ERROR.
     other_sources: int = 0
+    #: Distinct reports folded into it, and whether there were more.
+    variants: int = 1
+    more_variants: bool = False
+    examples: list = field(default_factory=list)
     #: Whether the last snapshot holds it as it is (see L{Aggregator.changes}).
     saved: bool = False
 
     def copy(self) -> _Tally:
-        return _Tally(dict(self.sources), self.first_seen, self.last_seen,
-                      self.level, self.other_sources)
+        return _Tally(self.key, self.fingerprint, dict(self.sources),
+                      self.first_seen, self.last_seen, self.level,
+                      self.other_sources, self.variants, self.more_variants,
+                      list(self.examples))
+
+    def add_examples(self, examples: Iterable[str]) -> None:
+        for example in examples:
+            if len(self.examples) >= MAX_EXAMPLES:
+                return
+            if example not in self.examples:
+                self.examples.append(example)
 
 
 @dataclass(frozen=True)
@@ -41,7 +88,8 @@ class Entry:
     """
     One unique error in a batch.
 
-    @ivar key: the values of the unique fields, in UNIQUE_MSG_TUPLE order.
+    @ivar key: the values of the unique fields, in UNIQUE_MSG_TUPLE order,
+        of the latest report: what the digest shows.
     @ivar sources: how often each source (host) sent it.
     @ivar first_seen: reactor time of the first instance.
     @ivar last_seen: reactor time of the last instance.
@@ -50,6 +98,11 @@ class Entry:
     @ivar other_sources: instances from sources not in C{sources}, which
         holds at most MAX_SOURCES_PER_ERROR of them: the total stays exact
         however many hosts send one error.
+    @ivar fingerprint: what its reports are grouped by (see
+        L{failnozzle.fingerprint}); None: by their keys.
+    @ivar variants: how many distinct reports were folded into it, and
+        C{more_variants} whether there were more than that.
+    @ivar examples: a few texts of what varied between them.
     """
 
     key: tuple
@@ -58,10 +111,19 @@ class Entry:
     last_seen: float
     level: Optional[int] = None
     other_sources: int = 0
+    fingerprint: Optional[str] = None
+    variants: int = 1
+    more_variants: bool = False
+    examples: tuple = ()
 
     @property
     def total(self) -> int:
         return sum(self.sources.values()) + self.other_sources
+
+    @property
+    def identity(self) -> Hashable:
+        """What makes two entries one error: the fingerprint, else the key."""
+        return self.key if self.fingerprint is None else self.fingerprint
 
 
 @dataclass(frozen=True)
@@ -104,18 +166,30 @@ class Batch:
         tallies = _tallies_of(self.entries)
         overflow = self.overflow + other.overflow
         for entry in other.entries:
-            if entry.key not in tallies and len(tallies) >= max_unique:
+            if entry.identity not in tallies and len(tallies) >= max_unique:
                 overflow += entry.total
             else:
-                _merge_tally(tallies, entry.key, _tally_of(entry),
+                _merge_tally(tallies, entry.identity, _tally_of(entry),
                              max_sources)
         return _batch_of(tallies, overflow)
 
-    def rekeyed(self, rekey: Callable[[tuple], tuple]) -> Batch:
-        """The batch with every key replaced by C{rekey(key)}; entries
-        whose keys become one are merged."""
-        entries = tuple(dataclasses.replace(entry, key=rekey(entry.key))
-                        for entry in self.entries)
+    def rekeyed(self, rekey: Callable[[tuple], tuple],
+                fingerprint_of: Optional[Callable[[tuple], Fingerprint]]
+                = None) -> Batch:
+        """
+        The batch with every key replaced by C{rekey(key)} and, if
+        C{fingerprint_of} is given, every fingerprint but FINGERPRINT_FUNC's
+        made anew from the new key; entries that become one are merged.
+        """
+        def regrouped(entry: Entry) -> Entry:
+            key = rekey(entry.key)
+            fingerprint = entry.fingerprint
+            if fingerprint_of is not None and not is_custom(fingerprint):
+                fingerprint = fingerprint_of(key).digest
+            return dataclasses.replace(entry, key=key,
+                                       fingerprint=fingerprint)
+
+        entries = tuple(map(regrouped, self.entries))
         return Batch().merge(Batch(entries, self.overflow), len(entries))
 
     @classmethod
@@ -146,23 +220,25 @@ def _sorted_entries(entries: Iterable[Entry]) -> tuple:
 
 
 def _tally_of(entry: Entry) -> _Tally:
-    return _Tally(dict(entry.sources), entry.first_seen, entry.last_seen,
-                  entry.level, entry.other_sources)
+    return _Tally(entry.key, entry.fingerprint, dict(entry.sources),
+                  entry.first_seen, entry.last_seen, entry.level,
+                  entry.other_sources, entry.variants, entry.more_variants,
+                  list(entry.examples))
 
 
 def _tallies_of(entries: Iterable[Entry]) -> dict:
     """Fresh, mutable tallies holding what C{entries} say."""
-    return {entry.key: _tally_of(entry) for entry in entries}
+    return {entry.identity: _tally_of(entry) for entry in entries}
 
 
-def _entry_of(key: tuple, tally: _Tally) -> Entry:
-    return Entry(key, tally.sources, tally.first_seen, tally.last_seen,
-                 tally.level, tally.other_sources)
+def _entry_of(tally: _Tally) -> Entry:
+    return Entry(tally.key, tally.sources, tally.first_seen, tally.last_seen,
+                 tally.level, tally.other_sources, tally.fingerprint,
+                 tally.variants, tally.more_variants, tuple(tally.examples))
 
 
 def _batch_of(tallies: dict, overflow: int) -> Batch:
-    return Batch.of((_entry_of(key, tally) for key, tally in tallies.items()),
-                    overflow)
+    return Batch.of(map(_entry_of, tallies.values()), overflow)
 
 
 class Aggregator:
@@ -171,6 +247,11 @@ class Aggregator:
     sources, never with the number of instances, and both are capped: at
     most C{max_unique} errors, and C{max_sources} sources per error (bad
     input included).
+
+    Reports are folded together by their fingerprints, which are made once
+    per distinct report: an index of the reports seen since the last flush
+    (their hashes, at most L{INDEX_MAX}) leads to their error at the cost
+    of one lookup.
     """
 
     def __init__(
@@ -179,16 +260,25 @@ class Aggregator:
         clock: IReactorTime,
         internal_error_key: Callable[[int, Exception], tuple],
         max_sources: int = 100,
+        grouping: Grouper = _exact,
     ) -> None:
         """
         @param internal_error_key: gives the unique key under which C{count}
             pieces of bad input like C{exception} are reported.
+        @param grouping: makes the fingerprint of a key; by default keys
+            are grouped as they are.
         """
         self._max_unique = max_unique
         self._max_sources = max_sources
         self._clock = clock
         self._internal_error_key = internal_error_key
+        self._grouping = grouping
+        #: Per identity (see L{Entry.identity}), what is counted.
         self._tallies: dict = {}
+        #: Per hash of a report's key, its tally; and the hashes of those
+        #: not counted for MAX_UNIQUE_MESSAGES.
+        self._index: dict = {}
+        self._overflowing: set = set()
         self._overflow = 0
         self._bad: dict = {}
         #: Whether anything was counted since the last flush or snapshot.
@@ -199,23 +289,22 @@ class Aggregator:
         #: One copy of each short text in the buffer's keys and sources.
         self._texts: dict = {}
 
-    def add_key(self, key: tuple, source: Hashable,
-                level: Optional[int] = None) -> None:
-        """
-        Count one instance of the error C{key} from C{source}, sent with
-        the syslog C{level}, if any.
-        """
+    def add(self, report: Report) -> None:
+        """Count one error report."""
         self.changed = True
-        tally = self._tallies.get(key)
-        if tally is None:
-            if len(self._tallies) >= self._max_unique:
-                self._overflow += 1
+        key, source, level, _, custom = report
+        if custom is None:
+            tally = self._index.get(hash(key))
+            if tally is None:
+                tally = self._tally_for(report)
+                if tally is None:
+                    return
+            else:
+                tally.key = key
+        else:
+            tally = self._tally_for(report)
+            if tally is None:
                 return
-            now = self._clock.seconds()
-            key = tuple(map(self._shared, key))
-            self._tallies[key] = _Tally({self._shared(source): 1}, now, now,
-                                        level)
-            return
         sources = tally.sources
         count = sources.get(source)
         if count is not None:
@@ -228,6 +317,51 @@ class Aggregator:
         tally.saved = False
         if level is not None:
             tally.level = _most_severe(tally.level, level)
+
+    def add_key(self, key: tuple, source: Hashable,
+                level: Optional[int] = None) -> None:
+        """Count one instance of the error C{key} from C{source}."""
+        self.add(Report(key, source, level))
+
+    def _tally_for(self, report: Report) -> Optional[_Tally]:
+        """
+        The tally of a report not in the index: found by its fingerprint,
+        or begun; None if it is one more error past C{max_unique} (then
+        counted in the overflow).
+        """
+        key, custom = report.key, report.fingerprint
+        hashed = hash(key)
+        if custom is None and hashed in self._overflowing:
+            self._overflow += 1
+            return None
+        if custom is None:
+            made = self._grouping(key, report.template)
+        else:
+            made = Fingerprint(custom)
+        identity = key if made.digest is None else made.digest
+        tally = self._tallies.get(identity)
+        indexing = custom is None and (
+            len(self._index) + len(self._overflowing) < INDEX_MAX)
+        if tally is None:
+            if len(self._tallies) >= self._max_unique:
+                self._overflow += 1
+                if indexing:
+                    self._overflowing.add(hashed)
+                return None
+            now = self._clock.seconds()
+            tally = _Tally(tuple(map(self._shared, key)), made.digest, {},
+                           now, now)
+            self._tallies[identity] = tally
+        else:
+            tally.key = key
+            if indexing:
+                tally.variants += 1
+            elif custom is None:
+                tally.more_variants = True
+        tally.add_examples(made.varied)
+        if indexing:
+            self._index[hashed] = tally
+        return tally
 
     def _shared(self, value: object) -> object:
         """
@@ -250,7 +384,7 @@ class Aggregator:
         kind = type(error)
         tally, _ = self._bad.get(kind, (None, None))
         if tally is None:
-            tally = _Tally({}, now, now)
+            tally = _Tally((), None, {}, now, now)
         if source in tally.sources or len(tally.sources) < self._max_sources:
             tally.sources[source] = tally.sources.get(source, 0) + 1
         else:
@@ -258,15 +392,25 @@ class Aggregator:
         tally.last_seen = now
         self._bad[kind] = (tally, error)
 
+    def _bad_input_tallies(self) -> Iterable[_Tally]:
+        """Bad input's tallies, each under the key it is reported with
+        (which may change with every count: INTERNAL_ERROR_FUNC sees it)."""
+        for tally, error in self._bad.values():
+            tally = tally.copy()
+            tally.key = self._internal_error_key(_count(tally), error)
+            tally.fingerprint = self._grouping(tally.key, None).digest
+            yield tally
+
     def flush(self) -> Batch:
         """Hand over everything counted so far and start empty again."""
-        tallies, overflow, bad = self._tallies, self._overflow, self._bad
+        bad = list(self._bad_input_tallies())
+        tallies, overflow = self._tallies, self._overflow
         self._tallies, self._overflow, self._bad = {}, 0, {}
+        self._index, self._overflowing = {}, set()
         self._replaced, self._texts = True, {}
         self.changed = True
-        for tally, error in bad.values():
-            key = self._internal_error_key(_count(tally), error)
-            _merge_tally(tallies, key, tally, self._max_sources)
+        for tally in bad:
+            _merge_tally(tallies, _identity(tally), tally, self._max_sources)
         return _batch_of(tallies, overflow)
 
     def view(self) -> Batch:
@@ -275,14 +419,14 @@ class Aggregator:
         sorted, for a look at the buffer: cheap, but valid only until the
         next count.
         """
-        entries = {key: _entry_of(key, tally)
-                   for key, tally in self._tallies.items()}
-        for tally, error in self._bad.values():
-            key = self._internal_error_key(_count(tally), error)
-            merged = {} if key not in self._tallies else {
-                key: self._tallies[key].copy()}
-            _merge_tally(merged, key, tally.copy(), self._max_sources)
-            entries[key] = _entry_of(key, merged[key])
+        entries = {identity: _entry_of(tally)
+                   for identity, tally in self._tallies.items()}
+        for tally in self._bad_input_tallies():
+            identity = _identity(tally)
+            merged = {} if identity not in self._tallies else {
+                identity: self._tallies[identity].copy()}
+            _merge_tally(merged, identity, tally, self._max_sources)
+            entries[identity] = _entry_of(merged[identity])
         return Batch(tuple(entries.values()), self._overflow)
 
     def changes(self, everything: bool = False) -> tuple:
@@ -298,35 +442,33 @@ class Aggregator:
         # A flag per error to look at, and only the errors counted since
         # to read: about a millisecond for 10,000 errors of which none
         # changed.
-        changed = [(key, tally) for key, tally in self._tallies.items()
+        changed = [tally for tally in self._tallies.values()
                    if whole or not tally.saved]
-        for _, tally in changed:
+        for tally in changed:
             tally.saved = True
-        return Batch(tuple(_entry_of(key, tally) for key, tally in changed),
-                     self._overflow), whole
+        return Batch(tuple(map(_entry_of, changed)), self._overflow), whole
 
     def bad_input(self) -> tuple:
-        """
-        The entries bad input is counted under so far.  Their keys may
-        change with every count (INTERNAL_ERROR_FUNC sees the count).
-        """
-        return tuple(
-            _entry_of(self._internal_error_key(_count(tally), error),
-                      tally.copy())
-            for tally, error in self._bad.values())
+        """The entries bad input is counted under so far."""
+        return tuple(map(_entry_of, self._bad_input_tallies()))
 
     def configure(self, max_unique: int, max_sources: int,
                   internal_error_key: Callable[[int, Exception], tuple],
-                  rekey: Callable[[tuple], tuple] = lambda key: key) -> None:
+                  rekey: Callable[[tuple], tuple] = lambda key: key,
+                  grouping: Optional[Grouper] = None) -> None:
         """
-        Take new settings (a reload), keys read anew by C{rekey}: nothing
-        counted is lost, though errors past a lowered C{max_unique} are
-        only counted from now on.
+        Take new settings (a reload), keys read anew by C{rekey} and, if
+        a C{grouping} is given, grouped by it: nothing counted is lost,
+        though errors past a lowered C{max_unique} are only counted from
+        now on.
         """
         self._max_unique = max_unique
         self._max_sources = max_sources
         self._internal_error_key = internal_error_key
-        buffer = _batch_of(self._tallies, self._overflow).rekeyed(rekey)
+        if grouping is not None:
+            self._grouping = grouping
+        buffer = _batch_of(self._tallies, self._overflow).rekeyed(
+            rekey, grouping)
         self._tallies, self._overflow, self._texts = {}, 0, {}
         self.restore(buffer)
 
@@ -335,25 +477,36 @@ class Aggregator:
         merged = _batch_of(self._tallies, self._overflow).merge(
             batch, self._max_unique, self._max_sources)
         self._tallies = _tallies_of(merged.entries)
+        self._index, self._overflowing = {}, set()
         self._overflow = merged.overflow
         self._replaced = True
         self.changed = True
+
+
+def _identity(tally: _Tally) -> Hashable:
+    return tally.key if tally.fingerprint is None else tally.fingerprint
 
 
 def _count(tally: _Tally) -> int:
     return sum(tally.sources.values()) + tally.other_sources
 
 
-def _merge_tally(tallies: dict, key: tuple, tally: _Tally,
+def _merge_tally(tallies: dict, identity: Hashable, tally: _Tally,
                  max_sources: Optional[int] = None) -> None:
     """
-    Add C{tally} to the one under C{key}, which may not exist yet; sources
-    past C{max_sources}, if given, are counted in C{other_sources}.
+    Add C{tally} to the one under C{identity}, which may not exist yet;
+    sources past C{max_sources}, if given, are counted in
+    C{other_sources}.  The key shown is the latest report's.
     """
-    mine = tallies.get(key)
+    mine = tallies.get(identity)
     if mine is None:
-        tallies[key] = tally
+        tallies[identity] = tally
         return
+    if tally.last_seen >= mine.last_seen:
+        mine.key = tally.key
+    mine.variants += tally.variants
+    mine.more_variants = mine.more_variants or tally.more_variants
+    mine.add_examples(tally.examples)
     sources = mine.sources
     for source, count in tally.sources.items():
         if source in sources:

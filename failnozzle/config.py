@@ -134,6 +134,11 @@ class Settings:
     EMAIL_BODY_TEMPLATE: str = "body-template.txt"
     EMAIL_SUBJECT_TEMPLATE: str = "subject-template.txt"
     INTERNAL_ERROR_FUNC: Optional[Callable[[int, Exception], dict]] = None
+    #: 'default': by fingerprints (failnozzle.fingerprint); 'exact': by
+    #: byte-identical UNIQUE_MSG_TUPLE fields, as the original grouped.
+    GROUPING: str = "default"
+    GROUPING_RULES: tuple = ()
+    FINGERPRINT_FUNC: Optional[Callable[[dict], Any]] = None
     SERVER_NAME: str = field(default_factory=socket.gethostname)
 
     LOG_LEVEL: Any = logging.DEBUG
@@ -591,6 +596,53 @@ def _callable(name: str, value: object) -> Optional[Callable]:
     return value
 
 
+def _grouping(name: str, value: object) -> str:
+    if value not in ("default", "exact"):
+        raise ConfigError(f"{name} must be 'default' or 'exact', not "
+                          f"{_shown(value)}")
+    return value
+
+
+#: GROUPING_RULES: more would make every new report slow to fingerprint.
+_MAX_GROUPING_RULES = 100
+
+
+def _grouping_rules(name: str, value: object) -> tuple:
+    """A list of (regular expression, replacement) pairs, each compiled."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name} must be a list of (regular expression, "
+                          f"replacement) pairs, not {_shown(value)}")
+    if len(value) > _MAX_GROUPING_RULES:
+        raise ConfigError(f"{name} holds {len(value)} rules; at most "
+                          f"{_MAX_GROUPING_RULES}")
+    rules = []
+    for number, rule in enumerate(value, 1):
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 2
+                and all(isinstance(part, str) for part in rule)):
+            raise ConfigError(f"{name}: rule {number}, {_shown(rule)}, is "
+                              f"not a (regular expression, replacement) "
+                              f"pair of strings")
+        try:
+            _check_replacement(re.compile(rule[0]), rule[1])
+        except (re.error, IndexError) as error:
+            raise ConfigError(f"{name}: rule {number}, {_shown(rule[0])}: "
+                              f"{error}") from None
+        rules.append(tuple(rule))
+    return tuple(rules)
+
+
+def _check_replacement(pattern: re.Pattern, replacement: str) -> None:
+    """
+    Raise re.error if C{replacement} refers to a group C{pattern} lacks,
+    as re.sub would only once the pattern matches: expanded on a match of
+    empty groups numbered and named as the pattern's.
+    """
+    names = {number: name for name, number in pattern.groupindex.items()}
+    probe = "".join(f"(?P<{names[number]}>)" if number in names else "()"
+                    for number in range(1, pattern.groups + 1))
+    re.compile(probe).match("").expand(replacement)
+
+
 def _log_level(name: str, value: object) -> Any:
     if (isinstance(value, int) and not isinstance(value, bool)
             and 0 <= value <= 1000):
@@ -663,6 +715,9 @@ _CHECKS: Mapping[str, Checker] = {
     "EMAIL_BODY_TEMPLATE": _path,
     "EMAIL_SUBJECT_TEMPLATE": _path,
     "INTERNAL_ERROR_FUNC": _callable,
+    "GROUPING": _grouping,
+    "GROUPING_RULES": _grouping_rules,
+    "FINGERPRINT_FUNC": _callable,
     "SERVER_NAME": _server_name,
     "LOG_LEVEL": _log_level,
     "LOG_FORMAT": _string,

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import orjson
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from failnozzle.aggregate import Report
 from failnozzle.ingest import BadDatagram, RecordReader, decode_json_text
 
 #: A chunked message may have at most this many chunks (the GELF spec).
@@ -178,7 +179,7 @@ def record_from_gelf(obj: dict, source_field: str = "source",
                      default_kind: str = "gelf", data: bytes = b"") -> dict:
     """
     The failnozzle record for a GELF message, for
-    L{failnozzle.ingest.RecordReader.key_and_source}: C{host} is the
+    L{failnozzle.ingest.RecordReader.report_of}: C{host} is the
     source, C{_kind}, C{_facility} or C{facility} the kind, the file's
     basename the filename.  GELF clients name the rest differently (graypy
     sends C{_function}, pygelf C{_func}), so the first field present of
@@ -555,13 +556,15 @@ class GELFRecordReader(RecordReader):
     def __init__(self, unique_fields: Sequence[str], source_field: str,
                  max_size: int, decoder: GELFDecoder,
                  max_field_chars: int = 1000,
-                 max_exc_text_chars: int = 16384) -> None:
+                 max_exc_text_chars: int = 16384,
+                 fingerprint: Optional[Callable[[dict], Optional[str]]] = None
+                 ) -> None:
         """
         @param max_size: the largest failnozzle datagram; GELF messages are
             bounded by the decoder's own C{max_size} once inflated.
         """
         super().__init__(unique_fields, source_field, max_size,
-                         max_field_chars, max_exc_text_chars)
+                         max_field_chars, max_exc_text_chars, fingerprint)
         self._decoder = decoder
 
     # RecordReader's hooks: every datagram passes its cheap tests.
@@ -571,20 +574,20 @@ class GELFRecordReader(RecordReader):
     _is_framed = staticmethod(is_gelf)
 
     def _read_framed(self, data: bytes, sender: Optional[tuple]
-                     ) -> Optional[tuple]:
+                     ) -> Optional[Report]:
         record = self._decoder.decode(data, sender)
-        return None if record is None else self._gelf_key(record, data)
+        return None if record is None else self._gelf_report(record, data)
 
-    def _read_foreign(self, record: dict, data: bytes) -> Optional[tuple]:
+    def _read_foreign(self, record: dict, data: bytes) -> Optional[Report]:
         """
-        @return: for a GELF message C{(key, source, level)}, what
-            L{failnozzle.aggregate.Aggregator.add_key} takes; None for
+        @return: for a GELF message its report, with its level; None for
             failnozzle's JSON.
         """
         if not looks_like_gelf(record):
             return None
-        return self._gelf_key(self._decoder.record_from(record, data), data)
+        return self._gelf_report(self._decoder.record_from(record, data),
+                                 data)
 
-    def _gelf_key(self, record: dict, data: bytes) -> tuple:
+    def _gelf_report(self, record: dict, data: bytes) -> Report:
         # Inflated, its texts may be longer than the datagram: all checked.
-        return (*self._key(record, data, None), record["level"])
+        return self._key(record, data, None, record["level"])

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from failnozzle.aggregate import SCALAR_TYPES, rekeying
+from failnozzle.aggregate import SCALAR_TYPES, Report, rekeying
 from failnozzle.ratelog import RateLimitedLog
 from failnozzle.textcap import (cut_end, cut_middle, format_capped,
                                 recut_middle)
@@ -101,8 +101,15 @@ class RecordReader:
 
     def __init__(self, unique_fields: Sequence[str], source_field: str,
                  max_size: int, max_field_chars: int = 1000,
-                 max_exc_text_chars: int = 16384) -> None:
+                 max_exc_text_chars: int = 16384,
+                 fingerprint: Optional[Callable[[dict], Optional[str]]] = None
+                 ) -> None:
+        """
+        @param fingerprint: FINGERPRINT_FUNC (see
+            L{failnozzle.fingerprint.CustomFingerprint}), if configured.
+        """
         self._fields = tuple(unique_fields)
+        self._fingerprint = fingerprint
         self._source_field = source_field
         self.max_size = max_size
         self._field_cap = max_field_chars
@@ -134,18 +141,18 @@ class RecordReader:
         raise NotImplementedError
 
     def _read_framed(self, data: bytes, sender: Optional[tuple]
-                     ) -> Optional[tuple]:
+                     ) -> Optional[Report]:
         raise NotImplementedError
 
-    def _read_foreign(self, record: dict, data: bytes) -> Optional[tuple]:
+    def _read_foreign(self, record: dict, data: bytes) -> Optional[Report]:
         raise NotImplementedError
 
     def read(self, data: bytes, sender: Optional[tuple] = None
-             ) -> Optional[tuple]:
+             ) -> Optional[Report]:
         """
         Decode one datagram from C{sender} (an address).
 
-        @return: C{(key, source)}, or None when the datagram completes no
+        @return: its report, or None when the datagram completes no
             error report yet (a subclass may hold partial messages).
         @raise BadDatagram: it is not a JSON object with usable fields.
         """
@@ -164,22 +171,23 @@ class RecordReader:
         # datagram has bytes.
         return self._key(record, data, len(data))
 
-    def key_and_source(self, record: dict, data: bytes = b"") -> tuple:
+    def report_of(self, record: dict, data: bytes = b"",
+                  level: Optional[int] = None) -> Report:
         """
-        Read the key and source of a decoded record (changed in place), its
-        texts capped.
+        Read the report of a decoded record (changed in place): its key
+        and source, their texts capped, sent with the syslog C{level}.
 
         @param data: the input it came from, for the sample bad input
             keeps.
         @raise WrongFieldType: a unique field or the source holds a list or
             an object, which cannot be compared as a whole.
         """
-        return self._key(record, data, None)
+        return self._key(record, data, None, level)
 
-    def _key(self, record: dict, data: bytes, longest: Optional[int]
-             ) -> tuple:
+    def _key(self, record: dict, data: bytes, longest: Optional[int],
+             level: Optional[int] = None) -> Report:
         """
-        L{key_and_source}, where C{longest}, if known, bounds the length of
+        L{report_of}, where C{longest}, if known, bounds the length of
         every text the record holds: the hot path skips the caps when no
         text can need one.  It is known only for a record just decoded
         from JSON.
@@ -190,9 +198,12 @@ class RecordReader:
             if found is not None:
                 return found
         message = record.get("message")
-        if message is None and "msg" in record:
+        template = record.get("msg")
+        if message is None and template is not None:
             message = record["message"] = self._formatted_msg(record)
             longest = None
+        if template is not None:
+            template = _template_of(template, message)
         if type(message) is str and "\n" in message:
             if not record.get("exc_text"):
                 record["exc_text"] = message
@@ -212,9 +223,11 @@ class RecordReader:
                 hash(key), hash(source)
             except TypeError:
                 raise self._wrong_type(key, source, data) from None
+        custom = (None if self._fingerprint is None
+                  else self._fingerprint(record))
         if longest is not None:
             if longest <= self._uncut_size:
-                return key, source
+                return Report(key, source, level, template, custom)
             if self._exc_index is not None:
                 exc_text = key[self._exc_index]
                 # Each other text is elsewhere in the datagram, so shorter
@@ -222,14 +235,13 @@ class RecordReader:
                 # more.
                 if (type(exc_text) is str and len(exc_text) <= self._exc_cap
                         and longest - len(exc_text) <= self._field_cap):
-                    return key, source
-        return self._capped(key, source)
-
-    def _capped(self, key: tuple, source: object) -> tuple:
-        """C{key} and C{source} with each text cut to its cap."""
+                    return Report(key, source, level, template, custom)
         if type(source) is str:
             source = cut_end(source, self._field_cap)
-        return _cut_key(key, self._cuts), source
+        if type(template) is str:
+            template = cut_end(template, self._field_cap)
+        return Report(_cut_key(key, self._cuts), source, level, template,
+                      custom)
 
     def rekeying(self, fields: Optional[Sequence[str]]
                  ) -> Callable[[tuple], tuple]:
@@ -282,6 +294,18 @@ def _cut_key(key: tuple, cuts: tuple) -> tuple:
         for value, (cut, cap) in zip(key, cuts)])
 
 
+def _template_of(msg: object, message: object) -> Optional[str]:
+    """
+    The C{logging} format a record's message was made from, if C{msg} is
+    one: a text with a directive (C{%s}, or C{{}} for str.format styles)
+    that differs from the message.  failnozzle's own handler sends it so.
+    """
+    if (type(msg) is str and msg != message
+            and ("%" in msg or "{" in msg)):
+        return msg
+    return None
+
+
 def _text_of(args: object) -> str:
     """The arguments of a C{msg} that they do not fit, as text."""
     try:
@@ -332,12 +356,12 @@ def internal_error_key_maker(
     def internal_error_key(count: int, error: Exception) -> tuple:
         if custom is not None:
             try:
-                return reader.key_and_source(dict(custom(count, error)))[0]
+                return reader.report_of(dict(custom(count, error))).key
             except Exception:
                 _log.failure("INTERNAL_ERROR_FUNC failed; using the default "
                              "internal error record")
         record = default_internal_error_record(count, error)
-        return reader.key_and_source(record)[0]
+        return reader.report_of(record).key
 
     return internal_error_key
 
@@ -381,9 +405,9 @@ class ErrorReceiver(DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: tuple) -> None:
         try:
-            read = self.reader.read(data, addr)
-            if read is not None:
-                self._aggregator.add_key(*read)
+            report = self.reader.read(data, addr)
+            if report is not None:
+                self._aggregator.add(report)
         except BadDatagram as error:
             self.report_bad_input(error, addr)
         except Exception:

@@ -1343,7 +1343,7 @@ class MailIngest(ServerFactory):
             self._report_bad_input(BadMail(
                 f"{record.type.__name__}: {record.value}", data), sender)
         else:
-            self._aggregator.add_key(*self._reader.key_and_source(record))
+            self._aggregator.add(self._reader.report_of(record))
         return self._saved().addCallback(lambda _: None)
 
     def stop_accepting(self) -> None:

@@ -19,10 +19,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from failnozzle.aggregate import Aggregator, Batch, Entry, RateWindow
+from failnozzle.aggregate import Aggregator, Batch, Entry, Grouper, RateWindow
 from failnozzle.config import (UNUSED_SETTINGS, ConfigError, Settings,
                                changed_settings)
 from failnozzle.digest import DigestRenderer, build_message, pager_alert
+from failnozzle.fingerprint import CustomFingerprint, Grouping
 from failnozzle.gelf import GELFDecoder, GELFRecordReader
 from failnozzle.ingest import (BadDatagram, ErrorReceiver,
                                internal_error_key_maker)
@@ -131,6 +132,7 @@ class _Configured:
 
     reader: GELFRecordReader
     internal_error_key: Callable[[int, Exception], tuple]
+    grouping: Grouper
     renderer: DigestRenderer
     transport: object
     mail_tls: Optional[object]
@@ -209,7 +211,8 @@ class FailnozzleService(Service):
         configured = self._configure(settings, set())
         self.aggregator = Aggregator(
             settings.MAX_UNIQUE_MESSAGES, reactor,
-            configured.internal_error_key, settings.MAX_SOURCES_PER_ERROR)
+            configured.internal_error_key, settings.MAX_SOURCES_PER_ERROR,
+            configured.grouping)
         #: The protocol of each datagram port, by setting: one each, made
         #: anew when a reload moves the port.
         self._receivers = {"UDP_BIND": ErrorReceiver(
@@ -266,11 +269,12 @@ class FailnozzleService(Service):
 
         @raise ConfigError: a setting cannot be used.
         """
-        reader = GELFRecordReader(settings.unique_fields,
-                                  settings.SOURCE_FIELD_NAME,
-                                  settings.INCOMING_MESSAGE_MAX_SIZE,
-                                  self._gelf, settings.MAX_FIELD_CHARS,
-                                  settings.MAX_EXC_TEXT_CHARS)
+        custom = settings.FINGERPRINT_FUNC
+        reader = GELFRecordReader(
+            settings.unique_fields, settings.SOURCE_FIELD_NAME,
+            settings.INCOMING_MESSAGE_MAX_SIZE, self._gelf,
+            settings.MAX_FIELD_CHARS, settings.MAX_EXC_TEXT_CHARS,
+            None if custom is None else CustomFingerprint(custom))
         transport = self._given_transport
         if transport is None:
             # Made anew each time: a reload reads SMTP_CA_FILE again.
@@ -285,6 +289,9 @@ class FailnozzleService(Service):
             reader=reader,
             internal_error_key=internal_error_key_maker(
                 reader, settings.INTERNAL_ERROR_FUNC),
+            grouping=Grouping(settings.unique_fields,
+                              exact=settings.GROUPING == "exact",
+                              rules=settings.GROUPING_RULES).fingerprint,
             renderer=make_renderer(settings),
             transport=transport,
             mail_tls=mail_tls,
@@ -311,6 +318,7 @@ class FailnozzleService(Service):
         """
         self.settings = settings
         self._reader = configured.reader
+        self._grouping = configured.grouping
         self.renderer = configured.renderer
         self._is_monitoring = configured.is_monitoring
         self._routes = configured.routes
@@ -320,13 +328,16 @@ class FailnozzleService(Service):
             receiver.reader = configured.reader
         rekey = configured.reader.rekeying(previous
                                            and previous.unique_fields)
+        grouping = configured.grouping
         self.aggregator.configure(settings.MAX_UNIQUE_MESSAGES,
                                   settings.MAX_SOURCES_PER_ERROR,
-                                  configured.internal_error_key, rekey)
-        self._held = {kind: batch.rekeyed(rekey)
+                                  configured.internal_error_key, rekey,
+                                  grouping)
+        self._held = {kind: batch.rekeyed(rekey, grouping)
                       for kind, batch in self._held.items()}
-        self._unsettled = {token: (kind, batch.rekeyed(rekey))
-                           for token, (kind, batch) in self._unsettled.items()}
+        self._unsettled = {
+            token: (kind, batch.rekeyed(rekey, grouping))
+            for token, (kind, batch) in self._unsettled.items()}
         self.rate_window.configure(settings.PAGER_WINDOW_SIZE,
                                    settings.PAGER_LIMIT)
         self.outbox.configure(configured.transport,
@@ -621,13 +632,14 @@ class FailnozzleService(Service):
         if state is None:
             return
         recut = self._reader.rekeying(None)
-        self.aggregator.restore(state.buffer.rekeyed(recut))
+        grouping = self._grouping
+        self.aggregator.restore(state.buffer.rekeyed(recut, grouping))
         # Errors whose digest was not yet safe in the spool are reported
         # again: at least once.
         for kind in ("digest", "monitoring"):
             for batch in (state.held.get(kind), state.unsettled.get(kind)):
                 if batch:
-                    self._hold(kind, batch.rekeyed(recut))
+                    self._hold(kind, batch.rekeyed(recut, grouping))
         self.rate_window.restore(state.rate_window)
         _log.info("Restored {total} errors from {path}",
                   total=state.buffer.total + sum(

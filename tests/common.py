@@ -123,6 +123,14 @@ def datagrams_received(service: FailnozzleService,
     return arrived.addTimeout(WAIT_SECONDS, reactor)
 
 
+def word(number: int) -> str:
+    """
+    A word standing for C{number} ("bc" for 12), for errors that must stay
+    apart: numbers in messages are folded by the default grouping.
+    """
+    return "".join(chr(ord("a") + int(digit)) for digit in str(number))
+
+
 def record(message: str = "boom", source: str = "host1", **fields) -> dict:
     """A record as failnozzle.loghandler.AggregatorHandler would send it."""
     base = {

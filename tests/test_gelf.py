@@ -352,14 +352,14 @@ class MappingTests(SynchronousTestCase):
             error = self.assertRaises(InvalidGELF, record_from_gelf, obj)
             self.assertIn(detail, str(error))
 
-    def test_key_and_source(self):
+    def test_report_of(self):
         """
         The record gives RecordReader its key, in UNIQUE_MSG_TUPLE order,
         and the host as source; a multi-line short_message is clipped as
         failnozzle's own are.
         """
         reader = RecordReader(FIELDS, "source", 65536)
-        key, source = reader.key_and_source(record_from_gelf(gelf(
+        key, source, *_ = reader.report_of(record_from_gelf(gelf(
             short_message="first\nsecond", host="web2", _facility="cron",
             _file="/a/job.py", _line=3, _module="job", _function="main")))
         self.assertEqual(dict(zip(FIELDS, key)), {
@@ -907,7 +907,7 @@ class GELFCapTests(SynchronousTestCase):
                             full_message="f" * 400000 + "the end",
                             host="h" * 5000, _kind="k" * 200000))
         self.assertLess(len(data), 10000)
-        key, source, level = reader.read(data, SENDER)
+        key, source, level, *_ = reader.read(data, SENDER)
         fields = dict(zip(FIELDS, key))
         self.assertLessEqual(len(fields["exc_text"]), 16384)
         self.assertTrue(fields["exc_text"].endswith("the end"))
@@ -922,7 +922,7 @@ class GELFCapTests(SynchronousTestCase):
         reader = GELFRecordReader(FIELDS, "source", 65507,
                                   GELFDecoder(Clock()),
                                   max_field_chars=50)
-        key, source, _ = reader.read(plain(gelf(short_message="s" * 60)),
+        key, source, *_ = reader.read(plain(gelf(short_message="s" * 60)),
                                      SENDER)
         self.assertEqual(len(dict(zip(FIELDS, key))["message"]), 50)
 
@@ -1124,7 +1124,7 @@ class PygelfTests(SynchronousTestCase):
         self.assertIsNone(result["pathname"])
         self.assertEqual(self.feed(GELFDecoder(Clock()), datagrams[::-1]),
                          result)
-        key, source = RecordReader(FIELDS, "source", 65536).key_and_source(
+        key, source, *_ = RecordReader(FIELDS, "source", 65536).report_of(
             result)
         self.assertEqual(dict(zip(FIELDS, key))["message"],
                          "payment failed for order 42")
@@ -1234,7 +1234,7 @@ class FuzzTests(DecoderTestCase):
             try:
                 result = decoder.decode(data, sender)
                 if result is not None:
-                    reader.key_and_source(result)
+                    reader.report_of(result)
                     outcome = "record"
                 else:
                     outcome = None

@@ -15,7 +15,7 @@ from twisted.internet.testing import (EventLoggingObserver,
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from failnozzle.aggregate import Aggregator
+from failnozzle.aggregate import Aggregator, Report
 from failnozzle.config import UniqueMessage
 from failnozzle.ingest import (BadDatagram, ErrorReceiver, NotAnObject,
                                NotJSON, NotUTF8, OversizedDatagram,
@@ -53,7 +53,7 @@ class RecordReaderTests(SynchronousTestCase):
             "exc_text": "Traceback (most recent call last):",
             "kind": "app", "pathname": "/some/path.py",
             "source": "eric-desktop"})
-        key, source = make_reader().read(data)
+        key, source, *_ = make_reader().read(data)
         self.assertEqual(key, (
             "log", "log_exception", "log.py",
             "GET http://localhost:5000/folders/5/emails", "/some/path.py",
@@ -64,7 +64,7 @@ class RecordReaderTests(SynchronousTestCase):
         """
         Missing fields, the source included, are None.
         """
-        key, source = make_reader().read(b'{"message": "boom"}')
+        key, source, *_ = make_reader().read(b'{"message": "boom"}')
         self.assertEqual(key, (None, None, None, "boom", None, None, None,
                                None))
         self.assertIsNone(source)
@@ -74,14 +74,14 @@ class RecordReaderTests(SynchronousTestCase):
         An empty object is a record of Nones.
         """
         self.assertEqual(make_reader().read(b"{}"),
-                         ((None,) * len(FIELDS), None))
+                         Report((None,) * len(FIELDS), None))
 
     def test_multiline_clipped(self):
         """
         A multi-line message is clipped at its first line; exc_text, set,
         is kept (the original's test_process_one_multiline).
         """
-        key, _ = make_reader().read(encode(record(
+        key, _, *_ = make_reader().read(encode(record(
             "1\n2\n3\n", exc_text="Traceback (most recent call last):")))
         fields = dict(zip(FIELDS, key))
         self.assertEqual(fields["message"], "1")
@@ -96,7 +96,7 @@ class RecordReaderTests(SynchronousTestCase):
         """
         for extra in ({}, {"exc_text": ""}, {"exc_text": None}):
             data = dict(message="1\n2\n3\n", source="h", **extra)
-            key, _ = make_reader().read(encode(data))
+            key, _, *_ = make_reader().read(encode(data))
             fields = dict(zip(FIELDS, key))
             self.assertEqual(fields["message"], "1", extra)
             self.assertEqual(fields["exc_text"], "1\n2\n3\n", extra)
@@ -120,13 +120,13 @@ class RecordReaderTests(SynchronousTestCase):
         reader = RecordReader(("x", "y", "z"), "src", 65536)
         self.assertEqual(
             reader.read(b'{"x": 1, "y": 2, "z": 3, "src": "src", "m": 4}'),
-            ((1, 2, 3), "src"))
+            Report((1, 2, 3), "src"))
 
     def test_non_text_message(self):
         """
         A message that is no string is kept as it is.
         """
-        key, _ = make_reader().read(b'{"message": 42}')
+        key, _, *_ = make_reader().read(b'{"message": 42}')
         self.assertEqual(dict(zip(FIELDS, key))["message"], 42)
 
     def test_nan_is_one_error(self):
@@ -137,8 +137,8 @@ class RecordReaderTests(SynchronousTestCase):
         """
         reader = make_reader()
         data = b'{"message": "m", "lineno": NaN, "kind": -Infinity}'
-        first, _ = reader.read(data)
-        second, _ = reader.read(data)
+        first, _, *_ = reader.read(data)
+        second, _, *_ = reader.read(data)
         self.assertEqual(first, second)
         fields = dict(zip(FIELDS, first))
         self.assertEqual((fields["lineno"], fields["kind"]),
@@ -151,7 +151,7 @@ class RecordReaderTests(SynchronousTestCase):
         data = encode({"message": ""})
         data = data[:-1] + b" " * (100 - len(data)) + data[-1:]
         self.assertEqual(len(data), 100)
-        key, _ = make_reader(max_size=100).read(data)
+        key, _, *_ = make_reader(max_size=100).read(data)
         self.assertEqual(dict(zip(FIELDS, key))["message"], "")
 
 
@@ -163,7 +163,7 @@ class CapTests(SynchronousTestCase):
     """
 
     def fields(self, data, reader=None):
-        key, source = (reader or make_reader()).read(encode(data))
+        key, source, *_ = (reader or make_reader()).read(encode(data))
         return dict(zip(FIELDS, key), source=source)
 
     def test_short_untouched(self):
@@ -242,7 +242,7 @@ class CapTests(SynchronousTestCase):
         A record read by key_and_source (mail, the internal error record)
         is capped too.
         """
-        key, source = make_reader().key_and_source(
+        key, source, *_ = make_reader().report_of(
             {"message": "m" * 5000, "exc_text": "e" * 50000,
              "source": "s" * 2000})
         fields = dict(zip(FIELDS, key))
@@ -385,7 +385,7 @@ class BadDatagramTests(SynchronousTestCase):
         """
         Lists and objects in other fields are no problem.
         """
-        key, source = make_reader().read(encode(record(
+        key, source, *_ = make_reader().read(encode(record(
             "m", args=[1, 2], extra={"a": [1]})))
         self.assertEqual(dict(zip(FIELDS, key))["message"], "m")
         self.assertEqual(source, "host1")
@@ -850,7 +850,7 @@ class SocketTests(SynchronousTestCase):
         """
         A port already bound is an OSError, for start-up to report.
         """
-        first, _ = bind_udp_socket("127.0.0.1", 0, 65536)
+        first, _, *_ = bind_udp_socket("127.0.0.1", 0, 65536)
         self.addCleanup(first.close)
         port = first.getsockname()[1]
         error = self.assertRaises(OSError, bind_udp_socket, "127.0.0.1",
@@ -876,7 +876,8 @@ class OriginalHandlerTests(SynchronousTestCase):
         self.assertEqual(
             self.read(msg="user %s failed %d times", args=["bob", 3],
                       kind="app", source="web1"),
-            (("user bob failed 3 times", "app"), "web1"))
+            Report(("user bob failed 3 times", "app"), "web1",
+                   template="user %s failed %d times"))
 
     def test_args_mapping(self):
         """
@@ -924,7 +925,7 @@ class OriginalHandlerTests(SynchronousTestCase):
         reader = RecordReader(("message",), "source", 65536)
         tracemalloc.start()
         try:
-            (message,), _ = reader.read(data)
+            (message,), _, *_ = reader.read(data)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -938,7 +939,7 @@ class OriginalHandlerTests(SynchronousTestCase):
         """
         value = "line one\n" + "x" * 3000
         reader = make_reader()
-        key, _ = reader.read(json.dumps(
+        key, _, *_ = reader.read(json.dumps(
             {"msg": "%(a)s" * 20, "args": {"a": value}}).encode())
         fields = dict(zip(FIELDS, key))
         self.assertEqual(fields["message"], "line one")

@@ -26,7 +26,7 @@ from tests.common import (HANG_UP, KEEP_AND_HANG_UP, DroppingServer, SMTPSink,
                           failed, free_tcp_port, logged_lines, maildir_files,
                           make_settings, poll_until, read_message, record,
                           send_datagrams, spooled, start_service,
-                          state_file_total, udp_address, wait_for_log,
+                          state_file_total, udp_address, wait_for_log, word,
                           written)
 
 OUTBOX = "failnozzle.outbox"
@@ -578,7 +578,8 @@ class FailedDeliveryTests(TestCase):
                                                       **FAST_RETRY))
         lost = wait_for_log(self, OUTBOX, r"; attempt 1, next in 0.1 s")
         traceback = "Traceback (most recent call last):\n" + "  frame\n" * 400
-        yield count_in(service, [record(f"boom {number}", exc_text=traceback)
+        yield count_in(service, [record(f"boom {word(number)}",
+                                        exc_text=traceback)
                                  for number in range(40)])
         [outcome] = service.flush()
         line = yield lost
@@ -590,7 +591,7 @@ class FailedDeliveryTests(TestCase):
         self.assertIs(delivered, True)
         [message] = sink.messages
         self.assertEqual(digest_counts(message.get_content()),
-                         {f"boom {number}": {"host1": 1}
+                         {f"boom {word(number)}": {"host1": 1}
                           for number in range(40)})
         self.assertEqual(spooled(service), [])
 
@@ -709,7 +710,7 @@ class SizeTests(TestCase):
     TRACEBACK = "Traceback (most recent call last):\n" + "  frame\n" * 400
 
     def records(self):
-        return [record(f"boom {number}", exc_text=self.TRACEBACK)
+        return [record(f"boom {word(number)}", exc_text=self.TRACEBACK)
                 for number in range(40)]
 
     def assertCut(self, message, why: str):
@@ -720,7 +721,7 @@ class SizeTests(TestCase):
         body = message.get_content()
         self.assertIn("** 40 instances of 40 unique errors (app) **", body)
         for number in range(40):
-            self.assertIn(f"1X boom {number} (in app", body)
+            self.assertIn(f"1X boom {word(number)} (in app", body)
         self.assertIn(why, body.rstrip().splitlines()[-1])
 
     @defer.inlineCallbacks

@@ -315,7 +315,7 @@ class EndToEndTests(HandlerTestCase):
             line = sys._getframe().f_lineno + 1
             logger.exception("Lookup failed")
         data = receiver.recv(65536)
-        key, source = RecordReader(UniqueMessage._fields, "source",
+        key, source, *_ = RecordReader(UniqueMessage._fields, "source",
                                    65536).read(data)
         fields = UniqueMessage(*key)
         self.assertEqual(source, "web1")
@@ -336,7 +336,7 @@ class EndToEndTests(HandlerTestCase):
             AggregatorHandler("127.0.0.1", port, "web1", "myapp"))
         logger.error("first line " + "y" * 300000)
         data = receiver.recv(65536)
-        key, source = RecordReader(UniqueMessage._fields, "source",
+        key, source, *_ = RecordReader(UniqueMessage._fields, "source",
                                    65536).read(data)
         fields = UniqueMessage(*key)
         self.assertEqual(source, "web1")

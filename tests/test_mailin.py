@@ -314,7 +314,7 @@ class ReadMailTests(SynchronousTestCase):
             for _ in range(300)]
         reader = RecordReader(FIELDS, "source", 65536)
         for data in inputs:
-            reader.key_and_source(read(data))
+            reader.report_of(read(data))
 
     def test_subject_capped_before_decoding(self):
         """

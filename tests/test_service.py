@@ -20,7 +20,7 @@ from failnozzle.transport import MaildirTransport, SMTPTransport
 from failnozzle.service import FailnozzleService, make_transport
 from failnozzle.state import StateFile
 from failnozzle.steps import in_slices, run_at_once
-from tests.common import FakeMailTransport, Turns, make_settings, record
+from tests.common import FakeMailTransport, Turns, make_settings, record, word
 
 MARKER = DEFAULT_MONITORING_ERROR_MARKERS[0]
 
@@ -314,7 +314,7 @@ class DigestLimitTests(ServiceTestCase):
             self.start(EMAIL_TEMPLATE_DIR=templates,
                        EMAIL_BODY_TEMPLATE="body.txt",
                        DIGEST_MAX_DETAILS=details)
-            self.receive(*(record(f"boom {n}") for n in range(120)))
+            self.receive(*(record(f"boom {word(n)}") for n in range(120)))
             self.service.flush()
             [(_, _, message)] = self.transport.by_kind("digest")
             self.assertEqual(message.get_content(), f"{listed} listed\n")
@@ -563,9 +563,9 @@ class DigestInStepsTests(ServiceTestCase):
         self.start(in_steps=in_slices(self.turns, slice_seconds=0),
                    reload_settings=lambda: self.given.pop(0))
 
-    def reload_without_lineno(self) -> None:
+    def reload_without_funcname(self) -> None:
         fields = [name for name in self.service.settings.unique_fields
-                  if name != "lineno"]
+                  if name != "funcName"]
         self.given.append((make_settings(**dict(
             self.overrides, UNIQUE_MSG_TUPLE=fields)), []))
         self.assertTrue(self.service.reload())
@@ -584,9 +584,10 @@ class DigestInStepsTests(ServiceTestCase):
         first step of its digest: the digest is made as the flush found
         its errors, and the next digest as the reload wants them.
         """
-        self.receive(record("before", lineno=1), record("before", lineno=2))
+        self.receive(record("before", funcName="one"),
+                     record("before", funcName="two"))
         self.reactor.advance(60)
-        self.reload_without_lineno()
+        self.reload_without_funcname()
         self.turns.take_all()
         [(_, _, first)] = self.transport.by_kind("digest")
         self.assertIn("2 unique errors", first.get_content())
@@ -608,9 +609,10 @@ class DigestInStepsTests(ServiceTestCase):
             raise RuntimeError("template exploded")
 
         self.service.renderer.making = broken
-        self.receive(record("one", lineno=1), record("one", lineno=2))
+        self.receive(record("one", funcName="one"),
+                     record("one", funcName="two"))
         self.reactor.advance(60)
-        self.reload_without_lineno()
+        self.reload_without_funcname()
         self.turns.take_all()
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.reactor.advance(60)
