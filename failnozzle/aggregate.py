@@ -502,10 +502,14 @@ def _merge_tally(tallies: dict, identity: Hashable, tally: _Tally,
     if mine is None:
         tallies[identity] = tally
         return
+    # Reports counted apart may be the same: of their variants only as
+    # many are sure as the larger count says, or two shown apart.
+    shown_apart = 2 if mine.key != tally.key else 1
+    mine.more_variants = (mine.more_variants or tally.more_variants
+                          or min(mine.variants, tally.variants) > 1)
+    mine.variants = max(mine.variants, tally.variants, shown_apart)
     if tally.last_seen >= mine.last_seen:
         mine.key = tally.key
-    mine.variants += tally.variants
-    mine.more_variants = mine.more_variants or tally.more_variants
     mine.add_examples(tally.examples)
     sources = mine.sources
     for source, count in tally.sources.items():

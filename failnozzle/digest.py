@@ -124,6 +124,9 @@ class Occurrences:
         which are not named.
     @ivar level: the most severe syslog level seen (GELF sends one), or
         None.
+    @ivar variants: how many distinct reports were folded into this error
+        (1: one), and C{more_variants} whether there were more.
+    @ivar examples: a few texts of what varied between them.
     """
 
     def __init__(self, entry: Entry, wall_offset: float = 0.0,
@@ -139,6 +142,9 @@ class Occurrences:
         self.last_seen = utc(entry.last_seen + wall_offset)
         self.level = entry.level
         self.other_sources = entry.other_sources
+        self.variants = entry.variants
+        self.more_variants = entry.more_variants
+        self.examples = entry.examples
         self._named = entry.sources
         if max_sources is not None and len(entry.sources) > max_sources:
             self._named = dict(itertools.islice(entry.sources.items(),

@@ -63,7 +63,8 @@ def _fit(fields: dict) -> dict:
     """
     Clip the longest values to one common size so the JSON fits in one
     datagram; message and exc_text are clipped alike, so neither is lost
-    to the other.  msg, where present a copy of message, is dropped.
+    to the other.  msg, where present (the format of message), is
+    dropped.
     """
     fields = {str(name): _encodable(value) for name, value in fields.items()}
     if "msg" in fields:
@@ -134,7 +135,11 @@ class AggregatorHandler(logging.handlers.DatagramHandler):
             formatter = self.formatter or logging.Formatter()
             fields["exc_text"] = formatter.formatException(record.exc_info)
         fields["exc_info"] = None
-        fields["msg"] = fields["message"]
+        # The format the message was made from groups it with the others
+        # made from it (failnozzle.fingerprint); the arguments are in the
+        # message already.
+        fields["msg"] = (record.msg if isinstance(record.msg, str)
+                         else fields["message"])
         fields["args"] = None
         fields["source"] = self.source
         fields["kind"] = self.kind

@@ -10,7 +10,6 @@ import signal
 import socket
 from dataclasses import dataclass
 from email.message import EmailMessage
-from functools import partial
 from typing import Callable, Optional
 
 from twisted.application.service import Service

@@ -41,15 +41,17 @@ from twisted.logger import Logger
 
 from failnozzle.aggregate import SCALAR_TYPES, Batch, Entry, rekeying
 from failnozzle.clock import LAST_SECOND
+from failnozzle.fingerprint import MAX_EXAMPLES
 from failnozzle.spool import (BadEntry, fsync_directory, open_private, open_regular,
                               read_entry)
 from failnozzle.textcap import one_line
 
 _log = Logger()
 
-FORMAT_VERSION = 3
-#: Versions L{StateFile.load} reads: 2 had no field names.
-_READABLE_VERSIONS = (2, 3)
+FORMAT_VERSION = 4
+#: Versions L{StateFile.load} reads: 2 had no field names, 2 and 3 no
+#: fingerprints.
+_READABLE_VERSIONS = (2, 3, 4)
 
 #: Begin a new keys file once it holds this many more keys than are counted.
 _COMPACT_SLACK = 1000
@@ -186,7 +188,7 @@ class StateFile:
         new_keys = self._number(state.buffer.entries)
         for entry in state.buffer.entries:
             number = self._numbers[entry.key]
-            self._buffer_rows[number] = _row(entry, number)
+            self._buffer_rows[entry.identity] = _row(entry, number)
         batch_rows = {}
         for name, batches in kept.items():
             batch_rows[name] = {}
@@ -499,14 +501,25 @@ def _rows(batch: Batch, numbers: dict) -> str:
 def _row(entry: Entry, number: int) -> str:
     """One entry as JSON, its key replaced by its C{number}."""
     return _dumps([number, list(entry.sources.items()), entry.first_seen,
-                   entry.last_seen, *_optional(entry)], entry.sources)
+                   entry.last_seen, *_optional(entry)],
+                  itertools.chain(entry.sources, entry.examples))
 
 
 def _optional(entry: Entry) -> list:
     """
-    The entry's level and other_sources, the optional last items of a
-    row, left out when they say nothing.
+    The entry's level, other_sources and grouping, the optional last items
+    of a row, left out from the end when they say nothing.
     """
+    grouping = {}
+    if entry.fingerprint is not None:
+        grouping["fingerprint"] = entry.fingerprint
+    if entry.variants != 1 or entry.more_variants:
+        grouping.update(variants=entry.variants,
+                        more_variants=entry.more_variants)
+    if entry.examples:
+        grouping["examples"] = list(entry.examples)
+    if grouping:
+        return [entry.level, entry.other_sources, grouping]
     if entry.other_sources:
         return [entry.level, entry.other_sources]
     return [] if entry.level is None else [entry.level]
@@ -540,7 +553,7 @@ def _batch(rows: dict, keys: dict, rekey: Callable[[tuple], tuple],
 
 
 def _entry(row: object, keys: dict, shift: float) -> Entry:
-    _check(type(row) is list and 4 <= len(row) <= 6, "a row of the wrong "
+    _check(type(row) is list and 4 <= len(row) <= 7, "a row of the wrong "
            "shape")
     number, sources, first, last, *optional = row
     _check(type(sources) is list, "bad sources")
@@ -553,5 +566,24 @@ def _entry(row: object, keys: dict, shift: float) -> Entry:
     _check(level is None or (type(level) is int and 0 <= level <= 7),
            "bad level")
     other = _count(optional[1], "other_sources") if len(optional) > 1 else 0
+    grouping = _grouping(optional[2] if len(optional) > 2 else {})
     return Entry(keys[number], counts, _time(first, shift),
-                 _time(last, shift), level, other)
+                 _time(last, shift), level, other, **grouping)
+
+
+def _grouping(saved: object) -> dict:
+    """The fingerprint, variants and examples a row saved, checked."""
+    _check(type(saved) is dict, "bad grouping")
+    fingerprint = saved.get("fingerprint")
+    _check(fingerprint is None or (type(fingerprint) is str
+                                   and len(fingerprint) <= 100),
+           "bad fingerprint")
+    examples = saved.get("examples", [])
+    _check(type(examples) is list and len(examples) <= MAX_EXAMPLES
+           and all(type(example) is str for example in examples),
+           "bad examples")
+    more = saved.get("more_variants", False)
+    _check(type(more) is bool, "bad more_variants")
+    variants = _count(saved.get("variants", 1), "variants")
+    return {"fingerprint": fingerprint, "variants": max(variants, 1),
+            "more_variants": more, "examples": tuple(examples)}

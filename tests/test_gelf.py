@@ -922,8 +922,8 @@ class GELFCapTests(SynchronousTestCase):
         reader = GELFRecordReader(FIELDS, "source", 65507,
                                   GELFDecoder(Clock()),
                                   max_field_chars=50)
-        key, source, *_ = reader.read(plain(gelf(short_message="s" * 60)),
-                                     SENDER)
+        key, source, *_ = reader.read(
+            plain(gelf(short_message="s" * 60)), SENDER)
         self.assertEqual(len(dict(zip(FIELDS, key))["message"]), 50)
 
 

@@ -75,8 +75,8 @@ class MakePickleTests(HandlerTestCase):
 
     def test_fields(self):
         """
-        The record goes as JSON with the formatted message (also as msg,
-        args used up), source, kind, and where it was logged.
+        The record goes as JSON with the formatted message, its format as
+        msg (args used up), source, kind, and where it was logged.
         """
         handler, logger = self.capture()
         line = sys._getframe().f_lineno + 1
@@ -84,7 +84,7 @@ class MakePickleTests(HandlerTestCase):
         [sent] = self.sent_records(handler)
         self.assertEqual(sent["message"],
                          "Could not retrieve file 'foo.txt'")
-        self.assertEqual(sent["msg"], sent["message"])
+        self.assertEqual(sent["msg"], "Could not retrieve file %r")
         self.assertIsNone(sent["args"])
         self.assertEqual(sent["source"], "web1")
         self.assertEqual(sent["kind"], "myapp")
@@ -216,7 +216,7 @@ class ClippingTests(HandlerTestCase):
     def test_huge_message(self):
         """
         A huge message keeps its start and says it was clipped; msg, its
-        copy, is dropped.
+        format, is dropped.
         """
         sent = self.send_one("start " + "x" * 200000)
         self.assertTrue(sent["message"].startswith("start xxx"))
@@ -315,8 +315,10 @@ class EndToEndTests(HandlerTestCase):
             line = sys._getframe().f_lineno + 1
             logger.exception("Lookup failed")
         data = receiver.recv(65536)
+        self.assertIsNone(RecordReader(UniqueMessage._fields, "source",
+                                       65536).read(data).template)
         key, source, *_ = RecordReader(UniqueMessage._fields, "source",
-                                   65536).read(data)
+                                       65536).read(data)
         fields = UniqueMessage(*key)
         self.assertEqual(source, "web1")
         self.assertEqual(fields.kind, "myapp")
@@ -326,6 +328,21 @@ class EndToEndTests(HandlerTestCase):
         self.assertEqual(fields.filename, "test_loghandler.py")
         self.assertEqual(fields.lineno, line)
         self.assertTrue(fields.exc_text.endswith("KeyError: 'missing'"))
+
+    def test_format_arrives(self):
+        """
+        failnozzle reads the format a message was made from, which groups
+        it with the others made from it.
+        """
+        receiver, port = self.listen()
+        logger = self.make_logger(
+            AggregatorHandler("127.0.0.1", port, "web1", "myapp"))
+        logger.error("lookup failed for user %s", 17)
+        report = RecordReader(UniqueMessage._fields, "source",
+                              65536).read(receiver.recv(65536))
+        self.assertEqual(UniqueMessage(*report.key).message,
+                         "lookup failed for user 17")
+        self.assertEqual(report.template, "lookup failed for user %s")
 
     def test_huge_record_arrives(self):
         """
@@ -337,7 +354,7 @@ class EndToEndTests(HandlerTestCase):
         logger.error("first line " + "y" * 300000)
         data = receiver.recv(65536)
         key, source, *_ = RecordReader(UniqueMessage._fields, "source",
-                                   65536).read(data)
+                                       65536).read(data)
         fields = UniqueMessage(*key)
         self.assertEqual(source, "web1")
         # The clipped message has two lines: failnozzle keeps the first

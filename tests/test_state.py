@@ -53,6 +53,43 @@ class StateFileTests(SynchronousTestCase):
         self.state_file().save(lambda: state)
         self.assertEqual(self.state_file().load(), state)
 
+    def test_grouping_round_trip(self):
+        """
+        An entry's fingerprint, its count of variants and its examples
+        come back as they were saved; two entries shown with one key but
+        grouped apart (FINGERPRINT_FUNC looked past the key) both do.
+        """
+        key = ("views", "index", "lookup failed for user 17", None)
+        state = State(Batch.of([
+            Entry(key, {"web1": 5}, 1.0, 2.0, fingerprint="custom:1",
+                  variants=4, more_variants=True,
+                  examples=("17", "42", "\udcff")),
+            Entry(key, {"web2": 1}, 1.0, 2.0, fingerprint="custom:2"),
+            Entry(("plain",), {"web1": 1}, 1.0, 2.0, fingerprint="ab12"),
+        ]))
+        self.state_file().save(lambda: state)
+        self.assertEqual(self.state_file().load(), state)
+
+    def test_bad_grouping_set_aside(self):
+        """
+        A row whose grouping is not what failnozzle writes makes the file
+        unusable, as any other damage does.
+        """
+        for grouping in ([], {"fingerprint": 3}, {"examples": "x"},
+                         {"examples": ["a", "b", "c", "d"]},
+                         {"variants": -1}, {"more_variants": 1}):
+            with self.subTest(grouping=grouping):
+                state = State(Batch.of([Entry(("a",), {"h": 1}, 1.0, 2.0,
+                                              fingerprint="f")]))
+                self.state_file().save(lambda: state)
+                with open(self.path) as saved:
+                    snapshot = json.load(saved)
+                snapshot["buffer"]["entries"][0][6] = grouping
+                with open(self.path, "w") as out:
+                    json.dump(snapshot, out)
+                self.assertIsNone(self.state_file().load())
+                self.assertFalse(os.path.exists(self.path), "set aside")
+
     def test_values_only_python_writes(self):
         """
         Keys and sources with what only Python's json writes (lone
