@@ -24,7 +24,10 @@ from typing import Callable, Optional
 
 from failnozzle.loghandler import AggregatorHandler
 
-#: Stand-ins in the template datagram for an error's number and its host.
+#: Stand-ins in the template datagram for the bug (in the format of its
+#: message, so bugs are apart however they are grouped), the number that
+#: varies from one report of it to the next, and its host.
+BUG_MARK = b"#BUG#"
 NUMBER_MARK = b"#NUMBER#"
 HOST_MARK = b"#HOST#"
 
@@ -49,9 +52,9 @@ def template_datagram(depth: int = 7) -> bytes:
     """
     What L{AggregatorHandler} sends for C{logger.exception(...)} in a
     request handler, its traceback C{2 * depth + 1} frames deep (~1.7 kB
-    at the default; ~2.3 kB per datagram), with L{NUMBER_MARK} where the
-    error's identity goes (message and traceback) and L{HOST_MARK} for its
-    source.
+    at the default; ~2.3 kB per datagram), with L{BUG_MARK} and
+    L{NUMBER_MARK} where the error's identity and its varying number go
+    (message and traceback) and L{HOST_MARK} for its source.
     """
     handler = AggregatorHandler("127.0.0.1", 9, HOST_MARK.decode(), "app")
     try:
@@ -59,36 +62,48 @@ def template_datagram(depth: int = 7) -> bytes:
     except LookupError:
         record = logging.LogRecord(
             "app.views", logging.ERROR, "/srv/app/views.py", 120,
-            "Request failed for user %s", (NUMBER_MARK.decode(),),
+            f"Request failed in {BUG_MARK.decode()} for user %s",
+            (NUMBER_MARK.decode(),),
             sys.exc_info(), func="handle_request")
     handler.close()
     return handler.makePickle(record)
 
 
-def datagram_maker(unique: int, hosts: int) -> Callable[[int], bytes]:
+def bug_name(number: int) -> bytes:
+    """A bug's name, of letters ("bc" for 12): grouping folds numbers."""
+    return bytes(ord("a") + int(digit) for digit in str(number))
+
+
+def datagram_maker(unique: int, hosts: int, variants: int = 1
+                   ) -> Callable[[int], bytes]:
     """
     The C{n}-th datagram of a stream that goes round C{unique} errors, each
-    round from the next of C{hosts} hosts; with C{unique} 0, a flood where
-    every datagram is a new error, the hosts taking turns.
+    round from the next of C{hosts} hosts, and each round of hosts with the
+    next of C{variants} numbers in each error's text (reports of one bug
+    that vary); with C{unique} 0, a flood where every datagram is a new
+    error, the hosts taking turns.
     """
     template = template_datagram()
-    variants = [template.replace(HOST_MARK, b"web%02d" % host).split(
-        NUMBER_MARK) for host in range(hosts)]
+    by_host = [template.replace(HOST_MARK, b"web%02d" % host)
+               for host in range(hosts)]
 
     def datagram(n: int) -> bytes:
         if unique:
             error, host = n % unique, n // unique % hosts
+            variant = n // (unique * hosts) % variants
         else:
-            error, host = n, n % hosts
-        return (b"%07d" % error).join(variants[host])
+            error, host, variant = n, n % hosts, 0
+        return by_host[host].replace(BUG_MARK, bug_name(error)).replace(
+            NUMBER_MARK, b"%07d" % (error * variants + variant))
 
     return datagram
 
 
-def realistic_datagrams(unique: int, hosts: int) -> list:
-    """Every distinct datagram of L{datagram_maker}C{(unique, hosts)}."""
-    datagram = datagram_maker(unique, hosts)
-    return [datagram(n) for n in range(unique * hosts)]
+def realistic_datagrams(unique: int, hosts: int, variants: int = 1) -> list:
+    """Every distinct datagram of L{datagram_maker}C{(unique, hosts,
+    variants)}."""
+    datagram = datagram_maker(unique, hosts, variants)
+    return [datagram(n) for n in range(unique * hosts * variants)]
 
 
 def cycling(datagrams: list) -> Callable[[int], bytes]:

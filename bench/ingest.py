@@ -37,14 +37,21 @@ sustained    The reference at each of --sustained-rates for
              sampled every 10 ms); and how long the longest step of making
              one of its digests holds the reactor.
 cardinality  --flood-count distinct errors (1,000,000) into the daemon at a
-             rate it takes: its peak RSS, and whether the digest stays
-             bounded (its size, the errors listed, the "more errors not
-             shown" line).
+             rate it takes, grouped by fingerprints and with GROUPING =
+             'exact': its peak RSS, and whether the digest stays bounded
+             (its size, the errors listed, the "more errors not shown"
+             line).
 hostile      The issue's hostile inputs (a %100000000d format, a repeated
              mapping key, bad formats, 60,000-character fields, zlib GELF
              inflating to 1 MB, a chunk flood from one host beside another
              host's messages, chunks sent again), each into a fresh daemon:
              its memory before and after, the digest, what it logged.
+grouping     The daemon on --unique bugs, then on --unique bugs of
+             --variants distinct reports each (a number in the message and
+             the traceback varies), at --grouping-rate for
+             --grouping-seconds: CPU per datagram, and the entries of the
+             digest (--unique, if the reports fold).  The ladder also runs
+             the daemon with GROUPING = 'exact' beside the default.
 flush        How long a flush of 10,000 unique errors blocks the reactor,
              measured in process phase by phase, and the steps of making
              its digest (the longest is what the reactor waits for at
@@ -261,6 +268,8 @@ def run_ladder(options, datagrams: list) -> None:
     receivers = {
         "daemon": lambda directory: DaemonUnderTest(directory,
                                                     options.rcvbuf),
+        "exact": lambda directory: DaemonUnderTest(directory, options.rcvbuf,
+                                                   GROUPING="exact"),
         "reference": lambda directory: ReferenceUnderTest(options.rcvbuf),
     }
     results: dict = {name: {} for name in receivers}
@@ -295,45 +304,87 @@ def run_ladder(options, datagrams: list) -> None:
 
 
 def summarize_ladder(results: dict) -> None:
-    """The headline figures of the ladder, and the daemon-to-reference
-    ratios; CPU and memory compared at the highest rate both took whole."""
+    """The headline figures of the ladder, and the ratios of the daemon to
+    the reference and to itself with GROUPING = 'exact'; CPU and memory
+    compared at the highest rate all took whole."""
 
     def zero_loss_rate(points: dict) -> int:
         return max((rate for rate, point in points.items()
                     if point.lost == 0), default=0)
 
-    daemon, reference = results["daemon"], results["reference"]
-    common_rate = min(zero_loss_rate(daemon), zero_loss_rate(reference))
+    names = ("daemon", "exact", "reference")
+    common_rate = min(zero_loss_rate(results[name]) for name in names)
     rows = [
-        ("zero-loss rate /s", zero_loss_rate(daemon),
-         zero_loss_rate(reference), "{:,}"),
+        ("zero-loss rate /s", [zero_loss_rate(results[name])
+                               for name in names], "{:,}"),
         ("handled/s at saturation",
-         max(point.handled_per_second for point in daemon.values()),
-         max(point.handled_per_second for point in reference.values()),
-         "{:,.0f}"),
+         [max(point.handled_per_second for point in results[name].values())
+          for name in names], "{:,.0f}"),
     ]
     if common_rate:
         rows += [
             (f"CPU us/msg at {common_rate:,}/s",
-             daemon[common_rate].cpu_per_message,
-             reference[common_rate].cpu_per_message, "{:.1f}"),
+             [results[name][common_rate].cpu_per_message for name in names],
+             "{:.1f}"),
             (f"peak RSS MB at {common_rate:,}/s",
-             daemon[common_rate].peak_rss / MB,
-             reference[common_rate].peak_rss / MB, "{:.1f}"),
+             [results[name][common_rate].peak_rss / MB for name in names],
+             "{:.1f}"),
         ]
-    print(f"\n{'':<28} {'daemon':>14} {'reference':>14} {'ratio':>7}")
-    for label, mine, theirs, form in rows:
-        ratio = f"{mine / theirs:.2f}" if theirs else "-"
-        print(f"{label:<28} {form.format(mine):>14} "
-              f"{form.format(theirs):>14} {ratio:>7}")
-    print("(zero loss: the run with the median loss lost nothing; handled/s "
-          "is counted / seconds from the first datagram until its socket "
-          "was empty)")
+    print(f"\n{'':<28} {'daemon':>12} {'exact':>12} {'reference':>12} "
+          f"{'/exact':>7} {'/ref':>7}")
+    for label, (mine, exact, theirs), form in rows:
+        ratios = [f"{mine / other:.2f}" if other else "-"
+                  for other in (exact, theirs)]
+        print(f"{label:<28} {form.format(mine):>12} {form.format(exact):>12} "
+              f"{form.format(theirs):>12} {ratios[0]:>7} {ratios[1]:>7}")
+    print("(daemon: grouping by fingerprints, the default; exact: GROUPING = "
+          "'exact'; zero loss: the run with the median loss lost nothing; "
+          "handled/s is counted / seconds from the first datagram until its "
+          "socket was empty)")
     for name, points in results.items():
         if not points[max(points)].lost:
             print(f"({name} lost nothing even at the top rate: its "
                   f"saturation is above the ladder)")
     print()
+
+
+def run_grouping(options) -> None:
+    """
+    What folding costs: the daemon on --unique bugs, and on as many bugs of
+    --variants reports each (their messages and tracebacks differing in a
+    number), at --grouping-rate, runs interleaved: CPU per datagram, loss,
+    and the entries its digest lists.
+    """
+    rate, seconds = options.grouping_rate, options.grouping_seconds
+    count = int(rate * seconds)
+    print(f"== grouping: {options.unique} bugs from {options.hosts} hosts, "
+          f"with 1 and with {options.variants:,} distinct reports each, "
+          f"{count:,} datagrams at {rate:,}/s; median of {options.repeat}")
+    print(f"{'workload':<28} {'lost':>7} {'CPU us/msg':>10} {'entries':>8} "
+          f"{'total':>9}")
+    medians = {}
+    workloads = {f"{options.unique} x 1": 1,
+                 f"{options.unique} x {options.variants:,}": options.variants}
+    runs: dict = {name: [] for name in workloads}
+    for _ in range(options.repeat):
+        for name, variants in workloads.items():
+            with tempfile.TemporaryDirectory() as directory:
+                receiver = DaemonUnderTest(directory, options.rcvbuf)
+                run = measure(receiver, datagram_maker(
+                    options.unique, options.hosts, variants), rate, seconds,
+                    count, options.senders)
+                [digest] = [read_digest(path)
+                            for path in receiver.daemon.digests()]
+            runs[name].append(run)
+            print(f"{name:<28} {run.lost:>7,} {run.cpu_per_message:>10.1f} "
+                  f"{digest['unique']:>8,} {digest['total']:>9,}",
+                  flush=True)
+    for name, done in runs.items():
+        medians[name] = statistics.median(run.cpu_per_message
+                                          for run in done)
+    few, many = medians.values()
+    print(f"CPU per datagram (medians): {few:.1f} us with 1 report per "
+          f"bug, {many:.1f} us with {options.variants:,}: {many / few:.2f}x\n")
 
 
 def run_sustained(options, datagrams: list) -> None:
@@ -433,6 +484,7 @@ def read_digest(path: str) -> dict:
     return {
         "bytes": len(data),
         "total": total,
+        "unique": int(re.search(r"of (\d+) unique errors?", text).group(1)),
         "listed": len(re.findall(r"^Exception #\d+ of \d+:", text, re.M)),
         "summary lines": re.findall(
             r"^\d+X (?:in \d+ more unique errors not listed|more errors not "
@@ -444,9 +496,10 @@ def read_digest(path: str) -> dict:
 
 def run_cardinality(options) -> None:
     """
-    A flood of distinct errors into the daemon, --repeat times: memory
-    (after start-up, and at its peak), loss, and the digest it makes of
-    them.
+    A flood of distinct errors into the daemon, --repeat times, with the
+    default grouping and with GROUPING = 'exact' (runs interleaved):
+    memory (after start-up, and at its peak), loss, and the digest it
+    makes of them.
     """
     count, rate = options.flood_count, options.flood_rate
     settings = ({} if options.max_unique is None
@@ -454,30 +507,38 @@ def run_cardinality(options) -> None:
     print(f"== cardinality: {count:,} distinct errors from {options.hosts} "
           f"hosts at {rate:,.0f}/s into the daemon (MAX_UNIQUE_MESSAGES "
           f"{options.max_unique or 'default'}), then SIGTERM; "
-          f"{options.repeat} run(s)")
-    print(f"{'sent':>10} {'lost':>7} {'sock drops':>10} {'kern drops':>10} "
-          f"{'handled/s':>10} {'CPU us/msg':>10} {'idle MB':>8} "
-          f"{'peak MB':>8} {'+digest MB':>10}")
-    runs, peaks = [], []
+          f"{options.repeat} run(s) per grouping")
+    print(f"{'grouping':<9} {'sent':>10} {'lost':>7} {'sock drops':>10} "
+          f"{'kern drops':>10} {'handled/s':>10} {'CPU us/msg':>10} "
+          f"{'idle MB':>8} {'peak MB':>8} {'+digest MB':>10}")
+    groupings = ("default", "exact")
+    runs: dict = {grouping: [] for grouping in groupings}
+    peaks: dict = {grouping: [] for grouping in groupings}
     for _ in range(options.repeat):
-        with tempfile.TemporaryDirectory() as directory:
-            receiver = DaemonUnderTest(directory, options.rcvbuf, **settings)
-            idle = peak_rss(receiver.pid)
-            run = measure(receiver, datagram_maker(0, options.hosts), rate,
-                          count / rate + 5, count, options.senders)
-            daemon = receiver.daemon
-            digests = [read_digest(path) for path in daemon.digests()]
-        runs.append(run)
-        peaks.append(daemon.lifetime_peak_rss)
-        print(f"{run.sent:>10,} {run.lost:>7,} {run.socket_drops:>10,} "
-              f"{run.kernel_drops:>10,} {run.handled_per_second:>10,.0f} "
-              f"{run.cpu_per_message:>10.1f} {idle / MB:>8.1f} "
-              f"{run.peak_rss / MB:>8.1f} "
-              f"{daemon.lifetime_peak_rss / MB:>10.1f}", flush=True)
-    receiving = statistics.median(run.peak_rss for run in runs)
-    print(f"median peak RSS {receiving / MB:.1f} MB while receiving, "
-          f"{statistics.median(peaks) / MB:.1f} MB with the final digest; "
-          f"median loss {statistics.median(run.lost for run in runs):,.0f}")
+        for grouping in groupings:
+            with tempfile.TemporaryDirectory() as directory:
+                receiver = DaemonUnderTest(directory, options.rcvbuf,
+                                           GROUPING=grouping, **settings)
+                idle = peak_rss(receiver.pid)
+                run = measure(receiver, datagram_maker(0, options.hosts),
+                              rate, count / rate + 5, count,
+                              options.senders)
+                daemon = receiver.daemon
+                digests = [read_digest(path) for path in daemon.digests()]
+            runs[grouping].append(run)
+            peaks[grouping].append(daemon.lifetime_peak_rss)
+            print(f"{grouping:<9} {run.sent:>10,} {run.lost:>7,} "
+                  f"{run.socket_drops:>10,} {run.kernel_drops:>10,} "
+                  f"{run.handled_per_second:>10,.0f} "
+                  f"{run.cpu_per_message:>10.1f} {idle / MB:>8.1f} "
+                  f"{run.peak_rss / MB:>8.1f} "
+                  f"{daemon.lifetime_peak_rss / MB:>10.1f}", flush=True)
+    for grouping in groupings:
+        receiving = statistics.median(run.peak_rss for run in runs[grouping])
+        print(f"{grouping}: median peak RSS {receiving / MB:.1f} MB while "
+              f"receiving, {statistics.median(peaks[grouping]) / MB:.1f} MB "
+              f"with the final digest; median loss "
+              f"{statistics.median(run.lost for run in runs[grouping]):,.0f}")
     for digest in digests:
         print(f"  digest (last run): {digest['bytes']:,} bytes, "
               f"{digest['total']:,} errors in its subject, "
@@ -780,7 +841,8 @@ def parse_options(argv: list) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--scenario", default="all",
                         choices=("all", "ladder", "sustained",
-                                 "cardinality", "flush", "hostile"))
+                                 "cardinality", "flush", "hostile",
+                                 "grouping"))
     parser.add_argument("--quick", action="store_true",
                         help="a short smoke run: fewer rates, one run each, "
                              "a smaller flood")
@@ -815,6 +877,13 @@ def parse_options(argv: list) -> argparse.Namespace:
     parser.add_argument("--hostile", type=lambda text: [
         int(number) for number in text.split(",")],
         help="which hostile loads to send, by number (default all)")
+    parser.add_argument("--variants", type=int, default=1000,
+                        help="distinct reports per bug in the grouping "
+                             "scenario")
+    parser.add_argument("--grouping-rate", type=int, default=30000)
+    parser.add_argument("--grouping-seconds", type=float,
+                        help="seconds of load per grouping run (default "
+                             "10)")
     parser.add_argument("--flush-unique", type=int, default=10000)
     parser.add_argument("--flush-seconds", type=float, default=2,
                         help="FLUSH_SECONDS in the flush-under-load runs")
@@ -833,6 +902,7 @@ def parse_options(argv: list) -> argparse.Namespace:
         "repeat": 1 if quick else 3,
         "flood_count": 100000 if quick else 1000000,
         "flush_load_seconds": 5 if quick else 7,
+        "grouping_seconds": 3 if quick else 10,
         "sustained_rates": [20000, 40000] if quick else [
             20000, 30000, 40000, 50000, 60000, 70000, 80000, 90000, 100000],
     }
@@ -870,6 +940,8 @@ def main(argv: list) -> None:
         run_cardinality(options)
     if options.scenario in ("all", "flush"):
         run_flush(options)
+    if options.scenario in ("all", "grouping"):
+        run_grouping(options)
     print(f"done in {time.monotonic() - began:.0f} s, load average "
           f"{os.getloadavg()[0]:.2f}")
 

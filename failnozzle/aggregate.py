@@ -14,7 +14,7 @@ from typing import (Callable, Hashable, Iterable, Mapping, NamedTuple,
 
 from twisted.internet.interfaces import IReactorTime
 
-from failnozzle.fingerprint import MAX_EXAMPLES, Fingerprint, is_custom
+from failnozzle.fingerprint import MAX_EXAMPLES, Grouping, is_custom
 
 #: The types a value of a key or a source may have: JSON's scalars, which
 #: hash and compare as a whole (a list or an object would not).
@@ -22,8 +22,11 @@ SCALAR_TYPES = frozenset((str, int, float, bool, type(None)))
 
 #: How many distinct reports the aggregator remembers the fingerprints of
 #: (by their hash) until the next flush: past them a report's fingerprint
-#: is made anew each time, and variants are no longer counted.
+#: is made anew each time, and variants are no longer counted.  Of them,
+#: at most OVERFLOWING_MAX are of errors only counted in the overflow
+#: (MAX_UNIQUE_MESSAGES): a flood of distinct errors costs a few MB.
 INDEX_MAX = 65536
+OVERFLOWING_MAX = 8192
 
 
 class Report(NamedTuple):
@@ -40,13 +43,8 @@ class Report(NamedTuple):
     fingerprint: Optional[str] = None
 
 
-#: What makes a report's fingerprint: L{failnozzle.fingerprint.Grouping}'s.
-Grouper = Callable[[tuple, Optional[str]], Fingerprint]
-
-
-def _exact(key: tuple, template: Optional[str] = None) -> Fingerprint:
-    """The original's grouping: only byte-identical keys are one error."""
-    return Fingerprint(None)
+#: The original's grouping: only byte-identical keys are one error.
+EXACT = Grouping((), exact=True)
 
 
 @dataclass(slots=True)
@@ -174,18 +172,17 @@ class Batch:
         return _batch_of(tallies, overflow)
 
     def rekeyed(self, rekey: Callable[[tuple], tuple],
-                fingerprint_of: Optional[Callable[[tuple], Fingerprint]]
-                = None) -> Batch:
+                grouping: Optional[Grouping] = None) -> Batch:
         """
-        The batch with every key replaced by C{rekey(key)} and, if
-        C{fingerprint_of} is given, every fingerprint but FINGERPRINT_FUNC's
-        made anew from the new key; entries that become one are merged.
+        The batch with every key replaced by C{rekey(key)} and, if a
+        C{grouping} is given, every fingerprint but FINGERPRINT_FUNC's made
+        anew from the new key by it; entries that become one are merged.
         """
         def regrouped(entry: Entry) -> Entry:
             key = rekey(entry.key)
             fingerprint = entry.fingerprint
-            if fingerprint_of is not None and not is_custom(fingerprint):
-                fingerprint = fingerprint_of(key).digest
+            if grouping is not None and not is_custom(fingerprint):
+                fingerprint = grouping.fingerprint(key)
             return dataclasses.replace(entry, key=key,
                                        fingerprint=fingerprint)
 
@@ -260,7 +257,7 @@ class Aggregator:
         clock: IReactorTime,
         internal_error_key: Callable[[int, Exception], tuple],
         max_sources: int = 100,
-        grouping: Grouper = _exact,
+        grouping: Grouping = EXACT,
     ) -> None:
         """
         @param internal_error_key: gives the unique key under which C{count}
@@ -334,22 +331,20 @@ class Aggregator:
         if custom is None and hashed in self._overflowing:
             self._overflow += 1
             return None
-        if custom is None:
-            made = self._grouping(key, report.template)
-        else:
-            made = Fingerprint(custom)
-        identity = key if made.digest is None else made.digest
+        fingerprint = (self._grouping.fingerprint(key, report.template)
+                       if custom is None else custom)
+        identity = key if fingerprint is None else fingerprint
         tally = self._tallies.get(identity)
         indexing = custom is None and (
             len(self._index) + len(self._overflowing) < INDEX_MAX)
         if tally is None:
             if len(self._tallies) >= self._max_unique:
                 self._overflow += 1
-                if indexing:
+                if indexing and len(self._overflowing) < OVERFLOWING_MAX:
                     self._overflowing.add(hashed)
                 return None
             now = self._clock.seconds()
-            tally = _Tally(tuple(map(self._shared, key)), made.digest, {},
+            tally = _Tally(tuple(map(self._shared, key)), fingerprint, {},
                            now, now)
             self._tallies[identity] = tally
         else:
@@ -358,7 +353,8 @@ class Aggregator:
                 tally.variants += 1
             elif custom is None:
                 tally.more_variants = True
-        tally.add_examples(made.varied)
+        if len(tally.examples) < MAX_EXAMPLES and custom is None:
+            tally.add_examples(self._grouping.examples(key))
         if indexing:
             self._index[hashed] = tally
         return tally
@@ -398,7 +394,7 @@ class Aggregator:
         for tally, error in self._bad.values():
             tally = tally.copy()
             tally.key = self._internal_error_key(_count(tally), error)
-            tally.fingerprint = self._grouping(tally.key, None).digest
+            tally.fingerprint = self._grouping.fingerprint(tally.key)
             yield tally
 
     def flush(self) -> Batch:
@@ -455,7 +451,7 @@ class Aggregator:
     def configure(self, max_unique: int, max_sources: int,
                   internal_error_key: Callable[[int, Exception], tuple],
                   rekey: Callable[[tuple], tuple] = lambda key: key,
-                  grouping: Optional[Grouper] = None) -> None:
+                  grouping: Optional[Grouping] = None) -> None:
         """
         Take new settings (a reload), keys read anew by C{rekey} and, if
         a C{grouping} is given, grouped by it: nothing counted is lost,

@@ -18,7 +18,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from failnozzle.aggregate import Aggregator, Batch, Entry, Grouper, RateWindow
+from failnozzle.aggregate import Aggregator, Batch, Entry, RateWindow
 from failnozzle.config import (UNUSED_SETTINGS, ConfigError, Settings,
                                changed_settings)
 from failnozzle.digest import DigestRenderer, build_message, pager_alert
@@ -131,7 +131,7 @@ class _Configured:
 
     reader: GELFRecordReader
     internal_error_key: Callable[[int, Exception], tuple]
-    grouping: Grouper
+    grouping: Grouping
     renderer: DigestRenderer
     transport: object
     mail_tls: Optional[object]
@@ -290,7 +290,7 @@ class FailnozzleService(Service):
                 reader, settings.INTERNAL_ERROR_FUNC),
             grouping=Grouping(settings.unique_fields,
                               exact=settings.GROUPING == "exact",
-                              rules=settings.GROUPING_RULES).fingerprint,
+                              rules=settings.GROUPING_RULES),
             renderer=make_renderer(settings),
             transport=transport,
             mail_tls=mail_tls,
@@ -318,6 +318,8 @@ class FailnozzleService(Service):
         self.settings = settings
         self._reader = configured.reader
         self._grouping = configured.grouping
+        if "UNIQUE_MSG_TUPLE" in changed or previous is None:
+            self._fields_checked = False
         self.renderer = configured.renderer
         self._is_monitoring = configured.is_monitoring
         self._routes = configured.routes
@@ -736,6 +738,26 @@ class FailnozzleService(Service):
             batch, self.settings.MAX_UNIQUE_MESSAGES,
             self.settings.MAX_SOURCES_PER_ERROR)
 
+    def _check_fields(self, batch: Batch) -> None:
+        """
+        Warn, once, of the fields of UNIQUE_MSG_TUPLE that none of the
+        first errors flushed carries: a misspelt field is None for every
+        error, which then tells nothing apart (custom fields stay legal).
+        """
+        if self._fields_checked or not batch.entries:
+            return
+        self._fields_checked = True
+        fields = self.settings.unique_fields
+        carried = {name for entry in batch.entries
+                   for name, value in zip(fields, entry.key)
+                   if value is not None}
+        for name in fields:
+            if name not in carried:
+                _log.warn("UNIQUE_MSG_TUPLE names {field!r}, which none of "
+                          "the {count} errors received carries: is it "
+                          "misspelt?", field=name,
+                          count=len(batch.entries))
+
     def _may_hold_across_restart(self) -> bool:
         """Whether held errors outlive this run: in a snapshot."""
         return self.state_file is not None and not self._state_unwritable
@@ -755,6 +777,7 @@ class FailnozzleService(Service):
         @return: the outcomes (see L{Outbox.send}) of the messages sent.
         """
         batch = self.aggregator.flush()
+        self._check_fields(batch)
         try:
             monitoring, real = batch.partition(self._is_monitoring)
         except Exception:

@@ -293,7 +293,8 @@ class DigestLimitTests(ServiceTestCase):
         fit, its totals exact.
         """
         self.start(DIGEST_MAX_BYTES=20_000)
-        self.receive(*(record(f"boom {n}", exc_text=f"line {n}\n" * 600)
+        self.receive(*(record(f"boom {word(n)}",
+                              exc_text=f"line {word(n)}\n" * 600)
                        for n in range(30)))
         self.service.flush()
         [(_, _, message)] = self.transport.by_kind("digest")
@@ -318,6 +319,75 @@ class DigestLimitTests(ServiceTestCase):
             self.service.flush()
             [(_, _, message)] = self.transport.by_kind("digest")
             self.assertEqual(message.get_content(), f"{listed} listed\n")
+
+
+class GroupingTests(ServiceTestCase):
+    """
+    GROUPING, FINGERPRINT_FUNC and UNIQUE_MSG_TUPLE's fields, in digests.
+    """
+
+    def test_folded(self):
+        """
+        Reports of one bug are one entry, showing the latest and what
+        varied.
+        """
+        self.start()
+        self.receive(*(record(f"lookup failed for user {user}")
+                       for user in (17, 42, 99, 5)))
+        self.service.flush()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        body = message.get_content()
+        self.assertIn("** 4 instances of 1 unique error (app) **", body)
+        self.assertIn("4X lookup failed for user 5 (in app", body)
+        self.assertIn("Folded in: 4 variants, such as 17; 42; 99\n", body)
+
+    def test_exact(self):
+        """GROUPING = 'exact' keeps byte-identical reports together only."""
+        self.start(GROUPING="exact")
+        self.receive(*(record(f"lookup failed for user {user}")
+                       for user in (17, 42)))
+        self.service.flush()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        body = message.get_content()
+        self.assertIn("** 2 instances of 2 unique errors (app) **", body)
+        self.assertNotIn("Folded in", body)
+
+    def test_fingerprint_func(self):
+        """FINGERPRINT_FUNC groups by what it says, past the key."""
+        self.start(FINGERPRINT_FUNC=lambda record: record.get("ticket"))
+        self.receive(record("one", ticket="T-1"), record("two", ticket="T-1"),
+                     record("one", ticket="T-2"))
+        self.service.flush()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("** 3 instances of 2 unique errors (app) **",
+                      message.get_content())
+
+    def test_grouping_rules(self):
+        self.start(GROUPING_RULES=[(r"tenant \S+", "tenant <tenant>")])
+        self.receive(record("tenant acme failed"),
+                     record("tenant initech failed"))
+        self.service.flush()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("2 instances of 1 unique error",
+                      message.get_content())
+
+    def test_misspelt_field_warned_once(self):
+        """
+        A field of UNIQUE_MSG_TUPLE that no error carries is warned of
+        once; a custom field some errors carry is not.
+        """
+        events = EventLoggingObserver.createWithCleanup(self,
+                                                        globalLogPublisher)
+        self.start(UNIQUE_MSG_TUPLE=["message", "kind", "team", "exc_txt"])
+        self.receive(record("one", team="billing"), record("two"))
+        self.service.flush()
+        self.receive(record("three"))
+        self.service.flush()
+        warned = [formatEvent(event) for event in events
+                  if "UNIQUE_MSG_TUPLE" in formatEvent(event)]
+        self.assertEqual(warned, [
+            "UNIQUE_MSG_TUPLE names 'exc_txt', which none of the 2 errors "
+            "received carries: is it misspelt?"])
 
 
 class OddTextTests(ServiceTestCase):
