@@ -39,6 +39,7 @@ UniqueMessage = namedtuple(
     ["module", "funcName", "filename", "message", "pathname", "lineno",
      "exc_text", "kind"],
 )
+DEFAULT_FIELDS = frozenset(UniqueMessage._fields)
 
 #: The original failnozzle's markers of "just monitoring" canary errors.
 DEFAULT_MONITORING_ERROR_MARKERS = (
@@ -139,6 +140,12 @@ class Settings:
     GROUPING: str = "default"
     GROUPING_RULES: tuple = ()
     FINGERPRINT_FUNC: Optional[Callable[[dict], Any]] = None
+    #: The seen-memory (failnozzle.seen): errors remembered, the days after
+    #: which one not seen is new again, and the days of quiet after which
+    #: one is "back".
+    SEEN_MAX: int = 10000
+    SEEN_DAYS: float = 30
+    REGRESSION_DAYS: float = 1
     SERVER_NAME: str = field(default_factory=socket.gethostname)
 
     LOG_LEVEL: Any = logging.DEBUG
@@ -718,6 +725,10 @@ _CHECKS: Mapping[str, Checker] = {
     "GROUPING": _grouping,
     "GROUPING_RULES": _grouping_rules,
     "FINGERPRINT_FUNC": _callable,
+    "SEEN_MAX": _count(1_000_000),
+    "SEEN_DAYS": partial(_number, integer=False, minimum=0, maximum=3650),
+    "REGRESSION_DAYS": partial(_number, integer=False, minimum=0,
+                               maximum=3650),
     "SERVER_NAME": _server_name,
     "LOG_LEVEL": _log_level,
     "LOG_FORMAT": _string,

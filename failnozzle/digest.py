@@ -14,7 +14,7 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import formatdate, make_msgid
 from functools import cached_property
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from jinja2 import (ChoiceLoader, Environment, FileSystemLoader, Template,
                     TemplateError, TemplateNotFound)
@@ -24,6 +24,7 @@ from failnozzle.aggregate import Batch, Entry
 from failnozzle.clock import LAST_SECOND
 from failnozzle.config import ConfigError
 from failnozzle.gelf import SYSLOG_LEVELS
+from failnozzle.policy import BACK, NEW, ONGOING, Status, seen_key
 from failnozzle.steps import Steps, finish
 from failnozzle.textcap import cut_middle
 
@@ -127,10 +128,16 @@ class Occurrences:
     @ivar variants: how many distinct reports were folded into this error
         (1: one), and C{more_variants} whether there were more.
     @ivar examples: a few texts of what varied between them.
+    @ivar status: C{"new"}, C{"back"} or C{"ongoing"} (see
+        L{failnozzle.policy}), or None if not known; C{since} when it was
+        first seen, C{seen_total} its instances reported so far, this
+        digest's included, and for one back C{quiet_for}, how long it had
+        not been seen, as text (C{"3 days"}).
     """
 
     def __init__(self, entry: Entry, wall_offset: float = 0.0,
-                 max_sources: Optional[int] = None) -> None:
+                 max_sources: Optional[int] = None,
+                 status: Optional[Status] = None) -> None:
         """
         @param wall_offset: seconds to add to the entry's reactor times to
             get wall-clock times.
@@ -145,6 +152,12 @@ class Occurrences:
         self.variants = entry.variants
         self.more_variants = entry.more_variants
         self.examples = entry.examples
+        self.status = self.since = self.seen_total = self.quiet_for = None
+        if status is not None:
+            self.status = status.kind
+            self.since = utc(status.since)
+            self.seen_total = status.total
+            self.quiet_for = _duration(status.quiet) if status.quiet else None
         self._named = entry.sources
         if max_sources is not None and len(entry.sources) > max_sources:
             self._named = dict(itertools.islice(entry.sources.items(),
@@ -166,6 +179,24 @@ class Occurrences:
     def level_name(self) -> Optional[str]:
         """The level as syslog names it ("error" for 3)."""
         return None if self.level is None else SYSLOG_LEVELS[self.level]
+
+
+def _duration(seconds: float) -> str:
+    """A time as a reader says it: C{"3 days"}, C{"5 hours"}."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{int(seconds)} seconds"
+
+
+def news_summary(statuses: Mapping[str, Status]) -> Optional[str]:
+    """C{"3 new, 1 back, 12 ongoing"}: the parts that are not none."""
+    counts = {kind: 0 for kind in (NEW, BACK, ONGOING)}
+    for status in statuses.values():
+        counts[status.kind] += 1
+    return ", ".join(f"{count} {kind}" for kind, count in counts.items()
+                     if count) or None
 
 
 def _environment(loader) -> Environment:
@@ -236,7 +267,8 @@ class DigestRenderer:
                  f"listed")
 
     def render(self, batch: Batch, *, max_bytes: Optional[int] = None,
-               wall_offset: float = 0.0) -> tuple:
+               wall_offset: float = 0.0,
+               statuses: Optional[Mapping[str, Status]] = None) -> tuple:
         """
         @param max_bytes: the most the body may take in a message (after
             its transfer encoding, with CRLF line ends), if bounded: long
@@ -244,26 +276,33 @@ class DigestRenderer:
             resort the body is cut at a line.
         @param wall_offset: seconds to add to the reactor's times to show
             wall-clock times (0: the reactor's clock is the wall clock).
+        @param statuses: by L{failnozzle.policy.seen_key}, whether each
+            error is new, back or ongoing, if known.
         @return: C{(subject, body)}; the subject is one line of at most
             L{SUBJECT_MAX_CHARS}.
         """
-        return finish(self._rendering(batch, max_bytes, wall_offset))
+        return finish(self._rendering(batch, max_bytes, wall_offset,
+                                      statuses))
 
     def _rendering(self, batch: Batch, max_bytes: Optional[int],
-                   wall_offset: float) -> Steps[tuple]:
+                   wall_offset: float,
+                   statuses: Optional[Mapping[str, Status]]) -> Steps[tuple]:
         """L{render} in steps."""
         try:
             return (yield from self._render(self._templates, self._details,
-                                            batch, max_bytes, wall_offset))
+                                            batch, max_bytes, wall_offset,
+                                            statuses))
         except Exception:
             _log.failure("A custom digest template failed; this digest uses "
                          "the built-in templates")
             return (yield from self._render(
                 self._builtin_templates, self._builtin_details, batch,
-                max_bytes, wall_offset))
+                max_bytes, wall_offset, statuses))
 
     def message(self, batch: Batch, *, max_bytes: Optional[int] = None,
-                wall_offset: float = 0.0, **envelope) -> EmailMessage:
+                wall_offset: float = 0.0,
+                statuses: Optional[Mapping[str, Status]] = None,
+                **envelope) -> EmailMessage:
         """
         The digest of C{batch} as a message, no larger than C{max_bytes} as
         it travels, headers included, if given.
@@ -272,10 +311,13 @@ class DigestRenderer:
             recipients, date, domain, and reply_to and kind if wanted.
         """
         return finish(self.making(batch, max_bytes=max_bytes,
-                                  wall_offset=wall_offset, **envelope))
+                                  wall_offset=wall_offset, statuses=statuses,
+                                  **envelope))
 
     def making(self, batch: Batch, *, max_bytes: Optional[int] = None,
-               wall_offset: float = 0.0, **envelope) -> Steps[EmailMessage]:
+               wall_offset: float = 0.0,
+               statuses: Optional[Mapping[str, Status]] = None,
+               **envelope) -> Steps[EmailMessage]:
         """
         L{message} in steps (see L{failnozzle.steps}), so that the reactor
         takes its turns while a large digest is made.
@@ -285,7 +327,8 @@ class DigestRenderer:
             headers = build_message(subject="", body="",
                                     wall_offset=wall_offset, **envelope)
             budget = max_bytes - len(headers.as_bytes()) - _SUBJECT_ALLOWANCE
-        subject, body = yield from self._rendering(batch, budget, wall_offset)
+        subject, body = yield from self._rendering(batch, budget, wall_offset,
+                                                   statuses)
         yield
         # The outbox cuts what it offers if this is still too big (see
         # failnozzle.shrink): estimates of quoted-printable may be short.
@@ -293,15 +336,17 @@ class DigestRenderer:
                              wall_offset=wall_offset, **envelope)
 
     def _render(self, templates: tuple, details: Optional[int],
-                batch: Batch, max_bytes: Optional[int],
-                wall_offset: float) -> Steps[tuple]:
+                batch: Batch, max_bytes: Optional[int], wall_offset: float,
+                statuses: Optional[Mapping[str, Status]]) -> Steps[tuple]:
         subject_template, body_template = templates
         # Each of these walks every error of the batch: a step of its own.
         common = self._common(batch, details)
+        common["news_summary"] = (None if statuses is None
+                                  else news_summary(statuses))
         yield
         view = _DigestView(batch, self._unique_tuple, common, details,
                            self._details_reason, self._max_sources,
-                           wall_offset)
+                           wall_offset, statuses or {})
         yield
         # Only the head of what a subject template renders is read: texts
         # are cut to that length before it renders them.
@@ -337,7 +382,8 @@ class _DigestView:
 
     def __init__(self, batch: Batch, unique_tuple: type, common: dict,
                  details: Optional[int], details_reason: str,
-                 max_sources: int, wall_offset: float) -> None:
+                 max_sources: int, wall_offset: float,
+                 statuses: Mapping[str, Status]) -> None:
         """
         @param details: how many errors may be listed, if not all.
         @param details_reason: why no more are, as the digest says it.
@@ -351,7 +397,9 @@ class _DigestView:
         self._unique = len(entries)
         self._messages = [unique_tuple._make(entry.key)
                           for entry in entries[:self.listable]]
-        self._infos = [Occurrences(entry, wall_offset, max_sources)
+        self._infos = [Occurrences(entry, wall_offset, max_sources,
+                                   statuses.get(seen_key(entry))
+                                   if statuses else None)
                        for entry in entries[:self.listable]]
         self._totals_before = [0, *itertools.accumulate(
             entry.total for entry in entries)]

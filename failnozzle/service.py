@@ -19,10 +19,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from failnozzle.aggregate import Aggregator, Batch, Entry, RateWindow
-from failnozzle.config import (UNUSED_SETTINGS, ConfigError, Settings,
+from failnozzle.config import (DEFAULT_FIELDS, UNUSED_SETTINGS, ConfigError, Settings,
                                changed_settings)
 from failnozzle.digest import DigestRenderer, build_message, pager_alert
 from failnozzle.fingerprint import CustomFingerprint, Grouping
+from failnozzle.policy import NewsRules, news_first, remember, statuses
+from failnozzle.seen import SeenFile, SeenMemory
 from failnozzle.gelf import GELFDecoder, GELFRecordReader
 from failnozzle.ingest import (BadDatagram, ErrorReceiver,
                                internal_error_key_maker)
@@ -223,6 +225,11 @@ class FailnozzleService(Service):
                              Spool(settings.SPOOL_DIR, reactor), reactor,
                              writer=self.writer)
         self.state_file: Optional[StateFile] = None
+        #: Every error reported, and where it is kept between runs (beside
+        #: the state file; none without snapshots).
+        self.seen = SeenMemory(settings.SEEN_MAX)
+        self._seen_file: Optional[SeenFile] = None
+        self._seen_unwritable = False
         self._snapshots: Optional[StateFile] = None
         self._state_unwritable = False
         #: Who waits for the snapshot that has not begun yet, if one is
@@ -318,6 +325,9 @@ class FailnozzleService(Service):
         self.settings = settings
         self._reader = configured.reader
         self._grouping = configured.grouping
+        self._news_rules = NewsRules.in_days(settings.SEEN_DAYS,
+                                             settings.REGRESSION_DAYS)
+        self.seen.resize(settings.SEEN_MAX)
         if "UNIQUE_MSG_TUPLE" in changed or previous is None:
             self._fields_checked = False
         self.renderer = configured.renderer
@@ -369,8 +379,9 @@ class FailnozzleService(Service):
         saved makes the next snapshot whole, in a new keys file.
         """
         if not settings.SNAPSHOT_SECONDS:
-            self.state_file = None
+            self.state_file = self._seen_file = None
             return
+        self._seen_file = SeenFile(f"{settings.STATE_FILE}.seen")
         if self._snapshots is None:
             self._snapshots = StateFile(settings.STATE_FILE, self._reactor,
                                         self.writer.run,
@@ -415,6 +426,7 @@ class FailnozzleService(Service):
         _prepare(self.outbox.spool, "SPOOL_DIR",
                  "messages wait in memory only")
         if self.state_file is not None:
+            self.seen.restore(self._seen_file.read(self.settings.SEEN_MAX))
             self._restore_state()
             # Also finds out now, not at the first flush, if it cannot be
             # written.
@@ -740,9 +752,11 @@ class FailnozzleService(Service):
 
     def _check_fields(self, batch: Batch) -> None:
         """
-        Warn, once, of the fields of UNIQUE_MSG_TUPLE that none of the
-        first errors flushed carries: a misspelt field is None for every
-        error, which then tells nothing apart (custom fields stay legal).
+        Warn, once, in one line, of the fields of UNIQUE_MSG_TUPLE beyond
+        the default ones that none of the first errors flushed carries: a
+        misspelt field is None for every error, which then tells nothing
+        apart (custom fields stay legal; a sender that has no module or
+        line number is no mistake).
         """
         if self._fields_checked or not batch.entries:
             return
@@ -751,12 +765,13 @@ class FailnozzleService(Service):
         carried = {name for entry in batch.entries
                    for name, value in zip(fields, entry.key)
                    if value is not None}
-        for name in fields:
-            if name not in carried:
-                _log.warn("UNIQUE_MSG_TUPLE names {field!r}, which none of "
-                          "the {count} errors received carries: is it "
-                          "misspelt?", field=name,
-                          count=len(batch.entries))
+        missing = [name for name in fields
+                   if name not in carried and name not in DEFAULT_FIELDS]
+        if missing:
+            _log.warn("UNIQUE_MSG_TUPLE names {fields}, which none of the "
+                      "{count} errors received carries: misspelt?",
+                      fields=", ".join(map(repr, missing)),
+                      count=len(batch.entries))
 
     def _may_hold_across_restart(self) -> bool:
         """Whether held errors outlive this run: in a snapshot."""
@@ -850,6 +865,7 @@ class FailnozzleService(Service):
                 sending = self.outbox.send(*made)
             except Exception:
                 return not_made(Failure())
+            self._remember_reported(batch)
             done_making()
             sending.spooled.addCallback(
                 lambda spooled: settled(spooled) if spooled else spooled)
@@ -878,11 +894,42 @@ class FailnozzleService(Service):
         """
         The steps that make the digest of C{batch} for C{route}, and its
         bytes, with the renderer and settings of now: a reload before they
-        run would bring keys of another shape.
+        run would bring keys of another shape.  Its errors are told as
+        new, back or ongoing, the new first.
         """
+        envelope = self._envelope(route)
+        told = statuses(batch, self.seen, envelope["wall_offset"],
+                        self._news_rules)
         return _with_bytes(self.renderer.making(
-            batch, max_bytes=self.settings.DIGEST_MAX_BYTES,
-            **self._envelope(route)))
+            news_first(batch, told), max_bytes=self.settings.DIGEST_MAX_BYTES,
+            statuses=told, **envelope))
+
+    def _remember_reported(self, batch: Batch) -> None:
+        """
+        Put the errors of a digest handed to the outbox in the
+        seen-memory, and write it; a failure to is logged once until
+        writing works again.
+        """
+        wall_offset = self._wall_offset()
+        remember(self.seen, batch.entries, wall_offset,
+                 self._reactor.seconds() + wall_offset)
+        if self._seen_file is None:
+            return
+        writing = self.writer.run(self._seen_file.write, self.seen.rows())
+
+        def written(_: object) -> None:
+            self._seen_unwritable = False
+
+        def failed(failure: Failure) -> None:
+            if not self._seen_unwritable:
+                self._seen_unwritable = True
+                error = failure.value
+                _log.error("Cannot write the seen-memory {path}: {error}; "
+                           "after a restart every error is new again",
+                           path=self._seen_file.path,
+                           error=getattr(error, "strerror", None) or error)
+
+        writing.addCallbacks(written, failed)
 
     def _keep_until_safe(self, kind: str,
                          batch: Batch) -> Callable[..., bool]:

@@ -39,7 +39,8 @@ def long_error(number: int) -> dict:
 
 #: The summary line of the L{long_error}s, after the count, once cut to
 #: MAX_FIELD_CHARS = 50.
-LONG_ERRORS_CUT = f"X {'A' * 49}… (in app, src/app/views.py:50)\n"
+#: The summary line of the error of LONG_ERRORS, new in its digest.
+LONG_ERRORS_CUT = f"X {'A' * 49}… (in app, src/app/views.py:50) [new]\n"
 
 
 class ServiceTestCase(SynchronousTestCase):
@@ -373,21 +374,88 @@ class GroupingTests(ServiceTestCase):
 
     def test_misspelt_field_warned_once(self):
         """
-        A field of UNIQUE_MSG_TUPLE that no error carries is warned of
-        once; a custom field some errors carry is not.
+        Custom fields of UNIQUE_MSG_TUPLE that no error carries are warned
+        of once, in one line; a custom field some errors carry is not, nor
+        a default one (a sender may have no module).
         """
         events = EventLoggingObserver.createWithCleanup(self,
                                                         globalLogPublisher)
-        self.start(UNIQUE_MSG_TUPLE=["message", "kind", "team", "exc_txt"])
-        self.receive(record("one", team="billing"), record("two"))
+        self.start(UNIQUE_MSG_TUPLE=["message", "kind", "team", "exc_txt",
+                                     "modul", "module"])
+        self.receive(record("one", team="billing", module=None),
+                     record("two", module=None))
         self.service.flush()
         self.receive(record("three"))
         self.service.flush()
         warned = [formatEvent(event) for event in events
                   if "UNIQUE_MSG_TUPLE" in formatEvent(event)]
         self.assertEqual(warned, [
-            "UNIQUE_MSG_TUPLE names 'exc_txt', which none of the 2 errors "
-            "received carries: is it misspelt?"])
+            "UNIQUE_MSG_TUPLE names 'exc_txt', 'modul', which none of the 2 "
+            "errors received carries: misspelt?"])
+
+
+class NewsTests(ServiceTestCase):
+    """
+    Each error of a digest is told as new, back or ongoing, from the
+    seen-memory, which outlives the service.
+    """
+
+    def digest(self):
+        """The body of the digest a flush sends now, delivered."""
+        self.service.flush()
+        self.transport.succeed_all()
+        return self.transport.by_kind("digest")[-1][2].get_content()
+
+    def test_new_then_ongoing(self):
+        self.start()
+        self.receive(record("lookup failed for user 17"))
+        first = self.digest()
+        self.assertIn("** 1 instance of 1 unique error (app) **\n1 new\n",
+                      first)
+        self.assertIn("1X lookup failed for user 17 (in app, "
+                      "src/app/views.py:50) [new]\n", first)
+        self.reactor.advance(30)
+        self.receive(record("lookup failed for user 42"), record("other"))
+        second = self.digest()
+        self.assertIn("\n1 new, 1 ongoing\n", second)
+        summary = second.split("Summary:\n========\n")[1].split("\n\n")[0]
+        self.assertEqual(summary.splitlines(), [
+            "1X other (in app, src/app/views.py:50) [new]",
+            "1X lookup failed for user 42 (in app, src/app/views.py:50)"])
+        self.assertIn("Ongoing since 1970-01-01 00:00:00 UTC (2 in all)",
+                      second)
+
+    def test_back(self):
+        """Quiet for REGRESSION_DAYS, an error is back, with how long."""
+        self.start(REGRESSION_DAYS=1)
+        self.receive(record("boom"))
+        self.digest()
+        self.reactor.advance(3 * 24 * 3600)
+        self.receive(record("boom"))
+        body = self.digest()
+        self.assertIn("\n1 back\n", body)
+        self.assertIn("1X boom (in app, src/app/views.py:50) [back]", body)
+        self.assertIn("Back after 3 days without it (first seen 1970-01-01 "
+                      "00:00:00 UTC, 2 in all)", body)
+
+    def test_outlives_restart(self):
+        """A new run reads what the last one reported: still ongoing."""
+        self.start()
+        self.receive(record("boom"))
+        self.digest()
+        state = self.overrides["STATE_FILE"]
+        self.service.stopService()
+        self.start(STATE_FILE=state)
+        self.receive(record("boom"))
+        self.assertIn("Ongoing since", self.digest())
+
+    def test_exact_grouping(self):
+        """With GROUPING = 'exact' errors are remembered by their keys."""
+        self.start(GROUPING="exact")
+        self.receive(record("boom"))
+        self.digest()
+        self.receive(record("boom"))
+        self.assertIn("\n1 ongoing\n", self.digest())
 
 
 class OddTextTests(ServiceTestCase):
@@ -752,7 +820,8 @@ class DigestAfterSnapshotTests(ServiceTestCase):
             self.assertEqual(writer.names(), ["StateFile._write"])
             function, args, done = writer.pending.pop()
             done.callback(function(*args))
-        self.assertEqual(writer.names(), ["Spool.add"])
+        # The digest in the spool, and its errors in the seen-memory.
+        self.assertEqual(writer.names(), ["Spool.add", "SeenFile.write"])
         writer.run_all()
         [(_, _, message)] = self.transport.by_kind("digest")
         self.assertIn("one", message.get_content())

@@ -342,6 +342,36 @@ class RecoveryTests(_TwistdTestCase):
             "boom": {"web1": 2, "web2": 1}, "bang": {"web3": 1}})
 
     @defer.inlineCallbacks
+    def test_seen_memory_after_sigkill(self):
+        """
+        An error reported by a daemon killed with SIGKILL after its digest
+        is told as ongoing by the next run, not as new.
+        """
+        sink = SMTPSink(self)
+        settings = self.smtp_settings(sink.port, flush_seconds=0.5)
+        process, address, cwd = yield self.start_daemon(**settings)
+        send_datagrams(address, [record("lookup failed for user 17")])
+        [first] = yield process.wait_for_mail(sink, 1)
+        self.assertIn("[new]", first.get_content())
+        # Delivered and out of the spool (else the next run sends it
+        # again), and remembered.
+        spool = os.path.join(cwd, "failnozzle-spool")
+        seen = os.path.join(cwd, "failnozzle-state.json.seen")
+        yield poll_until(lambda: os.path.exists(seen) and not any(
+            os.listdir(os.path.join(spool, part)) for part in ("new", "cur")),
+            f"the digest out of {spool} and {seen} written")
+        process.transport.signalProcess("KILL")
+        yield process.wait_for_end()
+
+        restarted, address, _ = yield self.start_daemon(cwd=cwd, **settings)
+        send_datagrams(address, [record("lookup failed for user 42")])
+        [_, second] = yield restarted.wait_for_mail(sink, 2)
+        body = second.get_content()
+        self.assertIn("\n1 ongoing\n", body)
+        self.assertIn("(2 in all)", body)
+        self.assertNotIn("[new]", body)
+
+    @defer.inlineCallbacks
     def test_sigterm_with_server_down(self):
         """
         SIGTERM while the mail server takes the connection and never

@@ -1,0 +1,173 @@
+"""
+The seen-memory: every error failnozzle has reported, by fingerprint, so a
+digest can say which of its errors are new, back after a quiet time, or
+ongoing.
+
+It changes only when a digest is made, and is written then, whole and
+atomically, beside the state file (C{STATE_FILE.seen}); at most SEEN_MAX
+errors are kept, those seen longest ago forgotten first.  A file that is
+not what this module writes is set aside with one log line, as the state
+file is: nothing in it can keep the daemon from starting.
+
+  STATE_FILE.seen      {"version": 1, "seen": [[fingerprint, first_seen,
+                       last_seen, total, last_reported], ...]}, wall-clock
+                       seconds, oldest first
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import orjson
+from twisted.logger import Logger
+
+from failnozzle.spool import (BadEntry, fsync_directory, open_private,
+                              read_entry)
+
+_log = Logger()
+
+_VERSION = 1
+
+#: A fingerprint longer than this is not one failnozzle made.
+_MAX_FINGERPRINT_CHARS = 100
+
+#: Bytes per error, far above what one takes: the bound on reading a file.
+_MAX_BYTES_PER_ERROR = 1000
+
+
+@dataclass(slots=True)
+class Seen:
+    """What is remembered of one error (wall-clock seconds)."""
+
+    first_seen: float
+    last_seen: float
+    total: int
+    last_reported: float
+
+
+class SeenMemory:
+    """Fingerprint to L{Seen}, at most C{max_size} of them."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        # In the order last seen, oldest first (dicts keep insertion
+        # order): the first ones are forgotten first.
+        self._seen: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def get(self, fingerprint: str) -> Optional[Seen]:
+        return self._seen.get(fingerprint)
+
+    def record(self, fingerprint: str, first_seen: float, last_seen: float,
+               count: int, reported: float) -> None:
+        """Remember that C{count} more of an error were reported."""
+        seen = self._seen.pop(fingerprint, None)
+        if seen is None:
+            seen = Seen(first_seen, last_seen, count, reported)
+        else:
+            seen.first_seen = min(seen.first_seen, first_seen)
+            seen.last_seen = max(seen.last_seen, last_seen)
+            seen.total += count
+            seen.last_reported = reported
+        self._seen[fingerprint] = seen
+        self._forget()
+
+    def resize(self, max_size: int) -> None:
+        """Take a new SEEN_MAX (a reload)."""
+        self.max_size = max_size
+        self._forget()
+
+    def _forget(self) -> None:
+        while len(self._seen) > self.max_size:
+            del self._seen[next(iter(self._seen))]
+
+    def rows(self) -> list:
+        """The memory as the file holds it, oldest first."""
+        return [[fingerprint, seen.first_seen, seen.last_seen, seen.total,
+                 seen.last_reported] for fingerprint, seen
+                in self._seen.items()]
+
+    def restore(self, rows: Iterable[list]) -> None:
+        """Take rows as L{rows} gives them (checked), the newest kept."""
+        for row in sorted(rows, key=lambda row: row[2]):
+            fingerprint, first, last, total, reported = row
+            self._seen.pop(fingerprint, None)
+            self._seen[fingerprint] = Seen(first, last, total, reported)
+        self._forget()
+
+
+class SeenFile:
+    """Where the seen-memory is kept between runs."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def write(self, rows: list) -> None:
+        """Replace the file with C{rows} (blocking: for the writer)."""
+        temporary = f"{self.path}.tmp"
+        with open_private(temporary, "wb") as out:
+            out.write(orjson.dumps({"version": _VERSION, "seen": rows}))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, self.path)
+        fsync_directory(os.path.dirname(os.path.abspath(self.path)))
+
+    def read(self, max_size: int) -> list:
+        """
+        The rows kept, checked; none if there is no file, or if it is
+        unusable: then it is set aside (C{.bad-<time>}) and logged.
+        """
+        try:
+            data, size = read_entry(self.path,
+                                    (max_size + 1) * _MAX_BYTES_PER_ERROR)
+        except (FileNotFoundError, NotADirectoryError):
+            # None at all is no trouble; a directory that cannot hold one
+            # is said when writing fails.
+            return []
+        except BadEntry as error:
+            return self._set_aside(error)
+        except OSError as error:
+            _log.warn("Could not read the seen-memory {path} ({error}): "
+                      "every error is new again", path=self.path,
+                      error=error.strerror or error)
+            return []
+        try:
+            if len(data) < size:
+                raise ValueError(f"larger than SEEN_MAX errors take "
+                                 f"({size:,} bytes)")
+            return _rows_of(orjson.loads(data))
+        except ValueError as error:
+            return self._set_aside(error)
+
+    def _set_aside(self, error: Exception) -> list:
+        try:
+            aside = f"{self.path}.bad-{int(os.lstat(self.path).st_mtime)}"
+            os.replace(self.path, aside)
+        except OSError as failure:
+            aside = f"nowhere ({failure.strerror})"
+        _log.warn("The seen-memory {path} is unusable ({error}); moved to "
+                  "{aside}: every error is new again", path=self.path,
+                  error=error, aside=aside)
+        return []
+
+
+def _rows_of(saved: object) -> list:
+    """The rows of a file's JSON, checked.  @raise ValueError: not ours."""
+    if type(saved) is not dict or saved.get("version") != _VERSION:
+        raise ValueError("not a seen-memory of a known version")
+    rows = saved.get("seen")
+    if type(rows) is not list:
+        raise ValueError("no list of errors")
+    for row in rows:
+        if not (type(row) is list and len(row) == 5
+                and type(row[0]) is str
+                and 0 < len(row[0]) <= _MAX_FINGERPRINT_CHARS
+                and all(type(time) in (int, float) and math.isfinite(time)
+                        and time >= 0 for time in (row[1], row[2], row[4]))
+                and type(row[3]) is int and row[3] >= 0):
+            raise ValueError(f"a bad row: {str(row)[:80]}")
+    return rows
