@@ -771,8 +771,8 @@ def digest_steps(unique: int, hosts: int) -> list:
     """
     service, directory = fill_service(unique, hosts)
     with directory:
-        batch = service.aggregator.flush()
-        making = service._digest_steps(batch, service._routes["digest"])
+        told = service._telling("digest", service.aggregator.flush())
+        making = service._digest_steps(told, service._routes["digest"])
         steps = []
         while True:
             started = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import (Callable, Hashable, Iterable, Mapping, NamedTuple,
                     Optional, Sequence)
 
@@ -81,10 +82,12 @@ class _Tally:
                 self.examples.append(example)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Entry:
     """
-    One unique error in a batch.
+    One unique error in a batch; never changed once made (not frozen only
+    because a frozen dataclass takes five times as long to make, and a
+    flush makes one per unique error).
 
     @ivar key: the values of the unique fields, in UNIQUE_MSG_TUPLE order,
         of the latest report: what the digest shows.
@@ -114,8 +117,9 @@ class Entry:
     more_variants: bool = False
     examples: tuple = ()
 
-    @property
+    @cached_property
     def total(self) -> int:
+        """Every instance (an entry does not change: summed once)."""
         return sum(self.sources.values()) + self.other_sources
 
     @property

@@ -146,6 +146,11 @@ class Settings:
     SEEN_MAX: int = 10000
     SEEN_DAYS: float = 30
     REGRESSION_DAYS: float = 1
+    #: An ongoing error listed in full this recently is only counted, and
+    #: a digest of only such errors waits (0: every flush, the original's
+    #: way); a rate RISE_FACTOR times the last one listed is news again.
+    REPEAT_SECONDS: float = 4 * 3600
+    RISE_FACTOR: float = 10
     SERVER_NAME: str = field(default_factory=socket.gethostname)
 
     LOG_LEVEL: Any = logging.DEBUG
@@ -729,6 +734,9 @@ _CHECKS: Mapping[str, Checker] = {
     "SEEN_DAYS": partial(_number, integer=False, minimum=0, maximum=3650),
     "REGRESSION_DAYS": partial(_number, integer=False, minimum=0,
                                maximum=3650),
+    "REPEAT_SECONDS": _seconds(_YEAR, zero_is_off=True),
+    "RISE_FACTOR": partial(_number, integer=False, minimum=1,
+                           maximum=1_000_000),
     "SERVER_NAME": _server_name,
     "LOG_LEVEL": _log_level,
     "LOG_FORMAT": _string,

@@ -181,6 +181,12 @@ class Occurrences:
         return None if self.level is None else SYSLOG_LEVELS[self.level]
 
 
+#: Still happening errors shown in a line each, at most, and the length of
+#: their texts there.
+MAX_STILL_HAPPENING = 100
+_STILL_HAPPENING_CHARS = 200
+
+
 def _duration(seconds: float) -> str:
     """A time as a reader says it: C{"3 days"}, C{"5 hours"}."""
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
@@ -268,7 +274,8 @@ class DigestRenderer:
 
     def render(self, batch: Batch, *, max_bytes: Optional[int] = None,
                wall_offset: float = 0.0,
-               statuses: Optional[Mapping[str, Status]] = None) -> tuple:
+               statuses: Optional[Mapping[str, Status]] = None,
+               quiet: int = 0) -> tuple:
         """
         @param max_bytes: the most the body may take in a message (after
             its transfer encoding, with CRLF line ends), if bounded: long
@@ -278,31 +285,34 @@ class DigestRenderer:
             wall-clock times (0: the reactor's clock is the wall clock).
         @param statuses: by L{failnozzle.policy.seen_key}, whether each
             error is new, back or ongoing, if known.
+        @param quiet: how many of the batch's last errors are only still
+            happening: counted in a line each, not listed in full.
         @return: C{(subject, body)}; the subject is one line of at most
             L{SUBJECT_MAX_CHARS}.
         """
         return finish(self._rendering(batch, max_bytes, wall_offset,
-                                      statuses))
+                                      statuses, quiet))
 
     def _rendering(self, batch: Batch, max_bytes: Optional[int],
                    wall_offset: float,
-                   statuses: Optional[Mapping[str, Status]]) -> Steps[tuple]:
+                   statuses: Optional[Mapping[str, Status]],
+                   quiet: int) -> Steps[tuple]:
         """L{render} in steps."""
         try:
             return (yield from self._render(self._templates, self._details,
                                             batch, max_bytes, wall_offset,
-                                            statuses))
+                                            statuses, quiet))
         except Exception:
             _log.failure("A custom digest template failed; this digest uses "
                          "the built-in templates")
             return (yield from self._render(
                 self._builtin_templates, self._builtin_details, batch,
-                max_bytes, wall_offset, statuses))
+                max_bytes, wall_offset, statuses, quiet))
 
     def message(self, batch: Batch, *, max_bytes: Optional[int] = None,
                 wall_offset: float = 0.0,
                 statuses: Optional[Mapping[str, Status]] = None,
-                **envelope) -> EmailMessage:
+                quiet: int = 0, **envelope) -> EmailMessage:
         """
         The digest of C{batch} as a message, no larger than C{max_bytes} as
         it travels, headers included, if given.
@@ -312,12 +322,12 @@ class DigestRenderer:
         """
         return finish(self.making(batch, max_bytes=max_bytes,
                                   wall_offset=wall_offset, statuses=statuses,
-                                  **envelope))
+                                  quiet=quiet, **envelope))
 
     def making(self, batch: Batch, *, max_bytes: Optional[int] = None,
                wall_offset: float = 0.0,
                statuses: Optional[Mapping[str, Status]] = None,
-               **envelope) -> Steps[EmailMessage]:
+               quiet: int = 0, **envelope) -> Steps[EmailMessage]:
         """
         L{message} in steps (see L{failnozzle.steps}), so that the reactor
         takes its turns while a large digest is made.
@@ -328,7 +338,7 @@ class DigestRenderer:
                                     wall_offset=wall_offset, **envelope)
             budget = max_bytes - len(headers.as_bytes()) - _SUBJECT_ALLOWANCE
         subject, body = yield from self._rendering(batch, budget, wall_offset,
-                                                   statuses)
+                                                   statuses, quiet)
         yield
         # The outbox cuts what it offers if this is still too big (see
         # failnozzle.shrink): estimates of quoted-printable may be short.
@@ -337,14 +347,19 @@ class DigestRenderer:
 
     def _render(self, templates: tuple, details: Optional[int],
                 batch: Batch, max_bytes: Optional[int], wall_offset: float,
-                statuses: Optional[Mapping[str, Status]]) -> Steps[tuple]:
+                statuses: Optional[Mapping[str, Status]],
+                quiet: int) -> Steps[tuple]:
         subject_template, body_template = templates
         # Each of these walks every error of the batch: a step of its own.
         common = self._common(batch, details)
         common["news_summary"] = (None if statuses is None
                                   else news_summary(statuses))
+        listed = len(batch.entries) - quiet
+        common.update(self._still_happening(
+            batch.entries[listed:], wall_offset, statuses or {}))
         yield
-        view = _DigestView(batch, self._unique_tuple, common, details,
+        view = _DigestView(Batch(batch.entries[:listed], batch.overflow),
+                           self._unique_tuple, common, details,
                            self._details_reason, self._max_sources,
                            wall_offset, statuses or {})
         yield
@@ -353,6 +368,27 @@ class DigestRenderer:
         subject = subject_line(subject_template.render(
             view.context(view.listable, _SUBJECT_SCAN_CHARS)))
         return subject, (yield from view.body(body_template, max_bytes))
+
+    def _still_happening(self, entries: Sequence[Entry], wall_offset: float,
+                         statuses: Mapping[str, Status]) -> dict:
+        """
+        The names for the errors only still happening: C{still_happening},
+        C{(message, info)} for the first L{MAX_STILL_HAPPENING} of them,
+        their texts short, and C{still_happening_more} and
+        C{still_happening_more_total} for the others.
+        """
+        shown = entries[:MAX_STILL_HAPPENING]
+        return {
+            "still_happening": [
+                (_shortened_message(self._unique_tuple._make(entry.key),
+                                    _STILL_HAPPENING_CHARS),
+                 Occurrences(entry, wall_offset, self._max_sources,
+                             statuses.get(seen_key(entry))))
+                for entry in shown],
+            "still_happening_more": len(entries) - len(shown),
+            "still_happening_more_total": sum(
+                entry.total for entry in entries[len(shown):]),
+        }
 
     def _common(self, batch: Batch, details: Optional[int]) -> dict:
         """The names every template context has, however it is cut."""

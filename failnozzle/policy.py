@@ -1,12 +1,15 @@
 """
-What a digest tells of each error: new, back after a quiet time, or
-ongoing, from the seen-memory and a time.  Plain data in, plain data out:
-no reactor, no files.
+What a digest tells of each error, and whether one is worth sending: new,
+back after a quiet time, or ongoing, from the seen-memory and a time; an
+ongoing error listed in full within REPEAT_SECONDS is only "still
+happening", unless its rate rose RISE_FACTOR times, and a digest of only
+such errors is not sent.  Plain data in, plain data out: no reactor, no
+files.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 from failnozzle.aggregate import Batch, Entry
 from failnozzle.fingerprint import digest_of
@@ -17,8 +20,7 @@ NEW, BACK, ONGOING = "new", "back", "ongoing"
 _DAY = 24 * 3600
 
 
-@dataclass(frozen=True)
-class Status:
+class Status(NamedTuple):
     """
     What is known of an error as a digest tells it (wall-clock seconds).
 
@@ -26,26 +28,39 @@ class Status:
     @ivar since: when it was first seen (ongoing: in an earlier digest).
     @ivar total: its instances reported so far, this digest's included.
     @ivar quiet: for one back, how long it had not been seen.
+    @ivar rising: for one ongoing, whether its rate rose RISE_FACTOR times
+        since it was last listed in full.
     """
 
     kind: str
     since: float
     total: int
     quiet: float = 0.0
+    rising: bool = False
 
 
 @dataclass(frozen=True)
 class NewsRules:
-    """SEEN_DAYS and REGRESSION_DAYS, in seconds."""
+    """SEEN_DAYS, REGRESSION_DAYS, REPEAT_SECONDS and RISE_FACTOR."""
 
-    #: Seen longer ago than this, an error is new again.
+    #: Seen longer ago than this, an error is new again (seconds).
     forget_after: float
-    #: Quiet for at least this long, an error is back.
+    #: Quiet for at least this long, an error is back (seconds).
     back_after: float
+    #: Listed in full this recently, an ongoing error is only counted
+    #: (seconds; 0: always listed).
+    repeat_after: float = 0.0
+    #: A rate this many times the one when it was last listed is news.
+    rise_factor: float = 10.0
+    #: The shortest time a rate is measured over (FLUSH_SECONDS).
+    rate_window: float = 60.0
 
     @classmethod
-    def in_days(cls, seen_days: float, regression_days: float) -> NewsRules:
-        return cls(seen_days * _DAY, regression_days * _DAY)
+    def of(cls, settings) -> NewsRules:
+        """The rules of a L{failnozzle.config.Settings}."""
+        return cls(settings.SEEN_DAYS * _DAY, settings.REGRESSION_DAYS * _DAY,
+                   settings.REPEAT_SECONDS, settings.RISE_FACTOR,
+                   settings.FLUSH_SECONDS)
 
 
 def seen_key(entry: Entry) -> str:
@@ -71,28 +86,69 @@ def status_of(seen: Optional[Seen], first_seen: float, count: int,
 _ORDER = {NEW: 0, BACK: 1, ONGOING: 2}
 
 
-def statuses(batch: Batch, memory: SeenMemory, wall_offset: float,
-             rules: NewsRules) -> dict:
-    """The status of each error of C{batch}, by L{seen_key}."""
-    return {
-        seen_key(entry): status_of(
-            memory.get(seen_key(entry)), entry.first_seen + wall_offset,
-            entry.total, rules)
-        for entry in batch.entries}
+@dataclass(frozen=True)
+class Telling:
+    """
+    What a digest of one batch tells.
+
+    @ivar batch: its errors, new first, then those back, then the ongoing
+        ones listed in full, each most frequent first; then the last
+        C{quiet} of them, only still happening.
+    @ivar statuses: by L{seen_key}, what is told of each.
+    @ivar rates: by L{seen_key}, each error's instances a second.
+    """
+
+    batch: Batch
+    statuses: Mapping[str, Status]
+    rates: Mapping[str, float]
+    quiet: int = 0
+
+    @property
+    def worth_sending(self) -> bool:
+        """Whether it has news: more than still happening errors."""
+        return (len(self.batch.entries) > self.quiet
+                or self.batch.overflow > 0)
 
 
-def news_first(batch: Batch, by_key: Mapping[str, Status]) -> Batch:
-    """The batch with its new errors first, then those back, then the
-    ongoing ones, each most frequent first."""
-    order = sorted(range(len(batch.entries)), key=lambda index: (
-        _ORDER[by_key[seen_key(batch.entries[index])].kind], index))
-    return Batch(tuple(batch.entries[index] for index in order),
-                 batch.overflow)
+def telling(batch: Batch, memory: SeenMemory, wall_offset: float,
+            now: float, rules: NewsRules, repeats: bool = True) -> Telling:
+    """
+    What a digest of C{batch} at C{now} (wall-clock) tells.
+
+    @param repeats: whether ongoing errors listed within REPEAT_SECONDS
+        are only counted (not for canaries, which are expected to repeat).
+    """
+    statuses, rates, listed, quiet = {}, {}, [], []
+    for entry in batch.entries:
+        key = seen_key(entry)
+        seen = memory.get(key)
+        first_seen = entry.first_seen + wall_offset
+        status = status_of(seen, first_seen, entry.total, rules)
+        rate = entry.total / max(rules.rate_window, now - first_seen)
+        if status.kind == ONGOING:
+            status = status._replace(
+                rising=0 < seen.rate * rules.rise_factor <= rate)
+        statuses[key], rates[key] = status, rate
+        if (repeats and status.kind == ONGOING and not status.rising
+                and now - seen.last_reported < rules.repeat_after):
+            quiet.append(entry)
+        else:
+            listed.append(entry)
+    listed.sort(key=lambda entry: _ORDER[statuses[seen_key(entry)].kind])
+    return Telling(Batch(tuple(listed + quiet), batch.overflow), statuses,
+                   rates, len(quiet))
 
 
-def remember(memory: SeenMemory, entries: Iterable[Entry],
-             wall_offset: float, now: float) -> None:
-    """Record in the memory that these errors were reported at C{now}."""
-    for entry in entries:
-        memory.record(seen_key(entry), entry.first_seen + wall_offset,
-                      entry.last_seen + wall_offset, entry.total, now)
+def remember(memory: SeenMemory, told: Telling, wall_offset: float,
+             now: float) -> None:
+    """
+    Record in the memory that the errors of a digest were reported at
+    C{now}: those listed in full with their rates, the others counted.
+    """
+    entries = told.batch.entries
+    for number, entry in enumerate(entries):
+        key = seen_key(entry)
+        listed = (now, told.rates[key]) if number < len(entries) - told.quiet \
+            else None
+        memory.record(key, entry.first_seen + wall_offset,
+                      entry.last_seen + wall_offset, entry.total, listed)

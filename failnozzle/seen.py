@@ -10,8 +10,9 @@ not what this module writes is set aside with one log line, as the state
 file is: nothing in it can keep the daemon from starting.
 
   STATE_FILE.seen      {"version": 1, "seen": [[fingerprint, first_seen,
-                       last_seen, total, last_reported], ...]}, wall-clock
-                       seconds, oldest first
+                       last_seen, total, last_reported, rate], ...]},
+                       wall-clock seconds, the rate per second when it was
+                       last listed in full, oldest first
 """
 from __future__ import annotations
 
@@ -44,7 +45,10 @@ class Seen:
     first_seen: float
     last_seen: float
     total: int
+    #: When it was last listed in full in a digest, and its rate then
+    #: (instances a second).
     last_reported: float
+    rate: float = 0.0
 
 
 class SeenMemory:
@@ -63,16 +67,20 @@ class SeenMemory:
         return self._seen.get(fingerprint)
 
     def record(self, fingerprint: str, first_seen: float, last_seen: float,
-               count: int, reported: float) -> None:
-        """Remember that C{count} more of an error were reported."""
+               count: int, listed: Optional[tuple] = None) -> None:
+        """
+        Remember that C{count} more of an error were reported, and if
+        C{listed}, C{(when, rate)}, that it was listed in full then.
+        """
         seen = self._seen.pop(fingerprint, None)
         if seen is None:
-            seen = Seen(first_seen, last_seen, count, reported)
+            seen = Seen(first_seen, last_seen, count, *(listed or (0.0,)))
         else:
             seen.first_seen = min(seen.first_seen, first_seen)
             seen.last_seen = max(seen.last_seen, last_seen)
             seen.total += count
-            seen.last_reported = reported
+            if listed is not None:
+                seen.last_reported, seen.rate = listed
         self._seen[fingerprint] = seen
         self._forget()
 
@@ -88,15 +96,16 @@ class SeenMemory:
     def rows(self) -> list:
         """The memory as the file holds it, oldest first."""
         return [[fingerprint, seen.first_seen, seen.last_seen, seen.total,
-                 seen.last_reported] for fingerprint, seen
+                 seen.last_reported, seen.rate] for fingerprint, seen
                 in self._seen.items()]
 
     def restore(self, rows: Iterable[list]) -> None:
         """Take rows as L{rows} gives them (checked), the newest kept."""
         for row in sorted(rows, key=lambda row: row[2]):
-            fingerprint, first, last, total, reported = row
+            fingerprint, first, last, total, reported, rate = row
             self._seen.pop(fingerprint, None)
-            self._seen[fingerprint] = Seen(first, last, total, reported)
+            self._seen[fingerprint] = Seen(first, last, total, reported,
+                                           rate)
         self._forget()
 
 
@@ -163,11 +172,12 @@ def _rows_of(saved: object) -> list:
     if type(rows) is not list:
         raise ValueError("no list of errors")
     for row in rows:
-        if not (type(row) is list and len(row) == 5
+        if not (type(row) is list and len(row) == 6
                 and type(row[0]) is str
                 and 0 < len(row[0]) <= _MAX_FINGERPRINT_CHARS
-                and all(type(time) in (int, float) and math.isfinite(time)
-                        and time >= 0 for time in (row[1], row[2], row[4]))
+                and all(type(number) in (int, float)
+                        and math.isfinite(number) and number >= 0
+                        for number in (row[1], row[2], row[4], row[5]))
                 and type(row[3]) is int and row[3] >= 0):
             raise ValueError(f"a bad row: {str(row)[:80]}")
     return rows

@@ -23,7 +23,7 @@ from failnozzle.config import (DEFAULT_FIELDS, UNUSED_SETTINGS, ConfigError, Set
                                changed_settings)
 from failnozzle.digest import DigestRenderer, build_message, pager_alert
 from failnozzle.fingerprint import CustomFingerprint, Grouping
-from failnozzle.policy import NewsRules, news_first, remember, statuses
+from failnozzle.policy import NewsRules, Telling, remember, telling
 from failnozzle.seen import SeenFile, SeenMemory
 from failnozzle.gelf import GELFDecoder, GELFRecordReader
 from failnozzle.ingest import (BadDatagram, ErrorReceiver,
@@ -230,6 +230,8 @@ class FailnozzleService(Service):
         self.seen = SeenMemory(settings.SEEN_MAX)
         self._seen_file: Optional[SeenFile] = None
         self._seen_unwritable = False
+        #: The digest kinds whose errors wait for news (see L{_say_quiet}).
+        self._quiet: set = set()
         self._snapshots: Optional[StateFile] = None
         self._state_unwritable = False
         #: Who waits for the snapshot that has not begun yet, if one is
@@ -325,8 +327,7 @@ class FailnozzleService(Service):
         self.settings = settings
         self._reader = configured.reader
         self._grouping = configured.grouping
-        self._news_rules = NewsRules.in_days(settings.SEEN_DAYS,
-                                             settings.REGRESSION_DAYS)
+        self._news_rules = NewsRules.of(settings)
         self.seen.resize(settings.SEEN_MAX)
         if "UNIQUE_MSG_TUPLE" in changed or previous is None:
             self._fields_checked = False
@@ -826,16 +827,39 @@ class FailnozzleService(Service):
                           "last one is not delivered yet",
                           total=pending.total, kind=kind)
                 continue
+            told = self._telling(kind, pending)
+            if not told.worth_sending and (
+                    not final or self._may_hold_across_restart()):
+                self._say_quiet(kind, pending)
+                continue
+            self._quiet.discard(kind)
             # Handed on: a digest that cannot be made holds them again.
             del self._held[kind]
-            sending += self._send_digest(self._routes[kind], pending,
-                                         written)
+            sending += self._send_digest(self._routes[kind], told, written)
         saved = self.save_state()
         for waiting in written:
             saved.addBoth(waiting.callback)
         return sending
 
-    def _send_digest(self, route: Route, batch: Batch,
+    def _telling(self, kind: str, batch: Batch) -> Telling:
+        """What the next digest of C{kind} would tell of C{batch} now."""
+        wall_offset = self._wall_offset()
+        return telling(batch, self.seen, wall_offset,
+                       self._reactor.seconds() + wall_offset,
+                       self._news_rules, repeats=kind == "digest")
+
+    def _say_quiet(self, kind: str, batch: Batch) -> None:
+        """Log, once a quiet time, that errors wait for news."""
+        if kind in self._quiet:
+            return
+        self._quiet.add(kind)
+        _log.info("Nothing new, back or rising for the {kind}: its {total} "
+                  "errors are counted for the next one (at the latest in "
+                  "REPEAT_SECONDS = {repeat:g} s)", kind=kind,
+                  total=batch.total,
+                  repeat=self.settings.REPEAT_SECONDS)
+
+    def _send_digest(self, route: Route, told: Telling,
                      written: list) -> list:
         """
         Make the digest of C{batch} (rendering and serializing it: tens of
@@ -847,12 +871,14 @@ class FailnozzleService(Service):
 
         @return: the digest's outcome, as L{flush} gives them.
         """
+        batch = told.batch
         if not self._has_recipients(route, batch.total):
             return []
         kind = route.kind
         settled = self._keep_until_safe(kind, batch)
         #: Fires once the digest is in the outbox's hands, or not made.
         handed = defer.Deferred()
+        remembered: list = []
         making = self._making.setdefault(kind, set())
         making.add(handed)
 
@@ -865,11 +891,18 @@ class FailnozzleService(Service):
                 sending = self.outbox.send(*made)
             except Exception:
                 return not_made(Failure())
-            self._remember_reported(batch)
             done_making()
             sending.spooled.addCallback(
-                lambda spooled: settled(spooled) if spooled else spooled)
-            return sending.outcome.addCallback(settled)
+                lambda spooled: settled(safe(spooled)) if spooled else spooled)
+            return sending.outcome.addCallback(safe).addCallback(settled)
+
+        def safe(result: bool) -> bool:
+            # Spooled or delivered: its errors count as reported (one a
+            # crash kept from the spool is reported again, as new).
+            if result and not remembered:
+                remembered.append(True)
+                self._remember_reported(told)
+            return result
 
         def not_made(failure: Failure) -> bool:
             _log.failure("Could not make the {kind} of {total} errors; "
@@ -879,7 +912,7 @@ class FailnozzleService(Service):
             done_making()
             return result
 
-        steps = defer.maybeDeferred(self._digest_steps, batch, route)
+        steps = defer.maybeDeferred(self._digest_steps, told, route)
         made = defer.Deferred()
         written.append(made)
         made.addCallback(lambda _: steps).addCallback(self._in_steps)
@@ -890,28 +923,25 @@ class FailnozzleService(Service):
         return defer.DeferredList([handed for making in self._making.values()
                                    for handed in making])
 
-    def _digest_steps(self, batch: Batch, route: Route) -> Steps[tuple]:
+    def _digest_steps(self, told: Telling, route: Route) -> Steps[tuple]:
         """
-        The steps that make the digest of C{batch} for C{route}, and its
+        The steps that make the digest C{told} for C{route}, and its
         bytes, with the renderer and settings of now: a reload before they
-        run would bring keys of another shape.  Its errors are told as
-        new, back or ongoing, the new first.
+        run would bring keys of another shape.
         """
-        envelope = self._envelope(route)
-        told = statuses(batch, self.seen, envelope["wall_offset"],
-                        self._news_rules)
         return _with_bytes(self.renderer.making(
-            news_first(batch, told), max_bytes=self.settings.DIGEST_MAX_BYTES,
-            statuses=told, **envelope))
+            told.batch, max_bytes=self.settings.DIGEST_MAX_BYTES,
+            statuses=told.statuses, quiet=told.quiet,
+            **self._envelope(route)))
 
-    def _remember_reported(self, batch: Batch) -> None:
+    def _remember_reported(self, told: Telling) -> None:
         """
         Put the errors of a digest handed to the outbox in the
         seen-memory, and write it; a failure to is logged once until
         writing works again.
         """
         wall_offset = self._wall_offset()
-        remember(self.seen, batch.entries, wall_offset,
+        remember(self.seen, told, wall_offset,
                  self._reactor.seconds() + wall_offset)
         if self._seen_file is None:
             return

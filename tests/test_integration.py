@@ -907,9 +907,11 @@ class OutageTests(TestCase):
         Nothing more arrives.
         """
         port = free_tcp_port()
+        # Every error in full in every digest, as the original sent them.
         service = start_service(self, **smtp_settings(
             port, EMAIL_TEMPLATE_DIR=self.timed_templates(),
-            EMAIL_BODY_TEMPLATE="timed.txt", **FAST_RETRY))
+            EMAIL_BODY_TEMPLATE="timed.txt", REPEAT_SECONDS=0,
+            **FAST_RETRY))
         refused = wait_for_log(self, OUTBOX, r"refused; attempt 1, next in")
         yield count_in(service, BOOM_TWICE_ON_WEB1_ONCE_ON_WEB2)
         [pending] = service.flush()
@@ -976,7 +978,7 @@ class OutageTests(TestCase):
         port = free_tcp_port()
         service = start_service(self, **smtp_settings(
             port, PAGER_LIMIT=3, PAGER_WINDOW_SIZE=2,
-            PAGER_TO=["pager@example.com"], **FAST_RETRY))
+            PAGER_TO=["pager@example.com"], REPEAT_SECONDS=0, **FAST_RETRY))
         yield count_in(service, [record("boom")] * 2)
         [pending] = service.flush()
         outcomes = []
@@ -1285,7 +1287,8 @@ class PagerTests(TestCase):
         service = start_service(self, **smtp_settings(
             sink.port, PAGER_LIMIT=3, PAGER_TO=["pager@example.com"],
             PAGER_FROM="alarm@example.com",
-            PAGER_REPLY_TO="oncall@example.com", SERVER_NAME="nozzle1"))
+            PAGER_REPLY_TO="oncall@example.com", SERVER_NAME="nozzle1",
+            REPEAT_SECONDS=0))
         outcomes = yield report(service, [record("boom"), record("boom")])
         self.assertEqual(outcomes, [True])
         outcomes = yield report(service, [record("boom")])

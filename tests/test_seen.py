@@ -12,12 +12,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from failnozzle.aggregate import Batch, Entry
 from failnozzle.policy import (BACK, NEW, ONGOING, NewsRules, Status,
-                               news_first, remember, seen_key, status_of,
-                               statuses)
+                               Telling, remember, seen_key, status_of,
+                               telling)
 from failnozzle.seen import Seen, SeenFile, SeenMemory
 
 DAY = 24 * 3600
-RULES = NewsRules.in_days(seen_days=30, regression_days=1)
+RULES = NewsRules(forget_after=30 * DAY, back_after=DAY)
 
 
 class SeenMemoryTests(SynchronousTestCase):
@@ -27,18 +27,25 @@ class SeenMemoryTests(SynchronousTestCase):
 
     def test_record(self):
         memory = SeenMemory(10)
-        memory.record("a", 10.0, 20.0, 3, 25.0)
-        memory.record("a", 5.0, 40.0, 2, 45.0)
-        self.assertEqual(memory.get("a"), Seen(5.0, 40.0, 5, 45.0))
+        memory.record("a", 10.0, 20.0, 3, (25.0, 0.5))
+        memory.record("a", 5.0, 40.0, 2, (45.0, 0.25))
+        self.assertEqual(memory.get("a"), Seen(5.0, 40.0, 5, 45.0, 0.25))
         self.assertIsNone(memory.get("b"))
+
+    def test_counted_not_listed(self):
+        """Counted without being listed, it keeps when it was listed."""
+        memory = SeenMemory(10)
+        memory.record("a", 10.0, 20.0, 3, (25.0, 0.5))
+        memory.record("a", 30.0, 40.0, 2)
+        self.assertEqual(memory.get("a"), Seen(10.0, 40.0, 5, 25.0, 0.5))
 
     def test_oldest_forgotten(self):
         """Past its size, the errors seen longest ago are forgotten."""
         memory = SeenMemory(2)
-        memory.record("a", 1.0, 1.0, 1, 1.0)
-        memory.record("b", 2.0, 2.0, 1, 2.0)
-        memory.record("a", 3.0, 3.0, 1, 3.0)
-        memory.record("c", 4.0, 4.0, 1, 4.0)
+        memory.record("a", 1.0, 1.0, 1, (1.0, 1.0))
+        memory.record("b", 2.0, 2.0, 1, (2.0, 1.0))
+        memory.record("a", 3.0, 3.0, 1)
+        memory.record("c", 4.0, 4.0, 1, (4.0, 1.0))
         self.assertEqual((memory.get("a").total, memory.get("b")), (2, None))
         memory.resize(1)
         self.assertEqual(len(memory), 1)
@@ -46,8 +53,8 @@ class SeenMemoryTests(SynchronousTestCase):
 
     def test_restore_keeps_newest(self):
         memory = SeenMemory(2)
-        memory.restore([["old", 1, 1, 1, 1], ["new", 1, 9, 1, 9],
-                        ["mid", 1, 5, 1, 5]])
+        memory.restore([["old", 1, 1, 1, 1, 0], ["new", 1, 9, 1, 9, 0.5],
+                        ["mid", 1, 5, 1, 5, 0]])
         self.assertEqual(sorted(row[0] for row in memory.rows()),
                          ["mid", "new"])
 
@@ -66,7 +73,7 @@ class SeenFileTests(SynchronousTestCase):
             self, globalLogPublisher)
 
     def test_round_trip(self):
-        rows = [["a", 1.5, 2.5, 3, 4.0], ["b", 0, 1, 0, 2]]
+        rows = [["a", 1.5, 2.5, 3, 4.0, 0.25], ["b", 0, 1, 0, 2, 0]]
         self.file.write(rows)
         self.assertEqual(self.file.read(10), rows)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
@@ -87,11 +94,12 @@ class SeenFileTests(SynchronousTestCase):
 
     def test_bad_shapes_set_aside(self):
         for saved in ([], {"version": 2, "seen": []}, {"version": 1},
-                      {"version": 1, "seen": [["a", 1, 2, 3]]},
-                      {"version": 1, "seen": [["", 1, 2, 3, 4]]},
-                      {"version": 1, "seen": [["a", -1, 2, 3, 4]]},
-                      {"version": 1, "seen": [["a", 1, 2, 1.5, 4]]},
-                      {"version": 1, "seen": [[1, 1, 2, 3, 4]]}):
+                      {"version": 1, "seen": [["a", 1, 2, 3, 4]]},
+                      {"version": 1, "seen": [["", 1, 2, 3, 4, 0]]},
+                      {"version": 1, "seen": [["a", -1, 2, 3, 4, 0]]},
+                      {"version": 1, "seen": [["a", 1, 2, 1.5, 4, 0]]},
+                      {"version": 1, "seen": [["a", 1, 2, 3, 4, None]]},
+                      {"version": 1, "seen": [[1, 1, 2, 3, 4, 0]]}):
             with self.subTest(saved=saved):
                 with open(self.path, "w") as out:
                     json.dump(saved, out)
@@ -147,21 +155,83 @@ class StatusTests(SynchronousTestCase):
                    for name, count in (("ongoing", 9), ("back", 5),
                                        ("new", 1))]
         memory = SeenMemory(10)
-        memory.record("ongoing", 0.0, 90.0, 1, 90.0)
-        memory.record("back", 0.0, 100.0 - 2 * DAY, 1, 0.0)
-        batch = Batch.of(entries)
-        told = statuses(batch, memory, 0.0, RULES)
-        self.assertEqual({key: status.kind for key, status in told.items()},
+        memory.record("ongoing", 0.0, 90.0, 1, (90.0, 1.0))
+        memory.record("back", 0.0, 100.0 - 2 * DAY, 1, (0.0, 1.0))
+        told = telling(Batch.of(entries), memory, 0.0, 100.0, RULES)
+        self.assertEqual({key: status.kind
+                          for key, status in told.statuses.items()},
                          {"ongoing": ONGOING, "back": BACK, "new": NEW})
-        self.assertEqual([entry.key for entry in news_first(batch,
-                                                            told).entries],
+        self.assertEqual([entry.key for entry in told.batch.entries],
                          [("new",), ("back",), ("ongoing",)])
+        self.assertEqual(told.quiet, 0)
 
     def test_remember(self):
-        """What a digest reported is remembered, with wall-clock times."""
+        """
+        What a digest listed is remembered with wall-clock times and its
+        rate; what it only counted, counted.
+        """
         memory = SeenMemory(10)
-        entry = Entry(("a",), {"h": 2, "i": 1}, 5.0, 7.0)
-        remember(memory, [entry], 1000.0, 2000.0)
-        self.assertEqual(memory.get(seen_key(entry)),
-                         Seen(1005.0, 1007.0, 3, 2000.0))
-        self.assertRegex(seen_key(entry), "^[0-9a-f]{16}$")
+        listed = Entry(("a",), {"h": 2, "i": 1}, 5.0, 7.0)
+        quiet = Entry(("b",), {"h": 4}, 5.0, 7.0)
+        memory.record(seen_key(quiet), 0.0, 1.0, 1, (1.0, 1.0))
+        told = Telling(Batch((listed, quiet)), {},
+                       {seen_key(listed): 0.5, seen_key(quiet): 2.0}, 1)
+        remember(memory, told, 1000.0, 2000.0)
+        self.assertEqual(memory.get(seen_key(listed)),
+                         Seen(1005.0, 1007.0, 3, 2000.0, 0.5))
+        self.assertEqual(memory.get(seen_key(quiet)),
+                         Seen(0.0, 1007.0, 5, 1.0, 1.0))
+        self.assertRegex(seen_key(listed), "^[0-9a-f]{16}$")
+
+
+class RepeatTests(SynchronousTestCase):
+    """
+    Quiet repeats: an ongoing error listed within REPEAT_SECONDS is only
+    counted, unless its rate rose RISE_FACTOR times.
+    """
+
+    RULES = NewsRules(30 * DAY, DAY, repeat_after=4 * 3600,
+                      rise_factor=10, rate_window=60)
+
+    def told(self, count, now, listed_at=0.0, rate=1.0, repeats=True):
+        memory = SeenMemory(10)
+        memory.record("e", 0.0, listed_at, 100, (listed_at, rate))
+        entry = Entry(("e",), {"h": count}, now - 60, now, fingerprint="e")
+        return telling(Batch((entry,)), memory, 0.0, now, self.RULES,
+                       repeats)
+
+    def test_quiet(self):
+        told = self.told(60, now=3600.0)
+        self.assertEqual(told.quiet, 1)
+        self.assertFalse(told.worth_sending)
+
+    def test_due(self):
+        """Listed longer than REPEAT_SECONDS ago, it is listed again."""
+        told = self.told(60, now=4 * 3600.0 + 1)
+        self.assertEqual(told.quiet, 0)
+        self.assertTrue(told.worth_sending)
+
+    def test_rising(self):
+        """At RISE_FACTOR times its last rate, it is news."""
+        told = self.told(600, now=3600.0)
+        self.assertTrue(told.statuses["e"].rising)
+        self.assertEqual(told.quiet, 0)
+        self.assertFalse(self.told(599, now=3600.0).statuses["e"].rising)
+
+    def test_no_repeats(self):
+        """Canaries (repeats off) and REPEAT_SECONDS = 0 list everything."""
+        self.assertEqual(self.told(60, now=3600.0, repeats=False).quiet, 0)
+        self.RULES = NewsRules(30 * DAY, DAY, repeat_after=0)
+        self.assertEqual(self.told(60, now=3600.0).quiet, 0)
+
+    def test_news_beside_quiet(self):
+        """A new error makes a digest, the quiet ones last."""
+        memory = SeenMemory(10)
+        memory.record("old", 0.0, 100.0, 5, (100.0, 1.0))
+        entries = (Entry(("old",), {"h": 9}, 100.0, 160.0, fingerprint="old"),
+                   Entry(("new",), {"h": 1}, 150.0, 150.0, fingerprint="new"))
+        told = telling(Batch(entries), memory, 0.0, 160.0, self.RULES)
+        self.assertTrue(told.worth_sending)
+        self.assertEqual([entry.key for entry in told.batch.entries],
+                         [("new",), ("old",)])
+        self.assertEqual(told.quiet, 1)

@@ -118,7 +118,7 @@ class FlushLoopTests(ServiceTestCase):
         A digest goes out after FLUSH_SECONDS, not before, and only when
         something arrived.
         """
-        self.start(FLUSH_SECONDS=10)
+        self.start(FLUSH_SECONDS=10, REPEAT_SECONDS=0)
         self.receive(record("boom"))
         self.reactor.advance(9.9)
         self.assertEqual(self.transport.pending, [])
@@ -153,7 +153,7 @@ class FlushLoopTests(ServiceTestCase):
         delivered, one digest covers everything since, with the right
         counts per source and first and last seen.
         """
-        self.start(FLUSH_SECONDS=10)
+        self.start(FLUSH_SECONDS=10, REPEAT_SECONDS=0)
         self.receive(record("one"))
         self.reactor.advance(10)
         for _ in range(5):
@@ -407,7 +407,7 @@ class NewsTests(ServiceTestCase):
         return self.transport.by_kind("digest")[-1][2].get_content()
 
     def test_new_then_ongoing(self):
-        self.start()
+        self.start(REPEAT_SECONDS=0)
         self.receive(record("lookup failed for user 17"))
         first = self.digest()
         self.assertIn("** 1 instance of 1 unique error (app) **\n1 new\n",
@@ -427,7 +427,7 @@ class NewsTests(ServiceTestCase):
 
     def test_back(self):
         """Quiet for REGRESSION_DAYS, an error is back, with how long."""
-        self.start(REGRESSION_DAYS=1)
+        self.start(REGRESSION_DAYS=1, REPEAT_SECONDS=0)
         self.receive(record("boom"))
         self.digest()
         self.reactor.advance(3 * 24 * 3600)
@@ -440,22 +440,108 @@ class NewsTests(ServiceTestCase):
 
     def test_outlives_restart(self):
         """A new run reads what the last one reported: still ongoing."""
-        self.start()
+        self.start(REPEAT_SECONDS=0)
         self.receive(record("boom"))
         self.digest()
         state = self.overrides["STATE_FILE"]
         self.service.stopService()
-        self.start(STATE_FILE=state)
+        self.start(STATE_FILE=state, REPEAT_SECONDS=0)
         self.receive(record("boom"))
         self.assertIn("Ongoing since", self.digest())
 
     def test_exact_grouping(self):
         """With GROUPING = 'exact' errors are remembered by their keys."""
-        self.start(GROUPING="exact")
+        self.start(GROUPING="exact", REPEAT_SECONDS=0)
         self.receive(record("boom"))
         self.digest()
         self.receive(record("boom"))
         self.assertIn("\n1 ongoing\n", self.digest())
+
+
+class QuietRepeatTests(ServiceTestCase):
+    """
+    REPEAT_SECONDS: a persistent error gives one digest per repeat
+    interval, not one per flush, and is counted meanwhile.
+    """
+
+    def flush(self, *records):
+        self.receive(*records)
+        self.reactor.advance(60)
+        self.transport.succeed_all()
+        return [message.get_content() for _, _, message
+                in self.transport.by_kind("digest")]
+
+    def test_one_digest_per_repeat(self):
+        self.start(REPEAT_SECONDS=600)
+        self.assertEqual(len(self.flush(record("boom"))), 1)
+        for _ in range(9):
+            digests = self.flush(record("boom"), record("boom"))
+        self.assertEqual(len(digests), 1, "quiet until 600 s after it")
+        digests = self.flush(record("boom"))
+        self.assertEqual(len(digests), 2)
+        self.assertIn("** 19 instances of 1 unique error (app) **",
+                      digests[1])
+        self.assertIn("Ongoing since 1970-01-01 00:00:00 UTC (20 in all)",
+                      digests[1])
+
+    def test_news_beside_still_happening(self):
+        """
+        A new error makes a digest; the quiet ongoing one is in a line of
+        "still happening", its count exact.
+        """
+        self.start(REPEAT_SECONDS=600)
+        self.flush(record("boom"))
+        self.flush(record("boom"), record("boom"))
+        digests = self.flush(record("boom"), record("bang"))
+        self.assertEqual(len(digests), 2)
+        body = digests[1]
+        self.assertIn("** 4 instances of 2 unique errors (app) **\n"
+                      "1 new, 1 ongoing\n", body)
+        self.assertIn("1X bang (in app, src/app/views.py:50) [new]\n\n"
+                      "Still happening (listed in full in a recent "
+                      "digest):\n3X boom (in app, src/app/views.py:50), "
+                      "ongoing since 1970-01-01 00:00:00 UTC\n", body)
+        self.assertEqual(body.count("Exception #"), 1)
+
+    def test_rising_is_news(self):
+        """A rate RISE_FACTOR times the last one listed makes a digest."""
+        self.start(REPEAT_SECONDS=600, RISE_FACTOR=10)
+        self.flush(record("boom"))
+        self.assertEqual(len(self.flush(*[record("boom")] * 9)), 1)
+        digests = self.flush(*[record("boom")] * 20)
+        self.assertEqual(len(digests), 2)
+        self.assertIn("Exception #1 of 1: 29X boom", digests[1])
+
+    def test_canaries_every_flush(self):
+        """Canaries are what shows the pipeline works: never quiet."""
+        self.start(REPEAT_SECONDS=600,
+                   JUST_MONITORING_REPORT_TO="canary@example.com")
+        for _ in range(3):
+            self.receive(record(f"{MARKER} ping"))
+            self.reactor.advance(60)
+            self.transport.succeed_all()
+        self.assertEqual(len(self.transport.by_kind("monitoring")), 3)
+
+    def test_restart_within_repeat(self):
+        """
+        The errors counted quietly outlive a restart, which keeps the
+        repeat interval: the digest after it comes when it ends, with
+        every instance.
+        """
+        self.start(REPEAT_SECONDS=600)
+        self.flush(record("boom"))
+        self.flush(record("boom"))
+        state = self.overrides["STATE_FILE"]
+        self.service.stopService()
+        self.start(REPEAT_SECONDS=600, STATE_FILE=state)
+        self.assertEqual(self.flush(record("boom")), [],
+                         "still within the interval")
+        self.receive(record("boom"))
+        self.reactor.advance(600)
+        self.transport.succeed_all()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("** 3 instances of 1 unique error (app) **",
+                      message.get_content())
 
 
 class OddTextTests(ServiceTestCase):
@@ -820,8 +906,7 @@ class DigestAfterSnapshotTests(ServiceTestCase):
             self.assertEqual(writer.names(), ["StateFile._write"])
             function, args, done = writer.pending.pop()
             done.callback(function(*args))
-        # The digest in the spool, and its errors in the seen-memory.
-        self.assertEqual(writer.names(), ["Spool.add", "SeenFile.write"])
+        self.assertEqual(writer.names(), ["Spool.add"])
         writer.run_all()
         [(_, _, message)] = self.transport.by_kind("digest")
         self.assertIn("one", message.get_content())
@@ -1181,6 +1266,7 @@ class OutageTests(SynchronousTestCase):
         service = FailnozzleService(
             make_settings(REPORT_FROM="nozzle@example.com",
                           REPORT_TO="ops@example.com", FLUSH_SECONDS=60,
+                          REPEAT_SECONDS=0,
                           PAGER_LIMIT=10 ** 6, SPOOL_DIR=self.mktemp(),
                           STATE_FILE=self.mktemp(), MAILDIR=self.mktemp()),
             reactor, udp_socket, transport)
@@ -1218,7 +1304,9 @@ class ReloadTests(ServiceTestCase):
         self.start(reload_settings=lambda: self.given.pop(0),
                    freeze_heap=lambda: self.freezes.append(
                        self.service.running),
-                   FLUSH_SECONDS=60)
+                   # Every flush sends what it has, as the original did:
+                   # these tests count digests.
+                   FLUSH_SECONDS=60, REPEAT_SECONDS=0)
         self.addCleanup(self.service.stopService)
         self.events = EventLoggingObserver.createWithCleanup(
             self, globalLogPublisher)

@@ -348,7 +348,8 @@ class RecoveryTests(_TwistdTestCase):
         is told as ongoing by the next run, not as new.
         """
         sink = SMTPSink(self)
-        settings = self.smtp_settings(sink.port, flush_seconds=0.5)
+        settings = self.smtp_settings(sink.port, flush_seconds=0.5,
+                                      REPEAT_SECONDS=0)
         process, address, cwd = yield self.start_daemon(**settings)
         send_datagrams(address, [record("lookup failed for user 17")])
         [first] = yield process.wait_for_mail(sink, 1)
