@@ -146,9 +146,9 @@ def remember(memory: SeenMemory, told: Telling, wall_offset: float,
     C{now}: those listed in full with their rates, the others counted.
     """
     entries = told.batch.entries
+    in_full = len(entries) - told.quiet
     for number, entry in enumerate(entries):
         key = seen_key(entry)
-        listed = (now, told.rates[key]) if number < len(entries) - told.quiet \
-            else None
+        listed = (now, told.rates[key]) if number < in_full else None
         memory.record(key, entry.first_seen + wall_offset,
                       entry.last_seen + wall_offset, entry.total, listed)

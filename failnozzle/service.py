@@ -19,12 +19,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from failnozzle.aggregate import Aggregator, Batch, Entry, RateWindow
-from failnozzle.config import (DEFAULT_FIELDS, UNUSED_SETTINGS, ConfigError, Settings,
-                               changed_settings)
+from failnozzle.config import (DEFAULT_FIELDS, UNUSED_SETTINGS, ConfigError,
+                               Settings, changed_settings)
 from failnozzle.digest import DigestRenderer, build_message, pager_alert
 from failnozzle.fingerprint import CustomFingerprint, Grouping
-from failnozzle.policy import NewsRules, Telling, remember, telling
-from failnozzle.seen import SeenFile, SeenMemory
 from failnozzle.gelf import GELFDecoder, GELFRecordReader
 from failnozzle.ingest import (BadDatagram, ErrorReceiver,
                                internal_error_key_maker)
@@ -32,6 +30,8 @@ from failnozzle.listeners import (DATAGRAM, LISTENING, Listeners,
                                   bind_listening, overlaps)
 from failnozzle.mailin import MailIngest, tls_options
 from failnozzle.outbox import Outbox, message_bytes
+from failnozzle.policy import NewsRules, Telling, remember, telling
+from failnozzle.seen import SeenFile, SeenMemory
 from failnozzle.spool import Spool
 from failnozzle.state import State, StateFile
 from failnozzle.steps import Steps, run_at_once
