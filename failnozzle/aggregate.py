@@ -262,13 +262,17 @@ class Aggregator:
         internal_error_key: Callable[[int, Exception], tuple],
         max_sources: int = 100,
         grouping: Grouping = EXACT,
+        on_first: Callable[[], None] = lambda: None,
     ) -> None:
         """
         @param internal_error_key: gives the unique key under which C{count}
             pieces of bad input like C{exception} are reported.
         @param grouping: makes the fingerprint of a key; by default keys
             are grouped as they are.
+        @param on_first: called when the first error of an empty buffer
+            is counted (for the first digest of a storm, sooner).
         """
+        self.on_first = on_first
         self._max_unique = max_unique
         self._max_sources = max_sources
         self._clock = clock
@@ -350,6 +354,8 @@ class Aggregator:
             now = self._clock.seconds()
             tally = _Tally(tuple(map(self._shared, key)), fingerprint, {},
                            now, now)
+            if not self._tallies:
+                self.on_first()
             self._tallies[identity] = tally
         else:
             tally.key = key

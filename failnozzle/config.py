@@ -151,6 +151,9 @@ class Settings:
     #: way); a rate RISE_FACTOR times the last one listed is news again.
     REPEAT_SECONDS: float = 4 * 3600
     RISE_FACTOR: float = 10
+    #: After a quiet FLUSH_SECONDS, the first digest goes out this soon
+    #: after its first error (0: at the next flush).
+    GROUP_WAIT_SECONDS: float = 10
     SERVER_NAME: str = field(default_factory=socket.gethostname)
 
     LOG_LEVEL: Any = logging.DEBUG
@@ -737,6 +740,7 @@ _CHECKS: Mapping[str, Checker] = {
     "REPEAT_SECONDS": _seconds(_YEAR, zero_is_off=True),
     "RISE_FACTOR": partial(_number, integer=False, minimum=1,
                            maximum=1_000_000),
+    "GROUP_WAIT_SECONDS": _seconds(_DAY, zero_is_off=True),
     "SERVER_NAME": _server_name,
     "LOG_LEVEL": _log_level,
     "LOG_FORMAT": _string,

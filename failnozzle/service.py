@@ -213,7 +213,11 @@ class FailnozzleService(Service):
         self.aggregator = Aggregator(
             settings.MAX_UNIQUE_MESSAGES, reactor,
             configured.internal_error_key, settings.MAX_SOURCES_PER_ERROR,
-            configured.grouping)
+            configured.grouping, on_first=self._first_error)
+        #: The flush GROUP_WAIT_SECONDS after the first error of a storm,
+        #: if one is due, and when the last flush that had errors was.
+        self._group_wait: Optional[object] = None
+        self._last_busy_flush: Optional[float] = None
         #: The protocol of each datagram port, by setting: one each, made
         #: anew when a reload moves the port.
         self._receivers = {"UDP_BIND": ErrorReceiver(
@@ -619,6 +623,34 @@ class FailnozzleService(Service):
         for loop in (self._flush_loop, self._snapshot_loop):
             if loop.running:
                 loop.stop()
+        if self._group_wait is not None:
+            self._group_wait.cancel()
+            self._group_wait = None
+
+    def _first_error(self) -> None:
+        """
+        The first error since the last flush: if the FLUSH_SECONDS before
+        were quiet, its digest goes out GROUP_WAIT_SECONDS from now (long
+        enough to fold a burst), unless the next flush comes sooner; the
+        flushes then go on every FLUSH_SECONDS from that one.
+        """
+        wait, period = (self.settings.GROUP_WAIT_SECONDS,
+                        self.settings.FLUSH_SECONDS)
+        now = self._reactor.seconds()
+        next_flush = self._flush_loop.call
+        if (not wait or self._group_wait is not None or next_flush is None
+                or (self._last_busy_flush is not None
+                    and now - self._last_busy_flush < period)
+                or next_flush.getTime() <= now + wait):
+            return
+        self._group_wait = self._reactor.callLater(wait, self._flush_now)
+
+    def _flush_now(self) -> None:
+        """The flush of L{_first_error}: the flush loop begins anew."""
+        self._group_wait = None
+        if self._flush_loop.running:
+            self._flush_loop.stop()
+            self._flush_loop.start(self.settings.FLUSH_SECONDS, now=True)
 
     def _stop_accepting_mail(self) -> None:
         if self.mail is not None:
@@ -793,6 +825,8 @@ class FailnozzleService(Service):
         @return: the outcomes (see L{Outbox.send}) of the messages sent.
         """
         batch = self.aggregator.flush()
+        if batch:
+            self._last_busy_flush = self._reactor.seconds()
         self._check_fields(batch)
         try:
             monitoring, real = batch.partition(self._is_monitoring)

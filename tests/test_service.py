@@ -458,6 +458,63 @@ class NewsTests(ServiceTestCase):
         self.assertIn("\n1 ongoing\n", self.digest())
 
 
+class GroupWaitTests(ServiceTestCase):
+    """
+    GROUP_WAIT_SECONDS: after a quiet FLUSH_SECONDS the first digest goes
+    out soon after its first error, then no more often than every
+    FLUSH_SECONDS.
+    """
+
+    def digests(self):
+        self.transport.succeed_all()
+        return len(self.transport.by_kind("digest"))
+
+    def test_first_news_fast(self):
+        self.start(GROUP_WAIT_SECONDS=10, FLUSH_SECONDS=60)
+        self.reactor.advance(100)
+        self.receive(record("boom"))
+        self.reactor.advance(9.9)
+        self.assertEqual(self.digests(), 0)
+        self.receive(record("boom"), record("bang"))
+        self.reactor.advance(0.1)
+        self.assertEqual(self.digests(), 1, "10 s after the first error")
+        self.assertIn("** 3 instances of 2 unique errors",
+                      self.transport.by_kind("digest")[0][2].get_content())
+        self.receive(record("other"))
+        self.reactor.advance(59.9)
+        self.assertEqual(self.digests(), 1, "FLUSH_SECONDS after that one")
+        self.reactor.advance(0.1)
+        self.assertEqual(self.digests(), 2)
+
+    def test_not_within_a_storm(self):
+        """Once errors flow, digests go every FLUSH_SECONDS only."""
+        self.start(GROUP_WAIT_SECONDS=10, FLUSH_SECONDS=60)
+        self.receive(record("boom"))
+        self.reactor.advance(10)
+        self.assertEqual(self.digests(), 1)
+        self.reactor.advance(30)
+        self.receive(record("bang"))
+        self.reactor.advance(29.9)
+        self.assertEqual(self.digests(), 1)
+        self.reactor.advance(0.1)
+        self.assertEqual(self.digests(), 2)
+
+    def test_flush_sooner(self):
+        """When the next flush comes before GROUP_WAIT_SECONDS, it sends."""
+        self.start(GROUP_WAIT_SECONDS=10, FLUSH_SECONDS=5)
+        self.receive(record("boom"))
+        self.reactor.advance(5)
+        self.assertEqual(self.digests(), 1)
+
+    def test_off(self):
+        self.start(GROUP_WAIT_SECONDS=0, FLUSH_SECONDS=60)
+        self.receive(record("boom"))
+        self.reactor.advance(59.9)
+        self.assertEqual(self.digests(), 0)
+        self.reactor.advance(0.1)
+        self.assertEqual(self.digests(), 1)
+
+
 class QuietRepeatTests(ServiceTestCase):
     """
     REPEAT_SECONDS: a persistent error gives one digest per repeat
@@ -1285,7 +1342,8 @@ class OutageTests(SynchronousTestCase):
         self.assertEqual(len(transport.accepted), 2)
         totals = [int(message["Subject"].split("errors: ")[1].split()[0])
                   for message in transport.accepted]
-        self.assertEqual(totals[0], 6)
+        # The first went GROUP_WAIT_SECONDS after the first error.
+        self.assertEqual(totals[0], 1)
         self.assertEqual(sum(totals), sent)
         self.assertEqual(spooled_most, 1)
         self.assertEqual(service.outbox.spool.waiting.messages(), [])
