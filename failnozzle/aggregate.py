@@ -8,6 +8,7 @@ tested without a reactor and, later, written to disk and read back.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import (Callable, Hashable, Iterable, Mapping, NamedTuple,
@@ -176,16 +177,23 @@ class Batch:
         return _batch_of(tallies, overflow)
 
     def rekeyed(self, rekey: Callable[[tuple], tuple],
-                grouping: Optional[Grouping] = None) -> Batch:
+                grouping: Optional[Grouping] = None,
+                anew: bool = True) -> Batch:
         """
         The batch with every key replaced by C{rekey(key)} and, if a
-        C{grouping} is given, every fingerprint but FINGERPRINT_FUNC's made
-        anew from the new key by it; entries that become one are merged.
+        C{grouping} is given, fingerprints made by it from the new key:
+        every one but FINGERPRINT_FUNC's if C{anew} (the rules changed),
+        else only those missing (a batch saved by GROUPING = 'exact', or by
+        a version without fingerprints); entries that become one are
+        merged.  A fingerprint made from a key alone misses the C{logging}
+        format the report had: one kept is better.
         """
         def regrouped(entry: Entry) -> Entry:
             key = rekey(entry.key)
             fingerprint = entry.fingerprint
-            if grouping is not None and not is_custom(fingerprint):
+            if grouping is not None and (
+                    fingerprint is None
+                    or (anew and not is_custom(fingerprint))):
                 fingerprint = grouping.fingerprint(key)
             return dataclasses.replace(entry, key=key,
                                        fingerprint=fingerprint)
@@ -461,12 +469,13 @@ class Aggregator:
     def configure(self, max_unique: int, max_sources: int,
                   internal_error_key: Callable[[int, Exception], tuple],
                   rekey: Callable[[tuple], tuple] = lambda key: key,
-                  grouping: Optional[Grouping] = None) -> None:
+                  grouping: Optional[Grouping] = None,
+                  regroup: bool = True) -> None:
         """
-        Take new settings (a reload), keys read anew by C{rekey} and, if
-        a C{grouping} is given, grouped by it: nothing counted is lost,
-        though errors past a lowered C{max_unique} are only counted from
-        now on.
+        Take new settings (a reload), keys read anew by C{rekey}, and a
+        C{grouping} if given, by which what is counted is grouped anew if
+        C{regroup} (its rules changed): nothing counted is lost, though
+        errors past a lowered C{max_unique} are only counted from now on.
         """
         self._max_unique = max_unique
         self._max_sources = max_sources
@@ -474,7 +483,7 @@ class Aggregator:
         if grouping is not None:
             self._grouping = grouping
         buffer = _batch_of(self._tallies, self._overflow).rekeyed(
-            rekey, grouping)
+            rekey, grouping, regroup)
         self._tallies, self._overflow, self._texts = {}, 0, {}
         self.restore(buffer)
 
@@ -484,6 +493,11 @@ class Aggregator:
             batch, self._max_unique, self._max_sources)
         self._tallies = _tallies_of(merged.entries)
         self._index, self._overflowing = {}, set()
+        # The reports shown are indexed again, so that one arriving is not
+        # counted as one more variant.
+        for tally in itertools.islice(self._tallies.values(), INDEX_MAX):
+            if not is_custom(tally.fingerprint):
+                self._index[hash(tally.key)] = tally
         self._overflow = merged.overflow
         self._replaced = True
         self.changed = True

@@ -88,7 +88,7 @@ _MAX_REPLACEMENTS = 32
 
 #: A directory of a path with a digit in its name: a version or a release
 #: (C{/srv/app/releases/20261201/}, C{python3.11}), which a deploy changes.
-_VERSIONED_DIRECTORY = re.compile(r"/[^/]*\d[^/]*(?=/)")
+_VERSIONED_DIRECTORY = re.compile(r"/[^/\d]*\d[^/]*(?=/)")
 
 #: A URL's parts: its path segments and query values may vary, its
 #: scheme, host and parameter names do not.

@@ -129,8 +129,10 @@ def telling(batch: Batch, memory: SeenMemory, wall_offset: float,
             status = status._replace(
                 rising=0 < seen.rate * rules.rise_factor <= rate)
         statuses[key], rates[key] = status, rate
+        # A listing "in the future" (the clock stepped back since) is no
+        # reason to wait.
         if (repeats and status.kind == ONGOING and not status.rising
-                and now - seen.last_reported < rules.repeat_after):
+                and 0 <= now - seen.last_reported < rules.repeat_after):
             quiet.append(entry)
         else:
             listed.append(entry)

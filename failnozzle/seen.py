@@ -34,8 +34,10 @@ _VERSION = 1
 #: A fingerprint longer than this is not one failnozzle made.
 _MAX_FINGERPRINT_CHARS = 100
 
-#: Bytes per error, far above what one takes: the bound on reading a file.
-_MAX_BYTES_PER_ERROR = 1000
+#: The most a file is read: twice what the largest SEEN_MAX (1,000,000)
+#: takes, so a file written with a larger SEEN_MAX than today's is read,
+#: and trimmed, not set aside.
+_MAX_FILE_BYTES = 200 * 1_000_000
 
 
 @dataclass(slots=True)
@@ -125,14 +127,13 @@ class SeenFile:
         os.replace(temporary, self.path)
         fsync_directory(os.path.dirname(os.path.abspath(self.path)))
 
-    def read(self, max_size: int) -> list:
+    def read(self) -> list:
         """
         The rows kept, checked; none if there is no file, or if it is
         unusable: then it is set aside (C{.bad-<time>}) and logged.
         """
         try:
-            data, size = read_entry(self.path,
-                                    (max_size + 1) * _MAX_BYTES_PER_ERROR)
+            data, size = read_entry(self.path, _MAX_FILE_BYTES)
         except (FileNotFoundError, NotADirectoryError):
             # None at all is no trouble; a directory that cannot hold one
             # is said when writing fails.
@@ -146,7 +147,7 @@ class SeenFile:
             return []
         try:
             if len(data) < size:
-                raise ValueError(f"larger than SEEN_MAX errors take "
+                raise ValueError(f"larger than any seen-memory "
                                  f"({size:,} bytes)")
             return _rows_of(orjson.loads(data))
         except ValueError as error:

@@ -345,14 +345,20 @@ class FailnozzleService(Service):
         rekey = configured.reader.rekeying(previous
                                            and previous.unique_fields)
         grouping = configured.grouping
+        # Fingerprints are made anew only if their rules or the keys'
+        # shape changed: one made from a key alone misses the logging
+        # format it came with.
+        regroup = bool(changed & {"GROUPING", "GROUPING_RULES",
+                                  "UNIQUE_MSG_TUPLE", "MAX_FIELD_CHARS",
+                                  "MAX_EXC_TEXT_CHARS"})
         self.aggregator.configure(settings.MAX_UNIQUE_MESSAGES,
                                   settings.MAX_SOURCES_PER_ERROR,
                                   configured.internal_error_key, rekey,
-                                  grouping)
-        self._held = {kind: batch.rekeyed(rekey, grouping)
+                                  grouping, regroup)
+        self._held = {kind: batch.rekeyed(rekey, grouping, regroup)
                       for kind, batch in self._held.items()}
         self._unsettled = {
-            token: (kind, batch.rekeyed(rekey, grouping))
+            token: (kind, batch.rekeyed(rekey, grouping, regroup))
             for token, (kind, batch) in self._unsettled.items()}
         self.rate_window.configure(settings.PAGER_WINDOW_SIZE,
                                    settings.PAGER_LIMIT)
@@ -431,7 +437,7 @@ class FailnozzleService(Service):
         _prepare(self.outbox.spool, "SPOOL_DIR",
                  "messages wait in memory only")
         if self.state_file is not None:
-            self.seen.restore(self._seen_file.read(self.settings.SEEN_MAX))
+            self.seen.restore(self._seen_file.read())
             self._restore_state()
             # Also finds out now, not at the first flush, if it cannot be
             # written.
@@ -678,14 +684,18 @@ class FailnozzleService(Service):
         if state is None:
             return
         recut = self._reader.rekeying(None)
+        # Saved fingerprints are kept (made from the reports as they came,
+        # with their logging formats); those missing are made.
         grouping = self._grouping
-        self.aggregator.restore(state.buffer.rekeyed(recut, grouping))
+        self.aggregator.restore(state.buffer.rekeyed(recut, grouping,
+                                                     anew=False))
         # Errors whose digest was not yet safe in the spool are reported
         # again: at least once.
         for kind in ("digest", "monitoring"):
             for batch in (state.held.get(kind), state.unsettled.get(kind)):
                 if batch:
-                    self._hold(kind, batch.rekeyed(recut, grouping))
+                    self._hold(kind, batch.rekeyed(recut, grouping,
+                                                   anew=False))
         self.rate_window.restore(state.rate_window)
         _log.info("Restored {total} errors from {path}",
                   total=state.buffer.total + sum(

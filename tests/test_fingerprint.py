@@ -157,6 +157,22 @@ class TracebackTests(SynchronousTestCase):
         self.assertEqual(self.fingerprint(self.moved(1)),
                          self.fingerprint(self.moved(30)))
 
+    def test_versioned_directories(self):
+        """
+        Directories named with digits (releases, Python's version) count
+        as one; a long one costs no more than its length.
+        """
+        def frame(path):
+            return (f'Traceback (most recent call last):\n  File "{path}", '
+                    f'line 1, in f\n    x\nValueError: a\n')
+        self.assertEqual(
+            self.fingerprint(frame("/srv/app/20261201/python3.11/x.py")),
+            self.fingerprint(frame("/srv/app/20261202/python3.12/x.py")))
+        self.assertNotEqual(self.fingerprint(frame("/srv/app/x.py")),
+                            self.fingerprint(frame("/srv/app/y.py")))
+        hostile = frame("/" + "1" * 16000) + "extra"
+        self.assertIsNotNone(self.fingerprint(hostile))
+
     def test_other_function(self):
         self.assertNotEqual(self.fingerprint(self.moved(1)),
                             self.fingerprint(self.moved(1, name="pay")))
@@ -426,6 +442,30 @@ class FoldingTests(SynchronousTestCase):
         self.aggregator.add(Report(key(), "web1", fingerprint="custom:a"))
         self.aggregator.add(Report(key(), "web1", fingerprint="custom:b"))
         self.assertEqual(len(self.aggregator.flush().entries), 2)
+
+    def test_format_kept_over_reload(self):
+        """
+        A reload that leaves the grouping as it was keeps fingerprints
+        made from logging formats: the key alone would not make them.
+        """
+        def report(user):
+            return Report(key(f"user {user} failed"), "web1",
+                          template="user %s failed")
+
+        self.aggregator.add(report("bob"))
+        self.aggregator.configure(100, 100, lambda count, error: key(),
+                                  grouping=Grouping(FIELDS), regroup=False)
+        self.aggregator.add(report("alice"))
+        [entry] = self.aggregator.flush().entries
+        self.assertEqual(entry.total, 2)
+
+    def test_restored_not_a_variant(self):
+        """A report restored, then sent again, is not one more variant."""
+        self.add("user 1")
+        self.aggregator.restore(self.aggregator.flush())
+        self.add("user 1")
+        [entry] = self.aggregator.flush().entries
+        self.assertEqual((entry.total, entry.variants), (2, 1))
 
     def test_regrouped_on_reload(self):
         """

@@ -14,6 +14,7 @@ from failnozzle.aggregate import Batch, Entry
 from failnozzle.policy import (BACK, NEW, ONGOING, NewsRules, Status,
                                Telling, remember, seen_key, status_of,
                                telling)
+from failnozzle import seen
 from failnozzle.seen import Seen, SeenFile, SeenMemory
 
 DAY = 24 * 3600
@@ -75,17 +76,17 @@ class SeenFileTests(SynchronousTestCase):
     def test_round_trip(self):
         rows = [["a", 1.5, 2.5, 3, 4.0, 0.25], ["b", 0, 1, 0, 2, 0]]
         self.file.write(rows)
-        self.assertEqual(self.file.read(10), rows)
+        self.assertEqual(self.file.read(), rows)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
 
     def test_none(self):
-        self.assertEqual(self.file.read(10), [])
+        self.assertEqual(self.file.read(), [])
         self.assertEqual(len(self.events), 0)
 
     def assertSetAside(self):
         """The file is read as none, moved aside, and said so in a line."""
         logged = len(self.events)
-        self.assertEqual(self.file.read(10), [])
+        self.assertEqual(self.file.read(), [])
         self.assertFalse(os.path.lexists(self.path))
         self.assertEqual(len(self.events), logged + 1)
         line = formatEvent(self.events[logged])
@@ -111,10 +112,19 @@ class SeenFileTests(SynchronousTestCase):
         self.assertSetAside()
 
     def test_too_large(self):
-        """A file larger than SEEN_MAX errors take is not read whole."""
-        with open(self.path, "wb") as out:
-            out.write(b" " * 5000)
+        """A file larger than any seen-memory is not read whole."""
+        self.patch(seen, "_MAX_FILE_BYTES", 1000)
+        self.file.write([["a", 1, 2, 3, 4, 0]] * 100)
         self.assertSetAside()
+
+    def test_larger_seen_max_before(self):
+        """Written with a larger SEEN_MAX, the newest errors are kept."""
+        self.file.write([[f"e{number}", 1, number, 1, number, 0]
+                         for number in range(50)])
+        memory = SeenMemory(10)
+        memory.restore(self.file.read())
+        self.assertEqual([row[0] for row in memory.rows()],
+                         [f"e{number}" for number in range(40, 50)])
 
     def test_fifo(self):
         """A FIFO is set aside, not waited on."""
@@ -204,6 +214,10 @@ class RepeatTests(SynchronousTestCase):
         told = self.told(60, now=3600.0)
         self.assertEqual(told.quiet, 1)
         self.assertFalse(told.worth_sending)
+
+    def test_clock_stepped_back(self):
+        """Listed "in the future" (the clock stepped back), it is listed."""
+        self.assertEqual(self.told(60, now=3600.0, listed_at=9999.0).quiet, 0)
 
     def test_due(self):
         """Listed longer than REPEAT_SECONDS ago, it is listed again."""

@@ -1441,7 +1441,7 @@ class ReloadTests(ServiceTestCase):
         """
         self.service.stopService()
         self.start(reload_settings=lambda: self.given.pop(0),
-                   MAX_EXC_TEXT_CHARS=3000)
+                   MAX_EXC_TEXT_CHARS=3000, REPEAT_SECONDS=0)
         self.receive(long_error(1))
         self.reactor.advance(60)
         self.receive(long_error(2), long_error(3))
