@@ -14,6 +14,7 @@ from typing import Mapping, NamedTuple, Optional
 from failnozzle.aggregate import Batch, Entry
 from failnozzle.fingerprint import digest_of
 from failnozzle.seen import Seen, SeenMemory
+from failnozzle.steps import Steps
 
 NEW, BACK, ONGOING = "new", "back", "ongoing"
 
@@ -141,15 +142,22 @@ def telling(batch: Batch, memory: SeenMemory, wall_offset: float,
                    rates, len(quiet))
 
 
-def remember(memory: SeenMemory, told: Telling, wall_offset: float,
-             now: float) -> None:
+#: Errors remembered in one step (about 2 ms).
+_REMEMBERED_PER_STEP = 1000
+
+
+def remembering(memory: SeenMemory, told: Telling, wall_offset: float,
+                now: float) -> Steps[None]:
     """
-    Record in the memory that the errors of a digest were reported at
-    C{now}: those listed in full with their rates, the others counted.
+    Record in the memory, in steps (see L{failnozzle.steps}), that the
+    errors of a digest were reported at C{now}: those listed in full with
+    their rates, the others counted.
     """
     entries = told.batch.entries
     in_full = len(entries) - told.quiet
     for number, entry in enumerate(entries):
+        if number and not number % _REMEMBERED_PER_STEP:
+            yield
         key = seen_key(entry)
         listed = (now, told.rates[key]) if number < in_full else None
         memory.record(key, entry.first_seen + wall_offset,

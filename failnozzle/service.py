@@ -30,7 +30,7 @@ from failnozzle.listeners import (DATAGRAM, LISTENING, Listeners,
                                   bind_listening, overlaps)
 from failnozzle.mailin import MailIngest, tls_options
 from failnozzle.outbox import Outbox, message_bytes
-from failnozzle.policy import NewsRules, Telling, remember, telling
+from failnozzle.policy import NewsRules, Telling, remembering, telling
 from failnozzle.seen import SeenFile, SeenMemory
 from failnozzle.spool import Spool
 from failnozzle.state import State, StateFile
@@ -981,12 +981,18 @@ class FailnozzleService(Service):
     def _remember_reported(self, told: Telling) -> None:
         """
         Put the errors of a digest handed to the outbox in the
-        seen-memory, and write it; a failure to is logged once until
-        writing works again.
+        seen-memory, in steps, and write it; a failure to is logged once
+        until writing works again.
         """
         wall_offset = self._wall_offset()
-        remember(self.seen, told, wall_offset,
-                 self._reactor.seconds() + wall_offset)
+        remembered = self._in_steps(remembering(
+            self.seen, told, wall_offset,
+            self._reactor.seconds() + wall_offset))
+        remembered.addCallback(lambda _: self._write_seen())
+        remembered.addErrback(lambda failure: _log.failure(
+            "Could not remember what a digest reported", failure))
+
+    def _write_seen(self) -> None:
         if self._seen_file is None:
             return
         writing = self.writer.run(self._seen_file.write, self.seen.rows())

@@ -12,8 +12,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from failnozzle.aggregate import Batch, Entry
 from failnozzle.policy import (BACK, NEW, ONGOING, NewsRules, Status,
-                               Telling, remember, seen_key, status_of,
+                               Telling, remembering, seen_key, status_of,
                                telling)
+from failnozzle.steps import finish
 from failnozzle import seen
 from failnozzle.seen import Seen, SeenFile, SeenMemory
 
@@ -186,12 +187,28 @@ class StatusTests(SynchronousTestCase):
         memory.record(seen_key(quiet), 0.0, 1.0, 1, (1.0, 1.0))
         told = Telling(Batch((listed, quiet)), {},
                        {seen_key(listed): 0.5, seen_key(quiet): 2.0}, 1)
-        remember(memory, told, 1000.0, 2000.0)
+        finish(remembering(memory, told, 1000.0, 2000.0))
         self.assertEqual(memory.get(seen_key(listed)),
                          Seen(1005.0, 1007.0, 3, 2000.0, 0.5))
         self.assertEqual(memory.get(seen_key(quiet)),
                          Seen(0.0, 1007.0, 5, 1.0, 1.0))
         self.assertRegex(seen_key(listed), "^[0-9a-f]{16}$")
+
+
+    def test_remembering_in_steps(self):
+        """
+        A large digest is remembered in steps, the reactor taking its
+        turns between them.
+        """
+        memory = SeenMemory(10000)
+        entries = tuple(Entry((number,), {"h": 1}, 1.0, 1.0,
+                              fingerprint=f"e{number}")
+                        for number in range(2500))
+        told = Telling(Batch(entries), {},
+                       {entry.fingerprint: 1.0 for entry in entries})
+        steps = list(remembering(memory, told, 0.0, 5.0))
+        self.assertEqual(len(steps), 2)
+        self.assertEqual(len(memory), 2500)
 
 
 class RepeatTests(SynchronousTestCase):
