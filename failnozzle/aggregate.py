@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import (Callable, Hashable, Iterable, Mapping, NamedTuple,
                     Optional, Sequence)
@@ -65,7 +65,10 @@ class _Tally:
     #: Distinct reports folded into it, and whether there were more.
     variants: int = 1
     more_variants: bool = False
-    examples: list = field(default_factory=list)
+    #: A tuple, most often the empty one: a flush makes a tally and an
+    #: entry per error, and each object more is one more for the garbage
+    #: collector to walk.
+    examples: tuple = ()
     #: Whether the last snapshot holds it as it is (see L{Aggregator.changes}).
     saved: bool = False
 
@@ -73,14 +76,14 @@ class _Tally:
         return _Tally(self.key, self.fingerprint, dict(self.sources),
                       self.first_seen, self.last_seen, self.level,
                       self.other_sources, self.variants, self.more_variants,
-                      list(self.examples))
+                      self.examples)
 
     def add_examples(self, examples: Iterable[str]) -> None:
         for example in examples:
             if len(self.examples) >= MAX_EXAMPLES:
                 return
             if example not in self.examples:
-                self.examples.append(example)
+                self.examples += (example,)
 
 
 @dataclass
@@ -232,7 +235,7 @@ def _tally_of(entry: Entry) -> _Tally:
     return _Tally(entry.key, entry.fingerprint, dict(entry.sources),
                   entry.first_seen, entry.last_seen, entry.level,
                   entry.other_sources, entry.variants, entry.more_variants,
-                  list(entry.examples))
+                  entry.examples)
 
 
 def _tallies_of(entries: Iterable[Entry]) -> dict:
@@ -243,7 +246,7 @@ def _tallies_of(entries: Iterable[Entry]) -> dict:
 def _entry_of(tally: _Tally) -> Entry:
     return Entry(tally.key, tally.sources, tally.first_seen, tally.last_seen,
                  tally.level, tally.other_sources, tally.fingerprint,
-                 tally.variants, tally.more_variants, tuple(tally.examples))
+                 tally.variants, tally.more_variants, tally.examples)
 
 
 def _batch_of(tallies: dict, overflow: int) -> Batch:
