@@ -309,18 +309,15 @@ class Aggregator:
         """Count one error report."""
         self.changed = True
         key, source, level, _, custom = report
-        if custom is None:
-            tally = self._index.get(hash(key))
-            if tally is None:
-                tally = self._tally_for(report)
-                if tally is None:
-                    return
-            else:
-                tally.key = key
-        else:
+        # FINGERPRINT_FUNC may look past the key: its reports are never
+        # found by their keys.
+        tally = self._index.get(hash(key)) if custom is None else None
+        if tally is None:
             tally = self._tally_for(report)
             if tally is None:
                 return
+        else:
+            tally.key = key
         sources = tally.sources
         count = sources.get(source)
         if count is not None:

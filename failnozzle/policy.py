@@ -136,10 +136,10 @@ def telling(batch: Batch, memory: SeenMemory, wall_offset: float,
                 and 0 <= now - seen.last_reported < rules.repeat_after):
             quiet.append(entry)
         else:
-            listed.append(entry)
-    listed.sort(key=lambda entry: _ORDER[statuses[seen_key(entry)].kind])
-    return Telling(Batch(tuple(listed + quiet), batch.overflow), statuses,
-                   rates, len(quiet))
+            listed.append((_ORDER[status.kind], len(listed), entry))
+    listed.sort()
+    return Telling(Batch(tuple(entry for *_, entry in listed) + tuple(quiet),
+                         batch.overflow), statuses, rates, len(quiet))
 
 
 #: Errors remembered in one step (about 2 ms).
