@@ -48,6 +48,12 @@ def _descend_further(depth: int, number: str) -> None:
     _descend(depth, number)
 
 
+def digest_total(body: str) -> int:
+    """The errors a digest counts, from its body's first line ("** 5
+    instances of ..."): the subject may be shortened, the body's is not."""
+    return int(re.match(r"\*\* (\d+) instances? of", body).group(1))
+
+
 def template_datagram(depth: int = 7) -> bytes:
     """
     What L{AggregatorHandler} sends for C{logger.exception(...)} in a
@@ -342,9 +348,9 @@ class Daemon:
         total = 0
         for path in self.digests():
             with open(path, "rb") as stored:
-                subject = email.message_from_binary_file(
-                    stored, policy=email.policy.default)["Subject"]
-            total += int(re.search(r"errors: (\d+) total", subject).group(1))
+                body = email.message_from_binary_file(
+                    stored, policy=email.policy.default).get_content()
+            total += digest_total(body)
         return total
 
 

@@ -78,7 +78,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import orjson
-from common import (Daemon, DropTimeline, cpu_seconds, cycling,
+from common import (Daemon, DropTimeline, cpu_seconds, cycling, digest_total,
                     datagram_maker, kernel_udp_drops, peak_rss,
                     realistic_datagrams, rss, send_from_processes,
                     udp_socket_queue, wait_drained)
@@ -477,8 +477,7 @@ def read_digest(path: str) -> dict:
         data = stored.read()
     message = email.message_from_bytes(data, policy=email.policy.default)
     text = message.get_content()
-    total = int(re.search(r"errors: (\d+) total", message["Subject"])
-                .group(1))
+    total = digest_total(text)
     summary = text.split("Summary:\n========\n", 1)[1].split(
         "========\nDetails:", 1)[0]
     return {

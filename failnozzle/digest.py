@@ -196,11 +196,16 @@ def _duration(seconds: float) -> str:
     return f"{int(seconds)} seconds"
 
 
-def news_summary(statuses: Mapping[str, Status]) -> Optional[str]:
-    """C{"3 new, 1 back, 12 ongoing"}: the parts that are not none."""
+def news_counts(statuses: Mapping[str, Status]) -> dict:
+    """How many errors are new, back and ongoing: C{{"new": 3, ...}}."""
     counts = {kind: 0 for kind in (NEW, BACK, ONGOING)}
     for status in statuses.values():
         counts[status.kind] += 1
+    return counts
+
+
+def news_summary(counts: Mapping[str, int]) -> Optional[str]:
+    """C{"3 new, 1 back, 12 ongoing"}: the parts that are not none."""
     return ", ".join(f"{count} {kind}" for kind, count in counts.items()
                      if count) or None
 
@@ -352,8 +357,9 @@ class DigestRenderer:
         subject_template, body_template = templates
         # Each of these walks every error of the batch: a step of its own.
         common = self._common(batch, details)
-        common["news_summary"] = (None if statuses is None
-                                  else news_summary(statuses))
+        counts = None if statuses is None else news_counts(statuses)
+        common["news_counts"] = counts
+        common["news_summary"] = counts and news_summary(counts)
         listed = len(batch.entries) - quiet
         common.update(self._still_happening(
             batch.entries[listed:], wall_offset, statuses or {}))

@@ -148,7 +148,13 @@ def record(message: str = "boom", source: str = "host1", **fields) -> dict:
     return base
 
 
-def digest_message(subject: str = "nozzle1 errors: 1 total",
+def digest_total(message) -> int:
+    """The errors a digest counts, from its body's first line."""
+    return int(re.match(r"\*\* (\d+) instances? of",
+                        message.get_content()).group(1))
+
+
+def digest_message(subject: str = "[nozzle1] 1 new: boom (1 total)",
                    body: str = "boom\n", kind: str = "digest"):
     """A message as the service builds it, to ops@example.com."""
     return build_message(sender="nozzle@example.com",

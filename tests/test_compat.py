@@ -290,8 +290,8 @@ class ServerCommandTests(_TwistdTestCase):
 
         [digest] = maildir_files(os.path.join(etc, "mail"))
         message = read_message(digest)
-        self.assertIn("nozzle test errors: 3 total, 2 unique",
-                      message["Subject"])
+        self.assertEqual("[nozzle test] 2 new: Error: boom in views "
+                         "(3 total)", message["Subject"])
         body = message.get_content()
         self.assertIn("(app, nozzle-internal)", body)
         self.assertIn("- on web1, 1X\n- on web2, 1X\n", body)

@@ -9,6 +9,7 @@ import random
 import re
 import time
 from collections import namedtuple
+from dataclasses import replace
 
 from jinja2 import Template
 from twisted.logger import globalLogPublisher
@@ -19,6 +20,7 @@ from failnozzle.aggregate import Batch, Entry
 from failnozzle.config import ConfigError, UniqueMessage
 from failnozzle.digest import (SUBJECT_MAX_CHARS, DigestRenderer,
                                build_message, pager_alert)
+from failnozzle.policy import Status, seen_key
 
 
 def at(text):
@@ -198,6 +200,10 @@ def error(number, exc_text="trace", kind="app", sources=None, **fields):
     return Entry(key, {"h": 1} if sources is None else sources, 0, 0)
 
 
+#: Renders with the original failnozzle's subject.
+ORIGINAL_SUBJECT = renderer(subject_template="subject-original.txt")
+
+
 def write_template(testcase, text, name="body.txt"):
     """A new template directory holding C{text} as C{name}."""
     path = testcase.mktemp()
@@ -241,9 +247,57 @@ class DefaultTemplateTests(SynchronousTestCase):
 
     def test_subject(self):
         """
-        The subject is the original's: server, totals and kinds, one line.
+        The subject names the server, how many errors there are and the
+        first one: its exception (the last line of its traceback) and
+        module, then the total.
         """
         subject, _ = renderer().render(EXAMPLE_BATCH)
+        self.assertEqual(
+            subject, "[nozzle1] 2 unique: SomeException: fail! in views "
+                     "(5 total)")
+
+    def test_subject_news(self):
+        """
+        With the news known, the subject leads with what matters most (new,
+        else back, else ongoing) and its first error, then the others and
+        the total, thousands separated.
+        """
+        first, second = EXAMPLE_BATCH.entries
+        big = Batch((first, replace(second, sources={"h": 4206})))
+        for kinds, expected in [
+                (("new", "ongoing"), "1 new: SomeException: fail! in views "
+                                     "(+1 ongoing, 4,210 total)"),
+                (("back", "new"), "1 new: SomeException: fail! in views "
+                                  "(+1 back, 4,210 total)"),
+                (("ongoing", "back"), "1 back: SomeException: fail! in views "
+                                      "(+1 ongoing, 4,210 total)"),
+                (("ongoing", "ongoing"), "2 ongoing: SomeException: fail! in "
+                                         "views (4,210 total)")]:
+            statuses = {seen_key(entry): Status(kind, 0, 1)
+                        for entry, kind in zip(big.entries, kinds)}
+            subject, _ = renderer().render(big, statuses=statuses)
+            self.assertEqual(subject, f"[nozzle1] {expected}")
+
+    def test_subject_message(self):
+        """
+        Without a traceback the subject shows the message, shortened, and
+        the kind when there is no module; with neither text, no headline.
+        """
+        long = error(1, message="disk full " * 20, exc_text=None, module=None)
+        subject, _ = renderer().render(Batch((long,)))
+        shown = ("disk full " * 9)[:89]
+        self.assertEqual(subject, f"[nozzle1] 1 unique: {shown}"
+                                  "\N{HORIZONTAL ELLIPSIS} in app (1 total)")
+        subject, _ = renderer().render(Batch((), overflow=7))
+        self.assertEqual(subject, "[nozzle1] 7 total")
+
+    def test_original_subject(self):
+        """
+        EMAIL_SUBJECT_TEMPLATE = 'subject-original.txt' gives the original
+        failnozzle's subject: server, totals and kinds.
+        """
+        subject, _ = renderer(subject_template="subject-original.txt").render(
+            EXAMPLE_BATCH)
         self.assertEqual(
             subject, "nozzle1 errors: 5 total, 2 unique (service1, service2)")
 
@@ -274,7 +328,7 @@ class DefaultTemplateTests(SynchronousTestCase):
         """
         Past DIGEST_MAX_DETAILS errors, the rest are counted in one summary
         line and not shown in detail; the headline and the subject stay
-        exact, kinds included.
+        exact.
         """
         entries = [Entry(UniqueMessage("m", "f", "f.py", f"error {n}", "p.py",
                                        n, "trace", f"app{n % 3}"),
@@ -283,7 +337,7 @@ class DefaultTemplateTests(SynchronousTestCase):
                                        max_details=2).render(
             Batch.of(entries))
         self.assertEqual(
-            subject, "nozzle1 errors: 40 total, 5 unique (app0, app1, app2)")
+            subject, "[nozzle1] 5 unique: error 0 in m (40 total)")
         self.assertIn("** 40 instances of 5 unique errors", body)
         self.assertIn(
             "9X error 1 (in app1, p.py:1)\n"
@@ -323,7 +377,7 @@ class DefaultTemplateTests(SynchronousTestCase):
         entry = Entry(UniqueMessage("m", "f", "f.py", "oops", "p.py", 1,
                                     "trace", None), {None: 2, "h": 1}, 0, 0)
         subject, body = renderer().render(Batch((entry,)))
-        self.assertEqual(subject, "nozzle1 errors: 3 total, 1 unique ()")
+        self.assertEqual(subject, "[nozzle1] 1 unique: oops in m (3 total)")
         self.assertIn("- on None, 2X\n- on h, 1X\n", body)
 
     def test_custom_unique_fields(self):
@@ -334,7 +388,7 @@ class DefaultTemplateTests(SynchronousTestCase):
         Custom = namedtuple("Custom", ["x", "y"])
         entry = Entry(Custom(1, 2), {"h": 1}, 0, 0)
         subject, body = renderer(unique_tuple=Custom).render(Batch((entry,)))
-        self.assertIn("1 total, 1 unique", subject)
+        self.assertEqual("[nozzle1] 1 unique (1 total)", subject)
         self.assertIn("- on h, 1X", body)
 
 
@@ -385,7 +439,7 @@ class CustomTemplateTests(SynchronousTestCase):
         self.write(path, "body-template.txt", "custom body")
         subject, body = renderer(path).render(EXAMPLE_BATCH)
         self.assertEqual(body, "custom body\n")
-        self.assertTrue(subject.startswith("nozzle1 errors: 5 total"))
+        self.assertTrue(subject.startswith("[nozzle1] 2 unique:"), subject)
 
     def test_multiline_subject_folded(self):
         """
@@ -789,11 +843,11 @@ class SubjectTests(SynchronousTestCase):
 
     def test_kinds_cut(self):
         """
-        The built-in subject lists the kinds that fit and says how many
+        The original's subject lists the kinds that fit and says how many
         more there are; the totals stay exact.
         """
         batch = Batch.of([error(n, kind=f"kind-{n:04d}") for n in range(2000)])
-        subject, body = renderer().render(batch)
+        subject, body = ORIGINAL_SUBJECT.render(batch)
         kinds = ", ".join(f"kind-{n:04d}" for n in range(8))
         self.assertEqual(subject, f"nozzle1 errors: 2000 total, 2000 unique "
                                   f"({kinds} +1992 more)")
@@ -805,7 +859,7 @@ class SubjectTests(SynchronousTestCase):
         A kind too long for the subject is shortened rather than left out.
         """
         batch = Batch.of([error(1, kind="k" * 5000), error(2, kind="z")])
-        subject, _ = renderer().render(batch)
+        subject, _ = ORIGINAL_SUBJECT.render(batch)
         self.assertEqual(subject, "nozzle1 errors: 2 total, 2 unique "
                                   f"({'k' * 89}... +1 more)")
 
@@ -826,18 +880,18 @@ class SubjectTests(SynchronousTestCase):
 
     def test_encoded_words_literal(self):
         """
-        An encoded word in a kind is shown as it is, never decoded into
+        An encoded word in a message is shown as it is, never decoded into
         the header, where its line break would start another header.
         """
-        kind = "=?utf-8?q?=0D=0ABcc:_evil@example.com?="
-        subject, body = renderer().render(Batch((error(1, kind=kind),)))
+        text = "=?utf-8?q?=0D=0ABcc:_evil@example.com?="
+        subject, body = renderer().render(Batch((error(1, message=text),)))
         message = build_message(subject=subject, body=body, **ENVELOPE)
         raw = message.as_bytes()
         self.assertNotIn(b"\nBcc:", raw)
         parsed = email.message_from_bytes(raw, policy=email.policy.default)
         self.assertIsNone(parsed["Bcc"])
         self.assertEqual(parsed["Subject"].replace("\N{ZERO WIDTH SPACE}", ""),
-                         f"nozzle1 errors: 1 total, 1 unique ({kind})")
+                         f"[nozzle1] 1 unique: {text} in m (1 total)")
 
     def test_control_characters(self):
         """
@@ -845,8 +899,8 @@ class SubjectTests(SynchronousTestCase):
         server refuse the digest.
         """
         subject, body = renderer().render(
-            Batch((error(1, kind="a\x00b\x1bc\x85d"),)))
-        self.assertTrue(subject.endswith("(a?b?c d)"), subject)
+            Batch((error(1, message="a\x00b\x1bc\x85d"),)))
+        self.assertTrue(subject.endswith(": a?b?c d in m (1 total)"), subject)
         raw = build_message(subject=subject, body=body, **ENVELOPE).as_bytes()
         self.assertNotIn(b"\0", raw)
 

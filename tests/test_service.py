@@ -20,7 +20,8 @@ from failnozzle.transport import MaildirTransport, SMTPTransport
 from failnozzle.service import FailnozzleService, make_transport
 from failnozzle.state import StateFile
 from failnozzle.steps import in_slices, run_at_once
-from tests.common import FakeMailTransport, Turns, make_settings, record, word
+from tests.common import (FakeMailTransport, Turns, digest_total, make_settings,
+                          record, word)
 
 MARKER = DEFAULT_MONITORING_ERROR_MARKERS[0]
 
@@ -262,7 +263,7 @@ class FlushLoopTests(ServiceTestCase):
         self.assertEqual(recipients, ("a@example.com", "b@example.com"))
         self.assertEqual(message["Reply-To"], "r@example.com")
         self.assertEqual(message["Subject"],
-                         "nozzle1 errors: 2 total, 1 unique (app)")
+                         "[nozzle1] 1 new: Error: boom in views (2 total)")
         self.assertEqual(message["Date"].datetime.timestamp(), 1010)
 
     def test_bad_input_in_digest(self):
@@ -1340,8 +1341,7 @@ class OutageTests(SynchronousTestCase):
             spooled_most = max(spooled_most,
                                len(service.outbox.spool.waiting.messages()))
         self.assertEqual(len(transport.accepted), 2)
-        totals = [int(message["Subject"].split("errors: ")[1].split()[0])
-                  for message in transport.accepted]
+        totals = [digest_total(message) for message in transport.accepted]
         # The first went GROUP_WAIT_SECONDS after the first error.
         self.assertEqual(totals[0], 1)
         self.assertEqual(sum(totals), sent)
