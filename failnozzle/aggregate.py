@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
-from functools import cached_property
 from typing import (Callable, Hashable, Iterable, Mapping, NamedTuple,
                     Optional, Sequence)
 
@@ -86,12 +85,12 @@ class _Tally:
                 self.examples += (example,)
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """
     One unique error in a batch; never changed once made (not frozen only
     because a frozen dataclass takes five times as long to make, and a
-    flush makes one per unique error).
+    flush makes one per unique error, sometimes twice).
 
     @ivar key: the values of the unique fields, in UNIQUE_MSG_TUPLE order,
         of the latest report: what the digest shows.
@@ -108,6 +107,7 @@ class Entry:
     @ivar variants: how many distinct reports were folded into it, and
         C{more_variants} whether there were more than that.
     @ivar examples: a few texts of what varied between them.
+    @ivar total: every instance, summed once when it is made.
     """
 
     key: tuple
@@ -120,11 +120,10 @@ class Entry:
     variants: int = 1
     more_variants: bool = False
     examples: tuple = ()
+    total: int = dataclasses.field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def total(self) -> int:
-        """Every instance (an entry does not change: summed once)."""
-        return sum(self.sources.values()) + self.other_sources
+    def __post_init__(self) -> None:
+        self.total = sum(self.sources.values()) + self.other_sources
 
     @property
     def identity(self) -> Hashable:
@@ -167,17 +166,21 @@ class Batch:
         Both batches as one, as for a digest that had to wait while errors
         kept coming.  Unique errors past C{max_unique} are only counted, in
         the overflow; sources of one error past C{max_sources}, if given, in
-        its C{other_sources}.
+        its C{other_sources}.  Entries are not changed: only errors in
+        both cost a new one.
         """
-        tallies = _tallies_of(self.entries)
+        merged = {entry.identity: entry for entry in self.entries}
         overflow = self.overflow + other.overflow
         for entry in other.entries:
-            if entry.identity not in tallies and len(tallies) >= max_unique:
-                overflow += entry.total
+            identity = entry.identity
+            mine = merged.get(identity)
+            if mine is not None:
+                merged[identity] = _combined(mine, entry, max_sources)
+            elif len(merged) < max_unique:
+                merged[identity] = entry
             else:
-                _merge_tally(tallies, entry.identity, _tally_of(entry),
-                             max_sources)
-        return _batch_of(tallies, overflow)
+                overflow += entry.total
+        return Batch.of(merged.values(), overflow)
 
     def rekeyed(self, rekey: Callable[[tuple], tuple],
                 grouping: Optional[Grouping] = None,
@@ -238,9 +241,12 @@ def _tally_of(entry: Entry) -> _Tally:
                   entry.examples)
 
 
-def _tallies_of(entries: Iterable[Entry]) -> dict:
-    """Fresh, mutable tallies holding what C{entries} say."""
-    return {entry.identity: _tally_of(entry) for entry in entries}
+def _combined(entry: Entry, other: Entry,
+              max_sources: Optional[int]) -> Entry:
+    """One entry of two of the same error (see L{_merge_tally})."""
+    tallies = {None: _tally_of(entry)}
+    _merge_tally(tallies, None, other, max_sources)
+    return _entry_of(tallies[None])
 
 
 def _entry_of(tally: _Tally) -> Entry:
@@ -491,7 +497,8 @@ class Aggregator:
         """Count a batch in again, such as one read back from a snapshot."""
         merged = _batch_of(self._tallies, self._overflow).merge(
             batch, self._max_unique, self._max_sources)
-        self._tallies = _tallies_of(merged.entries)
+        self._tallies = {entry.identity: _tally_of(entry)
+                         for entry in merged.entries}
         self._index, self._overflowing = {}, set()
         # The reports shown are indexed again, so that one arriving is not
         # counted as one more variant.
@@ -511,10 +518,11 @@ def _count(tally: _Tally) -> int:
     return sum(tally.sources.values()) + tally.other_sources
 
 
-def _merge_tally(tallies: dict, identity: Hashable, tally: _Tally,
+def _merge_tally(tallies: dict, identity: Hashable, tally: _Tally | Entry,
                  max_sources: Optional[int] = None) -> None:
     """
-    Add C{tally} to the one under C{identity}, which may not exist yet;
+    Add C{tally} (or an entry, which is only read) to the one under
+    C{identity}, which may not exist yet (then it must be a tally);
     sources past C{max_sources}, if given, are counted in
     C{other_sources}.  The key shown is the latest report's.
     """
