@@ -540,7 +540,7 @@ def run_cardinality(options) -> None:
               f"{statistics.median(run.lost for run in runs[grouping]):,.0f}")
     for digest in digests:
         print(f"  digest (last run): {digest['bytes']:,} bytes, "
-              f"{digest['total']:,} errors in its subject, "
+              f"{digest['total']:,} errors in its headline, "
               f"{digest['listed']:,} listed in full; summary: "
               f"{'; '.join(digest['summary lines']) or 'nothing more'}; "
               f"summary counts add up to the total: "

@@ -434,23 +434,47 @@ class FailnozzleService(Service):
             self.mail.configure(configured.reader, **limits)
 
     def startService(self) -> None:
+        """
+        Start the parts, in this order; L{stopService} stops them in its
+        own, which is not the reverse (signals are caught first and let go
+        first, the buffer is flushed after the ports close and before the
+        outbox stops).  A step that raises stops the start.
+        """
         super().startService()
+        for step in [
+                self._catch_sighup,  # first: a SIGHUP must not end us now
+                self.writer.start,
+                self._prepare_outputs,
+                self._restore,
+                self._start_listening,
+                self.outbox.recover,  # what the last run left in the spool
+                self._start_loops,
+                self._freeze_heap,  # last: what start-up made lasts
+        ]:
+            step()
+
+    def _catch_sighup(self) -> None:
         if self._reload_settings is not None:
-            # First: a SIGHUP from now on must not end the process.
             self._previous_sighup = signal.signal(signal.SIGHUP,
                                                   self._sighup)
-        self.writer.start()
+
+    def _prepare_outputs(self) -> None:
         transport = self.outbox.transport
         if isinstance(transport, MaildirTransport):
             _prepare(transport, "MAILDIR", "digests cannot be written")
         _prepare(self.outbox.spool, "SPOOL_DIR",
                  "messages wait in memory only")
+
+    def _restore(self) -> None:
+        """What the last run remembered and had counted, if kept."""
         if self.state_file is not None:
             self.seen.restore(self._seen_file.read())
             self._restore_state()
             # Also finds out now, not at the first flush, if it cannot be
             # written.
             self.save_state()
+
+    def _start_listening(self) -> None:
         self._listen(self._sockets, moved=False)
         self._sockets = {}
         address = self.udp_port.getHost()
@@ -459,11 +483,8 @@ class FailnozzleService(Service):
             "every {seconds:g} s to {transport}",
             host=address.host, port=address.port,
             seconds=self.settings.FLUSH_SECONDS,
-            transport=transport.describe(),
+            transport=self.outbox.transport.describe(),
         )
-        self.outbox.recover()
-        self._start_loops()
-        self._freeze_heap()
 
     def _listen(self, sockets: dict, moved: bool = True) -> None:
         """
