@@ -278,9 +278,10 @@ class Daemon:
         self.directory = directory
         config = os.path.join(directory, "site.py")
         # Every error in a digest at every flush (no quiet repeats), so
-        # what it counted is what its digests say.
+        # what it counted is what its digests say; HTTP, as UDP, on a free
+        # port.
         settings = {"UDP_BIND": ("127.0.0.1", 0), "REPEAT_SECONDS": 0,
-                    **settings}
+                    "HTTP_BIND": ("127.0.0.1", 0), **settings}
         with open(config, "w") as out:
             for name, value in settings.items():
                 out.write(f"{name} = {value!r}\n")

@@ -84,6 +84,10 @@ class Settings:
     MAX_EXC_TEXT_CHARS: int = 16384
     MAX_SOURCES_PER_ERROR: int = 100
 
+    #: The status page, metrics, health and control API (None: off).
+    HTTP_BIND: Optional[tuple] = ("127.0.0.1", 1550)
+    HTTP_TOKEN: Optional[str] = None
+
     SMTP_INGEST_BIND: Optional[tuple] = None
     SMTP_INGEST_MAX_BYTES: int = 10 * 1024 * 1024
     SMTP_INGEST_MAX_CONNECTIONS: int = 100
@@ -282,6 +286,17 @@ def _login(name: str, value: object) -> Optional[str]:
     if text is not None and any(c in text for c in "\0\r\n"):
         raise ConfigError(f"{name} cannot hold NUL, CR or LF, as "
                           f"{_shown(text)} does")
+    return text
+
+
+def _token(name: str, value: object) -> Optional[str]:
+    """A bearer token: long enough not to be guessed, sent in a header."""
+    text = _optional_string(name, value)
+    if text is not None and not (
+            16 <= len(text) <= 1000 and text.isascii() and text.isprintable()
+            and " " not in text):
+        raise ConfigError(f"{name} must be 16 to 1,000 printable ASCII "
+                          f"characters without spaces")
     return text
 
 
@@ -681,6 +696,9 @@ _CHECKS: Mapping[str, Checker] = {
     "MAX_FIELD_CHARS": _count(100_000),
     "MAX_EXC_TEXT_CHARS": _count(1_000_000),
     "MAX_SOURCES_PER_ERROR": _count(10_000),
+    "HTTP_BIND": _optional_bind_address,
+    "HTTP_TOKEN": _Secret(_token, "16 to 1,000 printable ASCII characters "
+                                  "without spaces"),
     "SMTP_INGEST_BIND": _optional_bind_address,
     "SMTP_INGEST_MAX_BYTES": _count(100 * 1024 * 1024),
     "SMTP_INGEST_MAX_CONNECTIONS": _count(10_000),
@@ -992,6 +1010,12 @@ def _complete(settings: Settings, notices: list, problems: list,
         missing = _missing_partner(settings, *pair)
         if missing is not None:
             problem(missing, *pair)
+    if (settings.HTTP_BIND is not None and settings.HTTP_TOKEN is None
+            and not ipaddress.ip_address(settings.HTTP_BIND[0]).is_loopback):
+        problem(f"HTTP_BIND {settings.HTTP_BIND[0]} is not a loopback "
+                f"address, so HTTP_TOKEN is required (status, metrics and "
+                f"control are open to loopback only)", "HTTP_BIND",
+                "HTTP_TOKEN")
     if settings.RETRY_MAX_SECONDS < settings.RETRY_MIN_SECONDS:
         problem("RETRY_MAX_SECONDS must not be less than RETRY_MIN_SECONDS",
                 "RETRY_MIN_SECONDS", "RETRY_MAX_SECONDS")

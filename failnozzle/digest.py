@@ -157,7 +157,7 @@ class Occurrences:
             self.status = status.kind
             self.since = utc(status.since)
             self.seen_total = status.total
-            self.quiet_for = _duration(status.quiet) if status.quiet else None
+            self.quiet_for = duration(status.quiet) if status.quiet else None
         self._named = entry.sources
         if max_sources is not None and len(entry.sources) > max_sources:
             self._named = dict(itertools.islice(entry.sources.items(),
@@ -187,7 +187,7 @@ MAX_STILL_HAPPENING = 100
 _STILL_HAPPENING_CHARS = 200
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """A time as a reader says it: C{"3 days"}, C{"5 hours"}."""
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if seconds >= size:

@@ -20,6 +20,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from failnozzle.aggregate import SCALAR_TYPES, Report, rekeying
+from failnozzle.counts import Counts
 from failnozzle.ratelog import RateLimitedLog
 from failnozzle.textcap import (cut_end, cut_middle, format_capped,
                                 recut_middle)
@@ -375,14 +376,19 @@ class ErrorReceiver(DatagramProtocol):
     noisy = False
 
     def __init__(self, reader: RecordReader, aggregator,
-                 clock: IReactorTime) -> None:
+                 clock: IReactorTime, counts: Optional[Counts] = None,
+                 input_name: str = "udp") -> None:
         """
         @param aggregator: an L{failnozzle.aggregate.Aggregator}.
+        @param counts: where the datagrams read and the bad ones are
+            counted, under C{input_name}.
         """
         #: What reads datagrams: replaced by a reload.
         self.reader = reader
         self._aggregator = aggregator
         self._bad_input_log = RateLimitedLog(_log, clock)
+        self._counts = counts or Counts(0.0)
+        self._input_name = input_name
 
     #: How many datagrams the port reads per wake-up, at most: about 5 ms
     #: of them, enough to make the reactor's turn cheap per datagram, few
@@ -418,6 +424,7 @@ class ErrorReceiver(DatagramProtocol):
     def report_bad_input(self, error: BadDatagram, sender: tuple) -> None:
         """Count bad input from C{sender} for the digest, and log it."""
         self._aggregator.add_bad_input(error, sender[0])
+        self._counts.bad_input[error.reason] += 1
         self._bad_input_log.warn(
             error.reason, "Bad input from {host}:{port}: {error}",
             host=sender[0], port=sender[1], error=error)
@@ -433,13 +440,17 @@ class ErrorReceiver(DatagramProtocol):
         """
         recvfrom = self.transport.getHandle().recvfrom
         size = self.reader.max_size + 1
+        read = limit
         for count in range(limit):
             try:
                 data, addr = recvfrom(size)
             except (BlockingIOError, ConnectionRefusedError):
-                return count
+                read = count
+                break
             self.datagramReceived(data, addr)
-        return limit
+        # Counted once a batch, not once a datagram.
+        self._counts.received[self._input_name] += read
+        return read
 
     def stopProtocol(self) -> None:
         self._bad_input_log.stop()

@@ -1,6 +1,6 @@
 """
-The ports errors arrive on: UDP_BIND and GELF_BIND (datagrams) and
-SMTP_INGEST_BIND (mail).
+The ports errors arrive on: UDP_BIND and GELF_BIND (datagrams),
+SMTP_INGEST_BIND (mail), and HTTP_BIND (status, metrics and control).
 
 Sockets are bound before the reactor runs, so a port in use, or an address
 not on this machine, stops start-up with one line naming the setting (and a
@@ -23,7 +23,7 @@ from failnozzle.mailin import bind_tcp_socket
 _log = Logger()
 
 #: The settings naming an address to listen on, in the order they start.
-LISTENING = ("UDP_BIND", "GELF_BIND", "SMTP_INGEST_BIND")
+LISTENING = ("UDP_BIND", "GELF_BIND", "SMTP_INGEST_BIND", "HTTP_BIND")
 #: Those of them that take datagrams.
 DATAGRAM = ("UDP_BIND", "GELF_BIND")
 
@@ -113,7 +113,9 @@ class Listeners:
         if port is None:
             return None
         bound = port.getHost()
-        return (bound.host, bound.port)
+        # Not an IP address: a memory reactor's port, in tests.
+        host = getattr(bound, "host", None)
+        return None if host is None else (host, bound.port)
 
     def stop(self, names: Iterable[str]) -> defer.Deferred:
         """

@@ -49,6 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from failnozzle.config import ConfigError
+from failnozzle.counts import Counts
 from failnozzle.ingest import BadDatagram
 from failnozzle.ratelog import RateLimitedLog
 from failnozzle.textcap import one_line
@@ -1224,7 +1225,8 @@ class MailIngest(ServerFactory):
                  tls: Optional[ssl.CertificateOptions] = None,
                  in_thread: Callable[..., defer.Deferred] = (
                      defer.maybeDeferred),
-                 max_held_bytes: int = MAX_HELD_BYTES) -> None:
+                 max_held_bytes: int = MAX_HELD_BYTES,
+                 counts: Optional[Counts] = None) -> None:
         """
         @param reader: the L{failnozzle.ingest.RecordReader} datagrams are
             read with, for the unique key of each message's record.
@@ -1242,8 +1244,10 @@ class MailIngest(ServerFactory):
             such as in the reactor's thread pool; by default on the
             reactor.
         @param max_held_bytes: what all messages may hold together.
+        @param counts: where the messages received are counted.
         """
         self._aggregator = aggregator
+        self._counts = counts or Counts(0.0)
         self._report_bad_input = report_bad_input
         self._saved = saved
         self.clock = clock
@@ -1339,6 +1343,7 @@ class MailIngest(ServerFactory):
             raise _stopping()
         if message.abandoned:
             return None  # Not told 250, the client sends it again.
+        self._counts.received["mail"] += 1
         if isinstance(record, Failure):
             self._report_bad_input(BadMail(
                 f"{record.type.__name__}: {record.value}", data), sender)

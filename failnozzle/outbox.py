@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import EmailMessage
 from email.policy import SMTP, default as default_policy
 from email.utils import getaddresses, parseaddr
-from typing import Optional
+from typing import Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -23,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from failnozzle.config import Settings
+from failnozzle.counts import Counts
 from failnozzle.shrink import shrink, wire_size
 from failnozzle.spool import BadEntry, Maildir, Spool, read_entry, written_at
 from failnozzle.transport import (MessageTooBig, RecipientsRefused,
@@ -31,6 +33,9 @@ from failnozzle.transport import (MessageTooBig, RecipientsRefused,
 from failnozzle.writer import InlineWriter, Writer
 
 _log = Logger()
+
+#: What is read of a failed message to list it: its headers.
+_HEADER_BYTES = 64 * 1024
 
 
 def envelope(message: EmailMessage) -> tuple:
@@ -182,11 +187,14 @@ class Outbox:
                  lifetime: float = 5 * 24 * 3600,
                  writer: Optional[Writer] = None,
                  max_bytes: int = Settings.DIGEST_MAX_BYTES,
-                 unconfirmed_retries: int = 2) -> None:
+                 unconfirmed_retries: int = 2,
+                 counts: Optional[Counts] = None) -> None:
         """
         @param writer: writes the spool; by default at once, in the
             reactor's thread.
+        @param counts: where deliveries and failures are counted.
         """
+        self.counts = counts or Counts(0.0)
         self.spool = spool
         self._clock = clock
         self._writer = writer or InlineWriter()
@@ -223,6 +231,78 @@ class Outbox:
         """
         return {waiting.kind for waiting in self._waiting
                 if waiting.state is not _State.FINISHING}
+
+    def waiting_since(self) -> list:
+        """When each message not delivered yet was made (reactor time)."""
+        return [waiting.created for waiting in self._waiting
+                if waiting.state is not _State.FINISHING]
+
+    def failed(self) -> list:
+        """
+        The messages given up on, in C{failed/}: their file names, oldest
+        first.
+
+        @raise OSError: the directory cannot be read.
+        """
+        try:
+            return [os.path.basename(path)
+                    for path in self.spool.failed.messages()]
+        except FileNotFoundError:
+            return []
+
+    def described_failed(self, name: str) -> dict:
+        """
+        What the control API lists of the message C{name} in C{failed/}:
+        its id, subject, recipients, size and when it was given up on.
+        """
+        path = os.path.join(self.spool.failed.path, "new", name)
+        described = {"id": name, "subject": None, "to": None, "bytes": None,
+                     "failed_at": None}
+        try:
+            data, size = read_entry(path, _HEADER_BYTES)
+            described.update(bytes=size, failed_at=os.stat(path).st_mtime)
+        except (OSError, BadEntry):
+            return described
+        headers = message_from_bytes(data.split(b"\n\n", 1)[0],
+                                     policy=default_policy)
+        described.update(subject=str(headers.get("Subject", "")),
+                         to=str(headers.get("To", "")))
+        return described
+
+    def resend(self, names: Optional[Sequence[str]] = None
+               ) -> defer.Deferred:
+        """
+        Put messages given up on (by file name; all of them if None) back
+        into the spool and try to deliver them now.
+
+        @return: a Deferred firing with the names taken back.
+        @raise KeyError: a name is not in C{failed/}.
+        """
+        present = self.failed()
+        unknown = sorted(set(names or ()) - set(present))
+        if unknown:
+            raise KeyError(", ".join(unknown))
+        chosen = present if names is None else [
+            name for name in present if name in set(names)]
+        paths = [os.path.join(self.spool.failed.path, "new", name)
+                 for name in chosen]
+
+        def take_back() -> list:
+            return [self.spool.waiting.take(path) for path in paths]
+
+        def taken(moved: list) -> list:
+            for path in moved:
+                waiting = self._recovered(path)
+                if waiting is not None:
+                    self._waiting.append(waiting)
+                    waiting.spooled.callback(True)
+                    self._attempt(waiting)
+            _log.info("{count} message(s) taken back from {path} to be "
+                      "sent again", count=len(moved),
+                      path=self.spool.failed.path)
+            return chosen
+
+        return self._writer.run(take_back).addCallback(taken)
 
     def recover(self) -> int:
         """
@@ -432,6 +512,7 @@ class Outbox:
                   transport=self.transport.describe(),
                   where=f": {result}" if isinstance(result, str) else "",
                   cut=cut)
+        self.counts.delivered(waiting.kind, self._clock.seconds())
         waiting.state = _State.FINISHING
         self._settle()
         if waiting.path is None:
@@ -465,20 +546,27 @@ class Outbox:
                                   in error.refused]
         reason = describe_failure(failure,
                                   getattr(self.transport, "timeout", 0))
-        age = self._clock.seconds() - waiting.created
+        now = self._clock.seconds()
+        age = now - waiting.created
         if isinstance(error, MessageTooBig):
+            self.counts.not_delivered("too_big", reason, now)
             self._too_big(waiting, error, reason)
         elif is_permanent(failure):
+            self.counts.not_delivered("permanent", reason, now)
             self._give_up(waiting, reason)
         elif age >= self._lifetime:
+            self.counts.not_delivered("expired", reason, now)
             self._give_up(waiting, f"{reason}; still undelivered after "
                                    f"{age:.0f} s (SPOOL_LIFETIME_SECONDS)")
-        elif (isinstance(error, UnconfirmedDelivery)
-              and waiting.unconfirmed >= self._unconfirmed_retries):
-            self._probably_delivered(waiting, reason)
-        else:
-            if isinstance(error, UnconfirmedDelivery):
+        elif isinstance(error, UnconfirmedDelivery):
+            self.counts.not_delivered("unconfirmed", reason, now)
+            if waiting.unconfirmed >= self._unconfirmed_retries:
+                self._probably_delivered(waiting, reason)
+            else:
                 waiting.unconfirmed += 1
+                self._retry_later(waiting, reason, age)
+        else:
+            self.counts.not_delivered("temporary", reason, now)
             self._retry_later(waiting, reason, age)
 
     def _retry_later(self, waiting: _Waiting, reason: str,

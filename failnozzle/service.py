@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from failnozzle.aggregate import Aggregator, Batch, Entry, RateWindow
 from failnozzle.config import (DEFAULT_FIELDS, UNUSED_SETTINGS, ConfigError,
                                Settings, changed_settings)
+from failnozzle.counts import Counts
 from failnozzle.digest import DigestRenderer, build_message, pager_alert
 from failnozzle.fingerprint import CustomFingerprint, Grouping
 from failnozzle.gelf import GELFDecoder, GELFRecordReader
@@ -36,9 +37,13 @@ from failnozzle.spool import Spool
 from failnozzle.state import State, StateFile
 from failnozzle.steps import Steps, run_at_once
 from failnozzle.transport import MaildirTransport, SMTPTransport
+from failnozzle.web import make_site
 from failnozzle.writer import InlineWriter, Writer
 
 _log = Logger()
+
+#: What status and metrics call the datagrams of each port.
+_INPUT_NAMES = {"UDP_BIND": "udp", "GELF_BIND": "gelf"}
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,7 @@ class FailnozzleService(Service):
                  in_steps: Callable[[Steps], defer.Deferred] = run_at_once,
                  gelf_socket: Optional[socket.socket] = None,
                  smtp_socket: Optional[socket.socket] = None,
+                 http_socket: Optional[socket.socket] = None,
                  wall_offset: Callable[[], float] = lambda: 0.0,
                  reload_settings: Optional[Callable[[], tuple]] = None,
                  writer: Optional[Writer] = None,
@@ -186,6 +192,8 @@ class FailnozzleService(Service):
             same way: both take GELF and failnozzle's JSON.
         @param smtp_socket: a bound, listening TCP socket (SMTP_INGEST_BIND)
             to receive errors by mail on.
+        @param http_socket: one (HTTP_BIND) to serve status, metrics,
+            health and control on.
         @param wall_offset: how far the wall clock is ahead of the
             reactor's time (see L{failnozzle.clock}); what people read is
             dated in wall-clock time.
@@ -213,8 +221,11 @@ class FailnozzleService(Service):
         self._in_steps = in_steps
         self._sockets = {name: sock for name, sock in (
             ("UDP_BIND", udp_socket), ("GELF_BIND", gelf_socket),
-            ("SMTP_INGEST_BIND", smtp_socket)) if sock is not None}
+            ("SMTP_INGEST_BIND", smtp_socket), ("HTTP_BIND", http_socket))
+            if sock is not None}
         self._listeners = Listeners(reactor)
+        #: What it has done since it started, for status and metrics.
+        self.counts = Counts(reactor.seconds())
         self._gelf = GELFDecoder(reactor,
                                  on_incomplete=self._report_bad_input)
         self.outbox: Optional[Outbox] = None
@@ -230,13 +241,14 @@ class FailnozzleService(Service):
         #: The protocol of each datagram port, by setting: one each, made
         #: anew when a reload moves the port.
         self._receivers = {"UDP_BIND": ErrorReceiver(
-            configured.reader, self.aggregator, reactor)}
+            configured.reader, self.aggregator, reactor, self.counts,
+            _INPUT_NAMES["UDP_BIND"])}
         self.mail: Optional[MailIngest] = None
         self.rate_window = RateWindow(settings.PAGER_WINDOW_SIZE,
                                       settings.PAGER_LIMIT)
         self.outbox = Outbox(configured.transport,
                              Spool(settings.SPOOL_DIR, reactor), reactor,
-                             writer=self.writer)
+                             writer=self.writer, counts=self.counts)
         self.state_file: Optional[StateFile] = None
         #: Every error reported, and where it is kept between runs (beside
         #: the state file; none without snapshots).
@@ -264,6 +276,8 @@ class FailnozzleService(Service):
         self._snapshot_loop.clock = reactor
         self._previous_sighup = None
         self._apply(settings, configured, set(), None)
+        #: The HTTP site of HTTP_BIND: status, metrics, control.
+        self.web = make_site(self)
 
     @property
     def ports(self) -> list:
@@ -282,6 +296,42 @@ class FailnozzleService(Service):
     @property
     def smtp_port(self):
         return self._listeners.get("SMTP_INGEST_BIND")
+
+    def listening(self) -> dict:
+        """Setting name to the (host, port) it listens on, for those set."""
+        return {name: address for name, address in (
+            (name, self._listeners.address(name)) for name in LISTENING)
+            if address is not None}
+
+    def datagram_sockets(self) -> list:
+        """The sockets of the datagram ports, for the kernel's counts."""
+        return [port.socket for port in self.ports
+                if getattr(port, "socket", None) is not None]
+
+    @property
+    def can_reload(self) -> bool:
+        """Whether L{reload} can read the config again."""
+        return self._reload_settings is not None
+
+    def reactor_seconds(self) -> float:
+        return self._reactor.seconds()
+
+    def wall_time(self, seconds: float) -> float:
+        """The wall-clock time of the reactor's time C{seconds}."""
+        return seconds + self._wall_offset()
+
+    @property
+    def held(self) -> dict:
+        """Per digest kind, the errors waiting for the next digest."""
+        return dict(self._held)
+
+    @property
+    def next_flush(self) -> Optional[float]:
+        """When the next flush is due (reactor time), if one is."""
+        calls = [call.getTime() for call in (self._flush_loop.call,
+                                             self._group_wait)
+                 if call is not None and call.active()]
+        return min(calls, default=None)
 
     def _configure(self, settings: Settings, changed: set) -> _Configured:
         """
@@ -429,7 +479,7 @@ class FailnozzleService(Service):
             self.mail = MailIngest(
                 configured.reader, self.aggregator, self._report_bad_input,
                 self.saved_soon, self._reactor, in_thread=self._in_thread,
-                **limits)
+                counts=self.counts, **limits)
         else:
             self.mail.configure(configured.reader, **limits)
 
@@ -495,20 +545,22 @@ class FailnozzleService(Service):
             sock = sockets.get(name)
             if sock is None:
                 continue
-            protocol = self.mail
+            protocol = self.web if name == "HTTP_BIND" else self.mail
             if name in DATAGRAM:
                 receiver = self._receivers.get(name)
                 if receiver is None or receiver.numPorts:
                     # The old port may still be closing with its own.
                     receiver = self._receivers[name] = ErrorReceiver(
-                        self._reader, self.aggregator, self._reactor)
+                        self._reader, self.aggregator, self._reactor,
+                        self.counts, _INPUT_NAMES[name])
                 protocol = receiver
             self._listeners.adopt(
                 name, sock, protocol,
                 self.settings.INCOMING_MESSAGE_MAX_SIZE + 1)
             address = self._listeners.get(name).getHost()
             what = {"GELF_BIND": "GELF on UDP",
-                    "SMTP_INGEST_BIND": "mail on SMTP"}.get(name)
+                    "SMTP_INGEST_BIND": "mail on SMTP",
+                    "HTTP_BIND": "status and control on HTTP"}.get(name)
             if what is not None:
                 _log.info("failnozzle listening for {what} {host}:{port}",
                           what=what, host=address.host, port=address.port)
@@ -783,6 +835,7 @@ class FailnozzleService(Service):
                      unsettled=self._unsettled_batches())
 
     def _state_saved(self, _: object) -> None:
+        self.counts.last_snapshot = self._reactor.seconds()
         if self._state_unwritable:
             _log.info("STATE_FILE {path} is written again",
                       path=self.state_file.path)
@@ -865,8 +918,9 @@ class FailnozzleService(Service):
         @return: the outcomes (see L{Outbox.send}) of the messages sent.
         """
         batch = self.aggregator.flush()
+        self.counts.last_flush = self._reactor.seconds()
         if batch:
-            self._last_busy_flush = self._reactor.seconds()
+            self._last_busy_flush = self.counts.last_flush
         self._check_fields(batch)
         try:
             monitoring, real = batch.partition(self._is_monitoring)

@@ -68,6 +68,9 @@ class Options(usage.Options):
         ["smtp-ingest", None, None,
          "Receive errors by mail (SMTP) on HOST:PORT, e.g. "
          "127.0.0.1:2525 (SMTP_INGEST_BIND)."],
+        ["http", None, None,
+         "Serve the status page, metrics, health and control API on "
+         "HOST:PORT (HTTP_BIND; default 127.0.0.1:1550), or 'off'."],
     ]
 
     def opt_version(self) -> NoReturn:
@@ -95,6 +98,10 @@ class Options(usage.Options):
         if self["smtp-ingest"] is not None:
             self.overrides["SMTP_INGEST_BIND"] = _host_port(
                 "--smtp-ingest", self["smtp-ingest"])
+        if self["http"] is not None:
+            self.overrides["HTTP_BIND"] = (
+                None if self["http"] == "off"
+                else _host_port("--http", self["http"], "127.0.0.1"))
         if self["check"]:
             raise SystemExit(report_check(self["config"], self.overrides))
 
@@ -215,6 +222,7 @@ def makeService(options: Options, reactor=None) -> IService:
                 in_steps=in_slices(reactor),
                 gelf_socket=sockets.get("GELF_BIND"),
                 smtp_socket=sockets.get("SMTP_INGEST_BIND"),
+                http_socket=sockets.get("HTTP_BIND"),
                 wall_offset=wall_offset, reload_settings=load,
                 freeze_heap=freeze)
         except BaseException:

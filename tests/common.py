@@ -54,9 +54,10 @@ def free_tcp_port() -> int:
 
 def start_service(testcase, transport=None, **overrides) -> FailnozzleService:
     """
-    Start a L{FailnozzleService} on 127.0.0.1 (a free UDP port, and a TCP
-    port for mail if SMTP_INGEST_BIND is given) with the real reactor and
-    its disk writer thread; it is stopped when the test ends.
+    Start a L{FailnozzleService} on 127.0.0.1 (a free UDP port, and TCP
+    ports for mail and HTTP if SMTP_INGEST_BIND or HTTP_BIND is given) with
+    the real reactor and its disk writer thread; it is stopped when the
+    test ends.
     """
     overrides.setdefault("UDP_BIND", ("127.0.0.1", 0))
     for name in ("SPOOL_DIR", "STATE_FILE", "MAILDIR"):
@@ -65,8 +66,12 @@ def start_service(testcase, transport=None, **overrides) -> FailnozzleService:
     udp_socket, _ = bind_udp_socket(*settings.UDP_BIND, settings.UDP_RCVBUF)
     smtp_socket = (bind_tcp_socket(*settings.SMTP_INGEST_BIND)
                    if settings.SMTP_INGEST_BIND else None)
+    http_socket = (bind_tcp_socket(*settings.HTTP_BIND)
+                   if "HTTP_BIND" in overrides and settings.HTTP_BIND
+                   else None)
     service = FailnozzleService(settings, reactor, udp_socket, transport,
                                 smtp_socket=smtp_socket,
+                                http_socket=http_socket,
                                 writer=DiskWriter(reactor))
     service.startService()
     testcase.addCleanup(lambda: service.running and service.stopService())
@@ -578,6 +583,11 @@ class FakeMailTransport:
         for *_, result in self.pending:
             if not result.called:
                 result.callback(None)
+
+    def fail_all(self, error: Exception):
+        for *_, result in self.pending:
+            if not result.called:
+                result.errback(error)
 
     def by_kind(self, kind):
         return [(sender, recipients, message)

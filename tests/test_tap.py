@@ -26,6 +26,11 @@ def options(*argv):
     return parsed
 
 
+def serving(*argv):
+    """Options for a service to make: HTTP on a free port, as UDP."""
+    return options(*argv, "--http", "127.0.0.1:0")
+
+
 class OptionsTests(SynchronousTestCase):
     """
     Command-line options override the config file.
@@ -292,7 +297,7 @@ class MakeServiceTests(SynchronousTestCase):
         return path
 
     def make(self, *argv):
-        service = makeService(options(*argv), MemoryReactorClock())
+        service = makeService(serving(*argv), MemoryReactorClock())
         for sock in service._sockets.values():
             self.addCleanup(sock.close)
         return service
@@ -308,7 +313,8 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(service, FailnozzleService)
         self.assertEqual(service.settings.FLUSH_SECONDS, 3)
         self.assertEqual(service.settings.SERVER_NAME, "nozzle1")
-        [sock] = service._sockets.values()
+        self.assertEqual(set(service._sockets), {"UDP_BIND", "HTTP_BIND"})
+        sock = service._sockets["UDP_BIND"]
         self.assertEqual(sock.getsockname()[0], "127.0.0.1")
 
     def test_gelf_bind(self):
@@ -318,7 +324,8 @@ class MakeServiceTests(SynchronousTestCase):
         """
         path = self.config("GELF_BIND = ('127.0.0.1', 0)\n")
         service = self.make("--config", path, "--udp", "127.0.0.1:0")
-        self.assertEqual(set(service._sockets), {"UDP_BIND", "GELF_BIND"})
+        self.assertEqual(set(service._sockets),
+                         {"UDP_BIND", "GELF_BIND", "HTTP_BIND"})
         taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(taken.close)
         taken.bind(("127.0.0.1", 0))
@@ -381,7 +388,7 @@ class SMTPIngestTests(SynchronousTestCase):
         """
         The TCP socket is bound and listening before the service starts.
         """
-        service = makeService(options("--udp", "127.0.0.1:0",
+        service = makeService(serving("--udp", "127.0.0.1:0",
                                       "--smtp-ingest", "127.0.0.1:0"),
                               MemoryReactorClock())
         for bound in service._sockets.values():

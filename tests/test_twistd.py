@@ -158,6 +158,11 @@ def spawn_twistd(testcase: TestCase, args: list, cwd: str,
     when the test ends, it is killed (SIGKILL) and waited for.
     """
     process = process or TwistdProcess()
+    if (command == TWISTD and "failnozzle" in args
+            and not any(arg.startswith("--http") for arg in args)):
+        # HTTP on a free port, as UDP: tests run side by side.
+        at = args.index("failnozzle") + 1
+        args = args[:at] + ["--http", "127.0.0.1:0"] + args[at:]
     transport = reactor.spawnProcess(process, sys.executable, command + args,
                                      env=child_environment(), path=cwd)
 

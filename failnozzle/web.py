@@ -1,0 +1,293 @@
+"""
+The HTTP face (HTTP_BIND), on twisted.web: the status page (/) and its
+JSON (/status), health for probes (/healthz), Prometheus metrics (/metrics)
+and the control API failnozzle-ctl speaks (/api/...).
+
+Who may ask: on a loopback address status and metrics are open and control
+takes HTTP_TOKEN if one is set; on any other address everything but
+/healthz takes it (the config refuses such an address without a token).
+The token comes as C{Authorization: Bearer TOKEN} and is compared in
+constant time.  A control request must say C{Content-Type:
+application/json}, which a web page cannot make a browser send to another
+site without asking it first.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import time
+from typing import Callable, Optional
+
+import orjson
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from failnozzle.digest import duration
+from failnozzle.metrics import MetricsPage
+from failnozzle.status import health_of, status_of
+
+_log = Logger()
+
+#: The most a control request's body may hold.
+MAX_CONTROL_BYTES = 64 * 1024
+
+_TEMPLATES = Environment(
+    loader=FileSystemLoader(os.path.join(os.path.dirname(__file__),
+                                         "templates")),
+    autoescape=select_autoescape(["html"]))
+_TEMPLATES.filters["utc"] = lambda seconds: time.strftime(
+    "%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+_TEMPLATES.filters["duration"] = duration
+
+
+def make_site(service) -> Site:
+    """The twisted.web site of a L{failnozzle.service.FailnozzleService}."""
+    access = _Access(service)
+    root = _Root(service, access)
+    root.putChild(b"status", _Guarded(access, _StatusJSON(service)))
+    root.putChild(b"healthz", _Health(service))
+    root.putChild(b"metrics", _Guarded(access, MetricsPage(service)))
+    api = Resource()
+    api.putChild(b"status", _Guarded(access, _StatusJSON(service)))
+    api.putChild(b"flush", _Control(access, service, _flush))
+    api.putChild(b"reload", _Control(access, service, _reload))
+    failed = _Guarded(access, _FailedList(service))
+    failed.putChild(b"resend", _Control(access, service, _resend))
+    api.putChild(b"failed", failed)
+    root.putChild(b"api", api)
+    site = Site(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
+
+
+class _Access:
+    """Whether a request may read status, or control."""
+
+    def __init__(self, service) -> None:
+        self._service = service
+
+    def _token(self) -> Optional[bytes]:
+        token = self._service.settings.HTTP_TOKEN
+        return None if token is None else token.encode("ascii")
+
+    def open_status(self) -> bool:
+        """Status is open on a loopback address."""
+        address = self._service.settings.HTTP_BIND
+        return address is not None and is_loopback(address[0])
+
+    def allows(self, request: Request, control: bool) -> bool:
+        token = self._token()
+        if token is None:
+            return not control or self.open_status()
+        if not control and self.open_status():
+            return True
+        given = request.getHeader(b"authorization") or b""
+        scheme, _, value = given.partition(b" ")
+        return (scheme.lower() == b"bearer"
+                and hmac.compare_digest(value.strip(), token))
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _refuse(request: Request, code: int, why: str) -> bytes:
+    return _json(request, {"error": why}, code)
+
+
+def _json(request: Request, value, code: int = 200) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n"
+
+
+class _Guarded(Resource):
+    """A read-only resource behind L{_Access}."""
+
+    def __init__(self, access: _Access, inner: Resource) -> None:
+        super().__init__()
+        self._access = access
+        self._inner = inner
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return self._inner.getChildWithDefault(path, request)
+
+    def render(self, request: Request):
+        if not self._access.allows(request, control=False):
+            request.setHeader(b"www-authenticate", b'Bearer realm="failnozzle"')
+            return _refuse(request, 401, "HTTP_TOKEN required")
+        return self._inner.render(request)
+
+
+class _Root(Resource):
+    """The status page."""
+
+    def __init__(self, service, access: _Access) -> None:
+        super().__init__()
+        self._service = service
+        self._access = access
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"":
+            return self
+        return super().getChild(path, request)
+
+    def render_GET(self, request: Request) -> bytes:
+        if not self._access.allows(request, control=False):
+            request.setHeader(b"www-authenticate", b'Bearer realm="failnozzle"')
+            return _refuse(request, 401, "HTTP_TOKEN required")
+        status = status_of(self._service)
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return _TEMPLATES.get_template("status.html").render(
+            status=status, health=health_of(self._service)).encode("utf-8")
+
+
+class _StatusJSON(Resource):
+    isLeaf = True
+
+    def __init__(self, service) -> None:
+        super().__init__()
+        self._service = service
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json(request, status_of(self._service))
+
+
+class _Health(Resource):
+    """200 "ok", or 503 and why: for load balancers and probes."""
+
+    isLeaf = True
+
+    def __init__(self, service) -> None:
+        super().__init__()
+        self._service = service
+
+    def render_GET(self, request: Request) -> bytes:
+        problem = health_of(self._service)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        if problem is not None:
+            request.setResponseCode(503)
+            return f"unhealthy: {problem}\n".encode("utf-8")
+        return b"ok\n"
+
+
+class _FailedList(Resource):
+    """GET /api/failed: the messages given up on."""
+
+    def __init__(self, service) -> None:
+        super().__init__()
+        self._service = service
+
+    def render_GET(self, request: Request) -> bytes:
+        try:
+            names = self._service.outbox.failed()
+        except OSError as error:
+            return _refuse(request, 500, f"cannot read failed/: "
+                                         f"{error.strerror}")
+        return _json(request, {"failed": [
+            self._service.outbox.described_failed(name) for name in names]})
+
+
+class _Control(Resource):
+    """A POST that acts: C{action(service, body)} gives the reply, or a
+    Deferred of it."""
+
+    isLeaf = True
+
+    def __init__(self, access: _Access, service,
+                 action: Callable[[object, dict], object]) -> None:
+        super().__init__()
+        self._access = access
+        self._service = service
+        self._action = action
+
+    def render_POST(self, request: Request):
+        if not self._access.allows(request, control=True):
+            request.setHeader(b"www-authenticate", b'Bearer realm="failnozzle"')
+            return _refuse(request, 401, "HTTP_TOKEN required")
+        kind = (request.getHeader(b"content-type") or b"").split(b";")[0]
+        if kind.strip().lower() != b"application/json":
+            return _refuse(request, 415, "Content-Type must be "
+                                         "application/json")
+        data = request.content.read(MAX_CONTROL_BYTES + 1)
+        if len(data) > MAX_CONTROL_BYTES:
+            return _refuse(request, 413, f"more than {MAX_CONTROL_BYTES} "
+                                         f"bytes")
+        try:
+            body = orjson.loads(data) if data.strip() else {}
+        except orjson.JSONDecodeError:
+            return _refuse(request, 400, "the body is not JSON")
+        if not isinstance(body, dict):
+            return _refuse(request, 400, "the body is not a JSON object")
+        if not self._service.running:
+            return _refuse(request, 503, "failnozzle is stopping")
+        try:
+            result = self._action(self._service, body)
+        except _BadRequest as error:
+            return _refuse(request, 400, str(error))
+        if not isinstance(result, defer.Deferred):
+            return _json(request, result)
+        gone: list = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def finish(data: bytes) -> None:
+            if not gone:
+                request.write(data)
+                request.finish()
+
+        result.addCallback(lambda value: _json(request, value))
+        result.addErrback(self._failed, request)
+        result.addCallback(finish)
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _failed(failure: Failure, request: Request) -> bytes:
+        if failure.check(_BadRequest):
+            return _refuse(request, 400, str(failure.value))
+        _log.failure("Control request {path} failed", failure,
+                     path=request.path.decode("ascii", "replace"))
+        return _refuse(request, 500, "failed; the log says why")
+
+
+class _BadRequest(Exception):
+    """A control request that cannot be done as asked."""
+
+
+def _flush(service, body: dict) -> dict:
+    buffered = service.aggregator.view().total + sum(
+        batch.total for batch in service.held.values())
+    outcomes = service.flush()
+    return {"flushed": buffered, "digests": len(outcomes)}
+
+
+def _reload(service, body: dict) -> dict:
+    if not service.can_reload:
+        raise _BadRequest("this daemon was started without reloading")
+    taken = service.reload()
+    return {"reloaded": taken} if taken else {
+        "reloaded": False,
+        "error": "the config could not be used; the log says why"}
+
+
+def _resend(service, body: dict) -> defer.Deferred:
+    ids = body.get("ids")
+    if ids is not None and not (isinstance(ids, list) and all(
+            isinstance(name, str) for name in ids)):
+        raise _BadRequest('"ids" must be a list of strings')
+    try:
+        resending = service.outbox.resend(ids)
+    except KeyError as error:
+        raise _BadRequest(f"not in failed/: {error.args[0]}") from None
+    return resending.addCallback(lambda names: {"resent": names})
