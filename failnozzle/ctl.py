@@ -1,0 +1,179 @@
+"""
+failnozzle-ctl: a running failnozzle's control API from a shell, with the
+standard library only (it runs where the daemon's dependencies are not).
+
+  failnozzle-ctl status
+  failnozzle-ctl flush
+  failnozzle-ctl reload
+  failnozzle-ctl failed list
+  failnozzle-ctl failed resend [ID ...]
+
+The address is --http HOST:PORT, else FAILNOZZLE_HTTP, else
+127.0.0.1:1550; the token --token, else FAILNOZZLE_TOKEN.  Exit status: 0
+done, 1 refused or failed (the daemon's reason is printed), 2 usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Optional, Sequence
+
+DEFAULT_ADDRESS = "127.0.0.1:1550"
+#: Seconds to wait for an answer (a resend waits for the disk only).
+TIMEOUT_SECONDS = 30
+
+
+class CtlError(Exception):
+    """What the daemon refused, or why it could not be asked."""
+
+
+def request(address: str, path: str, token: Optional[str],
+            body: Optional[dict] = None) -> dict:
+    """
+    GET C{path} (or POST C{body} as JSON) at C{address}; the JSON reply.
+
+    @raise CtlError: no answer, or an error answer (its reason).
+    """
+    url = f"http://{address}{path}"  # [::1]:1550 as it is
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Accept": "application/json"}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    asked = urllib.request.Request(url, data=data, headers=headers,
+                                   method="GET" if data is None else "POST")
+    try:
+        with urllib.request.urlopen(asked, timeout=TIMEOUT_SECONDS) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        try:
+            reason = json.loads(error.read()).get("error")
+        except (ValueError, AttributeError):
+            reason = None
+        raise CtlError(f"{error.code} {reason or error.reason}") from None
+    except (urllib.error.URLError, OSError) as error:
+        why = getattr(error, "reason", error)
+        raise CtlError(f"cannot reach failnozzle at {address}: {why}") \
+            from None
+    except ValueError:
+        raise CtlError(f"{url} did not answer JSON: is it failnozzle?") \
+            from None
+
+
+def _when(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def status_lines(status: dict) -> list:
+    """The status as a few lines for a terminal."""
+    buffered, delivery = status["buffered"], status["delivery"]
+    spool, flush = status["spool"], status["flush"]
+    received = ", ".join(f"{count:,} {name}" for name, count
+                         in status["received"].items() if count) or "nothing"
+    lines = [
+        f"failnozzle {status['version']} on {status['server_name']}, up "
+        f"{status['uptime_seconds']:.0f} s",
+        "listening: " + ", ".join(f"{name} {address}" for name, address
+                                  in status["listening"].items()),
+        f"received: {received}",
+    ]
+    for reason, count in status["bad_input"].items():
+        lines.append(f"bad input: {count:,} {reason}")
+    lines.append(f"buffered: {buffered['total']:,} errors, "
+                 f"{buffered['unique']:,} unique")
+    for error in buffered["top"]:
+        lines.append(f"  {error['count']:,}x {error['message'][:100]}")
+    for kind, held in status["held"].items():
+        lines.append(f"held for the next {kind}: {held['total']:,}")
+    lines.append(f"flush: every {flush['every_seconds']:g} s, last "
+                 f"{_when(flush['last'])}, next {_when(flush['next'])}")
+    sent = ", ".join(f"{count} {kind}" for kind, count
+                     in delivery["sent"].items()) or "none"
+    lines.append(f"delivered via {delivery['to']}: {sent}; last "
+                 f"{_when(delivery['last_success'])}")
+    if delivery["last_error"]:
+        lines.append(f"last delivery error: "
+                     f"{_when(delivery['last_error']['at'])}: "
+                     f"{delivery['last_error']['reason']}")
+    lines.append(f"spool: {spool['messages']} waiting, {spool['failed']} "
+                 f"failed")
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="failnozzle-ctl", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--http", metavar="HOST:PORT",
+                        default=os.environ.get("FAILNOZZLE_HTTP")
+                        or DEFAULT_ADDRESS,
+                        help="the daemon's HTTP_BIND (default: "
+                             "$FAILNOZZLE_HTTP, else 127.0.0.1:1550)")
+    parser.add_argument("--token", default=os.environ.get("FAILNOZZLE_TOKEN"),
+                        help="its HTTP_TOKEN (default: $FAILNOZZLE_TOKEN)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the daemon's JSON answer as it is")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("status", help="what it holds and has done")
+    commands.add_parser("flush", help="send the digests now")
+    commands.add_parser("reload", help="read the config again (as SIGHUP)")
+    failed = commands.add_parser("failed", help="messages given up on")
+    what = failed.add_subparsers(dest="action", required=True)
+    what.add_parser("list", help="list them")
+    resend = what.add_parser("resend", help="put them back in the spool "
+                                            "and send them now")
+    resend.add_argument("ids", nargs="*", metavar="ID",
+                        help="which (default: all)")
+    options = parser.parse_args(argv)
+    try:
+        answer, lines = _run(options)
+    except CtlError as error:
+        print(f"failnozzle-ctl: {error}", file=sys.stderr)
+        return 1
+    if options.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        for line in lines:
+            print(line)
+    return 0
+
+
+def _run(options: argparse.Namespace) -> tuple:
+    """The daemon's answer to the command, and the lines that say it."""
+    def ask(path: str, body: Optional[dict] = None) -> dict:
+        return request(options.http, path, options.token, body)
+
+    if options.command == "status":
+        answer = ask("/api/status")
+        return answer, status_lines(answer)
+    if options.command == "flush":
+        answer = ask("/api/flush", {})
+        return answer, [f"flushed {answer['flushed']:,} errors into "
+                        f"{answer['digests']} digest(s)"]
+    if options.command == "reload":
+        answer = ask("/api/reload", {})
+        if not answer["reloaded"]:
+            raise CtlError(f"not reloaded: {answer['error']}")
+        return answer, ["reloaded"]
+    if options.action == "list":
+        answer = ask("/api/failed")
+        return answer, [
+            f"{item['id']}  {_when(item['failed_at'])}  to {item['to']}: "
+            f"{item['subject']}" for item in answer["failed"]] or [
+                "no failed messages"]
+    answer = ask("/api/failed/resend",
+                 {"ids": options.ids} if options.ids else {})
+    return answer, [f"resent {len(answer['resent'])} message(s)"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""
+failnozzle-ctl against the real C{twistd failnozzle}, with digests over
+real SMTP (aiosmtpd): status after a delivery failure, the failed message
+listed and resent, a flush on demand.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+from twisted.internet import defer, utils
+
+from tests.common import SMTPSink, free_tcp_port, record, send_datagrams
+from tests.test_twistd import _TwistdTestCase, child_environment
+
+_HTTP = re.compile(r"listening for status and control on HTTP "
+                   r"(127\.0\.0\.1:\d+)")
+
+
+def ctl(*args: str) -> defer.Deferred:
+    """Run C{failnozzle-ctl *args}; fires with (stdout, stderr, status)."""
+    return utils.getProcessOutputAndValue(
+        sys.executable, ["-m", "failnozzle.ctl", *args],
+        env=child_environment())
+
+
+class CtlTests(_TwistdTestCase):
+    """failnozzle-ctl, as an operator uses it."""
+
+    @defer.inlineCallbacks
+    def test_failed_resend_and_flush(self):
+        """
+        A digest the server refuses for good shows as the last delivery
+        error in C{status} and in C{failed list}; C{failed resend} sends it
+        again, now accepted; C{flush} sends what is buffered at once.
+        """
+        sink = SMTPSink(self, first_answers=["550 mailbox unavailable"])
+        process, address, _ = yield self.start_daemon(
+            **self.smtp_settings(sink.port, 3600, GROUP_WAIT_SECONDS=0.5))
+        http = _HTTP.search(process.text).group(1)
+        send_datagrams(address, [record("boom")])
+        yield process.wait_for(r"Giving up on")
+
+        out, err, status = yield ctl("--http", http, "status")
+        self.assertEqual(status, 0, err)
+        self.assertIn(b"last delivery error:", out)
+        self.assertIn(b"550 mailbox unavailable", out)
+        self.assertIn(b"spool: 0 waiting, 1 failed", out)
+
+        out, err, status = yield ctl("--http", http, "failed", "list")
+        self.assertEqual(status, 0, err)
+        [line] = out.decode().splitlines()
+        self.assertIn("to ops@example.com: [", line)
+        self.assertIn("1 new: Error: boom", line)
+
+        out, err, status = yield ctl("--http", http, "failed", "resend")
+        self.assertEqual((out, status), (b"resent 1 message(s)\n", 0), err)
+        [message] = yield sink.wait_for(1)
+        self.assertIn("boom", message.get_content())
+
+        # A flush went out within FLUSH_SECONDS: no group wait, these
+        # wait for the next flush, or for one asked for.
+        send_datagrams(address, [record("bang"), record("bang")])
+        for _ in range(100):
+            out, err, status = yield ctl("--http", http, "--json", "status")
+            if json.loads(out)["buffered"]["total"] == 2:
+                break
+        out, err, status = yield ctl("--http", http, "flush")
+        self.assertEqual((out, status),
+                         (b"flushed 2 errors into 1 digest(s)\n", 0), err)
+        [_, message] = yield sink.wait_for(2)
+        self.assertIn("bang", message.get_content())
+
+    @defer.inlineCallbacks
+    def test_unreachable(self):
+        """Nothing listening: one line saying so, status 1."""
+        out, err, status = yield ctl("--http", f"127.0.0.1:{free_tcp_port()}",
+                                     "status")
+        self.assertEqual((out, status), (b"", 1))
+        self.assertRegex(err.decode(), r"^failnozzle-ctl: cannot reach "
+                                       r"failnozzle at 127\.0\.0\.1:\d+: ")
+        self.assertEqual(len(err.decode().splitlines()), 1)
