@@ -87,6 +87,12 @@ class Settings:
     #: The status page, metrics, health and control API (None: off).
     HTTP_BIND: Optional[tuple] = ("127.0.0.1", 1550)
     HTTP_TOKEN: Optional[str] = None
+    #: POST /api/errors takes it if set.
+    HTTP_ERRORS_TOKEN: Optional[str] = None
+    #: Sentry public keys and the kind of the errors each sends; None: the
+    #: Sentry endpoints are off.
+    SENTRY_KEYS: Optional[Mapping] = None
+    SENTRY_EVENTS_PER_SECOND: float = 200
 
     SMTP_INGEST_BIND: Optional[tuple] = None
     SMTP_INGEST_MAX_BYTES: int = 10 * 1024 * 1024
@@ -580,6 +586,25 @@ def _users(name: str, value: object) -> Optional[dict]:
     return dict(value)
 
 
+def _sentry_keys(name: str, value: object) -> Optional[dict]:
+    """Public keys (as in a DSN) to the kind of the errors they send."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(f"{name} must be a dict of public keys to kinds, "
+                          f"such as {{'0123abcd': 'shop'}}, not "
+                          f"{_shown(value)}")
+    for key, kind in value.items():
+        if not (isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,100}",
+                                                      key)):
+            raise ConfigError(f"{name}: {_shown(key)} is not a public key "
+                              f"(letters and digits, as in a DSN)")
+        if not isinstance(kind, str) or not kind.strip():
+            raise ConfigError(f"{name}[{key!r}] must be a kind (a "
+                              f"non-empty string), not {_shown(kind)}")
+    return {key: one_line(kind) for key, kind in value.items()}
+
+
 def _markers(name: str, value: object) -> tuple:
     if isinstance(value, str) or not isinstance(value, (list, tuple, set)):
         raise ConfigError(
@@ -699,6 +724,11 @@ _CHECKS: Mapping[str, Checker] = {
     "HTTP_BIND": _optional_bind_address,
     "HTTP_TOKEN": _Secret(_token, "16 to 1,000 printable ASCII characters "
                                   "without spaces"),
+    "HTTP_ERRORS_TOKEN": _Secret(_token, "16 to 1,000 printable ASCII "
+                                         "characters without spaces"),
+    "SENTRY_KEYS": _sentry_keys,
+    "SENTRY_EVENTS_PER_SECOND": partial(_number, integer=False, minimum=1,
+                                        maximum=1_000_000),
     "SMTP_INGEST_BIND": _optional_bind_address,
     "SMTP_INGEST_MAX_BYTES": _count(100 * 1024 * 1024),
     "SMTP_INGEST_MAX_CONNECTIONS": _count(10_000),

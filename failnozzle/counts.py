@@ -33,6 +33,8 @@ class Counts:
     @ivar digests_sent: by class (X-Failnozzle: digest, monitoring, pager).
     @ivar delivery_failures: by kind of failure (temporary, permanent,
         too_big, expired, unconfirmed).
+    @ivar dropped_items: by type, the Sentry envelope items that are not
+        events (transactions, sessions, ...), or events too large.
     """
 
     started: float
@@ -40,6 +42,7 @@ class Counts:
     bad_input: Counter = field(default_factory=Counter)
     digests_sent: Counter = field(default_factory=Counter)
     delivery_failures: Counter = field(default_factory=Counter)
+    dropped_items: Counter = field(default_factory=Counter)
     last_delivery: Optional[float] = None
     last_delivery_error: Optional[DeliveryError] = None
     last_flush: Optional[float] = None

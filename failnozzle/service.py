@@ -227,7 +227,7 @@ class FailnozzleService(Service):
         #: What it has done since it started, for status and metrics.
         self.counts = Counts(reactor.seconds())
         self._gelf = GELFDecoder(reactor,
-                                 on_incomplete=self._report_bad_input)
+                                 on_incomplete=self.report_bad_input)
         self.outbox: Optional[Outbox] = None
         configured = self._configure(settings, set())
         self.aggregator = Aggregator(
@@ -312,6 +312,20 @@ class FailnozzleService(Service):
     def can_reload(self) -> bool:
         """Whether L{reload} can read the config again."""
         return self._reload_settings is not None
+
+    @property
+    def reactor(self):
+        return self._reactor
+
+    @property
+    def reader(self):
+        """What reads records (JSON, GELF) into reports: a reload's."""
+        return self._reader
+
+    def report_bad_input(self, error: BadDatagram, sender: tuple) -> None:
+        """Count and log bad input of any kind, as the receiver does its
+        own."""
+        self.receiver.report_bad_input(error, sender)
 
     def reactor_seconds(self) -> float:
         return self._reactor.seconds()
@@ -477,7 +491,7 @@ class FailnozzleService(Service):
             users=settings.SMTP_INGEST_USERS, tls=configured.mail_tls)
         if self.mail is None:
             self.mail = MailIngest(
-                configured.reader, self.aggregator, self._report_bad_input,
+                configured.reader, self.aggregator, self.report_bad_input,
                 self.saved_soon, self._reactor, in_thread=self._in_thread,
                 counts=self.counts, **limits)
         else:
@@ -751,11 +765,6 @@ class FailnozzleService(Service):
 
     def _hang_up_mail(self) -> Optional[defer.Deferred]:
         return self.mail.hang_up() if self.mail is not None else None
-
-    def _report_bad_input(self, error: BadDatagram, sender: tuple) -> None:
-        # Bad mail, and chunked GELF messages whose chunks never all came:
-        # counted and logged as the receiver does its own.
-        self.receiver.report_bad_input(error, sender)
 
     def _restore_state(self) -> None:
         """

@@ -1,7 +1,9 @@
 """
 The HTTP face (HTTP_BIND), on twisted.web: the status page (/) and its
-JSON (/status), health for probes (/healthz), Prometheus metrics (/metrics)
-and the control API failnozzle-ctl speaks (/api/...).
+JSON (/status), health for probes (/healthz), Prometheus metrics (/metrics),
+the control API failnozzle-ctl speaks (/api/...), and the inputs: Sentry
+SDKs (/api/<project>/envelope/, see L{failnozzle.sentry}) and JSON records
+(/api/errors, see L{failnozzle.httpin}), which have keys of their own.
 
 Who may ask: on a loopback address status and metrics are open and control
 takes HTTP_TOKEN if one is set; on any other address everything but
@@ -13,11 +15,10 @@ site without asking it first.
 """
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import orjson
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -28,7 +29,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from failnozzle.digest import duration
+from failnozzle.httpin import BoundedRequest, ErrorsResource, bearer_matches
 from failnozzle.metrics import MetricsPage
+from failnozzle.sentry import SentryAPI
 from failnozzle.status import health_of, status_of
 
 _log = Logger()
@@ -52,7 +55,9 @@ def make_site(service) -> Site:
     root.putChild(b"status", _Guarded(access, _StatusJSON(service)))
     root.putChild(b"healthz", _Health(service))
     root.putChild(b"metrics", _Guarded(access, MetricsPage(service)))
-    api = Resource()
+    # /api/<project>/envelope/ for Sentry SDKs beside the named children.
+    api = SentryAPI(service)
+    api.putChild(b"errors", ErrorsResource(service))
     api.putChild(b"status", _Guarded(access, _StatusJSON(service)))
     api.putChild(b"flush", _Control(access, service, _flush))
     api.putChild(b"reload", _Control(access, service, _reload))
@@ -60,10 +65,19 @@ def make_site(service) -> Site:
     failed.putChild(b"resend", _Control(access, service, _resend))
     api.putChild(b"failed", failed)
     root.putChild(b"api", api)
-    site = Site(root)
+    site = _QuietSite(root, requestFactory=BoundedRequest)
     site.displayTracebacks = False
-    site.noisy = False
     return site
+
+
+class _QuietSite(Site):
+    """No line per request: a storm of Sentry events would be a storm of
+    log lines (the status and metrics count them)."""
+
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        pass
 
 
 class _Access:
@@ -72,9 +86,6 @@ class _Access:
     def __init__(self, service) -> None:
         self._service = service
 
-    def _token(self) -> Optional[bytes]:
-        token = self._service.settings.HTTP_TOKEN
-        return None if token is None else token.encode("ascii")
 
     def open_status(self) -> bool:
         """Status is open on a loopback address."""
@@ -82,15 +93,12 @@ class _Access:
         return address is not None and is_loopback(address[0])
 
     def allows(self, request: Request, control: bool) -> bool:
-        token = self._token()
+        token = self._service.settings.HTTP_TOKEN
         if token is None:
             return not control or self.open_status()
         if not control and self.open_status():
             return True
-        given = request.getHeader(b"authorization") or b""
-        scheme, _, value = given.partition(b" ")
-        return (scheme.lower() == b"bearer"
-                and hmac.compare_digest(value.strip(), token))
+        return bearer_matches(request, token)
 
 
 def is_loopback(host: str) -> bool:

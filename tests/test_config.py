@@ -1388,11 +1388,12 @@ class SecretTests(ConfigTestCase):
 
     def test_secret_settings(self):
         """
-        SMTP_PASSWORD, SMTP_INGEST_USERS and HTTP_TOKEN are secret; their
-        checkers say so, so a later secret says it the same way.
+        SMTP_PASSWORD, SMTP_INGEST_USERS and the HTTP tokens are secret;
+        their checkers say so, so a later secret says it the same way.
         """
         self.assertEqual(SECRET_SETTINGS,
-                         {"SMTP_PASSWORD", "SMTP_INGEST_USERS", "HTTP_TOKEN"})
+                         {"SMTP_PASSWORD", "SMTP_INGEST_USERS", "HTTP_TOKEN",
+                          "HTTP_ERRORS_TOKEN"})
 
     def test_never_shown(self):
         """

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 from io import BytesIO
+from typing import Optional
 
 from twisted.internet import defer, reactor
 from twisted.internet.testing import MemoryReactorClock
@@ -31,13 +32,15 @@ TOKEN = "s3cret-token-0123456789"
 
 
 def render(service, path: str, method: bytes = b"GET", body: bytes = b"",
-           **headers: str) -> DummyRequest:
+           args: Optional[dict] = None, **headers: str) -> DummyRequest:
     """
-    C{method} C{path} through the service's site, as twisted.web would;
-    the request, finished, with C{written} and C{responseCode}.
+    C{method} C{path} (with the query C{args}) through the service's site,
+    as twisted.web would; the request, finished, with C{written} and
+    C{responseCode}.
     """
     request = DummyRequest(path.lstrip("/").encode().split(b"/"))
     request.method = method
+    request.args = args or {}
     request.content = BytesIO(body)
     for name, value in headers.items():
         request.requestHeaders.setRawHeaders(name.replace("_", "-"), [value])

@@ -1,0 +1,312 @@
+"""
+Errors over HTTP: request bodies bounded before they are read, inflated
+(gzip, deflate, br) under a cap a piece at a time, and POST /api/errors,
+which takes failnozzle's own JSON records, one object or one per line.
+"""
+from __future__ import annotations
+
+import hmac
+import zlib
+from typing import IO, Iterator, Optional
+
+import brotli
+import orjson
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from failnozzle.ingest import BadDatagram
+
+_log = Logger()
+
+#: The largest body any endpoint takes, as sent (Sentry's envelopes with
+#: their attachments are the largest): a longer one is refused with 413
+#: before it is read.
+MAX_BODY_BYTES = 20 * 1024 * 1024
+#: What /api/errors takes in one request, inflated.
+MAX_ERRORS_BYTES = 1024 * 1024
+#: How much is inflated at a time.
+_CHUNK = 64 * 1024
+
+
+class BodyTooLarge(Exception):
+    """A body inflates past its cap."""
+
+
+class BadBody(Exception):
+    """A body that cannot be inflated as its Content-Encoding says."""
+
+
+class BoundedRequest(Request):
+    """
+    A request whose body may not be longer than L{MAX_BODY_BYTES}: one
+    announced longer is answered 413 and the connection closed before a
+    byte of it is stored; a chunked one is cut off when it gets there.
+    """
+
+    _received = 0
+    _refused = False
+
+    def gotLength(self, length: Optional[int]) -> None:
+        if length is not None and length > MAX_BODY_BYTES:
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > MAX_BODY_BYTES:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes,
+                        version: bytes) -> None:
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        transport = self.channel.transport
+        body = f"the body is longer than {MAX_BODY_BYTES:,} bytes\n".encode()
+        transport.write(b"HTTP/1.1 413 Request Entity Too Large\r\n"
+                        b"Content-Type: text/plain\r\nConnection: close\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        transport.loseConnection()
+
+
+class InflatedBody:
+    """
+    A request's body as its Content-Encoding says to read it, inflated a
+    piece at a time: what it inflates to beyond C{limit} bytes raises
+    L{BodyTooLarge}, whatever the compression ratio (a bomb costs the
+    reading of C{limit} bytes, no more).
+    """
+
+    def __init__(self, raw: IO[bytes], encoding: str, limit: int) -> None:
+        self._chunks = _inflated(raw, encoding.strip().lower())
+        self._limit = limit
+        self._read = 0
+        self._buffer = b""
+        self._ended = False
+
+    def _more(self) -> bool:
+        if self._ended:
+            return False
+        for chunk in self._chunks:
+            if chunk:
+                self._read += len(chunk)
+                if self._read > self._limit:
+                    raise BodyTooLarge(f"it inflates past {self._limit:,} "
+                                       f"bytes")
+                self._buffer += chunk
+                return True
+        self._ended = True
+        return False
+
+    def read(self, size: int) -> bytes:
+        """Up to C{size} bytes (fewer only at the end)."""
+        while len(self._buffer) < size and self._more():
+            pass
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+    def readline(self, limit: int) -> Optional[bytes]:
+        """
+        The next line with its LF (as a file's C{readline}), of at most
+        C{limit} bytes before it: a longer one is skipped whole and C{None}
+        returned in its place; b"" at the end.
+        """
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line, self._buffer = (self._buffer[:end + 1],
+                                      self._buffer[end + 1:])
+                return line if end <= limit else None
+            if len(self._buffer) > limit:
+                self.skip_line()
+                return None
+            if not self._more():
+                line, self._buffer = self._buffer, b""
+                return line
+
+    def skip_line(self) -> None:
+        """Pass over the rest of this line and its LF."""
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                self._buffer = self._buffer[end + 1:]
+                return
+            self._buffer = b""
+            if not self._more():
+                return
+
+    def skip_newline(self) -> None:
+        """Pass over one LF, if one comes next."""
+        if not self._buffer:
+            self._more()
+        if self._buffer[:1] == b"\n":
+            self._buffer = self._buffer[1:]
+
+    def skip(self, size: int) -> None:
+        """Pass over C{size} bytes without keeping them."""
+        while size > 0:
+            if not self._buffer and not self._more():
+                return
+            taken = min(size, len(self._buffer))
+            self._buffer = self._buffer[taken:]
+            size -= taken
+
+    def rest(self) -> bytes:
+        """Everything left (within the limit)."""
+        while self._more():
+            pass
+        data, self._buffer = self._buffer, b""
+        return data
+
+
+def _inflated(raw: IO[bytes], encoding: str) -> Iterator[bytes]:
+    if encoding in ("", "identity"):
+        yield from iter(lambda: raw.read(_CHUNK), b"")
+    elif encoding in ("gzip", "x-gzip", "deflate"):
+        yield from _zlib_inflated(raw, encoding)
+    elif encoding == "br":
+        yield from _brotli_inflated(raw)
+    else:
+        raise BadBody(f"Content-Encoding {encoding!r} is not gzip, deflate "
+                      f"or br")
+
+
+def _zlib_inflated(raw: IO[bytes], encoding: str) -> Iterator[bytes]:
+    first = raw.read(_CHUNK)
+    if encoding == "deflate":
+        # RFC 9110's deflate is zlib's format; some clients send it raw.
+        wbits = 15 if first[:1] == b"\x78" else -15
+    else:
+        wbits = 16 + 15
+    inflater = zlib.decompressobj(wbits)
+    data = first
+    try:
+        while data and not inflater.eof:
+            yield inflater.decompress(data, _CHUNK)
+            data = inflater.unconsumed_tail or raw.read(_CHUNK)
+        yield inflater.flush()
+    except zlib.error as error:
+        raise BadBody(f"the {encoding} body is corrupt: {error}") from None
+
+
+def _brotli_inflated(raw: IO[bytes]) -> Iterator[bytes]:
+    inflater = brotli.Decompressor()
+    try:
+        while not inflater.is_finished():
+            data = raw.read(_CHUNK) if inflater.can_accept_more_data() \
+                else b""
+            if not data and inflater.can_accept_more_data():
+                raise BadBody("the br body ends too soon")
+            yield inflater.process(data, output_buffer_limit=_CHUNK)
+    except brotli.error as error:
+        raise BadBody(f"the br body is corrupt: {error}") from None
+
+
+def json_reply(request: Request, value, code: int = 200,
+               headers: Optional[dict] = None) -> bytes:
+    """A JSON answer."""
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    for name, text in (headers or {}).items():
+        request.setHeader(name.encode("ascii"), text.encode("ascii"))
+    return orjson.dumps(value) + b"\n"
+
+
+def answer_later(request: Request, waiting, reply) -> object:
+    """
+    Answer C{reply()} once C{waiting} (a Deferred) fires, unless the client
+    has gone: for a sender told "got it" only once a crash can no longer
+    lose it.
+    """
+    gone: list = []
+    request.notifyFinish().addErrback(gone.append)
+
+    def answer(_: object) -> None:
+        if not gone:
+            request.write(reply())
+            request.finish()
+
+    waiting.addCallback(answer)
+    waiting.addErrback(lambda failure: _log.failure(
+        "Could not answer {path}", failure,
+        path=request.path.decode("ascii", "replace")))
+    return NOT_DONE_YET
+
+
+class ErrorsResource(Resource):
+    """
+    POST /api/errors: failnozzle's JSON records, one object or one per line
+    (each as a datagram would be), with HTTP_ERRORS_TOKEN if one is set.
+    Answered once they are counted and, with snapshots, saved.
+    """
+
+    isLeaf = True
+
+    def __init__(self, service) -> None:
+        super().__init__()
+        self._service = service
+
+    def render_POST(self, request: Request):
+        service = self._service
+        token = service.settings.HTTP_ERRORS_TOKEN
+        if token is not None and not bearer_matches(request, token):
+            request.setHeader(b"www-authenticate",
+                              b'Bearer realm="failnozzle"')
+            return json_reply(request, {"error": "HTTP_ERRORS_TOKEN "
+                                                 "required"}, 401)
+        if not service.running:
+            return json_reply(request, {"error": "failnozzle is stopping"},
+                              503)
+        peer = request.getClientAddress()
+        sender = (getattr(peer, "host", "unknown"), getattr(peer, "port", 0))
+        body = InflatedBody(request.content, (request.getHeader(
+            b"content-encoding") or b"").decode("latin-1"), MAX_ERRORS_BYTES)
+        accepted = bad = 0
+        limit = service.reader.max_size
+        try:
+            while True:
+                line = body.readline(limit)
+                if line == b"":
+                    break
+                if line is not None and not line.strip():
+                    continue
+                if line is not None:
+                    line = line.rstrip(b"\r\n")
+                service.counts.received["http"] += 1
+                try:
+                    if line is None:
+                        raise BadDatagram(f"a line longer than {limit} "
+                                          f"bytes", b"")
+                    report = service.reader.read(line, sender)
+                except BadDatagram as error:
+                    service.report_bad_input(error, sender)
+                    bad += 1
+                    continue
+                if report is not None:
+                    service.aggregator.add(report)
+                    accepted += 1
+        except BodyTooLarge as error:
+            return json_reply(request, {"error": f"too large: {error}",
+                                        "accepted": accepted}, 413)
+        except BadBody as error:
+            return json_reply(request, {"error": str(error),
+                                        "accepted": accepted}, 400)
+        return answer_later(request, service.saved_soon(), lambda: json_reply(
+            request, {"accepted": accepted, "bad": bad}))
+
+
+def bearer_matches(request: Request, token: str) -> bool:
+    """Whether the request says C{Authorization: Bearer TOKEN}, compared
+    in constant time."""
+    given = request.getHeader(b"authorization") or b""
+    scheme, _, value = given.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(
+        value.strip(), token.encode("ascii"))

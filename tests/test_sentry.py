@@ -1,0 +1,382 @@
+"""
+Sentry SDKs and JSON over HTTP: events mapped to errors, envelopes and
+their other items, bodies compressed as SDKs send them, and every refusal;
+then the real sentry-sdk for Python against a real port.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import sys
+import textwrap
+import zlib
+
+import brotli
+from twisted.internet import defer, threads, utils
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from failnozzle.sentry import record_of, traceback_of
+from tests.common import record, start_service
+from tests.test_twistd import child_environment
+from tests.test_web import _ServiceTestCase, body_of, json_of, render
+
+KEY = "0123456789abcdef"
+AUTH = f"Sentry sentry_key={KEY}, sentry_version=7, sentry_client=test/1"
+
+#: A Python exception chain as sentry-sdk sends it (oldest first).
+CHAIN = {"values": [
+    {"type": "ValueError", "value": "invalid literal for int(): 'x'",
+     "module": None, "stacktrace": {"frames": [
+         {"filename": "app.py", "abs_path": "/srv/app.py",
+          "function": "parse", "module": "app", "lineno": 12,
+          "context_line": "    return int(text)", "in_app": True}]}},
+    {"type": "RuntimeError", "value": "wrapped", "stacktrace": {"frames": [
+        {"filename": "app.py", "abs_path": "/srv/app.py",
+         "function": "handle", "module": "app", "lineno": 20,
+         "in_app": True},
+        {"filename": "lib/util.py", "abs_path": "/usr/lib/util.py",
+         "function": "call", "module": "util", "lineno": 3,
+         "in_app": False}]}},
+]}
+
+
+def envelope(*items, header=None) -> bytes:
+    """An envelope of C{(item header, payload bytes)} pairs."""
+    lines = [json.dumps(header or {"event_id": "e" * 32}).encode()]
+    for item, payload in items:
+        lines += [json.dumps(item).encode(), payload]
+    return b"\n".join(lines) + b"\n"
+
+
+def event_item(event: dict, with_length: bool = True) -> tuple:
+    payload = json.dumps(event).encode()
+    header = {"type": "event"}
+    if with_length:
+        header["length"] = len(payload)
+    return header, payload
+
+
+class MappingTests(SynchronousTestCase):
+    """What a Sentry event becomes."""
+
+    def test_exception_chain(self):
+        """
+        The last exception is the message, the chain a Python-style
+        traceback, the innermost in-app frame the location.
+        """
+        found, level = record_of({"exception": CHAIN, "level": "error",
+                                  "server_name": "web3"}, "shop", "10.0.0.9")
+        self.assertEqual(level, 3)
+        self.assertEqual(found["message"], "RuntimeError: wrapped")
+        self.assertEqual(found["kind"], "shop")
+        self.assertEqual(found["source"], "web3")
+        self.assertEqual((found["module"], found["funcName"],
+                          found["pathname"], found["filename"],
+                          found["lineno"]),
+                         ("app", "handle", "/srv/app.py", "app.py", 20))
+        self.assertEqual(found["exc_text"], textwrap.dedent("""\
+            Traceback (most recent call last):
+              File "app.py", line 12, in parse
+                return int(text)
+            ValueError: invalid literal for int(): 'x'
+
+            During handling of the above exception, another exception occurred:
+
+            Traceback (most recent call last):
+              File "app.py", line 20, in handle
+              File "lib/util.py", line 3, in call
+            RuntimeError: wrapped"""))
+
+    def test_javascript_frames(self):
+        """
+        Another language's frames (a URL, a column, no module) read the
+        same way; no level, no server name: the client's address.
+        """
+        found, level = record_of({"exception": {"values": [{
+            "type": "TypeError", "value": "x is undefined",
+            "stacktrace": {"frames": [
+                {"filename": "https://shop.example/app.js", "function": "?",
+                 "lineno": 1, "colno": 3456}]}}]}}, "web", "10.0.0.9")
+        self.assertIsNone(level)
+        self.assertEqual(found["source"], "10.0.0.9")
+        self.assertEqual(found["exc_text"],
+                         "Traceback (most recent call last):\n"
+                         '  File "https://shop.example/app.js", line 1, '
+                         "in ?\nTypeError: x is undefined")
+
+    def test_logentry(self):
+        """
+        A logging event: its formatted message, its format kept for
+        grouping; a plain message event: the message.
+        """
+        found, level = record_of({"logentry": {
+            "message": "payment failed for order %s", "params": [42],
+            "formatted": "payment failed for order 42"},
+            "logger": "checkout", "level": "warning"}, "shop", "h")
+        self.assertEqual((found["message"], found["msg"], found["module"],
+                          level),
+                         ("payment failed for order 42",
+                          "payment failed for order %s", "checkout", 4))
+        found, level = record_of({"message": "disk full", "level": "info"},
+                                 "shop", "h")
+        self.assertEqual((found["message"], level), ("disk full", 6))
+        self.assertNotIn("msg", found)
+
+    def test_nothing_usable(self):
+        """An event with no text still counts, as "(no message)"."""
+        found, _ = record_of({"exception": "junk", "level": 7}, "k", "h")
+        self.assertEqual(found["message"], "(no message)")
+
+    def test_long_stack(self):
+        """Past 100 frames, the first and last 50 are shown."""
+        frames = [{"filename": f"f{n}.py", "function": "f", "lineno": n}
+                  for n in range(500)]
+        text = traceback_of([{"type": "RecursionError",
+                              "stacktrace": {"frames": frames}}])
+        self.assertIn("[400 frames not shown]", text)
+        self.assertIn('"f0.py"', text)
+        self.assertIn('"f499.py"', text)
+        self.assertNotIn('"f50.py"', text)
+
+
+class EndpointTests(_ServiceTestCase):
+    """POST /api/<project>/envelope/ and /store/."""
+
+    def start(self, **overrides):
+        overrides.setdefault("SENTRY_KEYS", {KEY: "shop"})
+        return super().start(**overrides)
+
+    def post(self, path, body, **headers):
+        headers.setdefault("x_sentry_auth", AUTH)
+        return render(self.service, path, method=b"POST", body=body,
+                      **headers)
+
+    def test_envelope(self):
+        """
+        An envelope's event is counted, answered with its id; the other
+        items are counted by type and dropped.
+        """
+        self.start()
+        body = envelope(
+            ({"type": "session"}, b'{"sid": "1"}'),
+            event_item({"exception": CHAIN, "server_name": "web3"}),
+            ({"type": "attachment", "length": 5}, b"12345"),
+            ({"type": "transaction"}, b'{"spans": []}'))
+        answer = self.post("/api/1/envelope/", body)
+        self.assertEqual(json_of(answer), {"id": "e" * 32})
+        [entry] = self.service.aggregator.view().entries
+        self.assertEqual(entry.sources, {"web3": 1})
+        counts = self.service.counts
+        self.assertEqual(counts.received["sentry"], 1)
+        self.assertEqual(dict(counts.dropped_items),
+                         {"session": 1, "attachment": 1, "transaction": 1})
+
+    def test_encodings(self):
+        """gzip, deflate (zlib and raw) and br bodies, as SDKs send them."""
+        self.start()
+        body = envelope(event_item({"message": "boom"}, with_length=False))
+        raw = zlib.compressobj(wbits=-15)
+        for encoding, data in (
+                ("gzip", gzip.compress(body)),
+                ("deflate", zlib.compress(body)),
+                ("deflate", raw.compress(body) + raw.flush()),
+                ("br", brotli.compress(body))):
+            answer = self.post("/api/1/envelope/", data,
+                               content_encoding=encoding)
+            self.assertEqual(answer.responseCode or 200, 200, encoding)
+        self.assertEqual(self.service.aggregator.view().total, 4)
+
+    def test_store(self):
+        """The older store endpoint: the body is the event."""
+        self.start()
+        answer = self.post("/api/7/store/", json.dumps(
+            {"event_id": "a" * 32, "message": "boom"}).encode())
+        self.assertEqual(json_of(answer), {"id": "a" * 32})
+
+    def test_key_in_query_and_dsn(self):
+        """The key may come as ?sentry_key= or in the envelope's DSN."""
+        self.start()
+        body = envelope(event_item({"message": "boom"}), header={
+            "dsn": f"http://{KEY}@nozzle:1550/1"})
+        answer = self.post("/api/1/envelope/", body, x_sentry_auth="")
+        self.assertEqual(answer.responseCode or 200, 200)
+        body = envelope(event_item({"message": "boom"}))
+        request = render(self.service, "/api/1/envelope/", method=b"POST",
+                         body=body, args={b"sentry_key": [KEY.encode()]})
+        self.assertEqual(request.responseCode or 200, 200)
+        self.assertEqual(self.service.aggregator.view().total, 2)
+
+    def test_refusals(self):
+        """
+        An unknown key 403, none 401, a body that is not an envelope 400,
+        a corrupt or unknown encoding 400, a bomb 413 (at once), and
+        without SENTRY_KEYS 404.
+        """
+        self.start()
+        body = envelope(event_item({"message": "boom"}))
+        cases = [
+            (self.post("/api/1/envelope/", body,
+                       x_sentry_auth="Sentry sentry_key=nope"), 403),
+            (self.post("/api/1/store/", b"{}", x_sentry_auth=""), 401),
+            (self.post("/api/1/envelope/", b"[1]\n"), 400),
+            (self.post("/api/1/envelope/", b"garbage",
+                       content_encoding="gzip"), 400),
+            (self.post("/api/1/envelope/", body,
+                       content_encoding="compress"), 400),
+            (self.post("/api/1/store/", gzip.compress(b" " * 2_000_000),
+                       content_encoding="gzip"), 413),
+            (self.post("/api/1/other/", body), 404),
+        ]
+        for request, code in cases:
+            self.assertEqual(request.responseCode, code, body_of(request))
+        self.assertEqual(self.service.aggregator.view().total, 0)
+
+    def test_bomb_envelope(self):
+        """
+        An envelope inflating past 100 MB is refused after reading that
+        much, not more; an event item over 1 MB is dropped and counted.
+        """
+        self.start()
+        compressor = zlib.compressobj(9, wbits=16 + 15)
+        header = envelope()
+        data = compressor.compress(header + b'{"type": "attachment", '
+                                            b'"length": 200000000}\n')
+        chunk = b"\0" * 1_000_000
+        for _ in range(200):
+            data += compressor.compress(chunk)
+        data += compressor.flush()
+        self.assertLess(len(data), 300_000)
+        answer = self.post("/api/1/envelope/", data, content_encoding="gzip")
+        self.assertEqual(answer.responseCode, 413)
+        big = envelope(event_item({"message": "x" * 1_100_000}))
+        answer = self.post("/api/1/envelope/", big)
+        self.assertEqual(answer.responseCode or 200, 200)
+        self.assertEqual(self.service.counts.dropped_items["event"], 1)
+
+    def test_rate_limited(self):
+        """
+        Past SENTRY_EVENTS_PER_SECOND, 429 with Retry-After and
+        X-Sentry-Rate-Limits; a second later there is room again.
+        """
+        self.start(SENTRY_EVENTS_PER_SECOND=2)
+        body = envelope(event_item({"message": "boom"}))
+        codes = [self.post("/api/1/envelope/", body).responseCode or 200
+                 for _ in range(3)]
+        self.assertEqual(codes, [200, 200, 429])
+        limited = self.post("/api/1/envelope/", body)
+        self.assertEqual(limited.responseHeaders.getRawHeaders(
+            "retry-after"), ["1"])
+        self.assertEqual(limited.responseHeaders.getRawHeaders(
+            "x-sentry-rate-limits"), ["1::key"])
+        self.reactor.advance(1)
+        self.assertEqual(self.post("/api/1/envelope/", body).responseCode
+                         or 200, 200)
+
+    def test_off(self):
+        """Without SENTRY_KEYS the endpoints answer 404."""
+        _ServiceTestCase.start(self)
+        answer = self.post("/api/1/envelope/", envelope())
+        self.assertEqual(answer.responseCode, 404)
+
+
+class ErrorsEndpointTests(_ServiceTestCase):
+    """POST /api/errors."""
+
+    def test_records(self):
+        """
+        One record, or one per line; a bad line is bad input, counted, and
+        the others are taken.
+        """
+        service = self.start()
+        lines = b"\n".join([json.dumps(record("boom")).encode(), b"",
+                            b"not json",
+                            json.dumps(record("boom")).encode()])
+        answer = render(service, "/api/errors", method=b"POST", body=lines)
+        self.assertEqual(json_of(answer), {"accepted": 2, "bad": 1})
+        answer = render(service, "/api/errors", method=b"POST",
+                        body=gzip.compress(json.dumps(record("x")).encode()),
+                        content_encoding="gzip")
+        self.assertEqual(json_of(answer), {"accepted": 1, "bad": 0})
+        self.assertEqual(service.counts.received["http"], 4)
+        self.assertEqual(service.aggregator.view().total, 4)
+
+    def test_token(self):
+        """With HTTP_ERRORS_TOKEN, only requests bearing it are taken."""
+        service = self.start(HTTP_ERRORS_TOKEN="e" * 20)
+        body = json.dumps(record("boom")).encode()
+        refused = render(service, "/api/errors", method=b"POST", body=body)
+        self.assertEqual(refused.responseCode, 401)
+        taken = render(service, "/api/errors", method=b"POST", body=body,
+                       authorization="Bearer " + "e" * 20)
+        self.assertEqual(json_of(taken), {"accepted": 1, "bad": 0})
+
+
+class RealClientTests(TestCase):
+    """The real sentry-sdk, in a process of its own, to a real port."""
+
+    @defer.inlineCallbacks
+    def test_sentry_sdk(self):
+        """
+        capture_exception (a chained one), capture_message and the logging
+        integration, in sentry-sdk's default settings (compressed as it
+        compresses), become errors with their texts, levels and host.
+        """
+        service = start_service(self, HTTP_BIND=("127.0.0.1", 0),
+                                SENTRY_KEYS={KEY: "shop"})
+        host, port = service.listening()["HTTP_BIND"]
+        script = textwrap.dedent(f"""\
+            import logging, sentry_sdk
+            sentry_sdk.init(dsn="http://{KEY}@{host}:{port}/1",
+                            server_name="web7")
+            def lookup(user):
+                return {{}}[f"user_{{user}}"]
+            try:
+                try:
+                    lookup(17)
+                except KeyError as error:
+                    raise RuntimeError("lookup failed") from error
+            except Exception:
+                sentry_sdk.capture_exception()
+            sentry_sdk.capture_message("disk full")
+            logging.getLogger("checkout").error("payment failed for %s", 42)
+            assert sentry_sdk.flush(10) is None
+            """)
+        path = self.mktemp() + ".py"
+        with open(path, "w") as source:
+            source.write(script)
+        out, err, status = yield utils.getProcessOutputAndValue(
+            sys.executable, [path], env=child_environment())
+        self.assertEqual(status, 0, err)
+        entries = {entry.key[3]: entry
+                   for entry in service.aggregator.view().entries}
+        self.assertEqual(set(entries), {"RuntimeError: lookup failed",
+                                        "disk full",
+                                        "payment failed for 42"})
+        chained = entries["RuntimeError: lookup failed"]
+        self.assertIn("KeyError: 'user_17'", chained.key[6])
+        self.assertIn('in lookup\n    return {}[f"user_{user}"]',
+                      chained.key[6])
+        self.assertEqual(chained.sources, {"web7": 1})
+        self.assertEqual(entries["disk full"].level, 6)
+        self.assertEqual(service.counts.received["sentry"], 3)
+
+
+class BodyLimitTests(TestCase):
+    """A body announced too long is refused before it is read."""
+
+    @defer.inlineCallbacks
+    def test_content_length_refused(self):
+        service = start_service(self, HTTP_BIND=("127.0.0.1", 0),
+                                SENTRY_KEYS={KEY: "shop"})
+        address = service.listening()["HTTP_BIND"]
+
+        def ask() -> bytes:
+            with socket.create_connection(address, timeout=10) as client:
+                client.sendall(b"POST /api/1/envelope/ HTTP/1.1\r\n"
+                               b"Host: x\r\nContent-Length: 999999999\r\n"
+                               b"\r\n")
+                return client.recv(200)
+
+        reply = yield threads.deferToThread(ask)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 413 "), reply)
