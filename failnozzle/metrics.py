@@ -57,6 +57,9 @@ class FailnozzleCollector:
                        {name: counts.received[name] for name in INPUTS})
         yield _counter("bad_input", "Bad input, by reason.", "reason",
                        counts.bad_input)
+        yield _counter("sentry_items_dropped", "Sentry envelope items "
+                       "passed over, by type (all but events, and events "
+                       "over 1 MB).", "type", counts.dropped_items)
         yield _counter("digests_sent", "Messages delivered, by class "
                        "(digest, monitoring, pager).", "class",
                        counts.digests_sent)

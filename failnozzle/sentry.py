@@ -361,4 +361,3 @@ def _frame_line(frame: dict) -> str:
     function = _text(frame.get("function")) or "?"
     at = f", line {line}" if isinstance(line, int) else ""
     return f'  File "{where}"{at}, in {function}'
-

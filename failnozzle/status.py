@@ -47,6 +47,7 @@ def status_of(service) -> dict:
                       in service.listening().items()},
         "received": {name: counts.received[name] for name in INPUTS},
         "bad_input": dict(counts.bad_input),
+        "sentry_items_dropped": dict(counts.dropped_items),
         "buffered": {
             "unique": len(buffered.entries),
             "total": buffered.total,
@@ -172,4 +173,3 @@ def memory() -> dict:
     except (OSError, KeyError, ValueError):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"rss_bytes": None, "peak_rss_bytes": peak}
-

@@ -86,7 +86,6 @@ class _Access:
     def __init__(self, service) -> None:
         self._service = service
 
-
     def open_status(self) -> bool:
         """Status is open on a loopback address."""
         address = self._service.settings.HTTP_BIND
@@ -106,6 +105,11 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def _unauthorized(request: Request) -> bytes:
+    request.setHeader(b"www-authenticate", b'Bearer realm="failnozzle"')
+    return _refuse(request, 401, "HTTP_TOKEN required")
 
 
 def _refuse(request: Request, code: int, why: str) -> bytes:
@@ -132,8 +136,7 @@ class _Guarded(Resource):
 
     def render(self, request: Request):
         if not self._access.allows(request, control=False):
-            request.setHeader(b"www-authenticate", b'Bearer realm="failnozzle"')
-            return _refuse(request, 401, "HTTP_TOKEN required")
+            return _unauthorized(request)
         return self._inner.render(request)
 
 
@@ -152,8 +155,7 @@ class _Root(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         if not self._access.allows(request, control=False):
-            request.setHeader(b"www-authenticate", b'Bearer realm="failnozzle"')
-            return _refuse(request, 401, "HTTP_TOKEN required")
+            return _unauthorized(request)
         status = status_of(self._service)
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
@@ -223,8 +225,7 @@ class _Control(Resource):
 
     def render_POST(self, request: Request):
         if not self._access.allows(request, control=True):
-            request.setHeader(b"www-authenticate", b'Bearer realm="failnozzle"')
-            return _refuse(request, 401, "HTTP_TOKEN required")
+            return _unauthorized(request)
         kind = (request.getHeader(b"content-type") or b"").split(b";")[0]
         if kind.strip().lower() != b"application/json":
             return _refuse(request, 415, "Content-Type must be "

@@ -171,6 +171,13 @@ class EndpointTests(_ServiceTestCase):
         self.assertEqual(counts.received["sentry"], 1)
         self.assertEqual(dict(counts.dropped_items),
                          {"session": 1, "attachment": 1, "transaction": 1})
+        status = json_of(render(self.service, "/status"))
+        self.assertEqual(status["received"]["sentry"], 1)
+        self.assertEqual(status["sentry_items_dropped"],
+                         {"session": 1, "attachment": 1, "transaction": 1})
+        metrics = body_of(render(self.service, "/metrics")).decode()
+        self.assertIn('failnozzle_sentry_items_dropped_total{type="session"}'
+                      ' 1.0\n', metrics)
 
     def test_encodings(self):
         """gzip, deflate (zlib and raw) and br bodies, as SDKs send them."""
