@@ -309,6 +309,14 @@ class Daemon:
         raise SystemExit(f"the daemon did not start; see {self.log.name}:\n"
                          + self.read_log())
 
+    def http_port(self) -> int:
+        """The port of its HTTP_BIND, as its log says."""
+        found = re.search(r"listening for status and control on HTTP "
+                          r"[\d.]+:(\d+)", self.read_log())
+        if found is None:
+            raise SystemExit("the daemon does not say it listens on HTTP")
+        return int(found.group(1))
+
     def read_log(self) -> str:
         self.log.seek(0)
         return self.log.read()

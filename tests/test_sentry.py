@@ -149,8 +149,8 @@ class EndpointTests(_ServiceTestCase):
 
     def post(self, path, body, **headers):
         headers.setdefault("x_sentry_auth", AUTH)
-        return render(self.service, path, method=b"POST", body=body,
-                      **headers)
+        return self.answered(render(self.service, path, method=b"POST",
+                                    body=body, **headers))
 
     def test_envelope(self):
         """
@@ -209,8 +209,9 @@ class EndpointTests(_ServiceTestCase):
         answer = self.post("/api/1/envelope/", body, x_sentry_auth="")
         self.assertEqual(answer.responseCode or 200, 200)
         body = envelope(event_item({"message": "boom"}))
-        request = render(self.service, "/api/1/envelope/", method=b"POST",
-                         body=body, args={b"sentry_key": [KEY.encode()]})
+        request = self.answered(render(
+            self.service, "/api/1/envelope/", method=b"POST", body=body,
+            args={b"sentry_key": [KEY.encode()]}))
         self.assertEqual(request.responseCode or 200, 200)
         self.assertEqual(self.service.aggregator.view().total, 2)
 
@@ -299,11 +300,13 @@ class ErrorsEndpointTests(_ServiceTestCase):
         lines = b"\n".join([json.dumps(record("boom")).encode(), b"",
                             b"not json",
                             json.dumps(record("boom")).encode()])
-        answer = render(service, "/api/errors", method=b"POST", body=lines)
+        answer = self.answered(render(service, "/api/errors",
+                                      method=b"POST", body=lines))
         self.assertEqual(json_of(answer), {"accepted": 2, "bad": 1})
-        answer = render(service, "/api/errors", method=b"POST",
-                        body=gzip.compress(json.dumps(record("x")).encode()),
-                        content_encoding="gzip")
+        answer = self.answered(render(
+            service, "/api/errors", method=b"POST",
+            body=gzip.compress(json.dumps(record("x")).encode()),
+            content_encoding="gzip"))
         self.assertEqual(json_of(answer), {"accepted": 1, "bad": 0})
         self.assertEqual(service.counts.received["http"], 4)
         self.assertEqual(service.aggregator.view().total, 4)
@@ -314,8 +317,9 @@ class ErrorsEndpointTests(_ServiceTestCase):
         body = json.dumps(record("boom")).encode()
         refused = render(service, "/api/errors", method=b"POST", body=body)
         self.assertEqual(refused.responseCode, 401)
-        taken = render(service, "/api/errors", method=b"POST", body=body,
-                       authorization="Bearer " + "e" * 20)
+        taken = self.answered(render(service, "/api/errors", method=b"POST",
+                                     body=body,
+                                     authorization="Bearer " + "e" * 20))
         self.assertEqual(json_of(taken), {"accepted": 1, "bad": 0})
 
 
