@@ -253,12 +253,19 @@ def record_of(event: dict, kind: str, client: str) -> tuple:
     exceptions = [value for value in _values(event.get("exception"))
                   if isinstance(value, dict)]
     logentry = event.get("logentry") or event.get("sentry.interfaces.Message")
-    message, template = _message_of(logentry, event.get("message"))
+    message, template, params = _message_of(logentry, event.get("message"))
     record: dict = {"kind": kind}
+    if template is not None:
+        record["msg"] = template
+        if message is None:
+            # Formatted as failnozzle formats a logging record's, within
+            # its caps (older SDKs send no "formatted").
+            record["args"] = params
     if exceptions:
         last = exceptions[-1]
         record["exc_text"] = traceback_of(exceptions)
-        message = message or _exception_line(last)
+        if template is None:
+            message = message or _exception_line(last)
         frame = _culprit_frame(last)
         if frame is not None:
             path = _text(frame.get("abs_path") or frame.get("filename"))
@@ -271,9 +278,8 @@ def record_of(event: dict, kind: str, client: str) -> tuple:
                     frame.get("lineno"), int) else None)
     if "module" not in record and event.get("logger"):
         record["module"] = _text(event.get("logger"))
-    record["message"] = message or "(no message)"
-    if template is not None:
-        record["msg"] = template
+    if message is not None or "args" not in record:
+        record["message"] = message or "(no message)"
     record["source"] = _text(event.get("server_name")) or client
     level = event.get("level")
     return record, LEVELS.get(level) if isinstance(level, str) else None
@@ -290,16 +296,19 @@ def _text(value) -> Optional[str]:
 
 
 def _message_of(logentry, message) -> tuple:
-    """C{(message, format)} of a logentry or a plain message."""
+    """
+    C{(message, format, params)} of a logentry or a plain message: the
+    format only if it has params, the message None if only they are sent.
+    """
     if isinstance(logentry, dict):
-        text = _text(logentry.get("formatted")) or _text(
-            logentry.get("message"))
-        template = _text(logentry.get("message")) if logentry.get(
-            "params") else None
-        return text, template
+        text, params = _text(logentry.get("message")), logentry.get("params")
+        formatted = _text(logentry.get("formatted"))
+        if params and isinstance(params, (list, dict)) and text:
+            return formatted, text, params
+        return formatted or text, None, None
     if isinstance(message, dict):
         return _message_of(message, None)
-    return _text(message), None
+    return _text(message), None, None
 
 
 def _exception_line(exception: dict) -> str:

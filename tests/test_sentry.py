@@ -108,7 +108,8 @@ class MappingTests(SynchronousTestCase):
     def test_logentry(self):
         """
         A logging event: its formatted message, its format kept for
-        grouping; a plain message event: the message.
+        grouping (without "formatted", as older SDKs send it, formatted as
+        a logging record's); a plain message event: the message.
         """
         found, level = record_of({"logentry": {
             "message": "payment failed for order %s", "params": [42],
@@ -118,6 +119,12 @@ class MappingTests(SynchronousTestCase):
                           level),
                          ("payment failed for order 42",
                           "payment failed for order %s", "checkout", 4))
+        found, _ = record_of({"logentry": {
+            "message": "payment failed for order %s", "params": [42]}},
+            "shop", "h")
+        self.assertEqual((found["msg"], found["args"]),
+                         ("payment failed for order %s", [42]))
+        self.assertNotIn("message", found)
         found, level = record_of({"message": "disk full", "level": "info"},
                                  "shop", "h")
         self.assertEqual((found["message"], level), ("disk full", 6))
