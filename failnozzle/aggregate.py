@@ -42,6 +42,10 @@ class Report(NamedTuple):
     template: Optional[str] = None
     #: What FINGERPRINT_FUNC made of it, if that is configured and said.
     fingerprint: Optional[str] = None
+    #: What else it said of where it happened, not compared: C{(name,
+    #: text)} pairs such as a Sentry event's release, environment, user,
+    #: URL and tags (see L{failnozzle.sentry}).
+    context: tuple = ()
 
 
 #: The original's grouping: only byte-identical keys are one error.
@@ -68,6 +72,8 @@ class _Tally:
     #: entry per error, and each object more is one more for the garbage
     #: collector to walk.
     examples: tuple = ()
+    #: The latest report's context (see L{Report.context}).
+    context: tuple = ()
     #: Whether the last snapshot holds it as it is (see L{Aggregator.changes}).
     saved: bool = False
 
@@ -75,7 +81,7 @@ class _Tally:
         return _Tally(self.key, self.fingerprint, dict(self.sources),
                       self.first_seen, self.last_seen, self.level,
                       self.other_sources, self.variants, self.more_variants,
-                      self.examples)
+                      self.examples, self.context)
 
     def add_examples(self, examples: Iterable[str]) -> None:
         for example in examples:
@@ -107,6 +113,8 @@ class Entry:
     @ivar variants: how many distinct reports were folded into it, and
         C{more_variants} whether there were more than that.
     @ivar examples: a few texts of what varied between them.
+    @ivar context: the latest report's C{(name, text)} pairs of where it
+        happened (release, environment, ...), if it said.
     @ivar total: every instance, summed once when it is made.
     """
 
@@ -120,6 +128,7 @@ class Entry:
     variants: int = 1
     more_variants: bool = False
     examples: tuple = ()
+    context: tuple = ()
     total: int = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -238,7 +247,7 @@ def _tally_of(entry: Entry) -> _Tally:
     return _Tally(entry.key, entry.fingerprint, dict(entry.sources),
                   entry.first_seen, entry.last_seen, entry.level,
                   entry.other_sources, entry.variants, entry.more_variants,
-                  entry.examples)
+                  entry.examples, entry.context)
 
 
 def _combined(entry: Entry, other: Entry,
@@ -252,7 +261,8 @@ def _combined(entry: Entry, other: Entry,
 def _entry_of(tally: _Tally) -> Entry:
     return Entry(tally.key, tally.sources, tally.first_seen, tally.last_seen,
                  tally.level, tally.other_sources, tally.fingerprint,
-                 tally.variants, tally.more_variants, tally.examples)
+                 tally.variants, tally.more_variants, tally.examples,
+                 tally.context)
 
 
 def _batch_of(tallies: dict, overflow: int) -> Batch:
@@ -314,7 +324,7 @@ class Aggregator:
     def add(self, report: Report) -> None:
         """Count one error report."""
         self.changed = True
-        key, source, level, _, custom = report
+        key, source, level, _, custom, context = report
         # FINGERPRINT_FUNC may look past the key: its reports are never
         # found by their keys.
         tally = self._index.get(hash(key)) if custom is None else None
@@ -324,6 +334,7 @@ class Aggregator:
                 return
         else:
             tally.key = key
+            tally.context = context
         sources = tally.sources
         count = sources.get(source)
         if count is not None:
@@ -367,12 +378,13 @@ class Aggregator:
                 return None
             now = self._clock.seconds()
             tally = _Tally(tuple(map(self._shared, key)), fingerprint, {},
-                           now, now)
+                           now, now, context=report.context)
             if not self._tallies:
                 self.on_first()
             self._tallies[identity] = tally
         else:
             tally.key = key
+            tally.context = report.context
             if indexing:
                 tally.variants += 1
             elif custom is None:
@@ -538,6 +550,7 @@ def _merge_tally(tallies: dict, identity: Hashable, tally: _Tally | Entry,
     mine.variants = max(mine.variants, tally.variants, shown_apart)
     if tally.last_seen >= mine.last_seen:
         mine.key = tally.key
+        mine.context = tally.context
     mine.add_examples(tally.examples)
     sources = mine.sources
     for source, count in tally.sources.items():

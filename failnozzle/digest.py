@@ -128,6 +128,9 @@ class Occurrences:
     @ivar variants: how many distinct reports were folded into this error
         (1: one), and C{more_variants} whether there were more.
     @ivar examples: a few texts of what varied between them.
+    @ivar context: what the latest report said of where it happened, name
+        to text (a Sentry event's release, environment, user, url,
+        transaction, tags), if anything.
     @ivar status: C{"new"}, C{"back"} or C{"ongoing"} (see
         L{failnozzle.policy}), or None if not known; C{since} when it was
         first seen, C{seen_total} its instances reported so far, this
@@ -152,6 +155,7 @@ class Occurrences:
         self.variants = entry.variants
         self.more_variants = entry.more_variants
         self.examples = entry.examples
+        self.context = dict(entry.context)
         self.status = self.since = self.seen_total = self.quiet_for = None
         if status is not None:
             self.status = status.kind

@@ -41,6 +41,9 @@ LEVELS = {"fatal": 2, "critical": 2, "error": 3, "warning": 4, "warn": 4,
 _AUTH_PAIR = re.compile(r"(\w+)=([^,\s]+)")
 #: Frames shown per exception: the first and the last, the rest counted.
 _FRAMES_SHOWN = 100
+#: The longest text of an event's context, and the tags it shows.
+_CONTEXT_CHARS = 200
+_CONTEXT_TAGS = 10
 
 
 class BadEvent(BadDatagram):
@@ -135,6 +138,7 @@ class SentryAPI(Resource):
             record, level = record_of(event, kind, sender[0])
             try:
                 report = service.reader.report_of(record, level=level)
+                report = report._replace(context=context_of(event))
             except BadDatagram as error:
                 service.report_bad_input(error, sender)
                 continue
@@ -283,6 +287,45 @@ def record_of(event: dict, kind: str, client: str) -> tuple:
     record["source"] = _text(event.get("server_name")) or client
     level = event.get("level")
     return record, LEVELS.get(level) if isinstance(level, str) else None
+
+
+def context_of(event: dict) -> tuple:
+    """
+    What an event says of where it happened, beside its error: C{(name,
+    text)} pairs of its release, environment, user, request URL,
+    transaction and tags, each text capped.
+    """
+    user = event.get("user")
+    if isinstance(user, dict):
+        user = next((user[name] for name in ("id", "username", "email",
+                                             "ip_address")
+                     if _scalar(user.get(name)) is not None), None)
+    request = event.get("request")
+    url = request.get("url") if isinstance(request, dict) else None
+    tags = event.get("tags")
+    if isinstance(tags, dict):
+        tags = list(tags.items())
+    if isinstance(tags, list):
+        pairs = [pair for pair in tags if isinstance(pair, (list, tuple))
+                 and len(pair) == 2 and _scalar(pair[0])
+                 and _scalar(pair[1])][:_CONTEXT_TAGS]
+        tags = ", ".join(f"{_scalar(name)}={_scalar(value)}"
+                         for name, value in pairs) or None
+    found = (("release", event.get("release")),
+             ("environment", event.get("environment")),
+             ("user", user), ("url", url),
+             ("transaction", event.get("transaction")), ("tags", tags))
+    return tuple((name, _scalar(value)[:_CONTEXT_CHARS])
+                 for name, value in found if _scalar(value))
+
+
+def _scalar(value) -> Optional[str]:
+    """A JSON scalar as text; None for anything else, or nothing."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (str, int, float)):
+        return str(value) or None
+    return None
 
 
 def _values(exception) -> list:

@@ -518,6 +518,8 @@ def _optional(entry: Entry) -> list:
                         more_variants=entry.more_variants)
     if entry.examples:
         grouping["examples"] = list(entry.examples)
+    if entry.context:
+        grouping["context"] = [list(pair) for pair in entry.context]
     if grouping:
         return [entry.level, entry.other_sources, grouping]
     if entry.other_sources:
@@ -571,6 +573,10 @@ def _entry(row: object, keys: dict, shift: float) -> Entry:
                  _time(last, shift), level, other, **grouping)
 
 
+#: The most (name, text) pairs of context a row may hold.
+_MAX_CONTEXT = 20
+
+
 def _grouping(saved: object) -> dict:
     """The fingerprint, variants and examples a row saved, checked."""
     _check(type(saved) is dict, "bad grouping")
@@ -585,5 +591,11 @@ def _grouping(saved: object) -> dict:
     more = saved.get("more_variants", False)
     _check(type(more) is bool, "bad more_variants")
     variants = _count(saved.get("variants", 1), "variants")
+    context = saved.get("context", [])
+    _check(type(context) is list and len(context) <= _MAX_CONTEXT
+           and all(type(pair) is list and len(pair) == 2
+                   and all(type(text) is str for text in pair)
+                   for pair in context), "bad context")
     return {"fingerprint": fingerprint, "variants": max(variants, 1),
-            "more_variants": more, "examples": tuple(examples)}
+            "more_variants": more, "examples": tuple(examples),
+            "context": tuple(tuple(pair) for pair in context)}

@@ -370,6 +370,18 @@ class DefaultTemplateTests(SynchronousTestCase):
         self.assertIn("UTC\nLevel: error (3)\n- on h, 2X\n", body)
         self.assertEqual(body.count("Level:"), 1)
 
+    def test_context(self):
+        """
+        What the latest report said of where it happened (a Sentry
+        event's release, environment, ...) is a line under its details.
+        """
+        entry = Entry(UniqueMessage("m", "f", "f.py", "oops", "p.py", 1,
+                                    "trace", "app"), {"h": 2}, 0, 0, 3,
+                      context=(("release", "shop@1.2.3"), ("user", "42")))
+        _, body = renderer().render(Batch((entry,)))
+        self.assertIn("Level: error (3)\nRelease: shop@1.2.3; User: 42\n"
+                      "- on h, 2X\n", body)
+
     def test_unknown_source_and_kind(self):
         """
         A missing source or kind does not break the digest.

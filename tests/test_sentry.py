@@ -16,7 +16,7 @@ import brotli
 from twisted.internet import defer, threads, utils
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from failnozzle.sentry import record_of, traceback_of
+from failnozzle.sentry import context_of, record_of, traceback_of
 from tests.common import record, start_service
 from tests.test_twistd import child_environment
 from tests.test_web import _ServiceTestCase, body_of, json_of, render
@@ -129,6 +129,24 @@ class MappingTests(SynchronousTestCase):
                                  "shop", "h")
         self.assertEqual((found["message"], level), ("disk full", 6))
         self.assertNotIn("msg", found)
+
+    def test_context(self):
+        """
+        Release, environment, user, URL, transaction and tags are kept as
+        text beside the error; what is not a scalar is left out.
+        """
+        self.assertEqual(context_of({
+            "release": "shop@1.2.3", "environment": "prod",
+            "user": {"id": 42, "email": "a@example.com"},
+            "request": {"url": "https://shop.example/cart", "method": "GET"},
+            "transaction": "/cart", "tags": {"region": "eu", "beta": True},
+        }), (("release", "shop@1.2.3"), ("environment", "prod"),
+             ("user", "42"), ("url", "https://shop.example/cart"),
+             ("transaction", "/cart"), ("tags", "region=eu")))
+        self.assertEqual(context_of({
+            "release": {"x": 1}, "user": "nope", "request": [],
+            "tags": [["a", "b"], "junk", ["c"]], "environment": "e" * 500,
+        }), (("environment", "e" * 200), ("user", "nope"), ("tags", "a=b")))
 
     def test_nothing_usable(self):
         """An event with no text still counts, as "(no message)"."""
@@ -346,7 +364,8 @@ class RealClientTests(TestCase):
         script = textwrap.dedent(f"""\
             import logging, sentry_sdk
             sentry_sdk.init(dsn="http://{KEY}@{host}:{port}/1",
-                            server_name="web7")
+                            server_name="web7", release="shop@1.2.3",
+                            environment="prod")
             def lookup(user):
                 return {{}}[f"user_{{user}}"]
             try:
@@ -376,6 +395,8 @@ class RealClientTests(TestCase):
         self.assertIn('in lookup\n    return {}[f"user_{user}"]',
                       chained.key[6])
         self.assertEqual(chained.sources, {"web7": 1})
+        self.assertEqual(dict(chained.context)["release"], "shop@1.2.3")
+        self.assertEqual(dict(chained.context)["environment"], "prod")
         self.assertEqual(entries["disk full"].level, 6)
         self.assertEqual(service.counts.received["sentry"], 3)
 

@@ -55,16 +55,18 @@ class StateFileTests(SynchronousTestCase):
 
     def test_grouping_round_trip(self):
         """
-        An entry's fingerprint, its count of variants and its examples
-        come back as they were saved; two entries shown with one key but
-        grouped apart (FINGERPRINT_FUNC looked past the key) both do.
+        An entry's fingerprint, its count of variants, its examples and
+        its context come back as they were saved; two entries shown with
+        one key but grouped apart (FINGERPRINT_FUNC looked past the key)
+        both do.
         """
         key = ("views", "index", "lookup failed for user 17", None)
         state = State(Batch.of([
             Entry(key, {"web1": 5}, 1.0, 2.0, fingerprint="custom:1",
                   variants=4, more_variants=True,
                   examples=("17", "42", "\udcff")),
-            Entry(key, {"web2": 1}, 1.0, 2.0, fingerprint="custom:2"),
+            Entry(key, {"web2": 1}, 1.0, 2.0, fingerprint="custom:2",
+                  context=(("release", "1.2.3"), ("user", "42"))),
             Entry(("plain",), {"web1": 1}, 1.0, 2.0, fingerprint="ab12"),
         ]))
         self.state_file().save(lambda: state)
@@ -77,7 +79,9 @@ class StateFileTests(SynchronousTestCase):
         """
         for grouping in ([], {"fingerprint": 3}, {"examples": "x"},
                          {"examples": ["a", "b", "c", "d"]},
-                         {"variants": -1}, {"more_variants": 1}):
+                         {"variants": -1}, {"more_variants": 1},
+                         {"context": [["release"]]},
+                         {"context": [["release", 3]]}):
             with self.subTest(grouping=grouping):
                 state = State(Batch.of([Entry(("a",), {"h": 1}, 1.0, 2.0,
                                               fingerprint="f")]))
