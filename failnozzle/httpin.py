@@ -23,8 +23,9 @@ _log = Logger()
 #: their attachments are the largest): a longer one is refused with 413
 #: before it is read.
 MAX_BODY_BYTES = 20 * 1024 * 1024
-#: What /api/errors takes in one request, inflated.
+#: What /api/errors takes in one request, inflated, and in records.
 MAX_ERRORS_BYTES = 1024 * 1024
+MAX_ERRORS_RECORDS = 10_000
 #: How much is inflated at a time.
 _CHUNK = 64 * 1024
 
@@ -51,6 +52,15 @@ class BoundedRequest(Request):
         if length is not None and length > MAX_BODY_BYTES:
             self._refuse()
             return
+        # Twisted parses a form's body into request.args before anything
+        # sees the request (20 MiB of "a=&" is seconds and gigabytes);
+        # failnozzle takes no form, so none is parsed.
+        kind = (self.requestHeaders.getRawHeaders(b"content-type")
+                or [b""])[0].split(b";")[0].strip().lower()
+        if kind in (b"application/x-www-form-urlencoded",
+                    b"multipart/form-data"):
+            self.requestHeaders.setRawHeaders(b"content-type",
+                                              [b"application/octet-stream"])
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -82,17 +92,22 @@ class InflatedBody:
     A request's body as its Content-Encoding says to read it, inflated a
     piece at a time: what it inflates to beyond C{limit} bytes raises
     L{BodyTooLarge}, whatever the compression ratio (a bomb costs the
-    reading of C{limit} bytes, no more).
+    reading of C{limit} bytes, no more).  Lines are found by an offset into
+    the piece at hand, never by copying what follows them: a body of a
+    million empty lines costs what a million bytes do.
     """
 
     def __init__(self, raw: IO[bytes], encoding: str, limit: int) -> None:
         self._chunks = _inflated(raw, encoding.strip().lower())
         self._limit = limit
         self._read = 0
+        #: The piece at hand, and where in it reading is.
         self._buffer = b""
+        self._at = 0
         self._ended = False
 
     def _more(self) -> bool:
+        """Append the next piece to what is left of this one."""
         if self._ended:
             return False
         for chunk in self._chunks:
@@ -101,17 +116,25 @@ class InflatedBody:
                 if self._read > self._limit:
                     raise BodyTooLarge(f"it inflates past {self._limit:,} "
                                        f"bytes")
-                self._buffer += chunk
+                self._buffer = self._buffer[self._at:] + chunk
+                self._at = 0
                 return True
         self._ended = True
         return False
 
+    def _left(self) -> int:
+        return len(self._buffer) - self._at
+
+    def _take(self, size: int) -> bytes:
+        data = self._buffer[self._at:self._at + size]
+        self._at += len(data)
+        return data
+
     def read(self, size: int) -> bytes:
         """Up to C{size} bytes (fewer only at the end)."""
-        while len(self._buffer) < size and self._more():
+        while self._left() < size and self._more():
             pass
-        data, self._buffer = self._buffer[:size], self._buffer[size:]
-        return data
+        return self._take(size)
 
     def readline(self, limit: int) -> Optional[bytes]:
         """
@@ -119,52 +142,53 @@ class InflatedBody:
         C{limit} bytes before it: a longer one is skipped whole and C{None}
         returned in its place; b"" at the end.
         """
+        searched = self._at
         while True:
-            end = self._buffer.find(b"\n")
+            end = self._buffer.find(b"\n", searched)
             if end >= 0:
-                line, self._buffer = (self._buffer[:end + 1],
-                                      self._buffer[end + 1:])
-                return line if end <= limit else None
-            if len(self._buffer) > limit:
+                if end - self._at > limit:
+                    self._at = end + 1
+                    return None
+                return self._take(end + 1 - self._at)
+            if self._left() > limit:
                 self.skip_line()
                 return None
+            searched = len(self._buffer) - self._at
             if not self._more():
-                line, self._buffer = self._buffer, b""
-                return line
+                return self._take(self._left())
 
     def skip_line(self) -> None:
         """Pass over the rest of this line and its LF."""
         while True:
-            end = self._buffer.find(b"\n")
+            end = self._buffer.find(b"\n", self._at)
             if end >= 0:
-                self._buffer = self._buffer[end + 1:]
+                self._at = end + 1
                 return
-            self._buffer = b""
+            self._at = len(self._buffer)
             if not self._more():
                 return
 
     def skip_newline(self) -> None:
         """Pass over one LF, if one comes next."""
-        if not self._buffer:
+        if not self._left():
             self._more()
-        if self._buffer[:1] == b"\n":
-            self._buffer = self._buffer[1:]
+        if self._buffer[self._at:self._at + 1] == b"\n":
+            self._at += 1
 
     def skip(self, size: int) -> None:
         """Pass over C{size} bytes without keeping them."""
         while size > 0:
-            if not self._buffer and not self._more():
+            if not self._left() and not self._more():
                 return
-            taken = min(size, len(self._buffer))
-            self._buffer = self._buffer[taken:]
+            taken = min(size, self._left())
+            self._at += taken
             size -= taken
 
     def rest(self) -> bytes:
         """Everything left (within the limit)."""
         while self._more():
             pass
-        data, self._buffer = self._buffer, b""
-        return data
+        return self._take(self._left())
 
 
 def _inflated(raw: IO[bytes], encoding: str) -> Iterator[bytes]:
@@ -189,10 +213,22 @@ def _zlib_inflated(raw: IO[bytes], encoding: str) -> Iterator[bytes]:
     inflater = zlib.decompressobj(wbits)
     data = first
     try:
-        while data and not inflater.eof:
+        while True:
+            if not data:
+                data = raw.read(_CHUNK)
+                if not data:
+                    if not inflater.eof:
+                        raise BadBody(f"the {encoding} body ends too soon")
+                    return
+            if inflater.eof:
+                if wbits != 16 + 15:
+                    raise BadBody(f"the {encoding} body goes on past its "
+                                  f"end")
+                # gzip may hold several members, one after another.
+                inflater = zlib.decompressobj(wbits)
             yield inflater.decompress(data, _CHUNK)
-            data = inflater.unconsumed_tail or raw.read(_CHUNK)
-        yield inflater.flush()
+            data = (inflater.unused_data if inflater.eof
+                    else inflater.unconsumed_tail)
     except zlib.error as error:
         raise BadBody(f"the {encoding} body is corrupt: {error}") from None
 
@@ -213,7 +249,9 @@ def _brotli_inflated(raw: IO[bytes]) -> Iterator[bytes]:
 def json_reply(request: Request, value, code: int = 200,
                headers: Optional[dict] = None) -> bytes:
     """A JSON answer."""
-    request.setResponseCode(code)
+    # Twisted's table of reasons has no 429.
+    request.setResponseCode(code, b"Too Many Requests" if code == 429
+                            else None)
     request.setHeader(b"content-type", b"application/json")
     for name, text in (headers or {}).items():
         request.setHeader(name.encode("ascii"), text.encode("ascii"))
@@ -265,40 +303,35 @@ class ErrorsResource(Resource):
         if not service.running:
             return json_reply(request, {"error": "failnozzle is stopping"},
                               503)
+        try:
+            lines = InflatedBody(request.content, (request.getHeader(
+                b"content-encoding") or b"").decode("latin-1"),
+                MAX_ERRORS_BYTES).rest().split(b"\n")
+        except BodyTooLarge as error:
+            return json_reply(request, {"error": f"too large: {error}"}, 413)
+        except BadBody as error:
+            return json_reply(request, {"error": str(error)}, 400)
+        # Read whole and checked before any is counted: a refused request
+        # sent again is not counted twice.
+        records = [line for line in lines if line.strip()]
+        if len(records) > MAX_ERRORS_RECORDS:
+            return json_reply(request, {"error": f"more than "
+                                                 f"{MAX_ERRORS_RECORDS:,} "
+                                                 f"records"}, 413)
         peer = request.getClientAddress()
         sender = (getattr(peer, "host", "unknown"), getattr(peer, "port", 0))
-        body = InflatedBody(request.content, (request.getHeader(
-            b"content-encoding") or b"").decode("latin-1"), MAX_ERRORS_BYTES)
         accepted = bad = 0
-        limit = service.reader.max_size
-        try:
-            while True:
-                line = body.readline(limit)
-                if line == b"":
-                    break
-                if line is not None and not line.strip():
-                    continue
-                if line is not None:
-                    line = line.rstrip(b"\r\n")
-                service.counts.received["http"] += 1
-                try:
-                    if line is None:
-                        raise BadDatagram(f"a line longer than {limit} "
-                                          f"bytes", b"")
-                    report = service.reader.read(line, sender)
-                except BadDatagram as error:
-                    service.report_bad_input(error, sender)
-                    bad += 1
-                    continue
-                if report is not None:
-                    service.aggregator.add(report)
-                    accepted += 1
-        except BodyTooLarge as error:
-            return json_reply(request, {"error": f"too large: {error}",
-                                        "accepted": accepted}, 413)
-        except BadBody as error:
-            return json_reply(request, {"error": str(error),
-                                        "accepted": accepted}, 400)
+        for line in records:
+            service.counts.received["http"] += 1
+            try:
+                report = service.reader.read(line.rstrip(b"\r"), sender)
+            except BadDatagram as error:
+                service.report_bad_input(error, sender)
+                bad += 1
+                continue
+            if report is not None:
+                service.aggregator.add(report)
+                accepted += 1
         return answer_later(request, service.saved_soon(), lambda: json_reply(
             request, {"accepted": accepted, "bad": bad}))
 

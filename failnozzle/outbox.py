@@ -288,19 +288,29 @@ class Outbox:
                  for name in chosen]
 
         def take_back() -> list:
-            return [self.spool.waiting.take(path) for path in paths]
+            # Each on its own: one gone already (a resend of the same at
+            # once) leaves the others to be sent.
+            moved = []
+            for path in paths:
+                try:
+                    moved.append(self.spool.waiting.take(path))
+                except FileNotFoundError:
+                    continue
+            return moved
 
         def taken(moved: list) -> list:
             for path in moved:
                 waiting = self._recovered(path)
                 if waiting is not None:
+                    # As if just made: its lifetime starts again.
+                    waiting.created = self._clock.seconds()
                     self._waiting.append(waiting)
                     waiting.spooled.callback(True)
                     self._attempt(waiting)
             _log.info("{count} message(s) taken back from {path} to be "
                       "sent again", count=len(moved),
                       path=self.spool.failed.path)
-            return chosen
+            return [os.path.basename(path) for path in moved]
 
         return self._writer.run(take_back).addCallback(taken)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 import re
 import uuid
 from typing import Optional
@@ -53,22 +54,24 @@ class BadEvent(BadDatagram):
 class TokenBucket:
     """At most C{rate} a second, in bursts of up to a second's worth."""
 
-    def __init__(self, rate: float, clock) -> None:
-        self._rate = rate
+    def __init__(self, clock) -> None:
         self._clock = clock
-        self._tokens = rate
+        self._tokens: Optional[float] = None
         self._at = clock.seconds()
 
-    def take(self) -> Optional[float]:
-        """Take one: None if there was one, else seconds until there is."""
+    def take(self, count: int, rate: float) -> Optional[float]:
+        """
+        Take C{count}: None if there were so many, else the seconds until
+        there are (and none is taken).
+        """
         now = self._clock.seconds()
-        self._tokens = min(self._rate,
-                           self._tokens + (now - self._at) * self._rate)
+        tokens = rate if self._tokens is None else self._tokens
+        self._tokens = min(rate, tokens + (now - self._at) * rate)
         self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
+        if self._tokens >= count:
+            self._tokens -= count
             return None
-        return (1 - self._tokens) / self._rate
+        return (min(count, rate) - self._tokens) / rate
 
 
 class SentryAPI(Resource):
@@ -85,68 +88,101 @@ class SentryAPI(Resource):
     def getChild(self, project: bytes, request: Request) -> Resource:
         return _Project(self)
 
-    def budget(self, key: str) -> Optional[float]:
+    def budget(self, key: str, count: int) -> Optional[float]:
         """None, or how long the key must wait (its events over budget)."""
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = TokenBucket(
-                self._service.settings.SENTRY_EVENTS_PER_SECOND,
-                self._service.reactor)
-        return bucket.take()
+            bucket = self._buckets[key] = TokenBucket(self._service.reactor)
+        return bucket.take(count,
+                           self._service.settings.SENTRY_EVENTS_PER_SECOND)
 
     def receive(self, request: Request, envelope: bool):
+        """
+        Check the key before reading a byte of the body (or, if only the
+        envelope names it, after its first line), read every event, then
+        count them all or, over budget, none.
+        """
         service = self._service
         keys = service.settings.SENTRY_KEYS or {}
         if not keys:
-            return json_reply(request, {"detail": "SENTRY_KEYS is not set"},
-                              404)
+            return _reply(request, {"detail": "SENTRY_KEYS is not set"}, 404)
+        if not service.running:
+            return _reply(request, {"detail": "failnozzle is stopping"}, 503)
         key = _public_key(request)
+        if key is not None and key not in keys:
+            return _reply(request, {"detail": "unknown public key"}, 403)
         if key is None and not envelope:
-            return _unauthorized(request, "missing authorization")
+            return _reply(request, {"detail": "missing authorization"}, 401)
         body = InflatedBody(request.content, (request.getHeader(
             b"content-encoding") or b"").decode("latin-1"),
             MAX_ENVELOPE_BYTES if envelope else MAX_EVENT_BYTES)
         try:
             if envelope:
-                header, events = _read_envelope(body, key, service.counts)
-                key = key or _dsn_key(header)
+                header = _json_line(body.readline(_MAX_HEADER_BYTES),
+                                    "header")
+                if key is None:
+                    key = _dsn_key(header)
+                    if key is None:
+                        return _reply(request, {
+                            "detail": "missing authorization"}, 401)
+                    if key not in keys:
+                        return _reply(request, {
+                            "detail": "unknown public key"}, 403)
+                events, dropped = _envelope_events(body)
             else:
-                event = orjson.loads(body.rest())
-                events, header = [event], {}
+                header, events = {}, [orjson.loads(body.rest())]
+                dropped = Counter()
         except BodyTooLarge as error:
-            return json_reply(request, {"detail": f"too large: {error}"},
-                              413)
+            return _reply(request, {"detail": f"too large: {error}"}, 413)
         except (BadBody, orjson.JSONDecodeError, _BadEnvelope) as error:
-            return json_reply(request, {"detail": f"bad body: {error}"}, 400)
-        if key is None:
-            return _unauthorized(request, "missing authorization")
-        kind = keys.get(key)
-        if kind is None:
-            return json_reply(request, {"detail": "unknown public key"}, 403)
+            return _reply(request, {"detail": f"bad body: {error}"}, 400)
+        wait = self.budget(key, len(events)) if events else None
+        if wait is not None:
+            return _rate_limited(request, wait)
+        service.counts.dropped_items.update(dropped)
         peer = request.getClientAddress()
         sender = (getattr(peer, "host", "unknown"), getattr(peer, "port", 0))
-        event_id = header.get("event_id")
         for event in events:
-            if not isinstance(event, dict):
-                service.report_bad_input(BadEvent("not a JSON object"),
-                                         sender)
-                continue
-            wait = self.budget(key)
-            if wait is not None:
-                return _rate_limited(request, wait)
-            service.counts.received["sentry"] += 1
-            record, level = record_of(event, kind, sender[0])
-            try:
-                report = service.reader.report_of(record, level=level)
-                report = report._replace(context=context_of(event))
-            except BadDatagram as error:
-                service.report_bad_input(error, sender)
-                continue
-            service.aggregator.add(report)
-            event_id = event_id or event.get("event_id")
-        event_id = str(event_id or uuid.uuid4().hex)
+            self._count(event, keys[key], sender)
+        event_id = _event_id(header.get("event_id")) or next(
+            (_event_id(event.get("event_id")) for event in events
+             if isinstance(event, dict) and _event_id(event.get("event_id"))),
+            None) or uuid.uuid4().hex
         return answer_later(request, service.saved_soon(),
-                            lambda: json_reply(request, {"id": event_id}))
+                            lambda: _reply(request, {"id": event_id}))
+
+    def _count(self, event, kind: str, sender: tuple) -> None:
+        service = self._service
+        service.counts.received["sentry"] += 1
+        if not isinstance(event, dict):
+            service.report_bad_input(BadEvent("not a JSON object"), sender)
+            return
+        record, level = record_of(event, kind, sender[0])
+        try:
+            report = service.reader.report_of(record, level=level)
+        except BadDatagram as error:
+            service.report_bad_input(error, sender)
+            return
+        service.aggregator.add(report._replace(context=context_of(event)))
+
+
+_EVENT_ID = re.compile(r"[0-9a-fA-F]{32}|[0-9a-fA-F-]{36}")
+
+
+def _event_id(value) -> Optional[str]:
+    """An event id as Sentry writes one (32 hex digits), else None."""
+    if isinstance(value, str) and _EVENT_ID.fullmatch(value):
+        return value.replace("-", "").lower()
+    return None
+
+
+def _reply(request: Request, value: dict, code: int = 200,
+           headers: Optional[dict] = None) -> bytes:
+    """A JSON answer that a browser's SDK, on another origin, may read."""
+    request.setHeader(b"access-control-allow-origin", b"*")
+    request.setHeader(b"access-control-expose-headers",
+                      b"x-sentry-rate-limits, retry-after")
+    return json_reply(request, value, code, headers)
 
 
 class _Project(Resource):
@@ -159,19 +195,23 @@ class _Project(Resource):
     def render_POST(self, request: Request):
         endpoint = [part for part in request.postpath if part]
         if endpoint not in ([b"envelope"], [b"store"]):
-            return json_reply(request, {"detail": "not found"}, 404)
+            return _reply(request, {"detail": "not found"}, 404)
         return self._api.receive(request, envelope=endpoint == [b"envelope"])
 
-
-def _unauthorized(request: Request, why: str) -> bytes:
-    return json_reply(request, {"detail": why}, 401)
+    def render_OPTIONS(self, request: Request) -> bytes:
+        """A browser's preflight, before it posts an envelope."""
+        request.setHeader(b"access-control-allow-methods", b"POST")
+        request.setHeader(b"access-control-allow-headers",
+                          b"content-type, content-encoding, x-sentry-auth")
+        request.setHeader(b"access-control-max-age", b"86400")
+        return _reply(request, {}, 200)
 
 
 def _rate_limited(request: Request, wait: float) -> bytes:
     seconds = max(1, math.ceil(wait))
-    return json_reply(request, {"detail": "over SENTRY_EVENTS_PER_SECOND"},
-                      429, {"Retry-After": str(seconds),
-                            "X-Sentry-Rate-Limits": f"{seconds}::key"})
+    return _reply(request, {"detail": "over SENTRY_EVENTS_PER_SECOND"},
+                  429, {"Retry-After": str(seconds),
+                        "X-Sentry-Rate-Limits": f"{seconds}::key"})
 
 
 def _public_key(request: Request) -> Optional[str]:
@@ -188,25 +228,41 @@ def _dsn_key(header: dict) -> Optional[str]:
     dsn = header.get("dsn")
     if not isinstance(dsn, str):
         return None
-    return urlsplit(dsn).username or None
+    try:
+        return urlsplit(dsn).username or None
+    except ValueError:  # such as a broken IPv6 address
+        return None
 
 
 class _BadEnvelope(Exception):
     """Not an envelope."""
 
 
-def _read_envelope(body: InflatedBody, key: Optional[str],
-                   counts) -> tuple:
+#: Sentry's item types; any other is counted as "other" (a client's own
+#: names must not become counters without end).
+ITEM_TYPES = frozenset((
+    "event", "transaction", "session", "sessions", "client_report",
+    "attachment", "check_in", "log", "otel_log", "span", "otel_span",
+    "profile", "profile_chunk", "replay_event", "replay_recording",
+    "replay_video", "user_report", "feedback", "statsd", "metric_meta",
+    "trace_metric", "security"))
+#: Events taken from one envelope (Sentry's SDKs send one), and items read.
+MAX_EVENTS_PER_ENVELOPE = 10
+MAX_ITEMS_PER_ENVELOPE = 1000
+
+
+def _envelope_events(body: InflatedBody) -> tuple:
     """
-    The envelope's header and its events (decoded JSON); the other items
-    are counted by type in C{counts.dropped_items} and skipped.
+    The events of an envelope (decoded JSON) after its header, at most
+    L{MAX_EVENTS_PER_ENVELOPE}, and a count by type of the items skipped:
+    the others, and events past that or over L{MAX_EVENT_BYTES}.
     """
-    header = _json_line(body.readline(_MAX_HEADER_BYTES), "header")
-    events = []
-    while True:
+    events: list = []
+    dropped: Counter = Counter()
+    for _ in range(MAX_ITEMS_PER_ENVELOPE):
         line = body.readline(_MAX_HEADER_BYTES)
         if line == b"":
-            return header, events
+            return events, dropped
         if line is not None and not line.strip():
             continue
         item = _json_line(line, "item header")
@@ -214,8 +270,9 @@ def _read_envelope(body: InflatedBody, key: Optional[str],
         if not isinstance(length, int) or isinstance(length, bool) \
                 or length < 0:
             length = None
-        if kind != "event" or (length or 0) > MAX_EVENT_BYTES:
-            counts.dropped_items[str(kind)[:50]] += 1
+        if kind != "event" or (length or 0) > MAX_EVENT_BYTES \
+                or len(events) >= MAX_EVENTS_PER_ENVELOPE:
+            dropped[kind if kind in ITEM_TYPES else "other"] += 1
             if length is None:
                 body.skip_line()
             else:
@@ -228,15 +285,18 @@ def _read_envelope(body: InflatedBody, key: Optional[str],
             payload = body.read(length)
             body.skip_newline()
         if payload is None:
-            counts.dropped_items["event"] += 1
+            dropped["event"] += 1
             continue
         try:
             events.append(orjson.loads(payload))
         except orjson.JSONDecodeError:
             events.append(None)
+    raise _BadEnvelope(f"it holds more than {MAX_ITEMS_PER_ENVELOPE:,} items")
 
 
 def _json_line(line: Optional[bytes], what: str) -> dict:
+    if line == b"":
+        raise _BadEnvelope(f"it has no {what}")
     if line is None:
         raise _BadEnvelope(f"its {what} is longer than "
                            f"{_MAX_HEADER_BYTES:,} bytes")

@@ -943,9 +943,8 @@ class FailnozzleService(Service):
         @return: the outcomes (see L{Outbox.send}) of the messages sent.
         """
         batch = self.aggregator.flush()
-        self.counts.last_flush = self._reactor.seconds()
         if batch:
-            self._last_busy_flush = self.counts.last_flush
+            self._last_busy_flush = self._reactor.seconds()
         self._check_fields(batch)
         try:
             monitoring, real = batch.partition(self._is_monitoring)
@@ -992,6 +991,8 @@ class FailnozzleService(Service):
         saved = self.save_state()
         for waiting in written:
             saved.addBoth(waiting.callback)
+        # Only a flush that got this far is one: health says when not.
+        self.counts.last_flush = self._reactor.seconds()
         return sending
 
     def _telling(self, kind: str, batch: Batch) -> Telling:

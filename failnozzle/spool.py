@@ -256,7 +256,10 @@ class Spool:
     def _keep(maildir: Maildir, path: Optional[str], data: bytes) -> str:
         if path is None:
             return maildir.write(data)
-        return maildir.take(path)
+        kept = maildir.take(path)
+        # Dated when it was moved there (a rename keeps the old date).
+        os.utime(kept)
+        return kept
 
     def set_aside(self, path: str) -> str:
         """

@@ -18,7 +18,7 @@ TOP_ERRORS = 10
 TOP_HOSTS = 5
 #: The longest text shown per error.
 _TEXT_CHARS = 300
-#: The failed messages listed.
+#: The failed messages GET /api/failed lists (each read for its headers).
 FAILED_LISTED = 100
 #: A flush later than FLUSH_SECONDS by more than this is not on time.
 _FLUSH_GRACE_SECONDS = 5.0
@@ -43,8 +43,9 @@ def status_of(service) -> dict:
         "server_name": settings.SERVER_NAME,
         "started": wall(counts.started),
         "uptime_seconds": now - counts.started,
-        "listening": {name.lower(): f"{host}:{port}" for name, (host, port)
-                      in service.listening().items()},
+        "listening": {name.lower(): (f"[{host}]:{port}" if ":" in host
+                                     else f"{host}:{port}")
+                      for name, (host, port) in service.listening().items()},
         "received": {name: counts.received[name] for name in INPUTS},
         "bad_input": dict(counts.bad_input),
         "sentry_items_dropped": dict(counts.dropped_items),
@@ -110,7 +111,9 @@ def health_of(service) -> Optional[str]:
 
 def _error_of(entry, names: tuple, wall) -> dict:
     fields = dict(zip(names, entry.key))
-    text = fields.get("message") or fields.get("exc_text") or ""
+    text = next((value for value in (fields.get("message"),
+                                     fields.get("exc_text"), *entry.key)
+                 if value is not None and str(value)), "")
     hosts = sorted(entry.sources.items(), key=lambda item: -item[1])
     return {
         "count": entry.total,

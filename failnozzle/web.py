@@ -16,6 +16,7 @@ site without asking it first.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import time
 from typing import Callable
@@ -25,19 +26,22 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
+from twisted.web.resource import NoResource, Resource
+from twisted.web.http import HTTPChannel
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from failnozzle.digest import duration
 from failnozzle.httpin import BoundedRequest, ErrorsResource, bearer_matches
 from failnozzle.metrics import MetricsPage
 from failnozzle.sentry import SentryAPI
-from failnozzle.status import health_of, status_of
+from failnozzle.status import FAILED_LISTED, health_of, status_of
 
 _log = Logger()
 
 #: The most a control request's body may hold.
 MAX_CONTROL_BYTES = 64 * 1024
+#: HTTP connections open at once, at most.
+MAX_CONNECTIONS = 1000
 
 _TEMPLATES = Environment(
     loader=FileSystemLoader(os.path.join(os.path.dirname(__file__),
@@ -70,11 +74,35 @@ def make_site(service) -> Site:
     return site
 
 
+class _CountedChannel(HTTPChannel):
+    """A connection its site counts while it is open."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        super().connectionMade()
+
+    def connectionLost(self, reason) -> None:
+        self.factory.connections -= 1
+        super().connectionLost(reason)
+
+
 class _QuietSite(Site):
-    """No line per request: a storm of Sentry events would be a storm of
-    log lines (the status and metrics count them)."""
+    """
+    No line per request: a storm of Sentry events would be a storm of log
+    lines (the status and metrics count them).  At most
+    L{MAX_CONNECTIONS} connections at once, each closed after a minute
+    without a byte (Twisted's timeout): more are closed at once, so slow
+    clients cannot take every file descriptor.
+    """
 
     noisy = False
+    protocol = _CountedChannel
+    connections = 0
+
+    def buildProtocol(self, addr):
+        if self.connections >= MAX_CONNECTIONS:
+            return None
+        return super().buildProtocol(addr)
 
     def log(self, request: Request) -> None:
         pass
@@ -86,18 +114,37 @@ class _Access:
     def __init__(self, service) -> None:
         self._service = service
 
-    def open_status(self) -> bool:
-        """Status is open on a loopback address."""
-        address = self._service.settings.HTTP_BIND
-        return address is not None and is_loopback(address[0])
+    @staticmethod
+    def on_loopback(request: Request) -> bool:
+        """
+        Whether the request came to a loopback address (that of the
+        connection, whatever a reload made of HTTP_BIND since) and names
+        one: a Host header naming another host is a web page rebound to
+        this one by its DNS, or a proxy exposing it.
+        """
+        local = getattr(request.getHost(), "host", None)
+        if local is None or not is_loopback(local):
+            return False
+        named = request.getHeader(b"host")
+        return named is None or is_loopback(_host_of(named))
 
     def allows(self, request: Request, control: bool) -> bool:
         token = self._service.settings.HTTP_TOKEN
+        loopback = self.on_loopback(request)
         if token is None:
-            return not control or self.open_status()
-        if not control and self.open_status():
+            return loopback
+        if loopback and not control:
             return True
         return bearer_matches(request, token)
+
+
+def _host_of(header: bytes) -> str:
+    """The host a Host header names, without its port: C{[::1]:1550} is
+    C{::1}."""
+    text = header.decode("latin-1").strip()
+    if text.startswith("["):
+        return text[1:].partition("]")[0]
+    return text.rpartition(":")[0] if text.count(":") == 1 else text
 
 
 def is_loopback(host: str) -> bool:
@@ -120,7 +167,12 @@ def _json(request: Request, value, code: int = 200) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
-    return orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n"
+    try:
+        return orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n"
+    except orjson.JSONEncodeError:
+        # What orjson refuses and errors may hold: a lone surrogate, an
+        # integer past 64 bits (the standard library's reader keeps them).
+        return json.dumps(value, indent=2, default=str).encode() + b"\n"
 
 
 class _Guarded(Resource):
@@ -160,7 +212,8 @@ class _Root(Resource):
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         return _TEMPLATES.get_template("status.html").render(
-            status=status, health=health_of(self._service)).encode("utf-8")
+            status=status, health=health_of(self._service)).encode(
+                "utf-8", "replace")  # a lone surrogate from an error
 
 
 class _StatusJSON(Resource):
@@ -206,15 +259,15 @@ class _FailedList(Resource):
         except OSError as error:
             return _refuse(request, 500, f"cannot read failed/: "
                                          f"{error.strerror}")
-        return _json(request, {"failed": [
-            self._service.outbox.described_failed(name) for name in names]})
+        return _json(request, {
+            "failed": [self._service.outbox.described_failed(name)
+                       for name in names[:FAILED_LISTED]],
+            "not_listed": max(0, len(names) - FAILED_LISTED)})
 
 
 class _Control(Resource):
     """A POST that acts: C{action(service, body)} gives the reply, or a
     Deferred of it."""
-
-    isLeaf = True
 
     def __init__(self, access: _Access, service,
                  action: Callable[[object, dict], object]) -> None:
@@ -222,6 +275,10 @@ class _Control(Resource):
         self._access = access
         self._service = service
         self._action = action
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        # /api/flush/ is /api/flush; /api/flush/anything is nothing.
+        return self if path == b"" else NoResource()
 
     def render_POST(self, request: Request):
         if not self._access.allows(request, control=True):

@@ -400,7 +400,7 @@ class DefaultTemplateTests(SynchronousTestCase):
         Custom = namedtuple("Custom", ["x", "y"])
         entry = Entry(Custom(1, 2), {"h": 1}, 0, 0)
         subject, body = renderer(unique_tuple=Custom).render(Batch((entry,)))
-        self.assertEqual("[nozzle1] 1 unique (1 total)", subject)
+        self.assertEqual("[nozzle1] 1 unique: 1 (1 total)", subject)
         self.assertIn("- on h, 1X", body)
 
 

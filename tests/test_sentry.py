@@ -306,6 +306,75 @@ class EndpointTests(_ServiceTestCase):
         self.assertEqual(self.post("/api/1/envelope/", body).responseCode
                          or 200, 200)
 
+    def test_hostile_envelopes(self):
+        """
+        An unknown key is refused before the body is read (nothing of it
+        is counted); a broken DSN is no key; an envelope with no header,
+        or more than 1,000 items, is refused; item types not Sentry's are
+        counted as "other"; events past 10 in one envelope are dropped; an
+        event id that is not one is replaced.
+        """
+        self.start()
+        items = envelope(({"type": "made-up-1"}, b"x"),
+                         ({"type": "made-up-2"}, b"x"))
+        refused = self.post("/api/1/envelope/", items,
+                            x_sentry_auth="Sentry sentry_key=nope")
+        self.assertEqual(refused.responseCode, 403)
+        self.assertEqual(dict(self.service.counts.dropped_items), {})
+        broken = envelope(event_item({"message": "x"}),
+                          header={"dsn": "http://[::1/1"})
+        self.assertEqual(self.post("/api/1/envelope/", broken,
+                                   x_sentry_auth="").responseCode, 401)
+        self.assertEqual(self.post("/api/1/envelope/", b"").responseCode,
+                         400)
+        self.assertEqual(self.post(
+            "/api/1/envelope/",
+            b"{}\n" + b'{"type": "log", "length": 0}\n\n' * 1001
+        ).responseCode, 400)
+        answer = self.post("/api/1/envelope/", items)
+        self.assertEqual(dict(self.service.counts.dropped_items),
+                         {"other": 2})
+        self.assertEqual(len(json_of(answer)["id"]), 32)
+        many = envelope(*[event_item({"message": f"e{n}"})
+                          for n in range(12)],
+                        header={"event_id": {"not": "an id"}})
+        answer = self.post("/api/1/envelope/", many)
+        self.assertRegex(json_of(answer)["id"], "^[0-9a-f]{32}$")
+        self.assertEqual(self.service.counts.received["sentry"], 10)
+        self.assertEqual(self.service.counts.dropped_items["event"], 2)
+
+    def test_over_budget_counts_nothing(self):
+        """An envelope whose events exceed the budget: 429, none counted."""
+        self.start(SENTRY_EVENTS_PER_SECOND=2)
+        body = envelope(*[event_item({"message": "boom"})] * 3)
+        limited = self.post("/api/1/envelope/", body)
+        self.assertEqual(limited.responseCode, 429)
+        self.assertEqual(self.service.aggregator.view().total, 0)
+        self.assertEqual(self.service.counts.received["sentry"], 0)
+
+    def test_browser(self):
+        """
+        A browser's preflight is answered, and every answer says any
+        origin may read it, rate limits included.
+        """
+        self.start()
+        preflight = render(self.service, "/api/1/envelope/",
+                           method=b"OPTIONS")
+        self.assertEqual(preflight.responseHeaders.getRawHeaders(
+            "access-control-allow-methods"), ["POST"])
+        answer = self.post("/api/1/envelope/",
+                           envelope(event_item({"message": "x"})))
+        self.assertEqual(answer.responseHeaders.getRawHeaders(
+            "access-control-allow-origin"), ["*"])
+
+    def test_stopping(self):
+        """Once the stop began, events are refused with 503, not lost."""
+        self.start()
+        self.service.stopService()
+        answer = self.post("/api/1/envelope/",
+                           envelope(event_item({"message": "x"})))
+        self.assertEqual(answer.responseCode, 503)
+
     def test_off(self):
         """Without SENTRY_KEYS the endpoints answer 404."""
         _ServiceTestCase.start(self)
@@ -335,6 +404,15 @@ class ErrorsEndpointTests(_ServiceTestCase):
         self.assertEqual(json_of(answer), {"accepted": 1, "bad": 0})
         self.assertEqual(service.counts.received["http"], 4)
         self.assertEqual(service.aggregator.view().total, 4)
+
+    def test_too_many_records(self):
+        """Past 10,000 records, 413 and none of them counted."""
+        service = self.start()
+        body = b"\n".join([json.dumps(record("x")).encode()] * 10_001)
+        answer = render(service, "/api/errors", method=b"POST",
+                        body=gzip.compress(body), content_encoding="gzip")
+        self.assertEqual(answer.responseCode, 413)
+        self.assertEqual(service.aggregator.view().total, 0)
 
     def test_token(self):
         """With HTTP_ERRORS_TOKEN, only requests bearing it are taken."""
@@ -419,3 +497,28 @@ class BodyLimitTests(TestCase):
 
         reply = yield threads.deferToThread(ask)
         self.assertTrue(reply.startswith(b"HTTP/1.1 413 "), reply)
+
+    @defer.inlineCallbacks
+    def test_form_not_parsed(self):
+        """
+        A form-encoded body is never parsed into arguments (Twisted would
+        before any check), yet /api/errors takes its lines as records, as
+        curl -d sends them.
+        """
+        service = start_service(self, HTTP_BIND=("127.0.0.1", 0))
+        address = service.listening()["HTTP_BIND"]
+        record_line = json.dumps(record("boom")).encode()
+        body = record_line + b"\n" + b"a=&" * 100_000
+
+        def ask() -> bytes:
+            with socket.create_connection(address, timeout=10) as client:
+                client.sendall(
+                    b"POST /api/errors HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/x-www-form-urlencoded\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                    % (len(body), body))
+                return b"".join(iter(lambda: client.recv(65536), b""))
+
+        reply = yield threads.deferToThread(ask)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:200])
+        self.assertIn(b'{"accepted":1,"bad":1}', reply)

@@ -11,7 +11,8 @@ import socket
 from io import BytesIO
 from typing import Optional
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, FileBodyProducer, readBody
@@ -21,24 +22,27 @@ from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
+from failnozzle import web
 from failnozzle.config import ConfigError
 from failnozzle.service import SNAPSHOT_SPACING_SECONDS, FailnozzleService
 from failnozzle.status import health_of
 from tests.common import (FakeMailTransport, SMTPSink, datagrams_received,
-                          make_settings, record, send_datagrams,
+                          make_settings, poll_until, record, send_datagrams,
                           start_service, udp_address)
 
 TOKEN = "s3cret-token-0123456789"
 
 
 def render(service, path: str, method: bytes = b"GET", body: bytes = b"",
-           args: Optional[dict] = None, **headers: str) -> DummyRequest:
+           args: Optional[dict] = None, local: str = "127.0.0.1",
+           **headers: str) -> DummyRequest:
     """
     C{method} C{path} (with the query C{args}) through the service's site,
-    as twisted.web would; the request, finished, with C{written} and
-    C{responseCode}.
+    as twisted.web would, on a connection to the address C{local}; the
+    request, finished, with C{written} and C{responseCode}.
     """
     request = DummyRequest(path.lstrip("/").encode().split(b"/"))
+    request.getHost = lambda: IPv4Address("TCP", local, 1550)
     request.method = method
     request.args = args or {}
     request.content = BytesIO(body)
@@ -193,6 +197,9 @@ class StatusTests(_ServiceTestCase):
         self.assertEqual(request.responseCode, 405)
         request = render(service, "/api/flush")
         self.assertEqual(request.responseCode, 405)
+        request = render(service, "/api/flush/more", method=b"POST",
+                         content_type="application/json")
+        self.assertEqual(request.responseCode, 404)
 
 
 class MetricsTests(_ServiceTestCase):
@@ -268,13 +275,34 @@ class AccessTests(_ServiceTestCase):
         """
         service = self.start(HTTP_BIND=("0.0.0.0", 0), HTTP_TOKEN=TOKEN)
         for path in ("/", "/status", "/metrics", "/api/failed"):
-            self.assertEqual(render(service, path).responseCode, 401, path)
-            allowed = render(service, path, authorization=f"Bearer {TOKEN}")
+            refused = render(service, path, local="10.0.0.5")
+            self.assertEqual(refused.responseCode, 401, path)
+            allowed = render(service, path, local="10.0.0.5",
+                             authorization=f"Bearer {TOKEN}")
             self.assertEqual(allowed.responseCode or 200, 200, path)
-        self.assertEqual(body_of(render(service, "/healthz")), b"ok\n")
+        self.assertEqual(body_of(render(service, "/healthz",
+                                        local="10.0.0.5")), b"ok\n")
         with self.assertRaises(ConfigError) as raised:
             make_settings(HTTP_BIND=("0.0.0.0", 1550))
         self.assertIn("HTTP_TOKEN is required", str(raised.exception))
+
+    def test_rebound_host(self):
+        """
+        On loopback, a request whose Host names another host (a page whose
+        DNS now points here, or a proxy) is refused status and control
+        without the token; one naming loopback is not.
+        """
+        service = self.start()
+        for host, code in (("attacker.example", 401),
+                           ("attacker.example:1550", 401),
+                           ("127.0.0.1:1550", 200), ("[::1]:1550", 200),
+                           ("localhost", 200)):
+            request = render(service, "/status", host=host)
+            self.assertEqual(request.responseCode or 200, code, host)
+        flush = render(service, "/api/flush", method=b"POST",
+                       content_type="application/json",
+                       host="attacker.example")
+        self.assertEqual(flush.responseCode, 401)
 
     def test_bad_bodies(self):
         """A control body that is not a JSON object, or too big: 400, 413."""
@@ -331,7 +359,7 @@ class ControlTests(_ServiceTestCase):
                         content_type="application/json")
         self.assertEqual(json_of(resent), {"resent": [failed["id"]]})
         self.assertEqual(json_of(render(service, "/api/failed")),
-                         {"failed": []})
+                         {"failed": [], "not_listed": 0})
         self.assertEqual(len(self.transport.pending), 2)
         self.transport.succeed_all()
         self.assertEqual(os.listdir(os.path.join(
@@ -375,3 +403,65 @@ class ServedTests(TestCase):
         self.assertEqual(json.loads((yield readBody(response))),
                          {"flushed": 2, "digests": 1})
         yield sink.wait_for(1)
+
+
+class OddTextTests(_ServiceTestCase):
+    """What errors may hold that JSON encoders refuse."""
+
+    def test_surrogates_and_huge_integers(self):
+        """
+        A lone surrogate and an integer past 64 bits (which the standard
+        library's JSON reader keeps) do not stop the status or the page.
+        """
+        service = self.start()
+        self.receive(b'{"message": "bad \\ud800 text", "kind": '
+                     b'123456789012345678901234567890, "source": "h\\udfff"}')
+        status = render(service, "/status")
+        self.assertEqual(status.responseCode or 200, 200)
+        [error] = json_of(status)["buffered"]["top"]
+        self.assertEqual(error["message"], "bad \ud800 text")
+        self.assertEqual(error["kind"], 123456789012345678901234567890)
+        page = render(service, "/")
+        self.assertEqual(page.responseCode or 200, 200)
+        self.assertIn(b"bad ? text", body_of(page))
+
+
+class ConnectionLimitTests(TestCase):
+    """Slow clients cannot hold every connection."""
+
+    @defer.inlineCallbacks
+    def test_past_the_limit(self):
+        """
+        Past MAX_CONNECTIONS open connections a new one is closed at once;
+        once one closes, a new one is served again.
+        """
+        self.patch(web, "MAX_CONNECTIONS", 3)
+        service = start_service(self, HTTP_BIND=("127.0.0.1", 0))
+        address = service.listening()["HTTP_BIND"]
+
+        def connect_and_ask(count: int) -> list:
+            held = [socket.create_connection(address, timeout=10)
+                    for _ in range(count)]
+            try:
+                # Sent without its end: each waits for more, as a slow
+                # client does.
+                for sock in held:
+                    sock.sendall(b"GET /status HTTP/1.1\r\n")
+                with socket.create_connection(address, timeout=10) as extra:
+                    try:
+                        extra.sendall(b"GET /healthz HTTP/1.1\r\n"
+                                      b"Host: 127.0.0.1\r\n\r\n")
+                        refused = extra.recv(100)
+                    except ConnectionResetError:
+                        refused = b""  # closed before it read the request
+            finally:
+                for sock in held:
+                    sock.close()
+            return refused
+
+        refused = yield threads.deferToThread(connect_and_ask, 3)
+        self.assertEqual(refused, b"")
+        yield poll_until(lambda: service.web.connections == 0,
+                         "the connections closed")
+        served = yield threads.deferToThread(connect_and_ask, 0)
+        self.assertTrue(served.startswith(b"HTTP/1.1 200"), served)
