@@ -216,12 +216,13 @@ def run_metrics(options) -> None:
                         scraper.join()
                 runs[way].append((run, len(scrapes)))
     for way in ways:
-        points = runs[way]
+        points = [run for run, _ in runs[way]]
+        scrapes = statistics.median(count for _, count in runs[way])
+        cpu = statistics.median(run.cpu_per_message for run in points)
         print(f"{way:<28} "
-              f"{statistics.median(run.sent for run, _ in points):>9,.0f} "
-              f"{statistics.median(run.lost for run, _ in points):>7,.0f} "
-              f"{statistics.median(run.cpu_per_message for run, _ in points):>11.2f} "  # noqa: E501
-              f"{statistics.median(count for _, count in points):>8,.0f}")
+              f"{statistics.median(run.sent for run in points):>9,.0f} "
+              f"{statistics.median(run.lost for run in points):>7,.0f} "
+              f"{cpu:>11.2f} {scrapes:>8,.0f}")
     print()
 
 

@@ -6,7 +6,6 @@ and on a clean stop flushes into the spool and delivers what it can.
 """
 from __future__ import annotations
 
-import math
 import signal
 import socket
 from dataclasses import dataclass
@@ -42,10 +41,6 @@ from failnozzle.web import make_site
 from failnozzle.writer import InlineWriter, Writer
 
 _log = Logger()
-
-#: The shortest time between two snapshots that senders wait for (see
-#: L{FailnozzleService.saved_soon}).
-SNAPSHOT_SPACING_SECONDS = 0.05
 
 #: What status and metrics call the datagrams of each port.
 _INPUT_NAMES = {"UDP_BIND": "udp", "GELF_BIND": "gelf"}
@@ -267,7 +262,6 @@ class FailnozzleService(Service):
         #: Who waits for the snapshot that has not begun yet, if one is
         #: queued (see L{saved_soon}).
         self._next_snapshot: Optional[list] = None
-        self._last_snapshot_begun = -math.inf
         #: Per digest kind, the errors waiting for that kind's last digest
         #: to be delivered, so an outage gives one digest, not one a flush.
         self._held: dict = {}
@@ -816,9 +810,9 @@ class FailnozzleService(Service):
         A snapshot of everything counted until now, for a sender told "got
         it" only once a crash can no longer lose it: mail is answered 250
         then, and Sentry and HTTP requests their answers.  Callers share
-        the snapshot that has not begun yet, and one begins at most every
-        L{SNAPSHOT_SPACING_SECONDS}, so a burst (or a flood) of requests
-        costs a snapshot per spacing, not one each.
+        the snapshot that has not begun yet, so a burst of them costs one
+        more snapshot, not one each: while one is written, everyone
+        arriving waits for the next.
 
         @return: a Deferred firing once that snapshot is written, or failed
             to be (that is logged, and the count is still in memory); at
@@ -836,20 +830,12 @@ class FailnozzleService(Service):
             for waiter in waiters:
                 waiter.callback(None)
 
-        def begin() -> None:
-            self.save_state().addCallback(saved)
-
-        since = self._reactor.seconds() - self._last_snapshot_begun
-        if since >= SNAPSHOT_SPACING_SECONDS:
-            begin()
-        else:
-            self._reactor.callLater(SNAPSHOT_SPACING_SECONDS - since, begin)
+        self.save_state().addCallback(saved)
         return waiting
 
     def _current_state(self) -> State:
         # From now on a snapshot begun later is needed to hold new counts.
         self._next_snapshot = None
-        self._last_snapshot_begun = self._reactor.seconds()
         # Views of what changed since the last snapshot, not copies:
         # StateFile reads them at once and keeps the rest from before.
         self.aggregator.changed = False

@@ -38,7 +38,7 @@ from failnozzle.mailin import (AUTH_MAX_DELAY_SECONDS, AUTH_MEMORY_SECONDS,
                                MailIngest, UsersChecker, bind_tcp_socket,
                                client_name, error_text, read_mail,
                                tls_options)
-from failnozzle.service import SNAPSHOT_SPACING_SECONDS, FailnozzleService
+from failnozzle.service import FailnozzleService
 from tests.common import FakeMailTransport, capture_log, make_settings
 
 FIELDS = UniqueMessage._fields
@@ -2087,36 +2087,19 @@ class ServiceTests(SynchronousTestCase):
     def test_saved_soon(self):
         """
         The 250 waits for a snapshot begun after the count: not the one
-        being written, and one snapshot serves a burst of messages; it
-        begins SNAPSHOT_SPACING_SECONDS after the last one began.
+        being written, and one snapshot serves a burst of messages.
         """
         service = self.start()
         self.finish_writes()
-        self.reactor.advance(SNAPSHOT_SPACING_SECONDS)
         service.save_state()
         self.assertEqual(len(self.writes), 1, "a snapshot being written")
         first, second = service.saved_soon(), service.saved_soon()
         self.finish_writes()
         self.assertNoResult(first)
-        self.assertEqual(len(self.writes), 0, "not begun yet")
-        self.reactor.advance(SNAPSHOT_SPACING_SECONDS)
         self.assertEqual(len(self.writes), 1, "one snapshot for both")
         self.finish_writes()
         self.successResultOf(first)
         self.successResultOf(second)
-
-    def test_saved_soon_at_once(self):
-        """
-        After a quiet time the snapshot begins at once: no wait is added
-        to a message's 250.
-        """
-        service = self.start()
-        self.finish_writes()
-        self.reactor.advance(1)
-        waiting = service.saved_soon()
-        self.assertEqual(len(self.writes), 1)
-        self.finish_writes()
-        self.successResultOf(waiting)
 
     def test_saved_soon_failed(self):
         """
@@ -2126,7 +2109,6 @@ class ServiceTests(SynchronousTestCase):
         service = self.start()
         self.finish_writes()
         waiting = service.saved_soon()
-        self.reactor.advance(SNAPSHOT_SPACING_SECONDS)
         self.writes.pop().errback(OSError(28, "No space left on device"))
         self.successResultOf(waiting)
 

@@ -174,8 +174,8 @@ class EndpointTests(_ServiceTestCase):
 
     def post(self, path, body, **headers):
         headers.setdefault("x_sentry_auth", AUTH)
-        return self.answered(render(self.service, path, method=b"POST",
-                                    body=body, **headers))
+        return render(self.service, path, method=b"POST", body=body,
+                      **headers)
 
     def test_envelope(self):
         """
@@ -234,9 +234,8 @@ class EndpointTests(_ServiceTestCase):
         answer = self.post("/api/1/envelope/", body, x_sentry_auth="")
         self.assertEqual(answer.responseCode or 200, 200)
         body = envelope(event_item({"message": "boom"}))
-        request = self.answered(render(
-            self.service, "/api/1/envelope/", method=b"POST", body=body,
-            args={b"sentry_key": [KEY.encode()]}))
+        request = render(self.service, "/api/1/envelope/", method=b"POST",
+                         body=body, args={b"sentry_key": [KEY.encode()]})
         self.assertEqual(request.responseCode or 200, 200)
         self.assertEqual(self.service.aggregator.view().total, 2)
 
@@ -394,13 +393,11 @@ class ErrorsEndpointTests(_ServiceTestCase):
         lines = b"\n".join([json.dumps(record("boom")).encode(), b"",
                             b"not json",
                             json.dumps(record("boom")).encode()])
-        answer = self.answered(render(service, "/api/errors",
-                                      method=b"POST", body=lines))
+        answer = render(service, "/api/errors", method=b"POST", body=lines)
         self.assertEqual(json_of(answer), {"accepted": 2, "bad": 1})
-        answer = self.answered(render(
-            service, "/api/errors", method=b"POST",
-            body=gzip.compress(json.dumps(record("x")).encode()),
-            content_encoding="gzip"))
+        answer = render(service, "/api/errors", method=b"POST",
+                        body=gzip.compress(json.dumps(record("x")).encode()),
+                        content_encoding="gzip")
         self.assertEqual(json_of(answer), {"accepted": 1, "bad": 0})
         self.assertEqual(service.counts.received["http"], 4)
         self.assertEqual(service.aggregator.view().total, 4)
@@ -420,9 +417,8 @@ class ErrorsEndpointTests(_ServiceTestCase):
         body = json.dumps(record("boom")).encode()
         refused = render(service, "/api/errors", method=b"POST", body=body)
         self.assertEqual(refused.responseCode, 401)
-        taken = self.answered(render(service, "/api/errors", method=b"POST",
-                                     body=body,
-                                     authorization="Bearer " + "e" * 20))
+        taken = render(service, "/api/errors", method=b"POST", body=body,
+                       authorization="Bearer " + "e" * 20)
         self.assertEqual(json_of(taken), {"accepted": 1, "bad": 0})
 
 

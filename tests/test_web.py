@@ -24,7 +24,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from failnozzle import web
 from failnozzle.config import ConfigError
-from failnozzle.service import SNAPSHOT_SPACING_SECONDS, FailnozzleService
+from failnozzle.service import FailnozzleService
 from failnozzle.status import health_of
 from tests.common import (FakeMailTransport, SMTPSink, datagrams_received,
                           make_settings, poll_until, record, send_datagrams,
@@ -90,12 +90,6 @@ class _ServiceTestCase(SynchronousTestCase):
         self.addCleanup(lambda: self.service.running
                         and self.service.stopService())
         return self.service
-
-    def answered(self, request: DummyRequest) -> DummyRequest:
-        """The request once its answer, which waits for the next
-        snapshot, is written."""
-        self.reactor.advance(SNAPSHOT_SPACING_SECONDS)
-        return request
 
     def receive(self, *items, sender=("10.0.0.1", 5000)) -> None:
         for item in items:
