@@ -6,11 +6,13 @@ which takes failnozzle's own JSON records, one object or one per line.
 from __future__ import annotations
 
 import hmac
+import json
 import zlib
 from typing import IO, Iterator, Optional
 
 import brotli
 import orjson
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -247,33 +249,41 @@ def _brotli_inflated(raw: IO[bytes]) -> Iterator[bytes]:
 
 
 def json_reply(request: Request, value, code: int = 200,
-               headers: Optional[dict] = None) -> bytes:
-    """A JSON answer."""
+               headers: Optional[dict] = None, indent: bool = False) -> bytes:
+    """A JSON answer, never cached; C{indent}ed for people to read."""
     # Twisted's table of reasons has no 429.
     request.setResponseCode(code, b"Too Many Requests" if code == 429
                             else None)
     request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
     for name, text in (headers or {}).items():
         request.setHeader(name.encode("ascii"), text.encode("ascii"))
-    return orjson.dumps(value) + b"\n"
+    try:
+        return orjson.dumps(value, option=orjson.OPT_INDENT_2 if indent
+                            else None) + b"\n"
+    except orjson.JSONEncodeError:
+        # What orjson refuses and errors may hold: a lone surrogate, an
+        # integer past 64 bits (the standard library's reader keeps them).
+        return json.dumps(value, indent=2 if indent else None,
+                          default=str).encode() + b"\n"
 
 
-def answer_later(request: Request, waiting, reply) -> object:
+def answer_later(request: Request, answering: Deferred) -> object:
     """
-    Answer C{reply()} once C{waiting} (a Deferred) fires, unless the client
-    has gone: for a sender told "got it" only once a crash can no longer
-    lose it.
+    Answer with the bytes C{answering} fires with, unless the client has
+    gone meanwhile: for a sender told "got it" only once a crash can no
+    longer lose it, and for control that takes a while.
     """
     gone: list = []
     request.notifyFinish().addErrback(gone.append)
 
-    def answer(_: object) -> None:
+    def answer(data: bytes) -> None:
         if not gone:
-            request.write(reply())
+            request.write(data)
             request.finish()
 
-    waiting.addCallback(answer)
-    waiting.addErrback(lambda failure: _log.failure(
+    answering.addCallback(answer)
+    answering.addErrback(lambda failure: _log.failure(
         "Could not answer {path}", failure,
         path=request.path.decode("ascii", "replace")))
     return NOT_DONE_YET
@@ -332,8 +342,9 @@ class ErrorsResource(Resource):
             if report is not None:
                 service.aggregator.add(report)
                 accepted += 1
-        return answer_later(request, service.saved_soon(), lambda: json_reply(
-            request, {"accepted": accepted, "bad": bad}))
+        return answer_later(request, service.saved_soon().addCallback(
+            lambda _: json_reply(request, {"accepted": accepted,
+                                           "bad": bad})))
 
 
 def bearer_matches(request: Request, token: str) -> bool:

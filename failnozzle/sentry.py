@@ -144,12 +144,12 @@ class SentryAPI(Resource):
         sender = (getattr(peer, "host", "unknown"), getattr(peer, "port", 0))
         for event in events:
             self._count(event, keys[key], sender)
-        event_id = _event_id(header.get("event_id")) or next(
-            (_event_id(event.get("event_id")) for event in events
-             if isinstance(event, dict) and _event_id(event.get("event_id"))),
-            None) or uuid.uuid4().hex
-        return answer_later(request, service.saved_soon(),
-                            lambda: _reply(request, {"id": event_id}))
+        ids = [_event_id(header.get("event_id"))] + [
+            _event_id(event.get("event_id")) for event in events
+            if isinstance(event, dict)]
+        event_id = next(filter(None, ids), None) or uuid.uuid4().hex
+        return answer_later(request, service.saved_soon().addCallback(
+            lambda _: _reply(request, {"id": event_id})))
 
     def _count(self, event, kind: str, sender: tuple) -> None:
         service = self._service

@@ -16,7 +16,6 @@ site without asking it first.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import time
 from typing import Callable
@@ -28,10 +27,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import NoResource, Resource
 from twisted.web.http import HTTPChannel
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import Request, Site
 
 from failnozzle.digest import duration
-from failnozzle.httpin import BoundedRequest, ErrorsResource, bearer_matches
+from failnozzle.httpin import (BoundedRequest, ErrorsResource, answer_later,
+                               bearer_matches, json_reply)
 from failnozzle.metrics import MetricsPage
 from failnozzle.sentry import SentryAPI
 from failnozzle.status import FAILED_LISTED, health_of, status_of
@@ -164,15 +164,7 @@ def _refuse(request: Request, code: int, why: str) -> bytes:
 
 
 def _json(request: Request, value, code: int = 200) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    try:
-        return orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n"
-    except orjson.JSONEncodeError:
-        # What orjson refuses and errors may hold: a lone surrogate, an
-        # integer past 64 bits (the standard library's reader keeps them).
-        return json.dumps(value, indent=2, default=str).encode() + b"\n"
+    return json_reply(request, value, code, indent=True)
 
 
 class _Guarded(Resource):
@@ -305,18 +297,8 @@ class _Control(Resource):
             return _refuse(request, 400, str(error))
         if not isinstance(result, defer.Deferred):
             return _json(request, result)
-        gone: list = []
-        request.notifyFinish().addErrback(gone.append)
-
-        def finish(data: bytes) -> None:
-            if not gone:
-                request.write(data)
-                request.finish()
-
         result.addCallback(lambda value: _json(request, value))
-        result.addErrback(self._failed, request)
-        result.addCallback(finish)
-        return NOT_DONE_YET
+        return answer_later(request, result.addErrback(self._failed, request))
 
     @staticmethod
     def _failed(failure: Failure, request: Request) -> bytes:
