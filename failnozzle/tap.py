@@ -21,7 +21,7 @@ from failnozzle import __version__
 from failnozzle.clock import SteadyClock, steady_reactor
 from failnozzle.config import (ConfigError, Settings, check_settings,
                                load_settings, parse_host_port)
-from failnozzle.listeners import bind_listening, close_all
+from failnozzle.listeners import LISTENING, bind_listening, close_all
 from failnozzle.mailin import tls_options
 from failnozzle.service import FailnozzleService, make_renderer, make_transport
 from failnozzle.steps import in_slices
@@ -192,6 +192,26 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def _bind(settings: Settings, notices: list) -> dict:
+    """
+    Bind every address the settings name.  HTTP_BIND left at its default
+    may be in use (a second failnozzle on the host, with a config written
+    for the original, which had no HTTP port): that is a notice and no
+    HTTP, not a reason not to start.  Any other address in use is.
+    """
+    default_http = settings.HTTP_BIND == Settings.HTTP_BIND
+    names = [name for name in LISTENING
+             if not (default_http and name == "HTTP_BIND")]
+    sockets = bind_listening(settings, names)
+    if default_http:
+        try:
+            sockets.update(bind_listening(settings, ["HTTP_BIND"]))
+        except ConfigError as error:
+            notices.append(f"{error}; no status page, metrics or control "
+                           f"(set HTTP_BIND, or --http, to another port)")
+    return sockets
+
+
 def _in_thread_pool(reactor, function, *args) -> Deferred:
     """Run C{function} in the reactor's thread pool (made when first used)."""
     return threads.deferToThreadPool(reactor, reactor.getThreadPool(),
@@ -213,7 +233,7 @@ def makeService(options: Options, reactor=None) -> IService:
     load = partial(load_settings, options["config"], options.overrides)
     try:
         settings, notices = load()
-        sockets = bind_listening(settings)
+        sockets = _bind(settings, notices)
         try:
             service = FailnozzleService(
                 settings, reactor, sockets["UDP_BIND"],

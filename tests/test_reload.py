@@ -54,7 +54,8 @@ class MovedPortTests(TestCase):
         self.given = []
         transport = FakeMailTransport()
         service = FailnozzleService(
-            settings, reactor, bind_listening(settings)["UDP_BIND"],
+            settings, reactor, bind_listening(settings, ["UDP_BIND"])[
+                "UDP_BIND"],
             transport, reload_settings=lambda: self.given.pop(0))
         service.startService()
         self.addCleanup(lambda: service.running and service.stopService())

@@ -12,6 +12,7 @@ import trustme
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -377,6 +378,51 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(
             str(error), f"failnozzle: UDP_BIND: cannot listen on "
                         f"127.0.0.1:{port}: Address already in use")
+
+
+class HTTPBindTests(SynchronousTestCase):
+    """
+    makeService with HTTP_BIND in use: fatal where it was asked for, a
+    notice where it was left at its default (a config of the original's).
+    """
+
+    def hold(self, port: int) -> socket.socket:
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        try:
+            taken.bind(("127.0.0.1", port))
+            taken.listen(1)
+        except OSError:
+            pass  # Held by another process: in use all the same.
+        return taken
+
+    def test_asked_for(self):
+        taken = self.hold(0)
+        port = taken.getsockname()[1]
+        error = self.assertRaises(SystemExit, makeService,
+                                  options("--udp", "127.0.0.1:0", "--http",
+                                          f"127.0.0.1:{port}"),
+                                  MemoryReactorClock())
+        self.assertEqual(
+            str(error), f"failnozzle: HTTP_BIND: cannot listen on "
+                        f"127.0.0.1:{port}: Address already in use")
+
+    def test_default(self):
+        self.hold(1550)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service = makeService(options("--udp", "127.0.0.1:0"),
+                              MemoryReactorClock())
+        for sock in service._sockets.values():
+            self.addCleanup(sock.close)
+        self.assertEqual(set(service._sockets), {"UDP_BIND"})
+        [notice] = [formatEvent(event) for event in events
+                    if "HTTP_BIND" in formatEvent(event)]
+        self.assertEqual(notice, "Config: HTTP_BIND: cannot listen on "
+                                 "127.0.0.1:1550: Address already in use; "
+                                 "no status page, metrics or control (set "
+                                 "HTTP_BIND, or --http, to another port)")
 
 
 class SMTPIngestTests(SynchronousTestCase):
