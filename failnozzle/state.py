@@ -256,7 +256,8 @@ class StateFile:
             os.fsync(out.fileno())
         os.replace(temporary, self.path)
         fsync_directory(os.path.dirname(self.path))
-        self._remove_old_generations(snapshot.generation)
+        if snapshot.fresh_keys:
+            self._remove_old_generations(snapshot.generation)
 
     def _write_failed(self, failure):
         # The keys file may end in half a line: number afresh in a new one,
