@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import shutil
 import socket
 import sys
 import textwrap
@@ -14,7 +16,7 @@ import zlib
 
 import brotli
 from twisted.internet import defer, threads, utils
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from failnozzle.sentry import context_of, record_of, traceback_of
 from tests.common import record, start_service
@@ -473,6 +475,95 @@ class RealClientTests(TestCase):
         self.assertEqual(dict(chained.context)["environment"], "prod")
         self.assertEqual(entries["disk full"].level, 6)
         self.assertEqual(service.counts.received["sentry"], 3)
+
+    @defer.inlineCallbacks
+    def test_django_app(self):
+        """
+        A Django app's unhandled exception, reported by sentry-sdk's Django
+        integration (on by default), becomes an error with its traceback,
+        its view's route and its host: the 500 a user saw is in the digest.
+        """
+        service = start_service(self, HTTP_BIND=("127.0.0.1", 0),
+                                SENTRY_KEYS={KEY: "shop"})
+        host, port = service.listening()["HTTP_BIND"]
+        script = textwrap.dedent(f"""\
+            import django, sentry_sdk
+            from django.conf import settings
+            from django.urls import path
+            def item(request, number):
+                return {{}}[f"item_{{number}}"]
+            urlpatterns = [path("items/<int:number>/", item)]
+            settings.configure(DEBUG=False, ALLOWED_HOSTS=["testserver"],
+                               ROOT_URLCONF=__name__, LOGGING_CONFIG=None)
+            sentry_sdk.init(dsn="http://{KEY}@{host}:{port}/1",
+                            server_name="web8")
+            django.setup()
+            from django.test import Client
+            answer = Client(raise_request_exception=False).get("/items/3/")
+            assert answer.status_code == 500, answer.status_code
+            assert sentry_sdk.flush(10) is None
+            """)
+        path = self.mktemp() + ".py"
+        with open(path, "w") as source:
+            source.write(script)
+        out, err, status = yield utils.getProcessOutputAndValue(
+            sys.executable, [path], env=child_environment())
+        self.assertEqual(status, 0, err)
+        [entry] = service.aggregator.view().entries
+        self.assertEqual(entry.key[3], "KeyError: 'item_3'")
+        self.assertIn('in item\n    return {}[f"item_{number}"]',
+                      entry.key[6])
+        self.assertEqual(entry.sources, {"web8": 1})
+        self.assertEqual(dict(entry.context).get("transaction"),
+                         "/items/{number}/", entry.context)
+
+    @defer.inlineCallbacks
+    def test_sentry_node(self):
+        """
+        @sentry/node in its default settings: an exception, one with a
+        cause and a message become errors with their JavaScript stacks as
+        tracebacks, release and host.
+        """
+        modules = os.environ.get("FAILNOZZLE_SENTRY_NODE")
+        node = shutil.which("node")
+        if not modules or not node:
+            raise SkipTest("no @sentry/node: .ci/run installs it from npm "
+                           "and names it in FAILNOZZLE_SENTRY_NODE")
+        service = start_service(self, HTTP_BIND=("127.0.0.1", 0),
+                                SENTRY_KEYS={KEY: "shop"})
+        host, port = service.listening()["HTTP_BIND"]
+        script = textwrap.dedent(f"""\
+            const Sentry = require("@sentry/node");
+            Sentry.init({{dsn: "http://{KEY}@{host}:{port}/1",
+                         serverName: "node7", release: "shop@2.0.0"}});
+            function lookup(user) {{ return ({{}})["user_" + user].name; }}
+            try {{ lookup(17); }} catch (e) {{ Sentry.captureException(e); }}
+            try {{
+              try {{ JSON.parse("{{bad"); }}
+              catch (e) {{ throw new Error("config unreadable", {{cause: e}}); }}
+            }} catch (e) {{ Sentry.captureException(e); }}
+            Sentry.captureMessage("disk full on /var");
+            Sentry.flush(10000).then((sent) => process.exit(sent ? 0 : 3));
+            """)
+        path = self.mktemp() + ".js"
+        with open(path, "w") as source:
+            source.write(script)
+        out, err, status = yield utils.getProcessOutputAndValue(
+            node, [path], env={**child_environment(), "NODE_PATH": modules})
+        self.assertEqual(status, 0, err)
+        entries = {entry.key[3]: entry
+                   for entry in service.aggregator.view().entries}
+        undefined = ("TypeError: Cannot read properties of undefined "
+                     "(reading 'name')")
+        self.assertEqual(set(entries), {undefined, "Error: config unreadable",
+                                        "disk full on /var"})
+        self.assertIn("in lookup\n", entries[undefined].key[6])
+        self.assertIn("SyntaxError:",
+                      entries["Error: config unreadable"].key[6])
+        self.assertEqual(entries[undefined].sources, {"node7": 1})
+        self.assertEqual(dict(entries[undefined].context)["release"],
+                         "shop@2.0.0")
+        self.assertEqual(entries["disk full on /var"].level, 6)
 
 
 class BodyLimitTests(TestCase):
