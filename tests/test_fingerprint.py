@@ -1,6 +1,7 @@
 """
 Tests for L{failnozzle.fingerprint}: which reports are one bug.
 """
+import datetime
 import sys
 import traceback
 from unittest import SkipTest
@@ -291,8 +292,20 @@ class GroupingTests(SynchronousTestCase):
         A fingerprint is the same in every run (it is saved): not Python's
         hash, which differs from run to run.
         """
-        self.assertEqual(digest_of(("a",)), "e6d7ac3887b10b57")
+        self.assertEqual(digest_of(("a",)), "2757634b7f53cf25")
         self.assertNotEqual(digest_of(("a", "b")), digest_of(("a b",)))
+
+    def test_digest_of_anything(self):
+        """
+        What JSON cannot say (a lone surrogate, a huge integer, an object,
+        a datetime) is digested too, and not as something else.
+        """
+        for odd, plain in [("\ud800", "\\ud800"), (2 ** 70, str(2 ** 70)),
+                           (datetime.datetime(2020, 1, 1),
+                            "2020-01-01T00:00:00")]:
+            self.assertEqual(digest_of((odd,)), digest_of((odd,)))
+            self.assertNotEqual(digest_of((odd,)), digest_of((plain,)))
+        self.assertEqual(len(digest_of((Grouping,))), 16)
 
 
 class CustomFingerprintTests(SynchronousTestCase):
