@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Mapping, Optional
 
+from failnozzle.levels import SYSLOG_LEVELS, level_named
 from failnozzle.textcap import one_line
 
 #: The fields that make two error reports "the same error", as in the original.
@@ -141,6 +142,12 @@ class Settings:
     UNIQUE_MSG_TUPLE: Any = UniqueMessage
     SOURCE_FIELD_NAME: str = "source"
     GELF_DEFAULT_KIND: str = "gelf"
+    #: The least severe level that is an error (a syslog severity: 0
+    #: emergency ... 7 debug); a record without a level always is.  None:
+    #: every record, as in the original.  GELF is held to GELF_MIN_LEVEL
+    #: too: GELF clients ship every log line.
+    MIN_LEVEL: Optional[int] = None
+    GELF_MIN_LEVEL: Optional[int] = 4
     EMAIL_TEMPLATE_DIR: Optional[str] = None
     EMAIL_BODY_TEMPLATE: str = "body-template.txt"
     EMAIL_SUBJECT_TEMPLATE: str = "subject-template.txt"
@@ -413,6 +420,22 @@ def _number(name: str, value: object, integer: bool, minimum: float,
         raise ConfigError(
             f"{name} must be at most {maximum}, not {_shown(given)}")
     return value
+
+
+def _level_floor(name: str, value: object) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        named = level_named(value)
+        if named is not None:
+            return named
+        value = _from_text(value, True)
+    if (isinstance(value, int) and not isinstance(value, bool)
+            and 0 <= value < len(SYSLOG_LEVELS)):
+        return value
+    raise ConfigError(f"{name} must be a syslog severity, 0 (emergency) to "
+                      f"7 (debug), or its name such as 'warning', or None, "
+                      f"not {_shown(value)}")
 
 
 def _count(maximum: int) -> Checker:
@@ -779,6 +802,8 @@ _CHECKS: Mapping[str, Checker] = {
     "EMAIL_SUBJECT_TEMPLATE": _path,
     "INTERNAL_ERROR_FUNC": _callable,
     "GROUPING": _grouping,
+    "MIN_LEVEL": _level_floor,
+    "GELF_MIN_LEVEL": _level_floor,
     "GROUPING_RULES": _grouping_rules,
     "FINGERPRINT_FUNC": _callable,
     "SEEN_MAX": _count(1_000_000),

@@ -30,6 +30,8 @@ class Counts:
     @ivar received: by input (L{INPUTS}), what arrived: datagrams, messages,
         requests' records, bad ones included.
     @ivar bad_input: by reason (as the digest's bad-input entries say it).
+    @ivar below_level: by input, the records less severe than MIN_LEVEL
+        (or GELF_MIN_LEVEL): received, neither digested nor paged.
     @ivar digests_sent: by class (X-Failnozzle: digest, monitoring, pager).
     @ivar delivery_failures: by kind of failure (temporary, permanent,
         too_big, expired, unconfirmed).
@@ -40,6 +42,7 @@ class Counts:
     started: float
     received: Counter = field(default_factory=Counter)
     bad_input: Counter = field(default_factory=Counter)
+    below_level: Counter = field(default_factory=Counter)
     digests_sent: Counter = field(default_factory=Counter)
     delivery_failures: Counter = field(default_factory=Counter)
     dropped_items: Counter = field(default_factory=Counter)

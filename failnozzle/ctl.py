@@ -89,6 +89,8 @@ def status_lines(status: dict) -> list:
     ]
     for reason, count in status["bad_input"].items():
         lines.append(f"bad input: {count:,} {reason}")
+    for name, count in status.get("below_level", {}).items():
+        lines.append(f"below the level: {count:,} {name}")
     lines.append(f"buffered: {buffered['total']:,} errors, "
                  f"{buffered['unique']:,} unique")
     for error in buffered["top"]:

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from failnozzle.aggregate import Batch, Entry
 from failnozzle.clock import LAST_SECOND
 from failnozzle.config import ConfigError
-from failnozzle.gelf import SYSLOG_LEVELS
+from failnozzle.levels import SYSLOG_LEVELS
 from failnozzle.policy import BACK, NEW, ONGOING, Status, seen_key
 from failnozzle.steps import Steps, finish
 from failnozzle.textcap import cut_middle

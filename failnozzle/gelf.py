@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from failnozzle.aggregate import Report
 from failnozzle.ingest import BadDatagram, RecordReader, decode_json_text
+from failnozzle.levels import SYSLOG_LEVELS, stricter
 
 #: A chunked message may have at most this many chunks (the GELF spec).
 MAX_CHUNKS = 128
@@ -58,10 +59,6 @@ _FIELD_MAP = (
     ("module", ("_module",)),
     ("funcName", ("_funcName", "_function", "_func")),
 )
-
-#: GELF levels are syslog's severities.
-SYSLOG_LEVELS = ("emergency", "alert", "critical", "error", "warning",
-                 "notice", "informational", "debug")
 
 
 class NotGELF(BadDatagram):
@@ -557,15 +554,20 @@ class GELFRecordReader(RecordReader):
                  max_size: int, decoder: GELFDecoder,
                  max_field_chars: int = 1000,
                  max_exc_text_chars: int = 16384,
-                 fingerprint: Optional[Callable[[dict], Optional[str]]] = None
-                 ) -> None:
+                 fingerprint: Optional[Callable[[dict], Optional[str]]] = None,
+                 min_level: Optional[int] = None,
+                 gelf_min_level: Optional[int] = None) -> None:
         """
         @param max_size: the largest failnozzle datagram; GELF messages are
             bounded by the decoder's own C{max_size} once inflated.
+        @param gelf_min_level: GELF_MIN_LEVEL, which GELF messages are held
+            to besides C{min_level}: GELF clients ship every log line.
         """
         super().__init__(unique_fields, source_field, max_size,
-                         max_field_chars, max_exc_text_chars, fingerprint)
+                         max_field_chars, max_exc_text_chars, fingerprint,
+                         min_level)
         self._decoder = decoder
+        self._gelf_floor = stricter(min_level, gelf_min_level)
 
     # RecordReader's hooks: every datagram passes its cheap tests.
     _framed_first_bytes = _FRAMED_FIRST_BYTES
@@ -590,4 +592,5 @@ class GELFRecordReader(RecordReader):
 
     def _gelf_report(self, record: dict, data: bytes) -> Report:
         # Inflated, its texts may be longer than the datagram: all checked.
-        return self._key(record, data, None, record["level"])
+        return self._key(record, data, None, record["level"],
+                         self._gelf_floor)

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from failnozzle.ingest import BadDatagram
+from failnozzle.ingest import BadDatagram, BelowLevel
 
 _log = Logger()
 
@@ -341,6 +341,11 @@ class ErrorsResource(Resource):
             service.counts.received["http"] += 1
             try:
                 report = service.reader.read(line.rstrip(b"\r"), sender)
+            except BelowLevel:
+                # Taken, as the sender meant it; not an error.
+                service.counts.below_level["http"] += 1
+                accepted += 1
+                continue
             except BadDatagram as error:
                 service.report_bad_input(error, sender)
                 bad += 1

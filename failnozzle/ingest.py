@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from failnozzle.aggregate import SCALAR_TYPES, Report, rekeying
 from failnozzle.counts import Counts
+from failnozzle.levels import logging_level
 from failnozzle.ratelog import RateLimitedLog
 from failnozzle.textcap import (cut_end, cut_middle, format_capped,
                                 recut_middle)
@@ -88,6 +89,13 @@ class WrongFieldType(BadDatagram):
     reason = "datagram has a field of the wrong type"
 
 
+class BelowLevel(Exception):
+    """
+    A record less severe than MIN_LEVEL (or, for GELF, GELF_MIN_LEVEL): not
+    an error, nor bad input; counted as such and let go.
+    """
+
+
 class RecordReader:
     """
     Turns a datagram, or a record, into C{(key, source)}: the values of the
@@ -103,13 +111,16 @@ class RecordReader:
     def __init__(self, unique_fields: Sequence[str], source_field: str,
                  max_size: int, max_field_chars: int = 1000,
                  max_exc_text_chars: int = 16384,
-                 fingerprint: Optional[Callable[[dict], Optional[str]]] = None
-                 ) -> None:
+                 fingerprint: Optional[Callable[[dict], Optional[str]]] = None,
+                 min_level: Optional[int] = None) -> None:
         """
         @param fingerprint: FINGERPRINT_FUNC (see
             L{failnozzle.fingerprint.CustomFingerprint}), if configured.
+        @param min_level: MIN_LEVEL: a record less severe raises
+            L{BelowLevel}.
         """
         self._fields = tuple(unique_fields)
+        self._floor = min_level
         self._fingerprint = fingerprint
         self._source_field = source_field
         self.max_size = max_size
@@ -156,6 +167,7 @@ class RecordReader:
         @return: its report, or None when the datagram completes no
             error report yet (a subclass may hold partial messages).
         @raise BadDatagram: it is not a JSON object with usable fields.
+        @raise BelowLevel: it is less severe than MIN_LEVEL.
         """
         if data[:1] in self._framed_first_bytes and self._is_framed(data):
             return self._read_framed(data, sender)
@@ -170,29 +182,36 @@ class RecordReader:
             raise NotAnObject(f"got a JSON {type(record).__name__}", data)
         # A text decoded from JSON has at most as many characters as the
         # datagram has bytes.
-        return self._key(record, data, len(data))
+        return self._key(record, data, len(data), None, self._floor)
 
     def report_of(self, record: dict, data: bytes = b"",
                   level: Optional[int] = None) -> Report:
         """
         Read the report of a decoded record (changed in place): its key
-        and source, their texts capped, sent with the syslog C{level}.
+        and source, their texts capped, sent with the syslog C{level}
+        (else the C{logging} level it says, if any).
+
+        @raise BelowLevel: it is less severe than MIN_LEVEL.
 
         @param data: the input it came from, for the sample bad input
             keeps.
         @raise WrongFieldType: a unique field or the source holds a list or
             an object, which cannot be compared as a whole.
         """
-        return self._key(record, data, None, level)
+        return self._key(record, data, None, level, self._floor)
 
     def _key(self, record: dict, data: bytes, longest: Optional[int],
-             level: Optional[int] = None) -> Report:
+             level: Optional[int], floor: Optional[int]) -> Report:
         """
         L{report_of}, where C{longest}, if known, bounds the length of
         every text the record holds: the hot path skips the caps when no
         text can need one.  It is known only for a record just decoded
-        from JSON.
+        from JSON.  C{floor}: the least severe level taken (None: all).
         """
+        if level is None:
+            level = logging_level(record)
+        if level is not None and floor is not None and level > floor:
+            raise BelowLevel(level)
         decoded = longest is not None
         if self._foreign_field in record:
             found = self._read_foreign(record, data)
@@ -414,6 +433,8 @@ class ErrorReceiver(DatagramProtocol):
             report = self.reader.read(data, addr)
             if report is not None:
                 self._aggregator.add(report)
+        except BelowLevel:
+            self._counts.below_level[self._input_name] += 1
         except BadDatagram as error:
             self.report_bad_input(error, addr)
         except Exception:

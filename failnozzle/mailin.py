@@ -50,7 +50,7 @@ from zope.interface import implementer
 
 from failnozzle.config import ConfigError
 from failnozzle.counts import Counts
-from failnozzle.ingest import BadDatagram
+from failnozzle.ingest import BadDatagram, BelowLevel
 from failnozzle.ratelog import RateLimitedLog
 from failnozzle.textcap import one_line
 
@@ -1348,7 +1348,10 @@ class MailIngest(ServerFactory):
             self._report_bad_input(BadMail(
                 f"{record.type.__name__}: {record.value}", data), sender)
         else:
-            self._aggregator.add(self._reader.report_of(record))
+            try:
+                self._aggregator.add(self._reader.report_of(record))
+            except BelowLevel:
+                self._counts.below_level["mail"] += 1
         return self._saved().addCallback(lambda _: None)
 
     def stop_accepting(self) -> None:

@@ -57,6 +57,9 @@ class FailnozzleCollector:
                        {name: counts.received[name] for name in INPUTS})
         yield _counter("bad_input", "Bad input, by reason.", "reason",
                        counts.bad_input)
+        yield _counter("below_level", "Records less severe than MIN_LEVEL "
+                       "or GELF_MIN_LEVEL, by input: received, not "
+                       "errors.", "input", counts.below_level)
         yield _counter("sentry_items_dropped", "Sentry envelope items "
                        "passed over, by type (all but events, and events "
                        "over 1 MB).", "type", counts.dropped_items)

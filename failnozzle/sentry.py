@@ -29,16 +29,14 @@ from twisted.web.server import Request
 
 from failnozzle.httpin import (BadBody, BodyTooLarge, InflatedBody,
                                answer_later, json_reply)
-from failnozzle.ingest import BadDatagram
+from failnozzle.ingest import BadDatagram, BelowLevel
+from failnozzle.levels import level_named
 
 #: Sentry's own limits: an event, and an envelope inflated.
 MAX_EVENT_BYTES = 1024 * 1024
 MAX_ENVELOPE_BYTES = 100 * 1024 * 1024
 #: The longest envelope or item header line.
 _MAX_HEADER_BYTES = 64 * 1024
-#: Sentry's levels as syslog's.
-LEVELS = {"fatal": 2, "critical": 2, "error": 3, "warning": 4, "warn": 4,
-          "info": 6, "log": 6, "debug": 7}
 _AUTH_PAIR = re.compile(r"(\w+)=([^,\s]+)")
 #: Frames shown per exception: the first and the last, the rest counted.
 _FRAMES_SHOWN = 100
@@ -160,6 +158,9 @@ class SentryAPI(Resource):
         record, level = record_of(event, kind, sender[0])
         try:
             report = service.reader.report_of(record, level=level)
+        except BelowLevel:
+            service.counts.below_level["sentry"] += 1
+            return
         except BadDatagram as error:
             service.report_bad_input(error, sender)
             return
@@ -346,7 +347,7 @@ def record_of(event: dict, kind: str, client: str) -> tuple:
         record["message"] = message or "(no message)"
     record["source"] = _text(event.get("server_name")) or client
     level = event.get("level")
-    return record, LEVELS.get(level) if isinstance(level, str) else None
+    return record, level_named(level) if isinstance(level, str) else None
 
 
 def context_of(event: dict) -> tuple:

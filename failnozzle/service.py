@@ -359,7 +359,8 @@ class FailnozzleService(Service):
             settings.unique_fields, settings.SOURCE_FIELD_NAME,
             settings.INCOMING_MESSAGE_MAX_SIZE, self._gelf,
             settings.MAX_FIELD_CHARS, settings.MAX_EXC_TEXT_CHARS,
-            None if custom is None else CustomFingerprint(custom))
+            None if custom is None else CustomFingerprint(custom),
+            settings.MIN_LEVEL, settings.GELF_MIN_LEVEL)
         transport = self._given_transport
         if transport is None:
             # Made anew each time: a reload reads SMTP_CA_FILE again.

@@ -48,6 +48,7 @@ def status_of(service) -> dict:
                       for name, (host, port) in service.listening().items()},
         "received": {name: counts.received[name] for name in INPUTS},
         "bad_input": dict(counts.bad_input),
+        "below_level": dict(counts.below_level),
         "sentry_items_dropped": dict(counts.dropped_items),
         "buffered": {
             "unique": len(buffered.entries),

@@ -221,6 +221,24 @@ class EndpointTests(_ServiceTestCase):
             self.assertEqual(answer.responseCode or 200, 200, encoding)
         self.assertEqual(self.service.aggregator.view().total, 4)
 
+    def test_below_min_level(self):
+        """
+        An event less severe than MIN_LEVEL is answered and counted as
+        such, in the status and the metrics, and not as an error.
+        """
+        self.start(MIN_LEVEL="warning")
+        for level in ("info", "debug", "error"):
+            answer = self.post("/api/1/envelope/", envelope(event_item(
+                {"message": f"a {level} event", "level": level})))
+            self.assertEqual(json_of(answer), {"id": "e" * 32})
+        [entry] = self.service.aggregator.view().entries
+        self.assertEqual(entry.key[3], "a error event")
+        status = json_of(render(self.service, "/status"))
+        self.assertEqual(status["below_level"], {"sentry": 2})
+        metrics = body_of(render(self.service, "/metrics")).decode()
+        self.assertIn('failnozzle_below_level_total{input="sentry"} 2.0\n',
+                      metrics)
+
     def test_store(self):
         """The older store endpoint: the body is the event."""
         self.start()
@@ -404,6 +422,17 @@ class ErrorsEndpointTests(_ServiceTestCase):
         self.assertEqual(service.counts.received["http"], 4)
         self.assertEqual(service.aggregator.view().total, 4)
 
+    def test_below_min_level(self):
+        """A record below MIN_LEVEL is taken, and counted as such."""
+        service = self.start(MIN_LEVEL=3)
+        lines = b"\n".join(
+            json.dumps(record(f"level {number}", levelno=number)).encode()
+            for number in (20, 40))
+        answer = render(service, "/api/errors", method=b"POST", body=lines)
+        self.assertEqual(json_of(answer), {"accepted": 2, "bad": 0})
+        self.assertEqual(service.counts.below_level, {"http": 1})
+        self.assertEqual(service.aggregator.view().total, 1)
+
     def test_too_many_records(self):
         """Past 10,000 records, 413 and none of them counted."""
         service = self.start()
@@ -540,7 +569,9 @@ class RealClientTests(TestCase):
             try {{ lookup(17); }} catch (e) {{ Sentry.captureException(e); }}
             try {{
               try {{ JSON.parse("{{bad"); }}
-              catch (e) {{ throw new Error("config unreadable", {{cause: e}}); }}
+              catch (e) {{
+                throw new Error("config unreadable", {{cause: e}});
+              }}
             }} catch (e) {{ Sentry.captureException(e); }}
             Sentry.captureMessage("disk full on /var");
             Sentry.flush(10000).then((sent) => process.exit(sent ? 0 : 3));

@@ -642,7 +642,7 @@ class GELFTests(ServiceTestCase):
         """
         self.start()
         self.receive(self.gelf(level=4), zlib.compress(self.gelf()),
-                     gzip.compress(self.gelf(level=6)), record("fine"))
+                     gzip.compress(self.gelf(level=4)), record("fine"))
         self.service.flush()
         [(_, _, message)] = self.transport.by_kind("digest")
         body = message.get_content()
@@ -1661,3 +1661,95 @@ class ReloadTests(ServiceTestCase):
         self.service.stopService()
         self.assertNotEqual(signal.getsignal(signal.SIGHUP),
                             self.service._sighup)
+
+
+class LevelTests(ServiceTestCase):
+    """
+    MIN_LEVEL and GELF_MIN_LEVEL: records less severe are counted as such,
+    and neither digested nor paged.
+    """
+
+    def gelf(self, level, message="disk full"):
+        return json.dumps({"version": "1.1", "host": "web7", "level": level,
+                           "short_message": message}).encode()
+
+    def digest_lines(self):
+        self.service.flush()
+        return [line for _, _, message in self.transport.by_kind("digest")
+                for line in message.get_content().splitlines()
+                if line.endswith("[new]")]
+
+    def test_gelf_below_warning(self):
+        """
+        By default GELF informational and debug lines are not errors (GELF
+        clients ship every log line); warnings and worse are; failnozzle's
+        JSON, whatever its level, is.
+        """
+        self.start()
+        self.receive(self.gelf(6, "user logged in"), self.gelf(7, "cache hit"),
+                     self.gelf(4, "disk 90% full"),
+                     record("debug detail", levelno=10))
+        self.assertEqual(self.service.counts.below_level, {"udp": 2})
+        self.assertEqual(self.digest_lines(), [
+            "1X disk 90% full (in gelf) [new]",
+            "1X debug detail (in app, src/app/views.py:50) [new]"])
+
+    def test_min_level(self):
+        """
+        MIN_LEVEL holds every record that carries a level, failnozzle's
+        JSON by its logging levelno or levelname, GELF too (the stricter
+        of the two floors); records without a level are errors.
+        """
+        self.start(MIN_LEVEL="error", GELF_MIN_LEVEL=None)
+        self.receive(record("retrying", levelno=30),
+                     record("no level at all"),
+                     record("custom level 45", levelno=45),
+                     record("by name", levelname="CRITICAL"),
+                     record("info by name", levelname="INFO"),
+                     self.gelf(4), self.gelf(2, "raid degraded"))
+        self.assertEqual(self.service.counts.below_level, {"udp": 3})
+        lines = self.digest_lines()
+        self.assertEqual(len(lines), 4, lines)
+        self.assertFalse([line for line in lines
+                          if "retrying" in line or "info by" in line
+                          or "disk full" in line])
+
+    def test_gelf_floor_off(self):
+        """GELF_MIN_LEVEL = None lets every GELF level in."""
+        self.start(GELF_MIN_LEVEL=None)
+        self.receive(self.gelf(7, "cache hit"))
+        self.assertEqual(self.service.counts.below_level, {})
+        self.assertEqual(self.digest_lines(), ["1X cache hit (in gelf) [new]"])
+
+    def test_not_paged(self):
+        """Records below the level do not count toward the pager."""
+        self.start(PAGER_TO="oncall@example.com", PAGER_LIMIT=2,
+                   PAGER_WINDOW_SIZE=1)
+        self.receive(*[self.gelf(6, f"noise {n}") for n in range(5)])
+        self.service.flush()
+        self.assertEqual(self.transport.by_kind("pager"), [])
+        self.assertEqual(self.transport.by_kind("digest"), [])
+        # As many errors do page.
+        self.receive(*[self.gelf(3, f"error {n}") for n in range(5)])
+        self.service.flush()
+        self.assertEqual(len(self.transport.by_kind("pager")), 1)
+
+    def test_level_shown(self):
+        """A logging record's level is shown in the digest as syslog's."""
+        self.start()
+        self.receive(record("boom", levelno=40))
+        self.service.flush()
+        [(_, _, message)] = self.transport.by_kind("digest")
+        self.assertIn("Level: error (3)\n", message.get_content())
+
+    def test_reload(self):
+        """A reload's MIN_LEVEL holds from then on; counts are kept."""
+        settings = {}
+        self.start(reload_settings=lambda: (make_settings(
+            **{**self.overrides, **settings}), []))
+        self.receive(record("first", levelno=20))
+        settings["MIN_LEVEL"] = 4
+        self.assertTrue(self.service.reload())
+        self.receive(record("second", levelno=20))
+        self.assertEqual(self.service.counts.below_level, {"udp": 1})
+        self.assertEqual(len(self.digest_lines()), 1)
