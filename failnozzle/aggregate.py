@@ -570,38 +570,3 @@ def _merge_tally(tallies: dict, identity: Hashable, tally: _Tally | Entry,
 def _most_severe(level: Optional[int], other: int) -> int:
     """The more severe of two syslog levels (the lower number)."""
     return other if level is None or other < level else level
-
-
-class RateWindow:
-    """
-    The number of errors in the last C{size} flushes, as the original's
-    MessageRate: the pager fires when it reaches C{limit}.
-    """
-
-    def __init__(self, size: int, limit: int) -> None:
-        self.size = size
-        self.limit = limit
-        self.counts: list = []
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-    def add(self, count: int) -> bool:
-        """Record one flush's count; return whether the limit is reached."""
-        self.counts.append(count)
-        del self.counts[:-self.size]
-        return self.total >= self.limit
-
-    def configure(self, size: int, limit: int) -> None:
-        """Take a new size and limit (a reload), keeping the counts that
-        still fit."""
-        self.size, self.limit = size, limit
-        del self.counts[:-size]
-
-    def restore(self, counts: Sequence[int]) -> None:
-        """Take the counts a snapshot kept, as many as fit."""
-        self.counts = list(counts)[-self.size:]
-
-    def reset(self) -> None:
-        self.counts = []

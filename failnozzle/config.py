@@ -133,6 +133,9 @@ class Settings:
     FLUSH_SECONDS: float = 60
     PAGER_WINDOW_SIZE: int = 5
     PAGER_LIMIT: int = 100
+    #: While the rate stays over PAGER_LIMIT, a reminder this often (0:
+    #: at every flush).
+    PAGER_REPEAT_SECONDS: float = 3600
     MAX_UNIQUE_MESSAGES: int = 2000
     #: None: the built-in body template lists 100 errors in full, a custom
     #: one gets every kept error.
@@ -789,6 +792,7 @@ _CHECKS: Mapping[str, Checker] = {
     "PAGER_WINDOW_SIZE": _count(10_000),
     # sys.maxsize is how some configs of the original turned paging off.
     "PAGER_LIMIT": _count(2**63 - 1),
+    "PAGER_REPEAT_SECONDS": _seconds(_YEAR, zero_is_off=True),
     "MAX_UNIQUE_MESSAGES": _count(1_000_000),
     "DIGEST_MAX_DETAILS": _optional_count(1_000_000),
     # Below 10 kB the headers and a summary line may not fit.

@@ -24,6 +24,7 @@ from failnozzle.aggregate import Batch, Entry
 from failnozzle.clock import LAST_SECOND
 from failnozzle.config import ConfigError
 from failnozzle.levels import SYSLOG_LEVELS
+from failnozzle.pager import REMINDER, RESOLVED, Page
 from failnozzle.policy import BACK, NEW, ONGOING, Status, seen_key
 from failnozzle.steps import Steps, finish
 from failnozzle.textcap import cut_middle
@@ -693,23 +694,68 @@ def _load(environment: Environment, setting: str, name: str):
                           f"{error}") from None
 
 
-def pager_alert(server_name: str, total: int, window_size: int,
-                flush_seconds: float, windows: int = 1,
-                since: Optional[float] = None,
-                all_windows: Optional[int] = None) -> tuple:
+def headline_of(message: Mapping) -> str:
     """
-    The subject and body of a pager alert, worded as the original's; one
-    that replaces alerts not delivered says since when (wall-clock time)
-    and how many windows were over the limit, with how many errors.
+    An error in one line, as the default subject names it: the last line of
+    its traceback, else its message, else its first field that says
+    anything, and its module; C{message} maps the UNIQUE_MSG_TUPLE fields
+    to the values.
     """
-    body = (f"Danger: received {total} errors within the alert window "
-            f"(the last {window_size} flushes of {flush_seconds:g} s).\n")
-    if windows > 1:
-        body += (f"The error rate was over the limit in {windows} alert "
-                 f"windows since {_format_utc(utc(since))}, with "
-                 f"{all_windows} errors in all; this alert replaces those "
-                 f"that could not be delivered meanwhile.\n")
-    return f"{server_name} error rate exceeded", body
+    trace = str(message.get("exc_text") or "")
+    text = str(message.get("message") or "")
+    if "Traceback (most recent call last)" in trace or not text.strip():
+        text = (trace.strip().splitlines() or [text])[-1]
+    if not text.strip():
+        text = next((str(value) for value in message.values()
+                     if value is not None and str(value)), "")
+    module = message.get("module")
+    if module and str(module) != text:
+        text += f" in {module}"
+    return cut_middle(text.strip(), 120)
+
+
+def pager_message(server_name: str, page: Page, window_size: int,
+                  flush_seconds: float, limit: int,
+                  wall_offset: float = 0.0) -> tuple:
+    """
+    The subject and body of a page (see L{failnozzle.pager}): the
+    original's words first ("error rate exceeded", "Danger: received ..."),
+    which mail filters may know, then what broke and where; or, once it is
+    over, since when and how many in all.
+    """
+    window = (f"the last {window_size} flushes of {flush_seconds:g} s"
+              if window_size > 1 else f"the last flush of {flush_seconds:g} s")
+    since = _format_utc(utc(page.since + wall_offset))
+    if page.what == RESOLVED:
+        lasted = duration(max(0.0, page.at - page.since))
+        subject = (f"{server_name} error rate resolved: below {limit:,} "
+                   f"again after {lasted}, {page.total:,} errors")
+        body = (f"Resolved: {page.window_total:,} errors within the alert "
+                f"window ({window}), below PAGER_LIMIT ({limit:,}) for all "
+                f"of it.\nThe rate was over the limit from {since} for "
+                f"{lasted}, with {page.total:,} errors in all.\n")
+        return subject, body
+    subject = f"{server_name} error rate exceeded"
+    if page.what == REMINDER:
+        subject += f" (still, since {since})"
+    subject += f": {page.window_total:,} errors"
+    if page.culprits:
+        subject += f", most {page.culprits[0].headline}"
+    body = (f"Danger: received {page.window_total:,} errors within the "
+            f"alert window ({window}); PAGER_LIMIT is {limit:,}.\n")
+    if page.what == REMINDER:
+        body += (f"Over the limit since {since}, with {page.total:,} "
+                 f"errors since then.\n")
+    if page.culprits:
+        body += "\nTop errors in the window:\n" + "".join(
+            f"  {culprit.count:,}X {culprit.headline}"
+            f"{f' ({culprit.kind})' if culprit.kind else ''}"
+            f"{' [new]' if culprit.new else ''}\n"
+            for culprit in page.culprits)
+    if page.hosts:
+        body += "\nHosts with the most:\n" + "".join(
+            f"  {host}: {count:,}\n" for host, count in page.hosts)
+    return subject, body
 
 
 def build_message(

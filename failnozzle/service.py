@@ -6,8 +6,10 @@ and on a clean stop flushes into the spool and delivers what it can.
 """
 from __future__ import annotations
 
+import heapq
 import signal
 import socket
+from collections import Counter
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Callable, Optional
@@ -18,11 +20,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from failnozzle.aggregate import Aggregator, Batch, Entry, RateWindow
+from failnozzle.aggregate import Aggregator, Batch, Entry
 from failnozzle.config import (DEFAULT_FIELDS, UNUSED_SETTINGS, ConfigError,
                                Settings, changed_settings)
 from failnozzle.counts import Counts
-from failnozzle.digest import DigestRenderer, build_message, pager_alert
+from failnozzle.digest import (DigestRenderer, build_message, headline_of,
+                               pager_message)
 from failnozzle.fingerprint import CustomFingerprint, Grouping
 from failnozzle.gelf import GELFDecoder, GELFRecordReader
 from failnozzle.ingest import (BadDatagram, ErrorReceiver,
@@ -31,7 +34,9 @@ from failnozzle.listeners import (DATAGRAM, LISTENING, Listeners,
                                   bind_listening, overlaps)
 from failnozzle.mailin import MailIngest, tls_options
 from failnozzle.outbox import Outbox, message_bytes
-from failnozzle.policy import NewsRules, Telling, remembering, telling
+from failnozzle.pager import NAMED, RESOLVED, Culprit, Page, Pager
+from failnozzle.policy import (NEW, NewsRules, Telling, remembering,
+                               seen_key, status_of, telling)
 from failnozzle.seen import SeenFile, SeenMemory
 from failnozzle.spool import Spool
 from failnozzle.state import State, StateFile
@@ -122,18 +127,6 @@ class MonitoringFilter:
                 if marker in text:
                     return True
         return False
-
-
-@dataclass
-class _Page:
-    """
-    The pager alert not delivered yet: each window over the limit until it
-    is replaces it with one that says it all, not one more alert.
-    """
-
-    since: float
-    windows: int = 0
-    total: int = 0
 
 
 @dataclass
@@ -244,8 +237,8 @@ class FailnozzleService(Service):
             configured.reader, self.aggregator, reactor, self.counts,
             _INPUT_NAMES["UDP_BIND"])}
         self.mail: Optional[MailIngest] = None
-        self.rate_window = RateWindow(settings.PAGER_WINDOW_SIZE,
-                                      settings.PAGER_LIMIT)
+        self.pager = Pager(settings.PAGER_WINDOW_SIZE, settings.PAGER_LIMIT,
+                           settings.PAGER_REPEAT_SECONDS)
         self.outbox = Outbox(configured.transport,
                              Spool(settings.SPOOL_DIR, reactor), reactor,
                              writer=self.writer, counts=self.counts)
@@ -269,7 +262,6 @@ class FailnozzleService(Service):
         self._unsettled: dict = {}
         #: Per kind, how many digests are being made (L{_send_digest}).
         self._making: dict = {}
-        self._undelivered_page: Optional[_Page] = None
         self._flush_loop = LoopingCall(self._scheduled_flush)
         self._flush_loop.clock = reactor
         self._snapshot_loop = LoopingCall(self._scheduled_snapshot)
@@ -434,8 +426,8 @@ class FailnozzleService(Service):
         self._unsettled = {
             token: (kind, batch.rekeyed(rekey, grouping, regroup))
             for token, (kind, batch) in self._unsettled.items()}
-        self.rate_window.configure(settings.PAGER_WINDOW_SIZE,
-                                   settings.PAGER_LIMIT)
+        self.pager.configure(settings.PAGER_WINDOW_SIZE, settings.PAGER_LIMIT,
+                             settings.PAGER_REPEAT_SECONDS)
         self.outbox.configure(configured.transport,
                               settings.RETRY_MIN_SECONDS,
                               settings.RETRY_MAX_SECONDS,
@@ -788,7 +780,7 @@ class FailnozzleService(Service):
                 if batch:
                     self._hold(kind, batch.rekeyed(recut, grouping,
                                                    anew=False))
-        self.rate_window.restore(state.rate_window)
+        self.pager.restore(state.rate_window, state.pager)
         _log.info("Restored {total} errors from {path}",
                   total=state.buffer.total + sum(
                       batch.total for batch in self._held.values()),
@@ -841,10 +833,11 @@ class FailnozzleService(Service):
         # StateFile reads them at once and keeps the rest from before.
         self.aggregator.changed = False
         buffer, whole = self.aggregator.changes(self.state_file.needs_whole)
-        return State(buffer, dict(self._held), list(self.rate_window.counts),
+        return State(buffer, dict(self._held), self.pager.counts,
                      changes_only=not whole,
                      bad_input=self.aggregator.bad_input(),
-                     unsettled=self._unsettled_batches())
+                     unsettled=self._unsettled_batches(),
+                     pager=self.pager.saved())
 
     def _state_saved(self, _: object) -> None:
         self.counts.last_snapshot = self._reactor.seconds()
@@ -929,6 +922,8 @@ class FailnozzleService(Service):
             outage across a restart still gives two digests.
         @return: the outcomes (see L{Outbox.send}) of the messages sent.
         """
+        # Not errors to the pager: taken before the flush mixes them in.
+        bad_input = self.aggregator.bad_input()
         batch = self.aggregator.flush()
         if batch:
             self._last_busy_flush = self._reactor.seconds()
@@ -939,14 +934,12 @@ class FailnozzleService(Service):
             self.aggregator.restore(batch)
             raise
         sending = []
-        if self.rate_window.add(real.total):
-            total = self.rate_window.total
-            self.rate_window.reset()
-            try:
-                sending += self._page(total)
-            except Exception:
-                _log.failure("Could not send the pager alert about {total} "
-                             "errors", total=total)
+        try:
+            page = self._rate_page(real, bad_input)
+            if page is not None:
+                sending += self._page(page)
+        except Exception:
+            _log.failure("Could not page about the error rate")
         undelivered = (self.outbox.waiting_kinds() | {
             kind for kind, making in self._making.items() if making}
             if not final or self._may_hold_across_restart() else set())
@@ -1144,33 +1137,56 @@ class FailnozzleService(Service):
                 self.settings.MAX_SOURCES_PER_ERROR)
         return by_kind
 
-    def _page(self, total: int) -> list:
-        _log.warn("Error rate exceeded: {total} errors in the last {flushes} "
-                  "flushes (PAGER_LIMIT = {limit})", total=total,
-                  flushes=self.rate_window.size, limit=self.rate_window.limit)
-        page = self._undelivered_page
-        if page is None or "pager" not in self.outbox.waiting_kinds():
-            page = self._undelivered_page = _Page(self._reactor.seconds())
-        page.windows += 1
-        page.total += total
-        subject, body = pager_alert(
-            self.settings.SERVER_NAME, total, self.rate_window.size,
-            self.settings.FLUSH_SECONDS, windows=page.windows,
-            since=page.since + self._wall_offset(), all_windows=page.total)
+    def _rate_page(self, real: Batch, bad_input: tuple) -> Optional[Page]:
+        """
+        Hand the pager this flush's errors (bad input is not one): their
+        count, the top ones, marked new as the digest would, and the hosts
+        of those.
+        """
+        bad = {entry.identity for entry in bad_input}
+        errors = [entry for entry in real.entries if entry.identity not in bad]
+        count = real.total - sum(entry.total for entry in bad_input)
+        fields = self.settings.unique_fields
+        wall_offset = self._wall_offset()
+        culprits, hosts = {}, Counter()
+        for entry in heapq.nlargest(4 * NAMED, errors,
+                                    key=lambda entry: entry.total):
+            hosts.update(entry.sources)
+            if len(culprits) == NAMED:
+                continue
+            key = seen_key(entry)
+            message = dict(zip(fields, entry.key))
+            status = status_of(self.seen.get(key),
+                               entry.first_seen + wall_offset, entry.total,
+                               self._news_rules)
+            culprits[key] = Culprit(headline_of(message), message.get("kind"),
+                                    entry.total, status.kind == NEW)
+        return self.pager.observe(self._reactor.seconds(), count, culprits,
+                                  hosts)
+
+    def _page(self, page: Page) -> list:
+        if page.what == RESOLVED:
+            _log.info("Error rate back below PAGER_LIMIT = {limit} for a "
+                      "whole window, {total} errors since it went over",
+                      limit=self.pager.limit, total=page.total)
+        else:
+            _log.warn("Error rate exceeded: {count} errors in the last "
+                      "{flushes} flushes (PAGER_LIMIT = {limit})",
+                      count=page.window_total, flushes=self.pager.size,
+                      limit=self.pager.limit)
         route = self._routes["pager"]
-        if not self._has_recipients(route, total):
+        if not self._has_recipients(route, page.window_total):
             return []
+        subject, body = pager_message(
+            self.settings.SERVER_NAME, page, self.pager.size,
+            self.settings.FLUSH_SECONDS, self.pager.limit,
+            self._wall_offset())
         message = build_message(subject=subject, body=body,
                                 **self._envelope(route))
+        # An outage holds one page, the latest, not one per reminder.
         sending = (self.outbox.replace(route.kind, message)
-                   if page.windows > 1 else self.outbox.send(message))
-
-        def delivered(result: bool) -> bool:
-            if self._undelivered_page is page:
-                self._undelivered_page = None
-            return result
-
-        sending.outcome.addCallback(delivered)
+                   if route.kind in self.outbox.waiting_kinds()
+                   else self.outbox.send(message))
         return [sending.outcome]
 
     def _has_recipients(self, route: Route, count: int) -> bool:

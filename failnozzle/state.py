@@ -81,6 +81,9 @@ class State:
     #: outbox but not yet in the spool, or kept in memory only because the
     #: spool could not take it.  A run that finds them reports them again.
     unsettled: dict = field(default_factory=dict)
+    #: Where the pager's alert stands (L{failnozzle.pager.Pager.saved});
+    #: None: not over the limit.
+    pager: Optional[dict] = None
 
 
 class _Unusable(ValueError):
@@ -102,6 +105,7 @@ class _Snapshot:
     overflow: int
     batches: dict  # "held" and "unsettled": kind: the batch, encoded
     rate_window: list
+    pager: Optional[dict]
 
 
 class StateFile:
@@ -215,7 +219,7 @@ class StateFile:
             state.buffer.overflow,
             {name: {kind: rows for kind, (_, rows) in batches.items()}
              for name, batches in batch_rows.items()},
-            list(state.rate_window))
+            list(state.rate_window), state.pager)
         writing = self._in_thread(self._write, snapshot)
         writing.addErrback(self._write_failed)
         return writing
@@ -370,7 +374,8 @@ class StateFile:
              if name == "held"},
             [_count(count, "a rate_window count") for count in rate_window],
             unsettled={kind: batch for (name, kind), batch in read.items()
-                       if name == "unsettled"})
+                       if name == "unsettled"},
+            pager=_pager(snapshot.get("pager"), shift))
         return state, generation
 
     def _read_keys(self, generation: int, wanted: set,
@@ -448,6 +453,18 @@ def _time(value: object, shift: float) -> float:
     return min(max(float(value) + shift, 0.0), LAST_SECOND)
 
 
+def _pager(saved: object, shift: float) -> Optional[dict]:
+    """Where the pager's alert stood, its times on this run's clock."""
+    if saved is None:
+        return None
+    _check(type(saved) is dict and saved.get("since") is not None,
+           "bad pager")
+    return {"since": _time(saved["since"], shift),
+            "last_paged": _time(saved.get("last_paged"), shift),
+            "total": _count(saved.get("total"), "a pager total"),
+            "below": _count(saved.get("below"), "a pager count")}
+
+
 def _loads(data: bytes) -> object:
     """
     JSON as orjson reads it, or as the standard library does what orjson
@@ -490,7 +507,8 @@ def _pieces(snapshot: _Snapshot) -> Iterator[str]:
         kinds = ", ".join(f"{json.dumps(kind)}: {rows}"
                           for kind, rows in batches.items())
         yield f', "{name}": {{{kinds}}}'
-    yield f', "rate_window": {json.dumps(snapshot.rate_window)}}}'
+    yield f', "rate_window": {json.dumps(snapshot.rate_window)}'
+    yield f', "pager": {json.dumps(snapshot.pager)}}}'
 
 
 def _rows(batch: Batch, numbers: dict) -> str:

@@ -4,7 +4,7 @@ Tests for L{failnozzle.aggregate}.
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from failnozzle.aggregate import Aggregator, Batch, Entry, RateWindow
+from failnozzle.aggregate import Aggregator, Batch, Entry
 
 
 def internal_key(count, error):
@@ -346,30 +346,3 @@ class BatchTests(SynchronousTestCase):
         """
         self.assertTrue(Batch((), overflow=1))
         self.assertFalse(Batch())
-
-
-class RateWindowTests(SynchronousTestCase):
-    """
-    The pager's sliding window, as the original's MessageRate.
-    """
-
-    def test_sliding_window(self):
-        """
-        The window sums the last C{size} counts and says when the sum
-        reaches the limit; the original's test sequence gives the same
-        answers.
-        """
-        window = RateWindow(3, 3)
-        answers = [(window.add(count), window.total)
-                   for count in [1, 0, 1, 1, 5]]
-        self.assertEqual(answers, [(False, 1), (False, 1), (False, 2),
-                                   (False, 2), (True, 7)])
-        window.reset()
-        self.assertEqual((window.add(2), window.total), (False, 2))
-
-    def test_limit_reached_exactly(self):
-        """
-        Reaching the limit exactly is enough, as in the original.
-        """
-        window = RateWindow(5, 10)
-        self.assertTrue(window.add(10))

@@ -19,7 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from failnozzle.aggregate import Batch, Entry
 from failnozzle.config import ConfigError, UniqueMessage
 from failnozzle.digest import (SUBJECT_MAX_CHARS, DigestRenderer,
-                               build_message, pager_alert)
+                               build_message, headline_of, pager_message)
+from failnozzle.pager import FIRING, REMINDER, RESOLVED, Culprit, Page
 from failnozzle.policy import Status, seen_key
 
 
@@ -627,20 +628,63 @@ class MessageTests(SynchronousTestCase):
                          at("2013-01-09 15:08:00"))
 
 
-class PagerAlertTests(SynchronousTestCase):
+class PagerMessageTests(SynchronousTestCase):
     """
-    The pager alert's words.
+    A page's words: the original's first, then what broke and where; and
+    the "resolved" message.
     """
 
-    def test_alert(self):
-        """
-        The subject names the server, the body the count and the window.
-        """
-        subject, body = pager_alert("nozzle1", 120, 5, 60)
-        self.assertEqual(subject, "nozzle1 error rate exceeded")
-        self.assertEqual(
-            body, "Danger: received 120 errors within the alert window "
-                  "(the last 5 flushes of 60 s).\n")
+    page = Page(FIRING, 120, at=600, since=600, total=120, culprits=(
+        Culprit("KeyError: 'user_17' in views", "shop", 80, new=True),
+        Culprit("Timeout in db", None, 40)),
+        hosts=(("web3", 70), ("web1", 50)))
+
+    def test_firing(self):
+        subject, body = pager_message("nozzle1", self.page, 5, 60, 100)
+        self.assertEqual(subject, "nozzle1 error rate exceeded: 120 errors, "
+                                  "most KeyError: 'user_17' in views")
+        self.assertEqual(body, (
+            "Danger: received 120 errors within the alert window (the last "
+            "5 flushes of 60 s); PAGER_LIMIT is 100.\n"
+            "\nTop errors in the window:\n"
+            "  80X KeyError: 'user_17' in views (shop) [new]\n"
+            "  40X Timeout in db\n"
+            "\nHosts with the most:\n  web3: 70\n  web1: 50\n"))
+
+    def test_reminder(self):
+        page = replace(self.page, what=REMINDER, at=4200, total=9000)
+        subject, body = pager_message("nozzle1", page, 5, 60, 100,
+                                      wall_offset=at("2013-01-09 15:00:00"))
+        self.assertTrue(subject.startswith(
+            "nozzle1 error rate exceeded (still, since 2013-01-09 15:10:00 "
+            "UTC): 120 errors"), subject)
+        self.assertIn("Over the limit since 2013-01-09 15:10:00 UTC, with "
+                      "9,000 errors since then.\n", body)
+
+    def test_resolved(self):
+        page = Page(RESOLVED, 3, at=600 + 2 * 3600, since=600, total=9000)
+        subject, body = pager_message("nozzle1", page, 1, 60, 100)
+        self.assertEqual(subject, "nozzle1 error rate resolved: below 100 "
+                                  "again after 2 hours, 9,000 errors")
+        self.assertIn("Resolved: 3 errors within the alert window (the last "
+                      "flush of 60 s), below PAGER_LIMIT (100)", body)
+        self.assertIn("with 9,000 errors in all.\n", body)
+
+
+class HeadlineTests(SynchronousTestCase):
+    """What a page calls an error."""
+
+    def test_traceback_last_line(self):
+        self.assertEqual(headline_of({
+            "message": "lookup failed", "module": "views",
+            "exc_text": "Traceback (most recent call last):\n  File ...\n"
+                        "KeyError: 'x'"}), "KeyError: 'x' in views")
+
+    def test_message_else_first_field(self):
+        self.assertEqual(headline_of({"message": "disk full",
+                                      "exc_text": None}), "disk full")
+        self.assertEqual(headline_of({"message": None, "exc_text": "",
+                                      "job": "nightly"}), "nightly")
 
 
 class LayoutTests(SynchronousTestCase):

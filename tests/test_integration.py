@@ -970,14 +970,14 @@ class OutageTests(TestCase):
     @defer.inlineCallbacks
     def test_pager_alerts_coalesced(self):
         """
-        An alert that cannot be delivered is replaced by the next one, which
-        says how many windows were over the limit since when: one alert in
-        the spool during an outage, not one per window, and it arrives once
-        the server is back, beside the pending digest.
+        A page that cannot be delivered is replaced by the next one (a
+        reminder, here at every flush), which says since when and how many
+        since: one page in the spool during an outage, not one per flush,
+        and it arrives once the server is back, beside the pending digest.
         """
         port = free_tcp_port()
         service = start_service(self, **smtp_settings(
-            port, PAGER_LIMIT=3, PAGER_WINDOW_SIZE=2,
+            port, PAGER_LIMIT=3, PAGER_WINDOW_SIZE=2, PAGER_REPEAT_SECONDS=0,
             PAGER_TO=["pager@example.com"], REPEAT_SECONDS=0, **FAST_RETRY))
         yield count_in(service, [record("boom")] * 2)
         [pending] = service.flush()
@@ -999,13 +999,16 @@ class OutageTests(TestCase):
         [page] = [message for message in sink.messages
                   if message["To"] == "pager@example.com"]
         body = page.get_content()
-        self.assertIn("received 3 errors within the alert window", body)
-        self.assertIn("over the limit in 2 alert windows since", body)
-        self.assertIn("with 7 errors in all", body)
+        self.assertIn("received 5 errors within the alert window", body)
+        self.assertIn("Over the limit since", body)
+        self.assertIn("with 7 errors since then", body)
+        self.assertIn("(still, since", page["Subject"])
         self.assertEqual(len(sink.messages), 2)
-        [outcome] = service.flush()
-        yield bounded(outcome)
-        self.assertEqual(digest_counts(sink.messages[2].get_content()),
+        # The window still holds 3 errors: the digest, and a reminder.
+        yield bounded(defer.gatherResults(service.flush()))
+        [digest] = [message for message in sink.messages[2:]
+                    if message["To"] != "pager@example.com"]
+        self.assertEqual(digest_counts(digest.get_content()),
                          {"boom": {"host1": 5}})
 
 
@@ -1301,9 +1304,37 @@ class PagerTests(TestCase):
         self.assertEqual(page["To"], "pager@example.com")
         self.assertEqual(page["From"], "alarm@example.com")
         self.assertEqual(page["Reply-To"], "oncall@example.com")
-        self.assertEqual(page["Subject"], "nozzle1 error rate exceeded")
+        self.assertTrue(page["Subject"].startswith(
+            "nozzle1 error rate exceeded: 3 errors, most Error: boom"))
         self.assertIn("received 3 errors", page.get_content())
         self.assertEqual(len(sink.messages), 3)
+
+    @defer.inlineCallbacks
+    def test_storm_pages_once_then_resolves(self):
+        """
+        A storm over several flushes pages once, naming its error and host;
+        once the rate has been below the limit for a whole window, one
+        "resolved" follows, and nothing more.
+        """
+        sink = SMTPSink(self)
+        service = start_service(self, **smtp_settings(
+            sink.port, PAGER_LIMIT=3, PAGER_WINDOW_SIZE=2,
+            PAGER_TO=["pager@example.com"], SERVER_NAME="nozzle1",
+            REPEAT_SECONDS=0))
+        for _ in range(4):
+            yield report(service, [record("boom", source="web3")] * 3)
+        for _ in range(4):
+            yield bounded(defer.gatherResults(service.flush()))
+        pages = [message for envelope, message
+                 in zip(sink.envelopes, sink.messages)
+                 if envelope.rcpt_tos == ["pager@example.com"]]
+        self.assertEqual([page["Subject"].split(":")[0] for page in pages],
+                         ["nozzle1 error rate exceeded",
+                          "nozzle1 error rate resolved"])
+        self.assertIn("  3X Error: boom in views (app) [new]\n",
+                      pages[0].get_content())
+        self.assertIn("  web3: 3\n", pages[0].get_content())
+        self.assertIn("with 12 errors in all", pages[1].get_content())
 
 
 class StopTests(TestCase):

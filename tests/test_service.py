@@ -758,8 +758,8 @@ class PagerTests(ServiceTestCase):
     def test_alert_over_window(self):
         """
         Counts from several flushes add up; reaching the limit sends one
-        alert to PAGER_TO from PAGER_FROM with PAGER_REPLY_TO, then the
-        window starts again.
+        alert to PAGER_TO from PAGER_FROM with PAGER_REPLY_TO, naming the
+        error and its host; while the rate stays over, no more.
         """
         self.start_pager()
         for count in (2, 2):
@@ -772,11 +772,59 @@ class PagerTests(ServiceTestCase):
         self.assertEqual(sender, "alarm@example.com")
         self.assertEqual(recipients, ("pager@example.com",))
         self.assertEqual(alert["Reply-To"], "oncall@example.com")
-        self.assertEqual(alert["Subject"], "nozzle1 error rate exceeded")
-        self.assertIn("received 5 errors", alert.get_content())
+        self.assertEqual(alert["Subject"], "nozzle1 error rate exceeded: "
+                                           "5 errors, most Error: boom in "
+                                           "views")
+        body = alert.get_content()
+        self.assertIn("received 5 errors", body)
+        self.assertIn("  5X Error: boom in views (app) [new]\n", body)
+        self.assertIn("  host1: 5\n", body)
         self.receive(*[record("boom")] * 4)
         self.reactor.advance(10)
         self.assertEqual(len(self.transport.by_kind("pager")), 1)
+
+    def test_remind_then_resolve(self):
+        """
+        A storm that lasts is paged again every PAGER_REPEAT_SECONDS; once
+        the rate has been under the limit for a whole window, "resolved"
+        with how long and how many, once.
+        """
+        self.start_pager(PAGER_REPEAT_SECONDS=60)
+        for _ in range(7):
+            self.receive(*[record("boom")] * 5)
+            self.reactor.advance(10)
+        subjects = [alert["Subject"] for _, _, alert
+                    in self.transport.by_kind("pager")]
+        self.assertEqual(len(subjects), 2, subjects)
+        self.assertIn("(still, since", subjects[1])
+        for _ in range(6):
+            self.reactor.advance(10)
+        pages = self.transport.by_kind("pager")
+        self.assertEqual(len(pages), 3)
+        resolved = pages[-1][2]
+        self.assertEqual(resolved["Subject"], "nozzle1 error rate resolved: "
+                                              "below 5 again after 1 minute, "
+                                              "35 errors")
+
+    def test_state_kept_across_restart(self):
+        """
+        An alert begun before a restart is resolved after it, not paged
+        again.
+        """
+        self.start_pager()
+        self.receive(*[record("boom")] * 5)
+        self.reactor.advance(10)
+        self.service.stopService()
+        self.assertEqual(len(self.transport.by_kind("pager")), 1)
+        state_file = self.overrides["STATE_FILE"]
+        self.start_pager(STATE_FILE=state_file)
+        self.receive(*[record("boom")] * 5)
+        self.reactor.advance(10)
+        self.assertEqual(self.transport.by_kind("pager"), [])
+        for _ in range(10):
+            self.reactor.advance(10)
+        [(_, _, resolved)] = self.transport.by_kind("pager")
+        self.assertIn("error rate resolved", resolved["Subject"])
 
     def test_window_slides(self):
         """
@@ -799,14 +847,20 @@ class PagerTests(ServiceTestCase):
         self.reactor.advance(10)
         self.assertEqual(self.transport.by_kind("pager"), [])
 
-    def test_bad_input_counted(self):
+    def test_bad_input_not_counted(self):
         """
-        Bad input counts toward the rate, as in the original.
+        Bad input does not count toward the rate (the original counted it:
+        a port scanner paged on-call), nor is it named.
         """
         self.start_pager()
-        self.receive(*[b"junk"] * 5)
+        self.receive(*[b"junk"] * 5, *[record("boom")] * 4)
         self.reactor.advance(10)
-        self.assertEqual(len(self.transport.by_kind("pager")), 1)
+        self.assertEqual(self.transport.by_kind("pager"), [])
+        self.receive(b"junk", record("boom"))
+        self.reactor.advance(10)
+        [(_, _, alert)] = self.transport.by_kind("pager")
+        self.assertIn("received 5 errors", alert.get_content())
+        self.assertNotIn("junk", alert.get_content())
 
     def test_pager_from_defaults_to_report_from(self):
         """
@@ -830,7 +884,7 @@ class PagerTests(ServiceTestCase):
         self.assertEqual(self.transport.by_kind("pager"), [])
         self.assertEqual(
             [e["setting"] for e in events if e.get("setting")], ["PAGER_TO"])
-        self.assertTrue([e for e in events if e.get("total") == 5])
+        self.assertTrue([e for e in events if e.get("count") == 5])
 
 
 class DigestInStepsTests(ServiceTestCase):

@@ -53,6 +53,27 @@ class StateFileTests(SynchronousTestCase):
         self.state_file().save(lambda: state)
         self.assertEqual(self.state_file().load(), state)
 
+    def test_pager_round_trip(self):
+        """
+        Where the pager's alert stands comes back as saved; a damaged one
+        makes the file unusable, as any other damage does.
+        """
+        pager = {"since": 10.0, "last_paged": 70.0, "total": 500,
+                 "below": 2}
+        state = State(pager=pager)
+        self.state_file().save(lambda: state)
+        self.assertEqual(self.state_file().load().pager, pager)
+        for damaged in ([], {"since": None}, {**pager, "total": -1},
+                        {**pager, "last_paged": "soon"}):
+            with self.subTest(pager=damaged):
+                self.state_file().save(lambda: state)
+                with open(self.path) as saved:
+                    snapshot = json.load(saved)
+                snapshot["pager"] = damaged
+                with open(self.path, "w") as out:
+                    json.dump(snapshot, out)
+                self.assertIsNone(self.state_file().load())
+
     def test_grouping_round_trip(self):
         """
         An entry's fingerprint, its count of variants, its examples and
