@@ -32,6 +32,7 @@ from functools import partial
 from typing import Any, Callable, Mapping, Optional
 
 from failnozzle.levels import SYSLOG_LEVELS, level_named
+from failnozzle.routing import BadRule, parse_rules, unknown_fields
 from failnozzle.textcap import one_line
 
 #: The fields that make two error reports "the same error", as in the original.
@@ -126,6 +127,9 @@ class Settings:
     REPLY_TO: tuple = ()
     JUST_MONITORING_REPORT_TO: tuple = ()
     MONITORING_ERROR_MARKERS: tuple = DEFAULT_MONITORING_ERROR_MARKERS
+    #: Who gets which errors (failnozzle.routing); what no rule takes goes
+    #: to REPORT_TO.
+    ROUTES: tuple = ()
     PAGER_FROM: Optional[str] = None
     PAGER_TO: tuple = ()
     PAGER_REPLY_TO: tuple = ()
@@ -439,6 +443,14 @@ def _level_floor(name: str, value: object) -> Optional[int]:
     raise ConfigError(f"{name} must be a syslog severity, 0 (emergency) to "
                       f"7 (debug), or its name such as 'warning', or None, "
                       f"not {_shown(value)}")
+
+
+def _routes(name: str, value: object) -> tuple:
+    try:
+        return parse_rules(name, value, _addresses,
+                           _seconds(_YEAR, zero_is_off=True))
+    except BadRule as error:
+        raise ConfigError(str(error)) from None
 
 
 def _count(maximum: int) -> Checker:
@@ -785,6 +797,7 @@ _CHECKS: Mapping[str, Checker] = {
     "REPLY_TO": _addresses,
     "JUST_MONITORING_REPORT_TO": _addresses,
     "MONITORING_ERROR_MARKERS": _markers,
+    "ROUTES": _routes,
     "PAGER_FROM": _optional_address,
     "PAGER_TO": _addresses,
     "PAGER_REPLY_TO": _addresses,
@@ -1075,6 +1088,11 @@ def _complete(settings: Settings, notices: list, problems: list,
                 f"address, so HTTP_TOKEN is required (status, metrics and "
                 f"control are open to loopback only)", "HTTP_BIND",
                 "HTTP_TOKEN")
+    for rule, field_name in unknown_fields(settings.ROUTES,
+                                           settings.unique_fields):
+        problem(f"ROUTES rule {rule!r} matches on {field_name!r}, which is "
+                f"not in UNIQUE_MSG_TUPLE (nor source, level, fingerprint)",
+                "ROUTES", "UNIQUE_MSG_TUPLE")
     if settings.RETRY_MAX_SECONDS < settings.RETRY_MIN_SECONDS:
         problem("RETRY_MAX_SECONDS must not be less than RETRY_MIN_SECONDS",
                 "RETRY_MIN_SECONDS", "RETRY_MAX_SECONDS")

@@ -10,6 +10,7 @@ import heapq
 import signal
 import socket
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Callable, Optional
@@ -35,6 +36,7 @@ from failnozzle.listeners import (DATAGRAM, LISTENING, Listeners,
 from failnozzle.mailin import MailIngest, tls_options
 from failnozzle.outbox import Outbox, message_bytes
 from failnozzle.pager import NAMED, RESOLVED, Culprit, Page, Pager
+from failnozzle.routing import route
 from failnozzle.policy import (NEW, NewsRules, Telling, remembering,
                                seen_key, status_of, telling)
 from failnozzle.seen import SeenFile, SeenMemory
@@ -385,6 +387,10 @@ class FailnozzleService(Service):
                 "pager": Route("pager", "PAGER_TO", settings.PAGER_TO,
                                settings.PAGER_FROM or settings.REPORT_FROM,
                                settings.PAGER_REPLY_TO),
+                **{rule.kind: Route(rule.kind, f"ROUTES rule {rule.name!r}",
+                                    rule.to, rule.sender or settings.REPORT_FROM,
+                                    rule.reply_to or settings.REPLY_TO)
+                   for rule in settings.ROUTES},
             })
 
     def _apply(self, settings: Settings, configured: _Configured,
@@ -398,12 +404,19 @@ class FailnozzleService(Service):
         self._reader = configured.reader
         self._grouping = configured.grouping
         self._news_rules = NewsRules.of(settings)
+        #: What each route's digests are told by: its own repeat_seconds.
+        self._route_rules = {
+            rule.kind: dataclasses.replace(
+                self._news_rules, repeat_after=rule.repeat_seconds)
+            for rule in settings.ROUTES if rule.repeat_seconds is not None}
         self.seen.resize(settings.SEEN_MAX)
         if "UNIQUE_MSG_TUPLE" in changed or previous is None:
             self._fields_checked = False
         self.renderer = configured.renderer
         self._is_monitoring = configured.is_monitoring
         self._routes = configured.routes
+        if "ROUTES" in changed:
+            self._reroute_held()
         self._gelf.configure(settings.SOURCE_FIELD_NAME,
                              settings.GELF_DEFAULT_KIND)
         for receiver in self._receivers.values():
@@ -774,12 +787,13 @@ class FailnozzleService(Service):
         self.aggregator.restore(state.buffer.rekeyed(recut, grouping,
                                                      anew=False))
         # Errors whose digest was not yet safe in the spool are reported
-        # again: at least once.
-        for kind in ("digest", "monitoring"):
+        # again: at least once; by the routes of this run.
+        for kind in sorted(set(state.held) | set(state.unsettled)):
             for batch in (state.held.get(kind), state.unsettled.get(kind)):
                 if batch:
                     self._hold(kind, batch.rekeyed(recut, grouping,
                                                    anew=False))
+        self._reroute_held()
         self.pager.restore(state.rate_window, state.pager)
         _log.info("Restored {total} errors from {path}",
                   total=state.buffer.total + sum(
@@ -874,6 +888,34 @@ class FailnozzleService(Service):
             _log.failure("Flush failed; the next one is in {seconds:g} s",
                          seconds=self.settings.FLUSH_SECONDS)
 
+    def _routed(self, batch: Batch) -> tuple:
+        """C{batch} split by ROUTES: C{(routed, rest)}, the batch of each
+        route that got errors, and the rest, with the overflow."""
+        routed, rest = route(batch.entries, self.settings.ROUTES,
+                             self.settings.unique_fields)
+        return ({kind: Batch(tuple(entries))
+                 for kind, entries in routed.items()},
+                Batch(tuple(rest), batch.overflow))
+
+    def _reroute_held(self) -> None:
+        """
+        Route anew what is held for the digests (not the canaries'), by
+        the ROUTES of now: a reload changed them, or a restart did.
+        """
+        kinds = [kind for kind in self._held if kind != "monitoring"]
+        pooled = None
+        for kind in kinds:
+            batch = self._held.pop(kind)
+            pooled = batch if pooled is None else pooled.merge(
+                batch, self.settings.MAX_UNIQUE_MESSAGES,
+                self.settings.MAX_SOURCES_PER_ERROR)
+        if pooled is None:
+            return
+        routed, rest = self._routed(pooled)
+        for kind, part in [("digest", rest), *routed.items()]:
+            if part:
+                self._hold(kind, part)
+
     def _hold(self, kind: str, batch: Batch) -> None:
         """Keep C{batch} for the next digest of C{kind}, with what is held."""
         held = self._held.get(kind)
@@ -948,7 +990,10 @@ class FailnozzleService(Service):
         #: Python's lock against the writer, and a crash meanwhile would
         #: lose them).
         written: list = []
-        for kind, part in (("digest", real), ("monitoring", monitoring)):
+        routed, real = self._routed(real)
+        parts = {"digest": real, "monitoring": monitoring, **{
+            rule.kind: routed.get(rule.kind) for rule in self.settings.ROUTES}}
+        for kind, part in parts.items():
             if part:
                 self._hold(kind, part)
             pending = self._held.get(kind)
@@ -980,7 +1025,8 @@ class FailnozzleService(Service):
         wall_offset = self._wall_offset()
         return telling(batch, self.seen, wall_offset,
                        self._reactor.seconds() + wall_offset,
-                       self._news_rules, repeats=kind == "digest")
+                       self._route_rules.get(kind, self._news_rules),
+                       repeats=kind != "monitoring")
 
     def _say_quiet(self, kind: str, batch: Batch) -> None:
         """Log, once a quiet time, that errors wait for news."""

@@ -1274,6 +1274,43 @@ class RoutingTests(TestCase):
         self.assertEqual([envelope.rcpt_tos for envelope in sink.envelopes],
                          [["canary@example.com"]])
 
+    @defer.inlineCallbacks
+    def test_two_teams(self):
+        """
+        With ROUTES, each team's address gets one message with only its
+        errors, sent over UDP from two hosts; the rest goes to REPORT_TO.
+        """
+        sink = SMTPSink(self)
+        service = start_service(self, **smtp_settings(
+            sink.port, REPORT_TO=["ops@example.com"], ROUTES=[
+                {"name": "billing", "match": {"kind": "^billing$"},
+                 "to": "billing@example.com"},
+                {"name": "dba", "match": {"source": r"^db\d+$"},
+                 "to": "dba@example.com"}]))
+        outcomes = yield report(service, [
+            record("card declined", kind="billing", source="web1"),
+            record("deadlock", source="db1"), record("deadlock",
+                                                     source="web2"),
+            record("cart empty", source="web1")])
+        self.assertEqual(outcomes, [True, True, True])
+        received = {tuple(envelope.rcpt_tos): message
+                    for envelope, message in zip(sink.envelopes,
+                                                 sink.messages)}
+        self.assertEqual(sorted(received), [
+            ("billing@example.com",), ("dba@example.com",),
+            ("ops@example.com",)])
+        self.assertEqual(digest_counts(
+            received[("billing@example.com",)].get_content()),
+            {"card declined": {"web1": 1}})
+        self.assertEqual(digest_counts(
+            received[("dba@example.com",)].get_content()),
+            {"deadlock": {"db1": 1}})
+        self.assertEqual(digest_counts(
+            received[("ops@example.com",)].get_content()),
+            {"deadlock": {"web2": 1}, "cart empty": {"web1": 1}})
+        self.assertEqual(received[("dba@example.com",)]["X-Failnozzle"],
+                         "route:dba")
+
 
 class PagerTests(TestCase):
     """

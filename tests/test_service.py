@@ -1807,3 +1807,72 @@ class LevelTests(ServiceTestCase):
         self.receive(record("second", levelno=20))
         self.assertEqual(self.service.counts.below_level, {"udp": 1})
         self.assertEqual(len(self.digest_lines()), 1)
+
+
+class RouteTests(ServiceTestCase):
+    """ROUTES: each recipient gets one digest with only its errors."""
+
+    ROUTES = [
+        {"name": "sre", "match": {"message": "(?i)timeout"},
+         "to": "sre@example.com", "continue": True},
+        {"name": "billing", "match": {"kind": "^billing$"},
+         "to": "billing@example.com", "from": "bills@example.com"},
+    ]
+
+    def digests(self):
+        return {recipients: [line.split(" (in ")[0] for line
+                             in message.get_content().splitlines()
+                             if line.endswith("[new]")]
+                for _, recipients, message, _ in self.transport.pending}
+
+    def test_teams_get_only_theirs(self):
+        """
+        A route's digest holds its errors only, from its own From; an
+        error a continue route took may reach a later one too; the rest
+        goes to REPORT_TO; canaries go their own way first.
+        """
+        self.start(ROUTES=self.ROUTES, JUST_MONITORING_REPORT_TO="c@x.example")
+        self.receive(record("card declined", kind="billing"),
+                     record("Timeout talking to ledger", kind="billing"),
+                     record("db timeout", kind="shop"),
+                     record("cart empty", kind="shop"),
+                     record(f"canary {MARKER}", kind="billing"))
+        self.reactor.advance(60)
+        self.assertEqual(self.digests(), {
+            ("billing@example.com",): ["1X card declined",
+                                       "1X Timeout talking to ledger"],
+            ("sre@example.com",): ["1X Timeout talking to ledger",
+                                   "1X db timeout"],
+            ("ops@example.com",): ["1X cart empty"],
+            ("c@x.example",): [f"1X canary {MARKER}"]})
+        senders = {recipients: sender for sender, recipients, *_
+                   in self.transport.pending}
+        self.assertEqual(senders[("billing@example.com",)],
+                         "bills@example.com")
+        self.assertEqual(senders[("sre@example.com",)], "nozzle@example.com")
+        kinds = {message["X-Failnozzle"] for _, _, message, _
+                 in self.transport.pending}
+        self.assertEqual(kinds, {"route:billing", "route:sre", "digest",
+                                 "monitoring"})
+
+    def test_reload_routes_what_is_held(self):
+        """
+        Errors held for a digest (its last one undelivered) are routed by
+        the ROUTES a reload brings: nothing held is lost or sent twice.
+        """
+        given = {}
+        self.start(reload_settings=lambda: (make_settings(
+            **{**self.overrides, **given}), []))
+        # The first digest is not delivered: what follows is held.
+        self.receive(record("first"))
+        self.reactor.advance(60)
+        self.receive(record("card declined", kind="billing"))
+        self.reactor.advance(60)
+        self.assertEqual(set(self.service.held), {"digest"})
+        given["ROUTES"] = self.ROUTES
+        self.assertTrue(self.service.reload())
+        self.assertEqual(set(self.service.held), {"route:billing"})
+        self.assertEqual(self.service.held["route:billing"].total, 1)
+        self.reactor.advance(60)
+        [(_, recipients, _, _)] = self.transport.pending[1:]
+        self.assertEqual(recipients, ("billing@example.com",))

@@ -1,0 +1,309 @@
+"""
+ROUTES: who gets which errors.  Each rule matches errors on their fields
+(a string is a regular expression searched in the field, a list any of
+several), their hosts (C{source}: only the instances from matching hosts
+go), their level (at least this severe) or their fingerprint, and sends
+them to its own recipients; the first rule that matches takes an error,
+unless it says C{continue}, and what no rule matches goes to REPORT_TO.
+Applied once per flush, to the batch's entries: never per datagram.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional, Pattern, Sequence
+
+from failnozzle.levels import level_named
+
+if TYPE_CHECKING:
+    # Not at run time: the config reads ROUTES, and failnozzle-send reads
+    # the config without Twisted, which the counts' module needs.
+    from failnozzle.aggregate import Entry
+
+#: What a match may name beside the fields of UNIQUE_MSG_TUPLE.
+SPECIAL = ("source", "level", "fingerprint")
+#: The keys a rule may have.
+RULE_KEYS = ("name", "match", "to", "from", "reply_to", "repeat_seconds",
+             "continue")
+#: A record without a level is an error, as far as `level` matches.
+_UNLEVELLED = 3
+
+
+class BadRule(ValueError):
+    """A rule that cannot be used; says why, naming the rule."""
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """
+    What one rule's C{match} holds: every condition must.
+
+    @ivar fields: C{(field, patterns)} on the fields of the key.
+    @ivar sources: patterns on the hosts, or None.
+    @ivar level: the least severe level matched, or None.
+    @ivar fingerprints: patterns on the fingerprint, or None.
+    """
+
+    fields: tuple = ()
+    sources: Optional[tuple] = None
+    level: Optional[int] = None
+    fingerprints: Optional[tuple] = None
+
+    def names(self) -> tuple:
+        """The key's fields it matches on."""
+        return tuple(name for name, _ in self.fields)
+
+    def select(self, left: list, by_value: Callable[[str], dict],
+               positions: dict) -> list:
+        """
+        C{(index, entry)} for each entry of C{left} (None: nothing left of
+        it) that matches, the entry cut to its instances from matching
+        hosts if C{sources} says.  A regular expression is searched once
+        per distinct value, not per error: a flush's errors share most of
+        their kinds, modules and hosts.
+
+        @param by_value: for a field, the indexes of the errors holding
+            each of its values.
+        @param positions: where each field is in a key.
+        """
+        if self.fields:
+            # The field with the fewest values first: it rules out most.
+            indexes = {name: by_value(name) for name, _ in self.fields}
+            name, patterns = min(self.fields,
+                                 key=lambda field: len(indexes[field[0]]))
+            chosen = indexes[name]
+            found = sorted(index for value in _found(patterns, chosen)
+                           for index in chosen[value]
+                           if left[index] is not None)
+            for other, patterns in self.fields:
+                if other == name or not found:
+                    continue
+                at = positions[other]
+                wanted = _found(patterns, {left[index].key[at]
+                                           for index in found})
+                found = [index for index in found
+                         if left[index].key[at] in wanted]
+            selected = [(index, left[index]) for index in found]
+        else:
+            selected = [(index, entry) for index, entry in enumerate(left)
+                        if entry is not None]
+        if self.level is not None:
+            selected = [item for item in selected if (
+                _UNLEVELLED if item[1].level is None else item[1].level
+            ) <= self.level]
+        if self.fingerprints is not None:
+            wanted = _found(self.fingerprints,
+                            {entry.fingerprint for _, entry in selected})
+            selected = [item for item in selected
+                        if item[1].fingerprint in wanted]
+        if self.sources is None:
+            return selected
+        hosts = _found(self.sources, {source for _, entry in selected
+                                      for source in entry.sources})
+        narrowed = []
+        for index, entry in selected:
+            sources = {source: count for source, count
+                       in entry.sources.items() if source in hosts}
+            if len(sources) == len(entry.sources) and not entry.other_sources:
+                narrowed.append((index, entry))
+            elif sources:
+                narrowed.append((index, entry.with_sources(sources)))
+        return narrowed
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One of ROUTES."""
+
+    name: str
+    match: Matcher
+    to: tuple
+    sender: Optional[str] = None
+    reply_to: tuple = ()
+    repeat_seconds: Optional[float] = None
+    keep_going: bool = False
+
+    @property
+    def kind(self) -> str:
+        """Its digests' class (X-Failnozzle) and what is held for them."""
+        return f"route:{self.name}"
+
+
+def route(entries: Sequence[Entry], rules: Sequence[Rule],
+          fields: Sequence[str]) -> tuple:
+    """
+    Split a batch's C{entries} by C{rules}: C{(routed, rest)}, the entries
+    of each rule's kind that got some, and those no rule took.  An error
+    whose hosts a rule took only some of goes on with the others.
+    """
+    positions = {name: index for index, name in enumerate(fields)}
+    indexes: dict = {}
+
+    def by_value(name: str) -> dict:
+        found = indexes.get(name)
+        if found is None:
+            found = indexes[name] = {}
+            position = positions[name]
+            for index, entry in enumerate(entries):
+                found.setdefault(entry.key[position], []).append(index)
+        return found
+
+    # What is left of each error to route (None: nothing), and whether a
+    # rule that lets errors go on (continue) took all of that.
+    left: list = list(entries)
+    taken = [False] * len(left)
+    routed: dict = {}
+    for rule in rules:
+        selected = rule.match.select(left, by_value, positions)
+        if not selected:
+            continue
+        routed[rule.kind] = [entry for _, entry in selected]
+        for index, matched in selected:
+            if rule.keep_going:
+                taken[index] = taken[index] or matched is left[index]
+            else:
+                left[index] = _without(left[index], matched)
+                taken[index] = False
+    rest = [entry for entry, done in zip(left, taken)
+            if entry is not None and not done]
+    return routed, rest
+
+
+def _without(entry: Entry, taken: Entry) -> Optional[Entry]:
+    """What is left of C{entry} once a rule took C{taken} of it."""
+    if taken is entry:
+        return None
+    sources = {source: count for source, count in entry.sources.items()
+               if source not in taken.sources}
+    if not sources and not entry.other_sources:
+        return None
+    return entry.with_sources(sources, entry.other_sources)
+
+
+def _found(patterns: tuple, values: set) -> set:
+    """The C{values} in which one of C{patterns} is found."""
+    found = set()
+    for value in values:
+        if value is None:
+            continue
+        text = value if type(value) is str else str(value)
+        for pattern in patterns:
+            if pattern.search(text):
+                found.add(value)
+                break
+    return found
+
+
+def parse_rules(setting: str, value: object, addresses, seconds) -> tuple:
+    """
+    The rules a ROUTES setting gives.
+
+    @param addresses: checks and reads an address setting (name, value).
+    @param seconds: checks and reads a duration (name, value).
+    @raise BadRule: one cannot be used; the message names it (or what
+        C{addresses} and C{seconds} raise).
+    """
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise BadRule(f"{setting} must be a list of rules (dicts), not a "
+                      f"{type(value).__name__}")
+    rules = []
+    for number, given in enumerate(value, 1):
+        where = f"{setting}[{number - 1}]"
+        if not isinstance(given, dict):
+            raise BadRule(f"{where} must be a dict, not a "
+                          f"{type(given).__name__}")
+        unknown = sorted(map(str, set(given) - set(RULE_KEYS)))
+        if unknown:
+            raise BadRule(f"{where} has {', '.join(map(repr, unknown))}; "
+                          f"a rule may have {', '.join(RULE_KEYS)}")
+        name = given.get("name", str(number))
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]{1,64}",
+                                                         name):
+            raise BadRule(f"{where}: its name must be 1 to 64 letters, "
+                          f"digits, '_', '.' or '-', not {name!r}")
+        where = f"{setting} rule {name!r}"
+        if "to" not in given:
+            raise BadRule(f"{where} has no 'to'")
+        keep_going = given.get("continue", False)
+        if not isinstance(keep_going, bool):
+            raise BadRule(f"{where}: 'continue' must be True or False")
+        repeat = given.get("repeat_seconds")
+        sender = given.get("from")
+        to = addresses(f"{where} 'to'", given["to"])
+        reply_to = addresses(f"{where} 'reply_to'", given.get("reply_to"))
+        if sender is not None:
+            sender = addresses(f"{where} 'from'", sender)
+            if len(sender) != 1:
+                raise BadRule(f"{where}: 'from' must be one address")
+            [sender] = sender
+        if repeat is not None:
+            repeat = seconds(f"{where} 'repeat_seconds'", repeat)
+        if not to:
+            raise BadRule(f"{where}: 'to' names no address")
+        rules.append(Rule(name, matcher_of(where, given.get("match")), to,
+                          sender, reply_to, repeat, keep_going))
+    names = [rule.name for rule in rules]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise BadRule(f"{setting}: two rules are named {twice[0]!r}")
+    return tuple(rules)
+
+
+def matcher_of(where: str, given: object) -> Matcher:
+    """
+    A C{match} dict as a L{Matcher}.
+
+    @raise BadRule: it cannot be used (C{where} names the rule).
+    """
+    if not isinstance(given, dict) or not given:
+        raise BadRule(f"{where}: 'match' must be a dict of at least one "
+                      f"field, such as {{'kind': 'billing'}}")
+    fields, conditions = [], {}
+    for name, wanted in given.items():
+        if not isinstance(name, str):
+            raise BadRule(f"{where}: match on {name!r}, not a field name")
+        if name == "level":
+            conditions["level"] = _level(where, wanted)
+            continue
+        patterns = _patterns(f"{where} {name!r}", wanted)
+        if name == "source":
+            conditions["sources"] = patterns
+        elif name == "fingerprint":
+            conditions["fingerprints"] = patterns
+        else:
+            fields.append((name, patterns))
+    return Matcher(tuple(fields), **conditions)
+
+
+def _level(where: str, wanted: object) -> int:
+    level = level_named(wanted) if isinstance(wanted, str) else wanted
+    if (not isinstance(level, int) or isinstance(level, bool)
+            or not 0 <= level <= 7):
+        raise BadRule(f"{where}: 'level' must be a syslog severity, 0 to 7 "
+                      f"or a name such as 'error', not {wanted!r}")
+    return level
+
+
+def _patterns(where: str, wanted: object) -> tuple:
+    texts = [wanted] if isinstance(wanted, str) else wanted
+    if (not isinstance(texts, (list, tuple)) or not texts
+            or not all(isinstance(text, str) for text in texts)):
+        raise BadRule(f"{where}: a regular expression or a list of them, "
+                      f"not {wanted!r}")
+    compiled: list[Pattern] = []
+    for text in texts:
+        try:
+            compiled.append(re.compile(text))
+        except re.error as error:
+            raise BadRule(f"{where}: {text!r} is not a regular expression: "
+                          f"{error}") from None
+    return tuple(compiled)
+
+
+def unknown_fields(rules: Sequence[Rule], fields: Sequence[str]) -> list:
+    """C{(rule, field)} for each field a rule matches on that a key does
+    not have (it would never match)."""
+    return [(rule.name, name) for rule in rules
+            for name in rule.match.names() if name not in fields]
