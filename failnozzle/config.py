@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from failnozzle.levels import SYSLOG_LEVELS, level_named
 from failnozzle.routing import BadRule, parse_rules, unknown_fields
+from failnozzle.silences import config_silences
 from failnozzle.textcap import one_line
 
 #: The fields that make two error reports "the same error", as in the original.
@@ -130,6 +131,9 @@ class Settings:
     #: Who gets which errors (failnozzle.routing); what no rule takes goes
     #: to REPORT_TO.
     ROUTES: tuple = ()
+    #: Errors kept out of the mail and the pager until a time
+    #: (failnozzle.silences); more can be added at run time.
+    SILENCES: tuple = ()
     PAGER_FROM: Optional[str] = None
     PAGER_TO: tuple = ()
     PAGER_REPLY_TO: tuple = ()
@@ -449,6 +453,13 @@ def _routes(name: str, value: object) -> tuple:
     try:
         return parse_rules(name, value, _addresses,
                            _seconds(_YEAR, zero_is_off=True))
+    except BadRule as error:
+        raise ConfigError(str(error)) from None
+
+
+def _silences(name: str, value: object) -> tuple:
+    try:
+        return config_silences(name, value)
     except BadRule as error:
         raise ConfigError(str(error)) from None
 
@@ -798,6 +809,7 @@ _CHECKS: Mapping[str, Checker] = {
     "JUST_MONITORING_REPORT_TO": _addresses,
     "MONITORING_ERROR_MARKERS": _markers,
     "ROUTES": _routes,
+    "SILENCES": _silences,
     "PAGER_FROM": _optional_address,
     "PAGER_TO": _addresses,
     "PAGER_REPLY_TO": _addresses,
@@ -1088,11 +1100,13 @@ def _complete(settings: Settings, notices: list, problems: list,
                 f"address, so HTTP_TOKEN is required (status, metrics and "
                 f"control are open to loopback only)", "HTTP_BIND",
                 "HTTP_TOKEN")
-    for rule, field_name in unknown_fields(settings.ROUTES,
-                                           settings.unique_fields):
-        problem(f"ROUTES rule {rule!r} matches on {field_name!r}, which is "
-                f"not in UNIQUE_MSG_TUPLE (nor source, level, fingerprint)",
-                "ROUTES", "UNIQUE_MSG_TUPLE")
+    for setting, rules in (("ROUTES", settings.ROUTES), ("SILENCES", [
+            silence.rule for silence in settings.SILENCES])):
+        for rule, field_name in unknown_fields(rules,
+                                               settings.unique_fields):
+            problem(f"{setting} rule {rule!r} matches on {field_name!r}, "
+                    f"which is not in UNIQUE_MSG_TUPLE (nor source, level, "
+                    f"fingerprint)", setting, "UNIQUE_MSG_TUPLE")
     if settings.RETRY_MAX_SECONDS < settings.RETRY_MIN_SECONDS:
         problem("RETRY_MAX_SECONDS must not be less than RETRY_MIN_SECONDS",
                 "RETRY_MIN_SECONDS", "RETRY_MAX_SECONDS")

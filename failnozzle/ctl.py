@@ -7,6 +7,10 @@ standard library only (it runs where the daemon's dependencies are not).
   failnozzle-ctl reload
   failnozzle-ctl failed list
   failnozzle-ctl failed resend [ID ...]
+  failnozzle-ctl silence add --until 2027-01-31T00:00:00Z \
+      --comment 'known, OPS-12' kind=legacy-cron
+  failnozzle-ctl silence list
+  failnozzle-ctl silence remove ID
 
 The address is --http HOST:PORT, else FAILNOZZLE_HTTP, else
 127.0.0.1:1550; the token --token, else FAILNOZZLE_TOKEN.  Exit status: 0
@@ -91,6 +95,8 @@ def status_lines(status: dict) -> list:
         lines.append(f"bad input: {count:,} {reason}")
     for name, count in status.get("below_level", {}).items():
         lines.append(f"below the level: {count:,} {name}")
+    for item in status.get("silences", []):
+        lines.append("silence " + _silence_line(item))
     lines.append(f"buffered: {buffered['total']:,} errors, "
                  f"{buffered['unique']:,} unique")
     for error in buffered["top"]:
@@ -137,6 +143,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                             "and send them now")
     resend.add_argument("ids", nargs="*", metavar="ID",
                         help="which (default: all)")
+    silence = commands.add_parser(
+        "silence", help="keep known errors out of the mail for a time")
+    doing = silence.add_subparsers(dest="action", required=True)
+    doing.add_parser("list", help="the silences, and what each kept out")
+    add = doing.add_parser("add", help="add one: FIELD=REGEX... (all must "
+                                       "match), until a time")
+    add.add_argument("match", nargs="+", metavar="FIELD=REGEX")
+    add.add_argument("--until", required=True,
+                     help="when it ends: an ISO 8601 time with its zone, "
+                          "such as 2027-01-31T00:00:00Z")
+    add.add_argument("--comment", default="", help="why")
+    remove = doing.add_parser("remove", help="end one added at run time")
+    remove.add_argument("id", metavar="ID")
     options = parser.parse_args(argv)
     try:
         answer, lines = _run(options)
@@ -168,6 +187,8 @@ def _run(options: argparse.Namespace) -> tuple:
         if not answer["reloaded"]:
             raise CtlError(f"not reloaded: {answer['error']}")
         return answer, ["reloaded"]
+    if options.command == "silence":
+        return _silence(options, ask)
     if options.action == "list":
         answer = ask("/api/failed")
         return answer, [
@@ -177,6 +198,34 @@ def _run(options: argparse.Namespace) -> tuple:
     answer = ask("/api/failed/resend",
                  {"ids": options.ids} if options.ids else {})
     return answer, [f"resent {len(answer['resent'])} message(s)"]
+
+
+def _silence(options: argparse.Namespace, ask) -> tuple:
+    if options.action == "list":
+        answer = ask("/api/silences")
+        return answer, [_silence_line(item) for item in answer["silences"]
+                        ] or ["no silences"]
+    if options.action == "remove":
+        answer = ask("/api/silences/remove", {"id": options.id})
+        return answer, [f"removed {answer['removed']}"]
+    match = {}
+    for condition in options.match:
+        field, equals, pattern = condition.partition("=")
+        if not equals or not field:
+            raise CtlError(f"{condition!r} is not FIELD=REGEX")
+        match[field] = pattern
+    answer = ask("/api/silences/add", {"match": match,
+                                       "until": options.until,
+                                       "comment": options.comment})
+    return answer, ["added " + _silence_line(answer["silence"])]
+
+
+def _silence_line(item: dict) -> str:
+    match = ", ".join(f"{field}={pattern}" for field, pattern
+                      in item["match"].items())
+    return (f"{item['id']}  until {item['until']}  {match}"
+            f"{'  (' + item['comment'] + ')' if item['comment'] else ''}"
+            f"  {item['silenced']:,} silenced  [{item['origin']}]")
 
 
 if __name__ == "__main__":

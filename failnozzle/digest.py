@@ -14,7 +14,7 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import formatdate, make_msgid
 from functools import cached_property
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 from jinja2 import (ChoiceLoader, Environment, FileSystemLoader, Template,
                     TemplateError, TemplateNotFound)
@@ -201,6 +201,15 @@ def duration(seconds: float) -> str:
     return f"{int(seconds)} seconds"
 
 
+class Silenced(NamedTuple):
+    """What silences kept out of a digest: its last line says so."""
+
+    errors: int
+    rules: int
+    #: The silences' comments (their ids where they have none).
+    comments: tuple
+
+
 def news_counts(statuses: Mapping[str, Status]) -> dict:
     """How many errors are new, back and ongoing: C{{"new": 3, ...}}."""
     counts = {kind: 0 for kind in (NEW, BACK, ONGOING)}
@@ -285,7 +294,7 @@ class DigestRenderer:
     def render(self, batch: Batch, *, max_bytes: Optional[int] = None,
                wall_offset: float = 0.0,
                statuses: Optional[Mapping[str, Status]] = None,
-               quiet: int = 0) -> tuple:
+               quiet: int = 0, silenced: Optional[Silenced] = None) -> tuple:
         """
         @param max_bytes: the most the body may take in a message (after
             its transfer encoding, with CRLF line ends), if bounded: long
@@ -297,27 +306,29 @@ class DigestRenderer:
             error is new, back or ongoing, if known.
         @param quiet: how many of the batch's last errors are only still
             happening: counted in a line each, not listed in full.
+        @param silenced: what silences kept out of it, if anything.
         @return: C{(subject, body)}; the subject is one line of at most
             L{SUBJECT_MAX_CHARS}.
         """
         return finish(self._rendering(batch, max_bytes, wall_offset,
-                                      statuses, quiet))
+                                      statuses, quiet, silenced))
 
     def _rendering(self, batch: Batch, max_bytes: Optional[int],
                    wall_offset: float,
                    statuses: Optional[Mapping[str, Status]],
-                   quiet: int) -> Steps[tuple]:
+                   quiet: int, silenced: Optional[Silenced] = None
+                   ) -> Steps[tuple]:
         """L{render} in steps."""
         try:
             return (yield from self._render(self._templates, self._details,
                                             batch, max_bytes, wall_offset,
-                                            statuses, quiet))
+                                            statuses, quiet, silenced))
         except Exception:
             _log.failure("A custom digest template failed; this digest uses "
                          "the built-in templates")
             return (yield from self._render(
                 self._builtin_templates, self._builtin_details, batch,
-                max_bytes, wall_offset, statuses, quiet))
+                max_bytes, wall_offset, statuses, quiet, silenced))
 
     def message(self, batch: Batch, *, max_bytes: Optional[int] = None,
                 wall_offset: float = 0.0,
@@ -337,7 +348,8 @@ class DigestRenderer:
     def making(self, batch: Batch, *, max_bytes: Optional[int] = None,
                wall_offset: float = 0.0,
                statuses: Optional[Mapping[str, Status]] = None,
-               quiet: int = 0, **envelope) -> Steps[EmailMessage]:
+               quiet: int = 0, silenced: Optional[Silenced] = None,
+               **envelope) -> Steps[EmailMessage]:
         """
         L{message} in steps (see L{failnozzle.steps}), so that the reactor
         takes its turns while a large digest is made.
@@ -348,7 +360,7 @@ class DigestRenderer:
                                     wall_offset=wall_offset, **envelope)
             budget = max_bytes - len(headers.as_bytes()) - _SUBJECT_ALLOWANCE
         subject, body = yield from self._rendering(batch, budget, wall_offset,
-                                                   statuses, quiet)
+                                                   statuses, quiet, silenced)
         yield
         # The outbox cuts what it offers if this is still too big (see
         # failnozzle.shrink): estimates of quoted-printable may be short.
@@ -358,13 +370,14 @@ class DigestRenderer:
     def _render(self, templates: tuple, details: Optional[int],
                 batch: Batch, max_bytes: Optional[int], wall_offset: float,
                 statuses: Optional[Mapping[str, Status]],
-                quiet: int) -> Steps[tuple]:
+                quiet: int, silenced: Optional[Silenced]) -> Steps[tuple]:
         subject_template, body_template = templates
         # Each of these walks every error of the batch: a step of its own.
         common = self._common(batch, details)
         counts = None if statuses is None else news_counts(statuses)
         common["news_counts"] = counts
         common["news_summary"] = counts and news_summary(counts)
+        common["silenced"] = silenced
         listed = len(batch.entries) - quiet
         common.update(self._still_happening(
             batch.entries[listed:], wall_offset, statuses or {}))

@@ -25,8 +25,8 @@ from failnozzle.aggregate import Aggregator, Batch, Entry
 from failnozzle.config import (DEFAULT_FIELDS, UNUSED_SETTINGS, ConfigError,
                                Settings, changed_settings)
 from failnozzle.counts import Counts
-from failnozzle.digest import (DigestRenderer, build_message, headline_of,
-                               pager_message)
+from failnozzle.digest import (DigestRenderer, Silenced, build_message,
+                               headline_of, pager_message)
 from failnozzle.fingerprint import CustomFingerprint, Grouping
 from failnozzle.gelf import GELFDecoder, GELFRecordReader
 from failnozzle.ingest import (BadDatagram, ErrorReceiver,
@@ -37,6 +37,7 @@ from failnozzle.mailin import MailIngest, tls_options
 from failnozzle.outbox import Outbox, message_bytes
 from failnozzle.pager import NAMED, RESOLVED, Culprit, Page, Pager
 from failnozzle.routing import route
+from failnozzle.silences import Silences
 from failnozzle.policy import (NEW, NewsRules, Telling, remembering,
                                seen_key, status_of, telling)
 from failnozzle.seen import SeenFile, SeenMemory
@@ -241,6 +242,10 @@ class FailnozzleService(Service):
         self.mail: Optional[MailIngest] = None
         self.pager = Pager(settings.PAGER_WINDOW_SIZE, settings.PAGER_LIMIT,
                            settings.PAGER_REPEAT_SECONDS)
+        self.silences = Silences(None, self.writer.run, _log)
+        #: By digest class, the instances silences kept out of its
+        #: digests since the last one, by silence.
+        self._silenced_for: dict = {}
         self.outbox = Outbox(configured.transport,
                              Spool(settings.SPOOL_DIR, reactor), reactor,
                              writer=self.writer, counts=self.counts)
@@ -387,9 +392,10 @@ class FailnozzleService(Service):
                 "pager": Route("pager", "PAGER_TO", settings.PAGER_TO,
                                settings.PAGER_FROM or settings.REPORT_FROM,
                                settings.PAGER_REPLY_TO),
-                **{rule.kind: Route(rule.kind, f"ROUTES rule {rule.name!r}",
-                                    rule.to, rule.sender or settings.REPORT_FROM,
-                                    rule.reply_to or settings.REPLY_TO)
+                **{rule.kind: Route(
+                    rule.kind, f"ROUTES rule {rule.name!r}", rule.to,
+                    rule.sender or settings.REPORT_FROM,
+                    rule.reply_to or settings.REPLY_TO)
                    for rule in settings.ROUTES},
             })
 
@@ -415,6 +421,8 @@ class FailnozzleService(Service):
         self.renderer = configured.renderer
         self._is_monitoring = configured.is_monitoring
         self._routes = configured.routes
+        self.silences.configure(settings.SILENCES,
+                                f"{settings.STATE_FILE}.silences")
         if "ROUTES" in changed:
             self._reroute_held()
         self._gelf.configure(settings.SOURCE_FIELD_NAME,
@@ -537,6 +545,7 @@ class FailnozzleService(Service):
 
     def _restore(self) -> None:
         """What the last run remembered and had counted, if kept."""
+        self.silences.load()
         if self.state_file is not None:
             self.seen.restore(self._seen_file.read())
             self._restore_state()
@@ -888,6 +897,23 @@ class FailnozzleService(Service):
             _log.failure("Flush failed; the next one is in {seconds:g} s",
                          seconds=self.settings.FLUSH_SECONDS)
 
+    def _silence(self, real: Batch) -> Batch:
+        """
+        C{real} without what a silence in force matches: counted for it
+        and for the digest each error would have gone to, which says so in
+        a line.
+        """
+        silenced, kept = self.silences.split(
+            real.entries, self.settings.unique_fields,
+            self.wall_time(self._reactor.seconds()))
+        for silence, entries in silenced:
+            routed, rest = self._routed(Batch(tuple(entries)))
+            for kind, part in [("digest", rest), *routed.items()]:
+                if part:
+                    self._silenced_for.setdefault(kind, Counter())[
+                        silence.id] += part.total
+        return Batch(tuple(kept), real.overflow)
+
     def _routed(self, batch: Batch) -> tuple:
         """C{batch} split by ROUTES: C{(routed, rest)}, the batch of each
         route that got errors, and the rest, with the overflow."""
@@ -975,6 +1001,7 @@ class FailnozzleService(Service):
         except Exception:
             self.aggregator.restore(batch)
             raise
+        real = self._silence(real)
         sending = []
         try:
             page = self._rate_page(real, bad_input)
@@ -1112,7 +1139,19 @@ class FailnozzleService(Service):
         return _with_bytes(self.renderer.making(
             told.batch, max_bytes=self.settings.DIGEST_MAX_BYTES,
             statuses=told.statuses, quiet=told.quiet,
+            silenced=self._silenced_summary(route.kind),
             **self._envelope(route)))
+
+    def _silenced_summary(self, kind: str) -> Optional[Silenced]:
+        """What silences kept out of C{kind}'s digests since the last one:
+        its line in this one."""
+        counts = self._silenced_for.pop(kind, None)
+        if not counts:
+            return None
+        comments = {silence.id: silence.comment
+                    for silence in self.silences.all()}
+        return Silenced(sum(counts.values()), len(counts), tuple(
+            comments.get(silence_id) or silence_id for silence_id in counts))
 
     def _remember_reported(self, told: Telling) -> None:
         """

@@ -16,9 +16,12 @@ import itertools
 import os
 import socket
 import stat
-from typing import IO, BinaryIO, Optional
+from typing import IO, TYPE_CHECKING, BinaryIO, Optional
 
-from twisted.internet.interfaces import IReactorTime
+if TYPE_CHECKING:
+    # Only named: the config's silences use this module's file helpers,
+    # and failnozzle-send reads the config without Twisted.
+    from twisted.internet.interfaces import IReactorTime
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIRECTORY = 0o700

@@ -49,6 +49,7 @@ def status_of(service) -> dict:
         "received": {name: counts.received[name] for name in INPUTS},
         "bad_input": dict(counts.bad_input),
         "below_level": dict(counts.below_level),
+        "silences": service.silences.shown(),
         "sentry_items_dropped": dict(counts.dropped_items),
         "buffered": {
             "unique": len(buffered.entries),

@@ -33,6 +33,7 @@ from failnozzle.digest import duration
 from failnozzle.httpin import (BoundedRequest, ErrorsResource, answer_later,
                                bearer_matches, json_reply)
 from failnozzle.metrics import MetricsPage
+from failnozzle.routing import BadRule
 from failnozzle.sentry import SentryAPI
 from failnozzle.status import FAILED_LISTED, health_of, status_of
 
@@ -68,6 +69,10 @@ def make_site(service) -> Site:
     failed = _Guarded(access, _FailedList(service))
     failed.putChild(b"resend", _Control(access, service, _resend))
     api.putChild(b"failed", failed)
+    silences = _Guarded(access, _SilenceList(service))
+    silences.putChild(b"add", _Control(access, service, _add_silence))
+    silences.putChild(b"remove", _Control(access, service, _remove_silence))
+    api.putChild(b"silences", silences)
     root.putChild(b"api", api)
     site = _QuietSite(root, requestFactory=BoundedRequest)
     site.displayTracebacks = False
@@ -257,6 +262,17 @@ class _FailedList(Resource):
             "not_listed": max(0, len(names) - FAILED_LISTED)})
 
 
+class _SilenceList(Resource):
+    """GET /api/silences: the silences, and what each kept out."""
+
+    def __init__(self, service) -> None:
+        super().__init__()
+        self._service = service
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json(request, {"silences": self._service.silences.shown()})
+
+
 class _Control(Resource):
     """A POST that acts: C{action(service, body)} gives the reply, or a
     Deferred of it."""
@@ -327,6 +343,32 @@ def _reload(service, body: dict) -> dict:
     return {"reloaded": taken} if taken else {
         "reloaded": False,
         "error": "the config could not be used; the log says why"}
+
+
+def _add_silence(service, body: dict) -> dict:
+    try:
+        silence = service.silences.add(
+            body, service.wall_time(service.reactor_seconds()))
+    except BadRule as error:
+        raise _BadRequest(str(error)) from None
+    _log.info("Silence {id} added until {until}: {comment}", id=silence.id,
+              until=silence.shown(0)["until"],
+              comment=silence.comment or "no comment")
+    return {"silence": silence.shown(0)}
+
+
+def _remove_silence(service, body: dict) -> dict:
+    silence_id = body.get("id")
+    if not isinstance(silence_id, str):
+        raise _BadRequest('"id" must be the id of a silence')
+    try:
+        silence = service.silences.remove(silence_id)
+    except KeyError:
+        raise _BadRequest(f"no silence added at run time is {silence_id!r} "
+                          f"(those of SILENCES go with the config)") from None
+    _log.info("Silence {id} removed ({comment})", id=silence.id,
+              comment=silence.comment or "no comment")
+    return {"removed": silence.id}
 
 
 def _resend(service, body: dict) -> defer.Deferred:

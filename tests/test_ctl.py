@@ -73,6 +73,44 @@ class CtlTests(_TwistdTestCase):
         self.assertIn("bang", message.get_content())
 
     @defer.inlineCallbacks
+    def test_silence_running_daemon(self):
+        """
+        C{silence add} keeps a known error out of a running daemon's next
+        digest, which says how many it kept out and why; C{silence list}
+        shows it with its count; C{silence remove} ends it.
+        """
+        sink = SMTPSink(self)
+        process, address, _ = yield self.start_daemon(
+            **self.smtp_settings(sink.port, 3600))
+        http = _HTTP.search(process.text).group(1)
+        out, err, status = yield ctl(
+            "--http", http, "silence", "add", "--until",
+            "2099-01-01T00:00:00Z", "--comment", "known, OPS-12",
+            "kind=^legacy$")
+        self.assertEqual(status, 0, err)
+        self.assertTrue(out.startswith(b"added "), out)
+        send_datagrams(address, [record("cron failed", kind="legacy")] * 3
+                       + [record("boom")])
+        for _ in range(100):
+            out, err, status = yield ctl("--http", http, "--json", "status")
+            if json.loads(out)["buffered"]["total"] == 4:
+                break
+        out, err, status = yield ctl("--http", http, "flush")
+        self.assertEqual(status, 0, err)
+        [message] = yield sink.wait_for(1)
+        body = message.get_content()
+        self.assertNotIn("cron failed", body)
+        self.assertIn("3 errors silenced by 1 rule: known, OPS-12", body)
+        out, err, status = yield ctl("--http", http, "silence", "list")
+        [line] = out.decode().splitlines()
+        self.assertIn("kind=^legacy$  (known, OPS-12)  3 silenced", line)
+        silence_id = line.split()[0]
+        out, err, status = yield ctl("--http", http, "silence", "remove",
+                                     silence_id)
+        self.assertEqual((out, status),
+                         (f"removed {silence_id}\n".encode(), 0), err)
+
+    @defer.inlineCallbacks
     def test_unreachable(self):
         """Nothing listening: one line saying so, status 1."""
         out, err, status = yield ctl("--http", f"127.0.0.1:{free_tcp_port()}",

@@ -1,0 +1,272 @@
+"""
+SILENCES: known, accepted errors kept out of the mail and the pager until a
+time, and still counted.  Some come from the config; others are added and
+removed while the daemon runs (failnozzle-ctl silence, the control API) and
+kept in STATE_FILE.silences across restarts.  They match as ROUTES' rules
+do (failnozzle.routing), once per flush.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import secrets
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import orjson
+
+from failnozzle.routing import BadRule, Rule, matcher_of, route
+from failnozzle.spool import fsync_directory, open_private
+
+#: At most this many silences, and this long a comment.
+MAX_SILENCES = 1000
+MAX_COMMENT_CHARS = 500
+#: The keys a silence may have.
+SILENCE_KEYS = ("match", "until", "comment")
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Silence:
+    """
+    One silence.
+
+    @ivar given: its C{match} as given, to show and to keep.
+    @ivar until: when it ends (wall-clock seconds).
+    @ivar origin: C{"config"} (SILENCES) or C{"control"} (added at run
+        time, kept in the silences file).
+    """
+
+    id: str
+    rule: Rule
+    given: dict
+    until: float
+    comment: str
+    origin: str
+
+    def shown(self, silenced: int) -> dict:
+        """As the status and the control API show it."""
+        return {"id": self.id, "match": self.given,
+                "until": _iso(self.until), "comment": self.comment,
+                "origin": self.origin, "silenced": silenced}
+
+
+def parse_silence(where: str, given: object, origin: str,
+                  silence_id: Optional[str] = None) -> Silence:
+    """
+    A silence from its dict: C{match} (as a route's), C{until} (an ISO
+    8601 time with its zone, such as C{'2027-01-31T00:00:00Z'}, or
+    seconds since the epoch) and C{comment}.
+
+    @raise BadRule: it cannot be used; the message names C{where}.
+    """
+    if not isinstance(given, dict):
+        raise BadRule(f"{where} must be a dict, not a "
+                      f"{type(given).__name__}")
+    unknown = sorted(map(str, set(given) - set(SILENCE_KEYS)))
+    if unknown:
+        raise BadRule(f"{where} has {', '.join(map(repr, unknown))}; a "
+                      f"silence has {', '.join(SILENCE_KEYS)}")
+    comment = given.get("comment", "")
+    if not isinstance(comment, str) or len(comment) > MAX_COMMENT_CHARS \
+            or not comment.isprintable():
+        raise BadRule(f"{where}: 'comment' must be printable text of at "
+                      f"most {MAX_COMMENT_CHARS} characters")
+    silence_id = silence_id or secrets.token_hex(4)
+    matcher = matcher_of(where, given.get("match"))
+    return Silence(silence_id, Rule(silence_id, matcher, ()),
+                   dict(given["match"]), _until(where, given.get("until")),
+                   comment, origin)
+
+
+def config_silences(setting: str, value: object) -> tuple:
+    """The silences of the SILENCES setting (their ids by position)."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_SILENCES:
+        raise BadRule(f"{setting} must be a list of at most "
+                      f"{MAX_SILENCES:,} silences (dicts)")
+    return tuple(parse_silence(f"{setting}[{number}]", given, "config",
+                               f"config-{number + 1}")
+                 for number, given in enumerate(value))
+
+
+def _until(where: str, value: object) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            moment = datetime.datetime.fromisoformat(
+                value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            moment = None
+        if moment is None or moment.tzinfo is None:
+            raise BadRule(f"{where}: 'until' must be a time with its zone, "
+                          f"such as '2027-01-31T00:00:00Z', not {value!r}")
+        seconds = moment.timestamp()
+    else:
+        raise BadRule(f"{where} needs 'until': when it ends, such as "
+                      f"'2027-01-31T00:00:00Z'")
+    if not 0 < seconds < 253402300800:  # year 10000
+        raise BadRule(f"{where}: 'until' is out of range")
+    return seconds
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(
+        seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Silences:
+    """
+    The silences in force: the config's, and those added at run time.
+
+    @ivar silenced: by silence id, the instances it kept out so far.
+    """
+
+    def __init__(self, path: Optional[str], write: Callable, log) -> None:
+        """
+        @param path: where the added ones are kept (None: not kept).
+        @param write: runs a blocking write (the disk writer).
+        @param log: a Logger.
+        """
+        self._path = path
+        self._write = write
+        self._log = log
+        self._configured: tuple = ()
+        self._added: dict = {}
+        self.silenced: Counter = Counter()
+        #: The silences whose end the log has told.
+        self._said_over: set = set()
+
+    def configure(self, configured: Sequence[Silence],
+                  path: Optional[str]) -> None:
+        """A start's or a reload's SILENCES and silences file."""
+        self._configured = tuple(configured)
+        self._path = path
+
+    def all(self) -> list:
+        return [*self._configured, *self._added.values()]
+
+    def shown(self) -> list:
+        return [silence.shown(self.silenced[silence.id])
+                for silence in self.all()]
+
+    def in_force(self, now: float) -> list:
+        """The silences not yet over at C{now} (wall-clock); those over
+        are said in the log, once, and the added ones forgotten."""
+        for silence in self.all():
+            if silence.until > now or silence.id in self._said_over:
+                continue
+            self._said_over.add(silence.id)
+            self._log.info("Silence {id} ({comment}) is over; it kept "
+                           "{count} errors out of the mail", id=silence.id,
+                           comment=silence.comment or "no comment",
+                           count=self.silenced[silence.id])
+            if self._added.pop(silence.id, None) is not None:
+                self._save()
+        return [silence for silence in self.all() if silence.until > now]
+
+    def add(self, given: object, now: float) -> Silence:
+        """
+        Add a silence at run time (kept across restarts).
+
+        @raise BadRule: it cannot be used, or there are too many.
+        """
+        if len(self._added) + len(self._configured) >= MAX_SILENCES:
+            raise BadRule(f"there are {MAX_SILENCES:,} silences already")
+        silence = parse_silence("the silence", given, "control")
+        if silence.until <= now:
+            raise BadRule("the silence would be over already")
+        self._added[silence.id] = silence
+        self._save()
+        return silence
+
+    def remove(self, silence_id: str) -> Silence:
+        """
+        @raise KeyError: no silence added at run time has that id (those
+            of the config go with the config).
+        """
+        silence = self._added.pop(silence_id)
+        self._save()
+        return silence
+
+    def split(self, entries: Sequence, fields: Sequence[str],
+              now: float) -> tuple:
+        """
+        C{(silenced, rest)} of a flush's C{entries}: C{(silence, entries)}
+        for each silence in force that matched some (counted for it), and
+        the entries none matched.
+        """
+        silences = self.in_force(now)
+        if not silences:
+            return [], list(entries)
+        by_rule = {silence.rule.kind: silence for silence in silences}
+        routed, rest = route(entries, [s.rule for s in silences], fields)
+        silenced = []
+        for kind, matched in routed.items():
+            silence = by_rule[kind]
+            self.silenced[silence.id] += sum(e.total for e in matched)
+            silenced.append((silence, matched))
+        return silenced, rest
+
+    def load(self) -> None:
+        """Take the added silences the file keeps; one it cannot read is
+        said in one line and set aside."""
+        if self._path is None:
+            return
+        try:
+            with open(self._path, "rb") as kept:
+                data = kept.read(4 * 1024 * 1024)
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            self._log.warn("Cannot read the silences in {path}: {error}",
+                           path=self._path, error=error.strerror or error)
+            return
+        try:
+            saved = orjson.loads(data)
+            if not (isinstance(saved, dict) and saved.get("version")
+                    == _FORMAT and isinstance(saved.get("silences"), list)):
+                raise ValueError("not a silences file")
+            for row in saved["silences"][:MAX_SILENCES]:
+                silence = parse_silence(
+                    "a kept silence", {name: row.get(name)
+                                       for name in SILENCE_KEYS},
+                    "control", str(row.get("id"))[:32])
+                self._added[silence.id] = silence
+        except (ValueError, AttributeError) as error:
+            aside = f"{self._path}.bad-{secrets.token_hex(4)}"
+            self._log.error("The silences in {path} cannot be read ({error});"
+                            " set aside as {aside}", path=self._path,
+                            error=error, aside=aside)
+            self._added = {}
+            try:
+                os.replace(self._path, aside)
+            except OSError:
+                pass
+
+    def _save(self) -> None:
+        if self._path is None:
+            return
+        rows = [{"id": silence.id, "match": silence.given,
+                 "until": silence.until, "comment": silence.comment}
+                for silence in self._added.values()]
+        path = self._path
+        writing = self._write(_write_file, path, orjson.dumps(
+            {"version": _FORMAT, "silences": rows}))
+        writing.addErrback(lambda failure: self._log.error(
+            "Cannot keep the silences in {path}: {error}; they hold until "
+            "the next stop", path=path, error=failure.value))
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Replace the silences file (blocking: for the writer)."""
+    temporary = f"{path}.tmp"
+    with open_private(temporary, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
