@@ -200,6 +200,11 @@ class RecordReader:
         """
         return self._key(record, data, None, level, self._floor)
 
+    def key_of(self, record: dict) -> tuple:
+        """The key of a record failnozzle makes itself (bad input's): as
+        L{report_of}'s, whatever its level."""
+        return self._key(record, b"", None, None, None).key
+
     def _key(self, record: dict, data: bytes, longest: Optional[int],
              level: Optional[int], floor: Optional[int]) -> Report:
         """
@@ -376,12 +381,11 @@ def internal_error_key_maker(
     def internal_error_key(count: int, error: Exception) -> tuple:
         if custom is not None:
             try:
-                return reader.report_of(dict(custom(count, error))).key
+                return reader.key_of(dict(custom(count, error)))
             except Exception:
                 _log.failure("INTERNAL_ERROR_FUNC failed; using the default "
                              "internal error record")
-        record = default_internal_error_record(count, error)
-        return reader.report_of(record).key
+        return reader.key_of(default_internal_error_record(count, error))
 
     return internal_error_key
 

@@ -3,7 +3,7 @@ The pager's decisions, fed plain numbers and times at each flush: when the
 errors of the last PAGER_WINDOW_SIZE flushes reach PAGER_LIMIT, one page;
 while they stay there, a reminder every PAGER_REPEAT_SECONDS; once they
 have stayed below it for a whole window, one "resolved".  A page names the
-window's top errors and the hosts they came from most.  Bad input and
+window's top errors and the hosts those came from most.  Bad input and
 canaries are not errors here: the service counts neither in.
 """
 from __future__ import annotations
@@ -143,15 +143,18 @@ class Pager:
         return {"since": self.since, "last_paged": self.last_paged,
                 "total": self.total, "below": self.below}
 
-    def restore(self, counts: list, saved: Optional[dict]) -> None:
+    def restore(self, counts: list, saved: Optional[dict],
+                now: float) -> None:
         """
         Take what a snapshot kept: the window's counts (which errors they
-        were is not kept) and where the alert stood (L{saved}).
+        were is not kept) and where the alert stood (L{saved}), its times
+        no later than C{now} (the clock may have been set back since).
         """
         self._flushes = deque((_Flush(count, {}, {}) for count in counts),
                               maxlen=self.size)
         if saved is not None:
-            self.since, self.last_paged = saved["since"], saved["last_paged"]
+            self.since = min(saved["since"], now)
+            self.last_paged = min(saved["last_paged"], now)
             self.total, self.below = saved["total"], saved["below"]
 
 

@@ -97,12 +97,15 @@ class Telling:
         C{quiet} of them, only still happening.
     @ivar statuses: by L{seen_key}, what is told of each.
     @ivar rates: by L{seen_key}, each error's instances a second.
+    @ivar scope: what the memory's keys for this digest begin with: a
+        route's errors are news to its team, whatever another was told.
     """
 
     batch: Batch
     statuses: Mapping[str, Status]
     rates: Mapping[str, float]
     quiet: int = 0
+    scope: str = ""
 
     @property
     def worth_sending(self) -> bool:
@@ -112,17 +115,19 @@ class Telling:
 
 
 def telling(batch: Batch, memory: SeenMemory, wall_offset: float,
-            now: float, rules: NewsRules, repeats: bool = True) -> Telling:
+            now: float, rules: NewsRules, repeats: bool = True,
+            scope: str = "") -> Telling:
     """
     What a digest of C{batch} at C{now} (wall-clock) tells.
 
     @param repeats: whether ongoing errors listed within REPEAT_SECONDS
         are only counted (not for canaries, which are expected to repeat).
+    @param scope: see L{Telling.scope}.
     """
     statuses, rates, listed, quiet = {}, {}, [], []
     for entry in batch.entries:
         key = seen_key(entry)
-        seen = memory.get(key)
+        seen = memory.get(scope + key)
         first_seen = entry.first_seen + wall_offset
         status = status_of(seen, first_seen, entry.total, rules)
         rate = entry.total / max(rules.rate_window, now - first_seen)
@@ -139,7 +144,7 @@ def telling(batch: Batch, memory: SeenMemory, wall_offset: float,
             listed.append((_ORDER[status.kind], len(listed), entry))
     listed.sort()
     return Telling(Batch(tuple(entry for *_, entry in listed) + tuple(quiet),
-                         batch.overflow), statuses, rates, len(quiet))
+                         batch.overflow), statuses, rates, len(quiet), scope)
 
 
 #: Errors remembered in one step (about 2 ms).
@@ -160,5 +165,5 @@ def remembering(memory: SeenMemory, told: Telling, wall_offset: float,
             yield
         key = seen_key(entry)
         listed = (now, told.rates[key]) if number < in_full else None
-        memory.record(key, entry.first_seen + wall_offset,
+        memory.record(told.scope + key, entry.first_seen + wall_offset,
                       entry.last_seen + wall_offset, entry.total, listed)

@@ -79,10 +79,10 @@ class Matcher:
                 if other == name or not found:
                     continue
                 at = positions[other]
-                wanted = _found(patterns, {left[index].key[at]
+                wanted = _found(patterns, {_typed(left[index].key[at])
                                            for index in found})
                 found = [index for index in found
-                         if left[index].key[at] in wanted]
+                         if _typed(left[index].key[at]) in wanted]
             selected = [(index, left[index]) for index in found]
         else:
             selected = [(index, entry) for index, entry in enumerate(left)
@@ -92,18 +92,20 @@ class Matcher:
                 _UNLEVELLED if item[1].level is None else item[1].level
             ) <= self.level]
         if self.fingerprints is not None:
-            wanted = _found(self.fingerprints,
-                            {entry.fingerprint for _, entry in selected})
+            wanted = _found(self.fingerprints, {
+                _typed(entry.fingerprint) for _, entry in selected})
             selected = [item for item in selected
-                        if item[1].fingerprint in wanted]
+                        if _typed(item[1].fingerprint) in wanted]
         if self.sources is None:
             return selected
-        hosts = _found(self.sources, {source for _, entry in selected
+        hosts = _found(self.sources, {(type(source), source)
+                                      for _, entry in selected
                                       for source in entry.sources})
         narrowed = []
         for index, entry in selected:
             sources = {source: count for source, count
-                       in entry.sources.items() if source in hosts}
+                       in entry.sources.items()
+                       if (type(source), source) in hosts}
             if len(sources) == len(entry.sources) and not entry.other_sources:
                 narrowed.append((index, entry))
             elif sources:
@@ -145,13 +147,15 @@ def route(entries: Sequence[Entry], rules: Sequence[Rule],
             found = indexes[name] = {}
             position = positions[name]
             for index, entry in enumerate(entries):
-                found.setdefault(entry.key[position], []).append(index)
+                found.setdefault(_typed(entry.key[position]), []).append(
+                    index)
         return found
 
-    # What is left of each error to route (None: nothing), and whether a
-    # rule that lets errors go on (continue) took all of that.
+    # What is left of each error to route (None: nothing), and the hosts
+    # of it that rules letting errors go on (continue) took, which are no
+    # longer REPORT_TO's (True: all of it, hosts not named included).
     left: list = list(entries)
-    taken = [False] * len(left)
+    covered: list = [set() for _ in left]
     routed: dict = {}
     for rule in rules:
         selected = rule.match.select(left, by_value, positions)
@@ -159,37 +163,50 @@ def route(entries: Sequence[Entry], rules: Sequence[Rule],
             continue
         routed[rule.kind] = [entry for _, entry in selected]
         for index, matched in selected:
-            if rule.keep_going:
-                taken[index] = taken[index] or matched is left[index]
-            else:
-                left[index] = _without(left[index], matched)
-                taken[index] = False
-    rest = [entry for entry, done in zip(left, taken)
-            if entry is not None and not done]
+            if not rule.keep_going:
+                left[index] = _without(left[index], matched.sources)
+            elif matched is left[index]:
+                covered[index] = True
+            elif covered[index] is not True:
+                covered[index].update(matched.sources)
+    rest = []
+    for entry, taken in zip(left, covered):
+        if entry is not None and taken is not True:
+            entry = _without(entry, taken) if taken else entry
+            if entry is not None:
+                rest.append(entry)
     return routed, rest
 
 
-def _without(entry: Entry, taken: Entry) -> Optional[Entry]:
-    """What is left of C{entry} once a rule took C{taken} of it."""
-    if taken is entry:
+def _without(entry: Entry, hosts) -> Optional[Entry]:
+    """What is left of C{entry} once a rule took its instances from
+    C{hosts} (all of them if that is its own sources)."""
+    if hosts is entry.sources:
         return None
     sources = {source: count for source, count in entry.sources.items()
-               if source not in taken.sources}
+               if source not in hosts}
     if not sources and not entry.other_sources:
         return None
     return entry.with_sources(sources, entry.other_sources)
 
 
-def _found(patterns: tuple, values: set) -> set:
-    """The C{values} in which one of C{patterns} is found."""
+def _typed(value: object) -> tuple:
+    """A value with its type: 1, 1.0 and True are equal, not one text."""
+    return type(value), value
+
+
+def _found(patterns: tuple, values) -> set:
+    """The C{values} (as L{_typed} gives them) in which one of
+    C{patterns} is found."""
     found = set()
-    for value in values:
+    for typed in values:
+        value = typed[1]
         if value is None:
             continue
         text = value if type(value) is str else str(value)
         for pattern in patterns:
             if pattern.search(text):
-                found.add(value)
+                found.add(typed)
                 break
     return found
 

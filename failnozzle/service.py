@@ -423,8 +423,6 @@ class FailnozzleService(Service):
         self._routes = configured.routes
         self.silences.configure(settings.SILENCES,
                                 f"{settings.STATE_FILE}.silences")
-        if "ROUTES" in changed:
-            self._reroute_held()
         self._gelf.configure(settings.SOURCE_FIELD_NAME,
                              settings.GELF_DEFAULT_KIND)
         for receiver in self._receivers.values():
@@ -447,6 +445,9 @@ class FailnozzleService(Service):
         self._unsettled = {
             token: (kind, batch.rekeyed(rekey, grouping, regroup))
             for token, (kind, batch) in self._unsettled.items()}
+        if "ROUTES" in changed:
+            # Once re-keyed: rules read the keys of now.
+            self._reroute_held()
         self.pager.configure(settings.PAGER_WINDOW_SIZE, settings.PAGER_LIMIT,
                              settings.PAGER_REPEAT_SECONDS)
         self.outbox.configure(configured.transport,
@@ -803,7 +804,8 @@ class FailnozzleService(Service):
                     self._hold(kind, batch.rekeyed(recut, grouping,
                                                    anew=False))
         self._reroute_held()
-        self.pager.restore(state.rate_window, state.pager)
+        self.pager.restore(state.rate_window, state.pager,
+                           self._reactor.seconds())
         _log.info("Restored {total} errors from {path}",
                   total=state.buffer.total + sum(
                       batch.total for batch in self._held.values()),
@@ -925,25 +927,32 @@ class FailnozzleService(Service):
 
     def _reroute_held(self) -> None:
         """
-        Route anew what is held for the digests (not the canaries'), by
-        the ROUTES of now: a reload changed them, or a restart did.
+        Route anew, by the ROUTES of now (a reload changed them, or a
+        restart did), what is held for REPORT_TO and for routes there are
+        no more; what a route still there holds stays with it (routed when
+        counted, and one rule's copy of an error, 'continue', is not
+        another's).
         """
-        kinds = [kind for kind in self._held if kind != "monitoring"]
-        pooled = None
-        for kind in kinds:
-            batch = self._held.pop(kind)
-            pooled = batch if pooled is None else pooled.merge(
-                batch, self.settings.MAX_UNIQUE_MESSAGES,
-                self.settings.MAX_SOURCES_PER_ERROR)
-        if pooled is None:
-            return
-        routed, rest = self._routed(pooled)
-        for kind, part in [("digest", rest), *routed.items()]:
-            if part:
-                self._hold(kind, part)
+        stale = [kind for kind in self._held
+                 if kind == "digest" or kind not in self._routes]
+        parts = [(kind, self._routed(self._held[kind])) for kind in stale]
+        for kind, _ in parts:
+            del self._held[kind]
+        for _, (routed, rest) in parts:
+            for kind, part in [("digest", rest), *routed.items()]:
+                if part:
+                    self._hold(kind, part)
 
     def _hold(self, kind: str, batch: Batch) -> None:
-        """Keep C{batch} for the next digest of C{kind}, with what is held."""
+        """Keep C{batch} for the next digest of C{kind}, with what is held;
+        for a route there is no more, for where the ROUTES of now send
+        its errors."""
+        if kind not in self._routes:
+            routed, rest = self._routed(batch)
+            for kind, part in [("digest", rest), *routed.items()]:
+                if part:
+                    self._hold(kind, part)
+            return
         held = self._held.get(kind)
         self._held[kind] = batch if not held else held.merge(
             batch, self.settings.MAX_UNIQUE_MESSAGES,
@@ -996,12 +1005,14 @@ class FailnozzleService(Service):
         if batch:
             self._last_busy_flush = self._reactor.seconds()
         self._check_fields(batch)
+        # Nothing drained may be lost if a hook or a rule fails here.
         try:
             monitoring, real = batch.partition(self._is_monitoring)
+            real = self._silence(real)
+            routed, rest = self._routed(real)
         except Exception:
             self.aggregator.restore(batch)
             raise
-        real = self._silence(real)
         sending = []
         try:
             page = self._rate_page(real, bad_input)
@@ -1017,8 +1028,7 @@ class FailnozzleService(Service):
         #: Python's lock against the writer, and a crash meanwhile would
         #: lose them).
         written: list = []
-        routed, real = self._routed(real)
-        parts = {"digest": real, "monitoring": monitoring, **{
+        parts = {"digest": rest, "monitoring": monitoring, **{
             rule.kind: routed.get(rule.kind) for rule in self.settings.ROUTES}}
         for kind, part in parts.items():
             if part:
@@ -1053,7 +1063,7 @@ class FailnozzleService(Service):
         return telling(batch, self.seen, wall_offset,
                        self._reactor.seconds() + wall_offset,
                        self._route_rules.get(kind, self._news_rules),
-                       repeats=kind != "monitoring")
+                       repeats=kind != "monitoring", scope=_scope(kind))
 
     def _say_quiet(self, kind: str, batch: Batch) -> None:
         """Log, once a quiet time, that errors wait for news."""
@@ -1230,7 +1240,9 @@ class FailnozzleService(Service):
         """
         bad = {entry.identity for entry in bad_input}
         errors = [entry for entry in real.entries if entry.identity not in bad]
-        count = real.total - sum(entry.total for entry in bad_input)
+        # Bad input may have gone with the canaries (its record quotes the
+        # datagram): only what is left here is left out.
+        count = sum(entry.total for entry in errors) + real.overflow
         fields = self.settings.unique_fields
         wall_offset = self._wall_offset()
         culprits, hosts = {}, Counter()
@@ -1241,7 +1253,10 @@ class FailnozzleService(Service):
                 continue
             key = seen_key(entry)
             message = dict(zip(fields, entry.key))
-            status = status_of(self.seen.get(key),
+            # New if no digest, REPORT_TO's or a route's, told of it.
+            seen = next(filter(None, (self.seen.get(_scope(kind) + key)
+                                      for kind in self._routes)), None)
+            status = status_of(seen,
                                entry.first_seen + wall_offset, entry.total,
                                self._news_rules)
             culprits[key] = Culprit(headline_of(message), message.get("kind"),
@@ -1288,6 +1303,12 @@ class FailnozzleService(Service):
                     wall_offset=self._wall_offset(),
                     domain=self.settings.SERVER_NAME,
                     reply_to=route.reply_to, kind=route.kind)
+
+
+def _scope(kind: str) -> str:
+    """What the seen-memory's keys for C{kind}'s digests begin with: a
+    route's team is told what is news to it (see L{Telling.scope})."""
+    return f"{kind} " if kind.startswith("route:") else ""
 
 
 def _with_bytes(making: Steps[EmailMessage]) -> Steps[tuple]:

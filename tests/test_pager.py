@@ -113,7 +113,7 @@ class KeptTests(SynchronousTestCase):
         pager.observe(0, 10)
         pager.observe(60, 3)
         again = Pager(2, 10, 3600)
-        again.restore(pager.counts, pager.saved())
+        again.restore(pager.counts, pager.saved(), now=60)
         self.assertIsNone(again.observe(120, 0))
         resolved = again.observe(180, 0)
         self.assertEqual((resolved.what, resolved.since, resolved.total),
@@ -126,3 +126,13 @@ class KeptTests(SynchronousTestCase):
         pager.configure(2, 5, 60)
         self.assertEqual(pager.counts, [4, 1])
         self.assertEqual(pager.observe(10, 4).what, FIRING)
+
+    def test_restored_times_not_ahead(self):
+        """A clock set back across a restart: the alert's times are taken
+        as now, not left ahead (no reminder would come until then)."""
+        pager = Pager(1, 10, 60)
+        pager.observe(5000, 10)
+        again = Pager(1, 10, 60)
+        again.restore(pager.counts, pager.saved(), now=100)
+        self.assertEqual((again.since, again.last_paged), (100, 100))
+        self.assertEqual(again.observe(160, 10).what, REMINDER)

@@ -116,6 +116,29 @@ class RouteTests(ConfigTestCase):
             ({"route:dba": [("shop", "boom", {"db1": 2})]},
              [("shop", "boom", {"web1": 1})]))
 
+    def test_continue_with_hosts(self):
+        """
+        Hosts a continue rule took are not REPORT_TO's, whether it took
+        some of an error's hosts or all of them before a later rule took
+        some.
+        """
+        some = self.rules(
+            {"match": {"source": "^db"}, "to": "dba@example.com",
+             "name": "dba", "continue": True})
+        self.assertEqual(
+            self.split(some, error(sources={"db1": 2, "web1": 1})),
+            ({"route:dba": [("shop", "boom", {"db1": 2})]},
+             [("shop", "boom", {"web1": 1})]))
+        whole_then_some = self.rules(
+            {"match": {"kind": "shop"}, "to": "shop@example.com",
+             "name": "shop", "continue": True},
+            {"match": {"source": "^db"}, "to": "dba@example.com",
+             "name": "dba"})
+        routed, rest = self.split(whole_then_some,
+                                  error(sources={"db1": 2, "web1": 1}))
+        self.assertEqual(routed["route:dba"], [("shop", "boom", {"db1": 2})])
+        self.assertEqual(rest, [])
+
 
 class RuleSettingsTests(ConfigTestCase):
     """ROUTES refused in one line naming the rule."""

@@ -862,6 +862,19 @@ class PagerTests(ServiceTestCase):
         self.assertIn("received 5 errors", alert.get_content())
         self.assertNotIn("junk", alert.get_content())
 
+    def test_bad_canaries_not_taken_off(self):
+        """
+        Bad input that goes with the canaries (its record quotes the
+        datagram, marker and all) is not taken off the real errors' count.
+        """
+        self.start_pager(PAGER_LIMIT=3, PAGER_WINDOW_SIZE=1)
+        self.receive(*[f'{{"message": "canary {MARKER}", oops'.encode()] * 5,
+                     *[record("boom")] * 3)
+        self.reactor.advance(10)
+        [(_, _, alert)] = self.transport.by_kind("pager")
+        self.assertIn("received 3 errors", alert.get_content())
+        self.assertEqual(self.service.pager.counts, [3])
+
     def test_pager_from_defaults_to_report_from(self):
         """
         Without PAGER_FROM, the alert comes from REPORT_FROM.
@@ -1876,3 +1889,47 @@ class RouteTests(ServiceTestCase):
         self.reactor.advance(60)
         [(_, recipients, _, _)] = self.transport.pending[1:]
         self.assertEqual(recipients, ("billing@example.com",))
+
+    def test_news_per_route(self):
+        """
+        What is news is judged per recipient: an error another route's
+        digest told of is still new to a team whose digest waited.
+        """
+        self.start(ROUTES=self.ROUTES)
+        self.receive(record("card declined", kind="billing"))
+        self.reactor.advance(60)
+        # Billing's digest is not delivered yet: what follows waits.
+        self.receive(record("Timeout talking to ledger", kind="billing"))
+        self.reactor.advance(60)
+        self.assertEqual(self.digests()[("sre@example.com",)],
+                         ["1X Timeout talking to ledger"])
+        [first] = [result for _, recipients, _, result
+                   in self.transport.pending
+                   if recipients == ("billing@example.com",)]
+        first.callback(None)
+        self.reactor.advance(60)
+        [_, second] = [message for _, recipients, message, _
+                       in self.transport.pending
+                       if recipients == ("billing@example.com",)]
+        self.assertIn("1X Timeout talking to ledger (in billing",
+                      second.get_content())
+        self.assertIn("[new]", second.get_content())
+
+    def test_reload_fields_and_routes_together(self):
+        """
+        A reload that changes UNIQUE_MSG_TUPLE and ROUTES at once routes
+        what is held by the keys of now.
+        """
+        given = {}
+        self.start(reload_settings=lambda: (make_settings(
+            **{**self.overrides, **given}), []))
+        self.receive(record("first"))
+        self.reactor.advance(60)
+        self.receive(record("card declined", kind="billing"))
+        self.reactor.advance(60)
+        given["UNIQUE_MSG_TUPLE"] = ["kind", "message", "exc_text"]
+        given["ROUTES"] = self.ROUTES
+        self.assertTrue(self.service.reload())
+        self.assertEqual(set(self.service.held), {"route:billing"})
+        [entry] = self.service.held["route:billing"].entries
+        self.assertEqual(entry.key[:2], ("billing", "card declined"))
