@@ -144,6 +144,9 @@ class Settings:
     #: While the rate stays over PAGER_LIMIT, a reminder this often (0:
     #: at every flush).
     PAGER_REPEAT_SECONDS: float = 3600
+    #: No canary for this long (once one came): page that the pipeline
+    #: may be broken (0: never).
+    CANARY_MAX_SILENCE_SECONDS: float = 0
     MAX_UNIQUE_MESSAGES: int = 2000
     #: None: the built-in body template lists 100 errors in full, a custom
     #: one gets every kept error.
@@ -818,6 +821,7 @@ _CHECKS: Mapping[str, Checker] = {
     # sys.maxsize is how some configs of the original turned paging off.
     "PAGER_LIMIT": _count(2**63 - 1),
     "PAGER_REPEAT_SECONDS": _seconds(_YEAR, zero_is_off=True),
+    "CANARY_MAX_SILENCE_SECONDS": _seconds(_YEAR, zero_is_off=True),
     "MAX_UNIQUE_MESSAGES": _count(1_000_000),
     "DIGEST_MAX_DETAILS": _optional_count(1_000_000),
     # Below 10 kB the headers and a summary line may not fit.

@@ -24,7 +24,7 @@ from failnozzle.aggregate import Batch, Entry
 from failnozzle.clock import LAST_SECOND
 from failnozzle.config import ConfigError
 from failnozzle.levels import SYSLOG_LEVELS
-from failnozzle.pager import REMINDER, RESOLVED, Page
+from failnozzle.pager import MISSED, REMINDER, RESOLVED, Page
 from failnozzle.policy import BACK, NEW, ONGOING, Status, seen_key
 from failnozzle.steps import Steps, finish
 from failnozzle.textcap import cut_middle
@@ -769,6 +769,28 @@ def pager_message(server_name: str, page: Page, window_size: int,
         body += "\nHosts with the most:\n" + "".join(
             f"  {host}: {count:,}\n" for host, count in page.hosts)
     return subject, body
+
+
+def canary_message(server_name: str, what: str, last_seen: float,
+                   now: float, max_silence: float) -> tuple:
+    """
+    The subject and body of a page that the canaries stopped coming
+    (L{failnozzle.pager.MISSED}), or that they are back; times are
+    wall-clock.
+    """
+    since = _format_utc(utc(last_seen))
+    silent = duration(max(0.0, now - last_seen))
+    if what == MISSED:
+        return (f"{server_name}: no canary since {since}: the error "
+                f"pipeline may be broken",
+                f"failnozzle has received no \"just monitoring\" canary "
+                f"error for {silent} (CANARY_MAX_SILENCE_SECONDS = "
+                f"{max_silence:g}).\nThe applications that send them, the "
+                f"network between, or failnozzle's input may be broken: "
+                f"errors may be going unreported.\n")
+    return (f"{server_name}: canaries are back",
+            f"A canary error arrived again; the last one before it came at "
+            f"{since}.\n")
 
 
 def build_message(

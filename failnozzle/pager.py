@@ -4,7 +4,8 @@ errors of the last PAGER_WINDOW_SIZE flushes reach PAGER_LIMIT, one page;
 while they stay there, a reminder every PAGER_REPEAT_SECONDS; once they
 have stayed below it for a whole window, one "resolved".  A page names the
 window's top errors and the hosts those came from most.  Bad input and
-canaries are not errors here: the service counts neither in.
+canaries are not errors here: the service counts neither in.  And when the
+canaries stop (L{CanaryWatch}), a page that the pipeline may be broken.
 """
 from __future__ import annotations
 
@@ -162,3 +163,54 @@ def _top(hosts: Mapping[str, int]) -> dict:
     """A flush's hosts with the most errors: enough of them that the
     window's top ones are told nearly exactly."""
     return dict(Counter(hosts).most_common(4 * NAMED))
+
+
+MISSED = "missed"
+BACK = "back"
+
+
+class CanaryWatch:
+    """
+    CANARY_MAX_SILENCE_SECONDS: the applications' "just monitoring" canary
+    errors are expected; when none has come for that long, once at least
+    one came (in this run or the last), the error pipeline itself may be
+    broken.  Told once, and once again when they are back.
+
+    @ivar last_seen: when the newest canary came (the clock's seconds).
+    @ivar missed_since: since when they are missed, if they are.
+    """
+
+    def __init__(self, max_silence: float) -> None:
+        self.max_silence = max_silence
+        self.last_seen: Optional[float] = None
+        self.missed_since: Optional[float] = None
+
+    def observe(self, now: float, newest: Optional[float]) -> Optional[str]:
+        """
+        Take a flush's newest canary (None: none came) and say whether to
+        page L{MISSED} or L{BACK}.
+        """
+        if newest is not None:
+            self.last_seen = max(newest, self.last_seen or newest)
+            if self.missed_since is not None:
+                self.missed_since = None
+                return BACK
+            return None
+        if (not self.max_silence or self.last_seen is None
+                or self.missed_since is not None
+                or now - self.last_seen < self.max_silence):
+            return None
+        self.missed_since = now
+        return MISSED
+
+    def saved(self) -> Optional[dict]:
+        if self.last_seen is None:
+            return None
+        return {"last_seen": self.last_seen,
+                "missed_since": self.missed_since}
+
+    def restore(self, saved: Optional[dict], now: float) -> None:
+        if saved is not None:
+            self.last_seen = min(saved["last_seen"], now)
+            missed = saved.get("missed_since")
+            self.missed_since = None if missed is None else min(missed, now)

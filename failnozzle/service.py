@@ -26,7 +26,7 @@ from failnozzle.config import (DEFAULT_FIELDS, UNUSED_SETTINGS, ConfigError,
                                Settings, changed_settings)
 from failnozzle.counts import Counts
 from failnozzle.digest import (DigestRenderer, Silenced, build_message,
-                               headline_of, pager_message)
+                               canary_message, headline_of, pager_message)
 from failnozzle.fingerprint import CustomFingerprint, Grouping
 from failnozzle.gelf import GELFDecoder, GELFRecordReader
 from failnozzle.ingest import (BadDatagram, ErrorReceiver,
@@ -35,7 +35,8 @@ from failnozzle.listeners import (DATAGRAM, LISTENING, Listeners,
                                   bind_listening, overlaps)
 from failnozzle.mailin import MailIngest, tls_options
 from failnozzle.outbox import Outbox, message_bytes
-from failnozzle.pager import NAMED, RESOLVED, Culprit, Page, Pager
+from failnozzle.pager import (MISSED, NAMED, RESOLVED, CanaryWatch, Culprit,
+                              Page, Pager)
 from failnozzle.routing import route
 from failnozzle.silences import Silences
 from failnozzle.policy import (NEW, NewsRules, Telling, remembering,
@@ -242,6 +243,7 @@ class FailnozzleService(Service):
         self.mail: Optional[MailIngest] = None
         self.pager = Pager(settings.PAGER_WINDOW_SIZE, settings.PAGER_LIMIT,
                            settings.PAGER_REPEAT_SECONDS)
+        self.canary = CanaryWatch(settings.CANARY_MAX_SILENCE_SECONDS)
         self.silences = Silences(None, self.writer.run, _log)
         #: By digest class, the instances silences kept out of its
         #: digests since the last one, by silence.
@@ -392,6 +394,9 @@ class FailnozzleService(Service):
                 "pager": Route("pager", "PAGER_TO", settings.PAGER_TO,
                                settings.PAGER_FROM or settings.REPORT_FROM,
                                settings.PAGER_REPLY_TO),
+                "canary": Route("canary", "PAGER_TO", settings.PAGER_TO,
+                                settings.PAGER_FROM or settings.REPORT_FROM,
+                                settings.PAGER_REPLY_TO),
                 **{rule.kind: Route(
                     rule.kind, f"ROUTES rule {rule.name!r}", rule.to,
                     rule.sender or settings.REPORT_FROM,
@@ -450,6 +455,7 @@ class FailnozzleService(Service):
             self._reroute_held()
         self.pager.configure(settings.PAGER_WINDOW_SIZE, settings.PAGER_LIMIT,
                              settings.PAGER_REPEAT_SECONDS)
+        self.canary.max_silence = settings.CANARY_MAX_SILENCE_SECONDS
         self.outbox.configure(configured.transport,
                               settings.RETRY_MIN_SECONDS,
                               settings.RETRY_MAX_SECONDS,
@@ -806,6 +812,7 @@ class FailnozzleService(Service):
         self._reroute_held()
         self.pager.restore(state.rate_window, state.pager,
                            self._reactor.seconds())
+        self.canary.restore(state.canary, self._reactor.seconds())
         _log.info("Restored {total} errors from {path}",
                   total=state.buffer.total + sum(
                       batch.total for batch in self._held.values()),
@@ -862,7 +869,7 @@ class FailnozzleService(Service):
                      changes_only=not whole,
                      bad_input=self.aggregator.bad_input(),
                      unsettled=self._unsettled_batches(),
-                     pager=self.pager.saved())
+                     pager=self.pager.saved(), canary=self.canary.saved())
 
     def _state_saved(self, _: object) -> None:
         self.counts.last_snapshot = self._reactor.seconds()
@@ -1020,6 +1027,10 @@ class FailnozzleService(Service):
                 sending += self._page(page)
         except Exception:
             _log.failure("Could not page about the error rate")
+        try:
+            sending += self._watch_canaries(monitoring)
+        except Exception:
+            _log.failure("Could not page about the canaries")
         undelivered = (self.outbox.waiting_kinds() | {
             kind for kind, making in self._making.items() if making}
             if not final or self._may_hold_across_restart() else set())
@@ -1263,6 +1274,34 @@ class FailnozzleService(Service):
                                     entry.total, status.kind == NEW)
         return self.pager.observe(self._reactor.seconds(), count, culprits,
                                   hosts)
+
+    def _watch_canaries(self, monitoring: Batch) -> list:
+        """Page when the canaries stop coming, and when they are back."""
+        newest = max((entry.last_seen for entry in monitoring.entries),
+                     default=None)
+        what = self.canary.observe(self._reactor.seconds(), newest)
+        if what is None:
+            return []
+        route = self._routes["canary"]
+        last = self.canary.last_seen + self._wall_offset()
+        if what == MISSED:
+            _log.warn("No canary since {since} (CANARY_MAX_SILENCE_SECONDS = "
+                      "{limit:g}): the error pipeline may be broken",
+                      since=last, limit=self.canary.max_silence)
+        else:
+            _log.info("Canaries are back")
+        if not self._has_recipients(route, 0):
+            return []
+        subject, body = canary_message(
+            self.settings.SERVER_NAME, what, last,
+            self._reactor.seconds() + self._wall_offset(),
+            self.canary.max_silence)
+        message = build_message(subject=subject, body=body,
+                                **self._envelope(route))
+        sending = (self.outbox.replace(route.kind, message)
+                   if route.kind in self.outbox.waiting_kinds()
+                   else self.outbox.send(message))
+        return [sending.outcome]
 
     def _page(self, page: Page) -> list:
         if page.what == RESOLVED:

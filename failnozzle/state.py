@@ -84,6 +84,8 @@ class State:
     #: Where the pager's alert stands (L{failnozzle.pager.Pager.saved});
     #: None: not over the limit.
     pager: Optional[dict] = None
+    #: When the last canary came (L{failnozzle.pager.CanaryWatch.saved}).
+    canary: Optional[dict] = None
 
 
 class _Unusable(ValueError):
@@ -106,6 +108,7 @@ class _Snapshot:
     batches: dict  # "held" and "unsettled": kind: the batch, encoded
     rate_window: list
     pager: Optional[dict]
+    canary: Optional[dict]
 
 
 class StateFile:
@@ -219,7 +222,7 @@ class StateFile:
             state.buffer.overflow,
             {name: {kind: rows for kind, (_, rows) in batches.items()}
              for name, batches in batch_rows.items()},
-            list(state.rate_window), state.pager)
+            list(state.rate_window), state.pager, state.canary)
         writing = self._in_thread(self._write, snapshot)
         writing.addErrback(self._write_failed)
         return writing
@@ -375,7 +378,8 @@ class StateFile:
             [_count(count, "a rate_window count") for count in rate_window],
             unsettled={kind: batch for (name, kind), batch in read.items()
                        if name == "unsettled"},
-            pager=_pager(snapshot.get("pager"), shift))
+            pager=_pager(snapshot.get("pager"), shift),
+            canary=_canary(snapshot.get("canary"), shift))
         return state, generation
 
     def _read_keys(self, generation: int, wanted: set,
@@ -465,6 +469,16 @@ def _pager(saved: object, shift: float) -> Optional[dict]:
             "below": _count(saved.get("below"), "a pager count")}
 
 
+def _canary(saved: object, shift: float) -> Optional[dict]:
+    """When the last canary came, and since when they are missed."""
+    if saved is None:
+        return None
+    _check(type(saved) is dict, "bad canary")
+    missed = saved.get("missed_since")
+    return {"last_seen": _time(saved.get("last_seen"), shift),
+            "missed_since": None if missed is None else _time(missed, shift)}
+
+
 def _loads(data: bytes) -> object:
     """
     JSON as orjson reads it, or as the standard library does what orjson
@@ -508,7 +522,11 @@ def _pieces(snapshot: _Snapshot) -> Iterator[str]:
                           for kind, rows in batches.items())
         yield f', "{name}": {{{kinds}}}'
     yield f', "rate_window": {json.dumps(snapshot.rate_window)}'
-    yield f', "pager": {json.dumps(snapshot.pager)}}}'
+    for name in ("pager", "canary"):
+        kept = getattr(snapshot, name)
+        if kept is not None:
+            yield f', "{name}": {json.dumps(kept)}'
+    yield "}"
 
 
 def _rows(batch: Batch, numbers: dict) -> str:

@@ -4,7 +4,8 @@ a page names, fed numbers and times as the service feeds it.
 """
 from twisted.trial.unittest import SynchronousTestCase
 
-from failnozzle.pager import FIRING, REMINDER, RESOLVED, Culprit, Pager
+from failnozzle.pager import (BACK, FIRING, MISSED, REMINDER, RESOLVED,
+                              CanaryWatch, Culprit, Pager)
 
 
 def culprits(**counts):
@@ -136,3 +137,35 @@ class KeptTests(SynchronousTestCase):
         again.restore(pager.counts, pager.saved(), now=100)
         self.assertEqual((again.since, again.last_paged), (100, 100))
         self.assertEqual(again.observe(160, 10).what, REMINDER)
+
+
+class CanaryWatchTests(SynchronousTestCase):
+    """CANARY_MAX_SILENCE_SECONDS."""
+
+    def test_missed_once_then_back(self):
+        watch = CanaryWatch(300)
+        self.assertIsNone(watch.observe(60, None), "none seen yet")
+        self.assertIsNone(watch.observe(120, 100))
+        self.assertIsNone(watch.observe(360, None))
+        self.assertEqual(watch.observe(420, None), MISSED)
+        self.assertIsNone(watch.observe(480, None), "told once")
+        self.assertEqual(watch.observe(540, 530), BACK)
+        self.assertIsNone(watch.observe(600, None))
+
+    def test_off(self):
+        watch = CanaryWatch(0)
+        watch.observe(0, 0)
+        self.assertIsNone(watch.observe(10 ** 9, None))
+
+    def test_restored(self):
+        """What the last run saw counts: a restart does not wait for a
+        first canary to start watching."""
+        watch = CanaryWatch(300)
+        watch.observe(100, 100)
+        again = CanaryWatch(300)
+        again.restore(watch.saved(), now=150)
+        self.assertEqual(again.observe(400, None), MISSED)
+        later = CanaryWatch(300)
+        later.restore(again.saved(), now=500)
+        self.assertIsNone(later.observe(560, None), "already told")
+        self.assertEqual(later.observe(620, 610), BACK)

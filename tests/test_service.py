@@ -1933,3 +1933,30 @@ class RouteTests(ServiceTestCase):
         self.assertEqual(set(self.service.held), {"route:billing"})
         [entry] = self.service.held["route:billing"].entries
         self.assertEqual(entry.key[:2], ("billing", "card declined"))
+
+
+class CanaryTests(ServiceTestCase):
+    """CANARY_MAX_SILENCE_SECONDS: canaries that stop, and come back."""
+
+    def test_missed_and_back(self):
+        self.start(CANARY_MAX_SILENCE_SECONDS=120, FLUSH_SECONDS=60,
+                   PAGER_TO="pager@example.com",
+                   JUST_MONITORING_REPORT_TO="canary@example.com")
+        self.reactor.advance(300)
+        self.assertEqual(self.transport.by_kind("canary"), [],
+                         "no canary ever: nothing to miss")
+        self.receive(record(f"canary {MARKER}"))
+        self.reactor.advance(60)
+        self.assertEqual(self.transport.by_kind("canary"), [])
+        # 120 s since it came, at the second flush after it.
+        self.reactor.advance(60)
+        [(_, recipients, missed)] = self.transport.by_kind("canary")
+        self.assertEqual(recipients, ("pager@example.com",))
+        self.assertIn("no canary since 1970-01-01 00:05:00 UTC: the error "
+                      "pipeline may be broken", missed["Subject"])
+        self.reactor.advance(600)
+        self.assertEqual(len(self.transport.by_kind("canary")), 1)
+        self.receive(record(f"canary {MARKER}"))
+        self.reactor.advance(60)
+        [_, (_, _, back)] = self.transport.by_kind("canary")
+        self.assertEqual(back["Subject"], "nozzle1: canaries are back")
