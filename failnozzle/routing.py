@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 SPECIAL = ("source", "level", "fingerprint")
 #: The keys a rule may have.
 RULE_KEYS = ("name", "match", "to", "from", "reply_to", "repeat_seconds",
-             "continue")
+             "continue", "page")
 #: A record without a level is an error, as far as `level` matches.
 _UNLEVELLED = 3
 
@@ -124,6 +124,8 @@ class Rule:
     reply_to: tuple = ()
     repeat_seconds: Optional[float] = None
     keep_going: bool = False
+    #: Whether its errors' rate pages its own 'to' too.
+    page: bool = False
 
     @property
     def kind(self) -> str:
@@ -243,9 +245,11 @@ def parse_rules(setting: str, value: object, addresses, seconds) -> tuple:
         where = f"{setting} rule {name!r}"
         if "to" not in given:
             raise BadRule(f"{where} has no 'to'")
-        keep_going = given.get("continue", False)
-        if not isinstance(keep_going, bool):
-            raise BadRule(f"{where}: 'continue' must be True or False")
+        keep_going, page = given.get("continue", False), given.get("page",
+                                                                    False)
+        for flag, value in (("continue", keep_going), ("page", page)):
+            if not isinstance(value, bool):
+                raise BadRule(f"{where}: {flag!r} must be True or False")
         repeat = given.get("repeat_seconds")
         sender = given.get("from")
         to = addresses(f"{where} 'to'", given["to"])
@@ -260,7 +264,7 @@ def parse_rules(setting: str, value: object, addresses, seconds) -> tuple:
         if not to:
             raise BadRule(f"{where}: 'to' names no address")
         rules.append(Rule(name, matcher_of(where, given.get("match")), to,
-                          sender, reply_to, repeat, keep_going))
+                          sender, reply_to, repeat, keep_going, page))
     names = [rule.name for rule in rules]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:

@@ -244,6 +244,8 @@ class FailnozzleService(Service):
         self.pager = Pager(settings.PAGER_WINDOW_SIZE, settings.PAGER_LIMIT,
                            settings.PAGER_REPEAT_SECONDS)
         self.canary = CanaryWatch(settings.CANARY_MAX_SILENCE_SECONDS)
+        #: By route, the pagers of those that say 'page'.
+        self._route_pagers: dict = {}
         self.silences = Silences(None, self.writer.run, _log)
         #: By digest class, the instances silences kept out of its
         #: digests since the last one, by silence.
@@ -402,6 +404,13 @@ class FailnozzleService(Service):
                     rule.sender or settings.REPORT_FROM,
                     rule.reply_to or settings.REPLY_TO)
                    for rule in settings.ROUTES},
+                # The pages of routes that say 'page': to their 'to'.
+                **{_page_kind(rule.kind): Route(
+                    _page_kind(rule.kind), f"ROUTES rule {rule.name!r}",
+                    rule.to, settings.PAGER_FROM or rule.sender
+                    or settings.REPORT_FROM,
+                    rule.reply_to or settings.PAGER_REPLY_TO)
+                   for rule in settings.ROUTES if rule.page},
             })
 
     def _apply(self, settings: Settings, configured: _Configured,
@@ -456,6 +465,15 @@ class FailnozzleService(Service):
         self.pager.configure(settings.PAGER_WINDOW_SIZE, settings.PAGER_LIMIT,
                              settings.PAGER_REPEAT_SECONDS)
         self.canary.max_silence = settings.CANARY_MAX_SILENCE_SECONDS
+        pagers = {}
+        for rule in settings.ROUTES:
+            if rule.page:
+                pager = pagers[rule.kind] = self._route_pagers.get(
+                    rule.kind) or Pager(1, 1, 0)
+                pager.configure(settings.PAGER_WINDOW_SIZE,
+                                settings.PAGER_LIMIT,
+                                settings.PAGER_REPEAT_SECONDS)
+        self._route_pagers = pagers
         self.outbox.configure(configured.transport,
                               settings.RETRY_MIN_SECONDS,
                               settings.RETRY_MAX_SECONDS,
@@ -1022,9 +1040,11 @@ class FailnozzleService(Service):
             raise
         sending = []
         try:
-            page = self._rate_page(real, bad_input)
-            if page is not None:
-                sending += self._page(page)
+            sending += self._page(self.pager, self._routes["pager"],
+                                  real, bad_input)
+            for kind, pager in self._route_pagers.items():
+                sending += self._page(pager, self._routes[_page_kind(kind)],
+                                      routed.get(kind, Batch()), bad_input)
         except Exception:
             _log.failure("Could not page about the error rate")
         try:
@@ -1243,9 +1263,10 @@ class FailnozzleService(Service):
                 self.settings.MAX_SOURCES_PER_ERROR)
         return by_kind
 
-    def _rate_page(self, real: Batch, bad_input: tuple) -> Optional[Page]:
+    def _rate_page(self, pager: Pager, real: Batch,
+                   bad_input: tuple) -> Optional[Page]:
         """
-        Hand the pager this flush's errors (bad input is not one): their
+        Hand C{pager} this flush's errors (bad input is not one): their
         count, the top ones, marked new as the digest would, and the hosts
         of those.
         """
@@ -1272,8 +1293,7 @@ class FailnozzleService(Service):
                                self._news_rules)
             culprits[key] = Culprit(headline_of(message), message.get("kind"),
                                     entry.total, status.kind == NEW)
-        return self.pager.observe(self._reactor.seconds(), count, culprits,
-                                  hosts)
+        return pager.observe(self._reactor.seconds(), count, culprits, hosts)
 
     def _watch_canaries(self, monitoring: Batch) -> list:
         """Page when the canaries stop coming, and when they are back."""
@@ -1282,7 +1302,6 @@ class FailnozzleService(Service):
         what = self.canary.observe(self._reactor.seconds(), newest)
         if what is None:
             return []
-        route = self._routes["canary"]
         last = self.canary.last_seen + self._wall_offset()
         if what == MISSED:
             _log.warn("No canary since {since} (CANARY_MAX_SILENCE_SECONDS = "
@@ -1290,39 +1309,40 @@ class FailnozzleService(Service):
                       since=last, limit=self.canary.max_silence)
         else:
             _log.info("Canaries are back")
-        if not self._has_recipients(route, 0):
-            return []
-        subject, body = canary_message(
+        return self._send_page(self._routes["canary"], 0, *canary_message(
             self.settings.SERVER_NAME, what, last,
             self._reactor.seconds() + self._wall_offset(),
-            self.canary.max_silence)
-        message = build_message(subject=subject, body=body,
-                                **self._envelope(route))
-        sending = (self.outbox.replace(route.kind, message)
-                   if route.kind in self.outbox.waiting_kinds()
-                   else self.outbox.send(message))
-        return [sending.outcome]
+            self.canary.max_silence))
 
-    def _page(self, page: Page) -> list:
+    def _page(self, pager: Pager, route: Route, real: Batch,
+              bad_input: tuple) -> list:
+        """Page C{route} about C{real}'s rate if C{pager} says to."""
+        page = self._rate_page(pager, real, bad_input)
+        if page is None:
+            return []
         if page.what == RESOLVED:
             _log.info("Error rate back below PAGER_LIMIT = {limit} for a "
-                      "whole window, {total} errors since it went over",
-                      limit=self.pager.limit, total=page.total)
+                      "whole window, {total} errors since it went over "
+                      "({to})", limit=pager.limit, total=page.total,
+                      to=route.setting)
         else:
             _log.warn("Error rate exceeded: {count} errors in the last "
-                      "{flushes} flushes (PAGER_LIMIT = {limit})",
-                      count=page.window_total, flushes=self.pager.size,
-                      limit=self.pager.limit)
-        route = self._routes["pager"]
-        if not self._has_recipients(route, page.window_total):
+                      "{flushes} flushes (PAGER_LIMIT = {limit}; "
+                      "{to})", count=page.window_total,
+                      flushes=pager.size, limit=pager.limit,
+                      to=route.setting)
+        return self._send_page(route, page.window_total, *pager_message(
+            self.settings.SERVER_NAME, page, pager.size,
+            self.settings.FLUSH_SECONDS, pager.limit, self._wall_offset()))
+
+    def _send_page(self, route: Route, count: int, subject: str,
+                   body: str) -> list:
+        """Send a page; an outage holds one of its class, the latest, not
+        one per reminder."""
+        if not self._has_recipients(route, count):
             return []
-        subject, body = pager_message(
-            self.settings.SERVER_NAME, page, self.pager.size,
-            self.settings.FLUSH_SECONDS, self.pager.limit,
-            self._wall_offset())
         message = build_message(subject=subject, body=body,
                                 **self._envelope(route))
-        # An outage holds one page, the latest, not one per reminder.
         sending = (self.outbox.replace(route.kind, message)
                    if route.kind in self.outbox.waiting_kinds()
                    else self.outbox.send(message))
@@ -1342,6 +1362,11 @@ class FailnozzleService(Service):
                     wall_offset=self._wall_offset(),
                     domain=self.settings.SERVER_NAME,
                     reply_to=route.reply_to, kind=route.kind)
+
+
+def _page_kind(kind: str) -> str:
+    """The class of a route's pages: C{page:NAME} for C{route:NAME}."""
+    return "page:" + kind.partition(":")[2]
 
 
 def _scope(kind: str) -> str:

@@ -1960,3 +1960,26 @@ class CanaryTests(ServiceTestCase):
         self.reactor.advance(60)
         [_, (_, _, back)] = self.transport.by_kind("canary")
         self.assertEqual(back["Subject"], "nozzle1: canaries are back")
+
+
+class RoutePagerTests(ServiceTestCase):
+    """'page': True on a route pages its own address about its errors."""
+
+    def test_route_pages_its_team(self):
+        self.start(PAGER_TO="oncall@example.com", PAGER_LIMIT=3,
+                   PAGER_WINDOW_SIZE=1, ROUTES=[
+                       {"name": "billing", "match": {"kind": "^billing$"},
+                        "to": "billing@example.com", "page": True}])
+        self.receive(*[record("card declined", kind="billing")] * 3,
+                     record("boom"))
+        self.reactor.advance(60)
+        pages = {recipients: message for _, recipients, message
+                 in self.transport.by_kind("page:billing")}
+        self.assertEqual(list(pages), [("billing@example.com",)])
+        body = pages[("billing@example.com",)].get_content()
+        self.assertIn("received 3 errors", body)
+        self.assertIn("3X Error: card declined in views (billing)", body)
+        # The central pager counts every error: 4 over its limit of 3.
+        [(_, recipients, central)] = self.transport.by_kind("pager")
+        self.assertEqual(recipients, ("oncall@example.com",))
+        self.assertIn("received 4 errors", central.get_content())
