@@ -245,8 +245,8 @@ def parse_rules(setting: str, value: object, addresses, seconds) -> tuple:
         where = f"{setting} rule {name!r}"
         if "to" not in given:
             raise BadRule(f"{where} has no 'to'")
-        keep_going, page = given.get("continue", False), given.get("page",
-                                                                    False)
+        keep_going = given.get("continue", False)
+        page = given.get("page", False)
         for flag, value in (("continue", keep_going), ("page", page)):
             if not isinstance(value, bool):
                 raise BadRule(f"{where}: {flag!r} must be True or False")
