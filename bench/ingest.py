@@ -52,6 +52,12 @@ grouping     The daemon on --unique bugs, then on --unique bugs of
              --grouping-seconds: CPU per datagram, and the entries of the
              digest (--unique, if the reports fold).  The ladder also runs
              the daemon with GROUPING = 'exact' beside the default.
+routes       The daemon at --routes-rate for --seconds (50 unique errors x 20
+             hosts) with no ROUTES and SILENCES, and with 20 rules and 10
+             silences (matching a kind, a message, hosts), interleaved
+             --repeat times: CPU per datagram and loss for each.  Routing
+             and silencing run per flush; this shows receiving does not
+             pay for them.
 flush        How long a flush of 10,000 unique errors blocks the reactor,
              measured in process phase by phase, and the steps of making
              its digest (the longest is what the reactor waits for at
@@ -345,6 +351,45 @@ def summarize_ladder(results: dict) -> None:
         if not points[max(points)].lost:
             print(f"({name} lost nothing even at the top rate: its "
                   f"saturation is above the ladder)")
+    print()
+
+
+#: What run_routes configures: 20 rules as teams write them, 10 silences.
+ROUTED = {
+    "ROUTES": [{"name": f"team{n}", "to": f"team{n}@example.com",
+                "match": {"kind": f"^team{n}$",
+                          "message": "(?i)timeout|refused"}}
+               for n in range(19)]
+    + [{"name": "dba", "to": "dba@example.com",
+        "match": {"source": r"^db\d+$"}, "continue": True}],
+    "SILENCES": [{"match": {"message": f"^known issue {n}$"},
+                  "until": "2099-01-01T00:00:00Z", "comment": f"OPS-{n}"}
+                 for n in range(10)],
+}
+
+
+def run_routes(options) -> None:
+    """The daemon with and without ROUTES and SILENCES, same load."""
+    rate, seconds = options.routes_rate, options.seconds
+    print(f"== routes: {rate:,.0f}/s for {seconds:g} s ({options.unique} "
+          f"errors x {options.hosts} hosts), without and with 20 ROUTES and "
+          f"10 SILENCES, median of {options.repeat}")
+    print(f"{'configured':<22} {'sent':>9} {'lost':>7} {'CPU us/msg':>11}")
+    datagrams = realistic_datagrams(options.unique, options.hosts)
+    ways = {"none": {}, "20 routes, 10 silences": ROUTED}
+    runs: dict = {way: [] for way in ways}
+    for _ in range(options.repeat):
+        for way, settings in ways.items():
+            with tempfile.TemporaryDirectory() as directory:
+                receiver = DaemonUnderTest(directory, options.rcvbuf,
+                                           **settings)
+                runs[way].append(measure(
+                    receiver, cycling(datagrams), rate, seconds,
+                    int(rate * seconds), options.senders))
+    for way in ways:
+        point = Point(runs[way])
+        print(f"{way:<22} {point.sent:>9,} {point.lost:>7,.0f} "
+              f"{point.cpu_per_message:>11.2f}")
     print()
 
 
@@ -841,7 +886,8 @@ def parse_options(argv: list) -> argparse.Namespace:
     parser.add_argument("--scenario", default="all",
                         choices=("all", "ladder", "sustained",
                                  "cardinality", "flush", "hostile",
-                                 "grouping"))
+                                 "grouping", "routes"))
+    parser.add_argument("--routes-rate", type=float, default=30000)
     parser.add_argument("--quick", action="store_true",
                         help="a short smoke run: fewer rates, one run each, "
                              "a smaller flood")
@@ -941,6 +987,8 @@ def main(argv: list) -> None:
         run_flush(options)
     if options.scenario in ("all", "grouping"):
         run_grouping(options)
+    if options.scenario in ("all", "routes"):
+        run_routes(options)
     print(f"done in {time.monotonic() - began:.0f} s, load average "
           f"{os.getloadavg()[0]:.2f}")
 

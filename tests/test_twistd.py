@@ -21,6 +21,7 @@ from twisted.internet import defer, error, protocol, reactor, threads
 from twisted.trial.unittest import TestCase
 
 import failnozzle
+from failnozzle.config import DEFAULT_MONITORING_ERROR_MARKERS
 from tests.common import (WAIT_SECONDS, SMTPSink, SilentServer,
                           digest_counts, free_tcp_port, maildir_files,
                           poll_until, read_message, record, send_datagrams,
@@ -253,6 +254,34 @@ class SMTPDaemonTests(_TwistdTestCase):
         self.assertIn("** 3 instances of 1 unique error (app) **", body)
         self.assertIn("- on web1, 1X\n- on web2, 2X\n", body)
         yield process.wait_for(r"Sent .* via SMTP")
+
+    @defer.inlineCallbacks
+    def test_canaries_stop_and_come_back(self):
+        """
+        With CANARY_MAX_SILENCE_SECONDS, canaries that stop coming page
+        PAGER_TO that the pipeline may be broken, once; when one comes
+        again, PAGER_TO is told they are back.
+        """
+        sink = SMTPSink(self)
+        process, address, _ = yield self.start_daemon(
+            **self.smtp_settings(
+                sink.port, flush_seconds=0.5, CANARY_MAX_SILENCE_SECONDS=1,
+                PAGER_TO=["pager@example.com"],
+                JUST_MONITORING_REPORT_TO=["canary@example.com"]))
+        canary = record(f"canary {DEFAULT_MONITORING_ERROR_MARKERS[0]}")
+        send_datagrams(address, [canary])
+        messages = yield process.wait_for_mail(sink, 2)
+        pages = [message for message in messages
+                 if message["X-Failnozzle"] == "canary"]
+        [missed] = pages
+        self.assertIn("the error pipeline may be broken", missed["Subject"])
+        self.assertEqual(missed["To"], "pager@example.com")
+        send_datagrams(address, [canary])
+        messages = yield process.wait_for_mail(sink, 4)
+        pages = [message["Subject"] for message in messages
+                 if message["X-Failnozzle"] == "canary"]
+        self.assertEqual(len(pages), 2, pages)
+        self.assertTrue(pages[1].endswith(": canaries are back"), pages)
 
     @defer.inlineCallbacks
     def test_sigterm_delivers_buffered_errors(self):
