@@ -230,13 +230,7 @@ def parse_rules(setting: str, value: object, addresses, seconds) -> tuple:
     rules = []
     for number, given in enumerate(value, 1):
         where = f"{setting}[{number - 1}]"
-        if not isinstance(given, dict):
-            raise BadRule(f"{where} must be a dict, not a "
-                          f"{type(given).__name__}")
-        unknown = sorted(map(str, set(given) - set(RULE_KEYS)))
-        if unknown:
-            raise BadRule(f"{where} has {', '.join(map(repr, unknown))}; "
-                          f"a rule may have {', '.join(RULE_KEYS)}")
+        check_keys(where, given, RULE_KEYS, "a rule")
         name = given.get("name", str(number))
         if not isinstance(name, str) or not re.fullmatch(r"[\w.-]{1,64}",
                                                          name):
@@ -270,6 +264,21 @@ def parse_rules(setting: str, value: object, addresses, seconds) -> tuple:
     if twice:
         raise BadRule(f"{setting}: two rules are named {twice[0]!r}")
     return tuple(rules)
+
+
+def check_keys(where: str, given: object, keys: Sequence[str],
+               what: str) -> None:
+    """
+    @raise BadRule: C{given} is not a dict, or has a key not in C{keys}
+        (C{what} names what has them, such as "a rule").
+    """
+    if not isinstance(given, dict):
+        raise BadRule(f"{where} must be a dict, not a "
+                      f"{type(given).__name__}")
+    unknown = sorted(map(str, set(given) - set(keys)))
+    if unknown:
+        raise BadRule(f"{where} has {', '.join(map(repr, unknown))}; "
+                      f"{what} may have {', '.join(keys)}")
 
 
 def matcher_of(where: str, given: object) -> Matcher:

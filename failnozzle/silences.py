@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import orjson
 
-from failnozzle.routing import BadRule, Rule, matcher_of, route
+from failnozzle.routing import BadRule, Rule, check_keys, matcher_of, route
 from failnozzle.spool import fsync_directory, open_private
 
 #: At most this many silences, and this long a comment.
@@ -61,13 +61,7 @@ def parse_silence(where: str, given: object, origin: str,
 
     @raise BadRule: it cannot be used; the message names C{where}.
     """
-    if not isinstance(given, dict):
-        raise BadRule(f"{where} must be a dict, not a "
-                      f"{type(given).__name__}")
-    unknown = sorted(map(str, set(given) - set(SILENCE_KEYS)))
-    if unknown:
-        raise BadRule(f"{where} has {', '.join(map(repr, unknown))}; a "
-                      f"silence has {', '.join(SILENCE_KEYS)}")
+    check_keys(where, given, SILENCE_KEYS, "a silence")
     comment = given.get("comment", "")
     if not isinstance(comment, str) or len(comment) > MAX_COMMENT_CHARS \
             or not comment.isprintable():

@@ -457,6 +457,17 @@ class RealClientTests(TestCase):
     """The real sentry-sdk, in a process of its own, to a real port."""
 
     @defer.inlineCallbacks
+    def run_client(self, script: str, program: str = sys.executable,
+                   suffix: str = ".py", **environment: str):
+        """Run C{script} with C{program}; it must succeed."""
+        path = self.mktemp() + suffix
+        with open(path, "w") as source:
+            source.write(script)
+        out, err, status = yield utils.getProcessOutputAndValue(
+            program, [path], env={**child_environment(), **environment})
+        self.assertEqual(status, 0, err)
+
+    @defer.inlineCallbacks
     def test_sentry_sdk(self):
         """
         capture_exception (a chained one), capture_message and the logging
@@ -484,12 +495,7 @@ class RealClientTests(TestCase):
             logging.getLogger("checkout").error("payment failed for %s", 42)
             assert sentry_sdk.flush(10) is None
             """)
-        path = self.mktemp() + ".py"
-        with open(path, "w") as source:
-            source.write(script)
-        out, err, status = yield utils.getProcessOutputAndValue(
-            sys.executable, [path], env=child_environment())
-        self.assertEqual(status, 0, err)
+        yield self.run_client(script)
         entries = {entry.key[3]: entry
                    for entry in service.aggregator.view().entries}
         self.assertEqual(set(entries), {"RuntimeError: lookup failed",
@@ -532,12 +538,7 @@ class RealClientTests(TestCase):
             assert answer.status_code == 500, answer.status_code
             assert sentry_sdk.flush(10) is None
             """)
-        path = self.mktemp() + ".py"
-        with open(path, "w") as source:
-            source.write(script)
-        out, err, status = yield utils.getProcessOutputAndValue(
-            sys.executable, [path], env=child_environment())
-        self.assertEqual(status, 0, err)
+        yield self.run_client(script)
         [entry] = service.aggregator.view().entries
         self.assertEqual(entry.key[3], "KeyError: 'item_3'")
         self.assertIn('in item\n    return {}[f"item_{number}"]',
@@ -576,12 +577,7 @@ class RealClientTests(TestCase):
             Sentry.captureMessage("disk full on /var");
             Sentry.flush(10000).then((sent) => process.exit(sent ? 0 : 3));
             """)
-        path = self.mktemp() + ".js"
-        with open(path, "w") as source:
-            source.write(script)
-        out, err, status = yield utils.getProcessOutputAndValue(
-            node, [path], env={**child_environment(), "NODE_PATH": modules})
-        self.assertEqual(status, 0, err)
+        yield self.run_client(script, node, ".js", NODE_PATH=modules)
         entries = {entry.key[3]: entry
                    for entry in service.aggregator.view().entries}
         undefined = ("TypeError: Cannot read properties of undefined "

@@ -1868,19 +1868,28 @@ class RouteTests(ServiceTestCase):
         self.assertEqual(kinds, {"route:billing", "route:sre", "digest",
                                  "monitoring"})
 
+    def start_holding(self) -> dict:
+        """
+        Start with no ROUTES, a digest not delivered and a billing error
+        held behind it.
+
+        @return: the settings the next reload adds.
+        """
+        given: dict = {}
+        self.start(reload_settings=lambda: (make_settings(
+            **{**self.overrides, **given}), []))
+        self.receive(record("first"))
+        self.reactor.advance(60)
+        self.receive(record("card declined", kind="billing"))
+        self.reactor.advance(60)
+        return given
+
     def test_reload_routes_what_is_held(self):
         """
         Errors held for a digest (its last one undelivered) are routed by
         the ROUTES a reload brings: nothing held is lost or sent twice.
         """
-        given = {}
-        self.start(reload_settings=lambda: (make_settings(
-            **{**self.overrides, **given}), []))
-        # The first digest is not delivered: what follows is held.
-        self.receive(record("first"))
-        self.reactor.advance(60)
-        self.receive(record("card declined", kind="billing"))
-        self.reactor.advance(60)
+        given = self.start_holding()
         self.assertEqual(set(self.service.held), {"digest"})
         given["ROUTES"] = self.ROUTES
         self.assertTrue(self.service.reload())
@@ -1920,13 +1929,7 @@ class RouteTests(ServiceTestCase):
         A reload that changes UNIQUE_MSG_TUPLE and ROUTES at once routes
         what is held by the keys of now.
         """
-        given = {}
-        self.start(reload_settings=lambda: (make_settings(
-            **{**self.overrides, **given}), []))
-        self.receive(record("first"))
-        self.reactor.advance(60)
-        self.receive(record("card declined", kind="billing"))
-        self.reactor.advance(60)
+        given = self.start_holding()
         given["UNIQUE_MSG_TUPLE"] = ["kind", "message", "exc_text"]
         given["ROUTES"] = self.ROUTES
         self.assertTrue(self.service.reload())
