@@ -67,11 +67,10 @@ class Matcher:
         @param positions: where each field is in a key.
         """
         if self.fields:
-            # The field with the fewest values first: it rules out most.
-            indexes = {name: by_value(name) for name, _ in self.fields}
-            name, patterns = min(self.fields,
-                                 key=lambda field: len(indexes[field[0]]))
-            chosen = indexes[name]
+            # The field likely to have the fewest values first: it rules
+            # out most, and its index is small to make.
+            name, patterns = min(self.fields, key=_spread)
+            chosen = by_value(name)
             found = sorted(index for value in _found(patterns, chosen)
                            for index in chosen[value]
                            if left[index] is not None)
@@ -140,6 +139,8 @@ def route(entries: Sequence[Entry], rules: Sequence[Rule],
     of each rule's kind that got some, and those no rule took.  An error
     whose hosts a rule took only some of goes on with the others.
     """
+    if not rules:
+        return {}, list(entries)
     positions = {name: index for index, name in enumerate(fields)}
     indexes: dict = {}
 
@@ -157,7 +158,7 @@ def route(entries: Sequence[Entry], rules: Sequence[Rule],
     # of it that rules letting errors go on (continue) took, which are no
     # longer REPORT_TO's (True: all of it, hosts not named included).
     left: list = list(entries)
-    covered: list = [set() for _ in left]
+    covered: list = [None] * len(left)
     routed: dict = {}
     for rule in rules:
         selected = rule.match.select(left, by_value, positions)
@@ -170,7 +171,8 @@ def route(entries: Sequence[Entry], rules: Sequence[Rule],
             elif matched is left[index]:
                 covered[index] = True
             elif covered[index] is not True:
-                covered[index].update(matched.sources)
+                covered[index] = (covered[index] or set()).union(
+                    matched.sources)
     rest = []
     for entry, taken in zip(left, covered):
         if entry is not None and taken is not True:
@@ -190,6 +192,18 @@ def _without(entry: Entry, hosts) -> Optional[Entry]:
     if not sources and not entry.other_sources:
         return None
     return entry.with_sources(sources, entry.other_sources)
+
+
+#: The fields of a key by how many values a flush's errors usually have
+#: of them, fewest first; any other after these.
+_BY_SPREAD = ("kind", "level", "module", "filename", "funcName", "pathname",
+              "lineno", "message", "exc_text")
+
+
+def _spread(field: tuple) -> int:
+    name = field[0]
+    return (_BY_SPREAD.index(name) if name in _BY_SPREAD
+            else len(_BY_SPREAD))
 
 
 def _typed(value: object) -> tuple:
