@@ -862,6 +862,32 @@ class PagerTests(ServiceTestCase):
         self.assertIn("received 5 errors", alert.get_content())
         self.assertNotIn("junk", alert.get_content())
 
+    def test_reload_keeps_the_alert(self):
+        """
+        A reload that changes the pager's limit, routes, silences and
+        levels keeps where the alert stands: no second page, and the
+        storm it began is resolved, once.
+        """
+        given = {}
+        self.start_pager(reload_settings=lambda: (make_settings(
+            **{**self.overrides, **given}), []))
+        self.receive(*[record("boom")] * 5)
+        self.reactor.advance(10)
+        given.update(PAGER_LIMIT=6, MIN_LEVEL="warning", SILENCES=[
+            {"match": {"kind": "^legacy$"}, "until": 4e9}], ROUTES=[
+            {"match": {"kind": "^billing$"}, "to": "b@example.com"}])
+        self.assertTrue(self.service.reload())
+        self.receive(*[record("boom")] * 6)
+        self.reactor.advance(10)
+        self.assertEqual(len(self.transport.by_kind("pager")), 1)
+        for _ in range(5):
+            self.reactor.advance(10)
+        subjects = [alert["Subject"] for _, _, alert
+                    in self.transport.by_kind("pager")]
+        self.assertEqual(len(subjects), 2, subjects)
+        self.assertIn("error rate resolved", subjects[1])
+        self.assertIn("11 errors", subjects[1])
+
     def test_bad_canaries_not_taken_off(self):
         """
         Bad input that goes with the canaries (its record quotes the

@@ -156,6 +156,9 @@ class SilencedServiceTests(ServiceTestCase):
                       body)
         status = json_of(render(self.service, "/status"))
         self.assertEqual(status["silences"][0]["silenced"], 5)
+        page = b"".join(render(self.service, "/").written).decode()
+        self.assertIn("<code>kind=^legacy$</code> until", page)
+        self.assertIn(": known, OPS-12</td><td class=\"count\">5</td>", page)
 
     def test_only_silenced_sends_nothing(self):
         self.start_silenced()
