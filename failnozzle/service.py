@@ -831,6 +831,10 @@ class FailnozzleService(Service):
         self.pager.restore(state.rate_window, state.pager,
                            self._reactor.seconds())
         self.canary.restore(state.canary, self._reactor.seconds())
+        for kind, kept in (state.route_pagers or {}).items():
+            if kind in self._route_pagers:
+                self._route_pagers[kind].restore(
+                    kept["counts"], kept["alert"], self._reactor.seconds())
         _log.info("Restored {total} errors from {path}",
                   total=state.buffer.total + sum(
                       batch.total for batch in self._held.values()),
@@ -887,7 +891,12 @@ class FailnozzleService(Service):
                      changes_only=not whole,
                      bad_input=self.aggregator.bad_input(),
                      unsettled=self._unsettled_batches(),
-                     pager=self.pager.saved(), canary=self.canary.saved())
+                     pager=self.pager.saved(), canary=self.canary.saved(),
+                     route_pagers={
+                         kind: {"counts": pager.counts,
+                                "alert": pager.saved()}
+                         for kind, pager in self._route_pagers.items()}
+                     or None)
 
     def _state_saved(self, _: object) -> None:
         self.counts.last_snapshot = self._reactor.seconds()

@@ -86,6 +86,9 @@ class State:
     pager: Optional[dict] = None
     #: When the last canary came (L{failnozzle.pager.CanaryWatch.saved}).
     canary: Optional[dict] = None
+    #: By route, its pager's window counts and alert: C{{"counts": [...],
+    #: "alert": ...}}; None: no route pages.
+    route_pagers: Optional[dict] = None
 
 
 class _Unusable(ValueError):
@@ -109,6 +112,7 @@ class _Snapshot:
     rate_window: list
     pager: Optional[dict]
     canary: Optional[dict]
+    route_pagers: Optional[dict]
 
 
 class StateFile:
@@ -222,7 +226,8 @@ class StateFile:
             state.buffer.overflow,
             {name: {kind: rows for kind, (_, rows) in batches.items()}
              for name, batches in batch_rows.items()},
-            list(state.rate_window), state.pager, state.canary)
+            list(state.rate_window), state.pager, state.canary,
+            state.route_pagers)
         writing = self._in_thread(self._write, snapshot)
         writing.addErrback(self._write_failed)
         return writing
@@ -379,7 +384,8 @@ class StateFile:
             unsettled={kind: batch for (name, kind), batch in read.items()
                        if name == "unsettled"},
             pager=_pager(snapshot.get("pager"), shift),
-            canary=_canary(snapshot.get("canary"), shift))
+            canary=_canary(snapshot.get("canary"), shift),
+            route_pagers=_route_pagers(snapshot.get("route_pagers"), shift))
         return state, generation
 
     def _read_keys(self, generation: int, wanted: set,
@@ -469,6 +475,21 @@ def _pager(saved: object, shift: float) -> Optional[dict]:
             "below": _count(saved.get("below"), "a pager count")}
 
 
+def _route_pagers(saved: object, shift: float) -> Optional[dict]:
+    """The pagers of the routes that page: window counts and alerts."""
+    if saved is None:
+        return None
+    _check(type(saved) is dict and len(saved) <= 10000, "bad route_pagers")
+    kept = {}
+    for kind, pager in saved.items():
+        _check(type(pager) is dict and type(pager.get("counts")) is list
+               and len(pager["counts"]) <= 10000, "bad route pager")
+        kept[kind] = {"counts": [_count(count, "a route pager's count")
+                                 for count in pager["counts"]],
+                      "alert": _pager(pager.get("alert"), shift)}
+    return kept
+
+
 def _canary(saved: object, shift: float) -> Optional[dict]:
     """When the last canary came, and since when they are missed."""
     if saved is None:
@@ -522,7 +543,7 @@ def _pieces(snapshot: _Snapshot) -> Iterator[str]:
                           for kind, rows in batches.items())
         yield f', "{name}": {{{kinds}}}'
     yield f', "rate_window": {json.dumps(snapshot.rate_window)}'
-    for name in ("pager", "canary"):
+    for name in ("pager", "canary", "route_pagers"):
         kept = getattr(snapshot, name)
         if kept is not None:
             yield f', "{name}": {json.dumps(kept)}'

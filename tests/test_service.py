@@ -2012,3 +2012,18 @@ class RoutePagerTests(ServiceTestCase):
         [(_, recipients, central)] = self.transport.by_kind("pager")
         self.assertEqual(recipients, ("oncall@example.com",))
         self.assertIn("received 4 errors", central.get_content())
+
+    def test_route_alert_kept_across_restart(self):
+        """A route's alert outlives a restart: no second page to it."""
+        settings = dict(PAGER_LIMIT=3, PAGER_WINDOW_SIZE=2, ROUTES=[
+            {"name": "billing", "match": {"kind": "^billing$"},
+             "to": "billing@example.com", "page": True}])
+        self.start(**settings)
+        self.receive(*[record("card declined", kind="billing")] * 3)
+        self.reactor.advance(60)
+        self.assertEqual(len(self.transport.by_kind("page:billing")), 1)
+        self.service.stopService()
+        self.start(STATE_FILE=self.overrides["STATE_FILE"], **settings)
+        self.receive(*[record("card declined", kind="billing")] * 3)
+        self.reactor.advance(60)
+        self.assertEqual(self.transport.by_kind("page:billing"), [])
