@@ -717,12 +717,12 @@ def run_hostile(options) -> None:
     print()
 
 
-def fill_service(unique: int, hosts: int):
+def fill_service(unique: int, hosts: int, **more):
     """
     A FailnozzleService, not started, on a fake clock, writing into a
     temporary maildir and spool (snapshots off), whose buffer holds
     C{unique} errors each sent once from each of C{hosts} hosts, fed
-    through its own receiver as datagrams.
+    through its own receiver as datagrams; C{more} settings if given.
 
     @return: C{(service, temporary directory)}.
     """
@@ -741,6 +741,7 @@ def fill_service(unique: int, hosts: int):
         "SNAPSHOT_SECONDS": 0,
         "PAGER_LIMIT": 10 ** 9,
         "MAX_UNIQUE_MESSAGES": unique,  # room for them all
+        **more,
     })[0]
     clock = Clock()
     clock.advance(time.time())
@@ -795,6 +796,11 @@ def time_flush_phases(unique: int, hosts: int) -> dict:
         maildir = os.path.join(directory.name, "mail", "new")
         size = sum(os.path.getsize(os.path.join(maildir, name))
                    for name in os.listdir(maildir))
+    service, directory = fill_service(unique, hosts, **ROUTED)
+    with directory:
+        routed_started = time.perf_counter()
+        service.flush()
+        routed = time.perf_counter() - routed_started
     return {
         "aggregator.flush()": flushed - started,
         "partition (monitoring or not)": merged - flushed,
@@ -802,6 +808,7 @@ def time_flush_phases(unique: int, hosts: int) -> dict:
         "build_message": built - rendered,
         "outbox.send (spool + maildir)": sent - built,
         "FailnozzleService.flush(), whole": whole,
+        "the same, 20 ROUTES + 10 SILENCES": routed,
         "(merge, only while errors are held)": held_merged - sent,
         "digest bytes": size,
     }

@@ -57,6 +57,17 @@ class MatchTests(SynchronousTestCase):
         self.assertEqual((taken.sources, taken.total), ({"db1": 5}, 5))
         self.assertIsNone(self.matches({"source": "^mail"}, entry))
 
+    def test_equal_values_of_other_types(self):
+        """1, 1.0 and True are equal in Python, not in a pattern's eyes."""
+        self.assertTrue(self.matches({"lineno": "^True$"},
+                                     error(lineno=True)))
+        self.assertFalse(self.matches({"lineno": "^True$"}, error(lineno=1)))
+        routed, _ = route(
+            [error(sources={1: 1}), error("cart", sources={True: 1})],
+            [Rule("t", matcher_of("test", {"source": "^True$"}),
+                  ("t@example.com",))], FIELDS)
+        self.assertEqual([e.key[0] for e in routed["route:t"]], ["cart"])
+
     def test_fingerprint(self):
         self.assertTrue(self.matches({"fingerprint": "^ab12"},
                                      error(fingerprint="ab12cd")))
