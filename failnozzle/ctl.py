@@ -152,7 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add.add_argument("match", nargs="+", metavar="FIELD=REGEX")
     add.add_argument("--until", required=True,
                      help="when it ends: an ISO 8601 time with its zone, "
-                          "such as 2027-01-31T00:00:00Z")
+                          "such as 2027-01-31T00:00:00Z, or seconds since "
+                          "the epoch")
     add.add_argument("--comment", default="", help="why")
     remove = doing.add_parser("remove", help="end one added at run time")
     remove.add_argument("id", metavar="ID")
@@ -213,10 +214,15 @@ def _silence(options: argparse.Namespace, ask) -> tuple:
         field, equals, pattern = condition.partition("=")
         if not equals or not field:
             raise CtlError(f"{condition!r} is not FIELD=REGEX")
+        if field in match:
+            raise CtlError(f"{field} is given twice: one REGEX each (a|b "
+                           f"for either)")
         match[field] = pattern
-    answer = ask("/api/silences/add", {"match": match,
-                                       "until": options.until,
-                                       "comment": options.comment})
+    until = options.until
+    answer = ask("/api/silences/add", {
+        "match": match, "comment": options.comment,
+        "until": float(until) if until.replace(".", "", 1).isdigit()
+        else until})
     return answer, ["added " + _silence_line(answer["silence"])]
 
 

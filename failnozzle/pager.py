@@ -210,7 +210,13 @@ class CanaryWatch:
                 "missed_since": self.missed_since}
 
     def restore(self, saved: Optional[dict], now: float) -> None:
+        """
+        Take what the last run saw: canaries had come, so they are watched
+        for from the start, which counts as the last one (none could come
+        while failnozzle was down: a full CANARY_MAX_SILENCE_SECONDS from
+        now before they are missed); an alert already sent stays sent.
+        """
         if saved is not None:
-            self.last_seen = min(saved["last_seen"], now)
+            self.last_seen = now
             missed = saved.get("missed_since")
             self.missed_since = None if missed is None else min(missed, now)

@@ -25,6 +25,11 @@ SPECIAL = ("source", "level", "fingerprint")
 #: The keys a rule may have.
 RULE_KEYS = ("name", "match", "to", "from", "reply_to", "repeat_seconds",
              "continue", "page")
+#: Bounds on what one match may hold: each pattern is searched at every
+#: flush (once per distinct value).
+MAX_FIELDS = 20
+MAX_PATTERNS = 20
+MAX_PATTERN_CHARS = 1000
 #: A record without a level is an error, as far as `level` matches.
 _UNLEVELLED = 3
 
@@ -67,6 +72,10 @@ class Matcher:
         @param positions: where each field is in a key.
         """
         if self.fields:
+            if any(name not in positions for name, _ in self.fields):
+                # A field the keys do not have (UNIQUE_MSG_TUPLE changed
+                # since): nothing has it.
+                return []
             # The field likely to have the fewest values first: it rules
             # out most, and its index is small to make.
             name, patterns = min(self.fields, key=_spread)
@@ -316,6 +325,9 @@ def matcher_of(where: str, given: object) -> Matcher:
     if not isinstance(given, dict) or not given:
         raise BadRule(f"{where}: 'match' must be a dict of at least one "
                       f"field, such as {{'kind': 'billing'}}")
+    if len(given) > MAX_FIELDS:
+        raise BadRule(f"{where}: 'match' may hold at most {MAX_FIELDS} "
+                      f"fields")
     fields, conditions = [], {}
     for name, wanted in given.items():
         if not isinstance(name, str):
@@ -347,7 +359,14 @@ def _patterns(where: str, wanted: object) -> tuple:
     if (not isinstance(texts, (list, tuple)) or not texts
             or not all(isinstance(text, str) for text in texts)):
         raise BadRule(f"{where}: a regular expression or a list of them, "
-                      f"not {wanted!r}")
+                      f"not {_shown(wanted)}")
+    if len(texts) > MAX_PATTERNS or any(
+            len(text) > MAX_PATTERN_CHARS for text in texts):
+        raise BadRule(f"{where}: at most {MAX_PATTERNS} regular expressions "
+                      f"of at most {MAX_PATTERN_CHARS} characters each")
+    if "" in texts:
+        raise BadRule(f"{where}: an empty regular expression matches "
+                      f"everything; write '.*' if that is meant")
     compiled: list[Pattern] = []
     for text in texts:
         try:
@@ -356,6 +375,11 @@ def _patterns(where: str, wanted: object) -> tuple:
             raise BadRule(f"{where}: {text!r} is not a regular expression: "
                           f"{error}") from None
     return tuple(compiled)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def unknown_fields(rules: Sequence[Rule], fields: Sequence[str]) -> list:

@@ -939,9 +939,15 @@ class FailnozzleService(Service):
         and for the digest each error would have gone to, which says so in
         a line.
         """
-        silenced, kept = self.silences.split(
-            real.entries, self.settings.unique_fields,
-            self.wall_time(self._reactor.seconds()))
+        try:
+            silenced, kept = self.silences.split(
+                real.entries, self.settings.unique_fields,
+                self.wall_time(self._reactor.seconds()))
+        except Exception:
+            # Mailed rather than never: a silence must not stop the flush.
+            _log.failure("Could not apply the silences; this flush's "
+                         "errors are all mailed")
+            return real
         for silence, entries in silenced:
             routed, rest = self._routed(Batch(tuple(entries)))
             for kind, part in [("digest", rest), *routed.items()]:

@@ -8,6 +8,7 @@ do (failnozzle.routing), once per flush.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import secrets
 from collections import Counter
@@ -16,12 +17,17 @@ from typing import Callable, Optional, Sequence
 
 import orjson
 
-from failnozzle.routing import BadRule, Rule, check_keys, matcher_of, route
+from failnozzle.routing import (BadRule, Rule, check_keys, matcher_of, route,
+                                unknown_fields)
 from failnozzle.spool import fsync_directory, open_private
 
 #: At most this many silences, and this long a comment.
-MAX_SILENCES = 1000
+MAX_SILENCES = 200
 MAX_COMMENT_CHARS = 500
+#: The longest silence added at run time, as JSON: the file of them all
+#: stays within what is read back (L{_MAX_FILE_BYTES}).
+MAX_SILENCE_BYTES = 16 * 1024
+_MAX_FILE_BYTES = 2 * MAX_SILENCES * MAX_SILENCE_BYTES
 #: The keys a silence may have.
 SILENCE_KEYS = ("match", "until", "comment")
 _FORMAT = 1
@@ -82,13 +88,23 @@ def config_silences(setting: str, value: object) -> tuple:
         raise BadRule(f"{setting} must be a list of at most "
                       f"{MAX_SILENCES:,} silences (dicts)")
     return tuple(parse_silence(f"{setting}[{number}]", given, "config",
-                               f"config-{number + 1}")
+                               "config-" + _digest_of(given))
                  for number, given in enumerate(value))
+
+
+def _digest_of(given: dict) -> str:
+    """A config silence's id: made of what it says, so a reload that
+    moves it keeps its id (and its count), one that changes it does not."""
+    return hashlib.blake2b(repr(sorted(given.items())).encode(
+        "utf-8", "surrogatepass"), digest_size=4).hexdigest()
 
 
 def _until(where: str, value: object) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise BadRule(f"{where}: 'until' is out of range") from None
     elif isinstance(value, str):
         try:
             moment = datetime.datetime.fromisoformat(
@@ -162,9 +178,11 @@ class Silences:
                 self._save()
         return [silence for silence in self.all() if silence.until > now]
 
-    def add(self, given: object, now: float) -> Silence:
+    def add(self, given: object, now: float,
+            fields: Sequence[str]) -> Silence:
         """
-        Add a silence at run time (kept across restarts).
+        Add a silence at run time (kept across restarts), which may match
+        on C{fields} (UNIQUE_MSG_TUPLE's), source, level and fingerprint.
 
         @raise BadRule: it cannot be used, or there are too many.
         """
@@ -173,6 +191,13 @@ class Silences:
         silence = parse_silence("the silence", given, "control")
         if silence.until <= now:
             raise BadRule("the silence would be over already")
+        if len(orjson.dumps(silence.given)) > MAX_SILENCE_BYTES:
+            raise BadRule(f"the silence's match is longer than "
+                          f"{MAX_SILENCE_BYTES:,} bytes")
+        for _, name in unknown_fields([silence.rule], fields):
+            raise BadRule(f"the silence matches on {name!r}, which is not "
+                          f"in UNIQUE_MSG_TUPLE (nor source, level, "
+                          f"fingerprint)")
         self._added[silence.id] = silence
         self._save()
         return silence
@@ -212,7 +237,7 @@ class Silences:
             return
         try:
             with open(self._path, "rb") as kept:
-                data = kept.read(4 * 1024 * 1024)
+                data = kept.read(_MAX_FILE_BYTES)
         except FileNotFoundError:
             return
         except OSError as error:

@@ -348,7 +348,8 @@ def _reload(service, body: dict) -> dict:
 def _add_silence(service, body: dict) -> dict:
     try:
         silence = service.silences.add(
-            body, service.wall_time(service.reactor_seconds()))
+            body, service.wall_time(service.reactor_seconds()),
+            service.settings.unique_fields)
     except BadRule as error:
         raise _BadRequest(str(error)) from None
     _log.info("Silence {id} added until {until}: {comment}", id=silence.id,

@@ -163,9 +163,12 @@ class CanaryWatchTests(SynchronousTestCase):
         watch = CanaryWatch(300)
         watch.observe(100, 100)
         again = CanaryWatch(300)
-        again.restore(watch.saved(), now=150)
-        self.assertEqual(again.observe(400, None), MISSED)
+        # Down for an hour: a full CANARY_MAX_SILENCE_SECONDS from the
+        # start before they are missed.
+        again.restore(watch.saved(), now=3700)
+        self.assertIsNone(again.observe(3760, None))
+        self.assertEqual(again.observe(4000, None), MISSED)
         later = CanaryWatch(300)
-        later.restore(again.saved(), now=500)
-        self.assertIsNone(later.observe(560, None), "already told")
-        self.assertEqual(later.observe(620, 610), BACK)
+        later.restore(again.saved(), now=5000)
+        self.assertIsNone(later.observe(5400, None), "already told")
+        self.assertEqual(later.observe(5460, 5450), BACK)

@@ -79,22 +79,24 @@ class SilenceTests(SynchronousTestCase):
             {"match": {"kind": "^legacy$"}, "until": 1000,
              "comment": "known"}]), None)
         added = silences.add({"match": {"message": "flaky"}, "until": 2000},
-                             now=10)
+                             now=10, fields=FIELDS)
         silenced, rest = silences.split(
             [entry("legacy", count=3), entry("shop", "flaky test"),
              entry("shop")], FIELDS, now=10)
+        configured = silences.all()[0].id
+        self.assertTrue(configured.startswith("config-"))
         self.assertEqual([(s.id, len(found)) for s, found in silenced],
-                         [("config-1", 1), (added.id, 1)])
+                         [(configured, 1), (added.id, 1)])
         self.assertEqual([e.key for e in rest], [("shop", "boom")])
         self.assertEqual(silences.silenced,
-                         {"config-1": 3, added.id: 1})
+                         {configured: 3, added.id: 1})
         silenced, rest = silences.split([entry("legacy")], FIELDS, now=1500)
         self.assertEqual((silenced, len(rest)), ([], 1))
         silences.split([], FIELDS, now=2500)
         silences.split([], FIELDS, now=3000)
         over = [e for e in events if "is over" in e.get("log_format", "")]
-        self.assertEqual([e["id"] for e in over], ["config-1", added.id])
-        self.assertEqual([s.id for s in silences.all()], ["config-1"])
+        self.assertEqual([e["id"] for e in over], [configured, added.id])
+        self.assertEqual([s.id for s in silences.all()], [configured])
 
     def test_added_kept_in_file(self):
         """Silences added at run time outlive a restart; a removed one
@@ -102,9 +104,9 @@ class SilenceTests(SynchronousTestCase):
         path = self.mktemp()
         silences = self.silences(path)
         kept = silences.add({"match": {"kind": "a"}, "until": UNTIL,
-                             "comment": "one"}, now=0)
+                             "comment": "one"}, now=0, fields=FIELDS)
         gone = silences.add({"match": {"kind": "b"}, "until": UNTIL},
-                            now=0)
+                            now=0, fields=FIELDS)
         silences.remove(gone.id)
         again = self.silences(path)
         again.load()
@@ -120,7 +122,13 @@ class SilenceTests(SynchronousTestCase):
     def test_limits(self):
         silences = self.silences()
         self.assertRaises(BadRule, silences.add, {
-            "match": {"kind": "a"}, "until": 5}, now=10)
+            "match": {"kind": "a"}, "until": 5}, now=10, fields=FIELDS)
+        for match in ({"nosuch": "x"}, {"kind": ""},
+                      {"kind": ["x"] * 21}, {"kind": "x" * 1001},
+                      {"message": "x" * 900, **{f"f{n}": "y" for n in
+                                                 range(19)}}):
+            self.assertRaises(BadRule, silences.add, {
+                "match": match, "until": UNTIL}, now=10, fields=FIELDS)
         self.assertRaises(KeyError, silences.remove, "nope")
 
 
