@@ -37,11 +37,11 @@ from failnozzle.mailin import MailIngest, tls_options
 from failnozzle.outbox import Outbox, message_bytes
 from failnozzle.pager import (MISSED, NAMED, RESOLVED, CanaryWatch, Culprit,
                               Page, Pager)
-from failnozzle.routing import route
-from failnozzle.silences import Silences
 from failnozzle.policy import (NEW, NewsRules, Telling, remembering,
                                seen_key, status_of, telling)
+from failnozzle.routing import route
 from failnozzle.seen import SeenFile, SeenMemory
+from failnozzle.silences import Silences
 from failnozzle.spool import Spool
 from failnozzle.state import State, StateFile
 from failnozzle.steps import Steps, run_at_once
