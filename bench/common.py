@@ -438,3 +438,17 @@ def send_from_processes(port: int, datagram: Callable[[int], bytes],
         sent += receiving.recv()
         process.join()
     return sent, start
+
+
+def team_routes(count: int) -> list:
+    """
+    C{count} ROUTES rules as teams write them: one per team on a kind and a
+    message pattern, the last on database hosts.
+    """
+    rules = [{"name": f"team{n}", "to": f"team{n}@example.com",
+              "match": {"kind": f"^team{n}$",
+                        "message": "(?i)timeout|refused"}}
+             for n in range(count - 1)]
+    rules.append({"name": "dba", "to": "dba@example.com",
+                  "match": {"source": r"^db\d+$"}})
+    return rules[:count]

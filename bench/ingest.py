@@ -87,7 +87,7 @@ import orjson
 from common import (Daemon, DropTimeline, cpu_seconds, cycling, digest_total,
                     datagram_maker, kernel_udp_drops, peak_rss,
                     realistic_datagrams, rss, send_from_processes,
-                    udp_socket_queue, wait_drained)
+                    team_routes, udp_socket_queue, wait_drained)
 from failnozzle.config import UniqueMessage
 
 #: Ends the reference receiver's loop; it then reports its count.
@@ -356,12 +356,7 @@ def summarize_ladder(results: dict) -> None:
 
 #: What run_routes configures: 20 rules as teams write them, 10 silences.
 ROUTED = {
-    "ROUTES": [{"name": f"team{n}", "to": f"team{n}@example.com",
-                "match": {"kind": f"^team{n}$",
-                          "message": "(?i)timeout|refused"}}
-               for n in range(19)]
-    + [{"name": "dba", "to": "dba@example.com",
-        "match": {"source": r"^db\d+$"}, "continue": True}],
+    "ROUTES": team_routes(20),
     "SILENCES": [{"match": {"message": f"^known issue {n}$"},
                   "until": "2099-01-01T00:00:00Z", "comment": f"OPS-{n}"}
                  for n in range(10)],

@@ -18,23 +18,19 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from failnozzle.aggregate import Entry  # noqa: E402
 from failnozzle.config import UniqueMessage, _addresses, _seconds  # noqa
 from failnozzle.routing import parse_rules, route  # noqa: E402
+from common import team_routes  # noqa: E402
 
 FIELDS = UniqueMessage._fields
 
 
 def rules(count: int) -> tuple:
     """C{count} rules: per team a kind and a message, then the DBAs'."""
-    given = [{"name": f"team{n}", "to": f"team{n}@example.com",
-              "match": {"kind": f"^team{n}$",
-                        "message": r"(?i)timeout|refused"}}
-             for n in range(count - 1)]
-    given.append({"name": "dba", "to": "dba@example.com",
-                  "match": {"source": r"^db\d+$"}})
-    return parse_rules("ROUTES", given[:count], _addresses,
+    return parse_rules("ROUTES", team_routes(count), _addresses,
                        _seconds(3600, zero_is_off=True))
 
 

@@ -17,15 +17,13 @@ file is: nothing in it can keep the daemon from starting.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import orjson
 from twisted.logger import Logger
 
-from failnozzle.spool import (BadEntry, fsync_directory, open_private,
-                              read_entry)
+from failnozzle.spool import BadEntry, move_aside, read_entry, replace_file
 
 _log = Logger()
 
@@ -119,13 +117,8 @@ class SeenFile:
 
     def write(self, rows: list) -> None:
         """Replace the file with C{rows} (blocking: for the writer)."""
-        temporary = f"{self.path}.tmp"
-        with open_private(temporary, "wb") as out:
-            out.write(orjson.dumps({"version": _VERSION, "seen": rows}))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, self.path)
-        fsync_directory(os.path.dirname(os.path.abspath(self.path)))
+        replace_file(self.path, orjson.dumps({"version": _VERSION,
+                                              "seen": rows}))
 
     def read(self) -> list:
         """
@@ -154,11 +147,7 @@ class SeenFile:
             return self._set_aside(error)
 
     def _set_aside(self, error: Exception) -> list:
-        try:
-            aside = f"{self.path}.bad-{int(os.lstat(self.path).st_mtime)}"
-            os.replace(self.path, aside)
-        except OSError as failure:
-            aside = f"nowhere ({failure.strerror})"
+        aside = move_aside(self.path)
         _log.warn("The seen-memory {path} is unusable ({error}); moved to "
                   "{aside}: every error is new again", path=self.path,
                   error=error, aside=aside)

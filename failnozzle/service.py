@@ -462,18 +462,14 @@ class FailnozzleService(Service):
         if "ROUTES" in changed:
             # Once re-keyed: rules read the keys of now.
             self._reroute_held()
-        self.pager.configure(settings.PAGER_WINDOW_SIZE, settings.PAGER_LIMIT,
-                             settings.PAGER_REPEAT_SECONDS)
         self.canary.max_silence = settings.CANARY_MAX_SILENCE_SECONDS
-        pagers = {}
-        for rule in settings.ROUTES:
-            if rule.page:
-                pager = pagers[rule.kind] = self._route_pagers.get(
-                    rule.kind) or Pager(1, 1, 0)
-                pager.configure(settings.PAGER_WINDOW_SIZE,
-                                settings.PAGER_LIMIT,
-                                settings.PAGER_REPEAT_SECONDS)
-        self._route_pagers = pagers
+        # A route's pager outlives a reload that keeps the route.
+        self._route_pagers = {
+            rule.kind: self._route_pagers.get(rule.kind) or Pager(1, 1, 0)
+            for rule in settings.ROUTES if rule.page}
+        for pager in [self.pager, *self._route_pagers.values()]:
+            pager.configure(settings.PAGER_WINDOW_SIZE, settings.PAGER_LIMIT,
+                            settings.PAGER_REPEAT_SECONDS)
         self.outbox.configure(configured.transport,
                               settings.RETRY_MIN_SECONDS,
                               settings.RETRY_MAX_SECONDS,
@@ -949,11 +945,9 @@ class FailnozzleService(Service):
                          "errors are all mailed")
             return real
         for silence, entries in silenced:
-            routed, rest = self._routed(Batch(tuple(entries)))
-            for kind, part in [("digest", rest), *routed.items()]:
-                if part:
-                    self._silenced_for.setdefault(kind, Counter())[
-                        silence.id] += part.total
+            for kind, part in _by_class(self._routed(Batch(tuple(entries)))):
+                self._silenced_for.setdefault(kind, Counter())[
+                    silence.id] += part.total
         return Batch(tuple(kept), real.overflow)
 
     def _routed(self, batch: Batch) -> tuple:
@@ -975,23 +969,21 @@ class FailnozzleService(Service):
         """
         stale = [kind for kind in self._held
                  if kind == "digest" or kind not in self._routes]
-        parts = [(kind, self._routed(self._held[kind])) for kind in stale]
-        for kind, _ in parts:
+        # All routed before any is let go: a rule that fails loses nothing.
+        split = [self._routed(self._held[kind]) for kind in stale]
+        for kind in stale:
             del self._held[kind]
-        for _, (routed, rest) in parts:
-            for kind, part in [("digest", rest), *routed.items()]:
-                if part:
-                    self._hold(kind, part)
+        for parts in split:
+            for kind, part in _by_class(parts):
+                self._hold(kind, part)
 
     def _hold(self, kind: str, batch: Batch) -> None:
         """Keep C{batch} for the next digest of C{kind}, with what is held;
         for a route there is no more, for where the ROUTES of now send
         its errors."""
         if kind not in self._routes:
-            routed, rest = self._routed(batch)
-            for kind, part in [("digest", rest), *routed.items()]:
-                if part:
-                    self._hold(kind, part)
+            for kind, part in _by_class(self._routed(batch)):
+                self._hold(kind, part)
             return
         held = self._held.get(kind)
         self._held[kind] = batch if not held else held.merge(
@@ -1377,6 +1369,14 @@ class FailnozzleService(Service):
                     wall_offset=self._wall_offset(),
                     domain=self.settings.SERVER_NAME,
                     reply_to=route.reply_to, kind=route.kind)
+
+
+def _by_class(parts: tuple) -> list:
+    """C{(kind, batch)} for each non-empty part of what
+    L{FailnozzleService._routed} split: the routes', then REPORT_TO's."""
+    routed, rest = parts
+    return [(kind, part) for kind, part in [("digest", rest),
+                                            *routed.items()] if part]
 
 
 def _page_kind(kind: str) -> str:

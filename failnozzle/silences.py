@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import os
 import secrets
 from collections import Counter
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import orjson
 
 from failnozzle.routing import (BadRule, Rule, check_keys, matcher_of, route,
                                 unknown_fields)
-from failnozzle.spool import fsync_directory, open_private
+from failnozzle.spool import BadEntry, move_aside, read_entry, replace_file
 
 #: At most this many silences, and this long a comment.
 MAX_SILENCES = 200
@@ -236,9 +235,11 @@ class Silences:
         if self._path is None:
             return
         try:
-            with open(self._path, "rb") as kept:
-                data = kept.read(_MAX_FILE_BYTES)
-        except FileNotFoundError:
+            data, _ = read_entry(self._path, _MAX_FILE_BYTES)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except BadEntry as error:
+            self._set_aside(error)
             return
         except OSError as error:
             self._log.warn("Cannot read the silences in {path}: {error}",
@@ -256,15 +257,13 @@ class Silences:
                     "control", str(row.get("id"))[:32])
                 self._added[silence.id] = silence
         except (ValueError, AttributeError) as error:
-            aside = f"{self._path}.bad-{secrets.token_hex(4)}"
-            self._log.error("The silences in {path} cannot be read ({error});"
-                            " set aside as {aside}", path=self._path,
-                            error=error, aside=aside)
             self._added = {}
-            try:
-                os.replace(self._path, aside)
-            except OSError:
-                pass
+            self._set_aside(error)
+
+    def _set_aside(self, error: Exception) -> None:
+        self._log.error("The silences in {path} cannot be read ({error}); "
+                        "set aside as {aside}", path=self._path, error=error,
+                        aside=move_aside(self._path))
 
     def _save(self) -> None:
         if self._path is None:
@@ -273,19 +272,8 @@ class Silences:
                  "until": silence.until, "comment": silence.comment}
                 for silence in self._added.values()]
         path = self._path
-        writing = self._write(_write_file, path, orjson.dumps(
+        writing = self._write(replace_file, path, orjson.dumps(
             {"version": _FORMAT, "silences": rows}))
         writing.addErrback(lambda failure: self._log.error(
             "Cannot keep the silences in {path}: {error}; they hold until "
             "the next stop", path=path, error=failure.value))
-
-
-def _write_file(path: str, data: bytes) -> None:
-    """Replace the silences file (blocking: for the writer)."""
-    temporary = f"{path}.tmp"
-    with open_private(temporary, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
-    fsync_directory(os.path.dirname(os.path.abspath(path)))

@@ -73,6 +73,36 @@ def fsync_directory(path: str) -> None:
         os.close(descriptor)
 
 
+def replace_file(path: str, data: bytes) -> None:
+    """
+    Replace the file at C{path} with C{data}, whole or not at all, and so
+    that a power cut keeps it: a private temporary file, fsynced, renamed
+    over it (blocking: for the disk writer).
+    """
+    temporary = f"{path}.tmp"
+    with open_private(temporary, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def move_aside(path: str) -> str:
+    """
+    Move an unusable file out of the way, beside it, named for when it was
+    last written (C{.bad-<time>}).
+
+    @return: where it is now, or what kept it there.
+    """
+    try:
+        aside = f"{path}.bad-{int(os.lstat(path).st_mtime)}"
+        os.replace(path, aside)
+    except OSError as failure:
+        return f"nowhere ({failure.strerror})"
+    return aside
+
+
 class BadEntry(Exception):
     """A spool entry that cannot be a message: says what it is instead."""
 
