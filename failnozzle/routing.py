@@ -106,31 +106,39 @@ class Matcher:
                         if _typed(item[1].fingerprint) in wanted]
         if self.sources is None:
             return selected
-        # Hosts are names, told apart by value alone; others (1, True)
-        # by their types too.
-        distinct = set().union(*(entry.sources for _, entry in selected))
-        if any(type(source) is not str for source in distinct):
-            distinct = {(type(source), source) for _, entry in selected
-                        for source in entry.sources}
+        return _from_hosts(self.sources, selected)
+
+
+def _from_hosts(patterns: tuple, selected: list) -> list:
+    """
+    The C{(index, entry)} of C{selected} with a host one of C{patterns} is
+    found in, each cut to its instances from those hosts.
+    """
+    # Hosts are names, told apart by value alone; others (1, True) by
+    # their types too.
+    distinct = set().union(*(entry.sources for _, entry in selected))
+    if any(type(source) is not str for source in distinct):
+        distinct = {(type(source), source) for _, entry in selected
+                    for source in entry.sources}
+    else:
+        distinct = {(str, source) for source in distinct}
+    hosts = _found(patterns, distinct)
+    named = {host for kind, host in hosts if kind is str}
+    exact = len(named) < len(hosts)
+    narrowed = []
+    for index, entry in selected:
+        if exact:
+            sources = {source: count for source, count
+                       in entry.sources.items()
+                       if (type(source), source) in hosts}
         else:
-            distinct = {(str, source) for source in distinct}
-        hosts = _found(self.sources, distinct)
-        named = {host for kind, host in hosts if kind is str}
-        exact = len(named) < len(hosts)
-        narrowed = []
-        for index, entry in selected:
-            if exact:
-                sources = {source: count for source, count
-                           in entry.sources.items()
-                           if (type(source), source) in hosts}
-            else:
-                sources = {source: count for source, count
-                           in entry.sources.items() if source in named}
-            if len(sources) == len(entry.sources) and not entry.other_sources:
-                narrowed.append((index, entry))
-            elif sources:
-                narrowed.append((index, entry.with_sources(sources)))
-        return narrowed
+            sources = {source: count for source, count
+                       in entry.sources.items() if source in named}
+        if len(sources) == len(entry.sources) and not entry.other_sources:
+            narrowed.append((index, entry))
+        elif sources:
+            narrowed.append((index, entry.with_sources(sources)))
+    return narrowed
 
 
 @dataclass(frozen=True)
