@@ -27,6 +27,7 @@ set aside whole (C{.bad-<time>}) with one log line, however it is wrong.
 from __future__ import annotations
 
 import glob
+import hashlib
 import itertools
 import json
 import math
@@ -342,50 +343,10 @@ class StateFile:
         """
         snapshot = _loads(data)
         _check(type(snapshot) is dict, "not a JSON object")
-        version = snapshot.get("version")
-        _check(version in _READABLE_VERSIONS,
-               f"unknown format {version!r}")
         generation = _count(snapshot.get("generation"), "generation")
-        fields = snapshot.get("fields", self._fields)
-        _check(fields is None or (type(fields) in (list, tuple) and fields
-                                  and all(type(name) is str
-                                          for name in fields)), "bad fields")
-        shift = 0.0
-        if "wall_offset" in snapshot:
-            saved = snapshot["wall_offset"]
-            _check(type(saved) in (int, float) and math.isfinite(saved),
-                   "bad wall_offset")
-            shift = saved - self._wall_offset()
-        batches = {"buffer": snapshot.get("buffer")}
-        for name in ("held", "unsettled"):
-            kept = snapshot.get(name, {})
-            _check(type(kept) is dict, f"bad {name}")
-            for kind, batch in kept.items():
-                batches[(name, kind)] = batch
-        for batch in batches.values():
-            _check(type(batch) is dict and type(batch.get("entries")) is list,
-                   "a batch without entries")
-        wanted = {row[0] for batch in batches.values()
-                  for row in batch["entries"]
-                  if type(row) is list and row and type(row[0]) is int}
-        keys = self._read_keys(generation, wanted,
-                               len(fields) if fields else None)
-        rekey = rekeying(fields, self._fields)
-        read = {name: _batch(batch, keys, rekey, shift)
-                for name, batch in batches.items()}
-        rate_window = snapshot.get("rate_window", [])
-        _check(type(rate_window) is list and len(rate_window) <= 10000,
-               "bad rate_window")
-        state = State(
-            read.pop("buffer"),
-            {kind: batch for (name, kind), batch in read.items()
-             if name == "held"},
-            [_count(count, "a rate_window count") for count in rate_window],
-            unsettled={kind: batch for (name, kind), batch in read.items()
-                       if name == "unsettled"},
-            pager=_pager(snapshot.get("pager"), shift),
-            canary=_canary(snapshot.get("canary"), shift),
-            route_pagers=_route_pagers(snapshot.get("route_pagers"), shift))
+        state = _state_of(snapshot, self._fields, self._wall_offset(),
+                          lambda wanted, length: self._read_keys(
+                              generation, wanted, length))
         return state, generation
 
     def _read_keys(self, generation: int, wanted: set,
@@ -410,10 +371,7 @@ class StateFile:
                        "a key line is not [number, key]")
                 number, key = pair
                 if number in wanted:
-                    _check((length is None or len(key) == length) and all(
-                        type(value) in SCALAR_TYPES for value in key),
-                        "a key of the wrong shape")
-                    keys[number] = tuple(key)
+                    keys[number] = checked_key(key, length)
         missing = wanted - keys.keys()
         _check(not missing, f"{len(missing)} keys missing from the keys file")
         return keys
@@ -436,6 +394,127 @@ class StateFile:
                    "{aside}, starting with an empty buffer",
                    path=self.path, error=one_line(reason)[:200],
                    aside=", ".join(moved) or "nowhere")
+
+
+def _state_of(snapshot: dict, fields: Optional[tuple], wall_offset: float,
+              read_keys: Callable[[set, Optional[int]], dict]) -> State:
+    """
+    The state a snapshot's JSON object holds, its keys read by
+    C{read_keys(wanted, length)} (what they are numbered or named by, and
+    how many fields each has, if known), cut to C{fields}, its times moved
+    to a clock C{wall_offset} behind the wall clock.
+    """
+    version = snapshot.get("version")
+    _check(version in _READABLE_VERSIONS, f"unknown format {version!r}")
+    saved_fields = snapshot.get("fields", fields)
+    _check(saved_fields is None or (
+        type(saved_fields) in (list, tuple) and saved_fields
+        and all(type(name) is str for name in saved_fields)), "bad fields")
+    shift = 0.0
+    if "wall_offset" in snapshot:
+        saved = snapshot["wall_offset"]
+        _check(type(saved) in (int, float) and math.isfinite(saved),
+               "bad wall_offset")
+        shift = saved - wall_offset
+    batches = {"buffer": snapshot.get("buffer")}
+    for name in ("held", "unsettled"):
+        kept = snapshot.get(name, {})
+        _check(type(kept) is dict, f"bad {name}")
+        for kind, batch in kept.items():
+            batches[(name, kind)] = batch
+    for batch in batches.values():
+        _check(type(batch) is dict and type(batch.get("entries")) is list,
+               "a batch without entries")
+    wanted = {row[0] for batch in batches.values()
+              for row in batch["entries"]
+              if type(row) is list and row and type(row[0]) in (int, str)}
+    keys = read_keys(wanted, len(saved_fields) if saved_fields else None)
+    rekey = rekeying(saved_fields, fields)
+    read = {name: _batch(batch, keys, rekey, shift)
+            for name, batch in batches.items()}
+    rate_window = snapshot.get("rate_window", [])
+    _check(type(rate_window) is list and len(rate_window) <= 10000,
+           "bad rate_window")
+    return State(
+        read.pop("buffer"),
+        {kind: batch for (name, kind), batch in read.items()
+         if name == "held"},
+        [_count(count, "a rate_window count") for count in rate_window],
+        unsettled={kind: batch for (name, kind), batch in read.items()
+                   if name == "unsettled"},
+        pager=_pager(snapshot.get("pager"), shift),
+        canary=_canary(snapshot.get("canary"), shift),
+        route_pagers=_route_pagers(snapshot.get("route_pagers"), shift))
+
+
+def checked_key(key: object, length: Optional[int]) -> tuple:
+    """A key as read back (a list of JSON scalars, C{length} of them if
+    known), as a tuple; ValueError if it is not one."""
+    _check(type(key) is list and (length is None or len(key) == length)
+           and all(type(value) in SCALAR_TYPES for value in key),
+           "a key of the wrong shape")
+    return tuple(key)
+
+
+def key_text(key: tuple) -> str:
+    """A key as JSON, as the keys file and the cluster keep it."""
+    return _dumps(list(key), key)
+
+
+def key_id(text: str) -> str:
+    """
+    What names a key by its content (of its L{key_text}): the same on
+    every node, so a key sent by any of them is stored once.
+    """
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"),
+                           digest_size=12).hexdigest()
+
+
+def shared_document(state: State, wall_offset: float,
+                    fields: Optional[tuple]) -> tuple:
+    """
+    A state as one JSON document that names its keys by L{key_id} instead
+    of holding them, for another process to read (see L{read_shared}).
+
+    @return: C{(document, texts)}: its bytes, and each key's text by id.
+    """
+    numbers: dict = {}
+    texts: dict = {}
+    for batch in (state.buffer, *state.held.values(),
+                  *state.unsettled.values()):
+        for entry in batch.entries:
+            if entry.key not in numbers:
+                text = key_text(entry.key)
+                numbers[entry.key] = key_id(text)
+                texts[numbers[entry.key]] = text
+    snapshot = _Snapshot(
+        0, False, None if fields is None else list(fields), wall_offset, [],
+        [_row(entry, numbers[entry.key]) for entry in state.buffer.entries],
+        state.buffer.overflow,
+        {"held": {kind: _rows(batch, numbers)
+                  for kind, batch in state.held.items()},
+         "unsettled": {kind: _rows(batch, numbers)
+                       for kind, batch in state.unsettled.items()}},
+        list(state.rate_window), state.pager, state.canary,
+        state.route_pagers)
+    return "".join(_pieces(snapshot)).encode("utf-8", "surrogatepass"), texts
+
+
+def read_shared(document: bytes, wall_offset: float, fields: Optional[tuple],
+                read_keys: Callable[[set, Optional[int]], dict]) -> State:
+    """
+    The state a L{shared_document} holds, its keys read by
+    C{read_keys(ids, length)}, which gives each key of C{ids} checked
+    (see L{checked_key}) or raises.
+
+    @raise ValueError: it is not such a document, or a key is missing.
+    """
+    try:
+        snapshot = _loads(document)
+        _check(type(snapshot) is dict, "not a JSON object")
+        return _state_of(snapshot, fields, wall_offset, read_keys)
+    except (KeyError, TypeError, AttributeError, RecursionError) as error:
+        raise ValueError(f"unusable ({error!r})") from None
 
 
 def _unused_name(path: str) -> str:
