@@ -457,6 +457,10 @@ class Aggregator:
             _merge_tally(tallies, _identity(tally), tally, self._max_sources)
         return _batch_of(tallies, overflow)
 
+    def __bool__(self) -> bool:
+        """Whether anything is counted."""
+        return bool(self._tallies or self._overflow or self._bad)
+
     def view(self) -> Batch:
         """
         Everything counted so far, bad input included, neither copied nor

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Mapping, Optional
 
+from redis.connection import parse_url
+
 from failnozzle.levels import SYSLOG_LEVELS, level_named
 from failnozzle.routing import BadRule, parse_rules, unknown_fields
 from failnozzle.silences import config_silences
@@ -122,6 +124,13 @@ class Settings:
     STATE_FILE: str = "failnozzle-state.json"
     SNAPSHOT_SECONDS: float = 1
     SHUTDOWN_TIMEOUT_SECONDS: float = 10
+
+    #: Cluster mode (failnozzle.cluster): the Redis or Valkey server the
+    #: nodes share; None, a single node.
+    CLUSTER_URL: Optional[str] = None
+    CLUSTER_NAME: str = "failnozzle"
+    CLUSTER_LEASE_SECONDS: float = 15
+    CLUSTER_GRACE_SECONDS: float = 30
 
     REPORT_FROM: Optional[str] = None
     REPORT_TO: tuple = ()
@@ -324,6 +333,29 @@ def _token(name: str, value: object) -> Optional[str]:
             and " " not in text):
         raise ConfigError(f"{name} must be 16 to 1,000 printable ASCII "
                           f"characters without spaces")
+    return text
+
+
+def _cluster_url(name: str, value: object) -> Optional[str]:
+    """A Redis URL redis-py reads: redis://, rediss:// (TLS), unix://."""
+    url = _optional_string(name, value)
+    if url is None:
+        return None
+    try:
+        if not url.isprintable():
+            raise ValueError("not printable")
+        parse_url(url)
+    except (ValueError, TypeError):
+        raise ConfigError(name) from None
+    return url
+
+
+def _cluster_name(name: str, value: object) -> str:
+    """What the cluster's Redis keys begin with."""
+    text = _string(name, value)
+    if not (len(text) <= 100 and re.fullmatch(r"[A-Za-z0-9_.-]+", text)):
+        raise ConfigError(f"{name} must be up to 100 letters, digits, "
+                          f"'_', '.' or '-', not {_shown(text)}")
     return text
 
 
@@ -806,6 +838,12 @@ _CHECKS: Mapping[str, Checker] = {
     "STATE_FILE": _path,
     "SNAPSHOT_SECONDS": _seconds(_DAY, zero_is_off=True),
     "SHUTDOWN_TIMEOUT_SECONDS": _seconds(_HOUR),
+    "CLUSTER_URL": _Secret(_cluster_url, "a redis://, rediss:// or unix:// "
+                           "URL, such as 'redis://redis.example.com:6379/0'"),
+    "CLUSTER_NAME": _cluster_name,
+    "CLUSTER_LEASE_SECONDS": partial(_number, integer=False, minimum=3,
+                                     maximum=_HOUR),
+    "CLUSTER_GRACE_SECONDS": _seconds(_DAY, zero_is_off=True),
     "REPORT_FROM": _optional_address,
     "REPORT_TO": _addresses,
     "REPLY_TO": _addresses,

@@ -210,6 +210,19 @@ class Silenced(NamedTuple):
     comments: tuple
 
 
+class Notice(NamedTuple):
+    """
+    What a digest says before anything its templates make, whatever they
+    are: a node of a cluster sending digests of its own while Redis is
+    unreachable.
+    """
+
+    #: Put before the subject, in parentheses.
+    subject: str
+    #: The body's first paragraph.
+    body: str
+
+
 def news_counts(statuses: Mapping[str, Status]) -> dict:
     """How many errors are new, back and ongoing: C{{"new": 3, ...}}."""
     counts = {kind: 0 for kind in (NEW, BACK, ONGOING)}
@@ -349,10 +362,13 @@ class DigestRenderer:
                wall_offset: float = 0.0,
                statuses: Optional[Mapping[str, Status]] = None,
                quiet: int = 0, silenced: Optional[Silenced] = None,
+               notice: Optional[Notice] = None,
                **envelope) -> Steps[EmailMessage]:
         """
         L{message} in steps (see L{failnozzle.steps}), so that the reactor
         takes its turns while a large digest is made.
+
+        @param notice: what it says first, if anything.
         """
         budget = None
         if max_bytes is not None:
@@ -361,6 +377,9 @@ class DigestRenderer:
             budget = max_bytes - len(headers.as_bytes()) - _SUBJECT_ALLOWANCE
         subject, body = yield from self._rendering(batch, budget, wall_offset,
                                                    statuses, quiet, silenced)
+        if notice is not None:
+            subject = subject_line(f"({notice.subject}) {subject}")
+            body = f"{notice.body}\n\n{body}"
         yield
         # The outbox cuts what it offers if this is still too big (see
         # failnozzle.shrink): estimates of quoted-printable may be short.

@@ -98,11 +98,34 @@ class FailnozzleCollector:
                 yield _gauge(f"{name}_timestamp_seconds", f"When the "
                              f"{name.replace('_', ' ')} was (Unix time).",
                              wall(seconds))
+        if service.cluster is not None:
+            yield from _cluster_metrics(service.cluster.status(), wall)
         drops = udp_drops(service.datagram_sockets())
         if drops is not None:
             yield CounterMetricFamily(
                 _PREFIX + "udp_drops", "Datagrams the kernel dropped for "
                 "failnozzle's UDP sockets, their buffers full.", value=drops)
+
+
+def _cluster_metrics(status: dict, wall) -> Iterator[Metric]:
+    """A cluster node's: Redis answers, the lease, what is not merged."""
+    yield _gauge("cluster_connected", "1 if Redis answered the last call.",
+                 int(status["connected"]))
+    yield _gauge("cluster_leader", "1 if this node holds the flush lease "
+                 "(sends the cluster's digests).", int(status["leader"]))
+    yield _gauge("cluster_alone", "1 if Redis has been unreachable for "
+                 "CLUSTER_GRACE_SECONDS: this node sends its own digests.",
+                 int(status["alone"]))
+    yield _gauge("cluster_unpushed_errors", "Instances counted here that "
+                 "Redis has not taken yet (the push retried).",
+                 status["unpushed"])
+    yield _gauge("cluster_last_merge_pushes", "Pushes the leader merged at "
+                 "its last flush (0 on other nodes).",
+                 status["last_merge_pushes"])
+    if status["last_push"] is not None:
+        yield _gauge("cluster_last_push_timestamp_seconds", "When Redis "
+                     "last took a push of this node (Unix time).",
+                     wall(status["last_push"]))
 
 
 def _counter(name: str, documentation: str, label: str,

@@ -16,7 +16,7 @@ from email import message_from_bytes
 from email.message import EmailMessage
 from email.policy import SMTP, default as default_policy
 from email.utils import getaddresses, parseaddr
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -157,6 +157,24 @@ class _Waiting:
     def subject(self) -> str:
         return str(self.message["Subject"])
 
+    @property
+    def message_id(self) -> str:
+        return str(self.message["Message-ID"])
+
+
+class Mirror(Protocol):
+    """
+    Where else the messages handed to the outbox are kept until they are
+    done with, such as a cluster's Redis (L{failnozzle.cluster}): another
+    node sends them if this one dies.
+    """
+
+    def keep_message(self, message_id: str, data: bytes) -> None:
+        ...
+
+    def drop_message(self, message_id: str) -> None:
+        ...
+
 
 def message_bytes(message: EmailMessage) -> bytes:
     """A message as the spool keeps it: bytes with LF line ends."""
@@ -205,6 +223,8 @@ class Outbox:
         #: The stop's wait is over: no more attempts at all.
         self._stopped = False
         self._settle_waiters: list = []
+        #: Keeps the messages sent (not those recovered) elsewhere too.
+        self.mirror: Optional[Mirror] = None
         self.configure(transport, retry_min, retry_max, lifetime, max_bytes)
 
     def configure(self, transport, retry_min: float, retry_max: float,
@@ -231,6 +251,10 @@ class Outbox:
         """
         return {waiting.kind for waiting in self._waiting
                 if waiting.state is not _State.FINISHING}
+
+    def waiting_ids(self) -> set:
+        """The Message-IDs of the messages not done with yet."""
+        return {waiting.message_id for waiting in self._waiting}
 
     def waiting_since(self) -> list:
         """When each message not delivered yet was made (reactor time)."""
@@ -392,6 +416,16 @@ class Outbox:
         """
         return self._sending(self._queue(message, data))
 
+    def adopt(self, data: bytes) -> Sending:
+        """
+        Take on a message another process kept (a cluster's last leader):
+        spooled and delivered as one handed to L{send}.
+
+        @raise ValueError: it is no message to send.
+        """
+        message = _sendable(data)[0]
+        return self.send(message, data)
+
     def replace(self, kind: str, message: EmailMessage) -> Sending:
         """
         Send C{message} instead of the messages of C{kind} still waiting:
@@ -422,6 +456,8 @@ class Outbox:
         waiting = _Waiting(message, data, self._clock.seconds(), sender,
                            recipients)
         self._waiting.append(waiting)
+        if self.mirror is not None:
+            self.mirror.keep_message(waiting.message_id, data)
         self._writer.run(self.spool.add, data).addCallbacks(
             self._spooled, self._not_spooled, callbackArgs=(waiting,),
             errbackArgs=(waiting,)).addErrback(
@@ -464,6 +500,7 @@ class Outbox:
             old.retry.cancel()
             old.retry = None
         self._waiting.remove(old)
+        self._forget(old)
         old.successor = new
         new.followers += [old.outcome] + old.followers
         new.replaced += old.replaced
@@ -541,10 +578,15 @@ class Outbox:
 
     def _finish(self, waiting: _Waiting, outcome: bool) -> None:
         self._waiting.remove(waiting)
+        self._forget(waiting)
         self._remove_replaced(waiting)
         for done in [waiting.outcome] + waiting.followers:
             done.callback(outcome)
         self._settle()
+
+    def _forget(self, waiting: _Waiting) -> None:
+        if self.mirror is not None:
+            self.mirror.drop_message(waiting.message_id)
 
     def _failed(self, failure: Failure, waiting: _Waiting) -> None:
         waiting.attempt = None

@@ -117,8 +117,7 @@ class SeenFile:
 
     def write(self, rows: list) -> None:
         """Replace the file with C{rows} (blocking: for the writer)."""
-        replace_file(self.path, orjson.dumps({"version": _VERSION,
-                                              "seen": rows}))
+        replace_file(self.path, seen_document(rows))
 
     def read(self) -> list:
         """
@@ -142,7 +141,7 @@ class SeenFile:
             if len(data) < size:
                 raise ValueError(f"larger than any seen-memory "
                                  f"({size:,} bytes)")
-            return _rows_of(orjson.loads(data))
+            return seen_rows(data)
         except ValueError as error:
             return self._set_aside(error)
 
@@ -152,6 +151,17 @@ class SeenFile:
                   "{aside}: every error is new again", path=self.path,
                   error=error, aside=aside)
         return []
+
+
+def seen_document(rows: list) -> bytes:
+    """The seen-memory's rows as its file, and the cluster, keep them."""
+    return orjson.dumps({"version": _VERSION, "seen": rows})
+
+
+def seen_rows(document: bytes) -> list:
+    """The rows of a L{seen_document}, checked.  @raise ValueError: it is
+    not one."""
+    return _rows_of(orjson.loads(document))
 
 
 def _rows_of(saved: object) -> list:

@@ -13,8 +13,10 @@ from collections import Counter
 import dataclasses
 from dataclasses import dataclass
 from email.message import EmailMessage
+from email.utils import formatdate
 from typing import Callable, Optional
 
+import redis
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
@@ -22,11 +24,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from failnozzle.aggregate import Aggregator, Batch, Entry
+from failnozzle.cluster import LOST, TOOK, ClusterNode, Merged, make_node
 from failnozzle.config import (DEFAULT_FIELDS, UNUSED_SETTINGS, ConfigError,
                                Settings, changed_settings)
 from failnozzle.counts import Counts
-from failnozzle.digest import (DigestRenderer, Silenced, build_message,
-                               canary_message, headline_of, pager_message)
+from failnozzle.digest import (DigestRenderer, Notice, Silenced,
+                               build_message, canary_message, headline_of,
+                               pager_message)
 from failnozzle.fingerprint import CustomFingerprint, Grouping
 from failnozzle.gelf import GELFDecoder, GELFRecordReader
 from failnozzle.ingest import (BadDatagram, ErrorReceiver,
@@ -37,6 +41,7 @@ from failnozzle.mailin import MailIngest, tls_options
 from failnozzle.outbox import Outbox, message_bytes
 from failnozzle.pager import (MISSED, NAMED, RESOLVED, CanaryWatch, Culprit,
                               Page, Pager)
+from failnozzle.redisstore import LeaseLost
 from failnozzle.policy import (NEW, NewsRules, Telling, remembering,
                                seen_key, status_of, telling)
 from failnozzle.routing import route
@@ -50,6 +55,10 @@ from failnozzle.web import make_site
 from failnozzle.writer import InlineWriter, Writer
 
 _log = Logger()
+
+#: The settings a cluster node takes at start only.
+_CLUSTER_SETTINGS = {"CLUSTER_URL", "CLUSTER_NAME", "CLUSTER_LEASE_SECONDS",
+                     "CLUSTER_GRACE_SECONDS"}
 
 #: What status and metrics call the datagrams of each port.
 _INPUT_NAMES = {"UDP_BIND": "udp", "GELF_BIND": "gelf"}
@@ -253,6 +262,18 @@ class FailnozzleService(Service):
         self.outbox = Outbox(configured.transport,
                              Spool(settings.SPOOL_DIR, reactor), reactor,
                              writer=self.writer, counts=self.counts)
+        #: This node's part in a cluster (CLUSTER_URL), if in one.
+        self.cluster: Optional[ClusterNode] = None
+        if settings.CLUSTER_URL is not None:
+            self.cluster = make_node(settings, reactor, wall_offset)
+            self.outbox.mirror = self.cluster
+        self._cluster_loop = LoopingCall(self._cluster_tick)
+        self._cluster_loop.clock = reactor
+        #: The cluster's push and lease renewal, its flush, and the taking
+        #: over of what the last leader left, while under way.
+        self._ticking = False
+        self._cluster_flushing: Optional[defer.Deferred] = None
+        self._taking_over: Optional[defer.Deferred] = None
         self.state_file: Optional[StateFile] = None
         #: Every error reported, and where it is kept between runs (beside
         #: the state file; none without snapshots).
@@ -477,6 +498,10 @@ class FailnozzleService(Service):
                               settings.DIGEST_MAX_BYTES)
         if previous is not None:
             self._prepare_directories(changed)
+        if self.cluster is not None:
+            self.cluster.configure(settings.unique_fields,
+                                   settings.MAX_UNIQUE_MESSAGES,
+                                   settings.MAX_SOURCES_PER_ERROR)
         self._configure_mail(settings, configured)
         self._configure_snapshots(settings, changed)
 
@@ -543,6 +568,7 @@ class FailnozzleService(Service):
         for step in [
                 self._catch_sighup,  # first: a SIGHUP must not end us now
                 self.writer.start,
+                self._start_cluster,
                 self._prepare_outputs,
                 self._restore,
                 self._start_listening,
@@ -551,6 +577,19 @@ class FailnozzleService(Service):
                 self._freeze_heap,  # last: what start-up made lasts
         ]:
             step()
+
+    def _start_cluster(self) -> None:
+        if self.cluster is not None:
+            self.cluster.start()
+            _log.info("Cluster node {node} of {name} on Redis: pushing "
+                      "every {seconds:g} s", node=self.cluster.name,
+                      name=self.settings.CLUSTER_NAME,
+                      seconds=self._cluster_seconds())
+
+    def _cluster_seconds(self) -> float:
+        """How often a cluster node pushes and renews its lease."""
+        return min(self.settings.SNAPSHOT_SECONDS or 1,
+                   self.settings.CLUSTER_LEASE_SECONDS / 3)
 
     def _catch_sighup(self) -> None:
         if self._reload_settings is not None:
@@ -622,6 +661,8 @@ class FailnozzleService(Service):
 
     def _start_loops(self) -> None:
         self._flush_loop.start(self.settings.FLUSH_SECONDS, now=False)
+        if self.cluster is not None:
+            self._cluster_loop.start(self._cluster_seconds(), now=True)
         if self.state_file is not None:
             self._snapshot_loop.start(self.settings.SNAPSHOT_SECONDS,
                                       now=False)
@@ -662,6 +703,10 @@ class FailnozzleService(Service):
         for notice in notices:
             _log.warn("Config: {notice}", notice=notice)
         unused = changed & UNUSED_SETTINGS
+        at_start = changed & _CLUSTER_SETTINGS
+        if at_start:
+            _log.warn("Reload: {names} take effect at the next start",
+                      names=", ".join(sorted(at_start)))
         if unused:
             _log.warn("Reload: changing {names} has no effect, now or at "
                       "the next start: logging goes through twistd "
@@ -726,6 +771,10 @@ class FailnozzleService(Service):
         if self.state_file is not None and not self._snapshot_loop.running:
             self._snapshot_loop.start(self.settings.SNAPSHOT_SECONDS,
                                       now=False)
+        if (self._cluster_loop.running
+                and self._cluster_loop.interval != self._cluster_seconds()):
+            self._cluster_loop.stop()
+            self._cluster_loop.start(self._cluster_seconds(), now=False)
 
     def stopService(self) -> defer.Deferred:
         """
@@ -748,17 +797,19 @@ class FailnozzleService(Service):
             ("read what the kernel holds and stop listening",
              lambda: self._listeners.stop(LISTENING)),
             ("drop incomplete GELF messages", self._gelf.stop),
-            ("flush", lambda: self.flush(final=True)),
+            ("flush", self._final_flush),
             ("make the last digests", self._handed_over),
             ("deliver", lambda: self.outbox.stop(
                 self.settings.SHUTDOWN_TIMEOUT_SECONDS)),
+            ("leave the cluster", self._leave_cluster),
             ("snapshot", self.save_state),
             ("hang up on mail clients", self._hang_up_mail),
             ("finish the disk writes", self.writer.stop),
         ]).addCallback(lambda _: _log.info("failnozzle stopped"))
 
     def _stop_loops(self) -> None:
-        for loop in (self._flush_loop, self._snapshot_loop):
+        for loop in (self._flush_loop, self._snapshot_loop,
+                     self._cluster_loop):
             if loop.running:
                 loop.stop()
         if self._group_wait is not None:
@@ -824,17 +875,32 @@ class FailnozzleService(Service):
                     self._hold(kind, batch.rekeyed(recut, grouping,
                                                    anew=False))
         self._reroute_held()
-        self.pager.restore(state.rate_window, state.pager,
-                           self._reactor.seconds())
-        self.canary.restore(state.canary, self._reactor.seconds())
-        for kind, kept in (state.route_pagers or {}).items():
-            if kind in self._route_pagers:
-                self._route_pagers[kind].restore(
-                    kept["counts"], kept["alert"], self._reactor.seconds())
+        self._restore_pagers(state)
         _log.info("Restored {total} errors from {path}",
                   total=state.buffer.total + sum(
                       batch.total for batch in self._held.values()),
                   path=self.state_file.path)
+
+    def _restore_pagers(self, state: State) -> None:
+        """Take where the pagers and the canary watch stood from C{state}."""
+        now = self._reactor.seconds()
+        self.pager.restore(state.rate_window, state.pager, now)
+        self.canary.restore(state.canary, now)
+        for kind, kept in (state.route_pagers or {}).items():
+            if kind in self._route_pagers:
+                self._route_pagers[kind].restore(kept["counts"],
+                                                 kept["alert"], now)
+
+    def _decided_by(self) -> dict:
+        """What the flushes decide by, as a L{State} holds it: the held
+        errors, the pagers and the canary watch."""
+        return dict(held=dict(self._held), rate_window=self.pager.counts,
+                    pager=self.pager.saved(), canary=self.canary.saved(),
+                    route_pagers={
+                        kind: {"counts": pager.counts,
+                               "alert": pager.saved()}
+                        for kind, pager in self._route_pagers.items()}
+                    or None)
 
     def save_state(self) -> defer.Deferred:
         """
@@ -883,16 +949,10 @@ class FailnozzleService(Service):
         # StateFile reads them at once and keeps the rest from before.
         self.aggregator.changed = False
         buffer, whole = self.aggregator.changes(self.state_file.needs_whole)
-        return State(buffer, dict(self._held), self.pager.counts,
-                     changes_only=not whole,
+        return State(buffer, changes_only=not whole,
                      bad_input=self.aggregator.bad_input(),
                      unsettled=self._unsettled_batches(),
-                     pager=self.pager.saved(), canary=self.canary.saved(),
-                     route_pagers={
-                         kind: {"counts": pager.counts,
-                                "alert": pager.saved()}
-                         for kind, pager in self._route_pagers.items()}
-                     or None)
+                     **self._decided_by())
 
     def _state_saved(self, _: object) -> None:
         self.counts.last_snapshot = self._reactor.seconds()
@@ -924,10 +984,200 @@ class FailnozzleService(Service):
         # Never let an exception out: it would stop the LoopingCall for good.
         # Nor a Deferred: the next flush must not wait for the mail.
         try:
-            self.flush()
+            if self.cluster is None:
+                self.flush()
+            else:
+                self._cluster_flush()
         except Exception:
             _log.failure("Flush failed; the next one is in {seconds:g} s",
                          seconds=self.settings.FLUSH_SECONDS)
+
+    def _cluster_tick(self) -> None:
+        """
+        Push what was counted since the last push, and renew the lease or
+        take it; one at a time, so a Redis that does not answer is asked
+        once a timeout, not once a tick.
+        """
+        if self._ticking:
+            return
+        cluster = self.cluster
+        try:
+            pushed = cluster.push(self._take_counted)
+            leased = cluster.keep_lease()
+        except Exception:
+            _log.failure("Cluster push failed; the next one is in "
+                         "{seconds:g} s", seconds=self._cluster_seconds())
+            return
+        leased.addCallback(self._lease_changed)
+        leased.addErrback(lambda failure: failure.trap(redis.RedisError))
+        leased.addErrback(lambda failure: _log.failure(
+            "Could not take over what the last leader left", failure))
+        self._ticking = True
+
+        def done(_: object) -> None:
+            self._ticking = False
+
+        defer.DeferredList([pushed, leased]).addCallback(done)
+
+    def _take_counted(self) -> Batch:
+        """What was counted since the last push, for the cluster."""
+        return self.aggregator.flush() if self.aggregator else Batch()
+
+    def _lease_changed(self, change: Optional[str]) -> None:
+        if change == TOOK:
+            _log.info("Cluster node {node} holds the flush lease: the "
+                      "digests go out from here", node=self.cluster.name)
+            self._taking_over = self._take_over()
+        elif change == LOST:
+            self._lost_lease()
+
+    def _lost_lease(self) -> None:
+        """Another node leads: what was held is its to send (in what this
+        one committed, or in the pushes it did not commit)."""
+        self.cluster.lost_lease()
+        _log.warn("Cluster node {node} does not hold the flush lease any "
+                  "more (held by {holder})", node=self.cluster.name,
+                  holder=self.cluster.holder)
+        self._held = {}
+
+    def _take_over(self) -> defer.Deferred:
+        """
+        Take what the last leader decided by (held errors, the pagers, the
+        canaries, the seen-memory), and the digests it had not delivered.
+        """
+        cluster = self.cluster
+
+        def take(shared: tuple) -> defer.Deferred:
+            state, seen = shared
+            self.seen.restore(seen)
+            if state is not None:
+                for kind, batch in state.held.items():
+                    self._hold(kind, batch)
+                self._restore_pagers(state)
+            return cluster.messages()
+
+        def adopt(messages: dict) -> None:
+            mine = self.outbox.waiting_ids()
+            adopted = 0
+            for message_id, data in messages.items():
+                if message_id in mine:
+                    continue
+                try:
+                    self.outbox.adopt(data)
+                    adopted += 1
+                except ValueError as error:
+                    _log.error("Message {id} in Redis is no message to "
+                               "send ({error}); dropped", id=message_id,
+                               error=error)
+                    cluster.drop_message(message_id)
+            if adopted:
+                _log.info("{count} message(s) the last leader had not "
+                          "delivered will be sent from here", count=adopted)
+
+        def done(result: object) -> object:
+            self._taking_over = None
+            return result
+
+        return cluster.shared().addCallback(take).addCallback(
+            adopt).addBoth(done)
+
+    def _cluster_flush(self) -> None:
+        """
+        The flush of a cluster node: the leader's merges every node's
+        pushes and sends the digests; a node alone sends its own; the
+        others send nothing.
+        """
+        cluster = self.cluster
+        if self._cluster_flushing is not None or self._taking_over is not None:
+            return
+        if cluster.alone:
+            self.flush(notice=self._alone_notice())
+            return
+        if not (cluster.leader and cluster.connected):
+            # On time: the digest is the leader's (health reads this).
+            self.counts.last_flush = self._reactor.seconds()
+            return
+        flushing = self._cluster_flushing = cluster.merge()
+        flushing.addCallback(self._flush_merged)
+        flushing.addErrback(self._cluster_flush_failed)
+
+        def done(_: object) -> None:
+            self._cluster_flushing = None
+
+        flushing.addCallback(done)
+
+    def _flush_merged(self, merged: Merged) -> defer.Deferred:
+        """Flush what the cluster counted, then commit: the pushes merged
+        are forgotten once its digests are in the outbox's hands."""
+        self.aggregator.restore(merged.batch)
+        try:
+            self.flush()
+        except Exception:
+            # What flush could not hand on it counts again: in the buffer.
+            _log.failure("Flush failed; the next one is in {seconds:g} s",
+                         seconds=self.settings.FLUSH_SECONDS)
+        return self._handed_over().addCallback(
+            lambda _: self._commit(merged.periods))
+
+    def _commit(self, periods: list) -> defer.Deferred:
+        return self.cluster.commit(periods, State(**self._decided_by()),
+                                   self.seen.rows())
+
+    def _cluster_flush_failed(self, failure: Failure) -> None:
+        if failure.check(LeaseLost):
+            self._lost_lease()
+        elif not failure.check(redis.RedisError):
+            # A Redis that does not answer is said once, when it stops.
+            _log.failure("Cluster flush failed; the next one is in "
+                         "{seconds:g} s", failure,
+                         seconds=self.settings.FLUSH_SECONDS)
+
+    def _alone_notice(self) -> Notice:
+        cluster = self.cluster
+        since = cluster.unreachable_since
+        when = ("" if since is None else " since " + formatdate(
+            self.wall_time(since), usegmt=True))
+        return Notice(
+            f"node {cluster.name} alone: Redis unreachable",
+            f"This digest comes from cluster node {cluster.name} alone: "
+            f"Redis has been unreachable{when}, so it holds only the errors "
+            f"this node counted meanwhile.  The cluster's digests resume "
+            f"once Redis answers again.")
+
+    def _final_flush(self) -> object:
+        """The flush of a clean stop; in a cluster, the hand-over."""
+        if self.cluster is None:
+            return self.flush(final=True)
+        return self._hand_over()
+
+    def _hand_over(self) -> defer.Deferred:
+        """
+        A cluster node's clean stop: what it counted goes to Redis and, if
+        it leads, what it decides by; what Redis does not take is flushed
+        here, as a single node would.
+        """
+        cluster = self.cluster
+        before = defer.Deferred()
+        (self._cluster_flushing or defer.succeed(None)).addBoth(
+            lambda result: (before.callback(None), result)[1])
+
+        def push(_: object) -> defer.Deferred:
+            return cluster.push(self._take_counted)
+
+        def rest(_: object) -> object:
+            if cluster.unpushed or self.aggregator:
+                self.aggregator.restore(cluster.take_unpushed())
+                return self.flush(final=True, notice=self._alone_notice())
+            if cluster.leader:
+                return self._commit([]).addErrback(
+                    self._cluster_flush_failed)
+            return None
+
+        # Twice: a push not taken yet goes first, then what is counted.
+        return before.addCallback(push).addCallback(push).addCallback(rest)
+
+    def _leave_cluster(self) -> Optional[defer.Deferred]:
+        return self.cluster.stop() if self.cluster is not None else None
 
     def _silence(self, real: Batch) -> Batch:
         """
@@ -1017,7 +1267,8 @@ class FailnozzleService(Service):
         """Whether held errors outlive this run: in a snapshot."""
         return self.state_file is not None and not self._state_unwritable
 
-    def flush(self, final: bool = False) -> list:
+    def flush(self, final: bool = False,
+              notice: Optional[Notice] = None) -> list:
         """
         Flush the buffer: check the error rate, then send each recipient
         class its digest, unless its last digest is still undelivered: then
@@ -1029,6 +1280,7 @@ class FailnozzleService(Service):
             errors are held only if the snapshot keeps them for the next
             run, which sends them once the undelivered digest is out, so an
             outage across a restart still gives two digests.
+        @param notice: what each digest says first, if anything.
         @return: the outcomes (see L{Outbox.send}) of the messages sent.
         """
         # Not errors to the pager: taken before the flush mixes them in.
@@ -1087,7 +1339,8 @@ class FailnozzleService(Service):
             self._quiet.discard(kind)
             # Handed on: a digest that cannot be made holds them again.
             del self._held[kind]
-            sending += self._send_digest(self._routes[kind], told, written)
+            sending += self._send_digest(self._routes[kind], told, written,
+                                         notice)
         saved = self.save_state()
         for waiting in written:
             saved.addBoth(waiting.callback)
@@ -1114,8 +1367,8 @@ class FailnozzleService(Service):
                   total=batch.total,
                   repeat=self.settings.REPEAT_SECONDS)
 
-    def _send_digest(self, route: Route, told: Telling,
-                     written: list) -> list:
+    def _send_digest(self, route: Route, told: Telling, written: list,
+                     notice: Optional[Notice] = None) -> list:
         """
         Make the digest of C{batch} (rendering and serializing it: tens of
         milliseconds for a large one) with C{in_steps}, then hand it to
@@ -1167,7 +1420,7 @@ class FailnozzleService(Service):
             done_making()
             return result
 
-        steps = defer.maybeDeferred(self._digest_steps, told, route)
+        steps = defer.maybeDeferred(self._digest_steps, told, route, notice)
         made = defer.Deferred()
         written.append(made)
         made.addCallback(lambda _: steps).addCallback(self._in_steps)
@@ -1178,7 +1431,8 @@ class FailnozzleService(Service):
         return defer.DeferredList([handed for making in self._making.values()
                                    for handed in making])
 
-    def _digest_steps(self, told: Telling, route: Route) -> Steps[tuple]:
+    def _digest_steps(self, told: Telling, route: Route,
+                      notice: Optional[Notice]) -> Steps[tuple]:
         """
         The steps that make the digest C{told} for C{route}, and its
         bytes, with the renderer and settings of now: a reload before they
@@ -1187,7 +1441,7 @@ class FailnozzleService(Service):
         return _with_bytes(self.renderer.making(
             told.batch, max_bytes=self.settings.DIGEST_MAX_BYTES,
             statuses=told.statuses, quiet=told.quiet,
-            silenced=self._silenced_summary(route.kind),
+            silenced=self._silenced_summary(route.kind), notice=notice,
             **self._envelope(route)))
 
     def _silenced_summary(self, kind: str) -> Optional[Silenced]:

@@ -416,19 +416,9 @@ def _state_of(snapshot: dict, fields: Optional[tuple], wall_offset: float,
         _check(type(saved) in (int, float) and math.isfinite(saved),
                "bad wall_offset")
         shift = saved - wall_offset
-    batches = {"buffer": snapshot.get("buffer")}
-    for name in ("held", "unsettled"):
-        kept = snapshot.get(name, {})
-        _check(type(kept) is dict, f"bad {name}")
-        for kind, batch in kept.items():
-            batches[(name, kind)] = batch
-    for batch in batches.values():
-        _check(type(batch) is dict and type(batch.get("entries")) is list,
-               "a batch without entries")
-    wanted = {row[0] for batch in batches.values()
-              for row in batch["entries"]
-              if type(row) is list and row and type(row[0]) in (int, str)}
-    keys = read_keys(wanted, len(saved_fields) if saved_fields else None)
+    batches = _batches_of(snapshot)
+    keys = read_keys(_wanted(batches),
+                     len(saved_fields) if saved_fields else None)
     rekey = rekeying(saved_fields, fields)
     read = {name: _batch(batch, keys, rekey, shift)
             for name, batch in batches.items()}
@@ -445,6 +435,42 @@ def _state_of(snapshot: dict, fields: Optional[tuple], wall_offset: float,
         pager=_pager(snapshot.get("pager"), shift),
         canary=_canary(snapshot.get("canary"), shift),
         route_pagers=_route_pagers(snapshot.get("route_pagers"), shift))
+
+
+def _batches_of(snapshot: dict) -> dict:
+    """A snapshot's batches, checked, by C{"buffer"} or C{(name, kind)}."""
+    batches = {"buffer": snapshot.get("buffer")}
+    for name in ("held", "unsettled"):
+        kept = snapshot.get(name, {})
+        _check(type(kept) is dict, f"bad {name}")
+        for kind, batch in kept.items():
+            batches[(name, kind)] = batch
+    for batch in batches.values():
+        _check(type(batch) is dict and type(batch.get("entries")) is list,
+               "a batch without entries")
+    return batches
+
+
+def _wanted(batches: dict) -> set:
+    """What the rows of C{batches} name their keys by."""
+    return {row[0] for batch in batches.values() for row in batch["entries"]
+            if type(row) is list and row and type(row[0]) in (int, str)}
+
+
+def shared_key_ids(document: bytes) -> set:
+    """
+    The key ids a L{shared_document} names, to fetch their texts before
+    it is read.
+
+    @raise ValueError: it is not such a document.
+    """
+    try:
+        snapshot = _loads(document)
+        _check(type(snapshot) is dict, "not a JSON object")
+        return {key_id for key_id in _wanted(_batches_of(snapshot))
+                if type(key_id) is str}
+    except (KeyError, TypeError, AttributeError, RecursionError) as error:
+        raise ValueError(f"unusable ({error!r})") from None
 
 
 def checked_key(key: object, length: Optional[int]) -> tuple:

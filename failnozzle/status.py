@@ -86,6 +86,7 @@ def status_of(service) -> dict:
             else now - counts.last_snapshot,
         },
         "seen_errors": len(service.seen),
+        "cluster": _cluster_of(service),
         "udp_drops": udp_drops(service.datagram_sockets()),
         "memory": memory(),
     }
@@ -109,6 +110,16 @@ def health_of(service) -> Optional[str]:
         return f"the last flush was {late + settings.FLUSH_SECONDS:.0f} s " \
                f"ago (FLUSH_SECONDS = {settings.FLUSH_SECONDS:g})"
     return None
+
+
+def _cluster_of(service) -> Optional[dict]:
+    """This node's part in a cluster, if in one (CLUSTER_URL)."""
+    cluster = service.cluster
+    if cluster is None:
+        return None
+    shown = cluster.status()
+    shown["last_push"] = _wall_or_none(service.wall_time, shown["last_push"])
+    return shown
 
 
 def _error_of(entry, names: tuple, wall) -> dict:

@@ -154,9 +154,10 @@ def record(message: str = "boom", source: str = "host1", **fields) -> dict:
 
 
 def digest_total(message) -> int:
-    """The errors a digest counts, from its body's first line."""
-    return int(re.match(r"\*\* (\d+) instances? of",
-                        message.get_content()).group(1))
+    """The errors a digest counts, from its body's first line (after a
+    cluster node's notice, if any)."""
+    return int(re.search(r"^\*\* (\d+) instances? of",
+                         message.get_content(), re.MULTILINE).group(1))
 
 
 def digest_message(subject: str = "[nozzle1] 1 new: boom (1 total)",

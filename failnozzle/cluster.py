@@ -1,0 +1,483 @@
+"""
+Cluster mode (CLUSTER_URL): many nodes, one digest, through one Redis or
+Valkey server (see L{failnozzle.redisstore} for its keys).
+
+Each node counts on its hot path as a single node does, and every
+SNAPSHOT_SECONDS pushes what it counted since its last push: the changed
+errors only, their key texts once.  A push that fails is retried as it
+was, with its sequence number, so Redis takes it once however often it is
+retried, and the node counts the next one meanwhile.  One node holds the
+flush lease; at each flush it takes every push since its last flush (a new
+period begins), merges them and sends the digests as a single node would,
+then commits: the pushes merged are gone and what it decides by (held
+errors, the pager, the canaries, the seen-memory) is kept for whoever
+holds the lease next.  A node that loses Redis for CLUSTER_GRACE_SECONDS
+sends digests of its own, of what it did not push.
+
+Every call to Redis runs in one thread of the node's own, in the order
+made: a message kept in the outbox is in Redis before the commit that
+forgets the pushes it reports.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import orjson
+import redis
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from failnozzle.aggregate import Batch
+from failnozzle.redisstore import Lease, RedisStore
+from failnozzle.seen import seen_document, seen_rows
+from failnozzle.state import (State, checked_key, read_shared,
+                              shared_document, shared_key_ids)
+
+_log = Logger()
+
+#: How long Redis keeps a key text no push or commit has named.
+KEY_SECONDS = 7 * 24 * 3600
+
+#: What a lease change is, as L{ClusterNode.keep_lease} tells it.
+TOOK, LOST = "took", "lost"
+
+
+def node_name() -> str:
+    """This run's name in the cluster: the host's, and a part of its own
+    (a restarted node is a new one, its pushes numbered anew)."""
+    return f"{socket.gethostname()}-{os.urandom(3).hex()}"
+
+
+@dataclass
+class _Push:
+    """What a node counted and has not seen Redis take yet."""
+
+    seq: int
+    batch: Batch
+    document: bytes
+    #: Every key the document names, its text by id.
+    texts: dict
+    #: The texts to send with it: at first those not sent before.
+    sending: dict = field(default_factory=dict)
+
+
+@dataclass
+class Merged:
+    """What the leader took from Redis for a flush."""
+
+    periods: list
+    batch: Batch
+    #: Pushes that could not be read (logged), and so are not in C{batch}.
+    unusable: int = 0
+
+
+class _Recent(OrderedDict):
+    """A mapping of at most C{size} items, the least recently put
+    forgotten first."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key: object, value: object) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+class ClusterNode:
+    """
+    One node's part in a cluster: its pushes, the lease, and, while it
+    holds the lease, the merge and commit around its flushes.
+
+    @ivar leader: whether this node holds the flush lease, as of its last
+        renewal.
+    @ivar holder: the name of the node that held the lease when last
+        asked, if any.
+    @ivar connected: whether the last call to Redis worked; None before
+        the first.
+    """
+
+    def __init__(self, store: RedisStore, reactor, name: str,
+                 lease_seconds: float, grace_seconds: float,
+                 fields: tuple, wall_offset: Callable[[], float],
+                 max_unique: int, max_sources: int) -> None:
+        self._store = store
+        self._reactor = reactor
+        self.name = name
+        self.lease_seconds = lease_seconds
+        self.grace_seconds = grace_seconds
+        self._wall_offset = wall_offset
+        #: Key ids known to be in Redis, and key by id, as read back.
+        self._stored = _Recent(0)
+        self._keys = _Recent(0)
+        self.configure(fields, max_unique, max_sources)
+        self._pool = ThreadPool(1, 1, name="failnozzle-cluster")
+        self._seq = 0
+        self._pending: Optional[_Push] = None
+        #: One push at a time, the stop after them.
+        self._pushing = defer.DeferredLock()
+        self.token: Optional[str] = None
+        self._renewed: Optional[float] = None
+        self.holder: Optional[str] = None
+        self.connected: Optional[bool] = None
+        self._unreachable_since: Optional[float] = None
+        self.last_push: Optional[float] = None
+        #: The periods merged by the last flush, and their pushes.
+        self.last_merged: tuple = (0, 0)
+
+    def configure(self, fields: tuple, max_unique: int,
+                  max_sources: int) -> None:
+        """Take new settings (a reload)."""
+        self._fields = fields
+        self._max_unique = max_unique
+        self._max_sources = max_sources
+        self._stored.size = self._keys.size = max(10_000, 4 * max_unique)
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def stop(self) -> defer.Deferred:
+        """Give up the lease if held (after the push under way), then close
+        the connection and the thread."""
+        def release() -> Optional[defer.Deferred]:
+            token, self.token = self.token, None
+            if token is None:
+                return None
+            return self._call(self._store.release_lease, token).addErrback(
+                lambda failure: failure.trap(redis.RedisError))
+
+        def stop(_: object) -> None:
+            if self._pool.started:
+                self._pool.callInThread(self._store.close)
+                self._pool.stop()
+
+        return self._pushing.run(release).addBoth(stop)
+
+    @property
+    def leader(self) -> bool:
+        # A lease renewed this long ago may have run out in Redis.
+        return self.token is not None and (
+            self._reactor.seconds() - self._renewed
+            < self.lease_seconds * 2 / 3)
+
+    @property
+    def alone(self) -> bool:
+        """Whether Redis has been unreachable for the grace period: this
+        node sends digests of its own."""
+        since = self._unreachable_since
+        return since is not None and (self._reactor.seconds() - since
+                                      >= self.grace_seconds)
+
+    @property
+    def unpushed(self) -> int:
+        """Errors counted in the push Redis has not taken yet."""
+        return 0 if self._pending is None else self._pending.batch.total
+
+    @property
+    def unreachable_since(self) -> Optional[float]:
+        """Since when (reactor time) Redis does not answer, if it does
+        not."""
+        return self._unreachable_since
+
+    def take_unpushed(self) -> Batch:
+        """
+        The push Redis has not taken, taken back to be sent from here (a
+        stop while Redis does not answer): reported at least once, though
+        Redis may have taken it without saying so.
+        """
+        pending, self._pending = self._pending, None
+        return Batch() if pending is None else pending.batch
+
+    def _call(self, function: Callable, *args: object) -> defer.Deferred:
+        """Run a store call in the cluster's thread, and note whether Redis
+        answered."""
+        calling = threads.deferToThreadPool(self._reactor, self._pool,
+                                            function, *args)
+        calling.addCallbacks(self._answered, self._not_answered)
+        return calling
+
+    def _answered(self, result: object) -> object:
+        if self.connected is False:
+            _log.info("Redis answers again (cluster {name}); merging "
+                      "again", name=self.name)
+        self.connected = True
+        self._unreachable_since = None
+        return result
+
+    def _not_answered(self, failure: Failure) -> Failure:
+        if failure.check(redis.RedisError):
+            if self.connected is not False:
+                _log.error("Redis is unreachable from cluster node {name}: "
+                           "{error}; counting here, and after "
+                           "CLUSTER_GRACE_SECONDS = {grace:g} s sending "
+                           "digests of its own", name=self.name,
+                           error=failure.value, grace=self.grace_seconds)
+                self._unreachable_since = self._reactor.seconds()
+            self.connected = False
+        return failure
+
+    def push(self, take: Callable[[], Batch]) -> defer.Deferred:
+        """
+        Push what C{take} gives (what was counted since), once the push
+        under way is done, unless a push Redis has not taken yet is
+        retried first: then what is counted waits for the next one.  Never
+        fails: a failure is what L{connected} says.
+
+        @return: a Deferred firing once Redis took it, or did not.
+        """
+        return self._pushing.run(self._push, take)
+
+    def _push(self, take: Callable[[], Batch]) -> defer.Deferred:
+        if self._pending is None:
+            batch = take()
+            if not batch:
+                return defer.succeed(None)
+            self._pending = self._push_of(batch)
+        pending = self._pending
+
+        def answered(missing: Optional[list]) -> Optional[defer.Deferred]:
+            if missing is None:
+                for key_id in pending.texts:
+                    self._stored.put(key_id, True)
+                self._pending = None
+                self.last_push = self._reactor.seconds()
+                return None
+            # Redis lost them (restarted, or they expired): sent again.
+            pending.sending = {key_id: pending.texts[key_id]
+                               for key_id in missing}
+            return self._send(pending).addCallback(answered)
+
+        return self._send(pending).addCallback(answered).addErrback(
+            lambda failure: failure.trap(redis.RedisError))
+
+    def _push_of(self, batch: Batch) -> _Push:
+        document, texts = shared_document(State(batch), self._wall_offset(),
+                                          self._fields)
+        self._seq += 1
+        return _Push(self._seq, batch, document, texts,
+                     {key_id: text for key_id, text in texts.items()
+                      if key_id not in self._stored})
+
+    def _send(self, push: _Push) -> defer.Deferred:
+        return self._call(self._store.push, self.name, push.seq,
+                          push.document, list(push.texts), push.sending)
+
+    def keep_lease(self) -> defer.Deferred:
+        """
+        Renew the lease, or take it if it is free.
+
+        @return: a Deferred firing with L{TOOK} if this node holds it now
+            and did not before (or held an older one), L{LOST} if it held
+            it and does not any more, else None; it fails if Redis does
+            not answer.
+        """
+        asked = self._reactor.seconds()
+
+        def answered(lease: Lease) -> Optional[str]:
+            before = self.token if self.leader else None
+            self.holder = lease.holder
+            if lease.held:
+                self.token, self._renewed = lease.token, asked
+                return TOOK if before != lease.token else None
+            self.token = None
+            return LOST if before is not None else None
+
+        return self._call(self._store.keep_lease, self.name,
+                          self.token or "", self.lease_seconds).addCallback(
+                              answered)
+
+    def lost_lease(self) -> None:
+        """What the leader asked was refused: another node holds it."""
+        if self.token is not None:
+            _log.warn("Cluster node {name} lost the flush lease",
+                      name=self.name)
+        self.token = None
+
+    def merge(self) -> defer.Deferred:
+        """
+        Begin a new period and read every push of the ones before (for
+        the leader, before a flush).
+
+        @return: a Deferred firing with L{Merged}; it fails with
+            L{LeaseLost} or a C{redis.RedisError}.
+        """
+        token = self.token
+
+        def take(token: str) -> tuple:
+            found = self._store.rotate(token)
+            return found, self._store.texts(self._unknown_ids(
+                document for documents in found.values()
+                for document in documents))
+
+        return self._call(take, token).addCallback(
+            lambda result: self._merged(*result))
+
+    def _unknown_ids(self, documents) -> list:
+        """The key ids C{documents} name whose keys are not read yet (in
+        the cluster's thread: only looked up)."""
+        ids: set = set()
+        for document in documents:
+            try:
+                ids |= shared_key_ids(document)
+            except ValueError:
+                pass  # said when it is read
+        return [key_id for key_id in ids if key_id not in self._keys]
+
+    def _merged(self, found: dict, texts: dict) -> Merged:
+        entries: list = []
+        overflow = unusable = 0
+        pushes = 0
+        for period in sorted(found):
+            for document in found[period]:
+                pushes += 1
+                try:
+                    state = self._read(document, texts)
+                except ValueError as error:
+                    unusable += 1
+                    _log.error("A push in Redis of period {period} is "
+                               "unusable ({error}); its errors are not in "
+                               "the digest", period=period, error=error)
+                    continue
+                entries += state.buffer.entries
+                overflow += state.buffer.overflow
+        self.last_merged = (len(found), pushes)
+        batch = Batch().merge(Batch(tuple(entries), overflow),
+                              self._max_unique, self._max_sources)
+        return Merged([str(period) for period in found], batch, unusable)
+
+    def _read(self, document: bytes, texts: dict) -> State:
+        """A shared document, its keys from what is read or C{texts}."""
+        def read_keys(wanted: set, length: Optional[int]) -> dict:
+            keys = {}
+            for key_id in wanted:
+                key = self._keys.get(key_id)
+                if key is None:
+                    text = texts.get(key_id)
+                    if text is None:
+                        raise ValueError(f"the key {key_id} is not in Redis")
+                    key = checked_key(orjson.loads(text), None)
+                    self._keys.put(key_id, key)
+                if length is not None and len(key) != length:
+                    raise ValueError("a key of the wrong shape")
+                keys[key_id] = key
+            return keys
+
+        return read_shared(document, self._wall_offset(), self._fields,
+                           read_keys)
+
+    def commit(self, periods: list, state: State,
+               seen: list) -> defer.Deferred:
+        """
+        Forget the merged C{periods} in Redis and keep what the leader
+        decides by, for the next leader.
+
+        @return: a Deferred failing with L{LeaseLost} or a
+            C{redis.RedisError} if that was not done.
+        """
+        token = self.token
+        document, texts = shared_document(state, self._wall_offset(),
+                                          self._fields)
+        seen_bytes = seen_document(seen)
+        sending = {key_id: text for key_id, text in texts.items()
+                   if key_id not in self._stored}
+
+        def commit(sending: dict) -> None:
+            missing = self._store.commit(token, periods, document,
+                                         seen_bytes, list(texts), sending)
+            if missing:
+                self._store.commit(token, periods, document, seen_bytes,
+                                   list(texts), {
+                                       key_id: texts[key_id]
+                                       for key_id in missing})
+
+        def committed(_: object) -> None:
+            for key_id in texts:
+                self._stored.put(key_id, True)
+
+        return self._call(commit, sending).addCallback(committed)
+
+    def shared(self) -> defer.Deferred:
+        """
+        What the last leader left (for a node that took the lease).
+
+        @return: a Deferred firing with C{(state, seen_rows)}, state None
+            if there is none or it cannot be read (logged).
+        """
+        def take() -> tuple:
+            shared = self._store.shared()
+            ids = self._unknown_ids([shared.state] if shared.state else [])
+            return shared, self._store.texts(ids)
+
+        def read(result: tuple) -> tuple:
+            shared, texts = result
+            state = rows = None
+            try:
+                if shared.state is not None:
+                    state = self._read(shared.state, texts)
+                if shared.seen is not None:
+                    rows = seen_rows(shared.seen)
+            except ValueError as error:
+                _log.error("What the last leader left in Redis is unusable "
+                           "({error}); held errors and the pager start "
+                           "afresh", error=error)
+            return state, rows or []
+
+        return self._call(take).addCallback(read)
+
+    def keep_message(self, message_id: str, data: bytes) -> None:
+        """Keep a digest in Redis until it is delivered (the leader's),
+        for the next leader to send if this one dies."""
+        if self.leader:
+            self._call(self._store.keep_message, message_id,
+                       data).addErrback(self._unkept, message_id)
+
+    def drop_message(self, message_id: str) -> None:
+        self._call(self._store.drop_message, message_id).addErrback(
+            self._unkept, message_id)
+
+    @staticmethod
+    def _unkept(failure: Failure, message_id: str) -> None:
+        failure.trap(redis.RedisError)
+        _log.warn("Could not keep or forget message {id} in Redis: "
+                  "{error}", id=message_id, error=failure.value)
+
+    def messages(self) -> defer.Deferred:
+        """The digests kept in Redis, by Message-ID."""
+        return self._call(self._store.messages)
+
+    def status(self) -> dict:
+        """For the status page and metrics."""
+        return {
+            "node": self.name,
+            "connected": bool(self.connected),
+            "leader": self.leader,
+            "lease_holder": self.holder,
+            "alone": self.alone,
+            "last_push": self.last_push,
+            "unpushed": self.unpushed,
+            "last_merge_periods": self.last_merged[0],
+            "last_merge_pushes": self.last_merged[1],
+        }
+
+
+def make_node(settings, reactor, wall_offset: Callable[[], float]
+              ) -> ClusterNode:
+    """The cluster node CLUSTER_URL and the settings around it describe."""
+    timeout = min(5.0, settings.CLUSTER_LEASE_SECONDS / 3)
+    store = RedisStore(settings.CLUSTER_URL, settings.CLUSTER_NAME, timeout,
+                       KEY_SECONDS)
+    return ClusterNode(store, reactor, node_name(),
+                       settings.CLUSTER_LEASE_SECONDS,
+                       settings.CLUSTER_GRACE_SECONDS,
+                       settings.unique_fields, wall_offset,
+                       settings.MAX_UNIQUE_MESSAGES,
+                       settings.MAX_SOURCES_PER_ERROR)
+

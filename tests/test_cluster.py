@@ -1,0 +1,377 @@
+"""
+Cluster mode against a real redis-server: the merge of pushes (deltas,
+a retried push taken once, first and last seen across nodes), the lease
+(taking over, renewal, a stale holder fenced off), and the service's
+flush, fallback, rejoin and hand-over.
+"""
+from __future__ import annotations
+
+from twisted.internet import defer, reactor
+from twisted.internet.error import ConnectionRefusedError
+from twisted.trial.unittest import TestCase
+
+from failnozzle.aggregate import Batch, Entry
+from failnozzle.cluster import LOST, TOOK, make_node
+from failnozzle.redisstore import LeaseLost
+from failnozzle.state import State, key_id, key_text, shared_document
+from tests.common import (FakeMailTransport, bounded, digest_total,
+                          make_settings, poll_until, record, send_datagrams,
+                          start_service, udp_address)
+from tests.redisserver import RedisServer
+
+FIELDS = make_settings().unique_fields
+
+
+def key(message: str) -> tuple:
+    """A key of the default UNIQUE_MSG_TUPLE."""
+    return tuple(message if name == "message" else None for name in FIELDS)
+
+
+def batch(*entries: Entry) -> Batch:
+    return Batch.of(entries)
+
+
+def digests(mail: FakeMailTransport) -> list:
+    """The digests given to C{mail}, each delivered now."""
+    mail.succeed_all()
+    return [message for _, _, message in mail.by_kind("digest")]
+
+
+class NodeTests(TestCase):
+    """Pushes, merges and the lease, between nodes of one process."""
+
+    def setUp(self) -> None:
+        self.redis = RedisServer(self)
+        self.settings = make_settings(CLUSTER_URL=self.redis.url,
+                                      CLUSTER_NAME="tests")
+
+    def node(self, wall_offset: float = 0.0):
+        node = make_node(self.settings, reactor, lambda: wall_offset)
+        node.start()
+        self.addCleanup(node.stop)
+        return node
+
+    @defer.inlineCallbacks
+    def lead(self, node):
+        change = yield node.keep_lease()
+        self.assertEqual(change, TOOK)
+        return node
+
+    @defer.inlineCallbacks
+    def test_merge_across_nodes(self):
+        """
+        The leader's merge sums what every node pushed: totals and per-host
+        counts exact, first seen the earliest and last seen the latest of
+        any node, in the leader's clock (each push carries its own).
+        """
+        one, two = self.node(), self.node(wall_offset=100.0)
+        yield self.lead(one)
+        yield one.push(lambda: batch(
+            Entry(key("boom"), {"web1": 3}, 50.0, 60.0),
+            Entry(key("only one"), {"web1": 1}, 55.0, 55.0)))
+        # Two's clock is 100 s behind the wall: its 0..20 is 100..120.
+        yield two.push(lambda: batch(Entry(key("boom"), {"web2": 4}, 0.0,
+                                           20.0)))
+        yield two.push(lambda: batch(Entry(key("boom"), {"web1": 2}, 30.0,
+                                           31.0)))
+        merged = yield one.merge()
+        by_message = {dict(zip(FIELDS, entry.key))["message"]: entry
+                      for entry in merged.batch.entries}
+        boom = by_message["boom"]
+        self.assertEqual((boom.total, dict(boom.sources)),
+                         (9, {"web1": 5, "web2": 4}))
+        self.assertEqual((boom.first_seen, boom.last_seen), (50.0, 131.0))
+        self.assertEqual(by_message["only one"].total, 1)
+        self.assertEqual(merged.batch.total, 10)
+        self.assertEqual(one.last_merged, (1, 3))
+
+    @defer.inlineCallbacks
+    def test_merge_takes_each_push_once(self):
+        """
+        Merged pushes are gone once committed; pushes made after the merge
+        began go to the next one; a merge that was not committed (its
+        leader died) is merged again by the next.
+        """
+        one = self.node()
+        yield self.lead(one)
+        yield one.push(lambda: batch(Entry(key("a"), {"h": 1}, 1.0, 1.0)))
+        first = yield one.merge()
+        yield one.push(lambda: batch(Entry(key("a"), {"h": 2}, 2.0, 2.0)))
+        # Not committed: the next merge takes both periods.
+        second = yield one.merge()
+        self.assertEqual((first.batch.total, second.batch.total), (1, 3))
+        yield one.commit(second.periods, State(), [])
+        third = yield one.merge()
+        self.assertEqual(third.batch.total, 0)
+
+    @defer.inlineCallbacks
+    def test_retried_push_taken_once(self):
+        """
+        A push whose answer was lost is sent again with its number: Redis
+        takes it once.
+        """
+        one = self.node()
+        yield self.lead(one)
+        document, texts = shared_document(
+            State(batch(Entry(key("lost answer"), {"h": 7}, 1.0, 1.0))),
+            0.0, FIELDS)
+        store = one._store
+        for _ in range(3):
+            yield defer.maybeDeferred(store.push, "n1", 1, document,
+                                      list(texts), texts)
+        merged = yield one.merge()
+        self.assertEqual(merged.batch.total, 7)
+
+    @defer.inlineCallbacks
+    def test_push_waits_for_redis(self):
+        """
+        While Redis is down a push is kept, and what is counted meanwhile
+        waits for the next; once Redis is back both arrive, each once.
+        """
+        one = self.node()
+        self.redis.stop()
+        counted = [batch(Entry(key("x"), {"h": 2}, 1.0, 1.0)),
+                   batch(Entry(key("x"), {"h": 5}, 2.0, 2.0))]
+        yield one.push(lambda: counted.pop(0))
+        self.assertEqual((one.connected, one.unpushed), (False, 2))
+        yield one.push(lambda: counted.pop(0))
+        self.assertEqual(len(counted), 1, "counted while a push waits")
+        self.redis.start()
+        yield one.push(lambda: counted.pop(0))
+        self.assertEqual((one.connected, one.unpushed), (True, 0))
+        yield one.push(lambda: counted.pop(0))
+        yield self.lead(one)
+        merged = yield one.merge()
+        self.assertEqual(merged.batch.total, 7)
+
+    @defer.inlineCallbacks
+    def test_key_texts_sent_once(self):
+        """
+        A key's text goes to Redis with the first push that names it;
+        one Redis lost (restarted, expired) is sent again when a push
+        names it.
+        """
+        one = self.node()
+        entry = Entry(key("long traceback"), {"h": 1}, 1.0, 1.0)
+        yield one.push(lambda: batch(entry))
+        sent = []
+        store = one._store
+        original = store.push
+
+        def spy(node, seq, document, ids, texts):
+            sent.append(sorted(texts))
+            return original(node, seq, document, ids, texts)
+
+        store.push = spy
+        yield one.push(lambda: batch(entry))
+        self.assertEqual(sent, [[]])
+        self.redis.client().delete(
+            f"failnozzle:tests:key:{key_id(key_text(entry.key))}")
+        yield one.push(lambda: batch(entry))
+        self.assertEqual(sent[1:], [[], [key_id(key_text(entry.key))]])
+        yield self.lead(one)
+        merged = yield one.merge()
+        self.assertEqual((merged.batch.total, merged.unusable), (3, 0))
+
+    @defer.inlineCallbacks
+    def test_lease_renewed_and_taken_over(self):
+        """
+        One node holds the lease and keeps it by renewing; the other sees
+        who holds it; once released (a clean stop) the other takes it.
+        """
+        one, two = self.node(), self.node()
+        yield self.lead(one)
+        self.assertEqual((yield two.keep_lease()), None)
+        self.assertEqual((two.leader, two.holder), (False, one.name))
+        self.assertEqual((yield one.keep_lease()), None, "renewed")
+        self.assertTrue(one.leader)
+        yield one.stop()
+        self.assertEqual((yield two.keep_lease()), TOOK)
+        self.assertEqual(two.holder, two.name)
+
+    @defer.inlineCallbacks
+    def test_stale_leader_fenced(self):
+        """
+        A leader whose lease ran out (it stalled) and was taken cannot
+        merge or commit any more: what it asks is refused and it learns it
+        lost the lease; the pushes stay for the new leader.
+        """
+        one, two = self.node(), self.node()
+        yield self.lead(one)
+        yield two.push(lambda: batch(Entry(key("y"), {"h": 4}, 1.0, 1.0)))
+        merged = yield one.merge()
+        self.redis.client().delete("failnozzle:tests:lease")  # expired
+        yield self.lead(two)
+        yield self.assertFailure(one.commit(merged.periods, State(), []),
+                                 LeaseLost)
+        yield self.assertFailure(one.merge(), LeaseLost)
+        self.assertEqual((yield one.keep_lease()), LOST)
+        again = yield two.merge()
+        self.assertEqual(again.batch.total, 4)
+
+    @defer.inlineCallbacks
+    def test_shared_state_for_the_next_leader(self):
+        """What a leader commits (held errors, the pager, the seen-memory)
+        is what the next one reads."""
+        one, two = self.node(), self.node()
+        yield self.lead(one)
+        held = batch(Entry(key("held"), {"h": 3}, 1.0, 2.0))
+        seen = [["fp", 1.0, 2.0, 3, 0.0, 0.0]]
+        yield one.commit([], State(held={"digest": held},
+                                   rate_window=[1, 2, 3]), seen)
+        yield one.stop()
+        yield self.lead(two)
+        state, rows = yield two.shared()
+        self.assertEqual(state.held["digest"].total, 3)
+        self.assertEqual(state.rate_window, [1, 2, 3])
+        self.assertEqual(rows, seen)
+
+
+class ServiceTests(TestCase):
+    """Services of one process sharing a real Redis: one digest, global
+    counts; their fallback and rejoin; the hand-over at a clean stop."""
+
+    def setUp(self) -> None:
+        self.redis = RedisServer(self)
+
+    def start(self, transport, **overrides):
+        overrides.setdefault("FLUSH_SECONDS", 3600)
+        overrides.setdefault("GROUP_WAIT_SECONDS", 0)
+        # Every flush mails what it has, news or not: digests to count.
+        overrides.setdefault("REPEAT_SECONDS", 0)
+        return start_service(self, transport, CLUSTER_URL=self.redis.url,
+                             SERVER_NAME="nozzle", **overrides)
+
+    @defer.inlineCallbacks
+    def counted_everywhere(self, services, expected: int):
+        """Wait until every error sent is in the cluster (pushed) or in a
+        node's buffer."""
+        def received() -> int:
+            return sum(service.counts.received["udp"]
+                       for service in services)
+        yield poll_until(lambda: received() >= expected, "datagrams")
+
+    @defer.inlineCallbacks
+    def pushed(self, *services):
+        for service in services:
+            yield service.cluster.push(service._take_counted)
+
+    @defer.inlineCallbacks
+    def test_one_digest_with_global_counts(self):
+        """
+        Errors sent to two nodes make one digest, from the leader, with
+        the counts of both, per host.
+        """
+        mail = FakeMailTransport()
+        one = self.start(mail)
+        yield poll_until(lambda: one.cluster.leader, "a leader")
+        two = self.start(mail)
+        yield poll_until(lambda: two.cluster.holder == one.cluster.name,
+                         "the lease seen")
+        send_datagrams(udp_address(one), [record("boom", "web1")] * 3)
+        send_datagrams(udp_address(two), [record("boom", "web2")] * 4)
+        yield self.counted_everywhere([one, two], 7)
+        yield self.pushed(one, two)
+        two._cluster_flush()
+        one._cluster_flush()
+        yield poll_until(lambda: mail.by_kind("digest"), "a digest")
+        yield one._cluster_flushing
+        [message] = digests(mail)
+        self.assertEqual(digest_total(message), 7)
+        body = message.get_content()
+        self.assertIn("web1", body)
+        self.assertIn("web2", body)
+
+    @defer.inlineCallbacks
+    def test_alone_then_rejoin(self):
+        """
+        With Redis down past the grace period a node sends a digest of its
+        own, saying so; once Redis is back what it counted since reaches
+        the cluster's digest, and what it reported alone does not again.
+        """
+        mail = FakeMailTransport()
+        one = self.start(mail, CLUSTER_GRACE_SECONDS=0)
+        yield poll_until(lambda: one.cluster.leader, "a leader")
+        self.redis.stop()
+        send_datagrams(udp_address(one), [record("alone", "web1")] * 5)
+        yield self.counted_everywhere([one], 5)
+        yield one.cluster.push(one._take_counted)
+        self.assertTrue(one.cluster.alone)
+        # The push Redis did not answer is kept for it (Redis may have
+        # taken it): what is counted after goes in the digest alone.
+        self.assertEqual(one.cluster.unpushed, 5)
+        send_datagrams(udp_address(one), [record("alone", "web1")] * 3)
+        yield self.counted_everywhere([one], 8)
+        one._cluster_flush()
+        yield poll_until(lambda: mail.by_kind("digest"), "a digest alone")
+        [alone] = digests(mail)
+        self.assertIn("Redis unreachable", alone["Subject"])
+        self.assertTrue(alone.get_content().startswith(
+            f"This digest comes from cluster node {one.cluster.name} "
+            f"alone"))
+        self.assertEqual(digest_total(alone), 3)
+        self.redis.start()
+        send_datagrams(udp_address(one), [record("alone", "web1")] * 2)
+        yield self.counted_everywhere([one], 10)
+        yield self.pushed(one, one)
+        self.assertEqual(one.cluster.unpushed, 0)
+        self.assertFalse(one.cluster.alone)
+        yield one.cluster.keep_lease()
+        yield poll_until(lambda: one._taking_over is None, "take-over")
+        one._cluster_flush()
+        yield poll_until(lambda: len(mail.by_kind("digest")) == 2,
+                         "the cluster's digest")
+        totals = [digest_total(message) for message in digests(mail)]
+        self.assertEqual(totals, [3, 7])
+
+    @defer.inlineCallbacks
+    def test_clean_stop_hands_over(self):
+        """
+        A leader stopped cleanly pushes what it counted and gives up the
+        lease, sending no digest itself; the next leader's digest has its
+        errors, and what it held.
+        """
+        mail = FakeMailTransport()
+        one = self.start(mail)
+        yield poll_until(lambda: one.cluster.leader, "a leader")
+        two = self.start(mail)
+        send_datagrams(udp_address(one), [record("handed", "web1")] * 6)
+        yield self.counted_everywhere([one], 6)
+        yield one.stopService()
+        self.assertEqual(mail.by_kind("digest"), [])
+        yield poll_until(lambda: two.cluster.leader, "the next leader")
+        yield poll_until(lambda: two._taking_over is None, "take-over")
+        two._cluster_flush()
+        yield poll_until(lambda: mail.by_kind("digest"), "a digest")
+        self.assertEqual([digest_total(message) for message in digests(mail)],
+                         [6])
+
+    @defer.inlineCallbacks
+    def test_undelivered_digest_sent_by_next_leader(self):
+        """
+        A digest the leader could not deliver is in Redis: the node that
+        takes the lease after it died sends it.
+        """
+        failing = FakeMailTransport()
+        one = self.start(failing)
+        yield poll_until(lambda: one.cluster.leader, "a leader")
+        send_datagrams(udp_address(one), [record("stuck", "web1")] * 2)
+        yield self.counted_everywhere([one], 2)
+        one._cluster_flush()
+        yield poll_until(lambda: failing.pending, "a delivery attempt")
+        yield bounded(one._cluster_flushing or defer.succeed(None))
+        failing.fail_all(ConnectionRefusedError())
+        client = self.redis.client()
+        self.assertEqual(client.hlen("failnozzle:failnozzle:outbox"), 1)
+        # One dies: its lease runs out, it never comes back.
+        one._stop_loops()
+        client.delete("failnozzle:failnozzle:lease")
+        delivered = FakeMailTransport()
+        two = self.start(delivered)
+        yield poll_until(lambda: two.cluster.leader, "the next leader")
+        yield poll_until(lambda: delivered.pending, "the digest adopted")
+        [message] = digests(delivered)
+        self.assertEqual(digest_total(message), 2)
+        yield poll_until(
+            lambda: client.hlen("failnozzle:failnozzle:outbox") == 0,
+            "the delivered digest forgotten")
