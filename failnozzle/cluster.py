@@ -480,4 +480,3 @@ def make_node(settings, reactor, wall_offset: Callable[[], float]
                        settings.unique_fields, wall_offset,
                        settings.MAX_UNIQUE_MESSAGES,
                        settings.MAX_SOURCES_PER_ERROR)
-

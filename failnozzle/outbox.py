@@ -560,6 +560,8 @@ class Outbox:
                   where=f": {result}" if isinstance(result, str) else "",
                   cut=cut)
         self.counts.delivered(waiting.kind, self._clock.seconds())
+        # At once: another node must not send it again.
+        self._forget(waiting)
         waiting.state = _State.FINISHING
         self._settle()
         if waiting.path is None:
@@ -578,7 +580,6 @@ class Outbox:
 
     def _finish(self, waiting: _Waiting, outcome: bool) -> None:
         self._waiting.remove(waiting)
-        self._forget(waiting)
         self._remove_replaced(waiting)
         for done in [waiting.outcome] + waiting.followers:
             done.callback(outcome)
@@ -714,6 +715,7 @@ class Outbox:
                     f"{waiting.data.decode('utf-8', 'replace')}")
 
         waiting.state = _State.FINISHING
+        self._forget(waiting)
         self._settle()
         moving = self._writer.run(move, waiting.path, waiting.data)
         moving.addErrback(not_kept).addCallback(kept)

@@ -14,10 +14,11 @@ from failnozzle.aggregate import Batch, Entry
 from failnozzle.cluster import LOST, TOOK, make_node
 from failnozzle.redisstore import LeaseLost
 from failnozzle.state import State, key_id, key_text, shared_document
-from tests.common import (FakeMailTransport, bounded, digest_total,
-                          make_settings, poll_until, record, send_datagrams,
-                          start_service, udp_address)
+from tests.common import (FakeMailTransport, SMTPSink, bounded,
+                          digest_total, make_settings, poll_until, record,
+                          send_datagrams, start_service, udp_address)
 from tests.redisserver import RedisServer
+from tests.test_twistd import _TwistdTestCase
 
 FIELDS = make_settings().unique_fields
 
@@ -375,3 +376,74 @@ class ServiceTests(TestCase):
         yield poll_until(
             lambda: client.hlen("failnozzle:failnozzle:outbox") == 0,
             "the delivered digest forgotten")
+
+
+class DaemonTests(_TwistdTestCase):
+    """
+    Three C{twistd -n failnozzle} processes sharing a real redis-server,
+    mailing a real SMTP server.
+    """
+
+    @defer.inlineCallbacks
+    def start_nodes(self, sink: SMTPSink, count: int) -> list:
+        redis_server = RedisServer(self)
+        settings = self.smtp_settings(
+            sink.port, flush_seconds=1, CLUSTER_URL=redis_server.url,
+            CLUSTER_LEASE_SECONDS=3, GROUP_WAIT_SECONDS=0, REPEAT_SECONDS=0,
+            SERVER_NAME="fleet")
+        nodes = []
+        for _ in range(count):
+            process, address, _ = yield self.start_daemon(**settings)
+            nodes.append((process, address))
+        return nodes, redis_server
+
+    @staticmethod
+    def leader_of(nodes: list) -> tuple:
+        leaders = [node for node in nodes
+                   if "holds the flush lease" in node[0].text]
+        return leaders[-1]
+
+    @defer.inlineCallbacks
+    def digests_until(self, process, sink: SMTPSink, total: int) -> list:
+        """
+        The digests that arrive until they count C{total} errors in all:
+        a push that comes after a flush is in the next digest.
+        """
+        while True:
+            messages = yield process.wait_for_mail(sink,
+                                                   len(sink.messages) + 1)
+            counted = sum(map(digest_total, messages))
+            if counted >= total:
+                return messages
+
+    @defer.inlineCallbacks
+    def test_one_digest_and_kill_9_of_the_leader(self):
+        """
+        Errors sent to three nodes are mailed by the leader only, each
+        counted once; after the leader is killed with SIGKILL another
+        takes over and mails the errors sent to the two left.
+        """
+        sink = SMTPSink(self)
+        nodes, redis_server = yield self.start_nodes(sink, 3)
+        yield nodes[0][0].wait_for("holds the flush lease")
+        for index, (_, address) in enumerate(nodes):
+            send_datagrams(address, [record("spread", f"web{index}")]
+                           * (index + 2))
+        first = yield self.digests_until(nodes[0][0], sink, 2 + 3 + 4)
+        self.assertEqual(sum(map(digest_total, first)), 9)
+        # Killed once its digests and merges are done with in Redis: one
+        # killed before would have them sent again (at least once).
+        client = redis_server.client()
+        yield poll_until(lambda: not client.exists(
+            "failnozzle:failnozzle:outbox", "failnozzle:failnozzle:periods"),
+            "the digests forgotten")
+        process, _ = self.leader_of(nodes)
+        process.transport.signalProcess("KILL")
+        yield process.wait_for_end()
+        left = [node for node in nodes if node[0] is not process]
+        for _, address in left:
+            send_datagrams(address, [record("after", "web9")] * 5)
+        messages = yield self.digests_until(left[0][0], sink, 9 + 10)
+        self.assertEqual(sum(map(digest_total, messages)), 19)
+        self.assertTrue(any("holds the flush lease" in node[0].text
+                            for node in left))

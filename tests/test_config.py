@@ -1388,12 +1388,13 @@ class SecretTests(ConfigTestCase):
 
     def test_secret_settings(self):
         """
-        SMTP_PASSWORD, SMTP_INGEST_USERS and the HTTP tokens are secret;
-        their checkers say so, so a later secret says it the same way.
+        SMTP_PASSWORD, SMTP_INGEST_USERS, the HTTP tokens and CLUSTER_URL
+        (which may hold Redis' password) are secret; their checkers say
+        so, so a later secret says it the same way.
         """
         self.assertEqual(SECRET_SETTINGS,
                          {"SMTP_PASSWORD", "SMTP_INGEST_USERS", "HTTP_TOKEN",
-                          "HTTP_ERRORS_TOKEN"})
+                          "HTTP_ERRORS_TOKEN", "CLUSTER_URL"})
 
     def test_never_shown(self):
         """
