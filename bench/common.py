@@ -50,8 +50,10 @@ def _descend_further(depth: int, number: str) -> None:
 
 def digest_total(body: str) -> int:
     """The errors a digest counts, from its body's first line ("** 5
-    instances of ..."): the subject may be shortened, the body's is not."""
-    return int(re.match(r"\*\* (\d+) instances? of", body).group(1))
+    instances of ...", after a cluster node's notice if any): the subject
+    may be shortened, the body's is not."""
+    return int(re.search(r"^\*\* (\d+) instances? of", body,
+                         re.MULTILINE).group(1))
 
 
 def template_datagram(depth: int = 7) -> bytes:

@@ -980,6 +980,20 @@ class FailnozzleService(Service):
             _log.failure("Snapshot failed; the next one is in {seconds:g} s",
                          seconds=self.settings.SNAPSHOT_SECONDS)
 
+    def flush_now(self) -> list:
+        """
+        Flush now, as asked by control: in a cluster, the leader merges
+        and flushes (its digests' outcomes are not waited for), a node
+        alone flushes its own, the others push what they counted.
+
+        @return: the outcomes of the messages sent, as far as known.
+        """
+        if self.cluster is None:
+            return self.flush()
+        if not (self.cluster.leader or self.cluster.alone):
+            self.cluster.push(self._take_counted)
+        return self._cluster_flush()
+
     def _scheduled_flush(self) -> None:
         # Never let an exception out: it would stop the LoopingCall for good.
         # Nor a Deferred: the next flush must not wait for the mail.
@@ -1051,6 +1065,9 @@ class FailnozzleService(Service):
             state, seen = shared
             self.seen.restore(seen)
             if state is not None:
+                # Instead of what this node held (from its state file, or
+                # from when it led before): the cluster's, as of now.
+                self._held = {}
                 for kind, batch in state.held.items():
                     self._hold(kind, batch)
                 self._restore_pagers(state)
@@ -1081,7 +1098,7 @@ class FailnozzleService(Service):
         return cluster.shared().addCallback(take).addCallback(
             adopt).addBoth(done)
 
-    def _cluster_flush(self) -> None:
+    def _cluster_flush(self) -> list:
         """
         The flush of a cluster node: the leader's merges every node's
         pushes and sends the digests; a node alone sends its own; the
@@ -1089,14 +1106,13 @@ class FailnozzleService(Service):
         """
         cluster = self.cluster
         if self._cluster_flushing is not None or self._taking_over is not None:
-            return
+            return []
         if cluster.alone:
-            self.flush(notice=self._alone_notice())
-            return
+            return self.flush(notice=self._alone_notice())
         if not (cluster.leader and cluster.connected):
             # On time: the digest is the leader's (health reads this).
             self.counts.last_flush = self._reactor.seconds()
-            return
+            return []
         flushing = self._cluster_flushing = cluster.merge()
         flushing.addCallback(self._flush_merged)
         flushing.addErrback(self._cluster_flush_failed)
@@ -1105,6 +1121,7 @@ class FailnozzleService(Service):
             self._cluster_flushing = None
 
         flushing.addCallback(done)
+        return []
 
     def _flush_merged(self, merged: Merged) -> defer.Deferred:
         """Flush what the cluster counted, then commit: the pushes merged

@@ -419,7 +419,9 @@ def _state_of(snapshot: dict, fields: Optional[tuple], wall_offset: float,
     batches = _batches_of(snapshot)
     keys = read_keys(_wanted(batches),
                      len(saved_fields) if saved_fields else None)
-    rekey = rekeying(saved_fields, fields)
+    rekey = (None if saved_fields is None or fields is None
+             or tuple(saved_fields) == tuple(fields)
+             else rekeying(saved_fields, fields))
     read = {name: _batch(batch, keys, rekey, shift)
             for name, batch in batches.items()}
     rate_window = snapshot.get("rate_window", [])
@@ -706,27 +708,27 @@ def _dumps(value: list, scalars: Iterable) -> str:
     return json.dumps(value)
 
 
-def _batch(rows: dict, keys: dict, rekey: Callable[[tuple], tuple],
-           shift: float) -> Batch:
+def _batch(rows: dict, keys: dict,
+           rekey: Optional[Callable[[tuple], tuple]], shift: float) -> Batch:
     """
-    A batch from the rows L{_rows} wrote, checked; rows whose keys become
-    one (re-keyed, or repeated) are merged.
+    A batch from the rows L{_rows} wrote, checked, its keys re-keyed by
+    C{rekey} if given; rows whose keys become one (re-keyed, or repeated)
+    are merged.
     """
     entries = tuple(_entry(row, keys, shift) for row in rows["entries"])
     overflow = _count(rows.get("overflow", 0), "overflow")
-    return Batch(entries, overflow).rekeyed(rekey)
+    if rekey is None and len({entry.identity for entry in entries}) == len(
+            entries):
+        # Nothing to merge: the cost of a cluster's merge of many pushes.
+        return Batch.of(entries, overflow)
+    return Batch(entries, overflow).rekeyed(rekey or (lambda key: key))
 
 
 def _entry(row: object, keys: dict, shift: float) -> Entry:
     _check(type(row) is list and 4 <= len(row) <= 7, "a row of the wrong "
            "shape")
     number, sources, first, last, *optional = row
-    _check(type(sources) is list, "bad sources")
-    counts: dict = {}
-    for pair in sources:
-        _check(type(pair) is list and len(pair) == 2
-               and type(pair[0]) in SCALAR_TYPES, "bad source")
-        counts[pair[0]] = counts.get(pair[0], 0) + _count(pair[1], "count")
+    counts = _sources(sources)
     level = optional[0] if optional else None
     _check(level is None or (type(level) is int and 0 <= level <= 7),
            "bad level")
@@ -734,6 +736,30 @@ def _entry(row: object, keys: dict, shift: float) -> Entry:
     grouping = _grouping(optional[2] if len(optional) > 2 else {})
     return Entry(keys[number], counts, _time(first, shift),
                  _time(last, shift), level, other, **grouping)
+
+
+def _sources(pairs: object) -> dict:
+    """
+    A row's C{[source, count]} pairs as a dict, checked a set at a time
+    rather than a pair at a time: a cluster's leader reads every host of
+    every error at each flush.  A source twice is counted once, summed.
+    """
+    _check(type(pairs) is list, "bad sources")
+    try:
+        counts = dict(pairs)
+    except (TypeError, ValueError):
+        raise _Unusable("bad source") from None
+    _check({type(pair) for pair in pairs} <= {list}
+           and {type(source) for source in counts} <= SCALAR_TYPES
+           and {type(count) for count in counts.values()} <= {int}
+           and (not counts or (min(counts.values()) >= 0
+                               and max(counts.values()) < 2 ** 63)),
+           "bad source")
+    if len(counts) < len(pairs):
+        counts = {}
+        for source, count in pairs:
+            counts[source] = counts.get(source, 0) + count
+    return counts
 
 
 #: The most (name, text) pairs of context a row may hold.

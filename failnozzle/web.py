@@ -332,7 +332,7 @@ class _BadRequest(Exception):
 def _flush(service, body: dict) -> dict:
     buffered = service.aggregator.view().total + sum(
         batch.total for batch in service.held.values())
-    outcomes = service.flush()
+    outcomes = service.flush_now()
     return {"flushed": buffered, "digests": len(outcomes)}
 
 

@@ -6,6 +6,8 @@ flush, fallback, rejoin and hand-over.
 """
 from __future__ import annotations
 
+import time
+
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import TestCase
@@ -19,6 +21,7 @@ from tests.common import (FakeMailTransport, SMTPSink, bounded,
                           send_datagrams, start_service, udp_address)
 from tests.redisserver import RedisServer
 from tests.test_twistd import _TwistdTestCase
+from tests.test_web import body_of, json_of, render
 
 FIELDS = make_settings().unique_fields
 
@@ -447,3 +450,40 @@ class DaemonTests(_TwistdTestCase):
         self.assertEqual(sum(map(digest_total, messages)), 19)
         self.assertTrue(any("holds the flush lease" in node[0].text
                             for node in left))
+
+
+class VisibleTests(TestCase):
+    """Connection state, lease holder and merge lag in status and
+    metrics."""
+
+    @defer.inlineCallbacks
+    def test_status_and_metrics(self):
+        redis_server = RedisServer(self)
+        service = start_service(self, FakeMailTransport(),
+                                CLUSTER_URL=redis_server.url)
+        yield poll_until(lambda: service.cluster.leader, "a leader")
+        send_datagrams(udp_address(service), [record("seen", "web1")])
+        yield poll_until(lambda: service.cluster.last_push is not None,
+                         "a push")
+        shown = json_of(render(service, "/status"))["cluster"]
+        self.assertEqual(
+            (shown["node"], shown["connected"], shown["leader"],
+             shown["lease_holder"], shown["alone"], shown["unpushed"]),
+            (service.cluster.name, True, True, service.cluster.name, False,
+             0))
+        self.assertLess(abs(shown["last_push"] - time.time()), 30)
+        page = body_of(render(service, "/")).decode()
+        self.assertIn("holds the flush lease", page)
+        metrics = body_of(render(service, "/metrics")).decode()
+        self.assertIn("failnozzle_cluster_leader 1.0", metrics)
+        self.assertIn("failnozzle_cluster_connected 1.0", metrics)
+        redis_server.stop()
+        send_datagrams(udp_address(service), [record("unseen", "web1")])
+        yield poll_until(lambda: service.cluster.unpushed, "a failed push")
+        shown = json_of(render(service, "/status"))["cluster"]
+        self.assertEqual((shown["connected"], shown["unpushed"]), (False, 1))
+        self.assertIn("Redis unreachable",
+                      body_of(render(service, "/")).decode())
+        metrics = body_of(render(service, "/metrics")).decode()
+        self.assertIn("failnozzle_cluster_connected 0.0", metrics)
+        self.assertIn("failnozzle_cluster_unpushed_errors 1.0", metrics)
