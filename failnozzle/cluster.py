@@ -446,8 +446,34 @@ class ClusterNode:
     @staticmethod
     def _unkept(failure: Failure, message_id: str) -> None:
         failure.trap(redis.RedisError)
-        _log.warn("Could not keep or forget message {id} in Redis: "
-                  "{error}", id=message_id, error=failure.value)
+        _log.warn("Could not keep or forget {id} in Redis: {error}",
+                  id=message_id, error=failure.value)
+
+    def keep_silence(self, silence_id: str, row: dict) -> None:
+        """Share a silence added here with the cluster."""
+        self._call(self._store.keep_silence, silence_id,
+                   orjson.dumps(row)).addErrback(self._unkept, silence_id)
+
+    def drop_silence(self, silence_id: str) -> None:
+        self._call(self._store.drop_silence, silence_id).addErrback(
+            self._unkept, silence_id)
+
+    def silences(self) -> defer.Deferred:
+        """
+        The silences added at run time on any node: a Deferred firing with
+        their rows (one that is not JSON left out, and logged).
+        """
+        def read(documents: list) -> list:
+            rows = []
+            for document in documents:
+                try:
+                    rows.append(orjson.loads(document))
+                except orjson.JSONDecodeError as error:
+                    _log.warn("A silence in Redis is not JSON ({error}); "
+                              "left out", error=error)
+            return rows
+
+        return self._call(self._store.silences).addCallback(read)
 
     def messages(self) -> defer.Deferred:
         """The digests kept in Redis, by Message-ID."""

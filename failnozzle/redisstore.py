@@ -18,6 +18,7 @@ All keys begin with C{failnozzle:NAME:} (CLUSTER_NAME):
   state, seen       what the leader decides by (held errors, the pager,
                     the canaries) and the seen-memory, as of its last flush
   outbox            Message-ID to message: digests not yet delivered
+  silences          id to silence (JSON): those added at run time
 """
 from __future__ import annotations
 
@@ -267,6 +268,16 @@ class RedisStore:
         """The messages not yet delivered, by Message-ID."""
         return {key.decode("utf-8", "replace"): value for key, value in
                 self._redis.hgetall(self._prefix + "outbox").items()}
+
+    def keep_silence(self, silence_id: str, row: bytes) -> None:
+        self._redis.hset(self._prefix + "silences", silence_id, row)
+
+    def drop_silence(self, silence_id: str) -> None:
+        self._redis.hdel(self._prefix + "silences", silence_id)
+
+    def silences(self) -> list:
+        """The silences added at run time, as JSON, each as kept."""
+        return list(self._redis.hvals(self._prefix + "silences"))
 
     def close(self) -> None:
         self._redis.close()

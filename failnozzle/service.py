@@ -266,7 +266,7 @@ class FailnozzleService(Service):
         self.cluster: Optional[ClusterNode] = None
         if settings.CLUSTER_URL is not None:
             self.cluster = make_node(settings, reactor, wall_offset)
-            self.outbox.mirror = self.cluster
+            self.outbox.mirror = self.silences.shared = self.cluster
         self._cluster_loop = LoopingCall(self._cluster_tick)
         self._cluster_loop.clock = reactor
         #: The cluster's push and lease renewal, its flush, and the taking
@@ -1026,12 +1026,14 @@ class FailnozzleService(Service):
         leased.addErrback(lambda failure: failure.trap(redis.RedisError))
         leased.addErrback(lambda failure: _log.failure(
             "Could not take over what the last leader left", failure))
+        silenced = cluster.silences().addCallback(self.silences.take_shared)
+        silenced.addErrback(lambda failure: failure.trap(redis.RedisError))
         self._ticking = True
 
         def done(_: object) -> None:
             self._ticking = False
 
-        defer.DeferredList([pushed, leased]).addCallback(done)
+        defer.DeferredList([pushed, leased, silenced]).addCallback(done)
 
     def _take_counted(self) -> Batch:
         """What was counted since the last push, for the cluster."""

@@ -12,7 +12,7 @@ import hashlib
 import secrets
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import orjson
 
@@ -127,6 +127,17 @@ def _iso(seconds: float) -> str:
         seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class SharedSilences(Protocol):
+    """Where the silences added at run time are shared with other nodes
+    (a cluster's Redis, L{failnozzle.cluster})."""
+
+    def keep_silence(self, silence_id: str, row: dict) -> None:
+        ...
+
+    def drop_silence(self, silence_id: str) -> None:
+        ...
+
+
 class Silences:
     """
     The silences in force: the config's, and those added at run time.
@@ -148,6 +159,8 @@ class Silences:
         self.silenced: Counter = Counter()
         #: The silences whose end the log has told.
         self._said_over: set = set()
+        #: Shares the added ones with the other nodes of a cluster.
+        self.shared: Optional[SharedSilences] = None
 
     def configure(self, configured: Sequence[Silence],
                   path: Optional[str]) -> None:
@@ -175,6 +188,7 @@ class Silences:
                            count=self.silenced[silence.id])
             if self._added.pop(silence.id, None) is not None:
                 self._save()
+                self._drop_shared(silence.id)
         return [silence for silence in self.all() if silence.until > now]
 
     def add(self, given: object, now: float,
@@ -199,6 +213,8 @@ class Silences:
                           f"fingerprint)")
         self._added[silence.id] = silence
         self._save()
+        if self.shared is not None:
+            self.shared.keep_silence(silence.id, _row(silence))
         return silence
 
     def remove(self, silence_id: str) -> Silence:
@@ -208,7 +224,31 @@ class Silences:
         """
         silence = self._added.pop(silence_id)
         self._save()
+        self._drop_shared(silence_id)
         return silence
+
+    def _drop_shared(self, silence_id: str) -> None:
+        if self.shared is not None:
+            self.shared.drop_silence(silence_id)
+
+    def take_shared(self, rows: Sequence[dict]) -> None:
+        """
+        Take the added silences of the cluster instead of this node's: the
+        rows other nodes kept (as L{_save} writes them); one that cannot be
+        read is said and left out.
+        """
+        added = {}
+        for row in list(rows)[:MAX_SILENCES]:
+            try:
+                silence = _silence_of(row)
+            except (ValueError, AttributeError) as error:
+                self._log.warn("A silence shared in the cluster cannot be "
+                               "read ({error}); left out", error=error)
+                continue
+            added[silence.id] = silence
+        if added.keys() != self._added.keys():
+            self._added = added
+            self._save()
 
     def split(self, entries: Sequence, fields: Sequence[str],
               now: float) -> tuple:
@@ -251,10 +291,7 @@ class Silences:
                     == _FORMAT and isinstance(saved.get("silences"), list)):
                 raise ValueError("not a silences file")
             for row in saved["silences"][:MAX_SILENCES]:
-                silence = parse_silence(
-                    "a kept silence", {name: row.get(name)
-                                       for name in SILENCE_KEYS},
-                    "control", str(row.get("id"))[:32])
+                silence = _silence_of(row)
                 self._added[silence.id] = silence
         except (ValueError, AttributeError) as error:
             self._added = {}
@@ -268,12 +305,23 @@ class Silences:
     def _save(self) -> None:
         if self._path is None:
             return
-        rows = [{"id": silence.id, "match": silence.given,
-                 "until": silence.until, "comment": silence.comment}
-                for silence in self._added.values()]
+        rows = [_row(silence) for silence in self._added.values()]
         path = self._path
         writing = self._write(replace_file, path, orjson.dumps(
             {"version": _FORMAT, "silences": rows}))
         writing.addErrback(lambda failure: self._log.error(
             "Cannot keep the silences in {path}: {error}; they hold until "
             "the next stop", path=path, error=failure.value))
+
+
+def _row(silence: Silence) -> dict:
+    """An added silence as its file, and a cluster, keep it."""
+    return {"id": silence.id, "match": silence.given,
+            "until": silence.until, "comment": silence.comment}
+
+
+def _silence_of(row: dict) -> Silence:
+    """The silence of a L{_row}.  @raise ValueError: it is none."""
+    return parse_silence("a kept silence", {name: row.get(name)
+                                            for name in SILENCE_KEYS},
+                         "control", str(row.get("id"))[:32])

@@ -329,6 +329,36 @@ class ServiceTests(TestCase):
         self.assertEqual(totals, [3, 7])
 
     @defer.inlineCallbacks
+    def test_silences_shared(self):
+        """
+        A silence added at run time on one node keeps its errors out of
+        the leader's digest, and its removal on another node lets them in
+        again.
+        """
+        mail = FakeMailTransport()
+        one = self.start(mail)
+        yield poll_until(lambda: one.cluster.leader, "a leader")
+        two = self.start(mail)
+        silence = two.silences.add(
+            {"match": {"message": "hush"}, "until": time.time() + 3600,
+             "comment": "known"}, time.time(), two.settings.unique_fields)
+        yield poll_until(lambda: [found.id for found in one.silences.all()]
+                         == [silence.id], "the silence shared")
+        send_datagrams(udp_address(two), [record("hush", "web2"),
+                                          record("loud", "web2")])
+        yield self.counted_everywhere([two], 2)
+        yield self.pushed(two)
+        one._cluster_flush()
+        yield poll_until(lambda: mail.by_kind("digest"), "a digest")
+        yield one._cluster_flushing
+        [message] = digests(mail)
+        self.assertEqual(digest_total(message), 1)
+        self.assertIn("known", message.get_content())
+        one.silences.remove(silence.id)
+        yield poll_until(lambda: not two.silences.all(),
+                         "the silence removed everywhere")
+
+    @defer.inlineCallbacks
     def test_clean_stop_hands_over(self):
         """
         A leader stopped cleanly pushes what it counted and gives up the
