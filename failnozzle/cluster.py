@@ -143,6 +143,15 @@ class ClusterNode:
 
     def start(self) -> None:
         self._pool.start()
+        # Its thread must not keep the process alive if the reactor stops
+        # without the service's stop (which calls L{stop} first).
+        self._reactor.addSystemEventTrigger("after", "shutdown",
+                                            self._stop_pool)
+
+    def _stop_pool(self) -> None:
+        if self._pool.started:
+            self._pool.callInThread(self._store.close)
+            self._pool.stop()
 
     def stop(self) -> defer.Deferred:
         """Give up the lease if held (after the push under way), then close
@@ -154,12 +163,8 @@ class ClusterNode:
             return self._call(self._store.release_lease, token).addErrback(
                 lambda failure: failure.trap(redis.RedisError))
 
-        def stop(_: object) -> None:
-            if self._pool.started:
-                self._pool.callInThread(self._store.close)
-                self._pool.stop()
-
-        return self._pushing.run(release).addBoth(stop)
+        return self._pushing.run(release).addBoth(
+            lambda _: self._stop_pool())
 
     @property
     def leader(self) -> bool:
