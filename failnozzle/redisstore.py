@@ -27,25 +27,35 @@ from typing import Optional
 
 import redis
 
+#: Stores the key texts sent (id, text pairs from ARGV[first + count] on) and
+#: renews the keys named (COUNT ids from ARGV[first]); returns the ids named
+#: that are neither sent nor stored.
+_KEEP_KEYS = """
+local function keep_keys(prefix, ttl, first, count)
+  for i = first + count, #ARGV, 2 do
+    redis.call('SET', prefix .. 'key:' .. ARGV[i], ARGV[i + 1], 'EX', ttl)
+  end
+  local missing = {}
+  for i = first, first + count - 1 do
+    if redis.call('EXPIRE', prefix .. 'key:' .. ARGV[i], ttl) == 0 then
+      missing[#missing + 1] = ARGV[i]
+    end
+  end
+  return missing
+end
+"""
+
 #: Takes a push once: its key texts, then the document, into the period of
 #: now.  Returns {'ok'}, {'dup'} (taken before) or {'missing', ids}: keys
 #: neither sent now nor stored, which the node sends with the same push.
-_PUSH = """
+_PUSH = _KEEP_KEYS + """
 local prefix, node, seq = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local document, ttl, count = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local applied = prefix .. 'applied:' .. node
 if seq <= tonumber(redis.call('GET', applied) or '0') then
   return {'dup'}
 end
-for i = 7 + count, #ARGV, 2 do
-  redis.call('SET', prefix .. 'key:' .. ARGV[i], ARGV[i + 1], 'EX', ttl)
-end
-local missing = {}
-for i = 7, 6 + count do
-  if redis.call('EXPIRE', prefix .. 'key:' .. ARGV[i], ttl) == 0 then
-    missing[#missing + 1] = ARGV[i]
-  end
-end
+local missing = keep_keys(prefix, ttl, 7, count)
 if #missing > 0 then
   return {'missing', missing}
 end
@@ -105,7 +115,7 @@ return found
 #: (texts sent with it) or renewed.  Returns {'ok'}, {'lost'} (not the
 #: holder) or {'missing', ids}: keys neither sent nor stored; nothing else
 #: was done.
-_COMMIT = """
+_COMMIT = _KEEP_KEYS + """
 local prefix, token = ARGV[1], ARGV[2]
 if redis.call('GET', prefix .. 'lease') ~= token then
   return {'lost'}
@@ -113,15 +123,7 @@ end
 local state, seen, ttl = ARGV[3], ARGV[4], tonumber(ARGV[5])
 local periods, count = tonumber(ARGV[6]), tonumber(ARGV[7])
 local ids = 8 + periods
-for i = ids + count, #ARGV, 2 do
-  redis.call('SET', prefix .. 'key:' .. ARGV[i], ARGV[i + 1], 'EX', ttl)
-end
-local missing = {}
-for i = ids, ids + count - 1 do
-  if redis.call('EXPIRE', prefix .. 'key:' .. ARGV[i], ttl) == 0 then
-    missing[#missing + 1] = ARGV[i]
-  end
-end
+local missing = keep_keys(prefix, ttl, ids, count)
 if #missing > 0 then
   return {'missing', missing}
 end
