@@ -188,19 +188,24 @@ class Batch:
         kept coming.  Unique errors past C{max_unique} are only counted, in
         the overflow; sources of one error past C{max_sources}, if given, in
         its C{other_sources}.  Entries are not changed: only errors in
-        both cost a new one.
+        both cost a new one, however many times C{other} holds them (a
+        cluster's leader merges one entry per push of each error).
         """
         merged = {entry.identity: entry for entry in self.entries}
+        combined: dict = {}
         overflow = self.overflow + other.overflow
         for entry in other.entries:
             identity = entry.identity
-            mine = merged.get(identity)
-            if mine is not None:
-                merged[identity] = _combined(mine, entry, max_sources)
+            if identity in merged:
+                if identity not in combined:
+                    combined[identity] = _tally_of(merged[identity])
+                _merge_tally(combined, identity, entry, max_sources)
             elif len(merged) < max_unique:
                 merged[identity] = entry
             else:
                 overflow += entry.total
+        for identity, tally in combined.items():
+            merged[identity] = _entry_of(tally)
         return Batch.of(merged.values(), overflow)
 
     def rekeyed(self, rekey: Callable[[tuple], tuple],
@@ -260,14 +265,6 @@ def _tally_of(entry: Entry) -> _Tally:
                   entry.first_seen, entry.last_seen, entry.level,
                   entry.other_sources, entry.variants, entry.more_variants,
                   entry.examples, entry.context)
-
-
-def _combined(entry: Entry, other: Entry,
-              max_sources: Optional[int]) -> Entry:
-    """One entry of two of the same error (see L{_merge_tally})."""
-    tallies = {None: _tally_of(entry)}
-    _merge_tally(tallies, None, other, max_sources)
-    return _entry_of(tallies[None])
 
 
 def _entry_of(tally: _Tally) -> Entry:

@@ -24,7 +24,7 @@ import os
 import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import orjson
 import redis
@@ -36,7 +36,7 @@ from twisted.python.threadpool import ThreadPool
 from failnozzle.aggregate import Batch
 from failnozzle.redisstore import Lease, RedisStore
 from failnozzle.seen import seen_document, seen_rows
-from failnozzle.state import (State, checked_key, read_shared,
+from failnozzle.state import (State, checked_key, parse_shared, read_shared,
                               shared_document, shared_key_ids)
 
 _log = Logger()
@@ -90,6 +90,18 @@ class _Recent(OrderedDict):
         self.move_to_end(key)
         while len(self) > self.size:
             self.popitem(last=False)
+
+
+#: A shared document as the cluster's thread parsed it, or what is wrong
+#: with it (said when it is read, on the reactor).
+_Parsed = Union[dict, ValueError]
+
+
+def _parsed(document: bytes) -> _Parsed:
+    try:
+        return parse_shared(document)
+    except ValueError as error:
+        return error
 
 
 class ClusterNode:
@@ -317,17 +329,19 @@ class ClusterNode:
         token = self.token
 
         def take(token: str) -> tuple:
-            found = self._store.rotate(token)
+            found = {period: [_parsed(document) for document in documents]
+                     for period, documents in
+                     self._store.rotate(token).items()}
             return found, self._store.texts(self._unknown_ids(
-                document for documents in found.values()
-                for document in documents))
+                parsed for documents in found.values()
+                for parsed in documents))
 
         return self._call(take, token).addCallback(
             lambda result: self._merged(*result))
 
     def _unknown_ids(self, documents) -> list:
-        """The key ids C{documents} name whose keys are not read yet (in
-        the cluster's thread: only looked up)."""
+        """The key ids C{documents} (parsed by L{_parsed}) name whose keys
+        are not read yet (in the cluster's thread: only looked up)."""
         ids: set = set()
         for document in documents:
             try:
@@ -358,8 +372,10 @@ class ClusterNode:
                               self._max_unique, self._max_sources)
         return Merged([str(period) for period in found], batch, unusable)
 
-    def _read(self, document: bytes, texts: dict) -> State:
+    def _read(self, document: _Parsed, texts: dict) -> State:
         """A shared document, its keys from what is read or C{texts}."""
+        if isinstance(document, ValueError):
+            raise document
         def read_keys(wanted: set, length: Optional[int]) -> dict:
             keys = {}
             for key_id in wanted:
@@ -418,15 +434,16 @@ class ClusterNode:
         """
         def take() -> tuple:
             shared = self._store.shared()
-            ids = self._unknown_ids([shared.state] if shared.state else [])
-            return shared, self._store.texts(ids)
+            parsed = None if shared.state is None else _parsed(shared.state)
+            ids = self._unknown_ids([] if parsed is None else [parsed])
+            return shared, parsed, self._store.texts(ids)
 
         def read(result: tuple) -> tuple:
-            shared, texts = result
+            shared, parsed, texts = result
             state = rows = None
             try:
-                if shared.state is not None:
-                    state = self._read(shared.state, texts)
+                if parsed is not None:
+                    state = self._read(parsed, texts)
                 if shared.seen is not None:
                     rows = seen_rows(shared.seen)
             except ValueError as error:

@@ -459,19 +459,29 @@ def _wanted(batches: dict) -> set:
             if type(row) is list and row and type(row[0]) in (int, str)}
 
 
-def shared_key_ids(document: bytes) -> set:
+def parse_shared(document: bytes) -> dict:
     """
-    The key ids a L{shared_document} names, to fetch their texts before
-    it is read.
+    A L{shared_document}'s JSON object, parsed once for both
+    L{shared_key_ids} and L{read_shared}.
+
+    @raise ValueError: it is not a JSON object.
+    """
+    snapshot = _loads(document)
+    _check(type(snapshot) is dict, "not a JSON object")
+    return snapshot
+
+
+def shared_key_ids(snapshot: dict) -> set:
+    """
+    The key ids a parsed L{shared_document} names, to fetch their texts
+    before it is read.
 
     @raise ValueError: it is not such a document.
     """
     try:
-        snapshot = _loads(document)
-        _check(type(snapshot) is dict, "not a JSON object")
         return {key_id for key_id in _wanted(_batches_of(snapshot))
                 if type(key_id) is str}
-    except (KeyError, TypeError, AttributeError, RecursionError) as error:
+    except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"unusable ({error!r})") from None
 
 
@@ -528,18 +538,16 @@ def shared_document(state: State, wall_offset: float,
     return "".join(_pieces(snapshot)).encode("utf-8", "surrogatepass"), texts
 
 
-def read_shared(document: bytes, wall_offset: float, fields: Optional[tuple],
+def read_shared(snapshot: dict, wall_offset: float, fields: Optional[tuple],
                 read_keys: Callable[[set, Optional[int]], dict]) -> State:
     """
-    The state a L{shared_document} holds, its keys read by
-    C{read_keys(ids, length)}, which gives each key of C{ids} checked
-    (see L{checked_key}) or raises.
+    The state a parsed L{shared_document} holds (see L{parse_shared}), its
+    keys read by C{read_keys(ids, length)}, which gives each key of C{ids}
+    checked (see L{checked_key}) or raises.
 
     @raise ValueError: it is not such a document, or a key is missing.
     """
     try:
-        snapshot = _loads(document)
-        _check(type(snapshot) is dict, "not a JSON object")
         return _state_of(snapshot, fields, wall_offset, read_keys)
     except (KeyError, TypeError, AttributeError, RecursionError) as error:
         raise ValueError(f"unusable ({error!r})") from None
@@ -749,15 +757,19 @@ def _sources(pairs: object) -> dict:
         counts = dict(pairs)
     except (TypeError, ValueError):
         raise _Unusable("bad source") from None
-    _check({type(pair) for pair in pairs} <= {list}
-           and {type(source) for source in counts} <= SCALAR_TYPES
-           and {type(count) for count in counts.values()} <= {int}
-           and (not counts or (min(counts.values()) >= 0
-                               and max(counts.values()) < 2 ** 63)),
+    # Not each pair's type: of what JSON holds, only a list of two makes a
+    # pair whose count is a number (dict() takes a two-letter string, or a
+    # two-key object, as a pair of texts).
+    values = counts.values()
+    _check({type(source) for source in counts} <= SCALAR_TYPES
+           and {type(count) for count in values} <= {int}
+           and (not counts or (min(values) >= 0 and max(values) < 2 ** 63)),
            "bad source")
     if len(counts) < len(pairs):
         counts = {}
         for source, count in pairs:
+            _check(type(count) is int and 0 <= count < 2 ** 63,
+                   "bad source")
             counts[source] = counts.get(source, 0) + count
     return counts
 
@@ -769,6 +781,11 @@ _MAX_CONTEXT = 20
 def _grouping(saved: object) -> dict:
     """The fingerprint, variants and examples a row saved, checked."""
     _check(type(saved) is dict, "bad grouping")
+    if len(saved) == 1:
+        # The common case, read at once: a fingerprint, nothing folded in.
+        fingerprint = saved.get("fingerprint")
+        if type(fingerprint) is str and len(fingerprint) <= 100:
+            return {"fingerprint": fingerprint}
     fingerprint = saved.get("fingerprint")
     _check(fingerprint is None or (type(fingerprint) is str
                                    and len(fingerprint) <= 100),

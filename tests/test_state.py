@@ -488,6 +488,28 @@ class HostileFileTests(SynchronousTestCase):
                 self.assertIsNone(self.state_file().load(), (bad, where))
                 self.assertFalse(os.path.exists(self.path))
 
+    def test_source_pairs(self):
+        """
+        A row's sources are C{[source, count]} lists: a two-letter string,
+        a two-key object, a repeated source with a count that is not one,
+        are unusable; a source repeated with good counts is summed.
+        """
+        def load_with(sources):
+            self.save_one()
+            with open(self.path) as saved:
+                changed = json.load(saved)
+            changed["buffer"]["entries"][0][1] = sources
+            self.write(json.dumps(changed))
+            return self.state_file().load()
+
+        for bad in (["ab"], [{"a": 1, "b": 2}], [["h", -5], ["h", 9]],
+                    [["h", "x"], ["h", 1]], [["h", 1.5], ["h", 1]],
+                    [["h", 1, 2]]):
+            self.assertIsNone(load_with(bad), bad)
+        loaded = load_with([["h", 2], ["g", 1], ["h", 3]])
+        [read] = loaded.buffer.entries
+        self.assertEqual(dict(read.sources), {"h": 5, "g": 1})
+
     def test_wrong_shapes(self):
         """
         Every part of a snapshot replaced by a value of another shape
