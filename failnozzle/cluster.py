@@ -376,6 +376,7 @@ class ClusterNode:
         """A shared document, its keys from what is read or C{texts}."""
         if isinstance(document, ValueError):
             raise document
+
         def read_keys(wanted: set, length: Optional[int]) -> dict:
             keys = {}
             for key_id in wanted:
