@@ -36,7 +36,7 @@ from twisted.python.threadpool import ThreadPool
 from failnozzle.aggregate import Batch
 from failnozzle.redisstore import Lease, RedisStore
 from failnozzle.seen import seen_document, seen_rows
-from failnozzle.state import (State, checked_key, parse_shared, read_shared,
+from failnozzle.state import (State, key_of_text, parse_shared, read_shared,
                               shared_document, shared_key_ids)
 
 _log = Logger()
@@ -132,6 +132,9 @@ class ClusterNode:
         self._keys = _Recent(0)
         self.configure(fields, max_unique, max_sources)
         self._pool = ThreadPool(1, 1, name="failnozzle-cluster")
+        #: Periods merged into a digest whose commit failed: in Redis
+        #: still, not to be merged again.
+        self._uncommitted: set = set()
         self._seq = 0
         self._pending: Optional[_Push] = None
         #: One push at a time, the stop after them.
@@ -299,7 +302,8 @@ class ClusterNode:
         asked = self._reactor.seconds()
 
         def answered(lease: Lease) -> Optional[str]:
-            before = self.token if self.leader else None
+            # Renewed late (after leader turned False) is not taken anew.
+            before = self.token
             self.holder = lease.holder
             if lease.held:
                 self.token, self._renewed = lease.token, asked
@@ -354,12 +358,18 @@ class ClusterNode:
         entries: list = []
         overflow = unusable = 0
         pushes = 0
+        known: dict = {}
+        periods = [str(period) for period in found]
+        self._uncommitted &= set(periods)
         for period in sorted(found):
+            if str(period) in self._uncommitted:
+                continue  # in a digest already; committed with these
             for document in found[period]:
                 pushes += 1
                 try:
-                    state = self._read(document, texts)
-                except ValueError as error:
+                    state = self._read(document, texts, known)
+                except Exception as error:
+                    # Whatever Redis holds, the rest of the merge goes on.
                     unusable += 1
                     _log.error("A push in Redis of period {period} is "
                                "unusable ({error}); its errors are not in "
@@ -367,26 +377,34 @@ class ClusterNode:
                     continue
                 entries += state.buffer.entries
                 overflow += state.buffer.overflow
+        self._remember(known)
         self.last_merged = (len(found), pushes)
         batch = Batch().merge(Batch(tuple(entries), overflow),
                               self._max_unique, self._max_sources)
-        return Merged([str(period) for period in found], batch, unusable)
+        return Merged(periods, batch, unusable)
 
-    def _read(self, document: _Parsed, texts: dict) -> State:
-        """A shared document, its keys from what is read or C{texts}."""
+    def _read(self, document: _Parsed, texts: dict, known: dict) -> State:
+        """
+        A shared document, its keys from those read, C{known} (by this
+        merge: added to), or C{texts}.  The keys read are remembered only
+        once the merge is done (L{_remember}): one that its thread found
+        known must stay known until it is read.
+        """
         if isinstance(document, ValueError):
             raise document
 
         def read_keys(wanted: set, length: Optional[int]) -> dict:
             keys = {}
             for key_id in wanted:
-                key = self._keys.get(key_id)
+                key = known.get(key_id)
+                if key is None:
+                    key = self._keys.get(key_id)
                 if key is None:
                     text = texts.get(key_id)
                     if text is None:
                         raise ValueError(f"the key {key_id} is not in Redis")
-                    key = checked_key(orjson.loads(text), None)
-                    self._keys.put(key_id, key)
+                    key = key_of_text(text)
+                known[key_id] = key
                 if length is not None and len(key) != length:
                     raise ValueError("a key of the wrong shape")
                 keys[key_id] = key
@@ -394,6 +412,10 @@ class ClusterNode:
 
         return read_shared(document, self._wall_offset(), self._fields,
                            read_keys)
+
+    def _remember(self, known: dict) -> None:
+        for key_id, key in known.items():
+            self._keys.put(key_id, key)
 
     def commit(self, periods: list, state: State,
                seen: list) -> defer.Deferred:
@@ -415,16 +437,25 @@ class ClusterNode:
             missing = self._store.commit(token, periods, document,
                                          seen_bytes, list(texts), sending)
             if missing:
-                self._store.commit(token, periods, document, seen_bytes,
-                                   list(texts), {
-                                       key_id: texts[key_id]
-                                       for key_id in missing})
+                missing = self._store.commit(
+                    token, periods, document, seen_bytes, list(texts),
+                    {key_id: texts[key_id] for key_id in missing})
+            if missing:
+                raise redis.DataError(f"Redis lost {len(missing)} key "
+                                      f"texts as they were sent")
 
         def committed(_: object) -> None:
             for key_id in texts:
                 self._stored.put(key_id, True)
+            self._uncommitted -= set(periods)
 
-        return self._call(commit, sending).addCallback(committed)
+        def failed(failure: Failure) -> Failure:
+            # Their errors were sent: if this node merges them again (its
+            # commit failed, its lease held), they are left out.
+            self._uncommitted |= set(periods)
+            return failure
+
+        return self._call(commit, sending).addCallbacks(committed, failed)
 
     def shared(self) -> defer.Deferred:
         """
@@ -442,9 +473,11 @@ class ClusterNode:
         def read(result: tuple) -> tuple:
             shared, parsed, texts = result
             state = rows = None
+            known: dict = {}
             try:
                 if parsed is not None:
-                    state = self._read(parsed, texts)
+                    state = self._read(parsed, texts, known)
+                    self._remember(known)
                 if shared.seen is not None:
                     rows = seen_rows(shared.seen)
             except ValueError as error:
@@ -458,7 +491,7 @@ class ClusterNode:
     def keep_message(self, message_id: str, data: bytes) -> None:
         """Keep a digest in Redis until it is delivered (the leader's),
         for the next leader to send if this one dies."""
-        if self.leader:
+        if self.token is not None:
             self._call(self._store.keep_message, message_id,
                        data).addErrback(self._unkept, message_id)
 

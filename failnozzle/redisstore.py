@@ -101,7 +101,9 @@ end
 local now = redis.call('INCR', prefix .. 'period')
 local found = {}
 for _, period in ipairs(redis.call('SMEMBERS', prefix .. 'periods')) do
-  if tonumber(period) < now then
+  if not string.match(period, '^%d+$') then
+    redis.call('SREM', prefix .. 'periods', period)
+  elseif tonumber(period) < now then
     found[#found + 1] = period
     found[#found + 1] = redis.call('LRANGE', prefix .. 'batch:' .. period,
                                    0, -1)
@@ -229,13 +231,13 @@ class RedisStore:
                 for i in range(0, len(found), 2)}
 
     def texts(self, ids: list) -> dict:
-        """The key texts of C{ids} that Redis has, by id."""
+        """The key texts of C{ids} that Redis has, by id, as stored."""
         if not ids:
             return {}
         values = self._redis.mget([self._prefix + "key:" + key_id
                                    for key_id in ids])
-        return {key_id: value.decode("utf-8", "surrogatepass")
-                for key_id, value in zip(ids, values) if value is not None}
+        return {key_id: value for key_id, value in zip(ids, values)
+                if value is not None}
 
     def commit(self, token: str, periods: list, state: bytes, seen: bytes,
                ids: list, texts: dict) -> Optional[list]:

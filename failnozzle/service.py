@@ -274,6 +274,9 @@ class FailnozzleService(Service):
         self._ticking = False
         self._cluster_flushing: Optional[defer.Deferred] = None
         self._taking_over: Optional[defer.Deferred] = None
+        #: The lease token for which what the last leader left was taken:
+        #: a leader flushes only once it has taken it.
+        self._taken_over_for: Optional[str] = None
         self.state_file: Optional[StateFile] = None
         #: Every error reported, and where it is kept between runs (beside
         #: the state file; none without snapshots).
@@ -1025,9 +1028,11 @@ class FailnozzleService(Service):
         leased.addCallback(self._lease_changed)
         leased.addErrback(lambda failure: failure.trap(redis.RedisError))
         leased.addErrback(lambda failure: _log.failure(
-            "Could not take over what the last leader left", failure))
+            "Cluster lease renewal failed", failure))
         silenced = cluster.silences().addCallback(self.silences.take_shared)
         silenced.addErrback(lambda failure: failure.trap(redis.RedisError))
+        silenced.addErrback(lambda failure: _log.failure(
+            "Could not take the cluster's silences", failure))
         self._ticking = True
 
         def done(_: object) -> None:
@@ -1040,12 +1045,19 @@ class FailnozzleService(Service):
         return self.aggregator.flush() if self.aggregator else Batch()
 
     def _lease_changed(self, change: Optional[str]) -> None:
+        cluster = self.cluster
         if change == TOOK:
             _log.info("Cluster node {node} holds the flush lease: the "
-                      "digests go out from here", node=self.cluster.name)
-            self._taking_over = self._take_over()
+                      "digests go out from here", node=cluster.name)
         elif change == LOST:
             self._lost_lease()
+        # Taken at the tick after one that failed, or after the flush
+        # under way (which its commit, refused, leaves to this).
+        if (cluster.token is not None
+                and self._taken_over_for != cluster.token
+                and self._taking_over is None
+                and self._cluster_flushing is None):
+            self._take_over()
 
     def _lost_lease(self) -> None:
         """Another node leads: what was held is its to send (in what this
@@ -1062,6 +1074,7 @@ class FailnozzleService(Service):
         canaries, the seen-memory), and the digests it had not delivered.
         """
         cluster = self.cluster
+        token = cluster.token
 
         def take(shared: tuple) -> defer.Deferred:
             state, seen = shared
@@ -1092,13 +1105,21 @@ class FailnozzleService(Service):
             if adopted:
                 _log.info("{count} message(s) the last leader had not "
                           "delivered will be sent from here", count=adopted)
+            self._taken_over_for = token
 
-        def done(result: object) -> object:
+        def failed(failure: Failure) -> None:
+            if not failure.check(redis.RedisError):
+                _log.failure("Could not take over what the last leader "
+                             "left; trying again in {seconds:g} s", failure,
+                             seconds=self._cluster_seconds())
+
+        def done(_: object) -> None:
             self._taking_over = None
-            return result
 
-        return cluster.shared().addCallback(take).addCallback(
-            adopt).addBoth(done)
+        # Set before its callbacks run: they may run at once.
+        self._taking_over = taking = cluster.shared()
+        return taking.addCallback(take).addCallback(adopt).addErrback(
+            failed).addBoth(done)
 
     def _cluster_flush(self) -> list:
         """
@@ -1111,9 +1132,12 @@ class FailnozzleService(Service):
             return []
         if cluster.alone:
             return self.flush(notice=self._alone_notice())
-        if not (cluster.leader and cluster.connected):
+        if not (cluster.leader and cluster.connected
+                and self._taken_over_for == cluster.token):
             # On time: the digest is the leader's (health reads this).
             self.counts.last_flush = self._reactor.seconds()
+            if not cluster.leader:
+                self._push_held()
             return []
         flushing = self._cluster_flushing = cluster.merge()
         flushing.addCallback(self._flush_merged)
@@ -1124,6 +1148,18 @@ class FailnozzleService(Service):
 
         flushing.addCallback(done)
         return []
+
+    def _push_held(self) -> None:
+        """
+        Errors held here (while alone, or from the state file) go to the
+        leader with the next push: a node that does not lead never sends
+        them.  Held from when this node led, they are in what it committed
+        too: sent twice rather than lost.
+        """
+        if self._held:
+            for batch in self._held.values():
+                self.aggregator.restore(batch)
+            self._held = {}
 
     def _flush_merged(self, merged: Merged) -> defer.Deferred:
         """Flush what the cluster counted, then commit: the pushes merged
@@ -1187,7 +1223,7 @@ class FailnozzleService(Service):
             if cluster.unpushed or self.aggregator:
                 self.aggregator.restore(cluster.take_unpushed())
                 return self.flush(final=True, notice=self._alone_notice())
-            if cluster.leader:
+            if cluster.leader and self._taken_over_for == cluster.token:
                 return self._commit([]).addErrback(
                     self._cluster_flush_failed)
             return None

@@ -499,6 +499,16 @@ def key_text(key: tuple) -> str:
     return _dumps(list(key), key)
 
 
+def key_of_text(text: bytes) -> tuple:
+    """
+    The key a L{key_text} holds, as another node stored it (its JSON may
+    be what only the standard library reads: NaN, lone surrogates).
+
+    @raise ValueError: it is not a key.
+    """
+    return checked_key(_loads(text), None)
+
+
 def key_id(text: str) -> str:
     """
     What names a key by its content (of its L{key_text}): the same on

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import redis
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import TestCase
@@ -230,6 +231,86 @@ class NodeTests(TestCase):
         self.assertEqual(state.rate_window, [1, 2, 3])
         self.assertEqual(rows, seen)
 
+    @defer.inlineCallbacks
+    def test_keys_only_the_standard_library_reads(self):
+        """
+        Keys holding a lone surrogate or NaN (which datagrams may carry,
+        and orjson does not read) are merged like any other.
+        """
+        one, two = self.node(), self.node()
+        yield two.push(lambda: batch(
+            Entry(key("bad \ud800 text"), {"h": 2}, 1.0, 1.0),
+            Entry(key(float("nan")), {"h": 3}, 1.0, 1.0),
+            Entry(key("plain"), {"h": 4}, 1.0, 1.0)))
+        yield self.lead(one)
+        merged = yield one.merge()
+        self.assertEqual((merged.batch.total, merged.unusable), (9, 0))
+        self.assertIn(key("bad \ud800 text"),
+                      [entry.key for entry in merged.batch.entries])
+
+    @defer.inlineCallbacks
+    def test_corrupt_values_in_redis(self):
+        """
+        A key text that is not JSON (nor UTF-8) makes the pushes naming it
+        unusable, logged, and no other; members of the periods set that
+        are not period numbers are dropped; the merge goes on.
+        """
+        one, two = self.node(), self.node()
+        yield two.push(lambda: batch(Entry(key("spoiled"), {"h": 2}, 1.0,
+                                           1.0)))
+        yield two.push(lambda: batch(Entry(key("fine"), {"h": 5}, 1.0, 1.0)))
+        client = self.redis.client()
+        client.set(f"failnozzle:tests:key:{key_id(key_text(key('spoiled')))}",
+                   b"\xff\xfe[")
+        client.sadd("failnozzle:tests:periods", "x", "1e3", "-1")
+        yield self.lead(one)
+        merged = yield one.merge()
+        self.assertEqual((merged.batch.total, merged.unusable), (5, 1))
+        self.assertEqual(client.smembers("failnozzle:tests:periods"),
+                         {b"0"})
+        self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
+    def test_failed_commit_not_merged_again(self):
+        """
+        Pushes merged into a digest whose commit failed are still in
+        Redis; the same leader's next merge leaves them out (they were
+        sent), and its next commit forgets them.
+        """
+        one = self.node()
+        yield self.lead(one)
+        yield one.push(lambda: batch(Entry(key("a"), {"h": 1}, 1.0, 1.0)))
+        first = yield one.merge()
+        store, original = one._store, one._store.commit
+
+        def refused(*args):
+            store.commit = original
+            raise redis.ConnectionError("gone for a moment")
+
+        store.commit = refused
+        yield self.assertFailure(one.commit(first.periods, State(), []),
+                                 redis.ConnectionError)
+        yield one.push(lambda: batch(Entry(key("a"), {"h": 2}, 2.0, 2.0)))
+        second = yield one.merge()
+        self.assertEqual((first.batch.total, second.batch.total), (1, 2))
+        self.assertTrue(set(first.periods) <= set(second.periods))
+        yield one.commit(second.periods, State(), [])
+        third = yield one.merge()
+        self.assertEqual((third.batch.total, third.periods), (0, []))
+
+    @defer.inlineCallbacks
+    def test_late_renewal_is_not_a_take_over(self):
+        """
+        A renewal answered after the lease's safe time ran out here, but
+        before it ran out in Redis, keeps the same lease: not taken anew.
+        """
+        one = self.node()
+        yield self.lead(one)
+        one._renewed -= self.settings.CLUSTER_LEASE_SECONDS
+        self.assertFalse(one.leader)
+        self.assertIsNone((yield one.keep_lease()))
+        self.assertTrue(one.leader)
+
 
 class ServiceTests(TestCase):
     """Services of one process sharing a real Redis: one digest, global
@@ -357,6 +438,55 @@ class ServiceTests(TestCase):
         one.silences.remove(silence.id)
         yield poll_until(lambda: not two.silences.all(),
                          "the silence removed everywhere")
+
+    @defer.inlineCallbacks
+    def test_take_over_retried(self):
+        """
+        A take-over that Redis did not answer is tried again at a later
+        tick; until it is done, the new leader sends no digest.
+        """
+        mail = FakeMailTransport()
+        one = self.start(mail)
+        original, asked = one.cluster.shared, []
+
+        def blip():
+            asked.append(one._taken_over_for)
+            if len(asked) == 1:
+                return defer.fail(redis.ConnectionError("a blip"))
+            return original()
+
+        one.cluster.shared = blip
+        yield poll_until(lambda: asked, "a take-over")
+        self.assertEqual(one._cluster_flush(), [])
+        self.assertIsNone(one._cluster_flushing, "flushed before taking")
+        yield poll_until(lambda: one._taken_over_for == one.cluster.token,
+                         "the take-over done at a later tick")
+        self.assertEqual(asked, [None, None])
+
+    @defer.inlineCallbacks
+    def test_follower_pushes_what_it_held(self):
+        """
+        Errors a node held (from its state file, or while it was alone)
+        reach the leader's digest once it follows, instead of staying.
+        """
+        mail = FakeMailTransport()
+        one = self.start(mail)
+        yield poll_until(lambda: one.cluster.leader, "a leader")
+        two = self.start(mail)
+        yield poll_until(lambda: two.cluster.holder == one.cluster.name,
+                         "the lease seen")
+        now = reactor.seconds()
+        two._held["digest"] = batch(Entry(key("held here"), {"web2": 4},
+                                          now, now))
+        two._cluster_flush()
+        self.assertEqual(two._held, {})
+        yield self.pushed(two)
+        one._cluster_flush()
+        yield poll_until(lambda: mail.by_kind("digest"), "a digest")
+        yield one._cluster_flushing
+        [message] = digests(mail)
+        self.assertEqual(digest_total(message), 4)
+        self.assertIn("held here", message.get_content())
 
     @defer.inlineCallbacks
     def test_clean_stop_hands_over(self):
