@@ -217,11 +217,23 @@ class ClusterNode:
         return Batch() if pending is None else pending.batch
 
     def _call(self, function: Callable, *args: object) -> defer.Deferred:
-        """Run a store call in the cluster's thread, and note whether Redis
-        answered."""
+        """Run a store call that writes in the cluster's thread, and note
+        whether Redis answered."""
         calling = threads.deferToThreadPool(self._reactor, self._pool,
                                             function, *args)
         calling.addCallbacks(self._answered, self._not_answered)
+        return calling
+
+    def _call_reading(self, function: Callable,
+                      *args: object) -> defer.Deferred:
+        """
+        Run a store call that only reads: a failure is noted, an answer
+        is not taken as Redis answering, which only a write proves (a
+        Redis out of memory refuses writes, not reads).
+        """
+        calling = threads.deferToThreadPool(self._reactor, self._pool,
+                                            function, *args)
+        calling.addErrback(self._not_answered)
         return calling
 
     def _answered(self, result: object) -> object:
@@ -235,8 +247,8 @@ class ClusterNode:
     def _not_answered(self, failure: Failure) -> Failure:
         if failure.check(redis.RedisError):
             if self.connected is not False:
-                _log.error("Redis is unreachable from cluster node {name}: "
-                           "{error}; counting here, and after "
+                _log.error("Redis is unreachable from cluster node {name}, "
+                           "or refuses it: {error}; counting here, and after "
                            "CLUSTER_GRACE_SECONDS = {grace:g} s sending "
                            "digests of its own", name=self.name,
                            error=failure.value, grace=self.grace_seconds)
@@ -486,7 +498,7 @@ class ClusterNode:
                            "afresh", error=error)
             return state, rows or []
 
-        return self._call(take).addCallback(read)
+        return self._call_reading(take).addCallback(read)
 
     def keep_message(self, message_id: str, data: bytes) -> None:
         """Keep a digest in Redis until it is delivered (the leader's),
@@ -505,14 +517,14 @@ class ClusterNode:
         _log.warn("Could not keep or forget {id} in Redis: {error}",
                   id=message_id, error=failure.value)
 
-    def keep_silence(self, silence_id: str, row: dict) -> None:
-        """Share a silence added here with the cluster."""
-        self._call(self._store.keep_silence, silence_id,
-                   orjson.dumps(row)).addErrback(self._unkept, silence_id)
+    def keep_silence(self, silence_id: str, row: dict) -> defer.Deferred:
+        """Share a silence added here with the cluster: a Deferred that
+        fails if Redis did not take it."""
+        return self._call(self._store.keep_silence, silence_id,
+                          orjson.dumps(row))
 
-    def drop_silence(self, silence_id: str) -> None:
-        self._call(self._store.drop_silence, silence_id).addErrback(
-            self._unkept, silence_id)
+    def drop_silence(self, silence_id: str) -> defer.Deferred:
+        return self._call(self._store.drop_silence, silence_id)
 
     def silences(self) -> defer.Deferred:
         """
@@ -529,11 +541,11 @@ class ClusterNode:
                               "left out", error=error)
             return rows
 
-        return self._call(self._store.silences).addCallback(read)
+        return self._call_reading(self._store.silences).addCallback(read)
 
     def messages(self) -> defer.Deferred:
         """The digests kept in Redis, by Message-ID."""
-        return self._call(self._store.messages)
+        return self._call_reading(self._store.messages)
 
     def status(self) -> dict:
         """For the status page and metrics."""

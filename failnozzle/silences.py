@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
 import orjson
+from twisted.internet.defer import Deferred
 
 from failnozzle.routing import (BadRule, Rule, check_keys, matcher_of, route,
                                 unknown_fields)
@@ -131,11 +132,11 @@ class SharedSilences(Protocol):
     """Where the silences added at run time are shared with other nodes
     (a cluster's Redis, L{failnozzle.cluster})."""
 
-    def keep_silence(self, silence_id: str, row: dict) -> None:
-        ...
+    def keep_silence(self, silence_id: str, row: dict) -> Deferred:
+        """A Deferred failing if it was not kept."""
 
-    def drop_silence(self, silence_id: str) -> None:
-        ...
+    def drop_silence(self, silence_id: str) -> Deferred:
+        """A Deferred failing if it was not dropped."""
 
 
 class Silences:
@@ -161,6 +162,9 @@ class Silences:
         self._said_over: set = set()
         #: Shares the added ones with the other nodes of a cluster.
         self.shared: Optional[SharedSilences] = None
+        #: Silences added (or removed: None) here that the cluster has not
+        #: taken yet: they stand over what it says, and are sent again.
+        self._unshared: dict = {}
 
     def configure(self, configured: Sequence[Silence],
                   path: Optional[str]) -> None:
@@ -188,7 +192,7 @@ class Silences:
                            count=self.silenced[silence.id])
             if self._added.pop(silence.id, None) is not None:
                 self._save()
-                self._drop_shared(silence.id)
+                self._share(silence.id, None)
         return [silence for silence in self.all() if silence.until > now]
 
     def add(self, given: object, now: float,
@@ -213,8 +217,7 @@ class Silences:
                           f"fingerprint)")
         self._added[silence.id] = silence
         self._save()
-        if self.shared is not None:
-            self.shared.keep_silence(silence.id, _row(silence))
+        self._share(silence.id, silence)
         return silence
 
     def remove(self, silence_id: str) -> Silence:
@@ -224,17 +227,39 @@ class Silences:
         """
         silence = self._added.pop(silence_id)
         self._save()
-        self._drop_shared(silence_id)
+        self._share(silence_id, None)
         return silence
 
-    def _drop_shared(self, silence_id: str) -> None:
-        if self.shared is not None:
-            self.shared.drop_silence(silence_id)
+    def _share(self, silence_id: str, silence: Optional[Silence]) -> None:
+        """Tell the cluster, if any, of a silence added or removed
+        (None) here; until it has taken it, this stands."""
+        if self.shared is None:
+            return
+        again = self._unshared.get(silence_id, False) is silence
+        self._unshared[silence_id] = silence
+        if silence is None:
+            sending = self.shared.drop_silence(silence_id)
+        else:
+            sending = self.shared.keep_silence(silence_id, _row(silence))
+
+        def taken(_: object) -> None:
+            if self._unshared.get(silence_id, False) is silence:
+                del self._unshared[silence_id]
+
+        def not_taken(failure) -> None:
+            if not again:
+                self._log.warn("Could not share silence {id} with the "
+                               "cluster ({error}); it holds here, and is "
+                               "sent again while Redis answers",
+                               id=silence_id, error=failure.value)
+
+        sending.addCallbacks(taken, not_taken)
 
     def take_shared(self, rows: Sequence[dict]) -> None:
         """
         Take the added silences of the cluster instead of this node's: the
-        rows other nodes kept (as L{_save} writes them); one that cannot be
+        rows other nodes kept (as L{_save} writes them), with the changes
+        made here it has not taken yet (sent again); one that cannot be
         read is said and left out.
         """
         added = {}
@@ -246,6 +271,12 @@ class Silences:
                                "read ({error}); left out", error=error)
                 continue
             added[silence.id] = silence
+        for silence_id, silence in list(self._unshared.items()):
+            if silence is None:
+                added.pop(silence_id, None)
+            else:
+                added[silence_id] = silence
+            self._share(silence_id, silence)
         if added.keys() != self._added.keys():
             self._added = added
             self._save()

@@ -311,6 +311,26 @@ class NodeTests(TestCase):
         self.assertIsNone((yield one.keep_lease()))
         self.assertTrue(one.leader)
 
+    @defer.inlineCallbacks
+    def test_reads_do_not_prove_redis_answers(self):
+        """
+        A Redis that refuses writes (out of memory) but answers reads is
+        unreachable for the grace period: its reads do not start it anew.
+        """
+        one = self.node()
+        yield one.push(lambda: batch(Entry(key("a"), {"h": 1}, 1.0, 1.0)))
+        self.assertTrue(one.connected)
+        self.redis.client().config_set("maxmemory", 1)
+        yield one.push(lambda: batch(Entry(key("b"), {"h": 1}, 1.0, 1.0)))
+        self.assertFalse(one.connected)
+        since = one.unreachable_since
+        self.assertEqual((yield one.silences()), [])
+        self.assertEqual((one.connected, one.unreachable_since),
+                         (False, since))
+        self.redis.client().config_set("maxmemory", 0)
+        yield one.push(lambda: batch())
+        self.assertEqual((one.connected, one.unpushed), (True, 0))
+
 
 class ServiceTests(TestCase):
     """Services of one process sharing a real Redis: one digest, global
@@ -487,6 +507,30 @@ class ServiceTests(TestCase):
         [message] = digests(mail)
         self.assertEqual(digest_total(message), 4)
         self.assertIn("held here", message.get_content())
+
+    @defer.inlineCallbacks
+    def test_silence_added_while_redis_is_down(self):
+        """
+        A silence added while Redis does not answer holds on its node,
+        is not undone when Redis is back, and reaches the other nodes.
+        """
+        mail = FakeMailTransport()
+        one = self.start(mail)
+        yield poll_until(lambda: one.cluster.leader, "a leader")
+        two = self.start(mail)
+        yield poll_until(lambda: two.cluster.connected, "two connected")
+        self.redis.stop()
+        silence = two.silences.add(
+            {"match": {"message": "hush"}, "until": time.time() + 3600,
+             "comment": "while down"}, time.time(),
+            two.settings.unique_fields)
+        yield poll_until(lambda: two.cluster.connected is False,
+                         "Redis seen down")
+        self.redis.start()
+        yield poll_until(lambda: [found.id for found in one.silences.all()]
+                         == [silence.id], "the silence shared")
+        self.assertEqual([found.id for found in two.silences.all()],
+                         [silence.id])
 
     @defer.inlineCallbacks
     def test_clean_stop_hands_over(self):
