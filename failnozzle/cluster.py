@@ -219,8 +219,7 @@ class ClusterNode:
     def _call(self, function: Callable, *args: object) -> defer.Deferred:
         """Run a store call that writes in the cluster's thread, and note
         whether Redis answered."""
-        calling = threads.deferToThreadPool(self._reactor, self._pool,
-                                            function, *args)
+        calling = self._in_thread(function, *args)
         calling.addCallbacks(self._answered, self._not_answered)
         return calling
 
@@ -231,10 +230,18 @@ class ClusterNode:
         is not taken as Redis answering, which only a write proves (a
         Redis out of memory refuses writes, not reads).
         """
-        calling = threads.deferToThreadPool(self._reactor, self._pool,
-                                            function, *args)
+        calling = self._in_thread(function, *args)
         calling.addErrback(self._not_answered)
         return calling
+
+    def _in_thread(self, function: Callable,
+                   *args: object) -> defer.Deferred:
+        # A stopped (or never started) pool would never call back.
+        if not self._pool.started or self._pool.joined:
+            return defer.fail(redis.ConnectionError(
+                "the cluster's thread is not running"))
+        return threads.deferToThreadPool(self._reactor, self._pool,
+                                         function, *args)
 
     def _answered(self, result: object) -> object:
         if self.connected is False:
@@ -282,9 +289,9 @@ class ClusterNode:
                 self._pending = None
                 self.last_push = self._reactor.seconds()
                 return None
-            # Redis lost them (restarted, or they expired): sent again.
-            pending.sending = {key_id: pending.texts[key_id]
-                               for key_id in missing}
+            # Redis lost some (restarted, or they expired): all sent
+            # again, so the answer is not missing ones once more.
+            pending.sending = dict(pending.texts)
             return self._send(pending).addCallback(answered)
 
         return self._send(pending).addCallback(answered).addErrback(

@@ -331,6 +331,20 @@ class NodeTests(TestCase):
         yield one.push(lambda: batch())
         self.assertEqual((one.connected, one.unpushed), (True, 0))
 
+    @defer.inlineCallbacks
+    def test_calls_without_the_thread_fail_at_once(self):
+        """
+        A node whose thread is not running (never started, or stopped)
+        answers every call at once, as if Redis did not: a stop then
+        does not wait for ever.
+        """
+        idle = make_node(self.settings, reactor, lambda: 0.0)
+        yield idle.push(lambda: batch(Entry(key("a"), {"h": 1}, 1.0, 1.0)))
+        self.assertEqual((idle.connected, idle.unpushed), (False, 1))
+        one = self.node()
+        yield one.stop()
+        yield self.assertFailure(one.keep_lease(), redis.ConnectionError)
+
 
 class ServiceTests(TestCase):
     """Services of one process sharing a real Redis: one digest, global
