@@ -13,9 +13,11 @@ load     A paced load split between three nodes (--rate per node, over
          what was sent (double counts and losses), how many digests each
          node sent (one node sends them all, one per flush), the CPU
          microseconds per datagram of each node against a single node
-         taking the same rate in the same run, and Redis' traffic per node
-         per second (bytes in and out, commands), also at twice the rate:
-         it follows the changed errors, not the datagrams.
+         taking the same rate in the same run, alone and as one of three
+         side by side (which share the machine as the cluster's nodes
+         do), and Redis' traffic per node per second (bytes in and out,
+         commands), also at twice the rate: it follows the changed
+         errors, not the datagrams.
 faults   The same load (--fault-rate per node) while: the lease holder is
          killed (SIGKILL) mid-period: the errors lost and the seconds from
          the kill to the next digest; Redis is stopped for --outage
@@ -209,34 +211,50 @@ def stop_all(nodes: list) -> None:
             node.stop()
 
 
+def loaded_cpu(nodes: list, rate: float, options) -> tuple:
+    """Load C{nodes} at C{rate} each: what was sent to each, and the CPU
+    microseconds per datagram each used."""
+    before = [cpu_seconds(node.pid) for node in nodes]
+    sent = load(nodes, rate, options.seconds, options.unique, options.hosts)
+    used = [cpu_seconds(node.pid) - then for node, then in zip(nodes, before)]
+    return sent, [seconds / count * 1e6 for seconds, count in zip(used, sent)]
+
+
+def single_references(root: str, rate: float, options) -> tuple:
+    """
+    The CPU per datagram of a single node (no cluster) at C{rate}: alone
+    on the machine, and as the median of three taking it side by side,
+    which share the machine as a cluster's three nodes do (their senders
+    and the kernel's work on the same two cores).
+    """
+    alone = start_nodes(os.path.join(root, f"alone{rate:g}"), 1, None)
+    _, [alone_us] = loaded_cpu(alone, rate, options)
+    stop_all(alone)
+    side = start_nodes(os.path.join(root, f"side{rate:g}"), 3, None)
+    _, side_us = loaded_cpu(side, rate, options)
+    stop_all(side)
+    return alone_us, sorted(side_us)[1]
+
+
 def run_load(options, root: str) -> None:
     print(f"load: {options.rate:,.0f} datagrams/s per node for "
           f"{options.seconds:g} s, {options.unique} errors from "
           f"{options.hosts} hosts")
-    single = start_nodes(os.path.join(root, "single"), 1, None)
-    before = cpu_seconds(single[0].pid)
-    [sent_single] = load(single, options.rate, options.seconds,
-                         options.unique, options.hosts)
-    single_cpu = cpu_seconds(single[0].pid) - before
-    stop_all(single)
-    single_us = single_cpu / sent_single * 1e6
-    print(f"  single node: {sent_single:,} sent, "
-          f"{single_us:.1f} us CPU per datagram")
     for factor in (1, 2):
+        rate = options.rate * factor
+        alone_us, side_us = single_references(root, rate, options)
+        print(f"  single node at {factor}x: {alone_us:.1f} us CPU per "
+              f"datagram alone, {side_us:.1f} as one of three side by side")
         redis = Redis(os.path.join(root, f"redis{factor}"))
         try:
             nodes = start_nodes(os.path.join(root, f"cluster{factor}"), 3,
                                 redis)
             directories = [node.directory for node in nodes]
             time.sleep(1)
-            cpu = [cpu_seconds(node.pid) for node in nodes]
             stats, calls = redis.info(), redis.calls()
             began = time.monotonic()
-            sent = load(nodes, options.rate * factor, options.seconds,
-                        options.unique, options.hosts)
+            sent, us = loaded_cpu(nodes, rate, options)
             elapsed = time.monotonic() - began
-            cpu = [cpu_seconds(node.pid) - used
-                   for node, used in zip(nodes, cpu)]
             after = redis.info()
             calls = [now - then for now, then in zip(redis.calls(), calls)]
             total = wait_counted(directories, sum(sent))
@@ -247,13 +265,12 @@ def run_load(options, root: str) -> None:
         traffic = {name: (int(after[name]) - int(stats[name])) / elapsed / 3
                    for name in ("total_net_input_bytes",
                                 "total_net_output_bytes")}
-        us = [used / count * 1e6 for used, count in zip(cpu, sent)]
         print(f"  cluster of 3 at {factor}x: {sum(sent):,} sent, "
               f"{total:,} in the digests ({total - sum(sent):+,}); digests "
               f"per node {per_node}")
-        print(f"    CPU per datagram {', '.join(f'{u:.1f}' for u in us)} us "
-              f"(x{max(us) / single_us:.2f} of the single node, whose rate "
-              f"is the 1x one)")
+        print(f"    CPU per datagram {', '.join(f'{u:.1f}' for u in us)} us, "
+              f"the most x{max(us) / alone_us:.2f} of a single node alone, "
+              f"x{max(us) / side_us:.2f} of one side by side")
         print(f"    Redis per node per second: "
               f"{traffic['total_net_input_bytes'] / 1024:.1f} kB in, "
               f"{traffic['total_net_output_bytes'] / 1024:.1f} kB out, "
