@@ -135,6 +135,8 @@ class ClusterNode:
         #: Periods merged into a digest whose commit failed: in Redis
         #: still, not to be merged again.
         self._uncommitted: set = set()
+        #: Delivered digests Redis did not forget when told.
+        self._undropped: set = set()
         self._seq = 0
         self._pending: Optional[_Push] = None
         #: One push at a time, the stop after them.
@@ -515,8 +517,24 @@ class ClusterNode:
                        data).addErrback(self._unkept, message_id)
 
     def drop_message(self, message_id: str) -> None:
-        self._call(self._store.drop_message, message_id).addErrback(
-            self._unkept, message_id)
+        """Forget a delivered digest in Redis; if Redis does not take
+        that, again at each L{retry_drops} until it does (else the next
+        leader would send it again)."""
+        def dropped(_: object) -> None:
+            self._undropped.discard(message_id)
+
+        def not_dropped(failure: Failure) -> None:
+            if message_id not in self._undropped:
+                self._undropped.add(message_id)
+                self._unkept(failure, message_id)
+
+        self._call(self._store.drop_message, message_id).addCallbacks(
+            dropped, not_dropped)
+
+    def retry_drops(self) -> None:
+        """Forget again the delivered digests Redis did not forget."""
+        for message_id in list(self._undropped):
+            self.drop_message(message_id)
 
     @staticmethod
     def _unkept(failure: Failure, message_id: str) -> None:

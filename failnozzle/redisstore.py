@@ -77,6 +77,10 @@ if current then
     redis.call('PEXPIRE', lease, ttl)
     return {1, current}
   end
+  if redis.call('PTTL', lease) == -1 then
+    -- Not set by a node (each sets an expiry): it ends like a lease.
+    redis.call('PEXPIRE', lease, ttl)
+  end
   return {0, current}
 end
 local taken = redis.call('INCR', prefix .. 'epoch') .. ' ' .. node
@@ -211,7 +215,7 @@ class RedisStore:
     def keep_lease(self, node: str, token: str, seconds: float) -> Lease:
         """Renew the lease C{token}, or take it if it is free."""
         held, current = self._run("keep", token, int(seconds * 1000), node)
-        return Lease(bool(held), current.decode())
+        return Lease(bool(held), current.decode("utf-8", "replace"))
 
     def release_lease(self, token: str) -> None:
         self._run("release", token)

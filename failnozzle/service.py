@@ -1025,6 +1025,8 @@ class FailnozzleService(Service):
             _log.failure("Cluster push failed; the next one is in "
                          "{seconds:g} s", seconds=self._cluster_seconds())
             return
+        if cluster.connected:
+            cluster.retry_drops()
         leased.addCallback(self._lease_changed)
         leased.addErrback(lambda failure: failure.trap(redis.RedisError))
         leased.addErrback(lambda failure: _log.failure(

@@ -345,6 +345,41 @@ class NodeTests(TestCase):
         yield one.stop()
         yield self.assertFailure(one.keep_lease(), redis.ConnectionError)
 
+    @defer.inlineCallbacks
+    def test_forgetting_a_delivered_digest_is_retried(self):
+        """
+        A delivered digest that Redis did not forget when told is
+        forgotten at a later retry: the next leader does not send it.
+        """
+        one = self.node()
+        yield self.lead(one)
+        one.keep_message("<m1@x>", b"a digest")
+        store, original = one._store, one._store.drop_message
+
+        def refused(message_id):
+            raise redis.ConnectionError("a blip")
+
+        store.drop_message = refused
+        one.drop_message("<m1@x>")
+        yield one.keep_lease()  # after both, in the cluster's thread
+        self.assertEqual(list((yield one.messages())), ["<m1@x>"])
+        store.drop_message = original
+        one.retry_drops()
+        yield one.keep_lease()
+        self.assertEqual((yield one.messages()), {})
+
+    @defer.inlineCallbacks
+    def test_a_lease_without_expiry_ends(self):
+        """
+        A lease key no node set (no expiry, any value) is given one: it
+        does not keep every node from leading for ever.
+        """
+        one = self.node()
+        client = self.redis.client()
+        client.set("failnozzle:tests:lease", b"\xff not a node")
+        self.assertIsNone((yield one.keep_lease()))
+        self.assertGreater(client.pttl("failnozzle:tests:lease"), 0)
+
 
 class ServiceTests(TestCase):
     """Services of one process sharing a real Redis: one digest, global
