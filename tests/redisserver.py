@@ -20,28 +20,52 @@ _READY = b"Ready to accept connections"
 
 class RedisServer:
     """
-    @ivar url: the C{redis://} URL of its database 0.
+    @ivar url: the C{redis://} URL of its database 0; with C{tls}, the
+        C{rediss://} URL with its password and the CA that signed its
+        certificate.
     """
 
-    def __init__(self, testcase) -> None:
+    def __init__(self, testcase, tls: bool = False) -> None:
         self._binary = shutil.which("redis-server")
         if self._binary is None:
             raise AssertionError(
                 "redis-server is not installed: the cluster tests need it "
                 "(apt-get install redis-server; .ci/run does)")
         self.port = free_tcp_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._directory = testcase.mktemp()
+        self._directory = os.path.abspath(testcase.mktemp())
         os.makedirs(self._directory)
+        self._options = ["--port", str(self.port)]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        if tls:
+            self._options = ["--port", "0", "--tls-port", str(self.port),
+                             *self._tls_options(), "--requirepass",
+                             "s3cret"]
+            ca = os.path.join(self._directory, "ca.pem")
+            self.url = (f"rediss://:s3cret@127.0.0.1:{self.port}/0"
+                        f"?ssl_ca_certs={ca}")
         self._process = None
         self.start()
         testcase.addCleanup(self.stop)
+
+    def _tls_options(self) -> list:
+        """A certificate for 127.0.0.1 from a CA of its own (ca.pem)."""
+        import trustme
+        ca = trustme.CA()
+        issued = ca.issue_cert("127.0.0.1")
+        paths = {name: os.path.join(self._directory, f"{name}.pem")
+                 for name in ("ca", "cert", "key")}
+        ca.cert_pem.write_to_path(paths["ca"])
+        issued.cert_chain_pems[0].write_to_path(paths["cert"])
+        issued.private_key_pem.write_to_path(paths["key"])
+        return ["--tls-cert-file", paths["cert"], "--tls-key-file",
+                paths["key"], "--tls-ca-cert-file", paths["ca"],
+                "--tls-auth-clients", "no"]
 
     def start(self) -> None:
         """Start it (again, on the same port), and wait until it is
         ready."""
         self._process = subprocess.Popen(
-            [self._binary, "--port", str(self.port), "--bind", "127.0.0.1",
+            [self._binary, *self._options, "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", self._directory,
              "--logfile", ""],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

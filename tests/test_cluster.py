@@ -11,6 +11,8 @@ import time
 import redis
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from failnozzle.aggregate import Batch, Entry
@@ -379,6 +381,45 @@ class NodeTests(TestCase):
         client.set("failnozzle:tests:lease", b"\xff not a node")
         self.assertIsNone((yield one.keep_lease()))
         self.assertGreater(client.pttl("failnozzle:tests:lease"), 0)
+
+
+class TLSTests(TestCase):
+    """C{rediss://}: TLS, checked against the CA the URL names, and a
+    password."""
+
+    @defer.inlineCallbacks
+    def test_push_and_merge_over_tls(self):
+        server = RedisServer(self, tls=True)
+        settings = make_settings(CLUSTER_URL=server.url)
+        one = make_node(settings, reactor, lambda: 0.0)
+        one.start()
+        self.addCleanup(one.stop)
+        yield one.push(lambda: batch(Entry(key("secret"), {"h": 3}, 1.0,
+                                           1.0)))
+        self.assertTrue(one.connected)
+        self.assertEqual((yield one.keep_lease()), TOOK)
+        merged = yield one.merge()
+        self.assertEqual(merged.batch.total, 3)
+
+    @defer.inlineCallbacks
+    def test_wrong_password(self):
+        """A wrong password is Redis refusing: one log line that says so,
+        not the password."""
+        server = RedisServer(self, tls=True)
+        settings = make_settings(
+            CLUSTER_URL=server.url.replace(":s3cret@", ":wrong@"))
+        one = make_node(settings, reactor, lambda: 0.0)
+        one.start()
+        self.addCleanup(one.stop)
+        events = EventLoggingObserver.createWithCleanup(self,
+                                                        globalLogPublisher)
+        yield one.push(lambda: batch(Entry(key("x"), {"h": 1}, 1.0, 1.0)))
+        self.assertFalse(one.connected)
+        [said] = [event for event in events
+                  if "unreachable" in event["log_format"]]
+        text = formatEvent(said)
+        self.assertIn("invalid", text.lower())
+        self.assertNotIn("wrong", text)
 
 
 class ServiceTests(TestCase):
