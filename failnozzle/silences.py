@@ -12,10 +12,12 @@ import hashlib
 import secrets
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence
 
 import orjson
-from twisted.internet.defer import Deferred
+
+if TYPE_CHECKING:  # failnozzle-send imports this, and never Twisted
+    from twisted.internet.defer import Deferred
 
 from failnozzle.routing import (BadRule, Rule, check_keys, matcher_of, route,
                                 unknown_fields)
