@@ -452,26 +452,38 @@ class ServiceTests(TestCase):
             yield service.cluster.push(service._take_counted)
 
     @defer.inlineCallbacks
+    def leader_and_follower(self, mail: FakeMailTransport):
+        """Two nodes, the first holding the lease, the second knowing."""
+        one = self.start(mail)
+        yield poll_until(lambda: one.cluster.leader, "a leader")
+        two = self.start(mail)
+        yield poll_until(lambda: two.cluster.holder == one.cluster.name,
+                         "the lease seen")
+        return one, two
+
+    @defer.inlineCallbacks
+    def leader_digest(self, leader, mail: FakeMailTransport):
+        """The one digest the leader's flush sends now."""
+        leader._cluster_flush()
+        yield poll_until(lambda: mail.by_kind("digest"), "a digest")
+        yield leader._cluster_flushing
+        [message] = digests(mail)
+        return message
+
+    @defer.inlineCallbacks
     def test_one_digest_with_global_counts(self):
         """
         Errors sent to two nodes make one digest, from the leader, with
         the counts of both, per host.
         """
         mail = FakeMailTransport()
-        one = self.start(mail)
-        yield poll_until(lambda: one.cluster.leader, "a leader")
-        two = self.start(mail)
-        yield poll_until(lambda: two.cluster.holder == one.cluster.name,
-                         "the lease seen")
+        one, two = yield self.leader_and_follower(mail)
         send_datagrams(udp_address(one), [record("boom", "web1")] * 3)
         send_datagrams(udp_address(two), [record("boom", "web2")] * 4)
         yield self.counted_everywhere([one, two], 7)
         yield self.pushed(one, two)
         two._cluster_flush()
-        one._cluster_flush()
-        yield poll_until(lambda: mail.by_kind("digest"), "a digest")
-        yield one._cluster_flushing
-        [message] = digests(mail)
+        message = yield self.leader_digest(one, mail)
         self.assertEqual(digest_total(message), 7)
         body = message.get_content()
         self.assertIn("web1", body)
@@ -527,9 +539,7 @@ class ServiceTests(TestCase):
         again.
         """
         mail = FakeMailTransport()
-        one = self.start(mail)
-        yield poll_until(lambda: one.cluster.leader, "a leader")
-        two = self.start(mail)
+        one, two = yield self.leader_and_follower(mail)
         silence = two.silences.add(
             {"match": {"message": "hush"}, "until": time.time() + 3600,
              "comment": "known"}, time.time(), two.settings.unique_fields)
@@ -539,10 +549,7 @@ class ServiceTests(TestCase):
                                           record("loud", "web2")])
         yield self.counted_everywhere([two], 2)
         yield self.pushed(two)
-        one._cluster_flush()
-        yield poll_until(lambda: mail.by_kind("digest"), "a digest")
-        yield one._cluster_flushing
-        [message] = digests(mail)
+        message = yield self.leader_digest(one, mail)
         self.assertEqual(digest_total(message), 1)
         self.assertIn("known", message.get_content())
         one.silences.remove(silence.id)
@@ -580,21 +587,14 @@ class ServiceTests(TestCase):
         reach the leader's digest once it follows, instead of staying.
         """
         mail = FakeMailTransport()
-        one = self.start(mail)
-        yield poll_until(lambda: one.cluster.leader, "a leader")
-        two = self.start(mail)
-        yield poll_until(lambda: two.cluster.holder == one.cluster.name,
-                         "the lease seen")
+        one, two = yield self.leader_and_follower(mail)
         now = reactor.seconds()
         two._held["digest"] = batch(Entry(key("held here"), {"web2": 4},
                                           now, now))
         two._cluster_flush()
         self.assertEqual(two._held, {})
         yield self.pushed(two)
-        one._cluster_flush()
-        yield poll_until(lambda: mail.by_kind("digest"), "a digest")
-        yield one._cluster_flushing
-        [message] = digests(mail)
+        message = yield self.leader_digest(one, mail)
         self.assertEqual(digest_total(message), 4)
         self.assertIn("held here", message.get_content())
 
@@ -605,10 +605,7 @@ class ServiceTests(TestCase):
         is not undone when Redis is back, and reaches the other nodes.
         """
         mail = FakeMailTransport()
-        one = self.start(mail)
-        yield poll_until(lambda: one.cluster.leader, "a leader")
-        two = self.start(mail)
-        yield poll_until(lambda: two.cluster.connected, "two connected")
+        one, two = yield self.leader_and_follower(mail)
         self.redis.stop()
         silence = two.silences.add(
             {"match": {"message": "hush"}, "until": time.time() + 3600,
@@ -630,9 +627,7 @@ class ServiceTests(TestCase):
         errors, and what it held.
         """
         mail = FakeMailTransport()
-        one = self.start(mail)
-        yield poll_until(lambda: one.cluster.leader, "a leader")
-        two = self.start(mail)
+        one, two = yield self.leader_and_follower(mail)
         send_datagrams(udp_address(one), [record("handed", "web1")] * 6)
         yield self.counted_everywhere([one], 6)
         yield one.stopService()
