@@ -75,6 +75,8 @@ class Merged:
     batch: Batch
     #: Pushes that could not be read (logged), and so are not in C{batch}.
     unusable: int = 0
+    #: The entries of C{batch} that are bad input, as each push said.
+    bad_input: tuple = ()
 
 
 class _Recent(OrderedDict):
@@ -265,9 +267,10 @@ class ClusterNode:
             self.connected = False
         return failure
 
-    def push(self, take: Callable[[], Batch]) -> defer.Deferred:
+    def push(self, take: Callable[[], State]) -> defer.Deferred:
         """
-        Push what C{take} gives (what was counted since), once the push
+        Push what C{take} gives (what was counted since: its buffer, and
+        the entries of it that are bad input), once the push
         under way is done, unless a push Redis has not taken yet is
         retried first: then what is counted waits for the next one.  Never
         fails: a failure is what L{connected} says.
@@ -276,12 +279,12 @@ class ClusterNode:
         """
         return self._pushing.run(self._push, take)
 
-    def _push(self, take: Callable[[], Batch]) -> defer.Deferred:
+    def _push(self, take: Callable[[], State]) -> defer.Deferred:
         if self._pending is None:
-            batch = take()
-            if not batch:
+            counted = take()
+            if not counted.buffer:
                 return defer.succeed(None)
-            self._pending = self._push_of(batch)
+            self._pending = self._push_of(counted)
         pending = self._pending
 
         def answered(missing: Optional[list]) -> Optional[defer.Deferred]:
@@ -299,11 +302,11 @@ class ClusterNode:
         return self._send(pending).addCallback(answered).addErrback(
             lambda failure: failure.trap(redis.RedisError))
 
-    def _push_of(self, batch: Batch) -> _Push:
-        document, texts = shared_document(State(batch), self._wall_offset(),
+    def _push_of(self, counted: State) -> _Push:
+        document, texts = shared_document(counted, self._wall_offset(),
                                           self._fields)
         self._seq += 1
-        return _Push(self._seq, batch, document, texts,
+        return _Push(self._seq, counted.buffer, document, texts,
                      {key_id: text for key_id, text in texts.items()
                       if key_id not in self._stored})
 
@@ -377,6 +380,7 @@ class ClusterNode:
 
     def _merged(self, found: dict, texts: dict) -> Merged:
         entries: list = []
+        bad_input: list = []
         overflow = unusable = 0
         pushes = 0
         known: dict = {}
@@ -397,12 +401,13 @@ class ClusterNode:
                                "the digest", period=period, error=error)
                     continue
                 entries += state.buffer.entries
+                bad_input += state.bad_input
                 overflow += state.buffer.overflow
         self._remember(known)
         self.last_merged = (len(found), pushes)
         batch = Batch().merge(Batch(tuple(entries), overflow),
                               self._max_unique, self._max_sources)
-        return Merged(periods, batch, unusable)
+        return Merged(periods, batch, unusable, tuple(bad_input))
 
     def _read(self, document: _Parsed, texts: dict, known: dict) -> State:
         """

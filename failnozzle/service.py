@@ -1042,9 +1042,13 @@ class FailnozzleService(Service):
 
         defer.DeferredList([pushed, leased, silenced]).addCallback(done)
 
-    def _take_counted(self) -> Batch:
-        """What was counted since the last push, for the cluster."""
-        return self.aggregator.flush() if self.aggregator else Batch()
+    def _take_counted(self) -> State:
+        """What was counted since the last push, for the cluster, with
+        which of it is bad input."""
+        if not self.aggregator:
+            return State()
+        bad_input = self.aggregator.bad_input()
+        return State(self.aggregator.flush(), bad_input=bad_input)
 
     def _lease_changed(self, change: Optional[str]) -> None:
         cluster = self.cluster
@@ -1168,7 +1172,7 @@ class FailnozzleService(Service):
         are forgotten once its digests are in the outbox's hands."""
         self.aggregator.restore(merged.batch)
         try:
-            self.flush()
+            self.flush(bad_input=merged.bad_input)
         except Exception:
             # What flush could not hand on it counts again: in the buffer.
             _log.failure("Flush failed; the next one is in {seconds:g} s",
@@ -1324,8 +1328,8 @@ class FailnozzleService(Service):
         """Whether held errors outlive this run: in a snapshot."""
         return self.state_file is not None and not self._state_unwritable
 
-    def flush(self, final: bool = False,
-              notice: Optional[Notice] = None) -> list:
+    def flush(self, final: bool = False, notice: Optional[Notice] = None,
+              bad_input: tuple = ()) -> list:
         """
         Flush the buffer: check the error rate, then send each recipient
         class its digest, unless its last digest is still undelivered: then
@@ -1338,10 +1342,12 @@ class FailnozzleService(Service):
             run, which sends them once the undelivered digest is out, so an
             outage across a restart still gives two digests.
         @param notice: what each digest says first, if anything.
+        @param bad_input: entries of the buffer that are bad input besides
+            those counted here (the cluster's, for its leader).
         @return: the outcomes (see L{Outbox.send}) of the messages sent.
         """
         # Not errors to the pager: taken before the flush mixes them in.
-        bad_input = self.aggregator.bad_input()
+        bad_input = self.aggregator.bad_input() + bad_input
         batch = self.aggregator.flush()
         if batch:
             self._last_busy_flush = self._reactor.seconds()

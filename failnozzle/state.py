@@ -434,6 +434,8 @@ def _state_of(snapshot: dict, fields: Optional[tuple], wall_offset: float,
         [_count(count, "a rate_window count") for count in rate_window],
         unsettled={kind: batch for (name, kind), batch in read.items()
                    if name == "unsettled"},
+        bad_input=tuple(entry for (name, _), batch in read.items()
+                        if name == "bad_input" for entry in batch.entries),
         pager=_pager(snapshot.get("pager"), shift),
         canary=_canary(snapshot.get("canary"), shift),
         route_pagers=_route_pagers(snapshot.get("route_pagers"), shift))
@@ -442,7 +444,7 @@ def _state_of(snapshot: dict, fields: Optional[tuple], wall_offset: float,
 def _batches_of(snapshot: dict) -> dict:
     """A snapshot's batches, checked, by C{"buffer"} or C{(name, kind)}."""
     batches = {"buffer": snapshot.get("buffer")}
-    for name in ("held", "unsettled"):
+    for name in ("held", "unsettled", "bad_input"):
         kept = snapshot.get(name, {})
         _check(type(kept) is dict, f"bad {name}")
         for kind, batch in kept.items():
@@ -528,8 +530,9 @@ def shared_document(state: State, wall_offset: float,
     """
     numbers: dict = {}
     texts: dict = {}
+    bad_input = Batch(state.bad_input)
     for batch in (state.buffer, *state.held.values(),
-                  *state.unsettled.values()):
+                  *state.unsettled.values(), bad_input):
         for entry in batch.entries:
             if entry.key not in numbers:
                 text = key_text(entry.key)
@@ -542,7 +545,11 @@ def shared_document(state: State, wall_offset: float,
         {"held": {kind: _rows(batch, numbers)
                   for kind, batch in state.held.items()},
          "unsettled": {kind: _rows(batch, numbers)
-                       for kind, batch in state.unsettled.items()}},
+                       for kind, batch in state.unsettled.items()},
+         # Which of the buffer's errors are bad input (a push's): the
+         # pager leaves them out, as a single node does.
+         "bad_input": {"": _rows(bad_input, numbers)} if bad_input.entries
+         else {}},
         list(state.rate_window), state.pager, state.canary,
         state.route_pagers)
     return "".join(_pieces(snapshot)).encode("utf-8", "surrogatepass"), texts

@@ -38,6 +38,11 @@ def batch(*entries: Entry) -> Batch:
     return Batch.of(entries)
 
 
+def counted(*entries: Entry) -> State:
+    """What a node counted, for a push: none of it bad input."""
+    return State(batch(*entries))
+
+
 def digests(mail: FakeMailTransport) -> list:
     """The digests given to C{mail}, each delivered now."""
     mail.succeed_all()
@@ -73,14 +78,14 @@ class NodeTests(TestCase):
         """
         one, two = self.node(), self.node(wall_offset=100.0)
         yield self.lead(one)
-        yield one.push(lambda: batch(
+        yield one.push(lambda: counted(
             Entry(key("boom"), {"web1": 3}, 50.0, 60.0),
             Entry(key("only one"), {"web1": 1}, 55.0, 55.0)))
         # Two's clock is 100 s behind the wall: its 0..20 is 100..120.
-        yield two.push(lambda: batch(Entry(key("boom"), {"web2": 4}, 0.0,
-                                           20.0)))
-        yield two.push(lambda: batch(Entry(key("boom"), {"web1": 2}, 30.0,
-                                           31.0)))
+        yield two.push(lambda: counted(Entry(key("boom"), {"web2": 4}, 0.0,
+                                             20.0)))
+        yield two.push(lambda: counted(Entry(key("boom"), {"web1": 2}, 30.0,
+                                             31.0)))
         merged = yield one.merge()
         by_message = {dict(zip(FIELDS, entry.key))["message"]: entry
                       for entry in merged.batch.entries}
@@ -101,9 +106,9 @@ class NodeTests(TestCase):
         """
         one = self.node()
         yield self.lead(one)
-        yield one.push(lambda: batch(Entry(key("a"), {"h": 1}, 1.0, 1.0)))
+        yield one.push(lambda: counted(Entry(key("a"), {"h": 1}, 1.0, 1.0)))
         first = yield one.merge()
-        yield one.push(lambda: batch(Entry(key("a"), {"h": 2}, 2.0, 2.0)))
+        yield one.push(lambda: counted(Entry(key("a"), {"h": 2}, 2.0, 2.0)))
         # Not committed: the next merge takes both periods.
         second = yield one.merge()
         self.assertEqual((first.batch.total, second.batch.total), (1, 3))
@@ -137,16 +142,16 @@ class NodeTests(TestCase):
         """
         one = self.node()
         self.redis.stop()
-        counted = [batch(Entry(key("x"), {"h": 2}, 1.0, 1.0)),
-                   batch(Entry(key("x"), {"h": 5}, 2.0, 2.0))]
-        yield one.push(lambda: counted.pop(0))
+        waiting = [counted(Entry(key("x"), {"h": 2}, 1.0, 1.0)),
+                   counted(Entry(key("x"), {"h": 5}, 2.0, 2.0))]
+        yield one.push(lambda: waiting.pop(0))
         self.assertEqual((one.connected, one.unpushed), (False, 2))
-        yield one.push(lambda: counted.pop(0))
-        self.assertEqual(len(counted), 1, "counted while a push waits")
+        yield one.push(lambda: waiting.pop(0))
+        self.assertEqual(len(waiting), 1, "counted while a push waits")
         self.redis.start()
-        yield one.push(lambda: counted.pop(0))
+        yield one.push(lambda: waiting.pop(0))
         self.assertEqual((one.connected, one.unpushed), (True, 0))
-        yield one.push(lambda: counted.pop(0))
+        yield one.push(lambda: waiting.pop(0))
         yield self.lead(one)
         merged = yield one.merge()
         self.assertEqual(merged.batch.total, 7)
@@ -160,7 +165,7 @@ class NodeTests(TestCase):
         """
         one = self.node()
         entry = Entry(key("long traceback"), {"h": 1}, 1.0, 1.0)
-        yield one.push(lambda: batch(entry))
+        yield one.push(lambda: counted(entry))
         sent = []
         store = one._store
         original = store.push
@@ -170,11 +175,11 @@ class NodeTests(TestCase):
             return original(node, seq, document, ids, texts)
 
         store.push = spy
-        yield one.push(lambda: batch(entry))
+        yield one.push(lambda: counted(entry))
         self.assertEqual(sent, [[]])
         self.redis.client().delete(
             f"failnozzle:tests:key:{key_id(key_text(entry.key))}")
-        yield one.push(lambda: batch(entry))
+        yield one.push(lambda: counted(entry))
         self.assertEqual(sent[1:], [[], [key_id(key_text(entry.key))]])
         yield self.lead(one)
         merged = yield one.merge()
@@ -205,7 +210,7 @@ class NodeTests(TestCase):
         """
         one, two = self.node(), self.node()
         yield self.lead(one)
-        yield two.push(lambda: batch(Entry(key("y"), {"h": 4}, 1.0, 1.0)))
+        yield two.push(lambda: counted(Entry(key("y"), {"h": 4}, 1.0, 1.0)))
         merged = yield one.merge()
         self.redis.client().delete("failnozzle:tests:lease")  # expired
         yield self.lead(two)
@@ -240,7 +245,7 @@ class NodeTests(TestCase):
         and orjson does not read) are merged like any other.
         """
         one, two = self.node(), self.node()
-        yield two.push(lambda: batch(
+        yield two.push(lambda: counted(
             Entry(key("bad \ud800 text"), {"h": 2}, 1.0, 1.0),
             Entry(key(float("nan")), {"h": 3}, 1.0, 1.0),
             Entry(key("plain"), {"h": 4}, 1.0, 1.0)))
@@ -258,9 +263,9 @@ class NodeTests(TestCase):
         are not period numbers are dropped; the merge goes on.
         """
         one, two = self.node(), self.node()
-        yield two.push(lambda: batch(Entry(key("spoiled"), {"h": 2}, 1.0,
-                                           1.0)))
-        yield two.push(lambda: batch(Entry(key("fine"), {"h": 5}, 1.0, 1.0)))
+        yield two.push(lambda: counted(Entry(key("spoiled"), {"h": 2}, 1.0,
+                                             1.0)))
+        yield two.push(lambda: counted(Entry(key("fine"), {"h": 5}, 1.0, 1.0)))
         client = self.redis.client()
         client.set(f"failnozzle:tests:key:{key_id(key_text(key('spoiled')))}",
                    b"\xff\xfe[")
@@ -281,7 +286,7 @@ class NodeTests(TestCase):
         """
         one = self.node()
         yield self.lead(one)
-        yield one.push(lambda: batch(Entry(key("a"), {"h": 1}, 1.0, 1.0)))
+        yield one.push(lambda: counted(Entry(key("a"), {"h": 1}, 1.0, 1.0)))
         first = yield one.merge()
         store, original = one._store, one._store.commit
 
@@ -292,7 +297,7 @@ class NodeTests(TestCase):
         store.commit = refused
         yield self.assertFailure(one.commit(first.periods, State(), []),
                                  redis.ConnectionError)
-        yield one.push(lambda: batch(Entry(key("a"), {"h": 2}, 2.0, 2.0)))
+        yield one.push(lambda: counted(Entry(key("a"), {"h": 2}, 2.0, 2.0)))
         second = yield one.merge()
         self.assertEqual((first.batch.total, second.batch.total), (1, 2))
         self.assertTrue(set(first.periods) <= set(second.periods))
@@ -320,17 +325,17 @@ class NodeTests(TestCase):
         unreachable for the grace period: its reads do not start it anew.
         """
         one = self.node()
-        yield one.push(lambda: batch(Entry(key("a"), {"h": 1}, 1.0, 1.0)))
+        yield one.push(lambda: counted(Entry(key("a"), {"h": 1}, 1.0, 1.0)))
         self.assertTrue(one.connected)
         self.redis.client().config_set("maxmemory", 1)
-        yield one.push(lambda: batch(Entry(key("b"), {"h": 1}, 1.0, 1.0)))
+        yield one.push(lambda: counted(Entry(key("b"), {"h": 1}, 1.0, 1.0)))
         self.assertFalse(one.connected)
         since = one.unreachable_since
         self.assertEqual((yield one.silences()), [])
         self.assertEqual((one.connected, one.unreachable_since),
                          (False, since))
         self.redis.client().config_set("maxmemory", 0)
-        yield one.push(lambda: batch())
+        yield one.push(lambda: counted())
         self.assertEqual((one.connected, one.unpushed), (True, 0))
 
     @defer.inlineCallbacks
@@ -341,7 +346,7 @@ class NodeTests(TestCase):
         does not wait for ever.
         """
         idle = make_node(self.settings, reactor, lambda: 0.0)
-        yield idle.push(lambda: batch(Entry(key("a"), {"h": 1}, 1.0, 1.0)))
+        yield idle.push(lambda: counted(Entry(key("a"), {"h": 1}, 1.0, 1.0)))
         self.assertEqual((idle.connected, idle.unpushed), (False, 1))
         one = self.node()
         yield one.stop()
@@ -394,8 +399,8 @@ class TLSTests(TestCase):
         one = make_node(settings, reactor, lambda: 0.0)
         one.start()
         self.addCleanup(one.stop)
-        yield one.push(lambda: batch(Entry(key("secret"), {"h": 3}, 1.0,
-                                           1.0)))
+        yield one.push(lambda: counted(Entry(key("secret"), {"h": 3}, 1.0,
+                                             1.0)))
         self.assertTrue(one.connected)
         self.assertEqual((yield one.keep_lease()), TOOK)
         merged = yield one.merge()
@@ -413,7 +418,7 @@ class TLSTests(TestCase):
         self.addCleanup(one.stop)
         events = EventLoggingObserver.createWithCleanup(self,
                                                         globalLogPublisher)
-        yield one.push(lambda: batch(Entry(key("x"), {"h": 1}, 1.0, 1.0)))
+        yield one.push(lambda: counted(Entry(key("x"), {"h": 1}, 1.0, 1.0)))
         self.assertFalse(one.connected)
         [said] = [event for event in events
                   if "unreachable" in event["log_format"]]
@@ -555,6 +560,35 @@ class ServiceTests(TestCase):
         one.silences.remove(silence.id)
         yield poll_until(lambda: not two.silences.all(),
                          "the silence removed everywhere")
+
+    @defer.inlineCallbacks
+    def test_bad_input_does_not_page(self):
+        """
+        Bad input sent to any node is not an error to the leader's pager,
+        as on a single node; errors are.
+        """
+        mail = FakeMailTransport()
+        pager = dict(PAGER_TO="pager@example.com",
+                     PAGER_FROM="alarm@example.com", PAGER_WINDOW_SIZE=1,
+                     PAGER_LIMIT=5)
+        one = self.start(mail, **pager)
+        yield poll_until(lambda: one.cluster.leader, "a leader")
+        two = self.start(mail, **pager)
+        yield poll_until(lambda: two.cluster.holder == one.cluster.name,
+                         "the lease seen")
+        send_datagrams(udp_address(two), [b"junk"] * 10
+                       + [record("boom", "web2")] * 2)
+        yield self.counted_everywhere([two], 12)
+        yield self.pushed(two)
+        message = yield self.leader_digest(one, mail)
+        self.assertEqual(digest_total(message), 12)
+        self.assertEqual(mail.by_kind("pager"), [])
+        send_datagrams(udp_address(two), [record("boom", "web2")] * 6)
+        yield self.counted_everywhere([two], 18)
+        yield self.pushed(two)
+        one._cluster_flush()
+        yield poll_until(lambda: mail.by_kind("pager"), "a page")
+        mail.succeed_all()
 
     @defer.inlineCallbacks
     def test_take_over_retried(self):
