@@ -65,6 +65,8 @@ class _Push:
     texts: dict
     #: The texts to send with it: at first those not sent before.
     sending: dict = field(default_factory=dict)
+    #: Whether Redis did not answer it once: it waits for Redis.
+    unanswered: bool = False
 
 
 @dataclass
@@ -211,6 +213,16 @@ class ClusterNode:
         not."""
         return self._unreachable_since
 
+    def waiting(self) -> Batch:
+        """
+        The push that waits for Redis (it did not answer it), for the
+        snapshot: a node killed meanwhile reports it at its next start
+        (at least once: Redis may have taken it without saying so).
+        """
+        pending = self._pending
+        return (pending.batch if pending is not None and pending.unanswered
+                else Batch())
+
     def take_unpushed(self) -> Batch:
         """
         The push Redis has not taken, taken back to be sent from here (a
@@ -299,8 +311,12 @@ class ClusterNode:
             pending.sending = dict(pending.texts)
             return self._send(pending).addCallback(answered)
 
+        def not_answered(failure: Failure) -> None:
+            failure.trap(redis.RedisError)
+            pending.unanswered = True
+
         return self._send(pending).addCallback(answered).addErrback(
-            lambda failure: failure.trap(redis.RedisError))
+            not_answered)
 
     def _push_of(self, counted: State) -> _Push:
         document, texts = shared_document(counted, self._wall_offset(),

@@ -56,6 +56,10 @@ from failnozzle.writer import InlineWriter, Writer
 
 _log = Logger()
 
+#: What a snapshot calls a cluster's push that waits for Redis: no digest
+#: kind, so its errors are routed as any others at the next start.
+_WAITING_PUSH = "cluster push"
+
 #: The settings a cluster node takes at start only.
 _CLUSTER_SETTINGS = {"CLUSTER_URL", "CLUSTER_NAME", "CLUSTER_LEASE_SECONDS",
                      "CLUSTER_GRACE_SECONDS"}
@@ -1018,6 +1022,7 @@ class FailnozzleService(Service):
         if self._ticking:
             return
         cluster = self.cluster
+        waiting = cluster.waiting()
         try:
             pushed = cluster.push(self._take_counted)
             leased = cluster.keep_lease()
@@ -1025,6 +1030,7 @@ class FailnozzleService(Service):
             _log.failure("Cluster push failed; the next one is in "
                          "{seconds:g} s", seconds=self._cluster_seconds())
             return
+        pushed.addCallback(lambda _: self._note_waiting(waiting))
         if cluster.connected:
             cluster.retry_drops()
         leased.addCallback(self._lease_changed)
@@ -1041,6 +1047,13 @@ class FailnozzleService(Service):
             self._ticking = False
 
         defer.DeferredList([pushed, leased, silenced]).addCallback(done)
+
+    def _note_waiting(self, before: Batch) -> None:
+        """A push that began or ended waiting for Redis is for the next
+        snapshot to say (see L{_unsettled_batches})."""
+        after = self.cluster.waiting()
+        if (before or after) and before is not after:
+            self.aggregator.changed = True
 
     def _take_counted(self) -> State:
         """What was counted since the last push, for the cluster, with
@@ -1578,9 +1591,14 @@ class FailnozzleService(Service):
         return settled
 
     def _unsettled_batches(self) -> dict:
-        """The unsettled batches by kind, as a snapshot holds them."""
+        """The unsettled batches by kind, as a snapshot holds them, with
+        a cluster's push that waits for Redis (routed at the next start)."""
         by_kind: dict = {}
-        for kind, batch in self._unsettled.values():
+        waiting = [] if self.cluster is None else [
+            (_WAITING_PUSH, self.cluster.waiting())]
+        for kind, batch in [*self._unsettled.values(), *waiting]:
+            if not batch:
+                continue
             held = by_kind.get(kind)
             by_kind[kind] = batch if held is None else held.merge(
                 batch, self.settings.MAX_UNIQUE_MESSAGES,

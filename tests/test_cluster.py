@@ -591,6 +591,27 @@ class ServiceTests(TestCase):
         mail.succeed_all()
 
     @defer.inlineCallbacks
+    def test_waiting_push_in_the_snapshot(self):
+        """
+        A push that waits for Redis is in the snapshot: a node killed
+        meanwhile (its state file taken by the next run) reports it.
+        """
+        mail = FakeMailTransport()
+        one = self.start(mail)
+        yield poll_until(lambda: one.cluster.connected, "Redis answering")
+        self.redis.stop()
+        send_datagrams(udp_address(one), [record("waits", "web1")] * 5)
+        yield self.counted_everywhere([one], 5)
+        yield one.cluster.push(one._take_counted)
+        self.assertEqual(one.cluster.unpushed, 5)
+        yield one.save_state()
+        one._stop_loops()  # as if killed: nothing more from it
+        again = self.start(mail, STATE_FILE=one.settings.STATE_FILE)
+        self.assertEqual(sum(batch.total for batch in again._held.values()),
+                         5)
+        self.redis.start()  # so that the stops hand over, mailing nothing
+
+    @defer.inlineCallbacks
     def test_take_over_retried(self):
         """
         A take-over that Redis did not answer is tried again at a later
