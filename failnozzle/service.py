@@ -1542,8 +1542,20 @@ class FailnozzleService(Service):
             self.seen, told, wall_offset,
             self._reactor.seconds() + wall_offset))
         remembered.addCallback(lambda _: self._write_seen())
+        remembered.addCallback(lambda _: self._share_seen())
         remembered.addErrback(lambda failure: _log.failure(
             "Could not remember what a digest reported", failure))
+
+    def _share_seen(self) -> None:
+        """
+        A cluster leader's seen-memory, once it remembers a digest, to
+        Redis: the flush's commit came before, and the next leader must
+        not take that digest's errors for new.
+        """
+        cluster = self.cluster
+        if (cluster is not None and cluster.leader
+                and self._taken_over_for == cluster.token):
+            self._commit([]).addErrback(self._cluster_flush_failed)
 
     def _write_seen(self) -> None:
         if self._seen_file is None:

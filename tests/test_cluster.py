@@ -612,6 +612,25 @@ class ServiceTests(TestCase):
         self.redis.start()  # so that the stops hand over, mailing nothing
 
     @defer.inlineCallbacks
+    def test_seen_memory_shared_once_remembered(self):
+        """
+        What the leader's digest reported is in the seen-memory in Redis
+        once it is remembered, not one digest later: the next leader does
+        not take it for new.
+        """
+        mail = FakeMailTransport()
+        one = self.start(mail)
+        yield poll_until(lambda: one.cluster.leader, "a leader")
+        send_datagrams(udp_address(one), [record("seen once", "web1")] * 2)
+        yield self.counted_everywhere([one], 2)
+        yield self.pushed(one)
+        yield self.leader_digest(one, mail)
+        yield poll_until(lambda: len(one.seen.rows()) == 1, "remembered")
+        yield one.cluster.keep_lease()  # after the commit, in its thread
+        _, rows = yield one.cluster.shared()
+        self.assertEqual(rows, one.seen.rows())
+
+    @defer.inlineCallbacks
     def test_take_over_retried(self):
         """
         A take-over that Redis did not answer is tried again at a later
