@@ -457,11 +457,11 @@ class ServiceTests(TestCase):
             yield service.cluster.push(service._take_counted)
 
     @defer.inlineCallbacks
-    def leader_and_follower(self, mail: FakeMailTransport):
+    def leader_and_follower(self, mail: FakeMailTransport, **overrides):
         """Two nodes, the first holding the lease, the second knowing."""
-        one = self.start(mail)
+        one = self.start(mail, **overrides)
         yield poll_until(lambda: one.cluster.leader, "a leader")
-        two = self.start(mail)
+        two = self.start(mail, **overrides)
         yield poll_until(lambda: two.cluster.holder == one.cluster.name,
                          "the lease seen")
         return one, two
@@ -571,11 +571,7 @@ class ServiceTests(TestCase):
         pager = dict(PAGER_TO="pager@example.com",
                      PAGER_FROM="alarm@example.com", PAGER_WINDOW_SIZE=1,
                      PAGER_LIMIT=5)
-        one = self.start(mail, **pager)
-        yield poll_until(lambda: one.cluster.leader, "a leader")
-        two = self.start(mail, **pager)
-        yield poll_until(lambda: two.cluster.holder == one.cluster.name,
-                         "the lease seen")
+        one, two = yield self.leader_and_follower(mail, **pager)
         send_datagrams(udp_address(two), [b"junk"] * 10
                        + [record("boom", "web2")] * 2)
         yield self.counted_everywhere([two], 12)
