@@ -278,6 +278,9 @@ class FailnozzleService(Service):
         self._ticking = False
         self._cluster_flushing: Optional[defer.Deferred] = None
         self._taking_over: Optional[defer.Deferred] = None
+        #: The cluster's push waiting for Redis that the last snapshot
+        #: holds (see L{_unsettled_batches}).
+        self._saved_waiting = Batch()
         #: The lease token for which what the last leader left was taken:
         #: a leader flushes only once it has taken it.
         self._taken_over_for: Optional[str] = None
@@ -949,6 +952,15 @@ class FailnozzleService(Service):
         self.save_state().addCallback(saved)
         return waiting
 
+    def _waiting_changed(self) -> bool:
+        """Whether a cluster's push began or ended waiting for Redis since
+        the last snapshot (which holds it: see L{_unsettled_batches})."""
+        if self.cluster is None:
+            return False
+        waiting = self.cluster.waiting()
+        return bool(waiting or self._saved_waiting) and (
+            waiting is not self._saved_waiting)
+
     def _current_state(self) -> State:
         # From now on a snapshot begun later is needed to hold new counts.
         self._next_snapshot = None
@@ -981,7 +993,8 @@ class FailnozzleService(Service):
     def _scheduled_snapshot(self) -> None:
         # As for the flush: an exception would stop the loop for good.
         try:
-            if self.aggregator.changed and not self.state_file.busy:
+            if ((self.aggregator.changed or self._waiting_changed())
+                    and not self.state_file.busy):
                 self.save_state()
         except Exception:
             _log.failure("Snapshot failed; the next one is in {seconds:g} s",
@@ -1022,7 +1035,6 @@ class FailnozzleService(Service):
         if self._ticking:
             return
         cluster = self.cluster
-        waiting = cluster.waiting()
         try:
             pushed = cluster.push(self._take_counted)
             leased = cluster.keep_lease()
@@ -1030,7 +1042,6 @@ class FailnozzleService(Service):
             _log.failure("Cluster push failed; the next one is in "
                          "{seconds:g} s", seconds=self._cluster_seconds())
             return
-        pushed.addCallback(lambda _: self._note_waiting(waiting))
         if cluster.connected:
             cluster.retry_drops()
         leased.addCallback(self._lease_changed)
@@ -1047,13 +1058,6 @@ class FailnozzleService(Service):
             self._ticking = False
 
         defer.DeferredList([pushed, leased, silenced]).addCallback(done)
-
-    def _note_waiting(self, before: Batch) -> None:
-        """A push that began or ended waiting for Redis is for the next
-        snapshot to say (see L{_unsettled_batches})."""
-        after = self.cluster.waiting()
-        if (before or after) and before is not after:
-            self.aggregator.changed = True
 
     def _take_counted(self) -> State:
         """What was counted since the last push, for the cluster, with
@@ -1077,6 +1081,12 @@ class FailnozzleService(Service):
                 and self._taking_over is None
                 and self._cluster_flushing is None):
             self._take_over()
+
+    def _leads(self) -> bool:
+        """Whether this node holds the lease and has taken what the last
+        leader left: only then may it flush or commit the cluster's."""
+        return (self.cluster.leader
+                and self._taken_over_for == self.cluster.token)
 
     def _lost_lease(self) -> None:
         """Another node leads: what was held is its to send (in what this
@@ -1151,8 +1161,7 @@ class FailnozzleService(Service):
             return []
         if cluster.alone:
             return self.flush(notice=self._alone_notice())
-        if not (cluster.leader and cluster.connected
-                and self._taken_over_for == cluster.token):
+        if not (self._leads() and cluster.connected):
             # On time: the digest is the leader's (health reads this).
             self.counts.last_flush = self._reactor.seconds()
             if not cluster.leader:
@@ -1242,7 +1251,7 @@ class FailnozzleService(Service):
             if cluster.unpushed or self.aggregator:
                 self.aggregator.restore(cluster.take_unpushed())
                 return self.flush(final=True, notice=self._alone_notice())
-            if cluster.leader and self._taken_over_for == cluster.token:
+            if self._leads():
                 return self._commit([]).addErrback(
                     self._cluster_flush_failed)
             return None
@@ -1552,9 +1561,7 @@ class FailnozzleService(Service):
         Redis: the flush's commit came before, and the next leader must
         not take that digest's errors for new.
         """
-        cluster = self.cluster
-        if (cluster is not None and cluster.leader
-                and self._taken_over_for == cluster.token):
+        if self.cluster is not None and self._leads():
             self._commit([]).addErrback(self._cluster_flush_failed)
 
     def _write_seen(self) -> None:
@@ -1604,11 +1611,13 @@ class FailnozzleService(Service):
 
     def _unsettled_batches(self) -> dict:
         """The unsettled batches by kind, as a snapshot holds them, with
-        a cluster's push that waits for Redis (routed at the next start)."""
+        a cluster's push that waits for Redis (routed at the next start),
+        which is noted as the one the snapshot holds."""
         by_kind: dict = {}
-        waiting = [] if self.cluster is None else [
-            (_WAITING_PUSH, self.cluster.waiting())]
-        for kind, batch in [*self._unsettled.values(), *waiting]:
+        self._saved_waiting = (Batch() if self.cluster is None
+                               else self.cluster.waiting())
+        for kind, batch in [*self._unsettled.values(),
+                            (_WAITING_PUSH, self._saved_waiting)]:
             if not batch:
                 continue
             held = by_kind.get(kind)
