@@ -388,6 +388,8 @@ class ClusterNode:
         are not read yet (in the cluster's thread: only looked up)."""
         ids: set = set()
         for document in documents:
+            if isinstance(document, ValueError):
+                continue  # said when it is read
             try:
                 ids |= shared_key_ids(document)
             except ValueError:
