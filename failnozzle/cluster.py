@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from failnozzle.aggregate import Batch
-from failnozzle.redisstore import Lease, RedisStore
+from failnozzle.redisstore import Lease, LeaseLost, RedisStore
 from failnozzle.seen import seen_document, seen_rows
 from failnozzle.state import (State, key_of_text, parse_shared, read_shared,
                               shared_document, shared_key_ids)
@@ -43,10 +43,6 @@ _log = Logger()
 
 #: How long Redis keeps a key text no push or commit has named.
 KEY_SECONDS = 7 * 24 * 3600
-
-#: What a lease change is, as L{ClusterNode.keep_lease} tells it.
-TOOK, LOST = "took", "lost"
-
 
 def node_name() -> str:
     """This run's name in the cluster: the host's, and a part of its own
@@ -120,6 +116,9 @@ class ClusterNode:
     @ivar connected: whether the last call to Redis worked; None before
         the first.
     """
+
+    #: What a lease change is, as L{keep_lease} tells it.
+    TOOK, LOST = "took", "lost"
 
     def __init__(self, store: RedisStore, reactor, name: str,
                  lease_seconds: float, grace_seconds: float,
@@ -347,13 +346,25 @@ class ClusterNode:
             self.holder = lease.holder
             if lease.held:
                 self.token, self._renewed = lease.token, asked
-                return TOOK if before != lease.token else None
+                return self.TOOK if before != lease.token else None
             self.token = None
-            return LOST if before is not None else None
+            return self.LOST if before is not None else None
 
         return self._call(self._store.keep_lease, self.name,
                           self.token or "", self.lease_seconds).addCallback(
                               answered)
+
+    @staticmethod
+    def unanswered(failure: Failure) -> bool:
+        """Whether C{failure} is Redis not answering (or refusing): said
+        once, when it stops answering, not at every call."""
+        return failure.check(redis.RedisError) is not None
+
+    @staticmethod
+    def refused_leader(failure: Failure) -> bool:
+        """Whether C{failure} is Redis refusing what only the leader may
+        do: another node holds the lease."""
+        return failure.check(LeaseLost) is not None
 
     def lost_lease(self) -> None:
         """What the leader asked was refused: another node holds it."""

@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Mapping, Optional
 
-from redis.connection import parse_url
-
 from failnozzle.levels import SYSLOG_LEVELS, level_named
 from failnozzle.routing import BadRule, parse_rules, unknown_fields
 from failnozzle.silences import config_silences
@@ -341,6 +339,9 @@ def _cluster_url(name: str, value: object) -> Optional[str]:
     url = _optional_string(name, value)
     if url is None:
         return None
+    # Imported only for a cluster: redis-py is 6.6 MB of the daemon's
+    # memory.
+    from redis.connection import parse_url
     try:
         if not url.isprintable():
             raise ValueError("not printable")

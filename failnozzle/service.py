@@ -14,9 +14,8 @@ import dataclasses
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import redis
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
@@ -24,7 +23,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from failnozzle.aggregate import Aggregator, Batch, Entry
-from failnozzle.cluster import LOST, TOOK, ClusterNode, Merged, make_node
 from failnozzle.config import (DEFAULT_FIELDS, UNUSED_SETTINGS, ConfigError,
                                Settings, changed_settings)
 from failnozzle.counts import Counts
@@ -41,7 +39,6 @@ from failnozzle.mailin import MailIngest, tls_options
 from failnozzle.outbox import Outbox, message_bytes
 from failnozzle.pager import (MISSED, NAMED, RESOLVED, CanaryWatch, Culprit,
                               Page, Pager)
-from failnozzle.redisstore import LeaseLost
 from failnozzle.policy import (NEW, NewsRules, Telling, remembering,
                                seen_key, status_of, telling)
 from failnozzle.routing import route
@@ -53,6 +50,9 @@ from failnozzle.steps import Steps, run_at_once
 from failnozzle.transport import MaildirTransport, SMTPTransport
 from failnozzle.web import make_site
 from failnozzle.writer import InlineWriter, Writer
+
+if TYPE_CHECKING:
+    from failnozzle.cluster import ClusterNode, Merged
 
 _log = Logger()
 
@@ -269,6 +269,9 @@ class FailnozzleService(Service):
         #: This node's part in a cluster (CLUSTER_URL), if in one.
         self.cluster: Optional[ClusterNode] = None
         if settings.CLUSTER_URL is not None:
+            # Imported only for a cluster: redis-py is 6.6 MB of the
+            # daemon's memory.
+            from failnozzle.cluster import make_node
             self.cluster = make_node(settings, reactor, wall_offset)
             self.outbox.mirror = self.silences.shared = self.cluster
         self._cluster_loop = LoopingCall(self._cluster_tick)
@@ -1045,19 +1048,21 @@ class FailnozzleService(Service):
         if cluster.connected:
             cluster.retry_drops()
         leased.addCallback(self._lease_changed)
-        leased.addErrback(lambda failure: failure.trap(redis.RedisError))
-        leased.addErrback(lambda failure: _log.failure(
-            "Cluster lease renewal failed", failure))
+        leased.addErrback(self._cluster_call_failed,
+                          "Cluster lease renewal failed")
         silenced = cluster.silences().addCallback(self.silences.take_shared)
-        silenced.addErrback(lambda failure: failure.trap(redis.RedisError))
-        silenced.addErrback(lambda failure: _log.failure(
-            "Could not take the cluster's silences", failure))
+        silenced.addErrback(self._cluster_call_failed,
+                            "Could not take the cluster's silences")
         self._ticking = True
 
         def done(_: object) -> None:
             self._ticking = False
 
         defer.DeferredList([pushed, leased, silenced]).addCallback(done)
+
+    def _cluster_call_failed(self, failure: Failure, what: str) -> None:
+        if not self.cluster.unanswered(failure):
+            _log.failure(what, failure)
 
     def _take_counted(self) -> State:
         """What was counted since the last push, for the cluster, with
@@ -1069,10 +1074,10 @@ class FailnozzleService(Service):
 
     def _lease_changed(self, change: Optional[str]) -> None:
         cluster = self.cluster
-        if change == TOOK:
+        if change == cluster.TOOK:
             _log.info("Cluster node {node} holds the flush lease: the "
                       "digests go out from here", node=cluster.name)
-        elif change == LOST:
+        elif change == cluster.LOST:
             self._lost_lease()
         # Taken at the tick after one that failed, or after the flush
         # under way (which its commit, refused, leaves to this).
@@ -1137,7 +1142,7 @@ class FailnozzleService(Service):
             self._taken_over_for = token
 
         def failed(failure: Failure) -> None:
-            if not failure.check(redis.RedisError):
+            if not cluster.unanswered(failure):
                 _log.failure("Could not take over what the last leader "
                              "left; trying again in {seconds:g} s", failure,
                              seconds=self._cluster_seconds())
@@ -1207,9 +1212,9 @@ class FailnozzleService(Service):
                                    self.seen.rows())
 
     def _cluster_flush_failed(self, failure: Failure) -> None:
-        if failure.check(LeaseLost):
+        if self.cluster.refused_leader(failure):
             self._lost_lease()
-        elif not failure.check(redis.RedisError):
+        elif not self.cluster.unanswered(failure):
             # A Redis that does not answer is said once, when it stops.
             _log.failure("Cluster flush failed; the next one is in "
                          "{seconds:g} s", failure,

@@ -16,7 +16,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from failnozzle.aggregate import Batch, Entry
-from failnozzle.cluster import LOST, TOOK, make_node
+from failnozzle.cluster import ClusterNode, make_node
 from failnozzle.redisstore import LeaseLost
 from failnozzle.state import State, key_id, key_text, shared_document
 from tests.common import (FakeMailTransport, SMTPSink, bounded,
@@ -66,7 +66,7 @@ class NodeTests(TestCase):
     @defer.inlineCallbacks
     def lead(self, node):
         change = yield node.keep_lease()
-        self.assertEqual(change, TOOK)
+        self.assertEqual(change, ClusterNode.TOOK)
         return node
 
     @defer.inlineCallbacks
@@ -198,7 +198,7 @@ class NodeTests(TestCase):
         self.assertEqual((yield one.keep_lease()), None, "renewed")
         self.assertTrue(one.leader)
         yield one.stop()
-        self.assertEqual((yield two.keep_lease()), TOOK)
+        self.assertEqual((yield two.keep_lease()), ClusterNode.TOOK)
         self.assertEqual(two.holder, two.name)
 
     @defer.inlineCallbacks
@@ -217,7 +217,7 @@ class NodeTests(TestCase):
         yield self.assertFailure(one.commit(merged.periods, State(), []),
                                  LeaseLost)
         yield self.assertFailure(one.merge(), LeaseLost)
-        self.assertEqual((yield one.keep_lease()), LOST)
+        self.assertEqual((yield one.keep_lease()), ClusterNode.LOST)
         again = yield two.merge()
         self.assertEqual(again.batch.total, 4)
 
@@ -402,7 +402,7 @@ class TLSTests(TestCase):
         yield one.push(lambda: counted(Entry(key("secret"), {"h": 3}, 1.0,
                                              1.0)))
         self.assertTrue(one.connected)
-        self.assertEqual((yield one.keep_lease()), TOOK)
+        self.assertEqual((yield one.keep_lease()), ClusterNode.TOOK)
         merged = yield one.merge()
         self.assertEqual(merged.batch.total, 3)
 

@@ -5,6 +5,7 @@ import gc
 import io
 import os
 import socket
+import subprocess
 import sys
 import weakref
 
@@ -19,6 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 import failnozzle
 from failnozzle.service import FailnozzleService
 from failnozzle.tap import Options, check_config, freeze_heap, makeService
+from tests.common import WAIT_SECONDS
+from tests.test_twistd import child_environment
 
 
 def options(*argv):
@@ -317,6 +320,34 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(set(service._sockets), {"UDP_BIND", "HTTP_BIND"})
         sock = service._sockets["UDP_BIND"]
         self.assertEqual(sock.getsockname()[0], "127.0.0.1")
+
+    def test_redis_only_for_a_cluster(self):
+        """
+        Without CLUSTER_URL the daemon never imports redis-py (6.6 MB of
+        its memory); with it, it does.
+        """
+        script = ("import sys; from twisted.internet.testing import "
+                  "MemoryReactorClock; from failnozzle.tap import Options, "
+                  "makeService; options = Options(); options.parseOptions("
+                  "sys.argv[1:]); makeService(options, MemoryReactorClock()); "
+                  "print('redis' in sys.modules)")
+        cluster = os.path.abspath(
+            self.config("CLUSTER_URL = 'redis://127.0.0.1:1/0'\n"))
+        printed = []
+        for argv in ([], ["--config", cluster]):
+            done = subprocess.run(
+                [sys.executable, "-c", script, "--udp", "127.0.0.1:0",
+                 "--http", "127.0.0.1:0", *argv],
+                capture_output=True, cwd=self.mktemp_dir(),
+                env=child_environment(), timeout=WAIT_SECONDS)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            printed.append(done.stdout)
+        self.assertEqual(printed, [b"False\n", b"True\n"])
+
+    def mktemp_dir(self):
+        path = self.mktemp()
+        os.makedirs(path)
+        return path
 
     def test_gelf_bind(self):
         """
