@@ -818,7 +818,7 @@ def digest_steps(unique: int, hosts: int) -> list:
     service, directory = fill_service(unique, hosts)
     with directory:
         told = service._telling("digest", service.aggregator.flush())
-        making = service._digest_steps(told, service._routes["digest"])
+        making = service._digest_steps(told, service._routes["digest"], None)
         steps = []
         while True:
             started = time.perf_counter()
