@@ -44,6 +44,7 @@ _log = Logger()
 #: How long Redis keeps a key text no push or commit has named.
 KEY_SECONDS = 7 * 24 * 3600
 
+
 def node_name() -> str:
     """This run's name in the cluster: the host's, and a part of its own
     (a restarted node is a new one, its pushes numbered anew)."""
