@@ -153,6 +153,11 @@ class ClusterNode:
         self.last_push: Optional[float] = None
         #: The periods merged by the last flush, and their pushes.
         self.last_merged: tuple = (0, 0)
+        #: Whether the node stops, and whether, Redis not answering then,
+        #: the calls still queued for it fail at once instead of each
+        #: waiting out the timeout (read in the cluster's thread).
+        self._stopping = False
+        self._given_up = False
 
     def configure(self, fields: tuple, max_unique: int,
                   max_sources: int) -> None:
@@ -173,6 +178,24 @@ class ClusterNode:
         if self._pool.started:
             self._pool.callInThread(self._store.close)
             self._pool.stop()
+
+    def stopping(self) -> None:
+        """
+        The node begins its clean stop: if Redis does not answer now, or
+        stops answering during the stop, nothing more waits for it, so a
+        stop takes one timeout at most on Redis' account, not one for each
+        call queued behind it (what Redis does not take is flushed here).
+        """
+        self._stopping = True
+        if self.connected is False:
+            self._give_up()
+
+    def _give_up(self) -> None:
+        if not self._given_up:
+            self._given_up = True
+            _log.warn("Cluster node {name} stops without Redis, which does "
+                      "not answer: what it counted is sent from here",
+                      name=self.name)
 
     def stop(self) -> defer.Deferred:
         """Give up the lease if held (after the push under way), then close
@@ -257,7 +280,16 @@ class ClusterNode:
             return defer.fail(redis.ConnectionError(
                 "the cluster's thread is not running"))
         return threads.deferToThreadPool(self._reactor, self._pool,
-                                         function, *args)
+                                         self._unless_given_up, function,
+                                         *args)
+
+    def _unless_given_up(self, function: Callable, *args: object) -> object:
+        # In the cluster's thread, for a call queued before the stop gave
+        # up on Redis.
+        if self._given_up:
+            raise redis.ConnectionError("not asked: the node stops and "
+                                        "Redis does not answer")
+        return function(*args)
 
     def _answered(self, result: object) -> object:
         if self.connected is False:
@@ -277,6 +309,8 @@ class ClusterNode:
                            error=failure.value, grace=self.grace_seconds)
                 self._unreachable_since = self._reactor.seconds()
             self.connected = False
+            if self._stopping:
+                self._give_up()
         return failure
 
     def push(self, take: Callable[[], State]) -> defer.Deferred:

@@ -1245,6 +1245,7 @@ class FailnozzleService(Service):
         here, as a single node would.
         """
         cluster = self.cluster
+        cluster.stopping()
         before = defer.Deferred()
         (self._cluster_flushing or defer.succeed(None)).addBoth(
             lambda result: (before.callback(None), result)[1])

@@ -19,9 +19,10 @@ from failnozzle.aggregate import Batch, Entry
 from failnozzle.cluster import ClusterNode, make_node
 from failnozzle.redisstore import LeaseLost
 from failnozzle.state import State, key_id, key_text, shared_document
-from tests.common import (FakeMailTransport, SMTPSink, bounded,
-                          digest_total, make_settings, poll_until, record,
-                          send_datagrams, start_service, udp_address)
+from tests.common import (FakeMailTransport, SilentServer, SMTPSink,
+                          bounded, digest_total, make_settings, poll_until,
+                          record, send_datagrams, start_service,
+                          udp_address)
 from tests.redisserver import RedisServer
 from tests.test_twistd import _TwistdTestCase
 from tests.test_web import body_of, json_of, render
@@ -738,6 +739,41 @@ class ServiceTests(TestCase):
         yield poll_until(
             lambda: client.hlen("failnozzle:failnozzle:outbox") == 0,
             "the delivered digest forgotten")
+
+
+class SilentRedisTests(TestCase):
+    """A Redis that takes connections and never answers (hung, or its
+    packets dropped): the node counts on, and stops without it."""
+
+    @defer.inlineCallbacks
+    def test_stop_asks_no_more(self):
+        """
+        A node stopping while Redis does not answer asks it nothing more:
+        the calls queued for it fail at once instead of each waiting out
+        the timeout (no new connection is made for them), and what the
+        node counted is in the digest it sends itself.
+        """
+        silent = SilentServer(self)
+        mail = FakeMailTransport()
+        service = start_service(
+            self, mail, CLUSTER_URL=f"redis://127.0.0.1:{silent.port}/0",
+            CLUSTER_LEASE_SECONDS=3, FLUSH_SECONDS=3600,
+            GROUP_WAIT_SECONDS=0, SERVER_NAME="nozzle")
+        yield poll_until(lambda: service.cluster.connected is False,
+                         "Redis found not answering")
+        send_datagrams(udp_address(service), [record("hung", "web1")] * 4)
+        yield poll_until(lambda: service.counts.received["udp"] >= 4,
+                         "datagrams")
+        asked = len(silent.connections)
+        stopped = service.stopService()
+        yield poll_until(lambda: mail.by_kind("digest"), "the digest")
+        mail.succeed_all()
+        yield stopped
+        # The call under way when the stop began may connect once more.
+        self.assertLessEqual(len(silent.connections) - asked, 1)
+        [message] = digests(mail)
+        self.assertEqual(digest_total(message), 4)
+        self.assertIn("Redis unreachable", message["Subject"])
 
 
 class DaemonTests(_TwistdTestCase):
