@@ -14,10 +14,10 @@ from tests.common import (datagrams_received, record, send_datagrams,
                           start_service, udp_address)
 
 #: The flags that keep Chromium off the network it has no business on.
-_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-          "--no-first-run", "--disable-background-networking",
-          "--disable-component-update", "--disable-sync",
-          "--hide-scrollbars"]
+BROWSER_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+    "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
 
 
 def chromium() -> str:
@@ -49,8 +49,9 @@ class StatusPageTests(TestCase):
         profile = os.path.abspath(self.mktemp())
         url = f"http://{host}:{port}/"
         out, err, status = yield utils.getProcessOutputAndValue(
-            browser, _FLAGS + [f"--user-data-dir={profile}", "--dump-dom",
-                               url], env={"HOME": profile})
+            browser, BROWSER_FLAGS + [f"--user-data-dir={profile}",
+                                      "--dump-dom", url],
+            env={"HOME": profile})
         self.assertEqual(status, 0, err)
         dom = out.decode()
         self.assertIn(f"<title>failnozzle on {service.settings.SERVER_NAME}"
@@ -62,9 +63,9 @@ class StatusPageTests(TestCase):
 
         picture = os.path.join(profile, "page.png")
         out, err, status = yield utils.getProcessOutputAndValue(
-            browser, _FLAGS + [f"--user-data-dir={profile}",
-                               "--window-size=1000,1200",
-                               f"--screenshot={picture}", url],
+            browser, BROWSER_FLAGS + [f"--user-data-dir={profile}",
+                                      "--window-size=1000,1200",
+                                      f"--screenshot={picture}", url],
             env={"HOME": profile})
         self.assertEqual(status, 0, err)
         with open(picture, "rb") as png:

@@ -15,11 +15,14 @@ import textwrap
 import zlib
 
 import brotli
-from twisted.internet import defer, threads, utils
+from twisted.internet import defer, reactor, threads, utils
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.web.server import Site
+from twisted.web.static import File
 
 from failnozzle.sentry import context_of, record_of, traceback_of
 from tests.common import record, start_service
+from tests.test_browser import BROWSER_FLAGS, chromium
 from tests.test_twistd import child_environment
 from tests.test_web import _ServiceTestCase, body_of, json_of, render
 
@@ -591,6 +594,71 @@ class RealClientTests(TestCase):
         self.assertEqual(dict(entries[undefined].context)["release"],
                          "shop@2.0.0")
         self.assertEqual(entries["disk full on /var"].level, 6)
+
+    @defer.inlineCallbacks
+    def test_sentry_browser(self):
+        """
+        @sentry/browser, bundled as applications bundle it (esbuild), in a
+        page of another origin loaded by Chromium: the cross-origin posts
+        are answered so the page may read them (CORS), and an exception
+        and a message become errors with the page's stack and release.
+        """
+        browser = chromium()
+        modules = os.environ.get("FAILNOZZLE_SENTRY_NODE")
+        bundler = modules and os.path.join(modules, ".bin", "esbuild")
+        if not bundler or not os.path.exists(os.path.join(
+                modules, "@sentry", "browser")):
+            raise SkipTest("no @sentry/browser and esbuild: .ci/run "
+                           "installs them from npm and names them in "
+                           "FAILNOZZLE_SENTRY_NODE")
+        service = start_service(self, HTTP_BIND=("127.0.0.1", 0),
+                                SENTRY_KEYS={KEY: "web"})
+        host, port = service.listening()["HTTP_BIND"]
+        site = os.path.abspath(self.mktemp())
+        os.makedirs(site)
+        entry = os.path.join(site, "entry.js")
+        with open(entry, "w") as source:
+            source.write('import * as Sentry from "@sentry/browser";\n'
+                         'window.Sentry = Sentry;\n')
+        out, err, status = yield utils.getProcessOutputAndValue(
+            bundler, [entry, "--bundle", "--format=iife",
+                      "--outfile=" + os.path.join(site, "bundle.js"),
+                      "--log-level=warning"],
+            env={**child_environment(), "NODE_PATH": modules})
+        self.assertEqual(status, 0, err)
+        with open(os.path.join(site, "index.html"), "w") as page:
+            page.write(textwrap.dedent(f"""\
+                <!doctype html><html><head><title>loading</title>
+                <script src="bundle.js"></script></head><body><script>
+                Sentry.init({{dsn: "http://{KEY}@{host}:{port}/1",
+                             release: "web@3.1"}});
+                function lookup(user) {{ return ({{}})["user_" + user].name; }}
+                try {{ lookup(17); }}
+                catch (e) {{ Sentry.captureException(e); }}
+                Sentry.captureMessage("checkout button broken");
+                Sentry.flush(10000).then(function (sent) {{
+                  document.title = sent ? "sent" : "not sent"; }});
+                </script></body></html>
+                """))
+        pages = reactor.listenTCP(0, Site(File(site)), interface="127.0.0.1")
+        self.addCleanup(pages.stopListening)
+        profile = os.path.abspath(self.mktemp())
+        out, err, status = yield utils.getProcessOutputAndValue(
+            browser, BROWSER_FLAGS + [
+                f"--user-data-dir={profile}", "--virtual-time-budget=10000",
+                "--dump-dom", f"http://127.0.0.1:{pages.getHost().port}/"],
+            env={"HOME": profile})
+        self.assertEqual(status, 0, err)
+        self.assertIn("<title>sent</title>", out.decode())
+        entries = {entry.key[3]: entry
+                   for entry in service.aggregator.view().entries}
+        undefined = ("TypeError: Cannot read properties of undefined "
+                     "(reading 'name')")
+        self.assertEqual(set(entries), {undefined, "checkout button broken"})
+        self.assertIn("in lookup\n", entries[undefined].key[6])
+        self.assertEqual(dict(entries[undefined].context)["release"],
+                         "web@3.1")
+        self.assertEqual(service.counts.received["sentry"], 2)
 
 
 class BodyLimitTests(TestCase):
