@@ -10,9 +10,11 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import textwrap
 import zlib
+from typing import Optional
 
 import brotli
 from twisted.internet import defer, reactor, threads, utils
@@ -461,13 +463,16 @@ class RealClientTests(TestCase):
 
     @defer.inlineCallbacks
     def run_client(self, script: str, program: str = sys.executable,
-                   suffix: str = ".py", **environment: str):
-        """Run C{script} with C{program}; it must succeed."""
+                   suffix: str = ".py", run: Optional[str] = None,
+                   **environment: str):
+        """Run C{script} with C{program} (its C{run} command if it has
+        one); it must succeed."""
         path = self.mktemp() + suffix
         with open(path, "w") as source:
             source.write(script)
         out, err, status = yield utils.getProcessOutputAndValue(
-            program, [path], env={**child_environment(), **environment})
+            program, [run, path] if run else [path],
+            env={**child_environment(), **environment})
         self.assertEqual(status, 0, err)
 
     @defer.inlineCallbacks
@@ -658,6 +663,110 @@ class RealClientTests(TestCase):
         self.assertIn("in lookup\n", entries[undefined].key[6])
         self.assertEqual(dict(entries[undefined].context)["release"],
                          "web@3.1")
+        self.assertEqual(service.counts.received["sentry"], 2)
+
+    @defer.inlineCallbacks
+    def test_sentry_go(self):
+        """
+        sentry-go as Debian packages it: an error wrapping another and a
+        message become errors with the Go stack, release and host.
+        """
+        go = shutil.which("go")
+        library = "/usr/share/gocode"
+        if not go or not os.path.isdir(os.path.join(
+                library, "src", "github.com", "getsentry", "sentry-go")):
+            raise SkipTest("no sentry-go: .ci/run installs Debian's "
+                           "golang-go and "
+                           "golang-github-getsentry-sentry-go-dev")
+        service = start_service(self, HTTP_BIND=("127.0.0.1", 0),
+                                SENTRY_KEYS={KEY: "shop"})
+        host, port = service.listening()["HTTP_BIND"]
+        script = textwrap.dedent(f"""\
+            package main
+
+            import (
+            \t"errors"
+            \t"fmt"
+            \t"os"
+            \t"time"
+
+            \t"github.com/getsentry/sentry-go"
+            )
+
+            func lookup(user int) error {{
+            \treturn fmt.Errorf("lookup failed for user %d: %w", user,
+            \t\terrors.New("no such row"))
+            }}
+
+            func main() {{
+            \tsentry.Init(sentry.ClientOptions{{
+            \t\tDsn: "http://{KEY}@{host}:{port}/1",
+            \t\tServerName: "go7", Release: "shop@4.0"}})
+            \tsentry.CaptureException(lookup(17))
+            \tsentry.CaptureMessage("queue stuck")
+            \tif !sentry.Flush(10 * time.Second) {{
+            \t\tos.Exit(3)
+            \t}}
+            }}
+            """)
+        cache = os.path.abspath(self.mktemp())
+        yield self.run_client(script, go, ".go", GOPATH=library,
+                              GO111MODULE="off", GOCACHE=cache,
+                              HOME=cache, run="run")
+        entries = {entry.key[3]: entry
+                   for entry in service.aggregator.view().entries}
+        wrapped = "*fmt.wrapError: lookup failed for user 17: no such row"
+        self.assertEqual(set(entries), {wrapped, "queue stuck"})
+        self.assertIn("*errors.errorString: no such row",
+                      entries[wrapped].key[6])
+        self.assertIn("in main\n", entries[wrapped].key[6])
+        self.assertEqual(entries[wrapped].sources, {"go7": 1})
+        self.assertEqual(dict(entries[wrapped].context)["release"],
+                         "shop@4.0")
+        self.assertEqual(entries["queue stuck"].level, 6)
+
+    @defer.inlineCallbacks
+    def test_sentry_ruby(self):
+        """
+        sentry-ruby as Debian packages it, in its default settings: an
+        exception and a message become errors with the Ruby backtrace,
+        release and host.
+        """
+        ruby = shutil.which("ruby")
+        if not ruby or subprocess.run(
+                [ruby, "-e", 'require "sentry-ruby"'],
+                capture_output=True).returncode:
+            raise SkipTest("no sentry-ruby: .ci/run installs Debian's ruby "
+                           "and ruby-sentry-ruby")
+        service = start_service(self, HTTP_BIND=("127.0.0.1", 0),
+                                SENTRY_KEYS={KEY: "shop"})
+        host, port = service.listening()["HTTP_BIND"]
+        script = textwrap.dedent(f"""\
+            require "sentry-ruby"
+            Sentry.init do |config|
+              config.dsn = "http://{KEY}@{host}:{port}/1"
+              config.server_name = "rb7"
+              config.release = "shop@5.0"
+            end
+            def lookup(user)
+              {{}}.fetch("user_#{{user}}")
+            end
+            begin
+              lookup(17)
+            rescue => e
+              Sentry.capture_exception(e)
+            end
+            Sentry.capture_message("cache cold")
+            """)
+        yield self.run_client(script, ruby, ".rb")
+        entries = {entry.key[3]: entry
+                   for entry in service.aggregator.view().entries}
+        missing = 'KeyError: key not found: "user_17"'
+        self.assertEqual(set(entries), {missing, "cache cold"})
+        self.assertIn("in lookup\n", entries[missing].key[6])
+        self.assertEqual(entries[missing].sources, {"rb7": 1})
+        self.assertEqual(dict(entries[missing].context)["release"],
+                         "shop@5.0")
         self.assertEqual(service.counts.received["sentry"], 2)
 
 
