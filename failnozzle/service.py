@@ -1341,11 +1341,13 @@ class FailnozzleService(Service):
             return
         self._fields_checked = True
         fields = self.settings.unique_fields
-        carried = {name for entry in batch.entries
-                   for name, value in zip(fields, entry.key)
-                   if value is not None}
-        missing = [name for name in fields
-                   if name not in carried and name not in DEFAULT_FIELDS]
+        missing = [name for name in fields if name not in DEFAULT_FIELDS]
+        for entry in batch.entries:
+            if not missing:
+                # Read no further: the first flush may hold 10,000 errors.
+                break
+            missing = [name for name in missing
+                       if entry.key[fields.index(name)] is None]
         if missing:
             _log.warn("UNIQUE_MSG_TUPLE names {fields}, which none of the "
                       "{count} errors received carries: misspelt?",
