@@ -475,6 +475,23 @@ class RealClientTests(TestCase):
             env={**child_environment(), **environment})
         self.assertEqual(status, 0, err)
 
+    def assert_reported(self, service, messages: set, exception: str,
+                        frame: str, host: str, release: str) -> dict:
+        """
+        The errors counted are C{messages}; the one C{exception} came with
+        a traceback through C{frame}, from C{host}, of C{release}.
+
+        @return: the errors, by message.
+        """
+        entries = {entry.key[3]: entry
+                   for entry in service.aggregator.view().entries}
+        self.assertEqual(set(entries), messages)
+        caught = entries[exception]
+        self.assertIn(f"in {frame}\n", caught.key[6])
+        self.assertEqual(caught.sources, {host: 1})
+        self.assertEqual(dict(caught.context)["release"], release)
+        return entries
+
     @defer.inlineCallbacks
     def test_sentry_sdk(self):
         """
@@ -586,18 +603,14 @@ class RealClientTests(TestCase):
             Sentry.flush(10000).then((sent) => process.exit(sent ? 0 : 3));
             """)
         yield self.run_client(script, node, ".js", NODE_PATH=modules)
-        entries = {entry.key[3]: entry
-                   for entry in service.aggregator.view().entries}
         undefined = ("TypeError: Cannot read properties of undefined "
                      "(reading 'name')")
-        self.assertEqual(set(entries), {undefined, "Error: config unreadable",
-                                        "disk full on /var"})
-        self.assertIn("in lookup\n", entries[undefined].key[6])
+        entries = self.assert_reported(
+            service, {undefined, "Error: config unreadable",
+                      "disk full on /var"}, undefined, "lookup", "node7",
+            "shop@2.0.0")
         self.assertIn("SyntaxError:",
                       entries["Error: config unreadable"].key[6])
-        self.assertEqual(entries[undefined].sources, {"node7": 1})
-        self.assertEqual(dict(entries[undefined].context)["release"],
-                         "shop@2.0.0")
         self.assertEqual(entries["disk full on /var"].level, 6)
 
     @defer.inlineCallbacks
@@ -655,14 +668,11 @@ class RealClientTests(TestCase):
             env={"HOME": profile})
         self.assertEqual(status, 0, err)
         self.assertIn("<title>sent</title>", out.decode())
-        entries = {entry.key[3]: entry
-                   for entry in service.aggregator.view().entries}
         undefined = ("TypeError: Cannot read properties of undefined "
                      "(reading 'name')")
-        self.assertEqual(set(entries), {undefined, "checkout button broken"})
-        self.assertIn("in lookup\n", entries[undefined].key[6])
-        self.assertEqual(dict(entries[undefined].context)["release"],
-                         "web@3.1")
+        # A browser names no server: the host is the client's address.
+        self.assert_reported(service, {undefined, "checkout button broken"},
+                             undefined, "lookup", "127.0.0.1", "web@3.1")
         self.assertEqual(service.counts.received["sentry"], 2)
 
     @defer.inlineCallbacks
@@ -713,16 +723,11 @@ class RealClientTests(TestCase):
         yield self.run_client(script, go, ".go", GOPATH=library,
                               GO111MODULE="off", GOCACHE=cache,
                               HOME=cache, run="run")
-        entries = {entry.key[3]: entry
-                   for entry in service.aggregator.view().entries}
         wrapped = "*fmt.wrapError: lookup failed for user 17: no such row"
-        self.assertEqual(set(entries), {wrapped, "queue stuck"})
+        entries = self.assert_reported(service, {wrapped, "queue stuck"},
+                                       wrapped, "main", "go7", "shop@4.0")
         self.assertIn("*errors.errorString: no such row",
                       entries[wrapped].key[6])
-        self.assertIn("in main\n", entries[wrapped].key[6])
-        self.assertEqual(entries[wrapped].sources, {"go7": 1})
-        self.assertEqual(dict(entries[wrapped].context)["release"],
-                         "shop@4.0")
         self.assertEqual(entries["queue stuck"].level, 6)
 
     @defer.inlineCallbacks
@@ -759,14 +764,9 @@ class RealClientTests(TestCase):
             Sentry.capture_message("cache cold")
             """)
         yield self.run_client(script, ruby, ".rb")
-        entries = {entry.key[3]: entry
-                   for entry in service.aggregator.view().entries}
         missing = 'KeyError: key not found: "user_17"'
-        self.assertEqual(set(entries), {missing, "cache cold"})
-        self.assertIn("in lookup\n", entries[missing].key[6])
-        self.assertEqual(entries[missing].sources, {"rb7": 1})
-        self.assertEqual(dict(entries[missing].context)["release"],
-                         "shop@5.0")
+        self.assert_reported(service, {missing, "cache cold"}, missing,
+                             "lookup", "rb7", "shop@5.0")
         self.assertEqual(service.counts.received["sentry"], 2)
 
 
