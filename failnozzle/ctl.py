@@ -167,8 +167,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(answer, indent=2))
     else:
         for line in lines:
-            print(line)
+            print(_printable(line))
     return 0
+
+
+def _printable(line: str) -> str:
+    """C{line} with what no terminal can show (a lone surrogate, which an
+    error's text may hold) as a backslash escape."""
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _run(options: argparse.Namespace) -> tuple:

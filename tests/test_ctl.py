@@ -25,6 +25,16 @@ def ctl(*args: str) -> defer.Deferred:
         env=child_environment())
 
 
+@defer.inlineCallbacks
+def buffered(http: str, total: int):
+    """Ask C{status} until the daemon buffers C{total} errors (at most a
+    hundred times)."""
+    for _ in range(100):
+        out, _, _ = yield ctl("--http", http, "--json", "status")
+        if json.loads(out)["buffered"]["total"] == total:
+            return
+
+
 class CtlTests(_TwistdTestCase):
     """failnozzle-ctl, as an operator uses it."""
 
@@ -62,10 +72,7 @@ class CtlTests(_TwistdTestCase):
         # A flush went out within FLUSH_SECONDS: no group wait, these
         # wait for the next flush, or for one asked for.
         send_datagrams(address, [record("bang"), record("bang")])
-        for _ in range(100):
-            out, err, status = yield ctl("--http", http, "--json", "status")
-            if json.loads(out)["buffered"]["total"] == 2:
-                break
+        yield buffered(http, 2)
         out, err, status = yield ctl("--http", http, "flush")
         self.assertEqual((out, status),
                          (b"flushed 2 errors into 1 digest(s)\n", 0), err)
@@ -109,6 +116,21 @@ class CtlTests(_TwistdTestCase):
                                      silence_id)
         self.assertEqual((out, status),
                          (f"removed {silence_id}\n".encode(), 0), err)
+
+    @defer.inlineCallbacks
+    def test_status_of_odd_text(self):
+        """
+        An error whose text holds a lone surrogate (a datagram may) is in
+        C{status} as a backslash escape: the command does not fail on it.
+        """
+        process, address, _ = yield self.start_daemon(FLUSH_SECONDS=3600)
+        http = _HTTP.search(process.text).group(1)
+        send_datagrams(address, [b'{"message": "lone \\ud800 half", '
+                                 b'"source": "web\\udfff"}'])
+        yield buffered(http, 1)
+        out, err, status = yield ctl("--http", http, "status")
+        self.assertEqual(status, 0, err)
+        self.assertIn(b"lone \\ud800 half", out)
 
     @defer.inlineCallbacks
     def test_unreachable(self):
