@@ -18,11 +18,10 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-import orjson
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from failnozzle.aggregate import Report
-from failnozzle.ingest import BadDatagram, RecordReader, decode_json_text
+from failnozzle.ingest import BadDatagram, RecordReader, decode_json
 from failnozzle.levels import SYSLOG_LEVELS, stricter
 
 #: A chunked message may have at most this many chunks (the GELF spec).
@@ -380,16 +379,10 @@ class GELFDecoder:
 
     @staticmethod
     def _parse(data: bytes) -> dict:
-        # As RecordReader: orjson first, then the standard library for what
-        # it refuses (NaN, Infinity, lone surrogates), UTF-8 only.
         try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            try:
-                obj = decode_json_text(data.decode("utf-8"))
-            except (ValueError, RecursionError) as error:
-                raise GELFNotJSON(str(error) or type(error).__name__,
-                                  data) from None
+            obj = decode_json(data)
+        except BadDatagram as error:
+            raise GELFNotJSON(str(error), data) from None
         if type(obj) is not dict:
             raise GELFNotJSON(f"got a JSON {type(obj).__name__}", data)
         return obj

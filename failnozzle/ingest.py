@@ -36,21 +36,26 @@ _log = Logger()
 decode_json_text = json.JSONDecoder(parse_constant=str).decode
 
 
-def _decode_json_slowly(data: bytes) -> object:
+def decode_json(data: bytes) -> object:
     """
-    The standard library's reading of what orjson refused: it accepts
-    what Python's json writes beyond the JSON standard (NaN, Infinity,
-    lone surrogates), and says why the rest is bad.
+    A JSON document: orjson's reading, else the standard library's, which
+    accepts what Python's json writes beyond the standard (NaN, Infinity,
+    lone surrogates) and a UTF-8 byte order mark, and says why the rest is
+    bad.
 
     @raise NotUTF8: C{data} is not UTF-8.
     @raise NotJSON: C{data} is not JSON.
     """
     try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise NotUTF8(str(error), data) from None
     try:
-        return decode_json_text(text)
+        return decode_json_text(text.removeprefix("\ufeff"))
     except (ValueError, RecursionError) as error:
         raise NotJSON(str(error) or type(error).__name__, data) from None
 
@@ -174,10 +179,7 @@ class RecordReader:
         if len(data) > self.max_size:
             raise OversizedDatagram(
                 f"more than {self.max_size} bytes", data)
-        try:
-            record = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            record = _decode_json_slowly(data)
+        record = decode_json(data)
         if type(record) is not dict:
             raise NotAnObject(f"got a JSON {type(record).__name__}", data)
         # A text decoded from JSON has at most as many characters as the

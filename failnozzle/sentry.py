@@ -23,13 +23,12 @@ import uuid
 from typing import Optional
 from urllib.parse import urlsplit
 
-import orjson
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from failnozzle.httpin import (BadBody, BodyTooLarge, InflatedBody,
                                answer_later, json_reply)
-from failnozzle.ingest import BadDatagram, BelowLevel
+from failnozzle.ingest import BadDatagram, BelowLevel, decode_json
 from failnozzle.levels import level_named
 
 #: Sentry's own limits: an event, and an envelope inflated.
@@ -128,11 +127,11 @@ class SentryAPI(Resource):
                             "detail": "unknown public key"}, 403)
                 events, dropped = _envelope_events(body)
             else:
-                header, events = {}, [orjson.loads(body.rest())]
+                header, events = {}, [decode_json(body.rest())]
                 dropped = Counter()
         except BodyTooLarge as error:
             return _reply(request, {"detail": f"too large: {error}"}, 413)
-        except (BadBody, orjson.JSONDecodeError, _BadEnvelope) as error:
+        except (BadBody, BadDatagram, _BadEnvelope) as error:
             return _reply(request, {"detail": f"bad body: {error}"}, 400)
         wait = self.budget(key, len(events)) if events else None
         if wait is not None:
@@ -153,7 +152,9 @@ class SentryAPI(Resource):
         service = self._service
         service.counts.received["sentry"] += 1
         if not isinstance(event, dict):
-            service.report_bad_input(BadEvent("not a JSON object"), sender)
+            service.report_bad_input(event if isinstance(event, BadEvent)
+                                     else BadEvent("not a JSON object"),
+                                     sender)
             return
         record, level = record_of(event, kind, sender[0])
         try:
@@ -289,9 +290,10 @@ def _envelope_events(body: InflatedBody) -> tuple:
             dropped["event"] += 1
             continue
         try:
-            events.append(orjson.loads(payload))
-        except orjson.JSONDecodeError:
-            events.append(None)
+            events.append(decode_json(payload))
+        except BadDatagram as error:
+            # Counted as bad input, saying why, with the others.
+            events.append(BadEvent(f"not JSON: {error}"))
     raise _BadEnvelope(f"it holds more than {MAX_ITEMS_PER_ENVELOPE:,} items")
 
 
@@ -302,8 +304,8 @@ def _json_line(line: Optional[bytes], what: str) -> dict:
         raise _BadEnvelope(f"its {what} is longer than "
                            f"{_MAX_HEADER_BYTES:,} bytes")
     try:
-        value = orjson.loads(line) if line.strip() else {}
-    except orjson.JSONDecodeError:
+        value = decode_json(line) if line.strip() else {}
+    except BadDatagram:
         raise _BadEnvelope(f"its {what} is not JSON") from None
     if not isinstance(value, dict):
         raise _BadEnvelope(f"its {what} is not a JSON object")

@@ -144,6 +144,14 @@ class RecordReaderTests(SynchronousTestCase):
         self.assertEqual((fields["lineno"], fields["kind"]),
                          ("NaN", "-Infinity"))
 
+    def test_byte_order_mark(self):
+        """
+        A UTF-8 byte order mark, which the JSON standard lets readers
+        ignore and orjson refuses, is ignored.
+        """
+        key, _, *_ = make_reader().read(b'\xef\xbb\xbf{"message": "marked"}')
+        self.assertEqual(dict(zip(FIELDS, key))["message"], "marked")
+
     def test_max_size_accepted(self):
         """
         A datagram of exactly the maximum size is read.

@@ -251,6 +251,24 @@ class EndpointTests(_ServiceTestCase):
             {"event_id": "a" * 32, "message": "boom"}).encode())
         self.assertEqual(json_of(answer), {"id": "a" * 32})
 
+    def test_what_orjson_refuses(self):
+        """
+        An event holding a lone surrogate (sentry-sdk sends the file names
+        Python could not decode that way) is an error with its text; an
+        event that is no JSON is bad input that says so.
+        """
+        self.start()
+        body = envelope(
+            ({"type": "event"}, b'{"message": "cannot read \\udcff.csv"}'),
+            ({"type": "event"}, b'{"message": '))
+        answer = self.post("/api/1/envelope/", body)
+        self.assertEqual(answer.responseCode or 200, 200, body_of(answer))
+        [bad] = self.service.aggregator.bad_input()
+        self.assertIn("not JSON", bad.key[6])
+        self.assertEqual([entry.key[3] for entry in
+                          self.service.aggregator.view().entries
+                          if entry.key != bad.key], ["cannot read \udcff.csv"])
+
     def test_key_in_query_and_dsn(self):
         """The key may come as ?sentry_key= or in the envelope's DSN."""
         self.start()
