@@ -1059,10 +1059,13 @@ def check_settings(path: Optional[str] = None,
     for legacy, current in LEGACY_NAMES.items():
         if legacy in raw:
             value = raw.pop(legacy)
-            if current in raw:
+            # Its default does not count: "from failnozzle.settings import
+            # *" gives every name, the original's module did not.
+            if current in raw and not _is_default(current, raw[current]):
                 notices.append(f"{legacy} is ignored: {current} is set too")
             else:
                 # Checked under the name the file uses, so an error names it.
+                raw.pop(current, None)
                 check(current, legacy, value)
                 notices.append(f"{legacy} is read as {current}; "
                                f"please rename it")
@@ -1079,6 +1082,15 @@ def check_settings(path: Optional[str] = None,
     settings = _complete(Settings(**checked), notices, problems, refused)
     return Checked(settings, tuple(problems), tuple(notices),
                    frozenset(refused))
+
+
+def _is_default(name: str, value: object) -> bool:
+    """Whether C{value} is setting C{name}'s default, as
+    L{failnozzle.settings} gives it (a list where the default is a
+    tuple)."""
+    default = default_value(name)
+    return value == default or (type(value) is list
+                                and tuple(value) == default)
 
 
 def _udp_bind_notice(path: Optional[str]) -> str:

@@ -556,6 +556,24 @@ class LegacyNameTests(ConfigTestCase):
         self.assertEqual(without_udp_bind(notices),
                          ["ERROR_RECIP is ignored: REPORT_TO is set too"])
 
+    def test_after_the_defaults_imported(self):
+        """
+        After C{from failnozzle.settings import *}, which the original's
+        configs began with, the legacy names are read all the same: the
+        current names' defaults it brings are not set by the file.
+        """
+        settings, notices = self.load("""\
+            from failnozzle.settings import *
+            ERROR_RECIP = 'ops@example.com'
+            PAGER_WINDOW_LIMIT = 5
+            """)
+        self.assertEqual(settings.REPORT_TO, ("ops@example.com",))
+        self.assertEqual(settings.PAGER_LIMIT, 5)
+        self.assertEqual(without_udp_bind(notices), [
+            "ERROR_RECIP is read as REPORT_TO; please rename it",
+            "PAGER_WINDOW_LIMIT is read as PAGER_LIMIT; please rename it",
+        ])
+
     def test_error_names_legacy(self):
         """
         A wrong value under a legacy name is reported under that name, the
