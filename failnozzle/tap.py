@@ -7,9 +7,10 @@ The twistd side: command-line options and L{makeService}.
 from __future__ import annotations
 
 import gc
+import resource
 import socket
 from functools import partial
-from typing import Any, Mapping, NoReturn, Optional
+from typing import Any, Callable, Mapping, NoReturn, Optional
 
 from twisted.application.service import IService
 from twisted.internet import threads
@@ -25,6 +26,7 @@ from failnozzle.listeners import LISTENING, bind_listening, close_all
 from failnozzle.mailin import tls_options
 from failnozzle.service import FailnozzleService, make_renderer, make_transport
 from failnozzle.steps import in_slices
+from failnozzle.web import MAX_CONNECTIONS as MAX_HTTP_CONNECTIONS
 from failnozzle.writer import DiskWriter
 
 _log = Logger()
@@ -192,6 +194,47 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+#: Files open at once besides connections: sockets, the spool's, state and
+#: maildir files being written, the threads' pipes.
+FILES_BESIDES_CONNECTIONS = 128
+
+
+def open_files_needed(settings: Settings) -> int:
+    """How many files the daemon may hold open at once, its caps on
+    connections reached."""
+    return (FILES_BESIDES_CONNECTIONS
+            + (MAX_HTTP_CONNECTIONS if settings.HTTP_BIND else 0)
+            + (settings.SMTP_INGEST_MAX_CONNECTIONS
+               if settings.SMTP_INGEST_BIND else 0))
+
+
+def raise_open_files_limit(
+        needed: int,
+        getrlimit: Callable[[int], tuple] = resource.getrlimit,
+        setrlimit: Callable[[int, tuple], None] = resource.setrlimit,
+) -> Optional[str]:
+    """
+    Raise the soft limit on open files to C{needed} if the hard limit
+    allows: systemd's soft default, 1,024, is less than the connections
+    failnozzle accepts, and past it even a snapshot cannot be written.
+
+    @return: what to say if the limit stays below C{needed}, else None.
+    """
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if wanted > soft:
+        setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    if wanted < needed:
+        return (f"failnozzle may hold {needed:,} files open at once (its "
+                f"HTTP and mail connections at their caps), but may open "
+                f"only {wanted:,} (the hard limit on open files); past it "
+                f"connections are refused and snapshots fail: raise it "
+                f"(LimitNOFILE= in a systemd unit, ulimit -Hn)")
+    return None
+
+
 def _bind(settings: Settings, notices: list) -> dict:
     """
     Bind every address the settings name.  HTTP_BIND left at its default
@@ -226,7 +269,8 @@ def makeService(options: Options, reactor=None) -> IService:
     """
     # A reactor given by a test: its own time, and the test's heap.
     wall_offset, freeze = (lambda: 0.0), (lambda: None)
-    if reactor is None:
+    own_process = reactor is None
+    if own_process:
         from twisted.internet import reactor
         wall_offset = steady_reactor(reactor, SteadyClock())
         freeze = freeze_heap
@@ -250,6 +294,10 @@ def makeService(options: Options, reactor=None) -> IService:
             raise
     except ConfigError as error:
         raise SystemExit(f"failnozzle: {error}") from None
+    if own_process:
+        too_few = raise_open_files_limit(open_files_needed(settings))
+        if too_few is not None:
+            _log.warn("{too_few}", too_few=too_few)
     for notice in notices:
         _log.warn("Config: {notice}", notice=notice)
     _log.info("UDP receive buffer: asked for {asked} bytes, the kernel "

@@ -4,6 +4,7 @@ Tests for L{failnozzle.tap} and the twistd plugin.
 import gc
 import io
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -15,12 +16,14 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 import failnozzle
 from failnozzle.service import FailnozzleService
-from failnozzle.tap import Options, check_config, freeze_heap, makeService
-from tests.common import WAIT_SECONDS
+from failnozzle.tap import (FILES_BESIDES_CONNECTIONS, MAX_HTTP_CONNECTIONS,
+                            Options, check_config, freeze_heap, makeService,
+                            raise_open_files_limit)
+from tests.common import WAIT_SECONDS, make_settings
 from tests.test_twistd import child_environment
 
 
@@ -288,6 +291,42 @@ SMTP_INGEST_TLS_KEY = {key!r}
             f"or directory"]))
 
 
+class OpenFilesLimitTests(SynchronousTestCase):
+    """
+    raise_open_files_limit: the soft limit up to what is needed, within
+    the hard one.
+    """
+
+    def raised(self, soft, hard, needed):
+        calls = []
+        said = raise_open_files_limit(
+            needed, lambda _: (soft, hard),
+            lambda _, limits: calls.append(limits))
+        return calls, said
+
+    def test_raised(self):
+        self.assertEqual(self.raised(1024, 524288, 1228),
+                         ([(1228, 524288)], None))
+        self.assertEqual(self.raised(1024, resource.RLIM_INFINITY, 1228),
+                         ([(1228, resource.RLIM_INFINITY)], None))
+
+    def test_enough_already(self):
+        self.assertEqual(self.raised(4096, 524288, 1228), ([], None))
+        self.assertEqual(self.raised(resource.RLIM_INFINITY,
+                                     resource.RLIM_INFINITY, 1228),
+                         ([], None))
+
+    def test_hard_limit_too_low(self):
+        """
+        Up to the hard limit, and what it means said in one line.
+        """
+        calls, said = self.raised(256, 1024, 1228)
+        self.assertEqual(calls, [(1024, 1024)])
+        self.assertIn("failnozzle may hold 1,228 files open at once", said)
+        self.assertIn("only 1,024", said)
+        self.assertIn("LimitNOFILE=", said)
+
+
 class MakeServiceTests(SynchronousTestCase):
     """
     makeService: settings in, service out, or one line saying what is
@@ -321,28 +360,66 @@ class MakeServiceTests(SynchronousTestCase):
         sock = service._sockets["UDP_BIND"]
         self.assertEqual(sock.getsockname()[0], "127.0.0.1")
 
+    def in_child(self, then: str, *argv: str, reactor: str = "None",
+                 limit_files: int = 0) -> bytes:
+        """
+        In a child process, make the service of C{argv} (with UDP and HTTP
+        on free ports) on C{reactor} (an expression; None: the real one),
+        then run C{then}; what it printed.
+
+        @param limit_files: the child's soft limit on open files, if set.
+        """
+        script = ("import resource, sys; from failnozzle.tap import "
+                  "Options, makeService; options = Options(); "
+                  "options.parseOptions(sys.argv[1:]); "
+                  f"makeService(options, {reactor}); {then}")
+
+        def limited() -> None:
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit_files, hard))
+
+        done = subprocess.run(
+            [sys.executable, "-c", script, "--udp", "127.0.0.1:0",
+             "--http", "127.0.0.1:0", *argv],
+            capture_output=True, cwd=self.mktemp_dir(),
+            env=child_environment(), timeout=WAIT_SECONDS,
+            preexec_fn=limited if limit_files else None)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return done.stdout
+
     def test_redis_only_for_a_cluster(self):
         """
         Without CLUSTER_URL the daemon never imports redis-py (6.6 MB of
         its memory); with it, it does.
         """
-        script = ("import sys; from twisted.internet.testing import "
-                  "MemoryReactorClock; from failnozzle.tap import Options, "
-                  "makeService; options = Options(); options.parseOptions("
-                  "sys.argv[1:]); makeService(options, MemoryReactorClock()); "
-                  "print('redis' in sys.modules)")
         cluster = os.path.abspath(
             self.config("CLUSTER_URL = 'redis://127.0.0.1:1/0'\n"))
-        printed = []
-        for argv in ([], ["--config", cluster]):
-            done = subprocess.run(
-                [sys.executable, "-c", script, "--udp", "127.0.0.1:0",
-                 "--http", "127.0.0.1:0", *argv],
-                capture_output=True, cwd=self.mktemp_dir(),
-                env=child_environment(), timeout=WAIT_SECONDS)
-            self.assertEqual(done.returncode, 0, done.stderr)
-            printed.append(done.stdout)
-        self.assertEqual(printed, [b"False\n", b"True\n"])
+        check = "print('redis' in sys.modules)"
+        memory = ("__import__('twisted.internet.testing', fromlist=['_'])"
+                  ".MemoryReactorClock()")
+        self.assertEqual(
+            [self.in_child(check, reactor=memory),
+             self.in_child(check, "--config", cluster, reactor=memory)],
+            [b"False\n", b"True\n"])
+
+    def test_open_files_limit_raised(self):
+        """
+        Started under systemd's soft limit of 1,024 open files, fewer than
+        its HTTP and mail connections may take, the daemon raises it to
+        what it needs (the hard limit allows it here).
+        """
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        mail = os.path.abspath(self.config(
+            "SMTP_INGEST_BIND = ('127.0.0.1', 0)\n"))
+        needed = (FILES_BESIDES_CONNECTIONS + MAX_HTTP_CONNECTIONS
+                  + make_settings().SMTP_INGEST_MAX_CONNECTIONS)
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise SkipTest(f"this machine's hard limit on open files, "
+                           f"{hard}, is below {needed}")
+        printed = self.in_child(
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])",
+            "--config", mail, limit_files=1024)
+        self.assertEqual(int(printed), needed)
 
     def mktemp_dir(self):
         path = self.mktemp()
