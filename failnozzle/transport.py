@@ -536,6 +536,9 @@ class _SenderFactory(smtp.ESMTPSenderFactory):
     """
 
     protocol = _Sender
+    # Not "Starting factory" and "Stopping factory" in the log for every
+    # delivery and retry: the outbox says what each did.
+    noisy = False
 
     def __init__(self, clock: IReactorTime, server: str, data: bytes,
                  greeting_wait: Optional[float], *args, **kwargs) -> None:

@@ -146,6 +146,8 @@ class SMTPTransportTests(SynchronousTestCase):
         self.assertFalse(protocol.requireAuthentication)
         self.assertIsNone(protocol.context)
         self.assertEqual(factory.retries, 0)
+        # Its start and stop are not logged at each delivery.
+        self.assertFalse(factory.noisy)
 
     def test_starttls_requires_tls(self):
         """
