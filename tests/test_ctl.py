@@ -123,7 +123,9 @@ class CtlTests(_TwistdTestCase):
         An error whose text holds a lone surrogate (a datagram may) is in
         C{status} as a backslash escape: the command does not fail on it.
         """
-        process, address, _ = yield self.start_daemon(FLUSH_SECONDS=3600)
+        process, address, _ = yield self.start_daemon(
+            UDP_BIND=("127.0.0.1", 0), HTTP_BIND=("127.0.0.1", 0),
+            FLUSH_SECONDS=3600)
         http = _HTTP.search(process.text).group(1)
         send_datagrams(address, [b'{"message": "lone \\ud800 half", '
                                  b'"source": "web\\udfff"}'])
