@@ -493,6 +493,14 @@ class RealClientTests(TestCase):
             env={**child_environment(), **environment})
         self.assertEqual(status, 0, err)
 
+    def sentry_service(self, kind: str = "shop") -> tuple:
+        """A started service taking Sentry events of C{kind} on a free
+        port, and the DSN for it."""
+        service = start_service(self, HTTP_BIND=("127.0.0.1", 0),
+                                SENTRY_KEYS={KEY: kind})
+        host, port = service.listening()["HTTP_BIND"]
+        return service, f"http://{KEY}@{host}:{port}/1"
+
     def assert_reported(self, service, messages: set, exception: str,
                         frame: str, host: str, release: str) -> dict:
         """
@@ -517,12 +525,10 @@ class RealClientTests(TestCase):
         integration, in sentry-sdk's default settings (compressed as it
         compresses), become errors with their texts, levels and host.
         """
-        service = start_service(self, HTTP_BIND=("127.0.0.1", 0),
-                                SENTRY_KEYS={KEY: "shop"})
-        host, port = service.listening()["HTTP_BIND"]
+        service, dsn = self.sentry_service()
         script = textwrap.dedent(f"""\
             import logging, sentry_sdk
-            sentry_sdk.init(dsn="http://{KEY}@{host}:{port}/1",
+            sentry_sdk.init(dsn="{dsn}",
                             server_name="web7", release="shop@1.2.3",
                             environment="prod")
             def lookup(user):
@@ -561,9 +567,7 @@ class RealClientTests(TestCase):
         integration (on by default), becomes an error with its traceback,
         its view's route and its host: the 500 a user saw is in the digest.
         """
-        service = start_service(self, HTTP_BIND=("127.0.0.1", 0),
-                                SENTRY_KEYS={KEY: "shop"})
-        host, port = service.listening()["HTTP_BIND"]
+        service, dsn = self.sentry_service()
         script = textwrap.dedent(f"""\
             import django, sentry_sdk
             from django.conf import settings
@@ -573,7 +577,7 @@ class RealClientTests(TestCase):
             urlpatterns = [path("items/<int:number>/", item)]
             settings.configure(DEBUG=False, ALLOWED_HOSTS=["testserver"],
                                ROOT_URLCONF=__name__, LOGGING_CONFIG=None)
-            sentry_sdk.init(dsn="http://{KEY}@{host}:{port}/1",
+            sentry_sdk.init(dsn="{dsn}",
                             server_name="web8")
             django.setup()
             from django.test import Client
@@ -602,12 +606,10 @@ class RealClientTests(TestCase):
         if not modules or not node:
             raise SkipTest("no @sentry/node: .ci/run installs it from npm "
                            "and names it in FAILNOZZLE_SENTRY_NODE")
-        service = start_service(self, HTTP_BIND=("127.0.0.1", 0),
-                                SENTRY_KEYS={KEY: "shop"})
-        host, port = service.listening()["HTTP_BIND"]
+        service, dsn = self.sentry_service()
         script = textwrap.dedent(f"""\
             const Sentry = require("@sentry/node");
-            Sentry.init({{dsn: "http://{KEY}@{host}:{port}/1",
+            Sentry.init({{dsn: "{dsn}",
                          serverName: "node7", release: "shop@2.0.0"}});
             function lookup(user) {{ return ({{}})["user_" + user].name; }}
             try {{ lookup(17); }} catch (e) {{ Sentry.captureException(e); }}
@@ -647,9 +649,7 @@ class RealClientTests(TestCase):
             raise SkipTest("no @sentry/browser and esbuild: .ci/run "
                            "installs them from npm and names them in "
                            "FAILNOZZLE_SENTRY_NODE")
-        service = start_service(self, HTTP_BIND=("127.0.0.1", 0),
-                                SENTRY_KEYS={KEY: "web"})
-        host, port = service.listening()["HTTP_BIND"]
+        service, dsn = self.sentry_service("web")
         site = os.path.abspath(self.mktemp())
         os.makedirs(site)
         entry = os.path.join(site, "entry.js")
@@ -666,7 +666,7 @@ class RealClientTests(TestCase):
             page.write(textwrap.dedent(f"""\
                 <!doctype html><html><head><title>loading</title>
                 <script src="bundle.js"></script></head><body><script>
-                Sentry.init({{dsn: "http://{KEY}@{host}:{port}/1",
+                Sentry.init({{dsn: "{dsn}",
                              release: "web@3.1"}});
                 function lookup(user) {{ return ({{}})["user_" + user].name; }}
                 try {{ lookup(17); }}
@@ -706,9 +706,7 @@ class RealClientTests(TestCase):
             raise SkipTest("no sentry-go: .ci/run installs Debian's "
                            "golang-go and "
                            "golang-github-getsentry-sentry-go-dev")
-        service = start_service(self, HTTP_BIND=("127.0.0.1", 0),
-                                SENTRY_KEYS={KEY: "shop"})
-        host, port = service.listening()["HTTP_BIND"]
+        service, dsn = self.sentry_service()
         script = textwrap.dedent(f"""\
             package main
 
@@ -728,7 +726,7 @@ class RealClientTests(TestCase):
 
             func main() {{
             \tsentry.Init(sentry.ClientOptions{{
-            \t\tDsn: "http://{KEY}@{host}:{port}/1",
+            \t\tDsn: "{dsn}",
             \t\tServerName: "go7", Release: "shop@4.0"}})
             \tsentry.CaptureException(lookup(17))
             \tsentry.CaptureMessage("queue stuck")
@@ -761,13 +759,11 @@ class RealClientTests(TestCase):
                 capture_output=True).returncode:
             raise SkipTest("no sentry-ruby: .ci/run installs Debian's ruby "
                            "and ruby-sentry-ruby")
-        service = start_service(self, HTTP_BIND=("127.0.0.1", 0),
-                                SENTRY_KEYS={KEY: "shop"})
-        host, port = service.listening()["HTTP_BIND"]
+        service, dsn = self.sentry_service()
         script = textwrap.dedent(f"""\
             require "sentry-ruby"
             Sentry.init do |config|
-              config.dsn = "http://{KEY}@{host}:{port}/1"
+              config.dsn = "{dsn}"
               config.server_name = "rb7"
               config.release = "shop@5.0"
             end
