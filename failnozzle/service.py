@@ -1341,17 +1341,18 @@ class FailnozzleService(Service):
             return
         self._fields_checked = True
         fields = self.settings.unique_fields
-        missing = [name for name in fields if name not in DEFAULT_FIELDS]
+        missing = {fields.index(name): name for name in fields
+                   if name not in DEFAULT_FIELDS}
         for entry in batch.entries:
             if not missing:
                 # Read no further: the first flush may hold 10,000 errors.
                 break
-            missing = [name for name in missing
-                       if entry.key[fields.index(name)] is None]
+            missing = {position: name for position, name in missing.items()
+                       if entry.key[position] is None}
         if missing:
             _log.warn("UNIQUE_MSG_TUPLE names {fields}, which none of the "
                       "{count} errors received carries: misspelt?",
-                      fields=", ".join(map(repr, missing)),
+                      fields=", ".join(map(repr, missing.values())),
                       count=len(batch.entries))
 
     def _may_hold_across_restart(self) -> bool:
