@@ -11,8 +11,9 @@ first, and moves to them only if all could be bound.
 from __future__ import annotations
 
 import socket
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -75,16 +76,65 @@ def overlaps(old: Optional[tuple], new: Optional[tuple]) -> bool:
     return old[0] == new[0] or old[0] in wildcards or new[0] in wildcards
 
 
-class Listeners:
+#: How start-up and reloads say what listens where (UDP_BIND's own line
+#: at start-up names the flush too).
+_WHAT = {"UDP_BIND": "errors on UDP", "GELF_BIND": "GELF on UDP",
+         "SMTP_INGEST_BIND": "mail on SMTP",
+         "HTTP_BIND": "status and control on HTTP"}
+
+
+class Listeners(Service):
     """
     The listening ports of a running service, by setting name, each with
-    the protocol (or factory) that reads what arrives on it.
+    the protocol (or factory) that reads what arrives on it.  As a service
+    it listens on the sockets it was given when it starts, and stops
+    listening on all (reading what the kernel holds) when it stops.
+
+    @ivar bound: the sockets given, by setting, until it starts.
     """
 
-    def __init__(self, reactor) -> None:
+    def __init__(self, reactor, bound: Mapping[str, socket.socket],
+                 protocol_for: Callable[[str], object],
+                 max_packet_size: Callable[[], int]) -> None:
+        """
+        @param protocol_for: the protocol (or factory) a setting's port
+            reads with, asked each time one is listened on.
+        @param max_packet_size: the size of datagram taken whole.
+        """
         self._reactor = reactor
+        self.bound = dict(bound)
+        self._protocol_for = protocol_for
+        self._max_packet_size = max_packet_size
         self.ports: dict = {}
         self._protocols: dict = {}
+
+    def startService(self) -> None:
+        super().startService()
+        bound, self.bound = self.bound, {}
+        self.listen(bound, moved=False)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return self.stop(LISTENING)
+
+    def listen(self, sockets: Mapping[str, socket.socket],
+               moved: bool = True) -> None:
+        """
+        Adopt the bound C{sockets}, by setting, and say where (UDP_BIND's
+        only if C{moved} by a reload: start-up says it in a line naming
+        the flush too).
+        """
+        for name in LISTENING:
+            sock = sockets.get(name)
+            if sock is None:
+                continue
+            self.adopt(name, sock, self._protocol_for(name),
+                       self._max_packet_size())
+            if moved or name != "UDP_BIND":
+                address = self.ports[name].getHost()
+                _log.info("failnozzle listening for {what} {host}:{port}",
+                          what=_WHAT[name], host=address.host,
+                          port=address.port)
 
     def adopt(self, name: str, sock: socket.socket, protocol,
               max_packet_size: int) -> None:

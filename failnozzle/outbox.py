@@ -18,6 +18,7 @@ from email.policy import SMTP, default as default_policy
 from email.utils import getaddresses, parseaddr
 from typing import Optional, Protocol, Sequence
 
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -181,7 +182,7 @@ def message_bytes(message: EmailMessage) -> bytes:
     return message.as_bytes(policy=default_policy)
 
 
-class Outbox:
+class Outbox(Service):
     """
     Never loses a message: each one is written to the spool before the
     first delivery attempt and removed only once the server accepted it.
@@ -197,7 +198,9 @@ class Outbox:
     cut to half that size and tried again at once.
 
     Every disk write goes through C{writer}, and every outcome is logged
-    in one line.
+    in one line.  As a service it sends what the last run left in the
+    spool when it starts, and delivers for up to C{shutdown_timeout}
+    seconds when it stops (see L{recover} and L{stop}).
     """
 
     def __init__(self, transport, spool: Spool, clock: IReactorTime,
@@ -206,7 +209,9 @@ class Outbox:
                  writer: Optional[Writer] = None,
                  max_bytes: int = Settings.DIGEST_MAX_BYTES,
                  unconfirmed_retries: int = 2,
-                 counts: Optional[Counts] = None) -> None:
+                 counts: Optional[Counts] = None,
+                 shutdown_timeout: float = Settings.SHUTDOWN_TIMEOUT_SECONDS
+                 ) -> None:
         """
         @param writer: writes the spool; by default at once, in the
             reactor's thread.
@@ -225,16 +230,20 @@ class Outbox:
         self._settle_waiters: list = []
         #: Keeps the messages sent (not those recovered) elsewhere too.
         self.mirror: Optional[Mirror] = None
-        self.configure(transport, retry_min, retry_max, lifetime, max_bytes)
+        self.configure(transport, retry_min, retry_max, lifetime, max_bytes,
+                       shutdown_timeout)
 
     def configure(self, transport, retry_min: float, retry_max: float,
                   lifetime: float,
-                  max_bytes: int = Settings.DIGEST_MAX_BYTES) -> None:
+                  max_bytes: int = Settings.DIGEST_MAX_BYTES,
+                  shutdown_timeout: float = Settings.SHUTDOWN_TIMEOUT_SECONDS
+                  ) -> None:
         """
         Take new settings (a reload): the next attempts use C{transport},
         the new delays and size limit; messages waiting keep their place.
         """
         self.transport = transport
+        self.shutdown_timeout = shutdown_timeout
         self._retry_min = retry_min
         self._retry_max = retry_max
         #: Past this many doublings the delay is retry_max anyway; capping
@@ -719,6 +728,14 @@ class Outbox:
         self._settle()
         moving = self._writer.run(move, waiting.path, waiting.data)
         moving.addErrback(not_kept).addCallback(kept)
+
+    def startService(self) -> None:
+        super().startService()
+        self.recover()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return self.stop(self.shutdown_timeout)
 
     def stop(self, timeout: float) -> defer.Deferred:
         """

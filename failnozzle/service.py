@@ -1,6 +1,6 @@
 """
 The running daemon: wires receiver, aggregator, renderer and outbox to the
-reactor, runs the flush loop, decides who gets what (routing, the pager, and
+reactor as child services, decides who gets what (routing, the pager, and
 holding errors while a digest is undelivered), snapshots what is counted,
 and on a clean stop flushes into the spool and delivers what it can.
 """
@@ -16,9 +16,8 @@ from email.message import EmailMessage
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Callable, Optional
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -47,6 +46,7 @@ from failnozzle.silences import Silences
 from failnozzle.spool import Spool
 from failnozzle.state import State, StateFile
 from failnozzle.steps import Steps, run_at_once
+from failnozzle.timer import Timer
 from failnozzle.transport import MaildirTransport, SMTPTransport
 from failnozzle.web import make_site
 from failnozzle.writer import InlineWriter, Writer
@@ -165,9 +165,12 @@ class _Configured:
     routes: dict
 
 
-class FailnozzleService(Service):
+class FailnozzleService(MultiService):
     """
-    The whole daemon as one twistd service.
+    The whole daemon as one twistd service, its parts that start and stop
+    its children: the disk writer, the listeners, the outbox and the
+    timers (flush, snapshot, cluster tick), in the order L{startService}
+    and L{stopService} list.
 
     @ivar udp_port: the listening port of UDP_BIND, once started.
     @ivar ports: the datagram ports, UDP_BIND's first, then GELF_BIND's.
@@ -185,7 +188,7 @@ class FailnozzleService(Service):
                  http_socket: Optional[socket.socket] = None,
                  wall_offset: Callable[[], float] = lambda: 0.0,
                  reload_settings: Optional[Callable[[], tuple]] = None,
-                 writer: Optional[Writer] = None,
+                 writer: Optional[Service] = None,
                  freeze_heap: Callable[[], None] = lambda: None) -> None:
         """
         @param udp_socket: the bound socket errors arrive on (see
@@ -210,16 +213,16 @@ class FailnozzleService(Service):
         @param reload_settings: gives C{(settings, notices)} read anew
             from the config file, or raises ConfigError: what L{reload}
             (SIGHUP) takes; None: the service cannot reload.
-        @param writer: runs the disk writes (spool, maildir, snapshots),
-            started and stopped with the service: a
-            L{failnozzle.writer.DiskWriter}; by default they run at once,
-            on the reactor.
+        @param writer: runs the disk writes (spool, maildir, snapshots), a
+            child service: a L{failnozzle.writer.DiskWriter}; by default
+            they run at once, on the reactor.
         @param freeze_heap: called once start-up, and then each reload, has
             made what lasts, to put it out of the garbage collector's sight
             (L{failnozzle.tap.freeze_heap}); by default nothing is done.
         @raise ConfigError: a setting cannot be used (a template, a
             certificate).
         """
+        super().__init__()
         self.settings = settings
         self._reactor = reactor
         self._wall_offset = wall_offset
@@ -229,11 +232,13 @@ class FailnozzleService(Service):
         self.writer = writer or InlineWriter()
         self._in_thread = in_thread or defer.maybeDeferred
         self._in_steps = in_steps
-        self._sockets = {name: sock for name, sock in (
-            ("UDP_BIND", udp_socket), ("GELF_BIND", gelf_socket),
-            ("SMTP_INGEST_BIND", smtp_socket), ("HTTP_BIND", http_socket))
-            if sock is not None}
-        self._listeners = Listeners(reactor)
+        self.listeners = Listeners(
+            reactor, {name: sock for name, sock in (
+                ("UDP_BIND", udp_socket), ("GELF_BIND", gelf_socket),
+                ("SMTP_INGEST_BIND", smtp_socket),
+                ("HTTP_BIND", http_socket)) if sock is not None},
+            self._protocol_for,
+            lambda: self.settings.INCOMING_MESSAGE_MAX_SIZE + 1)
         #: What it has done since it started, for status and metrics.
         self.counts = Counts(reactor.seconds())
         self._gelf = GELFDecoder(reactor,
@@ -274,8 +279,9 @@ class FailnozzleService(Service):
             from failnozzle.cluster import make_node
             self.cluster = make_node(settings, reactor, wall_offset)
             self.outbox.mirror = self.silences.shared = self.cluster
-        self._cluster_loop = LoopingCall(self._cluster_tick)
-        self._cluster_loop.clock = reactor
+        self._cluster_timer = Timer(self._cluster_seconds(),
+                                    self._cluster_tick, reactor,
+                                    at_start=True)
         #: The cluster's push and lease renewal, its flush, and the taking
         #: over of what the last leader left, while under way.
         self._ticking = False
@@ -307,18 +313,25 @@ class FailnozzleService(Service):
         self._unsettled: dict = {}
         #: Per kind, how many digests are being made (L{_send_digest}).
         self._making: dict = {}
-        self._flush_loop = LoopingCall(self._scheduled_flush)
-        self._flush_loop.clock = reactor
-        self._snapshot_loop = LoopingCall(self._scheduled_snapshot)
-        self._snapshot_loop.clock = reactor
+        self._flush_timer = Timer(settings.FLUSH_SECONDS,
+                                  self._scheduled_flush, reactor)
+        self._snapshot_timer = Timer(settings.SNAPSHOT_SECONDS,
+                                     self._scheduled_snapshot, reactor)
         self._previous_sighup = None
         self._apply(settings, configured, set(), None)
         #: The HTTP site of HTTP_BIND: status, metrics, control.
         self.web = make_site(self)
+        for name, child in [
+                ("writer", self.writer), ("listeners", self.listeners),
+                ("outbox", self.outbox), ("flush", self._flush_timer),
+                ("snapshot", self._snapshot_timer),
+                ("cluster", self._cluster_timer)]:
+            child.setName(name)
+            self.addService(child)
 
     @property
     def ports(self) -> list:
-        return [port for port in map(self._listeners.get, DATAGRAM)
+        return [port for port in map(self.listeners.get, DATAGRAM)
                 if port is not None]
 
     @property
@@ -328,16 +341,16 @@ class FailnozzleService(Service):
 
     @property
     def udp_port(self):
-        return self._listeners.get("UDP_BIND")
+        return self.listeners.get("UDP_BIND")
 
     @property
     def smtp_port(self):
-        return self._listeners.get("SMTP_INGEST_BIND")
+        return self.listeners.get("SMTP_INGEST_BIND")
 
     def listening(self) -> dict:
         """Setting name to the (host, port) it listens on, for those set."""
         return {name: address for name, address in (
-            (name, self._listeners.address(name)) for name in LISTENING)
+            (name, self.listeners.address(name)) for name in LISTENING)
             if address is not None}
 
     def datagram_sockets(self) -> list:
@@ -379,10 +392,11 @@ class FailnozzleService(Service):
     @property
     def next_flush(self) -> Optional[float]:
         """When the next flush is due (reactor time), if one is."""
-        calls = [call.getTime() for call in (self._flush_loop.call,
-                                             self._group_wait)
-                 if call is not None and call.active()]
-        return min(calls, default=None)
+        calls = [self._flush_timer.due]
+        if self._group_wait is not None and self._group_wait.active():
+            calls.append(self._group_wait.getTime())
+        return min((call for call in calls if call is not None),
+                   default=None)
 
     def _configure(self, settings: Settings, changed: set) -> _Configured:
         """
@@ -508,7 +522,8 @@ class FailnozzleService(Service):
                               settings.RETRY_MIN_SECONDS,
                               settings.RETRY_MAX_SECONDS,
                               settings.SPOOL_LIFETIME_SECONDS,
-                              settings.DIGEST_MAX_BYTES)
+                              settings.DIGEST_MAX_BYTES,
+                              settings.SHUTDOWN_TIMEOUT_SECONDS)
         if previous is not None:
             self._prepare_directories(changed)
         if self.cluster is not None:
@@ -572,21 +587,24 @@ class FailnozzleService(Service):
 
     def startService(self) -> None:
         """
-        Start the parts, in this order; L{stopService} stops them in its
-        own, which is not the reverse (signals are caught first and let go
-        first, the buffer is flushed after the ports close and before the
-        outbox stops).  A step that raises stops the start.
+        Start the parts and the children, in this order; L{stopService}
+        stops them in its own, which is not the reverse (signals are
+        caught first and let go first, the buffer is flushed after the
+        ports close and before the outbox stops).  A step that raises
+        stops the start.
         """
-        super().startService()
+        # Not MultiService's, which starts every child at once.
+        Service.startService(self)
         for step in [
                 self._catch_sighup,  # first: a SIGHUP must not end us now
-                self.writer.start,
+                self.writer.startService,
                 self._start_cluster,
                 self._prepare_outputs,
                 self._restore,
-                self._start_listening,
-                self.outbox.recover,  # what the last run left in the spool
-                self._start_loops,
+                self.listeners.startService,
+                self._say_listening,
+                self.outbox.startService,  # what the last run left
+                self._start_timers,
                 self._freeze_heap,  # last: what start-up made lasts
         ]:
             step()
@@ -626,9 +644,7 @@ class FailnozzleService(Service):
             # written.
             self.save_state()
 
-    def _start_listening(self) -> None:
-        self._listen(self._sockets, moved=False)
-        self._sockets = {}
+    def _say_listening(self) -> None:
         address = self.udp_port.getHost()
         _log.info(
             "failnozzle listening for errors on UDP {host}:{port}; a digest "
@@ -638,47 +654,27 @@ class FailnozzleService(Service):
             transport=self.outbox.transport.describe(),
         )
 
-    def _listen(self, sockets: dict, moved: bool = True) -> None:
-        """
-        Adopt the bound C{sockets}, by setting, and say where (UDP_BIND's
-        only if C{moved} by a reload).
-        """
-        for name in LISTENING:
-            sock = sockets.get(name)
-            if sock is None:
-                continue
-            protocol = self.web if name == "HTTP_BIND" else self.mail
-            if name in DATAGRAM:
-                receiver = self._receivers.get(name)
-                if receiver is None or receiver.numPorts:
-                    # The old port may still be closing with its own.
-                    receiver = self._receivers[name] = ErrorReceiver(
-                        self._reader, self.aggregator, self._reactor,
-                        self.counts, _INPUT_NAMES[name])
-                protocol = receiver
-            self._listeners.adopt(
-                name, sock, protocol,
-                self.settings.INCOMING_MESSAGE_MAX_SIZE + 1)
-            address = self._listeners.get(name).getHost()
-            what = {"GELF_BIND": "GELF on UDP",
-                    "SMTP_INGEST_BIND": "mail on SMTP",
-                    "HTTP_BIND": "status and control on HTTP"}.get(name)
-            if what is not None:
-                _log.info("failnozzle listening for {what} {host}:{port}",
-                          what=what, host=address.host, port=address.port)
-            elif moved:
-                # Start-up says it in a line of its own.
-                _log.info("failnozzle listening for errors on UDP "
-                          "{host}:{port}", host=address.host,
-                          port=address.port)
+    def _protocol_for(self, name: str):
+        """What the port of the setting C{name} reads with: a datagram
+        port's own receiver, made anew if its last port may still be
+        closing with it."""
+        if name == "HTTP_BIND":
+            return self.web
+        if name == "SMTP_INGEST_BIND":
+            return self.mail
+        receiver = self._receivers.get(name)
+        if receiver is None or receiver.numPorts:
+            receiver = self._receivers[name] = ErrorReceiver(
+                self._reader, self.aggregator, self._reactor, self.counts,
+                _INPUT_NAMES[name])
+        return receiver
 
-    def _start_loops(self) -> None:
-        self._flush_loop.start(self.settings.FLUSH_SECONDS, now=False)
+    def _start_timers(self) -> None:
+        self._flush_timer.restart(self.settings.FLUSH_SECONDS)
         if self.cluster is not None:
-            self._cluster_loop.start(self._cluster_seconds(), now=True)
+            self._cluster_timer.restart(self._cluster_seconds(), now=True)
         if self.state_file is not None:
-            self._snapshot_loop.start(self.settings.SNAPSHOT_SECONDS,
-                                      now=False)
+            self._snapshot_timer.restart(self.settings.SNAPSHOT_SECONDS)
 
     def _sighup(self, signum: int, frame: object) -> None:
         # In a signal handler: the reactor does the work in its own turn.
@@ -689,7 +685,7 @@ class FailnozzleService(Service):
         Read the config file again (SIGHUP) and take its settings, and the
         templates and certificate files again: what is counted, held or
         waiting is kept (re-keyed if UNIQUE_MSG_TUPLE changed), ports whose
-        address changed are moved, loops whose period changed restart.  A
+        address changed are moved, timers whose period changed restart.  A
         config that cannot be used is reported in one line, and the running
         one kept.
 
@@ -706,7 +702,7 @@ class FailnozzleService(Service):
             # An address that overlaps the old one (127.0.0.1:1549 then
             # 0.0.0.0:1549) can only be bound once the old port is closed.
             swapped = [name for name in moved if overlaps(
-                self._listeners.address(name), getattr(settings, name))]
+                self.listeners.address(name), getattr(settings, name))]
             sockets = bind_listening(settings, [
                 name for name in moved if name not in swapped])
         except ConfigError as error:
@@ -727,18 +723,18 @@ class FailnozzleService(Service):
         previous = self.settings
         try:
             self._apply(settings, configured, changed, previous)
-            self._listeners.set_receive_buffer(
+            self.listeners.set_receive_buffer(
                 settings.UDP_RCVBUF if "UDP_RCVBUF" in changed else None)
-            self._listeners.stop(
+            self.listeners.stop(
                 [name for name in moved if name not in swapped]).addErrback(
                     lambda failure: _log.failure(
                         "Reload: could not stop listening on an old address",
                         failure))
-            self._listen(sockets)
+            self.listeners.listen(sockets)
             for name in swapped:
                 self._move(name, previous)
         finally:
-            self._restart_loops(changed)
+            self._restart_timers(changed)
         if self.state_file is not None:
             self.save_state()
         taken = sorted(changed - unused)
@@ -756,7 +752,7 @@ class FailnozzleService(Service):
         def listen(_: object) -> None:
             for settings in (self.settings, previous):
                 try:
-                    self._listen(bind_listening(settings, [name]))
+                    self.listeners.listen(bind_listening(settings, [name]))
                 except ConfigError as error:
                     _log.error("Reload: {error}", error=error)
                 else:
@@ -764,30 +760,27 @@ class FailnozzleService(Service):
             _log.error("Reload: not listening on {setting} any more",
                        setting=name)
 
-        moving = self._listeners.stop([name])
+        moving = self.listeners.stop([name])
         moving.addBoth(listen)
         return moving
 
-    def _restart_loops(self, changed: set) -> None:
+    def _restart_timers(self, changed: set) -> None:
         """
-        Restart the loops whose period a reload changed, and any that is
+        Restart the timers whose period a reload changed, and any that is
         not running: only they, or frequent reloads would put off every
         flush.
         """
-        if "FLUSH_SECONDS" in changed and self._flush_loop.running:
-            self._flush_loop.stop()
-        if self._snapshot_loop.running and (
-                "SNAPSHOT_SECONDS" in changed or self.state_file is None):
-            self._snapshot_loop.stop()
-        if not self._flush_loop.running:
-            self._flush_loop.start(self.settings.FLUSH_SECONDS, now=False)
-        if self.state_file is not None and not self._snapshot_loop.running:
-            self._snapshot_loop.start(self.settings.SNAPSHOT_SECONDS,
-                                      now=False)
-        if (self._cluster_loop.running
-                and self._cluster_loop.interval != self._cluster_seconds()):
-            self._cluster_loop.stop()
-            self._cluster_loop.start(self._cluster_seconds(), now=False)
+        flush, snapshot = self._flush_timer, self._snapshot_timer
+        if "FLUSH_SECONDS" in changed or not flush.running:
+            flush.restart(self.settings.FLUSH_SECONDS)
+        if self.state_file is None:
+            if snapshot.running:
+                snapshot.stopService()
+        elif "SNAPSHOT_SECONDS" in changed or not snapshot.running:
+            snapshot.restart(self.settings.SNAPSHOT_SECONDS)
+        cluster = self._cluster_timer
+        if cluster.running and cluster.step != self._cluster_seconds():
+            cluster.restart(self._cluster_seconds())
 
     def stopService(self) -> defer.Deferred:
         """
@@ -799,32 +792,32 @@ class FailnozzleService(Service):
         later) for what arrives once the stop began.  Every step is taken
         even if one before it failed: that one is logged.
         """
-        super().stopService()
+        # Not MultiService's, which stops every child at once.
+        Service.stopService(self)
         _log.info("failnozzle stopping: flushing the buffer and delivering "
                   "for up to {seconds:g} s",
                   seconds=self.settings.SHUTDOWN_TIMEOUT_SECONDS)
         return _each_step([
             ("stop reloading", self._restore_sighup),
-            ("stop the loops", self._stop_loops),
+            ("stop the timers", self._stop_timers),
             ("refuse new mail", self._stop_accepting_mail),
             ("read what the kernel holds and stop listening",
-             lambda: self._listeners.stop(LISTENING)),
+             self.listeners.stopService),
             ("drop incomplete GELF messages", self._gelf.stop),
             ("flush", self._final_flush),
             ("make the last digests", self._handed_over),
-            ("deliver", lambda: self.outbox.stop(
-                self.settings.SHUTDOWN_TIMEOUT_SECONDS)),
+            ("deliver", self.outbox.stopService),
             ("leave the cluster", self._leave_cluster),
             ("snapshot", self.save_state),
             ("hang up on mail clients", self._hang_up_mail),
-            ("finish the disk writes", self.writer.stop),
+            ("finish the disk writes", self.writer.stopService),
         ]).addCallback(lambda _: _log.info("failnozzle stopped"))
 
-    def _stop_loops(self) -> None:
-        for loop in (self._flush_loop, self._snapshot_loop,
-                     self._cluster_loop):
-            if loop.running:
-                loop.stop()
+    def _stop_timers(self) -> None:
+        for timer in (self._flush_timer, self._snapshot_timer,
+                      self._cluster_timer):
+            if timer.running:
+                timer.stopService()
         if self._group_wait is not None:
             self._group_wait.cancel()
             self._group_wait = None
@@ -839,20 +832,19 @@ class FailnozzleService(Service):
         wait, period = (self.settings.GROUP_WAIT_SECONDS,
                         self.settings.FLUSH_SECONDS)
         now = self._reactor.seconds()
-        next_flush = self._flush_loop.call
+        next_flush = self._flush_timer.due
         if (not wait or self._group_wait is not None or next_flush is None
                 or (self._last_busy_flush is not None
                     and now - self._last_busy_flush < period)
-                or next_flush.getTime() <= now + wait):
+                or next_flush <= now + wait):
             return
         self._group_wait = self._reactor.callLater(wait, self._flush_now)
 
     def _flush_now(self) -> None:
-        """The flush of L{_first_error}: the flush loop begins anew."""
+        """The flush of L{_first_error}: the flush timer begins anew."""
         self._group_wait = None
-        if self._flush_loop.running:
-            self._flush_loop.stop()
-            self._flush_loop.start(self.settings.FLUSH_SECONDS, now=True)
+        if self._flush_timer.running:
+            self._flush_timer.restart(self.settings.FLUSH_SECONDS, now=True)
 
     def _stop_accepting_mail(self) -> None:
         if self.mail is not None:
@@ -1018,7 +1010,7 @@ class FailnozzleService(Service):
         return self._cluster_flush()
 
     def _scheduled_flush(self) -> None:
-        # Never let an exception out: it would stop the LoopingCall for good.
+        # Never let an exception out: it would stop the timer for good.
         # Nor a Deferred: the next flush must not wait for the mail.
         try:
             if self.cluster is None:

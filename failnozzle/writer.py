@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol, TypeVar
 
+from twisted.application.service import Service
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.python.threadpool import ThreadPool
@@ -27,13 +28,13 @@ class Writer(Protocol):
         """
 
 
-class DiskWriter:
+class DiskWriter(Service):
     """
-    Runs writes in one thread of its own, one after the other.  A write
-    asked for before L{start} waits for it; one asked for after L{stop}
-    runs at once in the caller's thread, so nothing asked for is dropped.
-    If L{stop} is never called, the thread ends when the reactor shuts
-    down (it would keep the process alive otherwise).
+    Runs writes in one thread of its own, one after the other, while the
+    service runs.  A write asked for before it starts waits for it; one
+    asked for after it stopped runs at once in the caller's thread, so
+    nothing asked for is dropped.  If it is never stopped, the thread ends
+    when the reactor shuts down (it would keep the process alive otherwise).
     """
 
     def __init__(self, reactor: IReactorCore | IReactorFromThreads) -> None:
@@ -41,7 +42,8 @@ class DiskWriter:
         self._pool = ThreadPool(1, 1, name="failnozzle-writer")
         self._stopped = False
 
-    def start(self) -> None:
+    def startService(self) -> None:
+        super().startService()
         self._pool.start()
         self._reactor.addSystemEventTrigger("during", "shutdown", self._end)
 
@@ -51,12 +53,13 @@ class DiskWriter:
         return threads.deferToThreadPool(self._reactor, self._pool,
                                          function, *args)
 
-    def stop(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred:
         """
         Let the writes asked for so far finish, then end the thread.
 
         @return: a Deferred firing once they are done.
         """
+        super().stopService()
         if not self._stopped and not self._pool.started:
             # Never started: the writes queued still have to run.
             self._pool.start()
@@ -70,17 +73,11 @@ class DiskWriter:
             self._pool.stop()
 
 
-class InlineWriter:
+class InlineWriter(Service):
     """
     Runs each write at once, in the caller's thread: for tests driven by a
     fake clock, and wherever blocking the caller is fine.
     """
 
-    def start(self) -> None:
-        pass
-
     def run(self, function: Callable[..., _R], *args) -> defer.Deferred:
         return defer.maybeDeferred(function, *args)
-
-    def stop(self) -> defer.Deferred:
-        return defer.succeed(None)

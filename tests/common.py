@@ -13,6 +13,7 @@ import re
 import socket
 from typing import Mapping, Optional, Sequence
 
+from twisted.application.service import Service
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import EventLoggingObserver
@@ -630,3 +631,32 @@ class Turns:
             self.turn()
             taken += 1
         return taken
+
+
+class HeldWriter(Service):
+    """
+    A disk writer whose writes (snapshots, spool) wait until the test lets
+    them run: what is written when, and what waits for it, can be seen.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list = []
+
+    def run(self, function, *args) -> defer.Deferred:
+        done = defer.Deferred()
+        self.pending.append((function, args, done))
+        return done
+
+    def names(self) -> list:
+        return [function.__qualname__ for function, _, _ in self.pending]
+
+    def run_begun(self) -> None:
+        """Run the writes waiting, not those they lead to."""
+        begun, self.pending = self.pending, []
+        for function, args, done in begun:
+            done.callback(function(*args))
+
+    def run_all(self) -> None:
+        """Run the writes waiting, and those they lead to."""
+        while self.pending:
+            self.run_begun()

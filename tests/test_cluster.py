@@ -602,7 +602,7 @@ class ServiceTests(TestCase):
         yield one.cluster.push(one._take_counted)
         self.assertEqual(one.cluster.unpushed, 5)
         yield one.save_state()
-        one._stop_loops()  # as if killed: nothing more from it
+        one._stop_timers()  # as if killed: nothing more from it
         again = self.start(mail, STATE_FILE=one.settings.STATE_FILE)
         self.assertEqual(sum(batch.total for batch in again._held.values()),
                          5)
@@ -728,7 +728,7 @@ class ServiceTests(TestCase):
         client = self.redis.client()
         self.assertEqual(client.hlen("failnozzle:failnozzle:outbox"), 1)
         # One dies: its lease runs out, it never comes back.
-        one._stop_loops()
+        one._stop_timers()
         client.delete("failnozzle:failnozzle:lease")
         delivered = FakeMailTransport()
         two = self.start(delivered)

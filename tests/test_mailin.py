@@ -39,7 +39,8 @@ from failnozzle.mailin import (AUTH_MAX_DELAY_SECONDS, AUTH_MEMORY_SECONDS,
                                client_name, error_text, read_mail,
                                tls_options)
 from failnozzle.service import FailnozzleService
-from tests.common import FakeMailTransport, capture_log, make_settings
+from tests.common import (FakeMailTransport, HeldWriter, capture_log,
+                          make_settings)
 
 FIELDS = UniqueMessage._fields
 
@@ -2020,26 +2021,6 @@ class BindTests(SynchronousTestCase):
         self.assertRaises(OSError, bind_tcp_socket, *holder.getsockname())
 
 
-class _HeldWriter:
-    """A disk writer whose writes (snapshots, spool) wait in C{writes}
-    until the test finishes them."""
-
-    def __init__(self, writes: list) -> None:
-        self._writes = writes
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> defer.Deferred:
-        return defer.succeed(None)
-
-    def run(self, function, *args) -> defer.Deferred:
-        written = defer.Deferred()
-        written.addCallback(lambda _: function(*args))
-        self._writes.append(written)
-        return written
-
-
 class ServiceTests(SynchronousTestCase):
     """
     The service with SMTP_INGEST_BIND: the port, the 250's snapshot, the
@@ -2050,7 +2031,7 @@ class ServiceTests(SynchronousTestCase):
         for name in ("SPOOL_DIR", "STATE_FILE", "MAILDIR"):
             overrides.setdefault(name, self.mktemp())
         self.reactor = MemoryReactorClock()
-        self.writes = []
+        self.writer = HeldWriter()
         udp_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(udp_socket.close)
         smtp_socket = socket.socket()
@@ -2058,18 +2039,11 @@ class ServiceTests(SynchronousTestCase):
         self.service = FailnozzleService(
             make_settings(SMTP_INGEST_BIND=("127.0.0.1", 0), **overrides),
             self.reactor, udp_socket, FakeMailTransport(),
-            writer=_HeldWriter(self.writes), smtp_socket=smtp_socket)
+            writer=self.writer, smtp_socket=smtp_socket)
         events = capture_log(self)
         self.service.startService()
         self.events = events
         return self.service
-
-    def finish_writes(self):
-        """Finish the snapshot writes begun so far, not those they let in."""
-        writes = self.writes[:]
-        del self.writes[:]
-        for written in writes:
-            written.callback(None)
 
     def test_adopts_port(self):
         """
@@ -2090,14 +2064,14 @@ class ServiceTests(SynchronousTestCase):
         being written, and one snapshot serves a burst of messages.
         """
         service = self.start()
-        self.finish_writes()
+        self.writer.run_begun()
         service.save_state()
-        self.assertEqual(len(self.writes), 1, "a snapshot being written")
+        self.assertEqual(len(self.writer.pending), 1, "a snapshot being written")
         first, second = service.saved_soon(), service.saved_soon()
-        self.finish_writes()
+        self.writer.run_begun()
         self.assertNoResult(first)
-        self.assertEqual(len(self.writes), 1, "one snapshot for both")
-        self.finish_writes()
+        self.assertEqual(len(self.writer.pending), 1, "one snapshot for both")
+        self.writer.run_begun()
         self.successResultOf(first)
         self.successResultOf(second)
 
@@ -2107,9 +2081,10 @@ class ServiceTests(SynchronousTestCase):
         is in memory, and the daemon says the state file is unwritable.
         """
         service = self.start()
-        self.finish_writes()
+        self.writer.run_begun()
         waiting = service.saved_soon()
-        self.writes.pop().errback(OSError(28, "No space left on device"))
+        [(_, _, snapshot)] = self.writer.pending
+        snapshot.errback(OSError(28, "No space left on device"))
         self.successResultOf(waiting)
 
     def test_saved_soon_without_snapshots(self):
@@ -2125,15 +2100,14 @@ class ServiceTests(SynchronousTestCase):
         only then hangs up on the clients still connected.
         """
         service = self.start()
-        self.finish_writes()
+        self.writer.run_begun()
         client = Client(service.mail, StringTransport(
             peerAddress=IPv4Address("TCP", "10.0.0.7", 40000)))
         client.replies()
         stopped = service.stopService()
         self.assertFalse(service.mail.accepting)
         self.assertEqual(client.replies(), [])
-        while self.writes:
-            self.finish_writes()
+        self.writer.run_all()
         [line] = client.replies()
         self.assertTrue(line.startswith("421 "), line)
         self.assertTrue(client.transport.disconnecting)

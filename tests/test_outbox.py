@@ -277,6 +277,25 @@ class OutboxTests(OutboxTestCase):
         result.callback(None)
         self.assertEqual(self.spooled(), [])
 
+    def test_as_a_service(self):
+        """
+        As a service the outbox sends what the spool holds when it starts,
+        and gives delivery C{shutdown_timeout} seconds when it stops.
+        """
+        self.outbox.send(message("left behind"))
+        self.outbox.stop(10)
+        restarted = self.make_outbox(shutdown_timeout=30)
+        self.transport.pending = []
+        restarted.startService()
+        [(_, _, sent, _)] = self.transport.pending
+        self.assertEqual(sent["Subject"], "left behind")
+        stopped = restarted.stopService()
+        self.clock.advance(29)
+        self.assertNoResult(stopped)
+        self.clock.advance(1)
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.spooled()), 1)
+
     def test_unwritable_spool(self):
         """
         A spool that cannot be written is reported, and the message is

@@ -20,8 +20,8 @@ from failnozzle.transport import MaildirTransport, SMTPTransport
 from failnozzle.service import FailnozzleService, make_transport
 from failnozzle.state import StateFile
 from failnozzle.steps import in_slices, run_at_once
-from tests.common import (FakeMailTransport, Turns, digest_total, make_settings,
-                          record, word)
+from tests.common import (FakeMailTransport, HeldWriter, Turns, digest_total,
+                          make_settings, record, word)
 
 MARKER = DEFAULT_MONITORING_ERROR_MARKERS[0]
 
@@ -96,6 +96,27 @@ class StartTests(ServiceTestCase):
         self.assertEqual(family, socket.AF_INET)
         self.assertIs(protocol, self.service.receiver)
         self.assertEqual(size, 1001)
+
+    def test_children(self):
+        """
+        The disk writer, the listeners, the outbox and the timers are
+        child services, running while the service runs (the cluster's
+        timer only in a cluster) and stopped with it; the first flush is
+        one FLUSH_SECONDS after the start, not at once.
+        """
+        service = self.start()
+        self.assertEqual(
+            [child.name for child in service],
+            ["writer", "listeners", "outbox", "flush", "snapshot",
+             "cluster"])
+        self.assertEqual(
+            [child.name for child in service if child.running],
+            ["writer", "listeners", "outbox", "flush", "snapshot"])
+        self.assertEqual(service.getServiceNamed("flush").due, 60)
+        self.successResultOf(service.stopService())
+        self.assertEqual(
+            [child.name for child in service if child.running], [])
+        self.assertIsNone(service.next_flush)
 
     def test_logs_where(self):
         """
@@ -1008,36 +1029,6 @@ class DigestInStepsTests(ServiceTestCase):
         self.assertIsNone(self.successResultOf(stopped))
 
 
-class HeldWriter:
-    """
-    A writer whose writes wait until the test lets them run: what is
-    written when, and what waits for it, can be seen.
-    """
-
-    def __init__(self) -> None:
-        self.pending: list = []
-
-    def start(self) -> None:
-        pass
-
-    def run(self, function, *args) -> defer.Deferred:
-        done = defer.Deferred()
-        self.pending.append((function, args, done))
-        return done
-
-    def stop(self) -> defer.Deferred:
-        return defer.succeed(None)
-
-    def names(self) -> list:
-        return [function.__qualname__ for function, _, _ in self.pending]
-
-    def run_all(self) -> None:
-        """Run the writes waiting, and those they lead to."""
-        while self.pending:
-            function, args, done = self.pending.pop(0)
-            done.callback(function(*args))
-
-
 class DigestAfterSnapshotTests(ServiceTestCase):
     """
     The errors a flush hands on are in a snapshot on disk before their
@@ -1101,7 +1092,7 @@ class StopTests(ServiceTestCase):
         self.assertIn("buffered", message.get_content())
         self.transport.succeed_all()
         self.assertIsNone(self.successResultOf(stopped))
-        self.assertFalse(self.service._flush_loop.running)
+        self.assertFalse(self.service._flush_timer.running)
 
     def test_stop_waits_for_failures_too(self):
         """
@@ -1741,7 +1732,7 @@ class ReloadTests(ServiceTestCase):
         self.given.append((make_settings(**dict(self.overrides,
                                                 FLUSH_SECONDS=5)), []))
         self.assertFalse(self.service.reload())
-        self.assertFalse(self.service._flush_loop.running)
+        self.assertFalse(self.service._flush_timer.running)
 
     def test_sighup_handler(self):
         """

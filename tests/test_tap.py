@@ -341,7 +341,7 @@ class MakeServiceTests(SynchronousTestCase):
 
     def make(self, *argv):
         service = makeService(serving(*argv), MemoryReactorClock())
-        for sock in service._sockets.values():
+        for sock in service.listeners.bound.values():
             self.addCleanup(sock.close)
         return service
 
@@ -356,8 +356,8 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(service, FailnozzleService)
         self.assertEqual(service.settings.FLUSH_SECONDS, 3)
         self.assertEqual(service.settings.SERVER_NAME, "nozzle1")
-        self.assertEqual(set(service._sockets), {"UDP_BIND", "HTTP_BIND"})
-        sock = service._sockets["UDP_BIND"]
+        self.assertEqual(set(service.listeners.bound), {"UDP_BIND", "HTTP_BIND"})
+        sock = service.listeners.bound["UDP_BIND"]
         self.assertEqual(sock.getsockname()[0], "127.0.0.1")
 
     def in_child(self, then: str, *argv: str, reactor: str = "None",
@@ -433,7 +433,7 @@ class MakeServiceTests(SynchronousTestCase):
         """
         path = self.config("GELF_BIND = ('127.0.0.1', 0)\n")
         service = self.make("--config", path, "--udp", "127.0.0.1:0")
-        self.assertEqual(set(service._sockets),
+        self.assertEqual(set(service.listeners.bound),
                          {"UDP_BIND", "GELF_BIND", "HTTP_BIND"})
         taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(taken.close)
@@ -522,9 +522,9 @@ class HTTPBindTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         service = makeService(options("--udp", "127.0.0.1:0"),
                               MemoryReactorClock())
-        for sock in service._sockets.values():
+        for sock in service.listeners.bound.values():
             self.addCleanup(sock.close)
-        self.assertEqual(set(service._sockets), {"UDP_BIND"})
+        self.assertEqual(set(service.listeners.bound), {"UDP_BIND"})
         [notice] = [formatEvent(event) for event in events
                     if "HTTP_BIND" in formatEvent(event)]
         self.assertEqual(notice, "Config: HTTP_BIND: cannot listen on "
@@ -545,9 +545,9 @@ class SMTPIngestTests(SynchronousTestCase):
         service = makeService(serving("--udp", "127.0.0.1:0",
                                       "--smtp-ingest", "127.0.0.1:0"),
                               MemoryReactorClock())
-        for bound in service._sockets.values():
+        for bound in service.listeners.bound.values():
             self.addCleanup(bound.close)
-        sock = service._sockets["SMTP_INGEST_BIND"]
+        sock = service.listeners.bound["SMTP_INGEST_BIND"]
         self.assertEqual(sock.type, socket.SOCK_STREAM)
         with socket.create_connection(sock.getsockname()):
             pass

@@ -19,8 +19,8 @@ class DiskWriterTests(TestCase):
 
     def writer(self) -> DiskWriter:
         writer = DiskWriter(reactor)
-        writer.start()
-        self.addCleanup(writer.stop)
+        writer.startService()
+        self.addCleanup(writer.stopService)
         return writer
 
     @defer.inlineCallbacks
@@ -65,12 +65,12 @@ class DiskWriterTests(TestCase):
         however long the writes take.
         """
         writer = DiskWriter(reactor)
-        writer.start()
+        writer.startService()
         release = threading.Event()
         done = []
         writer.run(lambda: release.wait(10) and done.append("slow"))
         writer.run(done.append, "queued")
-        stopped = writer.stop()
+        stopped = writer.stopService()
         self.assertNoResult(stopped)
         release.set()
         yield bounded(stopped)
@@ -83,8 +83,8 @@ class DiskWriterTests(TestCase):
         caller's thread: it is not dropped.
         """
         writer = DiskWriter(reactor)
-        writer.start()
-        yield bounded(writer.stop())
+        writer.startService()
+        yield bounded(writer.stopService())
         where = []
         result = writer.run(lambda: where.append(threading.current_thread()))
         self.assertEqual(where, [threading.current_thread()])
@@ -99,7 +99,7 @@ class DiskWriterTests(TestCase):
         writer = DiskWriter(reactor)
         done = []
         writer.run(done.append, "early")
-        yield bounded(writer.stop())
+        yield bounded(writer.stopService())
         self.assertEqual(done, ["early"])
 
 
@@ -114,7 +114,8 @@ class InlineWriterTests(SynchronousTestCase):
         the Deferred.
         """
         writer = InlineWriter()
-        writer.start()
+        writer.startService()
         self.assertEqual(self.successResultOf(writer.run(len, "abc")), 3)
         self.failureResultOf(writer.run(int, "x"), ValueError)
-        self.successResultOf(writer.stop())
+        writer.stopService()
+        self.assertEqual(self.successResultOf(writer.run(len, "ab")), 2)
