@@ -111,9 +111,10 @@ _TRACEBACK_END_LINES = 60
 MAX_EXAMPLES = 3
 _EXAMPLE_CHARS = 40
 
-#: Bounds on the caches: entries, and the longest text cached.
-_CACHE_ENTRIES = 4096
-_CACHED_CHARS = 4096
+#: The characters each cache holds at most (its texts and their results):
+#: a flood of long new texts costs a few megabytes, not the length of one
+#: times a number of entries.
+_CACHE_CHARS = 1 << 20
 
 
 #: How FINGERPRINT_FUNC's fingerprints begin, so a reload or a restart,
@@ -148,6 +149,36 @@ def is_custom(fingerprint: Optional[str]) -> bool:
     return fingerprint is not None and fingerprint.startswith(_CUSTOM)
 
 
+class _TextCache:
+    """
+    Results by the text they were made from, all forgotten at once when
+    they would hold more than L{_CACHE_CHARS}: what recurs is found again
+    at once, and what never recurs costs a bounded amount.
+    """
+
+    def __init__(self, longest: int) -> None:
+        """
+        @param longest: the most characters one text and its result may
+            hold to be kept.
+        """
+        self._results: dict = {}
+        self._chars = 0
+        self._longest = longest
+
+    def get(self, text: str):
+        return self._results.get(text)
+
+    def put(self, text: str, result: object, chars: int) -> None:
+        """Keep C{result} for C{text}; C{chars}: what both hold."""
+        if chars > self._longest:
+            return
+        if self._chars + chars > _CACHE_CHARS:
+            self._results.clear()
+            self._chars = 0
+        self._results[text] = result
+        self._chars += chars
+
+
 class _Normalizer:
     """Replaces the variable parts of texts by placeholders."""
 
@@ -158,17 +189,16 @@ class _Normalizer:
         """
         self._rules = tuple((re.compile(pattern), replacement)
                             for pattern, replacement in rules)
-        self._cache: dict = {}
+        self._cache = _TextCache(longest=8192)
 
     def __call__(self, text: str) -> tuple:
         """C{(normalized text, the values replaced)}."""
         found = self._cache.get(text)
         if found is None:
             found = self._normalize(text)
-            if len(text) <= _CACHED_CHARS:
-                if len(self._cache) >= _CACHE_ENTRIES:
-                    self._cache.clear()
-                self._cache[text] = found
+            normalized, varied = found
+            self._cache.put(text, found, len(text) + len(normalized)
+                            + sum(map(len, varied)))
         return found
 
     def _normalize(self, text: str) -> tuple:
@@ -286,7 +316,8 @@ class Grouping:
         self._fields = tuple(fields)
         self._exact = exact
         self._normalize = _Normalizer(rules)
-        self._tracebacks: dict = {}
+        # Long enough for any traceback's head (MAX_EXC_TEXT_CHARS).
+        self._tracebacks = _TextCache(longest=_CACHE_CHARS // 16)
 
     def fingerprint(self, key: tuple, template: Optional[str] = None
                     ) -> Optional[str]:
@@ -354,9 +385,7 @@ class Grouping:
                 # Not one traceback whose last line is its exception's.
                 return self._whole_shape(text)
             frames = digest_of(traceback.shape)
-            if len(self._tracebacks) >= _CACHE_ENTRIES // 16:
-                self._tracebacks.clear()
-            self._tracebacks[head] = frames
+            self._tracebacks.put(head, frames, len(head))
         kind = exception.group("type")
         return f"{frames} {kind}", last[len(kind) + 1:].strip()
 

@@ -4,6 +4,7 @@ Tests for L{failnozzle.fingerprint}: which reports are one bug.
 import datetime
 import sys
 import traceback
+import tracemalloc
 from unittest import SkipTest
 
 from twisted.internet.task import Clock
@@ -259,6 +260,27 @@ class GroupingTests(SynchronousTestCase):
             with self.subTest(name=name):
                 self.assertNotEqual(
                     grouping.fingerprint(key(**{name: "other"})), base)
+
+    def test_caches_bounded_by_characters(self):
+        """
+        A flood of long new texts (a message and an exc_text that is no
+        traceback, 4 kB each, each report new) leaves the caches holding a
+        few megabytes, not 4,096 times their length; a text seen again
+        gives the fingerprint it gave.
+        """
+        grouping = Grouping(FIELDS)
+        first = key("lookup of item 1 failed " + "x" * 4000,
+                    "SELECT 1 FROM items " + "y" * 4000)
+        fingerprint = grouping.fingerprint(first)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        for number in range(2, 3000):
+            grouping.fingerprint(key(
+                f"lookup of item {number} failed {'x' * 4000}",
+                f"SELECT {number} FROM items {'y' * 4000}"))
+        held, _ = tracemalloc.get_traced_memory()
+        self.assertLess(held, 6_000_000)
+        self.assertEqual(grouping.fingerprint(first), fingerprint)
 
     def test_template_preferred(self):
         """
