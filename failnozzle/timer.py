@@ -47,7 +47,9 @@ class Timer(TimerService):
         C{now}): for a reload that changed the period, or a flush that
         cannot wait for the next."""
         if self.running:
-            self.stopService()
+            # The loop alone: a stop's callback, run once a call under way
+            # returns, would mark the new loop not running.
+            self._loop.stop()
         self.step = step
         self.startService(now)
 

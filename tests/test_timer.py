@@ -62,3 +62,16 @@ class TimerTests(SynchronousTestCase):
         Nothing is due from a timer never started.
         """
         self.assertIsNone(self.timer().due)
+
+    def test_restart_during_its_call(self):
+        """
+        A restart asked for by the call itself leaves the timer running
+        on the new step.
+        """
+        timer = Timer(10, lambda: timer.restart(5), self.clock)
+        timer.startService()
+        self.clock.advance(10)
+        self.assertTrue(timer.running)
+        self.assertEqual(timer.due, 15)
+        self.clock.advance(5)
+        self.assertEqual(timer.due, 20)
