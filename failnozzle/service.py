@@ -167,10 +167,10 @@ class _Configured:
 
 class FailnozzleService(MultiService):
     """
-    The whole daemon as one twistd service, its parts that start and stop
-    its children: the disk writer, the listeners, the outbox and the
-    timers (flush, snapshot, cluster tick), in the order L{startService}
-    and L{stopService} list.
+    The whole daemon as one twistd service.  The parts that start and stop
+    are its children (the disk writer, the listeners, the outbox, and the
+    flush, snapshot and cluster-tick timers), started and stopped in the
+    order L{startService} and L{stopService} list.
 
     @ivar udp_port: the listening port of UDP_BIND, once started.
     @ivar ports: the datagram ports, UDP_BIND's first, then GELF_BIND's.
@@ -213,9 +213,10 @@ class FailnozzleService(MultiService):
         @param reload_settings: gives C{(settings, notices)} read anew
             from the config file, or raises ConfigError: what L{reload}
             (SIGHUP) takes; None: the service cannot reload.
-        @param writer: runs the disk writes (spool, maildir, snapshots), a
-            child service: a L{failnozzle.writer.DiskWriter}; by default
-            they run at once, on the reactor.
+        @param writer: runs the disk writes (spool, maildir, snapshots): a
+            child service that is also a L{failnozzle.writer.Writer}, such
+            as a L{failnozzle.writer.DiskWriter}; by default they run at
+            once, on the reactor.
         @param freeze_heap: called once start-up, and then each reload, has
             made what lasts, to put it out of the garbage collector's sight
             (L{failnozzle.tap.freeze_heap}); by default nothing is done.
