@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -585,6 +586,29 @@ class FailnozzleService(MultiService):
                 counts=self.counts, **limits)
         else:
             self.mail.configure(configured.reader, **limits)
+
+    def privilegedStartService(self) -> None:
+        """
+        The first step of a start under twistd, in the daemon itself: until
+        the reactor runs and takes SIGTERM and SIGINT over, they ask it to
+        stop once it runs, so that a stop asked for while starting is a
+        clean one, not a half-started process killed with its pidfile left
+        behind (and the launcher of C{twistd --pidfile} waiting on it).
+        """
+        if not self._reactor.running:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._stop_once_running)
+        super().privilegedStartService()
+
+    def _stop_once_running(self, signum: int, frame: object) -> None:
+        # In a signal handler: the reactor does the work in its own turn.
+        self._reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass  # a second signal: the stop has begun
 
     def startService(self) -> None:
         """

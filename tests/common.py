@@ -471,10 +471,11 @@ def wait_for_log(testcase, namespace: str, pattern: str) -> defer.Deferred:
     return found.addTimeout(WAIT_SECONDS, reactor)
 
 
-def poll_until(condition, what: str) -> defer.Deferred:
+def poll_until(condition, what: str, every: float = 0.05
+               ) -> defer.Deferred:
     """
-    Check C{condition()} every 50 ms until it is true, for what has no
-    event to wait for (files written by another process); fail after
+    Check C{condition()} every C{every} seconds until it is true, for what
+    has no event to wait for (files written by another process); fail after
     L{WAIT_SECONDS}.
     """
     done = defer.Deferred()
@@ -492,7 +493,7 @@ def poll_until(condition, what: str) -> defer.Deferred:
     loop = task.LoopingCall(check)
     loop.clock = reactor
     # If condition() raises, the loop ends with that error.
-    loop.start(0.05).addErrback(done.errback)
+    loop.start(every).addErrback(done.errback)
     return done
 
 

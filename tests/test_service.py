@@ -6,10 +6,12 @@ import glob
 import gzip
 import json
 import os
+import signal
 import socket
 import zlib
 
 from twisted.internet import defer
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -49,9 +51,14 @@ class ServiceTestCase(SynchronousTestCase):
     A started service on a L{MemoryReactorClock} with a L{FakeMailTransport}.
     """
 
-    def start(self, reload_settings=None, wall_offset=lambda: 0.0,
-              freeze_heap=lambda: None, in_steps=run_at_once, writer=None,
-              **overrides):
+    def start(self, **arguments):
+        """A service of L{make}, started."""
+        self.make(**arguments).startService()
+        return self.service
+
+    def make(self, reload_settings=None, wall_offset=lambda: 0.0,
+             freeze_heap=lambda: None, in_steps=run_at_once, writer=None,
+             **overrides):
         overrides.setdefault("REPORT_FROM", "nozzle@example.com")
         overrides.setdefault("REPORT_TO", "ops@example.com")
         overrides.setdefault("FLUSH_SECONDS", 60)
@@ -70,7 +77,6 @@ class ServiceTestCase(SynchronousTestCase):
                                          wall_offset=wall_offset,
                                          freeze_heap=freeze_heap,
                                          in_steps=in_steps, writer=writer)
-        self.service.startService()
         return self.service
 
     def receive(self, *records, sender=("10.1.1.1", 5000)):
@@ -117,6 +123,46 @@ class StartTests(ServiceTestCase):
         self.assertEqual(
             [child.name for child in service if child.running], [])
         self.assertIsNone(service.next_flush)
+
+    def test_stop_asked_while_starting(self):
+        """
+        Under twistd, from the first step of the start until the reactor
+        runs (and takes them over), SIGTERM and SIGINT ask the reactor to
+        stop once it runs, however many arrive, instead of killing the
+        half-started process.
+        """
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+        service = self.make()
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual(signal.getsignal(signal.SIGINT),
+                         signal.getsignal(signal.SIGTERM))
+        called, stops = [], []
+        self.reactor.callFromThread = lambda f, *args: called.append(f)
+
+        def stop():
+            if stops:
+                raise ReactorNotRunning()
+            stops.append("stop")
+        self.reactor.stop = stop
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+            signal.getsignal(signum)(signum, None)
+        self.assertEqual(stops, [])  # not in the handler itself
+        for call in called:  # the reactor's first turn
+            call()
+        self.assertEqual(stops, ["stop"])
+
+    def test_signals_left_to_a_running_reactor(self):
+        """
+        A start while the reactor already runs leaves SIGTERM and SIGINT
+        to it.
+        """
+        before = signal.getsignal(signal.SIGTERM)
+        service = self.make()
+        self.reactor.running = True
+        service.privilegedStartService()
+        self.assertEqual(signal.getsignal(signal.SIGTERM), before)
 
     def test_logs_where(self):
         """

@@ -21,6 +21,7 @@ from twisted.internet import defer, error, protocol, reactor, threads
 from twisted.trial.unittest import TestCase
 
 import failnozzle
+from failnozzle.spool import Spool
 from failnozzle.config import DEFAULT_MONITORING_ERROR_MARKERS
 from tests.common import (WAIT_SECONDS, SMTPSink, SilentServer,
                           digest_counts, free_tcp_port, maildir_files,
@@ -682,6 +683,72 @@ class DaemonizedTests(_TwistdTestCase):
             lambda: not os.path.exists(pidfile) and _SHUT_DOWN in read_log(),
             "pid file removal and shut-down log line")
         self.assertNotIn("Traceback", read_log())
+
+
+    @defer.inlineCallbacks
+    def test_sigterm_while_starting(self):
+        """
+        SIGTERM while the daemon is still starting (taking on the 2,000
+        messages the last run left in its spool): the launcher ends as
+        after any start, and the daemon stops cleanly once started, its
+        pid file removed and every message delivered or still spooled,
+        not killed half-started with its pid file left behind.
+        """
+        cwd = self.make_directory()
+        pidfile = os.path.join(cwd, "failnozzle.pid")
+        logfile = os.path.join(cwd, "failnozzle.log")
+        maildir, spool = os.path.join(cwd, "mail"), os.path.join(cwd, "spool")
+        config = write_config(cwd, UDP_BIND=("127.0.0.1", 0),
+                              MAILDIR=maildir, SPOOL_DIR=spool)
+        left = Spool(spool, reactor)
+        with open(left.add(b"From: a@example.com\r\nTo: b@example.com\r\n"
+                           b"Subject: left\r\n\r\nleft behind\r\n"),
+                  "rb") as first:
+            message = first.read()
+        for number in range(1, 2000):
+            with open(os.path.join(spool, "new",
+                                   f"1700000000.M{number:06d}P1Q{number}.x"),
+                      "wb") as copy:
+                copy.write(message)
+        signalled = []
+
+        def read_log():
+            with open(logfile, encoding="utf-8") as log:
+                return log.read()
+
+        def signal_once_listening():
+            try:
+                if "listening for errors" not in read_log():
+                    return False
+                with open(pidfile) as pid_text:
+                    pid = int(pid_text.read())
+            except OSError:  # not yet
+                return False
+            os.kill(pid, signal.SIGTERM)
+            signalled.append(pid)
+            return True
+
+        def kill_if_running():
+            for pid in signalled:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+        self.addCleanup(kill_if_running)
+        launcher = spawn_twistd(self, [f"--pidfile={pidfile}",
+                                       f"--logfile={logfile}", "failnozzle",
+                                       f"--config={config}"], cwd)
+        yield poll_until(signal_once_listening, "listening", every=0.001)
+        reason = yield launcher.wait_for_end()
+        self.assertIsInstance(reason, error.ProcessDone, launcher.text)
+        yield poll_until(
+            lambda: not os.path.exists(pidfile) and _SHUT_DOWN in read_log(),
+            "pid file removal and shut-down log line")
+        self.assertIn("failnozzle stopping", read_log())
+        self.assertNotIn("Traceback", read_log())
+        self.assertEqual(
+            len(maildir_files(maildir)) + len(maildir_files(spool)), 2000)
 
 
 class HelpTests(_TwistdTestCase):
