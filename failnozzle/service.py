@@ -553,6 +553,8 @@ class FailnozzleService(MultiService):
         saved makes the next snapshot whole, in a new keys file.
         """
         if not settings.SNAPSHOT_SECONDS:
+            if self.state_file is not None:  # turned off by this reload
+                self._retired(self.state_file.retire())
             self.state_file = self._seen_file = None
             return
         self._seen_file = SeenFile(f"{settings.STATE_FILE}.seen")
@@ -563,10 +565,22 @@ class FailnozzleService(MultiService):
                                         self._wall_offset)
         elif self.state_file is None or changed & {"STATE_FILE",
                                                    "UNIQUE_MSG_TUPLE"}:
-            self._snapshots.configure(settings.STATE_FILE,
-                                      settings.unique_fields)
+            self._retired(self._snapshots.configure(settings.STATE_FILE,
+                                                    settings.unique_fields))
             self._state_unwritable = False
         self.state_file = self._snapshots
+
+    def _retired(self, removing: defer.Deferred) -> None:
+        """Log, if it fails, the removal of a snapshot that a later start
+        must not restore (this run delivers what it holds)."""
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            _log.error("Cannot remove the old STATE_FILE {path}: {reason}; "
+                       "a start restoring it would send its errors again",
+                       path=getattr(error, "filename", None),
+                       reason=getattr(error, "strerror", None) or error)
+
+        removing.addErrback(failed)
 
     def _configure_mail(self, settings: Settings,
                         configured: _Configured) -> None:

@@ -283,14 +283,37 @@ class StateFile:
         """
         Take a reload's STATE_FILE and fields of a key, once the snapshots
         asked for before are written: the next snapshot is whole, in a new
-        keys file, at C{path} (replacing what may be there).
+        keys file, at C{path} (replacing what may be there).  The snapshot
+        at the old path, if it moved, is removed (see L{retire}).
+
+        @return: a Deferred firing once done, or failing with the OSError
+            that kept the old snapshot from being removed.
         """
-        def change() -> None:
-            self.path = os.path.abspath(path)
+        def change() -> Optional[defer.Deferred]:
+            old, self.path = self.path, os.path.abspath(path)
             self._fields = None if fields is None else tuple(fields)
             self._begin_generation()
+            if old != self.path:
+                return self._in_thread(_remove_snapshot, old)
+            return None
 
         return self._lock.run(change)
+
+    def retire(self) -> defer.Deferred:
+        """
+        Remove the snapshot and its keys files once the snapshots asked for
+        before are written, for snapshots turned off: what they hold is
+        this run's to deliver, and a later start restoring it would send
+        it again.  Should snapshots be taken again, the next is whole.
+
+        @return: a Deferred firing once removed, or failing with the
+            OSError that kept them.
+        """
+        def remove() -> defer.Deferred:
+            self._begin_generation()
+            return self._in_thread(_remove_snapshot, self.path)
+
+        return self._lock.run(remove)
 
     def _begin_generation(self) -> None:
         """
@@ -394,6 +417,18 @@ class StateFile:
                    "{aside}, starting with an empty buffer",
                    path=self.path, error=one_line(reason)[:200],
                    aside=", ".join(moved) or "nowhere")
+
+
+def _remove_snapshot(path: str) -> None:
+    """Remove the snapshot at C{path} and its keys files (not those set
+    aside as unreadable)."""
+    for name in [path, *glob.glob(f"{glob.escape(path)}.keys.*")]:
+        if ".bad-" not in name:
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+    fsync_directory(os.path.dirname(path))
 
 
 def _state_of(snapshot: dict, fields: Optional[tuple], wall_offset: float,

@@ -1692,6 +1692,64 @@ class ReloadTests(ServiceTestCase):
         state = StateFile(self.service.settings.STATE_FILE, Clock()).load()
         self.assertEqual(state.buffer.total, 1)
 
+    def test_snapshots_turned_off(self):
+        """
+        Snapshots turned off by a reload: the last one is removed, keys
+        files with it, so a later start with snapshots on again does not
+        restore, and send a second time, what this run delivered.
+        """
+        self.service.stopService()
+        self.start(reload_settings=lambda: self.given.pop(0),
+                   SNAPSHOT_SECONDS=1)
+        path = self.service.settings.STATE_FILE
+        self.receive(record("once"))
+        self.reactor.advance(1)
+        self.assertTrue(glob.glob(path + ".keys.*"))
+        self.assertTrue(self.reload(SNAPSHOT_SECONDS=0))
+        self.assertEqual(glob.glob(path + "*"), [])
+        self.reactor.advance(60)
+        self.transport.succeed_all()
+        self.assertEqual(len(self.digests()), 1)
+        self.service.stopService()
+        self.start(STATE_FILE=path, SNAPSHOT_SECONDS=1)
+        self.reactor.advance(60)
+        self.assertEqual(self.transport.by_kind("digest"), [])
+
+    def test_state_file_moved(self):
+        """
+        A reload that moves STATE_FILE writes the next snapshot there,
+        whole, and removes the one at the old path.
+        """
+        self.service.stopService()
+        self.start(reload_settings=lambda: self.given.pop(0),
+                   SNAPSHOT_SECONDS=1)
+        old = self.service.settings.STATE_FILE
+        self.receive(record("one"))
+        self.reactor.advance(1)
+        new = self.mktemp()
+        self.assertTrue(self.reload(STATE_FILE=new))
+        self.assertEqual(glob.glob(old + "*"), [])
+        self.assertEqual(StateFile(new, Clock()).load().buffer.total, 1)
+
+    def test_old_state_file_not_removable(self):
+        """
+        A snapshot that cannot be removed whole is said in one line, naming
+        what is left and what it risks; the reload is taken.
+        """
+        self.service.stopService()
+        self.start(reload_settings=lambda: self.given.pop(0),
+                   SNAPSHOT_SECONDS=1)
+        self.receive(record("one"))
+        self.reactor.advance(1)
+        stuck = self.service.settings.STATE_FILE + ".keys.99"
+        os.makedirs(stuck)  # unlink() fails, even for root
+        self.assertTrue(self.reload(SNAPSHOT_SECONDS=0))
+        [line] = [formatEvent(event) for event in self.events
+                  if "old STATE_FILE" in event["log_format"]]
+        self.assertIn(stuck, line)
+        self.assertIn("would send its errors again", line)
+        self.assertIsNone(self.service.state_file)
+
     def test_fields_changed_then_restart(self):
         """
         A reload that adds a field of a key, then a restart: the snapshot
