@@ -320,6 +320,8 @@ class FailnozzleService(MultiService):
         self._snapshot_timer = Timer(settings.SNAPSHOT_SECONDS,
                                      self._scheduled_snapshot, reactor)
         self._previous_sighup = None
+        #: Whether a SIGHUP's reload waits for the reactor's turn.
+        self._reload_asked = False
         self._apply(settings, configured, set(), None)
         #: The HTTP site of HTTP_BIND: status, metrics, control.
         self.web = make_site(self)
@@ -716,8 +718,16 @@ class FailnozzleService(MultiService):
             self._snapshot_timer.restart(self.settings.SNAPSHOT_SECONDS)
 
     def _sighup(self, signum: int, frame: object) -> None:
-        # In a signal handler: the reactor does the work in its own turn.
-        self._reactor.callFromThread(self.reload)
+        # In a signal handler: the reactor does the work in its own turn,
+        # once for all the SIGHUPs until then (each reload blocks it a
+        # while: a burst of them must not starve the rest).
+        if not self._reload_asked:
+            self._reload_asked = True
+            self._reactor.callFromThread(self._asked_reload)
+
+    def _asked_reload(self) -> None:
+        self._reload_asked = False  # a SIGHUP from now on reads again
+        self.reload()
 
     def reload(self) -> bool:
         """

@@ -1851,6 +1851,23 @@ class ReloadTests(ServiceTestCase):
                             self.service._sighup)
 
 
+    def test_sighups_coalesced(self):
+        """
+        SIGHUPs arriving before the reactor's turn make one reload between
+        them; one arriving once that reload began makes another.
+        """
+        queued = []
+        self.reactor.callFromThread = lambda f, *args: queued.append(f)
+        for _ in range(200):
+            self.service._sighup(signal.SIGHUP, None)
+        self.assertEqual(len(queued), 1)
+        self.given.append((make_settings(**self.overrides), []))
+        queued.pop()()
+        self.assertEqual(self.given, [])
+        self.service._sighup(signal.SIGHUP, None)
+        self.assertEqual(len(queued), 1)
+
+
 class LevelTests(ServiceTestCase):
     """
     MIN_LEVEL and GELF_MIN_LEVEL: records less severe are counted as such,
