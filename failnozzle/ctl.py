@@ -19,6 +19,7 @@ done, 1 refused or failed (the daemon's reason is printed), 2 usage.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -34,6 +35,10 @@ TIMEOUT_SECONDS = 30
 
 class CtlError(Exception):
     """What the daemon refused, or why it could not be asked."""
+
+
+class UsageError(CtlError):
+    """What was asked cannot be sent as it is (exit status 2)."""
 
 
 def request(address: str, path: str, token: Optional[str],
@@ -56,7 +61,7 @@ def request(address: str, path: str, token: Optional[str],
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(asked, timeout=TIMEOUT_SECONDS) as reply:
-            return json.loads(reply.read())
+            answer = reply.read()
     except urllib.error.HTTPError as error:
         try:
             reason = json.loads(error.read()).get("error")
@@ -67,9 +72,36 @@ def request(address: str, path: str, token: Optional[str],
         why = getattr(error, "reason", error)
         raise CtlError(f"cannot reach failnozzle at {address}: {why}") \
             from None
+    except http.client.HTTPException as error:
+        raise CtlError(f"{address} did not answer HTTP ({error!r}): is it "
+                       f"failnozzle's HTTP_BIND?") from None
+    try:
+        return json.loads(answer)
     except ValueError:
         raise CtlError(f"{url} did not answer JSON: is it failnozzle?") \
             from None
+
+
+def address_argument(text: str) -> str:
+    """C{--http}'s HOST:PORT (C{[::1]:1550} for IPv6), checked."""
+    host, colon, port = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if (not colon or not host.strip("[]") or not port.isdigit()
+            or not 0 < int(port) < 65536
+            or (":" in host and not bracketed)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HOST:PORT with a port from 1 to 65535 "
+            f"([::1]:1550 for IPv6)")
+    return text
+
+
+def token_argument(text: str) -> str:
+    """C{--token}, checked: an HTTP header carries no control character."""
+    if not text.isprintable() or not text.isascii():
+        raise argparse.ArgumentTypeError(
+            "the token holds a line break, a control character or a "
+            "character that is not ASCII: no HTTP header can carry it")
+    return text
 
 
 def _when(seconds: Optional[float]) -> str:
@@ -124,11 +156,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--http", metavar="HOST:PORT",
+                        type=address_argument,
                         default=os.environ.get("FAILNOZZLE_HTTP")
                         or DEFAULT_ADDRESS,
                         help="the daemon's HTTP_BIND (default: "
                              "$FAILNOZZLE_HTTP, else 127.0.0.1:1550)")
-    parser.add_argument("--token", default=os.environ.get("FAILNOZZLE_TOKEN"),
+    parser.add_argument("--token", type=token_argument,
+                        default=os.environ.get("FAILNOZZLE_TOKEN"),
                         help="its HTTP_TOKEN (default: $FAILNOZZLE_TOKEN)")
     parser.add_argument("--json", action="store_true",
                         help="print the daemon's JSON answer as it is")
@@ -160,6 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options = parser.parse_args(argv)
     try:
         answer, lines = _run(options)
+    except UsageError as error:
+        parser.error(str(error))  # exits 2
     except CtlError as error:
         print(f"failnozzle-ctl: {error}", file=sys.stderr)
         return 1
@@ -219,9 +255,9 @@ def _silence(options: argparse.Namespace, ask) -> tuple:
     for condition in options.match:
         field, equals, pattern = condition.partition("=")
         if not equals or not field:
-            raise CtlError(f"{condition!r} is not FIELD=REGEX")
+            raise UsageError(f"{condition!r} is not FIELD=REGEX")
         if field in match:
-            raise CtlError(f"{field} is given twice: one REGEX each (a|b "
+            raise UsageError(f"{field} is given twice: one REGEX each (a|b "
                            f"for either)")
         match[field] = pattern
     until = options.until

@@ -9,7 +9,7 @@ import json
 import re
 import sys
 
-from twisted.internet import defer, utils
+from twisted.internet import defer, protocol, reactor, utils
 
 from tests.common import SMTPSink, free_tcp_port, record, send_datagrams
 from tests.test_twistd import _TwistdTestCase, child_environment
@@ -143,3 +143,52 @@ class CtlTests(_TwistdTestCase):
         self.assertRegex(err.decode(), r"^failnozzle-ctl: cannot reach "
                                        r"failnozzle at 127\.0\.0\.1:\d+: ")
         self.assertEqual(len(err.decode().splitlines()), 1)
+
+    @defer.inlineCallbacks
+    def test_not_http(self):
+        """
+        Something else on the port (it answers a line that is no HTTP):
+        one line saying so, status 1.
+        """
+        factory = protocol.ServerFactory.forProtocol(_Banner)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        out, err, status = yield ctl(
+            "--http", f"127.0.0.1:{port.getHost().port}", "status")
+        self.assertEqual((out, status), (b"", 1))
+        [line] = err.decode().splitlines()
+        self.assertRegex(line, r"^failnozzle-ctl: 127\.0\.0\.1:\d+ did not "
+                               r"answer HTTP .*: is it failnozzle's "
+                               r"HTTP_BIND\?$")
+
+    @defer.inlineCallbacks
+    def test_usage_errors(self):
+        """
+        What cannot be sent as asked is a usage error (status 2) naming
+        it, before anything is sent: a port out of range, an address
+        without a port, a token with a line break, a silence that is not
+        FIELD=REGEX.
+        """
+        http = f"127.0.0.1:{free_tcp_port()}"
+        for args, said in [
+                (["--http", "127.0.0.1:99999", "status"],
+                 "not HOST:PORT with a port from 1 to 65535"),
+                (["--http", "::1", "status"], "not HOST:PORT"),
+                (["--http", http, "--token", "a\r\nX-Evil: 1", "status"],
+                 "the token holds a line break"),
+                (["--http", http, "silence", "add", "--until", "1",
+                  "kind"], "'kind' is not FIELD=REGEX"),
+                (["--http", http, "silence", "add", "--until", "1",
+                  "kind=a", "kind=b"], "kind is given twice")]:
+            out, err, status = yield ctl(*args)
+            self.assertEqual((out, status), (b"", 2), args)
+            self.assertIn(said, err.decode(), args)
+            self.assertNotIn("Traceback", err.decode(), args)
+
+
+class _Banner(protocol.Protocol):
+    """A server that is not HTTP: says one line and hangs up."""
+
+    def connectionMade(self):
+        self.transport.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+        self.transport.loseConnection()
