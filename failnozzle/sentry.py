@@ -256,8 +256,9 @@ MAX_ITEMS_PER_ENVELOPE = 1000
 def _envelope_events(body: InflatedBody) -> tuple:
     """
     The events of an envelope (decoded JSON) after its header, at most
-    L{MAX_EVENTS_PER_ENVELOPE}, and a count by type of the items skipped:
-    the others, and events past that or over L{MAX_EVENT_BYTES}.
+    L{MAX_EVENTS_PER_ENVELOPE} (a L{BadEvent} for one over
+    L{MAX_EVENT_BYTES}), and a count by type of the items skipped: the
+    others, and events past that.
     """
     events: list = []
     dropped: Counter = Counter()
@@ -272,9 +273,12 @@ def _envelope_events(body: InflatedBody) -> tuple:
         if not isinstance(length, int) or isinstance(length, bool) \
                 or length < 0:
             length = None
-        if kind != "event" or (length or 0) > MAX_EVENT_BYTES \
-                or len(events) >= MAX_EVENTS_PER_ENVELOPE:
-            dropped[kind if kind in ITEM_TYPES else "other"] += 1
+        taken = kind == "event" and len(events) < MAX_EVENTS_PER_ENVELOPE
+        if not taken or (length or 0) > MAX_EVENT_BYTES:
+            if taken:  # an error report lost: said as bad input
+                events.append(_too_large())
+            else:
+                dropped[kind if kind in ITEM_TYPES else "other"] += 1
             if length is None:
                 body.skip_line()
             else:
@@ -287,7 +291,7 @@ def _envelope_events(body: InflatedBody) -> tuple:
             payload = body.read(length)
             body.skip_newline()
         if payload is None:
-            dropped["event"] += 1
+            events.append(_too_large())
             continue
         try:
             events.append(decode_json(payload))
@@ -295,6 +299,11 @@ def _envelope_events(body: InflatedBody) -> tuple:
             # Counted as bad input, saying why, with the others.
             events.append(BadEvent(f"not JSON: {error}"))
     raise _BadEnvelope(f"it holds more than {MAX_ITEMS_PER_ENVELOPE:,} items")
+
+
+def _too_large() -> BadEvent:
+    return BadEvent(f"an event item over the {MAX_EVENT_BYTES:,} bytes "
+                    f"Sentry allows")
 
 
 def _json_line(line: Optional[bytes], what: str) -> dict:

@@ -310,7 +310,9 @@ class EndpointTests(_ServiceTestCase):
     def test_bomb_envelope(self):
         """
         An envelope inflating past 100 MB is refused after reading that
-        much, not more; an event item over 1 MB is dropped and counted.
+        much, not more; an event item over 1 MB, with its length or
+        without, is bad input (said in the digest and the log), and the
+        items after it are read.
         """
         self.start()
         compressor = zlib.compressobj(9, wbits=16 + 15)
@@ -324,10 +326,18 @@ class EndpointTests(_ServiceTestCase):
         self.assertLess(len(data), 300_000)
         answer = self.post("/api/1/envelope/", data, content_encoding="gzip")
         self.assertEqual(answer.responseCode, 413)
-        big = envelope(event_item({"message": "x" * 1_100_000}))
+        huge = {"message": "x" * 1_100_000}
+        big = envelope(event_item(huge), event_item(huge, with_length=False),
+                       event_item({"message": "after"}))
         answer = self.post("/api/1/envelope/", big)
         self.assertEqual(answer.responseCode or 200, 200)
-        self.assertEqual(self.service.counts.dropped_items["event"], 1)
+        self.assertEqual(dict(self.service.counts.dropped_items), {})
+        [bad] = self.service.aggregator.bad_input()
+        self.assertIn("an event item over the 1,048,576 bytes Sentry allows",
+                      bad.key[6])
+        self.assertEqual(bad.total, 2)
+        self.assertIn("after", [entry.key[3] for entry in
+                                self.service.aggregator.view().entries])
 
     def test_rate_limited(self):
         """
