@@ -257,8 +257,8 @@ def _silence(options: argparse.Namespace, ask) -> tuple:
         if not equals or not field:
             raise UsageError(f"{condition!r} is not FIELD=REGEX")
         if field in match:
-            raise UsageError(f"{field} is given twice: one REGEX each (a|b "
-                           f"for either)")
+            raise UsageError(f"{field} is given twice: one REGEX each "
+                             f"(a|b for either)")
         match[field] = pattern
     until = options.until
     answer = ask("/api/silences/add", {
