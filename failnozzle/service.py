@@ -612,19 +612,31 @@ class FailnozzleService(MultiService):
         behind (and the launcher of C{twistd --pidfile} waiting on it).
         """
         if not self._reactor.running:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, self._stop_once_running)
+            previous = {signum: signal.signal(signum, self._stop_once_running)
+                        for signum in (signal.SIGTERM, signal.SIGINT)}
+            self._reactor.addSystemEventTrigger(
+                "before", "startup", self._hand_over_signals, previous)
         super().privilegedStartService()
 
     def _stop_once_running(self, signum: int, frame: object) -> None:
         # In a signal handler: the reactor does the work in its own turn.
-        self._reactor.callFromThread(self._stop_reactor)
+        self._reactor.callFromThread(self._stop_reactor,
+                                     signal.Signals(signum).name)
 
-    def _stop_reactor(self) -> None:
+    @staticmethod
+    def _hand_over_signals(previous: dict) -> None:
+        """Give SIGTERM and SIGINT back as they were, for the reactor to
+        take over (it leaves SIGINT alone if it finds another handler)."""
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None
+                          else handler)
+
+    def _stop_reactor(self, name: str) -> None:
         try:
             self._reactor.stop()
         except ReactorNotRunning:
-            pass  # a second signal: the stop has begun
+            return  # a second signal: the stop has begun
+        _log.info("Received {signal}, shutting down.", signal=name)
 
     def startService(self) -> None:
         """

@@ -127,19 +127,22 @@ class StartTests(ServiceTestCase):
     def test_stop_asked_while_starting(self):
         """
         Under twistd, from the first step of the start until the reactor
-        runs (and takes them over), SIGTERM and SIGINT ask the reactor to
-        stop once it runs, however many arrive, instead of killing the
-        half-started process.
+        runs, SIGTERM and SIGINT ask the reactor to stop once it runs,
+        however many arrive, instead of killing the half-started process;
+        as it begins to run, they are given back as they were, for it to
+        take over.
         """
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+        before = {signum: signal.getsignal(signum)
+                  for signum in (signal.SIGTERM, signal.SIGINT)}
+        for signum, handler in before.items():
+            self.addCleanup(signal.signal, signum, handler)
         service = self.make()
         service.privilegedStartService()
         service.startService()
         self.assertEqual(signal.getsignal(signal.SIGINT),
                          signal.getsignal(signal.SIGTERM))
         called, stops = [], []
-        self.reactor.callFromThread = lambda f, *args: called.append(f)
+        self.reactor.callFromThread = lambda *call: called.append(call)
 
         def stop():
             if stops:
@@ -149,9 +152,17 @@ class StartTests(ServiceTestCase):
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
             signal.getsignal(signum)(signum, None)
         self.assertEqual(stops, [])  # not in the handler itself
-        for call in called:  # the reactor's first turn
-            call()
+        events = EventLoggingObserver.createWithCleanup(
+            self, globalLogPublisher)
+        for function, *args in called:  # the reactor's first turn
+            function(*args)
         self.assertEqual(stops, ["stop"])
+        self.assertEqual([formatEvent(event) for event in events],
+                         ["Received SIGTERM, shutting down."])
+        for function, args, _ in self.reactor.triggers["before"]["startup"]:
+            function(*args)
+        self.assertEqual({signum: signal.getsignal(signum)
+                          for signum in before}, before)
 
     def test_signals_left_to_a_running_reactor(self):
         """

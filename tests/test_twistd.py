@@ -325,6 +325,28 @@ class SMTPDaemonTests(_TwistdTestCase):
         self.assertEqual(reason.signal, signal.SIGTERM)
 
 
+    @defer.inlineCallbacks
+    def test_sigint_as_sigterm(self):
+        """
+        SIGINT (Ctrl-C on C{twistd -n}) stops as SIGTERM does: what was
+        received is sent, and the process ends killed by SIGINT after
+        twistd's clean stop.
+        """
+        sink = SMTPSink(self)
+        process, address, _ = yield self.start_daemon(
+            **self.smtp_settings(sink.port, flush_seconds=3600))
+        send_datagrams(address, [record("boom"), b"not json"])
+        yield process.wait_for(r"datagram is not valid JSON")
+        process.transport.signalProcess("INT")
+        reason = yield process.wait_for_end()
+        [message] = yield process.wait_for_mail(sink, 1)
+        self.assertIn("1X boom", message.get_content())
+        self.assertIn("Received SIGINT, shutting down.", process.text)
+        self.assertIn(_SHUT_DOWN, process.text)
+        self.assertNotIn("Traceback", process.text)
+        self.assertEqual(reason.signal, signal.SIGINT)
+
+
 class RecoveryTests(_TwistdTestCase):
     """
     What the daemon had counted or spooled survives its death: SIGKILL
