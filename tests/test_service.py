@@ -1703,18 +1703,23 @@ class ReloadTests(ServiceTestCase):
         state = StateFile(self.service.settings.STATE_FILE, Clock()).load()
         self.assertEqual(state.buffer.total, 1)
 
+    def snapshotted_one(self) -> str:
+        """Start again with snapshots on, and one error in a snapshot;
+        the path of STATE_FILE."""
+        self.service.stopService()
+        self.start(reload_settings=lambda: self.given.pop(0),
+                   SNAPSHOT_SECONDS=1)
+        self.receive(record("one"))
+        self.reactor.advance(1)
+        return self.service.settings.STATE_FILE
+
     def test_snapshots_turned_off(self):
         """
         Snapshots turned off by a reload: the last one is removed, keys
         files with it, so a later start with snapshots on again does not
         restore, and send a second time, what this run delivered.
         """
-        self.service.stopService()
-        self.start(reload_settings=lambda: self.given.pop(0),
-                   SNAPSHOT_SECONDS=1)
-        path = self.service.settings.STATE_FILE
-        self.receive(record("once"))
-        self.reactor.advance(1)
+        path = self.snapshotted_one()
         self.assertTrue(glob.glob(path + ".keys.*"))
         self.assertTrue(self.reload(SNAPSHOT_SECONDS=0))
         self.assertEqual(glob.glob(path + "*"), [])
@@ -1731,12 +1736,7 @@ class ReloadTests(ServiceTestCase):
         A reload that moves STATE_FILE writes the next snapshot there,
         whole, and removes the one at the old path.
         """
-        self.service.stopService()
-        self.start(reload_settings=lambda: self.given.pop(0),
-                   SNAPSHOT_SECONDS=1)
-        old = self.service.settings.STATE_FILE
-        self.receive(record("one"))
-        self.reactor.advance(1)
+        old = self.snapshotted_one()
         new = self.mktemp()
         self.assertTrue(self.reload(STATE_FILE=new))
         self.assertEqual(glob.glob(old + "*"), [])
@@ -1747,12 +1747,7 @@ class ReloadTests(ServiceTestCase):
         A snapshot that cannot be removed whole is said in one line, naming
         what is left and what it risks; the reload is taken.
         """
-        self.service.stopService()
-        self.start(reload_settings=lambda: self.given.pop(0),
-                   SNAPSHOT_SECONDS=1)
-        self.receive(record("one"))
-        self.reactor.advance(1)
-        stuck = self.service.settings.STATE_FILE + ".keys.99"
+        stuck = self.snapshotted_one() + ".keys.99"
         os.makedirs(stuck)  # unlink() fails, even for root
         self.assertTrue(self.reload(SNAPSHOT_SECONDS=0))
         [line] = [formatEvent(event) for event in self.events
