@@ -224,10 +224,16 @@ def _zlib_inflated(raw: IO[bytes], encoding: str) -> Iterator[bytes]:
         while True:
             if not data:
                 data = raw.read(_CHUNK)
-                if not data:
-                    if not inflater.eof:
-                        raise BadBody(f"the {encoding} body ends too soon")
-                    return
+            if not data and not inflater.eof:
+                # The input is used up: what the inflater holds back of
+                # its output (a piece at a time) comes out without more.
+                held = inflater.decompress(b"", _CHUNK)
+                if held:
+                    yield held
+                    continue
+                raise BadBody(f"the {encoding} body ends too soon")
+            if not data:
+                return
             if inflater.eof:
                 if wbits != 16 + 15:
                     raise BadBody(f"the {encoding} body goes on past its "
@@ -247,9 +253,11 @@ def _brotli_inflated(raw: IO[bytes]) -> Iterator[bytes]:
         while not inflater.is_finished():
             data = raw.read(_CHUNK) if inflater.can_accept_more_data() \
                 else b""
-            if not data and inflater.can_accept_more_data():
+            out = inflater.process(data, output_buffer_limit=_CHUNK)
+            if not data and not out and not inflater.is_finished():
+                # Nothing more to read, and nothing held back came out.
                 raise BadBody("the br body ends too soon")
-            yield inflater.process(data, output_buffer_limit=_CHUNK)
+            yield out
     except brotli.error as error:
         raise BadBody(f"the br body is corrupt: {error}") from None
 

@@ -1,0 +1,69 @@
+"""
+Tests for L{failnozzle.httpin}'s L{InflatedBody}: bodies inflated a piece
+at a time, whatever their size and encoding.
+"""
+import gzip
+import io
+import os
+import zlib
+
+import brotli
+from twisted.trial.unittest import SynchronousTestCase
+
+from failnozzle.httpin import _CHUNK, BadBody, BodyTooLarge, InflatedBody
+
+
+def raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=-15)
+    return compressor.compress(data) + compressor.flush()
+
+
+#: Each Content-Encoding, and how its bodies are made.
+ENCODINGS = (("gzip", gzip.compress), ("deflate", zlib.compress),
+             ("deflate", raw_deflate), ("br", brotli.compress))
+
+
+def bodies() -> list:
+    """Bodies of either kind at the sizes where a piece ends (the
+    inflaters hold output back there) and well past them."""
+    text = b'{"message": "lookup failed for user 17"}\n' * 30_000
+    random = os.urandom(len(text))
+    return [data[:size] for data in (text, random)
+            for size in (_CHUNK - 1, _CHUNK, _CHUNK + 1, 2 * _CHUNK + 1,
+                         len(text))]
+
+
+def inflated(data: bytes, encoding: str, limit: int = 10 ** 8) -> bytes:
+    return InflatedBody(io.BytesIO(data), encoding, limit).rest()
+
+
+class InflatedBodyTests(SynchronousTestCase):
+
+    def test_whole(self):
+        """
+        Every encoding gives back the whole body, of any size, what the
+        inflater holds back at the end of a piece included (bodies just
+        past 64 KiB of raw deflate, and past about 100 KiB of br, were
+        taken for cut short).
+        """
+        for encoding, compress in ENCODINGS:
+            for data in bodies():
+                self.assertEqual(inflated(compress(data), encoding), data,
+                                 (encoding, compress, len(data)))
+
+    def test_cut_short(self):
+        """A body that ends before its compressed stream does is said to
+        end too soon, for every encoding."""
+        data = bodies()[-1]
+        for encoding, compress in ENCODINGS:
+            whole = compress(data)
+            with self.assertRaises(BadBody) as caught:
+                inflated(whole[:len(whole) // 2], encoding)
+            self.assertIn("ends too soon", str(caught.exception))
+
+    def test_over_the_limit(self):
+        """What inflates past the limit raises, however it is encoded."""
+        for encoding, compress in ENCODINGS:
+            with self.assertRaises(BodyTooLarge):
+                inflated(compress(b"\0" * 1_000_000), encoding,
+                         limit=200_000)
