@@ -102,6 +102,23 @@ def encode_datagram(fields: dict) -> bytes:
     return data.encode("ascii")
 
 
+def _message_of(record: logging.LogRecord) -> str:
+    """
+    The record's message; for one whose arguments do not fit its format
+    (which logging's own handlers only report on standard error, sending
+    nothing), the format and the arguments, as the daemon words that: the
+    error is reported all the same.
+    """
+    try:
+        return record.getMessage()
+    except Exception:
+        try:
+            args = repr(record.args)
+        except Exception:
+            args = f"<{type(record.args).__name__}>"
+        return f"{record.msg} (arguments that do not fit: {args})"
+
+
 class AggregatorHandler(logging.handlers.DatagramHandler):
     """
     Sends each record as one JSON object over UDP, with the C{source} (the
@@ -130,7 +147,7 @@ class AggregatorHandler(logging.handlers.DatagramHandler):
         one datagram has its longest values clipped.
         """
         fields = dict(record.__dict__)
-        fields["message"] = record.getMessage()
+        fields["message"] = _message_of(record)
         if record.exc_info and not record.exc_text:
             formatter = self.formatter or logging.Formatter()
             fields["exc_text"] = formatter.formatException(record.exc_info)

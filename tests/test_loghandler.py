@@ -170,16 +170,21 @@ class MakePickleTests(HandlerTestCase):
         self.assertEqual(sent["cycle"], "{'self': {...}}")
         self.assertEqual(handler.errors, [])
 
-    def test_bad_format_reported_not_raised(self):
+    def test_bad_format_sent_not_raised(self):
         """
-        A message whose arguments do not fit its format goes to
-        handleError, as with every logging handler, and is not raised.
+        A message whose arguments do not fit its format is sent all the
+        same (logging's own handlers send nothing), its format and
+        arguments worded as the daemon words such a mismatch, and nothing
+        is raised or reported as the handler's error.
         """
         handler, logger = self.capture()
         logger.error("%d apples", "some")
-        self.assertEqual(handler.sent, [])
-        [error] = handler.errors
-        self.assertIsInstance(error, TypeError)
+        [data] = handler.sent
+        sent = json.loads(data)
+        self.assertEqual(sent["message"], "%d apples (arguments that do not "
+                                          "fit: ('some',))")
+        self.assertEqual(sent["msg"], "%d apples")
+        self.assertEqual(handler.errors, [])
 
 
 class ClippingTests(HandlerTestCase):
