@@ -14,6 +14,7 @@ import brotli
 import orjson
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -38,6 +39,22 @@ class BodyTooLarge(Exception):
 
 class BadBody(Exception):
     """A body that cannot be inflated as its Content-Encoding says."""
+
+
+class StrictResource(Resource):
+    """
+    A resource that answers HEAD only where it answers GET, and else 405
+    as for any method it does not take: Twisted's calls a C{render_GET}
+    that a resource taking only POST does not have (a 500, and a
+    traceback in the log for anyone who asks).
+    """
+
+    def render_HEAD(self, request: Request) -> bytes:
+        if getattr(self, "render_GET", None) is None:
+            raise UnsupportedMethod(sorted(
+                name[len("render_"):].encode("ascii") for name in dir(self)
+                if name.startswith("render_") and name != "render_HEAD"))
+        return self.render_GET(request)
 
 
 class BoundedRequest(Request):
@@ -303,7 +320,7 @@ def answer_later(request: Request, answering: Deferred) -> object:
     return NOT_DONE_YET
 
 
-class ErrorsResource(Resource):
+class ErrorsResource(StrictResource):
     """
     POST /api/errors: failnozzle's JSON records, one object or one per line
     (each as a datagram would be), with HTTP_ERRORS_TOKEN if one is set.

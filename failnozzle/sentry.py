@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from failnozzle.httpin import (BadBody, BodyTooLarge, InflatedBody,
-                               answer_later, json_reply)
+                               StrictResource, answer_later, json_reply)
 from failnozzle.ingest import BadDatagram, BelowLevel, decode_json
 from failnozzle.levels import level_named
 
@@ -71,7 +71,7 @@ class TokenBucket:
         return (min(count, rate) - self._tokens) / rate
 
 
-class SentryAPI(Resource):
+class SentryAPI(StrictResource):
     """
     /api/: its named children (the control API, /api/errors), and
     /api/<project>/(envelope|store)/ for anything else.
@@ -187,7 +187,7 @@ def _reply(request: Request, value: dict, code: int = 200,
     return json_reply(request, value, code, headers)
 
 
-class _Project(Resource):
+class _Project(StrictResource):
     isLeaf = True
 
     def __init__(self, api: SentryAPI) -> None:

@@ -30,8 +30,9 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from failnozzle.digest import duration
-from failnozzle.httpin import (BoundedRequest, ErrorsResource, answer_later,
-                               bearer_matches, json_reply)
+from failnozzle.httpin import (BoundedRequest, ErrorsResource,
+                               StrictResource, answer_later, bearer_matches,
+                               json_reply)
 from failnozzle.metrics import MetricsPage
 from failnozzle.routing import BadRule
 from failnozzle.sentry import SentryAPI
@@ -273,7 +274,7 @@ class _SilenceList(Resource):
         return _json(request, {"silences": self._service.silences.shown()})
 
 
-class _Control(Resource):
+class _Control(StrictResource):
     """A POST that acts: C{action(service, body)} gives the reply, or a
     Deferred of it."""
 

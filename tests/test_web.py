@@ -13,7 +13,8 @@ from typing import Optional
 
 from twisted.internet import defer, reactor, threads
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
@@ -397,6 +398,35 @@ class ServedTests(TestCase):
         self.assertEqual(json.loads((yield readBody(response))),
                          {"flushed": 2, "digests": 1})
         yield sink.wait_for(1)
+
+
+    @defer.inlineCallbacks
+    def test_head(self):
+        """
+        HEAD is answered where GET is, and with 405 and the methods taken
+        where only POST is (Twisted's Resource had raised, a 500 and a
+        traceback in the log); nothing is logged as critical.
+        """
+        service = start_service(self, HTTP_BIND=("127.0.0.1", 0),
+                                SENTRY_KEYS={"abc": "shop"})
+        host, port = service.listening()["HTTP_BIND"]
+        events = EventLoggingObserver.createWithCleanup(
+            self, globalLogPublisher)
+        agent = Agent(reactor)
+        codes = {}
+        for path in ("/healthz", "/status", "/api/errors", "/api/flush",
+                     "/api/1/envelope/", "/api", "/api/failed/resend"):
+            response = yield agent.request(
+                b"HEAD", f"http://{host}:{port}{path}".encode())
+            codes[path] = (response.code,
+                           response.headers.getRawHeaders("allow"))
+        self.assertEqual(codes, {
+            "/healthz": (200, None), "/status": (200, None),
+            "/api/errors": (405, ["POST"]), "/api/flush": (405, ["POST"]),
+            "/api/1/envelope/": (405, ["OPTIONS, POST"]),
+            "/api": (405, [""]), "/api/failed/resend": (405, ["POST"])})
+        self.assertEqual([event for event in events
+                          if event["log_level"] == LogLevel.critical], [])
 
 
 class OddTextTests(_ServiceTestCase):
