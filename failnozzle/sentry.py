@@ -59,16 +59,19 @@ class TokenBucket:
     def take(self, count: int, rate: float) -> Optional[float]:
         """
         Take C{count}: None if there were so many, else the seconds until
-        there are (and none is taken).
+        there are (and none is taken).  More than a second's worth at once
+        is taken from a full bucket, which owes the rest: it would never
+        hold them.
         """
         now = self._clock.seconds()
         tokens = rate if self._tokens is None else self._tokens
         self._tokens = min(rate, tokens + (now - self._at) * rate)
         self._at = now
-        if self._tokens >= count:
+        needed = min(count, rate)
+        if self._tokens >= needed:
             self._tokens -= count
             return None
-        return (min(count, rate) - self._tokens) / rate
+        return (needed - self._tokens) / rate
 
 
 class SentryAPI(StrictResource):

@@ -18,11 +18,13 @@ from typing import Optional
 
 import brotli
 from twisted.internet import defer, reactor, threads, utils
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.server import Site
 from twisted.web.static import File
 
-from failnozzle.sentry import context_of, record_of, traceback_of
+from failnozzle.sentry import (TokenBucket, context_of, record_of,
+                               traceback_of)
 from tests.common import record, start_service
 from tests.test_browser import BROWSER_FLAGS, chromium
 from tests.test_twistd import child_environment
@@ -62,6 +64,32 @@ def event_item(event: dict, with_length: bool = True) -> tuple:
     if with_length:
         header["length"] = len(payload)
     return header, payload
+
+
+class TokenBucketTests(SynchronousTestCase):
+    """SENTRY_EVENTS_PER_SECOND's bucket."""
+
+    def test_bursts_and_waits(self):
+        """A second's worth at once, then what is owed waits."""
+        clock = Clock()
+        bucket = TokenBucket(clock)
+        self.assertIsNone(bucket.take(5, rate=5))
+        self.assertEqual(bucket.take(1, rate=5), 0.2)
+        clock.advance(0.2)
+        self.assertIsNone(bucket.take(1, rate=5))
+
+    def test_more_than_a_second_at_once(self):
+        """
+        More than a second's worth at once (an envelope of 6 events at 5
+        a second) is taken once the bucket is full, not refused for ever,
+        and what it took beyond is owed.
+        """
+        clock = Clock()
+        bucket = TokenBucket(clock)
+        self.assertIsNone(bucket.take(6, rate=5))
+        self.assertAlmostEqual(bucket.take(6, rate=5), 1.2)
+        clock.advance(1.2)
+        self.assertIsNone(bucket.take(6, rate=5))
 
 
 class MappingTests(SynchronousTestCase):
