@@ -18,7 +18,7 @@ from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from failnozzle.ingest import BadDatagram, BelowLevel
+from failnozzle.ingest import BadDatagram, BelowLevel, decode_json
 
 _log = Logger()
 
@@ -345,16 +345,16 @@ class ErrorsResource(StrictResource):
             return json_reply(request, {"error": "failnozzle is stopping"},
                               503)
         try:
-            lines = InflatedBody(request.content, (request.getHeader(
+            body = InflatedBody(request.content, (request.getHeader(
                 b"content-encoding") or b"").decode("latin-1"),
-                MAX_ERRORS_BYTES).rest().split(b"\n")
+                MAX_ERRORS_BYTES).rest()
         except BodyTooLarge as error:
             return json_reply(request, {"error": f"too large: {error}"}, 413)
         except BadBody as error:
             return json_reply(request, {"error": str(error)}, 400)
         # Read whole and checked before any is counted: a refused request
         # sent again is not counted twice.
-        records = [line for line in lines if line.strip()]
+        records = records_of(body)
         if len(records) > MAX_ERRORS_RECORDS:
             return json_reply(request, {"error": f"more than "
                                                  f"{MAX_ERRORS_RECORDS:,} "
@@ -381,6 +381,31 @@ class ErrorsResource(StrictResource):
         return answer_later(request, service.saved_soon().addCallback(
             lambda _: json_reply(request, {"accepted": accepted,
                                            "bad": bad})))
+
+
+def records_of(body: bytes) -> list:
+    """
+    The records of a body of /api/errors: one per line, or one object
+    laid out on several (pretty-printed), which is tried only when the
+    first line is no JSON by itself.
+    """
+    lines = [line for line in body.split(b"\n") if line.strip()]
+    if len(lines) > 1 and not _is_json(lines[0]):
+        try:
+            whole = decode_json(body)
+        except BadDatagram:
+            return lines
+        if isinstance(whole, dict):
+            return [body]
+    return lines
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        decode_json(data)
+    except BadDatagram:
+        return False
+    return True
 
 
 def bearer_matches(request: Request, token: str) -> bool:

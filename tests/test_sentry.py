@@ -483,6 +483,23 @@ class ErrorsEndpointTests(_ServiceTestCase):
         self.assertEqual(service.counts.received["http"], 4)
         self.assertEqual(service.aggregator.view().total, 4)
 
+    def test_pretty_printed(self):
+        """
+        One object laid out on several lines (as json.dumps(indent=2) or
+        jq print it) is one record; lines that are no JSON by themselves
+        nor together are each bad input.
+        """
+        service = self.start()
+        pretty = json.dumps(record("boom"), indent=2).encode()
+        answer = render(service, "/api/errors", method=b"POST", body=pretty)
+        self.assertEqual(json_of(answer), {"accepted": 1, "bad": 0})
+        answer = render(service, "/api/errors", method=b"POST",
+                        body=b"{\nnot json\n}")
+        self.assertEqual(json_of(answer), {"accepted": 0, "bad": 3})
+        [entry] = [entry for entry in service.aggregator.view().entries
+                   if entry not in service.aggregator.bad_input()]
+        self.assertEqual(entry.key[3], "boom")
+
     def test_below_min_level(self):
         """A record below MIN_LEVEL is taken, and counted as such."""
         service = self.start(MIN_LEVEL=3)
