@@ -41,6 +41,27 @@ class BadBody(Exception):
     """A body that cannot be inflated as its Content-Encoding says."""
 
 
+class RefusedBody(BadDatagram):
+    reason = "HTTP request body refused"
+
+
+def sender_of(request: Request) -> tuple:
+    """The client's address and port, as a datagram's sender."""
+    peer = request.getClientAddress()
+    return getattr(peer, "host", "unknown"), getattr(peer, "port", 0)
+
+
+def report_refused(service, request: Request, why: str) -> None:
+    """
+    A body refused (400, 413) from a sender let in: bad input, counted,
+    logged and in the digest as a bad datagram is, since the errors it
+    held are lost unless the sender tells.
+    """
+    path = request.path.decode("ascii", "replace")
+    service.report_bad_input(RefusedBody(f"{path}: {why}"),
+                             sender_of(request))
+
+
 class StrictResource(Resource):
     """
     A resource that answers HEAD only where it answers GET, and else 405
@@ -349,18 +370,16 @@ class ErrorsResource(StrictResource):
                 b"content-encoding") or b"").decode("latin-1"),
                 MAX_ERRORS_BYTES).rest()
         except BodyTooLarge as error:
-            return json_reply(request, {"error": f"too large: {error}"}, 413)
+            return self._refuse(request, f"too large: {error}", 413)
         except BadBody as error:
-            return json_reply(request, {"error": str(error)}, 400)
+            return self._refuse(request, str(error), 400)
         # Read whole and checked before any is counted: a refused request
         # sent again is not counted twice.
         records = records_of(body)
         if len(records) > MAX_ERRORS_RECORDS:
-            return json_reply(request, {"error": f"more than "
-                                                 f"{MAX_ERRORS_RECORDS:,} "
-                                                 f"records"}, 413)
-        peer = request.getClientAddress()
-        sender = (getattr(peer, "host", "unknown"), getattr(peer, "port", 0))
+            return self._refuse(request, f"more than {MAX_ERRORS_RECORDS:,} "
+                                         f"records", 413)
+        sender = sender_of(request)
         accepted = bad = 0
         for line in records:
             service.counts.received["http"] += 1
@@ -381,6 +400,11 @@ class ErrorsResource(StrictResource):
         return answer_later(request, service.saved_soon().addCallback(
             lambda _: json_reply(request, {"accepted": accepted,
                                            "bad": bad})))
+
+
+    def _refuse(self, request: Request, why: str, code: int) -> bytes:
+        report_refused(self._service, request, why)
+        return json_reply(request, {"error": why}, code)
 
 
 def records_of(body: bytes) -> list:

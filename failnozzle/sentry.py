@@ -27,7 +27,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from failnozzle.httpin import (BadBody, BodyTooLarge, InflatedBody,
-                               StrictResource, answer_later, json_reply)
+                               StrictResource, answer_later, json_reply,
+                               report_refused, sender_of)
 from failnozzle.ingest import BadDatagram, BelowLevel, decode_json
 from failnozzle.levels import level_named
 
@@ -133,15 +134,14 @@ class SentryAPI(StrictResource):
                 header, events = {}, [decode_json(body.rest())]
                 dropped = Counter()
         except BodyTooLarge as error:
-            return _reply(request, {"detail": f"too large: {error}"}, 413)
+            return _refused(service, request, f"too large: {error}", 413)
         except (BadBody, BadDatagram, _BadEnvelope) as error:
-            return _reply(request, {"detail": f"bad body: {error}"}, 400)
+            return _refused(service, request, f"bad body: {error}", 400)
         wait = self.budget(key, len(events)) if events else None
         if wait is not None:
             return _rate_limited(request, wait)
         service.counts.dropped_items.update(dropped)
-        peer = request.getClientAddress()
-        sender = (getattr(peer, "host", "unknown"), getattr(peer, "port", 0))
+        sender = sender_of(request)
         for event in events:
             self._count(event, keys[key], sender)
         ids = [_event_id(header.get("event_id"))] + [
@@ -210,6 +210,11 @@ class _Project(StrictResource):
                           b"content-type, content-encoding, x-sentry-auth")
         request.setHeader(b"access-control-max-age", b"86400")
         return _reply(request, {}, 200)
+
+
+def _refused(service, request: Request, why: str, code: int) -> bytes:
+    report_refused(service, request, why)
+    return _reply(request, {"detail": why}, code)
 
 
 def _rate_limited(request: Request, wait: float) -> bytes:

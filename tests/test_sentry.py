@@ -314,7 +314,8 @@ class EndpointTests(_ServiceTestCase):
         """
         An unknown key 403, none 401, a body that is not an envelope 400,
         a corrupt or unknown encoding 400, a bomb 413 (at once), and
-        without SENTRY_KEYS 404.
+        without SENTRY_KEYS 404; no event is counted, and each body
+        refused from a sender let in is bad input, saying why.
         """
         self.start()
         body = envelope(event_item({"message": "boom"}))
@@ -333,7 +334,13 @@ class EndpointTests(_ServiceTestCase):
         ]
         for request, code in cases:
             self.assertEqual(request.responseCode, code, body_of(request))
-        self.assertEqual(self.service.aggregator.view().total, 0)
+        [bad] = self.service.aggregator.bad_input()
+        self.assertEqual((bad.total, self.service.aggregator.view().total),
+                         (4, 4))
+        self.assertIn("HTTP request body refused: /api/1/store/: too large",
+                      bad.key[6])
+        self.assertEqual(self.service.counts.bad_input,
+                         {"HTTP request body refused": 4})
 
     def test_bomb_envelope(self):
         """
@@ -360,7 +367,8 @@ class EndpointTests(_ServiceTestCase):
         answer = self.post("/api/1/envelope/", big)
         self.assertEqual(answer.responseCode or 200, 200)
         self.assertEqual(dict(self.service.counts.dropped_items), {})
-        [bad] = self.service.aggregator.bad_input()
+        refused, bad = self.service.aggregator.bad_input()
+        self.assertIn("inflates past 104,857,600 bytes", refused.key[6])
         self.assertIn("an event item over the 1,048,576 bytes Sentry allows",
                       bad.key[6])
         self.assertEqual(bad.total, 2)
@@ -424,13 +432,17 @@ class EndpointTests(_ServiceTestCase):
         self.assertEqual(self.service.counts.dropped_items["event"], 2)
 
     def test_over_budget_counts_nothing(self):
-        """An envelope whose events exceed the budget: 429, none counted."""
+        """
+        An envelope whose events exceed what is left of the budget: 429,
+        none of them counted.
+        """
         self.start(SENTRY_EVENTS_PER_SECOND=2)
-        body = envelope(*[event_item({"message": "boom"})] * 3)
+        self.post("/api/1/envelope/", envelope(event_item({"message": "a"})))
+        body = envelope(*[event_item({"message": "boom"})] * 2)
         limited = self.post("/api/1/envelope/", body)
         self.assertEqual(limited.responseCode, 429)
-        self.assertEqual(self.service.aggregator.view().total, 0)
-        self.assertEqual(self.service.counts.received["sentry"], 0)
+        self.assertEqual(self.service.aggregator.view().total, 1)
+        self.assertEqual(self.service.counts.received["sentry"], 1)
 
     def test_browser(self):
         """
@@ -512,13 +524,16 @@ class ErrorsEndpointTests(_ServiceTestCase):
         self.assertEqual(service.aggregator.view().total, 1)
 
     def test_too_many_records(self):
-        """Past 10,000 records, 413 and none of them counted."""
+        """Past 10,000 records, 413 and none of them counted: the refusal
+        is bad input."""
         service = self.start()
-        body = b"\n".join([json.dumps(record("x")).encode()] * 10_001)
+        body = b"\n".join([b'{"message": "x"}'] * 10_001)  # under 1 MiB
         answer = render(service, "/api/errors", method=b"POST",
                         body=gzip.compress(body), content_encoding="gzip")
         self.assertEqual(answer.responseCode, 413)
-        self.assertEqual(service.aggregator.view().total, 0)
+        [bad] = service.aggregator.bad_input()
+        self.assertIn("/api/errors: more than 10,000 records", bad.key[6])
+        self.assertEqual(service.aggregator.view().total, 1)
 
     def test_token(self):
         """With HTTP_ERRORS_TOKEN, only requests bearing it are taken."""

@@ -43,6 +43,7 @@ def render(service, path: str, method: bytes = b"GET", body: bytes = b"",
     request, finished, with C{written} and C{responseCode}.
     """
     request = DummyRequest(path.lstrip("/").encode().split(b"/"))
+    request.path = path.encode()
     request.getHost = lambda: IPv4Address("TCP", local, 1550)
     request.method = method
     request.args = args or {}
