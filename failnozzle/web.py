@@ -131,8 +131,11 @@ class _Access:
         local = getattr(request.getHost(), "host", None)
         if local is None or not is_loopback(local):
             return False
-        named = request.getHeader(b"host")
-        return named is None or is_loopback(_host_of(named))
+        named = request.requestHeaders.getRawHeaders(b"host") or []
+        if len(named) > 1 or any(request.requestHeaders.hasHeader(header)
+                                 for header in _FORWARDED):
+            return False  # not one Host; or a proxy said it forwards
+        return not named or is_loopback(_host_of(named[0]))
 
     def allows(self, request: Request, control: bool) -> bool:
         token = self._service.settings.HTTP_TOKEN
@@ -144,13 +147,28 @@ class _Access:
         return bearer_matches(request, token)
 
 
+#: Headers a proxy adds to what it forwards, as nginx, Apache, HAProxy,
+#: Caddy and Traefik do when asked (the Host they send may be loopback).
+_FORWARDED = (b"forwarded", b"x-forwarded-for", b"x-forwarded-host",
+              b"x-real-ip")
+
+
 def _host_of(header: bytes) -> str:
-    """The host a Host header names, without its port: C{[::1]:1550} is
-    C{::1}."""
+    """
+    The host a Host header names, without its port: C{[::1]:1550} is
+    C{::1}; a header of another shape is given whole (so names no
+    loopback address).
+    """
     text = header.decode("latin-1").strip()
     if text.startswith("["):
-        return text[1:].partition("]")[0]
-    return text.rpartition(":")[0] if text.count(":") == 1 else text
+        inside, _, after = text[1:].partition("]")
+        port = after.removeprefix(":")
+        return inside if after == "" or (after[:1] == ":" and port.isdigit()
+                                         ) else text
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        return host if port.isdigit() else text
+    return text
 
 
 def is_loopback(host: str) -> bool:

@@ -300,6 +300,28 @@ class AccessTests(_ServiceTestCase):
                        host="attacker.example")
         self.assertEqual(flush.responseCode, 401)
 
+    def test_host_tricks(self):
+        """
+        A Host header that only begins with a loopback address, names one
+        with a port that is none, or comes twice, is not loopback; nor is
+        a request a proxy says it forwards, whatever its Host (nginx's
+        default sends the address it forwards to).
+        """
+        service = self.start()
+        for host in ("[::1].attacker.example", "[::1]x", "[::1]:1550x",
+                     "127.0.0.1:x", "localhost.attacker.example"):
+            request = render(service, "/status", host=host)
+            self.assertEqual(request.responseCode, 401, host)
+        twice = render(service, "/status")
+        twice.requestHeaders.setRawHeaders("host", ["attacker.example",
+                                                    "127.0.0.1"])
+        self.assertFalse(web._Access.on_loopback(twice))
+        for header in ("x_forwarded_for", "forwarded", "x_real_ip",
+                       "x_forwarded_host"):
+            request = render(service, "/status", host="127.0.0.1:1550",
+                             **{header: "203.0.113.9"})
+            self.assertEqual(request.responseCode, 401, header)
+
     def test_bad_bodies(self):
         """A control body that is not a JSON object, or too big: 400, 413."""
         service = self.start()
