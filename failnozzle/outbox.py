@@ -769,6 +769,16 @@ class Outbox(Service):
 
     def _cancel_attempts(self, _: object) -> None:
         self._stopped = True
+        spooled = sum(waiting.path is not None for waiting in self._waiting)
+        lost = len(self._waiting) - spooled
         for waiting in list(self._waiting):
             if waiting.attempt is not None:
                 waiting.attempt.cancel()
+        if spooled:
+            _log.info("{count} message(s) not delivered stay in the spool "
+                      "{path} for the next start", count=spooled,
+                      path=self.spool.path)
+        if lost:
+            _log.error("{count} message(s) not delivered and not in the "
+                       "spool {path} (it could not be written) are lost",
+                       count=lost, path=self.spool.path)

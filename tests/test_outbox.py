@@ -313,7 +313,8 @@ class OutboxTests(OutboxTestCase):
     def test_stop(self):
         """
         Stopping cancels the retries and gives attempts under way until the
-        timeout; what is not delivered stays in the spool.
+        timeout; what is not delivered stays in the spool, as one line
+        says.
         """
         self.outbox.send(message("retrying"))
         self.fail_next(error.ConnectionRefusedError())
@@ -325,6 +326,24 @@ class OutboxTests(OutboxTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertTrue(self.transport.pending[1][-1].called)
         self.assertEqual(len(self.spooled()), 2)
+        self.assertEqual(self.lines()[-1],
+                         f"2 message(s) not delivered stay in the spool "
+                         f"{self.spool.path} for the next start")
+
+    def test_stop_with_messages_in_memory_only(self):
+        """
+        What a spool that could not be written held in memory only is said
+        to be lost at the stop, in one error line.
+        """
+        blocker = self.mktemp()
+        with open(blocker, "w"):
+            pass
+        self.outbox.spool = Spool(os.path.join(blocker, "spool"), self.clock)
+        self.outbox.send(message())
+        self.fail_next(error.ConnectionRefusedError())
+        self.successResultOf(self.outbox.stop(10))
+        self.assertIn("1 message(s) not delivered and not in the spool",
+                      self.lines(LogLevel.error)[-1])
 
     def test_stop_waits_for_delivery(self):
         """
