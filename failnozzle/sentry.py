@@ -99,7 +99,7 @@ class SentryAPI(StrictResource):
 
     def receive(self, request: Request, envelope: bool):
         """
-        Check the key before reading a byte of the body (or, if only the
+        Check the key before inflating or reading the body (or, if only the
         envelope names it, after its first line), read every event, then
         count them all or, over budget, none.
         """
