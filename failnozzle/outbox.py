@@ -682,10 +682,10 @@ class Outbox(Service):
             self._stays(waiting, reason)
             return
         _log.warn("Could not send {subject!r} via {transport}: {reason}; "
-                  "sending it cut to {limit:,} bytes now",
+                  "sending it cut to {size:,} bytes now",
                   subject=waiting.subject,
                   transport=self.transport.describe(), reason=reason,
-                  limit=limit)
+                  size=wire_size(waiting.offered))
         waiting.retry = self._clock.callLater(0, self._attempt, waiting)
 
     def _give_up(self, waiting: _Waiting, why: str) -> None:

@@ -652,8 +652,9 @@ class SizeTests(OutboxTestCase):
         self.assertIs(self.successResultOf(sending.outcome), True)
         self.assertEqual(self.spool.failed.messages(), [])
         [warning] = self.lines(LogLevel.warn)
-        self.assertIn("as too big: 552 5.3.4 Message size exceeds fixed "
-                      "limit; sending it cut to", warning)
+        self.assertIn(f"as too big: 552 5.3.4 Message size exceeds fixed "
+                      f"limit; sending it cut to {wire_size(cut):,} bytes now",
+                      warning)
         self.assertIn(", cut to ", self.lines(LogLevel.info)[-1])
 
     def test_refused_until_it_cannot_be_cut(self):
