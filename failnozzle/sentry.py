@@ -20,9 +20,12 @@ import os
 from collections import Counter
 import re
 import uuid
-from typing import Optional
+from functools import partial
+from typing import IO, Optional
 from urllib.parse import urlsplit
 
+from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -85,6 +88,9 @@ class SentryAPI(StrictResource):
         super().__init__()
         self._service = service
         self._buckets: dict = {}
+        #: Large envelopes are read one at a time: each thread reading
+        #: one takes the interpreter from the reactor now and then.
+        self._large = defer.DeferredLock()
 
     def getChild(self, project: bytes, request: Request) -> Resource:
         return _Project(self)
@@ -101,7 +107,10 @@ class SentryAPI(StrictResource):
         """
         Check the key before inflating or reading the body (or, if only the
         envelope names it, after its first line), read every event, then
-        count them all or, over budget, none.
+        count them all or, over budget, none.  An envelope inflating past
+        L{INLINE_BYTES} is read again from the start in a thread (zlib and
+        brotli let go of the interpreter meanwhile): 100 MB of attachments
+        would hold the reactor a quarter of a second.
         """
         service = self._service
         keys = service.settings.SENTRY_KEYS or {}
@@ -111,32 +120,58 @@ class SentryAPI(StrictResource):
             return _reply(request, {"detail": "failnozzle is stopping"}, 503)
         key = _public_key(request)
         if key is not None and key not in keys:
-            return _reply(request, {"detail": "unknown public key"}, 403)
+            return _key_refused(request, key)
         if key is None and not envelope:
-            return _reply(request, {"detail": "missing authorization"}, 401)
-        body = InflatedBody(request.content, (request.getHeader(
-            b"content-encoding") or b"").decode("latin-1"),
-            MAX_ENVELOPE_BYTES if envelope else MAX_EVENT_BYTES)
+            return _key_refused(request, None)
+        encoding = (request.getHeader(b"content-encoding")
+                    or b"").decode("latin-1")
+        limit = MAX_ENVELOPE_BYTES if envelope else MAX_EVENT_BYTES
+        needed = frozenset(keys) if key is None else None
         try:
-            if envelope:
-                header = _json_line(body.readline(_MAX_HEADER_BYTES),
-                                    "header")
-                if key is None:
-                    key = _dsn_key(header)
-                    if key is None:
-                        return _reply(request, {
-                            "detail": "missing authorization"}, 401)
-                    if key not in keys:
-                        return _reply(request, {
-                            "detail": "unknown public key"}, 403)
-                events, dropped = _envelope_events(body)
-            else:
-                header, events = {}, [decode_json(body.rest())]
-                dropped = Counter()
-        except BodyTooLarge as error:
-            return _refused(service, request, f"too large: {error}", 413)
-        except (BadBody, BadDatagram, _BadEnvelope) as error:
-            return _refused(service, request, f"bad body: {error}", 400)
+            read = read_body(request.content, encoding, envelope,
+                             min(limit, INLINE_BYTES), needed)
+        except BodyTooLarge:
+            if limit <= INLINE_BYTES:
+                return self._unreadable(request, Failure())
+            request.content.seek(0)
+            reading = self._large.run(service.in_thread, read_body,
+                                      request.content, encoding, envelope,
+                                      limit, needed)
+            reading.addCallbacks(partial(self._take, request, key),
+                                 partial(self._unreadable, request))
+            return answer_later(request, reading)
+        except (_KeyRefused, *_UNREADABLE):
+            return self._unreadable(request, Failure())
+        answer = self._take(request, key, read)
+        if isinstance(answer, defer.Deferred):
+            return answer_later(request, answer)
+        return answer
+
+    def _unreadable(self, request: Request, failure: Failure) -> bytes:
+        """The answer to a body that could not be read as it says."""
+        failure.trap(BodyTooLarge, _KeyRefused, *_UNREADABLE)
+        error = failure.value
+        if isinstance(error, _KeyRefused):
+            return _key_refused(request, error.key)
+        if isinstance(error, BodyTooLarge):
+            return _refused(self._service, request, f"too large: {error}",
+                            413)
+        return _refused(self._service, request, f"bad body: {error}", 400)
+
+    def _take(self, request: Request, key: Optional[str], read: tuple):
+        """
+        Count what a body held, if its key is known and within budget.
+
+        @return: the answer, or a Deferred of it once what was counted is
+            in a snapshot.
+        """
+        service = self._service
+        keys = service.settings.SENTRY_KEYS or {}
+        header, events, dropped = read
+        if key is None:
+            key = _dsn_key(header)
+            if key not in keys:  # SENTRY_KEYS reloaded meanwhile
+                return _key_refused(request, key)
         wait = self.budget(key, len(events)) if events else None
         if wait is not None:
             return _rate_limited(request, wait)
@@ -148,8 +183,8 @@ class SentryAPI(StrictResource):
             _event_id(event.get("event_id")) for event in events
             if isinstance(event, dict)]
         event_id = next(filter(None, ids), None) or uuid.uuid4().hex
-        return answer_later(request, service.saved_soon().addCallback(
-            lambda _: _reply(request, {"id": event_id})))
+        return service.saved_soon().addCallback(
+            lambda _: _reply(request, {"id": event_id}))
 
     def _count(self, event, kind: str, sender: tuple) -> None:
         service = self._service
@@ -212,6 +247,13 @@ class _Project(StrictResource):
         return _reply(request, {}, 200)
 
 
+def _key_refused(request: Request, key: Optional[str]) -> bytes:
+    """401 for no key, 403 for one not in SENTRY_KEYS."""
+    if key is None:
+        return _reply(request, {"detail": "missing authorization"}, 401)
+    return _reply(request, {"detail": "unknown public key"}, 403)
+
+
 def _refused(service, request: Request, why: str, code: int) -> bytes:
     report_refused(service, request, why)
     return _reply(request, {"detail": why}, code)
@@ -246,6 +288,46 @@ def _dsn_key(header: dict) -> Optional[str]:
 
 class _BadEnvelope(Exception):
     """Not an envelope."""
+
+
+#: What keeps a body from being read, beside its size.
+_UNREADABLE = (BadBody, BadDatagram, _BadEnvelope)
+#: How far an envelope is inflated on the reactor before it is read in a
+#: thread instead (zlib inflates it in about 10 ms).
+INLINE_BYTES = 4 * 1024 * 1024
+
+
+class _KeyRefused(Exception):
+    """The key the envelope names is none, or not known.
+
+    @ivar key: which, if any."""
+
+    def __init__(self, key: Optional[str]) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def read_body(content: IO[bytes], encoding: str, envelope: bool,
+              limit: int, keys: Optional[frozenset] = None) -> tuple:
+    """
+    The envelope's header, events and items dropped by type, or the
+    store endpoint's event, inflated within C{limit} bytes: on the reactor
+    or in a thread (it touches nothing else).  With C{keys}, the request
+    named no key: the envelope's header must name one of them, which is
+    checked before the rest is read.
+
+    @raise BodyTooLarge: it inflates past C{limit}.
+    @raise BadBody, BadDatagram, _BadEnvelope: it is not what it says.
+    @raise _KeyRefused: its header names none of C{keys}.
+    """
+    body = InflatedBody(content, encoding, limit)
+    if not envelope:
+        return {}, [decode_json(body.rest())], Counter()
+    header = _json_line(body.readline(_MAX_HEADER_BYTES), "header")
+    if keys is not None and _dsn_key(header) not in keys:
+        raise _KeyRefused(_dsn_key(header))
+    events, dropped = _envelope_events(body)
+    return header, events, dropped
 
 
 #: Sentry's item types; any other is counted as "other" (a client's own

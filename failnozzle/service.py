@@ -197,8 +197,9 @@ class FailnozzleService(MultiService):
             when it starts.
         @param transport: where mail goes; by default the one the settings
             describe.
-        @param in_thread: runs the reading of mail off the reactor, such as
-            in the reactor's thread pool; by default it runs on it.
+        @param in_thread: runs the reading of mail, and of large Sentry
+            envelopes, off the reactor, such as in the reactor's thread
+            pool; by default it runs on it.
         @param in_steps: runs the making of digests, written as steps
             (see L{failnozzle.steps}), such as a slice at a time on the
             reactor; by default at once.
@@ -232,7 +233,8 @@ class FailnozzleService(MultiService):
         self._freeze_heap = freeze_heap
         self._given_transport = transport
         self.writer = writer or InlineWriter()
-        self._in_thread = in_thread or defer.maybeDeferred
+        #: Runs blocking reading (mail, large envelopes) off the reactor.
+        self.in_thread = in_thread or defer.maybeDeferred
         self._in_steps = in_steps
         self.listeners = Listeners(
             reactor, {name: sock for name, sock in (
@@ -598,7 +600,7 @@ class FailnozzleService(MultiService):
         if self.mail is None:
             self.mail = MailIngest(
                 configured.reader, self.aggregator, self.report_bad_input,
-                self.saved_soon, self._reactor, in_thread=self._in_thread,
+                self.saved_soon, self._reactor, in_thread=self.in_thread,
                 counts=self.counts, **limits)
         else:
             self.mail.configure(configured.reader, **limits)

@@ -375,6 +375,52 @@ class EndpointTests(_ServiceTestCase):
         self.assertIn("after", [entry.key[3] for entry in
                                 self.service.aggregator.view().entries])
 
+    def test_large_envelope_read_in_a_thread(self):
+        """
+        An envelope inflating past 4 MB (attachments the event comes
+        after) is read again, whole, off the reactor, and its event
+        counted; a small one is read at once.
+        """
+        self.start()
+        ran = []
+
+        def in_thread(function, *args):
+            ran.append(function.__name__)
+            return defer.maybeDeferred(function, *args)
+
+        self.service.in_thread = in_thread
+        small = envelope(event_item({"message": "small"}))
+        self.assertEqual(json_of(self.post("/api/1/envelope/", small)),
+                         {"id": "e" * 32})
+        self.assertEqual(ran, [])
+        big = gzip.compress(envelope(
+            ({"type": "attachment", "length": 6_000_000}, b"\0" * 6_000_000),
+            event_item({"message": "after"})))
+        answer = self.post("/api/1/envelope/", big, content_encoding="gzip")
+        self.assertEqual(json_of(answer), {"id": "e" * 32})
+        self.assertEqual(ran, ["read_body"])
+        self.assertEqual(sorted(entry.key[3] for entry in
+                                self.service.aggregator.view().entries),
+                         ["after", "small"])
+        self.assertEqual(self.service.counts.dropped_items, {"attachment": 1})
+
+    def test_unknown_dsn_key_before_the_rest(self):
+        """
+        An envelope naming its key only in its header, an unknown one, is
+        refused with 403 once that line is read, the rest (a bomb) never
+        inflated; naming none, 401.
+        """
+        self.start()
+        self.service.in_thread = lambda *call: self.fail("read in a thread")
+        bomb = gzip.compress(b"{}\n" + b"\0" * 50_000_000)
+        for header, code in (({"dsn": "http://nope@example.com/1"}, 403),
+                             ({}, 401)):
+            body = gzip.compress(json.dumps(header).encode() + b"\n") + bomb
+            answer = self.post("/api/1/envelope/", body, x_sentry_auth="",
+                               content_encoding="gzip")
+            self.assertEqual(answer.responseCode, code)
+        self.assertEqual(self.service.aggregator.bad_input(), ())
+
     def test_rate_limited(self):
         """
         Past SENTRY_EVENTS_PER_SECOND, 429 with Retry-After and
