@@ -15,6 +15,7 @@ without being kept.  Over SENTRY_EVENTS_PER_SECOND per key, the answer is
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections import Counter
@@ -133,10 +134,8 @@ class SentryAPI(StrictResource):
         except BodyTooLarge:
             if limit <= INLINE_BYTES:
                 return self._unreadable(request, Failure())
-            request.content.seek(0)
-            reading = self._large.run(service.in_thread, read_body,
-                                      request.content, encoding, envelope,
-                                      limit, needed)
+            reading = self._large.run(self._read_large, request, encoding,
+                                      needed)
             reading.addCallbacks(partial(self._take, request, key),
                                  partial(self._unreadable, request))
             return answer_later(request, reading)
@@ -147,8 +146,24 @@ class SentryAPI(StrictResource):
             return answer_later(request, answer)
         return answer
 
+    def _read_large(self, request: Request, encoding: str,
+                    keys: Optional[frozenset]) -> defer.Deferred:
+        """
+        Read an envelope whole in a thread, from a copy of its body (at
+        most 20 MiB): twisted.web closes the body's file if the client
+        goes meanwhile.
+        """
+        if request.content.closed:
+            raise _Gone()
+        request.content.seek(0)
+        return self._service.in_thread(
+            read_body, io.BytesIO(request.content.read()), encoding, True,
+            MAX_ENVELOPE_BYTES, keys)
+
     def _unreadable(self, request: Request, failure: Failure) -> bytes:
         """The answer to a body that could not be read as it says."""
+        if failure.check(_Gone):
+            return b""  # nobody to answer
         failure.trap(BodyTooLarge, _KeyRefused, *_UNREADABLE)
         error = failure.value
         if isinstance(error, _KeyRefused):
@@ -295,6 +310,10 @@ _UNREADABLE = (BadBody, BadDatagram, _BadEnvelope)
 #: How far an envelope is inflated on the reactor before it is read in a
 #: thread instead (zlib inflates it in about 10 ms).
 INLINE_BYTES = 4 * 1024 * 1024
+
+
+class _Gone(Exception):
+    """The client went before its body was read."""
 
 
 class _KeyRefused(Exception):

@@ -404,6 +404,29 @@ class EndpointTests(_ServiceTestCase):
                          ["after", "small"])
         self.assertEqual(self.service.counts.dropped_items, {"attachment": 1})
 
+    def test_client_gone_before_a_large_envelope_is_read(self):
+        """
+        A client that goes while its large envelope waits for its turn in
+        the thread (twisted.web closes the body's file) is not answered
+        with an error, and nothing is counted or said of it.
+        """
+        self.start()
+        calls = []
+        self.service.in_thread = lambda *call: calls.append(
+            (call, defer.Deferred())) or calls[-1][1]
+        big = gzip.compress(envelope(
+            ({"type": "attachment", "length": 6_000_000}, b"\0" * 6_000_000),
+            event_item({"message": "after"})))
+        first = self.post("/api/1/envelope/", big, content_encoding="gzip")
+        gone = self.post("/api/1/envelope/", big, content_encoding="gzip")
+        gone.content.close()
+        [((function, *args), reading)] = calls
+        reading.callback(function(*args))  # the first's turn ends
+        self.assertEqual(json_of(first), {"id": "e" * 32})
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(body_of(gone), b"")
+        self.assertEqual(self.service.aggregator.bad_input(), ())
+
     def test_unknown_dsn_key_before_the_rest(self):
         """
         An envelope naming its key only in its header, an unknown one, is
