@@ -766,10 +766,21 @@ class _Session(ESMTP):
             self._reading = False
 
     def _command(self) -> Optional[bytes]:
-        """The next command line, if it has come in whole."""
+        """
+        The next command line, if it has come in whole.  One that ends in
+        a bare LF (no CR) is refused and the connection closed, as Postfix
+        does: it would never be answered, and a bare LF that ends nothing
+        is how SMTP smuggling begins.
+        """
         unread = self._unread
-        end = unread.find(b"\r\n", max(0, self._searched - 1),
-                          MAX_COMMAND_BYTES + 2)
+        start = max(0, self._searched - 1)
+        end = unread.find(b"\r\n", start, MAX_COMMAND_BYTES + 2)
+        lf = unread.find(b"\n", start,
+                         end if end >= 0 else MAX_COMMAND_BYTES + 2)
+        if lf >= 0 and unread[lf - 1:lf] != b"\r":
+            self._drop("ended a command with a bare LF, not CRLF",
+                       b"5.5.2 Bare LF received: end lines with CRLF")
+            return None
         if end < 0:
             self._searched = len(unread)
             if len(unread) > MAX_COMMAND_BYTES:

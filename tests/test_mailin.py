@@ -1401,6 +1401,20 @@ class LimitTests(IngestTestCase):
         self.assertEqual(self.aggregator.view().total, 0)
         self.assertEqual(self.ingest.held_bytes, 0)
 
+    def test_bare_lf_command(self):
+        """
+        A command ended with a bare LF (no CR), alone or before a CRLF
+        line, is refused with 500 and the connection closed, rather than
+        never answered.
+        """
+        for data in (b"EHLO x\n", b"EHLO x\nMAIL FROM:<a@b>\r\n"):
+            client = self.connect()
+            client.protocol.dataReceived(data)
+            self.assertEqual(client.replies()[1:], [
+                "500 5.5.2 Bare LF received: end lines with CRLF"], data)
+            self.assertTrue(client.transport.disconnecting)
+            client.protocol.connectionLost(None)
+
     def test_long_content_line(self):
         """
         A line longer than MAX_LINE_BYTES that ends is content as any
