@@ -176,7 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     resend = what.add_parser("resend", help="put them back in the spool "
                                             "and send them now")
     resend.add_argument("ids", nargs="*", metavar="ID",
-                        help="which (default: all)")
+                        help="which (default: all of failed/; one probably "
+                             "delivered, of unconfirmed/, by its ID)")
     silence = commands.add_parser(
         "silence", help="keep known errors out of the mail for a time")
     doing = silence.add_subparsers(dest="action", required=True)
@@ -236,7 +237,10 @@ def _run(options: argparse.Namespace) -> tuple:
         answer = ask("/api/failed")
         return answer, [
             f"{item['id']}  {_when(item['failed_at'])}  to {item['to']}: "
-            f"{item['subject']}" for item in answer["failed"]] or [
+            f"{item['subject']}" for item in answer["failed"]] + [
+            f"{item['id']}  {_when(item['failed_at'])}  to {item['to']}: "
+            f"{item['subject']}  (probably delivered: resent only by id)"
+            for item in answer.get("unconfirmed", [])] or [
                 "no failed messages"]
     answer = ask("/api/failed/resend",
                  {"ids": options.ids} if options.ids else {})

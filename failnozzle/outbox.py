@@ -182,6 +182,15 @@ def message_bytes(message: EmailMessage) -> bytes:
     return message.as_bytes(policy=default_policy)
 
 
+def _names(maildir: Maildir) -> list:
+    """The file names of a maildir's messages, oldest first; none if it
+    is not there."""
+    try:
+        return [os.path.basename(path) for path in maildir.messages()]
+    except FileNotFoundError:
+        return []
+
+
 class Outbox(Service):
     """
     Never loses a message: each one is written to the spool before the
@@ -277,18 +286,24 @@ class Outbox(Service):
 
         @raise OSError: the directory cannot be read.
         """
-        try:
-            return [os.path.basename(path)
-                    for path in self.spool.failed.messages()]
-        except FileNotFoundError:
-            return []
+        return _names(self.spool.failed)
+
+    def unconfirmed(self) -> list:
+        """
+        The messages probably delivered (the server never answered their
+        end), in C{unconfirmed/}: their file names, oldest first.
+
+        @raise OSError: the directory cannot be read.
+        """
+        return _names(self.spool.unconfirmed)
 
     def described_failed(self, name: str) -> dict:
         """
-        What the control API lists of the message C{name} in C{failed/}:
-        its id, subject, recipients, size and when it was given up on.
+        What the control API lists of the message C{name} in C{failed/}
+        or C{unconfirmed/}: its id, subject, recipients, size and when it
+        was given up on (or set aside).
         """
-        path = os.path.join(self.spool.failed.path, "new", name)
+        path = self._set_aside_path(name)
         described = {"id": name, "subject": None, "to": None, "bytes": None,
                      "failed_at": None}
         try:
@@ -302,23 +317,30 @@ class Outbox(Service):
                          to=str(headers.get("To", "")))
         return described
 
+    def _set_aside_path(self, name: str) -> str:
+        """Where the message C{name} of failed/ or unconfirmed/ is."""
+        failed = os.path.join(self.spool.failed.path, "new", name)
+        if os.path.lexists(failed):
+            return failed
+        return os.path.join(self.spool.unconfirmed.path, "new", name)
+
     def resend(self, names: Optional[Sequence[str]] = None
                ) -> defer.Deferred:
         """
-        Put messages given up on (by file name; all of them if None) back
-        into the spool and try to deliver them now.
+        Put messages given up on (by file name; all of C{failed/} if None)
+        back into the spool and try to deliver them now; messages of
+        C{unconfirmed/} only by name, since each was probably delivered.
 
         @return: a Deferred firing with the names taken back.
-        @raise KeyError: a name is not in C{failed/}.
+        @raise KeyError: a name is in neither.
         """
         present = self.failed()
-        unknown = sorted(set(names or ()) - set(present))
+        unknown = sorted(set(names or ()) - set(present)
+                         - set(self.unconfirmed()))
         if unknown:
             raise KeyError(", ".join(unknown))
-        chosen = present if names is None else [
-            name for name in present if name in set(names)]
-        paths = [os.path.join(self.spool.failed.path, "new", name)
-                 for name in chosen]
+        chosen = present if names is None else list(dict.fromkeys(names))
+        paths = [self._set_aside_path(name) for name in chosen]
 
         def take_back() -> list:
             # Each on its own: one gone already (a resend of the same at
@@ -340,9 +362,9 @@ class Outbox(Service):
                     self._waiting.append(waiting)
                     waiting.spooled.callback(True)
                     self._attempt(waiting)
-            _log.info("{count} message(s) taken back from {path} to be "
-                      "sent again", count=len(moved),
-                      path=self.spool.failed.path)
+            _log.info("{count} message(s) taken back into the spool {path} "
+                      "to be sent again", count=len(moved),
+                      path=self.spool.path)
             return [os.path.basename(path) for path in moved]
 
         return self._writer.run(take_back).addCallback(taken)

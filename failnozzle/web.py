@@ -263,22 +263,29 @@ class _Health(Resource):
 
 
 class _FailedList(Resource):
-    """GET /api/failed: the messages given up on."""
+    """GET /api/failed: the messages given up on, and those probably
+    delivered."""
 
     def __init__(self, service) -> None:
         super().__init__()
         self._service = service
 
     def render_GET(self, request: Request) -> bytes:
+        outbox = self._service.outbox
         try:
-            names = self._service.outbox.failed()
+            failed, unconfirmed = outbox.failed(), outbox.unconfirmed()
         except OSError as error:
-            return _refuse(request, 500, f"cannot read failed/: "
-                                         f"{error.strerror}")
+            return _refuse(request, 500, f"cannot read failed/ or "
+                                         f"unconfirmed/: {error.strerror}")
         return _json(request, {
-            "failed": [self._service.outbox.described_failed(name)
-                       for name in names[:FAILED_LISTED]],
-            "not_listed": max(0, len(names) - FAILED_LISTED)})
+            "failed": [outbox.described_failed(name)
+                       for name in failed[:FAILED_LISTED]],
+            "not_listed": max(0, len(failed) - FAILED_LISTED),
+            # Probably delivered: resent only by id.
+            "unconfirmed": [outbox.described_failed(name)
+                            for name in unconfirmed[:FAILED_LISTED]],
+            "unconfirmed_not_listed": max(
+                0, len(unconfirmed) - FAILED_LISTED)})
 
 
 class _SilenceList(Resource):
@@ -399,5 +406,6 @@ def _resend(service, body: dict) -> defer.Deferred:
     try:
         resending = service.outbox.resend(ids)
     except KeyError as error:
-        raise _BadRequest(f"not in failed/: {error.args[0]}") from None
+        raise _BadRequest(f"not in failed/ or unconfirmed/: "
+                          f"{error.args[0]}") from None
     return resending.addCallback(lambda names: {"resent": names})

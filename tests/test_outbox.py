@@ -589,6 +589,28 @@ class UnconfirmedTests(OutboxTestCase):
         self.assertIn(kept, line)
         self.assertEqual(self.outbox.waiting_kinds(), set())
 
+    def test_resent_only_by_name(self):
+        """
+        A message set aside as probably delivered is listed apart from
+        those given up on, is not among "all" of those resent, and is
+        resent when named: back in the spool and tried at once.
+        """
+        sending = self.outbox.send(message("maybe"))
+        for _ in range(3):
+            self.fail_next(self.unconfirmed())
+            for call in self.clock.getDelayedCalls():
+                self.clock.advance(call.getTime() - self.clock.seconds())
+        self.successResultOf(sending.outcome)
+        [name] = self.outbox.unconfirmed()
+        self.assertEqual(self.outbox.failed(), [])
+        self.assertIn("maybe", self.outbox.described_failed(name)["subject"])
+        self.assertEqual(self.successResultOf(self.outbox.resend()), [])
+        self.assertEqual(self.successResultOf(self.outbox.resend([name])),
+                         [name])
+        self.assertEqual(self.outbox.unconfirmed(), [])
+        self.assertEqual(len(self.spooled()), 1)
+        self.assertEqual(len(self.transport.pending), 4)
+
     def test_retries_are_normal_failures(self):
         """
         The first two are retried with the usual backoff, and a delivery

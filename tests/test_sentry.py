@@ -69,14 +69,19 @@ def event_item(event: dict, with_length: bool = True) -> tuple:
 class TokenBucketTests(SynchronousTestCase):
     """SENTRY_EVENTS_PER_SECOND's bucket."""
 
-    def test_bursts_and_waits(self):
-        """A second's worth at once, then what is owed waits."""
+    def assert_waits(self, first: int, then: int, wait: float) -> None:
+        """At 5 a second, C{first} is taken from the full bucket; C{then}
+        waits C{wait} seconds, and is taken after them."""
         clock = Clock()
         bucket = TokenBucket(clock)
-        self.assertIsNone(bucket.take(5, rate=5))
-        self.assertEqual(bucket.take(1, rate=5), 0.2)
-        clock.advance(0.2)
-        self.assertIsNone(bucket.take(1, rate=5))
+        self.assertIsNone(bucket.take(first, rate=5))
+        self.assertAlmostEqual(bucket.take(then, rate=5), wait)
+        clock.advance(wait)
+        self.assertIsNone(bucket.take(then, rate=5))
+
+    def test_bursts_and_waits(self):
+        """A second's worth at once, then what is owed waits."""
+        self.assert_waits(5, 1, 0.2)
 
     def test_more_than_a_second_at_once(self):
         """
@@ -84,12 +89,7 @@ class TokenBucketTests(SynchronousTestCase):
         a second) is taken once the bucket is full, not refused for ever,
         and what it took beyond is owed.
         """
-        clock = Clock()
-        bucket = TokenBucket(clock)
-        self.assertIsNone(bucket.take(6, rate=5))
-        self.assertAlmostEqual(bucket.take(6, rate=5), 1.2)
-        clock.advance(1.2)
-        self.assertIsNone(bucket.take(6, rate=5))
+        self.assert_waits(6, 6, 1.2)
 
 
 class MappingTests(SynchronousTestCase):

@@ -371,13 +371,15 @@ class ControlTests(_ServiceTestCase):
                          body=b'{"ids": ["nope"]}',
                          content_type="application/json")
         self.assertEqual((unknown.responseCode, json_of(unknown)),
-                         (400, {"error": "not in failed/: nope"}))
+                         (400, {"error": "not in failed/ or unconfirmed/: "
+                                         "nope"}))
         resent = render(service, "/api/failed/resend", method=b"POST",
                         body=json.dumps({"ids": [failed["id"]]}).encode(),
                         content_type="application/json")
         self.assertEqual(json_of(resent), {"resent": [failed["id"]]})
         self.assertEqual(json_of(render(service, "/api/failed")),
-                         {"failed": [], "not_listed": 0})
+                         {"failed": [], "not_listed": 0, "unconfirmed": [],
+                          "unconfirmed_not_listed": 0})
         self.assertEqual(len(self.transport.pending), 2)
         self.transport.succeed_all()
         self.assertEqual(os.listdir(os.path.join(
