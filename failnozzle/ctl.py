@@ -86,7 +86,8 @@ def address_argument(text: str) -> str:
     """C{--http}'s HOST:PORT (C{[::1]:1550} for IPv6), checked."""
     host, colon, port = text.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
-    if (not colon or not host.strip("[]") or not port.isdigit()
+    if (not colon or not host.strip("[]") or not port.isascii()
+            or not port.isdigit()
             or not 0 < int(port) < 65536
             or (":" in host and not bracketed)):
         raise argparse.ArgumentTypeError(

@@ -14,6 +14,7 @@ import brotli
 import orjson
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -331,13 +332,19 @@ def answer_later(request: Request, answering: Deferred) -> object:
 
     def answer(data: bytes) -> None:
         if not gone:
+            gone.append("answered")
             request.write(data)
             request.finish()
 
+    def failed(failure: Failure) -> None:
+        _log.failure("Could not answer {path}", failure,
+                     path=request.path.decode("ascii", "replace"))
+        # Not left waiting until it gives up.
+        answer(json_reply(request, {"error": "failed; the log says why"},
+                          500))
+
     answering.addCallback(answer)
-    answering.addErrback(lambda failure: _log.failure(
-        "Could not answer {path}", failure,
-        path=request.path.decode("ascii", "replace")))
+    answering.addErrback(failed)
     return NOT_DONE_YET
 
 

@@ -128,19 +128,20 @@ class SentryAPI(StrictResource):
                     or b"").decode("latin-1")
         limit = MAX_ENVELOPE_BYTES if envelope else MAX_EVENT_BYTES
         needed = frozenset(keys) if key is None else None
+        unreadable = partial(self._unreadable, request, key is not None)
         try:
             read = read_body(request.content, encoding, envelope,
                              min(limit, INLINE_BYTES), needed)
         except BodyTooLarge:
             if limit <= INLINE_BYTES:
-                return self._unreadable(request, Failure())
+                return unreadable(Failure())
             reading = self._large.run(self._read_large, request, encoding,
                                       needed)
             reading.addCallbacks(partial(self._take, request, key),
-                                 partial(self._unreadable, request))
+                                 unreadable)
             return answer_later(request, reading)
         except (_KeyRefused, *_UNREADABLE):
-            return self._unreadable(request, Failure())
+            return unreadable(Failure())
         answer = self._take(request, key, read)
         if isinstance(answer, defer.Deferred):
             return answer_later(request, answer)
@@ -160,18 +161,25 @@ class SentryAPI(StrictResource):
             read_body, io.BytesIO(request.content.read()), encoding, True,
             MAX_ENVELOPE_BYTES, keys)
 
-    def _unreadable(self, request: Request, failure: Failure) -> bytes:
-        """The answer to a body that could not be read as it says."""
+    def _unreadable(self, request: Request, known_key: bool,
+                    failure: Failure) -> bytes:
+        """
+        The answer to a body that could not be read as it says: bad input
+        too if its sender was let in by a known key (without one, anyone
+        could fill the digest).
+        """
         if failure.check(_Gone):
             return b""  # nobody to answer
         failure.trap(BodyTooLarge, _KeyRefused, *_UNREADABLE)
         error = failure.value
         if isinstance(error, _KeyRefused):
             return _key_refused(request, error.key)
-        if isinstance(error, BodyTooLarge):
-            return _refused(self._service, request, f"too large: {error}",
-                            413)
-        return _refused(self._service, request, f"bad body: {error}", 400)
+        why, code = ((f"too large: {error}", 413)
+                     if isinstance(error, BodyTooLarge)
+                     else (f"bad body: {error}", 400))
+        if known_key:
+            report_refused(self._service, request, why)
+        return _reply(request, {"detail": why}, code)
 
     def _take(self, request: Request, key: Optional[str], read: tuple):
         """
@@ -183,10 +191,14 @@ class SentryAPI(StrictResource):
         service = self._service
         keys = service.settings.SENTRY_KEYS or {}
         header, events, dropped = read
+        # A large envelope was read in a thread: the daemon may have begun
+        # to stop, or a reload dropped the key, meanwhile.
+        if not service.running:
+            return _reply(request, {"detail": "failnozzle is stopping"}, 503)
         if key is None:
             key = _dsn_key(header)
-            if key not in keys:  # SENTRY_KEYS reloaded meanwhile
-                return _key_refused(request, key)
+        if key not in keys:
+            return _key_refused(request, key)
         wait = self.budget(key, len(events)) if events else None
         if wait is not None:
             return _rate_limited(request, wait)
@@ -267,11 +279,6 @@ def _key_refused(request: Request, key: Optional[str]) -> bytes:
     if key is None:
         return _reply(request, {"detail": "missing authorization"}, 401)
     return _reply(request, {"detail": "unknown public key"}, 403)
-
-
-def _refused(service, request: Request, why: str, code: int) -> bytes:
-    report_refused(service, request, why)
-    return _reply(request, {"detail": why}, code)
 
 
 def _rate_limited(request: Request, wait: float) -> bytes:

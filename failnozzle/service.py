@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import _ISupportsExitSignalCapturing
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -622,8 +623,7 @@ class FailnozzleService(MultiService):
 
     def _stop_once_running(self, signum: int, frame: object) -> None:
         # In a signal handler: the reactor does the work in its own turn.
-        self._reactor.callFromThread(self._stop_reactor,
-                                     signal.Signals(signum).name)
+        self._reactor.callFromThread(self._stop_reactor, signum)
 
     @staticmethod
     def _hand_over_signals(previous: dict) -> None:
@@ -633,12 +633,17 @@ class FailnozzleService(MultiService):
             signal.signal(signum, signal.SIG_DFL if handler is None
                           else handler)
 
-    def _stop_reactor(self, name: str) -> None:
+    def _stop_reactor(self, signum: int) -> None:
+        """Stop as Twisted does on the signal: twistd then ends the
+        process by it."""
         try:
             self._reactor.stop()
         except ReactorNotRunning:
             return  # a second signal: the stop has begun
-        _log.info("Received {signal}, shutting down.", signal=name)
+        _log.info("Received {signal}, shutting down.",
+                  signal=signal.Signals(signum).name)
+        if _ISupportsExitSignalCapturing.providedBy(self._reactor):
+            self._reactor._exitSignal = signum
 
     def startService(self) -> None:
         """

@@ -326,8 +326,8 @@ class StateFile:
         self._needs_whole = True
 
     def _remove_old_generations(self, generation: int) -> None:
-        for path in glob.glob(f"{glob.escape(self.path)}.keys.*"):
-            if path != self._keys_path(generation) and ".bad-" not in path:
+        for path in _keys_files(self.path):
+            if path != self._keys_path(generation):
                 try:
                     os.unlink(path)
                 except OSError:
@@ -403,9 +403,7 @@ class StateFile:
         """Move unusable snapshot files out of the way, saying why."""
         suffix = f".bad-{int(self._clock.seconds())}"
         moved = []
-        keys_files = [path for path in glob.glob(
-            f"{glob.escape(self.path)}.keys.*") if ".bad-" not in path]
-        for path in [self.path, *keys_files]:
+        for path in [self.path, *_keys_files(self.path)]:
             aside = _unused_name(path + suffix)
             try:
                 os.rename(path, aside)
@@ -419,15 +417,21 @@ class StateFile:
                    aside=", ".join(moved) or "nowhere")
 
 
+def _keys_files(path: str) -> list:
+    """The keys files of the snapshot at C{path}, but those set aside as
+    unreadable (C{.bad-<time>})."""
+    return [name for name in glob.glob(f"{glob.escape(path)}.keys.*")
+            if ".bad-" not in name[len(path):]]
+
+
 def _remove_snapshot(path: str) -> None:
     """Remove the snapshot at C{path} and its keys files (not those set
     aside as unreadable)."""
-    for name in [path, *glob.glob(f"{glob.escape(path)}.keys.*")]:
-        if ".bad-" not in name:
-            try:
-                os.unlink(name)
-            except FileNotFoundError:
-                pass
+    for name in [path, *_keys_files(path)]:
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
     fsync_directory(os.path.dirname(path))
 
 

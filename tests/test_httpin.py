@@ -8,9 +8,14 @@ import os
 import zlib
 
 import brotli
+from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
 
-from failnozzle.httpin import _CHUNK, BadBody, BodyTooLarge, InflatedBody
+from failnozzle.httpin import (_CHUNK, BadBody, BodyTooLarge, InflatedBody,
+                               answer_later)
 
 
 def raw_deflate(data: bytes) -> bytes:
@@ -67,3 +72,34 @@ class InflatedBodyTests(SynchronousTestCase):
             with self.assertRaises(BodyTooLarge):
                 inflated(compress(b"\0" * 1_000_000), encoding,
                          limit=200_000)
+
+
+class AnswerLaterTests(SynchronousTestCase):
+
+    def test_answered(self):
+        """The bytes the Deferred fires with are the answer."""
+        request = DummyRequest([b"x"])
+        answering = defer.Deferred()
+        self.assertIs(answer_later(request, answering), NOT_DONE_YET)
+        answering.callback(b"done")
+        self.assertEqual((request.written, request.finished), ([b"done"], 1))
+
+    def test_failed(self):
+        """
+        A Deferred that fails is logged and answered 500: the client is
+        not left waiting until it gives up.
+        """
+        request = DummyRequest([b"x"])
+        request.path = b"/x"
+        answer_later(request, defer.fail(KeyError("gone")))
+        self.assertEqual((request.responseCode, request.finished), (500, 1))
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+
+    def test_client_gone(self):
+        """A client gone before the answer is not written to."""
+        request = DummyRequest([b"x"])
+        answering = defer.Deferred()
+        answer_later(request, answering)
+        request.processingFailed(Failure(ConnectionError("gone")))
+        answering.callback(b"late")
+        self.assertEqual(request.written, [])

@@ -5,6 +5,7 @@ then the real sentry-sdk for Python against a real port.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -425,6 +426,44 @@ class EndpointTests(_ServiceTestCase):
         self.assertEqual(json_of(first), {"id": "e" * 32})
         self.assertEqual(len(calls), 1)
         self.assertEqual(body_of(gone), b"")
+        self.assertEqual(self.service.aggregator.bad_input(), ())
+
+    def test_changed_while_a_large_envelope_is_read(self):
+        """
+        A large envelope whose reading in the thread ends once a reload
+        dropped its key is refused with 403, and once the stop began with
+        503; nothing of it is counted either way.
+        """
+        big = gzip.compress(envelope(
+            ({"type": "attachment", "length": 6_000_000}, b"\0" * 6_000_000),
+            event_item({"message": "after"})))
+        for change, code in (("reload", 403), ("stop", 503)):
+            self.start()
+            calls = []
+            self.service.in_thread = lambda *call: calls.append(
+                (call, defer.Deferred())) or calls[-1][1]
+            answer = self.post("/api/1/envelope/", big,
+                               content_encoding="gzip")
+            if change == "reload":
+                self.service.settings = dataclasses.replace(
+                    self.service.settings, SENTRY_KEYS={"other": "shop"})
+            else:
+                self.service.stopService()
+            [((function, *args), reading)] = calls
+            reading.callback(function(*args))
+            self.assertEqual(answer.responseCode, code, change)
+            self.assertEqual(self.service.aggregator.view().total, 0)
+
+    def test_keyless_garbage_not_bad_input(self):
+        """
+        A body that cannot be read, from a sender that named no key, is
+        refused without being bad input: anyone could fill the digest.
+        """
+        self.start()
+        for body, encoding in ((b"junk", "identity"), (b"junk", "gzip")):
+            answer = self.post("/api/1/envelope/", body, x_sentry_auth="",
+                               content_encoding=encoding)
+            self.assertEqual(answer.responseCode, 400)
         self.assertEqual(self.service.aggregator.bad_input(), ())
 
     def test_unknown_dsn_key_before_the_rest(self):

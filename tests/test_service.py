@@ -12,10 +12,12 @@ import zlib
 
 from twisted.internet import defer
 from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import _ISupportsExitSignalCapturing
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import directlyProvides
 
 from failnozzle.config import ConfigError, DEFAULT_MONITORING_ERROR_MARKERS
 from failnozzle.transport import MaildirTransport, SMTPTransport
@@ -154,11 +156,14 @@ class StartTests(ServiceTestCase):
         self.assertEqual(stops, [])  # not in the handler itself
         events = EventLoggingObserver.createWithCleanup(
             self, globalLogPublisher)
+        directlyProvides(self.reactor, _ISupportsExitSignalCapturing)
         for function, *args in called:  # the reactor's first turn
             function(*args)
         self.assertEqual(stops, ["stop"])
         self.assertEqual([formatEvent(event) for event in events],
                          ["Received SIGTERM, shutting down."])
+        # twistd ends the process by it, as after Twisted's own handler.
+        self.assertEqual(self.reactor._exitSignal, signal.SIGTERM)
         for function, args, _ in self.reactor.triggers["before"]["startup"]:
             function(*args)
         self.assertEqual({signum: signal.getsignal(signum)

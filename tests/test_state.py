@@ -53,6 +53,22 @@ class StateFileTests(SynchronousTestCase):
         self.state_file().save(lambda: state)
         self.assertEqual(self.state_file().load(), state)
 
+    def test_retire_in_a_directory_named_like_a_set_aside_file(self):
+        """
+        L{StateFile.retire} removes the snapshot and its keys files, those
+        set aside as unreadable left, even in a directory whose name holds
+        C{.bad-} (only the files' own suffix tells).
+        """
+        directory = os.path.abspath(self.mktemp()) + ".bad-1"
+        os.makedirs(directory)
+        self.path = os.path.join(directory, "state")
+        snapshots = self.state_file()
+        snapshots.save(lambda: State(Batch.of([entry("a")])))
+        with open(self.path + ".keys.7.bad-9", "w"):
+            pass
+        self.successResultOf(snapshots.retire())
+        self.assertEqual(os.listdir(directory), ["state.keys.7.bad-9"])
+
     def test_pager_round_trip(self):
         """
         Where the pager's alert stands comes back as saved; a damaged one
