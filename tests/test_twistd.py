@@ -653,6 +653,18 @@ class DaemonizedTests(_TwistdTestCase):
     an init script would start it.
     """
 
+    def kill_at_the_end(self, pidfile: str) -> None:
+        """When the test ends, kill the daemon of C{pidfile} if it still
+        runs (whatever the launcher did)."""
+        def kill_if_running():
+            try:
+                with open(pidfile) as pid_text:
+                    os.kill(int(pid_text.read()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+
+        self.addCleanup(kill_if_running)
+
     @defer.inlineCallbacks
     def test_pidfile_maildir_and_stop(self):
         """
@@ -671,15 +683,7 @@ class DaemonizedTests(_TwistdTestCase):
             with open(logfile, encoding="utf-8") as log:
                 return log.read()
 
-        def kill_if_running():
-            try:
-                with open(pidfile) as pid_text:
-                    os.kill(int(pid_text.read()), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
-
-        self.addCleanup(kill_if_running)
-
+        self.kill_at_the_end(pidfile)
         launcher = spawn_twistd(self, [f"--pidfile={pidfile}",
                                        f"--logfile={logfile}", "failnozzle",
                                        f"--config={config}"], cwd)
@@ -732,7 +736,6 @@ class DaemonizedTests(_TwistdTestCase):
                                    f"1700000000.M{number:06d}P1Q{number}.x"),
                       "wb") as copy:
                 copy.write(message)
-        signalled = []
 
         def read_log():
             with open(logfile, encoding="utf-8") as log:
@@ -747,17 +750,9 @@ class DaemonizedTests(_TwistdTestCase):
             except OSError:  # not yet
                 return False
             os.kill(pid, signal.SIGTERM)
-            signalled.append(pid)
             return True
 
-        def kill_if_running():
-            for pid in signalled:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-
-        self.addCleanup(kill_if_running)
+        self.kill_at_the_end(pidfile)
         launcher = spawn_twistd(self, [f"--pidfile={pidfile}",
                                        f"--logfile={logfile}", "failnozzle",
                                        f"--config={config}"], cwd)
