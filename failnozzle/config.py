@@ -529,16 +529,29 @@ def _datagram_size(name: str, value: object) -> int:
     return value
 
 
+#: The shortest duration a setting takes: a timer due more often is a
+#: mistake that would keep the daemon busy doing nothing else
+#: (FLUSH_SECONDS = 1e-9 queued snapshots without end, and no digest
+#: went out).
+SHORTEST_SECONDS = 0.1
+
+
 def _seconds(maximum: float, zero_is_off: bool = False) -> Checker:
     """
-    A checker of durations above 0 (or 0, which turns the feature off)
-    up to C{maximum} seconds, where a longer one is a mistake.
+    A checker of durations from L{SHORTEST_SECONDS} (or 0, which turns
+    the feature off) up to C{maximum} seconds, where a longer one is a
+    mistake.
     """
     def check(name: str, value: object) -> float:
         value = _number(name, value, integer=False, minimum=0,
                         maximum=maximum)
-        if value == 0 and not zero_is_off:
-            raise ConfigError(f"{name} must be more than 0 seconds")
+        if value == 0 and zero_is_off:
+            return value
+        if value < SHORTEST_SECONDS:
+            raise ConfigError(
+                f"{name} must be at least {SHORTEST_SECONDS:g} seconds"
+                f"{' (or 0, for off)' if zero_is_off else ''}, not "
+                f"{_shown(value)}")
         return value
     return check
 

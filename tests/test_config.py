@@ -741,17 +741,23 @@ class TypeErrorTests(ConfigTestCase):
 
     def test_seconds(self):
         """
-        Durations are numbers above 0, finite.
+        Durations are finite numbers of at least a tenth of a second (a
+        timer due more often keeps the daemon busy doing nothing else), or
+        0 where that turns the feature off.
         """
         for setting in ("FLUSH_SECONDS", "SMTP_TIMEOUT"):
             self.assertAllRefused(setting, ["'soon'", "None", "'nan'",
                                             "'1e400'"], "a number")
-            self.assertAllRefused(setting, ["0", "0.0"], "more than 0")
+            self.assertAllRefused(setting, ["0", "0.0", "1e-9", "0.09"],
+                                  "at least 0.1 seconds, not")
             self.assertAllRefused(setting, ["-1"], "at least 0")
             self.assertAllRefused(setting, ["float('nan')", "float('inf')"],
                                   "a number")
-        settings, _ = self.load("FLUSH_SECONDS = 0.5\n")
-        self.assertEqual(settings.FLUSH_SECONDS, 0.5)
+        self.assertAllRefused("SNAPSHOT_SECONDS", ["1e-9"],
+                              "at least 0.1 seconds (or 0, for off)")
+        settings, _ = self.load("FLUSH_SECONDS = 0.1\nSNAPSHOT_SECONDS = 0\n")
+        self.assertEqual((settings.FLUSH_SECONDS, settings.SNAPSHOT_SECONDS),
+                         (0.1, 0))
 
     def test_receive_buffer_limit(self):
         """
