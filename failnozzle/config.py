@@ -975,7 +975,9 @@ def read_config_file(path: str) -> tuple:
     before = set(sys.modules)
     try:
         exec(compile(tree, path, "exec"), module.__dict__)
-    except Exception as error:
+    except (Exception, SystemExit, KeyboardInterrupt) as error:
+        # SystemExit too: a config calling sys.exit() would end start-up
+        # with status 0 and nothing said, and a reload with a traceback.
         lines = [frame.lineno for frame in traceback.extract_tb(
             error.__traceback__) if frame.filename == path]
         where = f" line {lines[-1]}" if lines else ""

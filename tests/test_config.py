@@ -1051,6 +1051,19 @@ class FileErrorTests(ConfigTestCase):
         self.assertTrue(str(error).endswith("ValueError: first second"),
                         str(error))
 
+    def test_exit_in_config(self):
+        """
+        A config that calls sys.exit() (or raises KeyboardInterrupt) is a
+        config error as any other: start-up does not end with status 0 and
+        nothing said, nor a reload with a traceback.
+        """
+        for body, said in (("import sys\nsys.exit(0)\n", "SystemExit: 0"),
+                           ("raise KeyboardInterrupt\n",
+                            "KeyboardInterrupt")):
+            error = self.assertRaises(ConfigError, load_settings,
+                                      self.write(body))
+            self.assertIn(said, str(error))
+
 
 class ParseHostPortTests(SynchronousTestCase):
     """
