@@ -201,7 +201,7 @@ class Batch:
                     combined[identity] = _tally_of(merged[identity])
                 _merge_tally(combined, identity, entry, max_sources)
             elif len(merged) < max_unique:
-                merged[identity] = entry
+                merged[identity] = _within_sources(entry, max_sources)
             else:
                 overflow += entry.total
         for identity, tally in combined.items():
@@ -272,6 +272,22 @@ def _entry_of(tally: _Tally) -> Entry:
                  tally.level, tally.other_sources, tally.fingerprint,
                  tally.variants, tally.more_variants, tally.examples,
                  tally.context)
+
+
+def _within_sources(entry: Entry, max_sources: Optional[int]) -> Entry:
+    """
+    C{entry}, its sources past C{max_sources} (if given) counted in its
+    other_sources: one read back from a snapshot written with a larger
+    cap, or by hand, would otherwise hold every host it names.
+    """
+    if max_sources is None or len(entry.sources) <= max_sources:
+        return entry
+    tally = _tally_of(entry)
+    tally.sources = dict(itertools.islice(entry.sources.items(),
+                                          max_sources))
+    tally.other_sources += entry.total - entry.other_sources - sum(
+        tally.sources.values())
+    return _entry_of(tally)
 
 
 def _batch_of(tallies: dict, overflow: int) -> Batch:

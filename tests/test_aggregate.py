@@ -310,6 +310,21 @@ class BatchTests(SynchronousTestCase):
         [unbounded] = held.merge(later, 10).entries
         self.assertEqual((len(unbounded.sources), unbounded.total), (4, 21))
 
+    def test_merge_caps_sources_of_new_errors(self):
+        """
+        An error only the other batch holds (such as one read back from a
+        snapshot written with a larger cap, or by hand) keeps at most
+        C{max_sources} sources too, totals exact.
+        """
+        many = Entry(("a",), {f"h{n}": 1 for n in range(500)}, 0, 1, None, 2)
+        [entry] = Batch().merge(Batch.of([many]), 10, max_sources=100).entries
+        self.assertEqual(len(entry.sources), 100)
+        self.assertEqual((entry.other_sources, entry.total), (402, 502))
+        aggregator = Aggregator(10, Clock(), internal_key, max_sources=100)
+        aggregator.restore(Batch.of([many]))
+        [restored] = aggregator.view().entries
+        self.assertEqual((len(restored.sources), restored.total), (100, 502))
+
     def test_partition(self):
         """
         A batch splits into the entries matching a predicate and the rest;
