@@ -10,7 +10,7 @@ import gc
 import resource
 import socket
 from functools import partial
-from typing import Any, Callable, Mapping, NoReturn, Optional
+from typing import Callable, NoReturn, Optional
 
 from twisted.application.service import IService
 from twisted.internet import threads
@@ -18,13 +18,12 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
-from failnozzle import __version__
+from failnozzle.check import print_version, report_check
 from failnozzle.clock import SteadyClock, steady_reactor
-from failnozzle.config import (ConfigError, Settings, check_settings,
-                               load_settings, parse_host_port)
+from failnozzle.config import (ConfigError, Settings, load_settings,
+                               parse_host_port)
 from failnozzle.listeners import LISTENING, bind_listening, close_all
-from failnozzle.mailin import tls_options
-from failnozzle.service import FailnozzleService, make_renderer, make_transport
+from failnozzle.service import FailnozzleService
 from failnozzle.steps import in_slices
 from failnozzle.web import MAX_CONNECTIONS as MAX_HTTP_CONNECTIONS
 from failnozzle.writer import DiskWriter
@@ -79,8 +78,7 @@ class Options(usage.Options):
         """
         Print failnozzle's version and exit.
         """
-        print(f"failnozzle {__version__}")
-        raise SystemExit(0)
+        raise SystemExit(print_version())
 
     def postOptions(self) -> None:
         """
@@ -114,69 +112,6 @@ def _host_port(option: str, text: str,
         return parse_host_port(text, default_host)
     except ValueError as error:
         raise usage.UsageError(f"{option}: {error}") from None
-
-
-def check_config(path: Optional[str],
-                 overrides: Optional[Mapping[str, Any]] = None) -> tuple:
-    """
-    Find every problem start-up would find, without binding, creating or
-    sending anything: each setting's, those between settings, then what
-    building the service refuses (templates, TLS files).
-
-    @return: C{(problems, notices)}, lists of lines.
-    """
-    checked = check_settings(path, overrides)
-    problems = list(checked.problems)
-    if checked.settings is not None:
-        for needs, check in _startup_checks(checked.settings):
-            if checked.refused.isdisjoint(needs):
-                try:
-                    check()
-                except ConfigError as error:
-                    problems.append(str(error))
-    return problems, list(checked.notices)
-
-
-def _startup_checks(settings: Settings) -> list:
-    """
-    What building the service reads and may refuse, as pairs of the
-    settings it reads (not checked again if one of them is refused
-    already) and a call that raises L{ConfigError}.
-    """
-    checks = [(("UNIQUE_MSG_TUPLE", "EMAIL_TEMPLATE_DIR",
-                "EMAIL_SUBJECT_TEMPLATE", "EMAIL_BODY_TEMPLATE"),
-               partial(make_renderer, settings))]
-    if settings.smtp_enabled:
-        # The transport keeps the reactor for later; nothing connects.
-        checks.append((("SMTP_HOST", "SMTP_CA_FILE"),
-                       partial(make_transport, settings, None)))
-    # As the service reads them: only with SMTP_INGEST_BIND.
-    if (settings.SMTP_INGEST_BIND and settings.SMTP_INGEST_TLS_CERT
-            and settings.SMTP_INGEST_TLS_KEY):
-        checks.append((("SMTP_INGEST_TLS_CERT", "SMTP_INGEST_TLS_KEY"),
-                       partial(tls_options, settings.SMTP_INGEST_TLS_CERT,
-                               settings.SMTP_INGEST_TLS_KEY)))
-    return checks
-
-
-def report_check(path: Optional[str],
-                 overrides: Optional[Mapping[str, Any]] = None) -> int:
-    """
-    Print what L{check_config} finds, one line each: the problems, then
-    the notices, or that all is valid.
-
-    @return: the exit status: 1 if there is a problem, else 0.
-    """
-    problems, notices = check_config(path, overrides)
-    for problem in problems:
-        print(f"failnozzle: {problem}")
-    for notice in notices:
-        print(f"failnozzle: notice: {notice}")
-    if problems:
-        return 1
-    where = f"config file {path!r}" if path is not None else "no config file"
-    print(f"failnozzle: the settings are valid ({where})")
-    return 0
 
 
 def freeze_heap() -> None:

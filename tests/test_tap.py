@@ -19,9 +19,10 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 import failnozzle
+from failnozzle.check import check_config
 from failnozzle.service import FailnozzleService
 from failnozzle.tap import (FILES_BESIDES_CONNECTIONS, MAX_HTTP_CONNECTIONS,
-                            Options, check_config, freeze_heap, makeService,
+                            Options, freeze_heap, makeService,
                             raise_open_files_limit)
 from tests.common import WAIT_SECONDS, make_settings
 from tests.test_twistd import child_environment
