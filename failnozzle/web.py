@@ -161,14 +161,13 @@ def _host_of(header: bytes) -> str:
     """
     text = header.decode("latin-1").strip()
     if text.startswith("["):
-        inside, _, after = text[1:].partition("]")
-        port = after.removeprefix(":")
-        return inside if after == "" or (after[:1] == ":" and port.isdigit()
-                                         ) else text
-    if text.count(":") == 1:
+        host, _, port = text[1:].partition("]")
+        port = port.removeprefix(":") if port else "0"
+    elif text.count(":") == 1:
         host, _, port = text.partition(":")
-        return host if port.isdigit() else text
-    return text
+    else:
+        return text
+    return host if port.isdigit() else text
 
 
 def is_loopback(host: str) -> bool:

@@ -67,6 +67,12 @@ def event_item(event: dict, with_length: bool = True) -> tuple:
     return header, payload
 
 
+#: An envelope inflating past 4 MB (an attachment) with an event after it.
+LARGE_ENVELOPE = gzip.compress(envelope(
+    ({"type": "attachment", "length": 6_000_000}, b"\0" * 6_000_000),
+    event_item({"message": "after"})))
+
+
 class TokenBucketTests(SynchronousTestCase):
     """SENTRY_EVENTS_PER_SECOND's bucket."""
 
@@ -376,6 +382,14 @@ class EndpointTests(_ServiceTestCase):
         self.assertIn("after", [entry.key[3] for entry in
                                 self.service.aggregator.view().entries])
 
+    def hold_threads(self) -> list:
+        """Have what the service runs in a thread wait: each C{(call,
+        Deferred)} is in the list returned, for the test to fire."""
+        calls: list = []
+        self.service.in_thread = lambda *call: calls.append(
+            (call, defer.Deferred())) or calls[-1][1]
+        return calls
+
     def test_large_envelope_read_in_a_thread(self):
         """
         An envelope inflating past 4 MB (attachments the event comes
@@ -394,9 +408,7 @@ class EndpointTests(_ServiceTestCase):
         self.assertEqual(json_of(self.post("/api/1/envelope/", small)),
                          {"id": "e" * 32})
         self.assertEqual(ran, [])
-        big = gzip.compress(envelope(
-            ({"type": "attachment", "length": 6_000_000}, b"\0" * 6_000_000),
-            event_item({"message": "after"})))
+        big = LARGE_ENVELOPE
         answer = self.post("/api/1/envelope/", big, content_encoding="gzip")
         self.assertEqual(json_of(answer), {"id": "e" * 32})
         self.assertEqual(ran, ["read_body"])
@@ -412,12 +424,8 @@ class EndpointTests(_ServiceTestCase):
         with an error, and nothing is counted or said of it.
         """
         self.start()
-        calls = []
-        self.service.in_thread = lambda *call: calls.append(
-            (call, defer.Deferred())) or calls[-1][1]
-        big = gzip.compress(envelope(
-            ({"type": "attachment", "length": 6_000_000}, b"\0" * 6_000_000),
-            event_item({"message": "after"})))
+        calls = self.hold_threads()
+        big = LARGE_ENVELOPE
         first = self.post("/api/1/envelope/", big, content_encoding="gzip")
         gone = self.post("/api/1/envelope/", big, content_encoding="gzip")
         gone.content.close()
@@ -434,14 +442,10 @@ class EndpointTests(_ServiceTestCase):
         dropped its key is refused with 403, and once the stop began with
         503; nothing of it is counted either way.
         """
-        big = gzip.compress(envelope(
-            ({"type": "attachment", "length": 6_000_000}, b"\0" * 6_000_000),
-            event_item({"message": "after"})))
+        big = LARGE_ENVELOPE
         for change, code in (("reload", 403), ("stop", 503)):
             self.start()
-            calls = []
-            self.service.in_thread = lambda *call: calls.append(
-                (call, defer.Deferred())) or calls[-1][1]
+            calls = self.hold_threads()
             answer = self.post("/api/1/envelope/", big,
                                content_encoding="gzip")
             if change == "reload":
