@@ -123,10 +123,18 @@ def _from_hosts(patterns: tuple, selected: list) -> list:
     else:
         distinct = {(str, source) for source in distinct}
     hosts = _found(patterns, distinct)
+    if not hosts:
+        return []
+    # Each error whole, unless it has hosts not named (beyond
+    # MAX_SOURCES_PER_ERROR), which cannot be known to match.
+    everywhere = len(hosts) == len(distinct)
     named = {host for kind, host in hosts if kind is str}
     exact = len(named) < len(hosts)
     narrowed = []
     for index, entry in selected:
+        if everywhere and not entry.other_sources:
+            narrowed.append((index, entry))
+            continue
         if exact:
             sources = {source: count for source, count
                        in entry.sources.items()
