@@ -133,19 +133,60 @@ class MappingTests(SynchronousTestCase):
     def test_javascript_frames(self):
         """
         Another language's frames (a URL, a column, no module) read the
-        same way; no level, no server name: the client's address.
+        same way; no level: an error, as Sentry takes it; no server name:
+        the client's address.
         """
         found, level = record_of({"exception": {"values": [{
             "type": "TypeError", "value": "x is undefined",
             "stacktrace": {"frames": [
                 {"filename": "https://shop.example/app.js", "function": "?",
                  "lineno": 1, "colno": 3456}]}}]}}, "web", "10.0.0.9")
-        self.assertIsNone(level)
+        self.assertEqual(level, 3)
         self.assertEqual(found["source"], "10.0.0.9")
         self.assertEqual(found["exc_text"],
                          "Traceback (most recent call last):\n"
                          '  File "https://shop.example/app.js", line 1, '
                          "in ?\nTypeError: x is undefined")
+
+    def test_java_exception(self):
+        """
+        A chained exception as the Java SDK sends it (the cause first, the
+        class's simple name and its package, no in_app, no level): the
+        outer one is the message, the innermost frame the location, and it
+        is an error.
+        """
+        def frames(*lines):
+            return {"frames": [{"filename": "Shop.java", "function": name,
+                                "module": "com.shop.Shop", "lineno": line,
+                                "native": False} for name, line in lines]}
+        found, level = record_of({"exception": {"values": [
+            {"type": "IllegalStateException", "value": "no such row",
+             "module": "java.lang", "thread_id": 1,
+             "stacktrace": frames(("main", 24), ("lookup", 6)),
+             "mechanism": {"type": "chained", "exception_id": 1,
+                           "parent_id": 0}},
+            {"type": "RuntimeException", "value": "lookup failed",
+             "module": "java.lang", "thread_id": 1,
+             "stacktrace": frames(("main", 24), ("checkout", 13)),
+             "mechanism": {"type": "chained", "exception_id": 0}}]},
+            "platform": "java", "server_name": "java7"}, "shop", "h")
+        self.assertEqual(level, 3)
+        self.assertEqual(found["message"], "RuntimeException: lookup failed")
+        self.assertEqual((found["module"], found["funcName"],
+                          found["filename"], found["lineno"]),
+                         ("com.shop.Shop", "checkout", "Shop.java", 13))
+        self.assertEqual(found["exc_text"], textwrap.dedent("""\
+            Traceback (most recent call last):
+              File "Shop.java", line 24, in main
+              File "Shop.java", line 6, in lookup
+            IllegalStateException: no such row
+
+            During handling of the above exception, another exception occurred:
+
+            Traceback (most recent call last):
+              File "Shop.java", line 24, in main
+              File "Shop.java", line 13, in checkout
+            RuntimeException: lookup failed"""))
 
     def test_logentry(self):
         """
