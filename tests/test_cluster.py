@@ -103,8 +103,31 @@ class NodeTests(TestCase):
         push read back that names them is unusable."""
         client = self.redis.client()
         for message in messages:
-            client.set(f"failnozzle:tests:key:{key_id(key_text(key(message)))}",
-                       b"\xff\xfe[")
+            text_id = key_id(key_text(key(message)))
+            client.set(f"failnozzle:tests:key:{text_id}", b"\xff\xfe[")
+
+    @defer.inlineCallbacks
+    def merged_exactly(self, node, total: int, merged: tuple):
+        """Merge as C{node}: C{total} errors, no push unusable, and
+        C{merged} (periods, pushes, own pushes) as it says."""
+        found = yield node.merge()
+        self.assertEqual((found.batch.total, found.unusable), (total, 0))
+        self.assertEqual(node.last_merged, merged)
+
+    @staticmethod
+    def fail_next_push(node, taken: bool) -> None:
+        """Make C{node}'s next push fail as if Redis did not answer it,
+        though it took it if C{taken} (the answer was lost)."""
+        store, original = node._store, node._store.push
+
+        def failing(*args):
+            store.push = original
+            if taken:
+                original(*args)
+                raise redis.TimeoutError("the answer lost")
+            raise redis.ConnectionError("gone for a moment")
+
+        store.push = failing
 
     @defer.inlineCallbacks
     def test_own_pushes_taken_from_memory(self):
@@ -168,9 +191,7 @@ class NodeTests(TestCase):
         yield one.push(lambda: counted(Entry(key("late"), {"h": 3}, 2.0,
                                              2.0)))
         self.spoil_key_texts("late")
-        merged = yield one.merge()
-        self.assertEqual((merged.batch.total, merged.unusable), (5, 0))
-        self.assertEqual(one.last_merged, (1, 2, 1))
+        yield self.merged_exactly(one, 5, (1, 2, 1))
 
     @defer.inlineCallbacks
     def test_retried_own_push_taken_once(self):
@@ -180,23 +201,14 @@ class NodeTests(TestCase):
         """
         one = self.node()
         yield self.lead(one)
-        store, original = one._store, one._store.push
-
-        def answer_lost(*args):
-            store.push = original
-            original(*args)
-            raise redis.TimeoutError("the answer lost")
-
-        store.push = answer_lost
+        self.fail_next_push(one, taken=True)
         yield one.push(lambda: counted(Entry(key("once"), {"h": 7}, 1.0,
                                              1.0)))
         self.assertEqual((one.connected, one.unpushed), (False, 7))
         yield one.push(lambda: counted())
         self.assertEqual((one.connected, one.unpushed), (True, 0))
         self.spoil_key_texts("once")
-        merged = yield one.merge()
-        self.assertEqual((merged.batch.total, merged.unusable), (7, 0))
-        self.assertEqual(one.last_merged, (1, 1, 1))
+        yield self.merged_exactly(one, 7, (1, 1, 1))
 
     @defer.inlineCallbacks
     def test_own_push_after_the_merge_read_back(self):
@@ -206,13 +218,7 @@ class NodeTests(TestCase):
         """
         one = self.node()
         yield self.lead(one)
-        store, original = one._store, one._store.push
-
-        def refused(*args):
-            store.push = original
-            raise redis.ConnectionError("gone for a moment")
-
-        store.push = refused
+        self.fail_next_push(one, taken=False)
         yield one.push(lambda: counted(Entry(key("late"), {"h": 4}, 1.0,
                                              1.0)))
         first = yield one.merge()
@@ -235,9 +241,7 @@ class NodeTests(TestCase):
         client = self.redis.client()
         [document] = client.lrange("failnozzle:tests:batch:0", 0, -1)
         client.rpush("failnozzle:tests:batch:0", document)
-        merged = yield one.merge()
-        self.assertEqual((merged.batch.total, merged.unusable), (4, 0))
-        self.assertEqual(one.last_merged, (1, 2, 1))
+        yield self.merged_exactly(one, 4, (1, 2, 1))
 
     @defer.inlineCallbacks
     def test_next_leader_reads_what_the_last_pushed(self):
