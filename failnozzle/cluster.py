@@ -11,8 +11,10 @@ flush lease; at each flush it takes every push since its last flush (a new
 period begins), merges them and sends the digests as a single node would,
 then commits: the pushes merged are gone and what it decides by (held
 errors, the pager, the canaries, the seen-memory) is kept for whoever
-holds the lease next.  A node that loses Redis for CLUSTER_GRACE_SECONDS
-sends digests of its own, of what it did not push.
+holds the lease next; its own pushes made while it leads it takes from
+memory (L{failnozzle.ownpushes}) instead of reading them back.  A node
+that loses Redis for CLUSTER_GRACE_SECONDS sends digests of its own, of
+what it did not push.
 
 Every call to Redis runs in one thread of the node's own, in the order
 made: a message kept in the outbox is in Redis before the commit that
@@ -34,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from failnozzle.aggregate import Batch
+from failnozzle.ownpushes import OwnPushes
 from failnozzle.redisstore import Lease, LeaseLost, RedisStore
 from failnozzle.seen import seen_document, seen_rows
 from failnozzle.state import (State, key_of_text, parse_shared, read_shared,
@@ -105,6 +108,18 @@ def _parsed(document: bytes) -> _Parsed:
         return error
 
 
+def _parsed_unless_own(document: bytes, own: set) -> Union[bytes, _Parsed]:
+    """
+    C{document} parsed, unless it is one of C{own}, the leader's pushes in
+    its memory: then left as it is, and taken out of C{own} (the same
+    bytes twice in Redis are two pushes, the second read back).
+    """
+    if document in own:
+        own.discard(document)
+        return document
+    return _parsed(document)
+
+
 class ClusterNode:
     """
     One node's part in a cluster: its pushes, the lease, and, while it
@@ -134,6 +149,8 @@ class ClusterNode:
         #: Key ids known to be in Redis, and key by id, as read back.
         self._stored = _Recent(0)
         self._keys = _Recent(0)
+        #: This node's pushes since its last merge, while it leads.
+        self._own = OwnPushes(0)
         self.configure(fields, max_unique, max_sources)
         self._pool = ThreadPool(1, 1, name="failnozzle-cluster")
         #: Periods merged into a digest whose commit failed: in Redis
@@ -151,8 +168,9 @@ class ClusterNode:
         self.connected: Optional[bool] = None
         self._unreachable_since: Optional[float] = None
         self.last_push: Optional[float] = None
-        #: The periods merged by the last flush, and their pushes.
-        self.last_merged: tuple = (0, 0)
+        #: The periods merged by the last flush, their pushes, and of
+        #: those how many were this node's, taken from its memory.
+        self.last_merged: tuple = (0, 0, 0)
         #: Whether the node stops, and whether, Redis not answering then,
         #: the calls still queued for it fail at once instead of each
         #: waiting out the timeout (read in the cluster's thread).
@@ -166,6 +184,9 @@ class ClusterNode:
         self._max_unique = max_unique
         self._max_sources = max_sources
         self._stored.size = self._keys.size = max(10_000, 4 * max_unique)
+        # Of the fields before, perhaps: read back, and re-keyed.
+        self._own.limit = max_unique
+        self._own.forget()
 
     def start(self) -> None:
         self._pool.start()
@@ -355,6 +376,8 @@ class ClusterNode:
     def _push_of(self, counted: State) -> _Push:
         document, texts = shared_document(counted, self._wall_offset(),
                                           self._fields)
+        if self.token is not None:
+            self._own.keep(document, counted)
         self._seq += 1
         return _Push(self._seq, counted.buffer, document, texts,
                      {key_id: text for key_id, text in texts.items()
@@ -383,6 +406,7 @@ class ClusterNode:
                 self.token, self._renewed = lease.token, asked
                 return self.TOOK if before != lease.token else None
             self.token = None
+            self._own.forget()
             return self.LOST if before is not None else None
 
         return self._call(self._store.keep_lease, self.name,
@@ -407,46 +431,52 @@ class ClusterNode:
             _log.warn("Cluster node {name} lost the flush lease",
                       name=self.name)
         self.token = None
+        self._own.forget()
 
     def merge(self) -> defer.Deferred:
         """
         Begin a new period and read every push of the ones before (for
-        the leader, before a flush).
+        the leader, before a flush); this node's own are taken from its
+        memory.
 
         @return: a Deferred firing with L{Merged}; it fails with
             L{LeaseLost} or a C{redis.RedisError}.
         """
         token = self.token
+        # Every push kept so far is in the thread's queue before the
+        # rotation: in this merge's periods, or never in Redis.
+        own = self._own.take()
 
-        def take(token: str) -> tuple:
-            found = {period: [_parsed(document) for document in documents]
+        def take(token: str, unread: set) -> tuple:
+            found = {period: [_parsed_unless_own(document, unread)
+                              for document in documents]
                      for period, documents in
                      self._store.rotate(token).items()}
             return found, self._store.texts(self._unknown_ids(
                 parsed for documents in found.values()
                 for parsed in documents))
 
-        return self._call(take, token).addCallback(
-            lambda result: self._merged(*result))
+        return self._call(take, token, set(own)).addCallback(
+            lambda result: self._merged(*result, own))
 
     def _unknown_ids(self, documents) -> list:
         """The key ids C{documents} (parsed by L{_parsed}) name whose keys
         are not read yet (in the cluster's thread: only looked up)."""
         ids: set = set()
         for document in documents:
-            if isinstance(document, ValueError):
-                continue  # said when it is read
+            if type(document) is not dict:
+                continue  # the leader's own, or said when it is read
             try:
                 ids |= shared_key_ids(document)
             except ValueError:
                 pass  # said when it is read
         return [key_id for key_id in ids if key_id not in self._keys]
 
-    def _merged(self, found: dict, texts: dict) -> Merged:
+    def _merged(self, found: dict, texts: dict, own: dict) -> Merged:
         entries: list = []
         bad_input: list = []
         overflow = unusable = 0
-        pushes = 0
+        pushes = mine = 0
         known: dict = {}
         periods = [str(period) for period in found]
         self._uncommitted &= set(periods)
@@ -455,23 +485,35 @@ class ClusterNode:
                 continue  # in a digest already; committed with these
             for document in found[period]:
                 pushes += 1
-                try:
-                    state = self._read(document, texts, known)
-                except Exception as error:
-                    # Whatever Redis holds, the rest of the merge goes on.
+                if type(document) is bytes:
+                    mine += 1
+                    state = own[document]
+                else:
+                    state = self._read_pushed(period, document, texts, known)
+                if state is None:
                     unusable += 1
-                    _log.error("A push in Redis of period {period} is "
-                               "unusable ({error}); its errors are not in "
-                               "the digest", period=period, error=error)
                     continue
                 entries += state.buffer.entries
                 bad_input += state.bad_input
                 overflow += state.buffer.overflow
         self._remember(known)
-        self.last_merged = (len(found), pushes)
+        self.last_merged = (len(found), pushes, mine)
         batch = Batch().merge(Batch(tuple(entries), overflow),
                               self._max_unique, self._max_sources)
         return Merged(periods, batch, unusable, tuple(bad_input))
+
+    def _read_pushed(self, period: int, document: _Parsed, texts: dict,
+                     known: dict) -> Optional[State]:
+        """A push read back from Redis (see L{_read}), or None if it is
+        unusable (logged)."""
+        try:
+            return self._read(document, texts, known)
+        except Exception as error:
+            # Whatever Redis holds, the rest of the merge goes on.
+            _log.error("A push in Redis of period {period} is unusable "
+                       "({error}); its errors are not in the digest",
+                       period=period, error=error)
+            return None
 
     def _read(self, document: _Parsed, texts: dict, known: dict) -> State:
         """
@@ -653,6 +695,7 @@ class ClusterNode:
             "unpushed": self.unpushed,
             "last_merge_periods": self.last_merged[0],
             "last_merge_pushes": self.last_merged[1],
+            "last_merge_own_pushes": self.last_merged[2],
         }
 
 

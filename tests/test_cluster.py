@@ -96,7 +96,169 @@ class NodeTests(TestCase):
         self.assertEqual((boom.first_seen, boom.last_seen), (50.0, 131.0))
         self.assertEqual(by_message["only one"].total, 1)
         self.assertEqual(merged.batch.total, 10)
-        self.assertEqual(one.last_merged, (1, 3))
+        self.assertEqual(one.last_merged, (1, 3, 1))
+
+    def spoil_key_texts(self, *messages: str) -> None:
+        """Make Redis' copies of these errors' key texts unreadable: a
+        push read back that names them is unusable."""
+        client = self.redis.client()
+        for message in messages:
+            text_id = key_id(key_text(key(message)))
+            client.set(f"failnozzle:tests:key:{text_id}", b"\xff\xfe[")
+
+    @defer.inlineCallbacks
+    def merged_exactly(self, node, total: int, merged: tuple):
+        """Merge as C{node}: C{total} errors, no push unusable, and
+        C{merged} (periods, pushes, own pushes) as it says."""
+        found = yield node.merge()
+        self.assertEqual((found.batch.total, found.unusable), (total, 0))
+        self.assertEqual(node.last_merged, merged)
+
+    @staticmethod
+    def fail_next_push(node, taken: bool) -> None:
+        """Make C{node}'s next push fail as if Redis did not answer it,
+        though it took it if C{taken} (the answer was lost)."""
+        store, original = node._store, node._store.push
+
+        def failing(*args):
+            store.push = original
+            if taken:
+                original(*args)
+                raise redis.TimeoutError("the answer lost")
+            raise redis.ConnectionError("gone for a moment")
+
+        store.push = failing
+
+    @defer.inlineCallbacks
+    def test_own_pushes_taken_from_memory(self):
+        """
+        The leader takes the pushes it made while leading from its memory,
+        not from Redis (whose copies of their keys are spoiled here), and
+        the other nodes' from Redis: each counted once, exactly.
+        """
+        one, two = self.node(), self.node()
+        yield self.lead(one)
+        yield one.push(lambda: counted(
+            Entry(key("mine"), {"web1": 3}, 1.0, 2.0)))
+        yield one.push(lambda: counted(
+            Entry(key("mine"), {"web1": 2}, 3.0, 4.0),
+            Entry(key("also mine"), {"web1": 1}, 3.0, 3.0)))
+        yield two.push(lambda: counted(
+            Entry(key("theirs"), {"web2": 4}, 2.0, 2.0)))
+        self.spoil_key_texts("mine", "also mine")
+        merged = yield one.merge()
+        totals = {dict(zip(FIELDS, entry.key))["message"]: entry.total
+                  for entry in merged.batch.entries}
+        self.assertEqual(totals, {"mine": 5, "also mine": 1, "theirs": 4})
+        self.assertEqual((merged.unusable, one.last_merged), (0, (1, 3, 2)))
+        self.assertEqual(one.status()["last_merge_own_pushes"], 2)
+
+    @defer.inlineCallbacks
+    def test_own_push_as_read_back(self):
+        """
+        A push taken from memory is merged as the same push read back
+        from Redis would be: keys, hosts, times, level, grouping, context,
+        bad input.
+        """
+        pushed = State(batch(
+            Entry(key("rich"), {"web1": 3, "web2": 1}, 10.5, 20.25, 3, 2,
+                  "fp-rich", 4, True, ("id 1", "id 2"),
+                  (("release", "1.2"),)),
+            Entry(key("plain"), {"web1": 1}, 11.0, 11.0)),
+            bad_input=(Entry(key("junk"), {"web3": 6}, 12.0, 13.0),))
+        one, two = self.node(), self.node()
+        yield self.lead(one)
+        yield one.push(lambda: pushed)
+        from_memory = yield one.merge()
+        yield one.commit(from_memory.periods, State(), [])
+        yield two.push(lambda: pushed)
+        read_back = yield one.merge()
+        self.assertEqual((from_memory.batch, from_memory.bad_input),
+                         (read_back.batch, read_back.bad_input))
+        self.assertEqual(from_memory.batch.total, 7)
+        self.assertEqual([one.last_merged[1:]], [(1, 0)])
+
+    @defer.inlineCallbacks
+    def test_pushed_before_leading_read_back(self):
+        """
+        What the leader pushed before it led is not in its memory: read
+        back from Redis, and counted with what it pushed since.
+        """
+        one = self.node()
+        yield one.push(lambda: counted(Entry(key("early"), {"h": 2}, 1.0,
+                                             1.0)))
+        yield self.lead(one)
+        yield one.push(lambda: counted(Entry(key("late"), {"h": 3}, 2.0,
+                                             2.0)))
+        self.spoil_key_texts("late")
+        yield self.merged_exactly(one, 5, (1, 2, 1))
+
+    @defer.inlineCallbacks
+    def test_retried_own_push_taken_once(self):
+        """
+        The leader's push that Redis took but whose answer was lost is
+        sent again and taken once: counted once, from memory.
+        """
+        one = self.node()
+        yield self.lead(one)
+        self.fail_next_push(one, taken=True)
+        yield one.push(lambda: counted(Entry(key("once"), {"h": 7}, 1.0,
+                                             1.0)))
+        self.assertEqual((one.connected, one.unpushed), (False, 7))
+        yield one.push(lambda: counted())
+        self.assertEqual((one.connected, one.unpushed), (True, 0))
+        self.spoil_key_texts("once")
+        yield self.merged_exactly(one, 7, (1, 1, 1))
+
+    @defer.inlineCallbacks
+    def test_own_push_after_the_merge_read_back(self):
+        """
+        The leader's push that Redis did not take before a merge, and took
+        when it was sent again after, is in the next merge, read back.
+        """
+        one = self.node()
+        yield self.lead(one)
+        self.fail_next_push(one, taken=False)
+        yield one.push(lambda: counted(Entry(key("late"), {"h": 4}, 1.0,
+                                             1.0)))
+        first = yield one.merge()
+        yield one.commit(first.periods, State(), [])
+        yield one.push(lambda: counted())
+        second = yield one.merge()
+        self.assertEqual((first.batch.total, second.batch.total), (0, 4))
+        self.assertEqual(one.last_merged, (1, 1, 0))
+
+    @defer.inlineCallbacks
+    def test_same_push_twice_in_redis(self):
+        """
+        The bytes of the leader's push twice in Redis are two pushes: one
+        taken from memory, the other read back.
+        """
+        one = self.node()
+        yield self.lead(one)
+        yield one.push(lambda: counted(Entry(key("twice"), {"h": 2}, 1.0,
+                                             1.0)))
+        client = self.redis.client()
+        [document] = client.lrange("failnozzle:tests:batch:0", 0, -1)
+        client.rpush("failnozzle:tests:batch:0", document)
+        yield self.merged_exactly(one, 4, (1, 2, 1))
+
+    @defer.inlineCallbacks
+    def test_next_leader_reads_what_the_last_pushed(self):
+        """
+        A leader replaced (its lease ran out) leaves its pushes in Redis:
+        the next leader reads them back, and it forgets them.
+        """
+        one, two = self.node(), self.node()
+        yield self.lead(one)
+        yield one.push(lambda: counted(Entry(key("left"), {"h": 5}, 1.0,
+                                             1.0)))
+        self.redis.client().delete("failnozzle:tests:lease")  # expired
+        yield self.lead(two)
+        self.assertEqual((yield one.keep_lease()), ClusterNode.LOST)
+        merged = yield two.merge()
+        self.assertEqual((merged.batch.total, two.last_merged), (5, (1, 1, 0)))
+        self.assertEqual(one._own.take(), {})
 
     @defer.inlineCallbacks
     def test_merge_takes_each_push_once(self):
@@ -494,6 +656,10 @@ class ServiceTests(TestCase):
         body = message.get_content()
         self.assertIn("web1", body)
         self.assertIn("web2", body)
+        # The leader's own pushes from its memory, the follower's read.
+        merged, own = one.cluster.last_merged[1:]
+        self.assertGreater(merged, own)
+        self.assertGreaterEqual(own, 1)
 
     @defer.inlineCallbacks
     def test_alone_then_rejoin(self):
