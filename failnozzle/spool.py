@@ -7,8 +7,9 @@ no message failnozzle can send.
 
 Each message is a plain RFC 5322 file, so any mail tool can read what is
 waiting or what failed.  Everything written here, and by the state file
-(L{open_private}, L{write_private}, L{make_private_dirs}), is private to failnozzle's user:
-files 0600 and the directories it creates 0700, whatever the umask.
+(L{open_private}, L{write_private}, L{make_private_dirs}), is private to
+failnozzle's user: files 0600 and the directories it creates 0700, whatever
+the umask.
 """
 from __future__ import annotations
 
