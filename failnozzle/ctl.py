@@ -9,6 +9,7 @@ standard library only (it runs where the daemon's dependencies are not).
   failnozzle-ctl failed resend [ID ...]
   failnozzle-ctl silence add --until 2027-01-31T00:00:00Z \
       --comment 'known, OPS-12' kind=legacy-cron
+  failnozzle-ctl silence add --for 2h --comment 'deploy' kind=shop
   failnozzle-ctl silence list
   failnozzle-ctl silence remove ID
 
@@ -22,6 +23,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -105,6 +107,30 @@ def token_argument(text: str) -> str:
     return text
 
 
+#: A duration as amtool's --duration takes it: 90m, 2h, 1h30m, 1d, 1w.
+_DURATION = re.compile(r"(?:([0-9]+)w)?(?:([0-9]+)d)?(?:([0-9]+)h)?"
+                       r"(?:([0-9]+)m)?(?:([0-9]+)s)?")
+_DURATION_UNITS = (7 * 86400, 86400, 3600, 60, 1)
+
+
+def duration_argument(text: str) -> float:
+    """C{--for}'s duration (2h, 1h30m, 1d, 1w, or seconds), in seconds."""
+    if text.isascii() and text.isdigit():
+        seconds = float(text)
+    else:
+        found = _DURATION.fullmatch(text) if text.isascii() else None
+        if found is None or not any(found.groups()):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a duration such as 90m, 2h, 1h30m, 1d or "
+                f"1w, or a number of seconds")
+        seconds = float(sum(int(count) * unit for count, unit
+                            in zip(found.groups(), _DURATION_UNITS)
+                            if count))
+    if not seconds:
+        raise argparse.ArgumentTypeError("a silence of no time is none")
+    return seconds
+
+
 def _when(seconds: Optional[float]) -> str:
     if seconds is None:
         return "never"
@@ -184,12 +210,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     doing = silence.add_subparsers(dest="action", required=True)
     doing.add_parser("list", help="the silences, and what each kept out")
     add = doing.add_parser("add", help="add one: FIELD=REGEX... (all must "
-                                       "match), until a time")
+                                       "match), until a time or for a while")
     add.add_argument("match", nargs="+", metavar="FIELD=REGEX")
-    add.add_argument("--until", required=True,
-                     help="when it ends: an ISO 8601 time with its zone, "
-                          "such as 2027-01-31T00:00:00Z, or seconds since "
-                          "the epoch")
+    ends = add.add_mutually_exclusive_group(required=True)
+    ends.add_argument("--until",
+                      help="when it ends: an ISO 8601 time with its zone, "
+                           "such as 2027-01-31T00:00:00Z, or seconds since "
+                           "the epoch")
+    ends.add_argument("--for", dest="duration", type=duration_argument,
+                      metavar="DURATION",
+                      help="or how long from now: 90m, 2h, 1h30m, 1d, 1w")
     add.add_argument("--comment", default="", help="why")
     remove = doing.add_parser("remove", help="end one added at run time")
     remove.add_argument("id", metavar="ID")
@@ -266,10 +296,12 @@ def _silence(options: argparse.Namespace, ask) -> tuple:
                              f"(a|b for either)")
         match[field] = pattern
     until = options.until
+    if until is None:
+        until = time.time() + options.duration
+    elif until.replace(".", "", 1).isdigit():
+        until = float(until)
     answer = ask("/api/silences/add", {
-        "match": match, "comment": options.comment,
-        "until": float(until) if until.replace(".", "", 1).isdigit()
-        else until})
+        "match": match, "comment": options.comment, "until": until})
     return answer, ["added " + _silence_line(answer["silence"])]
 
 

@@ -27,7 +27,7 @@ from failnozzle.levels import SYSLOG_LEVELS
 from failnozzle.pager import MISSED, REMINDER, RESOLVED, Page
 from failnozzle.policy import BACK, NEW, ONGOING, Status, seen_key
 from failnozzle.steps import Steps, finish
-from failnozzle.textcap import cut_middle
+from failnozzle.textcap import cut_middle, one_line
 
 _log = Logger()
 
@@ -240,6 +240,8 @@ def news_summary(counts: Mapping[str, int]) -> Optional[str]:
 def _environment(loader) -> Environment:
     environment = Environment(loader=loader, autoescape=False)
     environment.filters["utc"] = _format_utc
+    # A sender's line breaks must not make lines of the digest's own.
+    environment.filters["one_line"] = lambda value: one_line(str(value))
     return environment
 
 
@@ -743,7 +745,7 @@ def headline_of(message: Mapping) -> str:
     module = message.get("module")
     if module and str(module) != text:
         text += f" in {module}"
-    return cut_middle(text.strip(), 120)
+    return cut_middle(one_line(text), 120)
 
 
 def pager_message(server_name: str, page: Page, window_size: int,
@@ -781,12 +783,13 @@ def pager_message(server_name: str, page: Page, window_size: int,
     if page.culprits:
         body += "\nTop errors in the window:\n" + "".join(
             f"  {culprit.count:,}X {culprit.headline}"
-            f"{f' ({culprit.kind})' if culprit.kind else ''}"
+            f"{f' ({one_line(culprit.kind)})' if culprit.kind else ''}"
             f"{' [new]' if culprit.new else ''}\n"
             for culprit in page.culprits)
     if page.hosts:
         body += "\nHosts with the most:\n" + "".join(
-            f"  {host}: {count:,}\n" for host, count in page.hosts)
+            f"  {one_line(str(host))}: {count:,}\n"
+            for host, count in page.hosts)
     return subject, body
 
 

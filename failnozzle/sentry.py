@@ -439,8 +439,8 @@ def _json_line(line: Optional[bytes], what: str) -> dict:
 
 def record_of(event: dict, kind: str, client: str) -> tuple:
     """
-    The failnozzle record of a Sentry event, and its syslog level (None if
-    it says none).
+    The failnozzle record of a Sentry event, and its syslog level: error
+    if it names none, None if it names one failnozzle does not know.
     """
     exceptions = [value for value in _values(event.get("exception"))
                   if isinstance(value, dict)]
@@ -473,7 +473,9 @@ def record_of(event: dict, kind: str, client: str) -> tuple:
     if message is not None or "args" not in record:
         record["message"] = message or "(no message)"
     record["source"] = _text(event.get("server_name")) or client
-    level = event.get("level")
+    # An event naming no level is an error, as Sentry takes it (the Java
+    # SDK names none for an exception).
+    level = event.get("level") or "error"
     return record, level_named(level) if isinstance(level, str) else None
 
 

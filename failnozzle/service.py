@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from failnozzle.aggregate import Aggregator, Batch, Entry
+from failnozzle.collector import collector_held
 from failnozzle.config import (DEFAULT_FIELDS, UNUSED_SETTINGS, ConfigError,
                                Settings, changed_settings)
 from failnozzle.counts import Counts
@@ -222,7 +223,7 @@ class FailnozzleService(MultiService):
             once, on the reactor.
         @param freeze_heap: called once start-up, and then each reload, has
             made what lasts, to put it out of the garbage collector's sight
-            (L{failnozzle.tap.freeze_heap}); by default nothing is done.
+            (L{failnozzle.collector.freeze_heap}); by default nothing is done.
         @raise ConfigError: a setting cannot be used (a template, a
             certificate).
         """
@@ -1419,6 +1420,7 @@ class FailnozzleService(MultiService):
         """Whether held errors outlive this run: in a snapshot."""
         return self.state_file is not None and not self._state_unwritable
 
+    @collector_held()
     def flush(self, final: bool = False, notice: Optional[Notice] = None,
               bad_input: tuple = ()) -> list:
         """

@@ -17,6 +17,8 @@ from typing import Callable, Generator, TypeVar
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
+from failnozzle.collector import collector_held
+
 _R = TypeVar("_R")
 
 #: Work as a generator: it yields (None) wherever the reactor may take a
@@ -65,7 +67,8 @@ def in_slices(reactor: IReactorTime,
 
     cooperator = task.Cooperator(
         terminationPredicateFactory=slice_over,
-        scheduler=lambda work: reactor.callLater(0, work))
+        # A slice makes and keeps much of what it makes: see collector.
+        scheduler=lambda work: reactor.callLater(0, collector_held()(work)))
 
     def run(steps: Steps[_R]) -> defer.Deferred:
         result: list = []

@@ -6,7 +6,6 @@ The twistd side: command-line options and L{makeService}.
 """
 from __future__ import annotations
 
-import gc
 import resource
 import socket
 from functools import partial
@@ -20,6 +19,7 @@ from twisted.python import usage
 
 from failnozzle.check import print_version, report_check
 from failnozzle.clock import SteadyClock, steady_reactor
+from failnozzle.collector import freeze_heap
 from failnozzle.config import (ConfigError, Settings, load_settings,
                                parse_host_port)
 from failnozzle.listeners import LISTENING, bind_listening, close_all
@@ -112,21 +112,6 @@ def _host_port(option: str, text: str,
         return parse_host_port(text, default_host)
     except ValueError as error:
         raise usage.UsageError(f"{option}: {error}") from None
-
-
-def freeze_heap() -> None:
-    """
-    Put every object the daemon holds now out of the garbage collector's
-    sight (C{gc.freeze}): a full collection otherwise walks all of Twisted,
-    Jinja2 and the email package, holding the reactor some 30 ms, long
-    enough for a busy UDP socket to overflow.  Objects made later are
-    collected as before.  Called again after a reload, so that what the
-    old settings held is collected (C{gc.unfreeze} first) rather than kept
-    for good if it holds a cycle.
-    """
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
 
 
 #: Files open at once besides connections: sockets, the spool's, state and

@@ -5,11 +5,18 @@ listed and resent, a flush on demand.
 """
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import re
 import sys
+import time
 
 from twisted.internet import defer, protocol, reactor, utils
+from twisted.trial.unittest import SynchronousTestCase
+
+import failnozzle.ctl
+from failnozzle.ctl import duration_argument
 
 from tests.common import SMTPSink, free_tcp_port, record, send_datagrams
 from tests.test_twistd import _TwistdTestCase, child_environment
@@ -192,3 +199,52 @@ class _Banner(protocol.Protocol):
     def connectionMade(self):
         self.transport.write(b"SSH-2.0-OpenSSH_9.2\r\n")
         self.transport.loseConnection()
+
+
+class SilenceForTests(SynchronousTestCase):
+    """
+    C{silence add --for DURATION}: the silence ends that long from now.
+    """
+
+    def asked(self, *args: str) -> tuple:
+        """The path and body C{failnozzle-ctl *args} asks the daemon."""
+        asked = []
+
+        def request(address, path, token, body=None):
+            asked.append((path, body))
+            return {"silence": {"id": "s1", "until": "then", "match": {},
+                                "comment": "", "silenced": 0,
+                                "origin": "control"}}
+
+        self.patch(failnozzle.ctl, "request", request)
+        self.patch(sys, "stdout", io.StringIO())
+        self.assertEqual(failnozzle.ctl.main(list(args)), 0)
+        [(path, body)] = asked
+        return path, body
+
+    def test_for(self):
+        before = time.time()
+        path, body = self.asked("silence", "add", "--for", "1h30m",
+                                "--comment", "deploy", "kind=shop")
+        self.assertEqual((path, body["match"], body["comment"]),
+                         ("/api/silences/add", {"kind": "shop"}, "deploy"))
+        self.assertTrue(before + 5400 <= body["until"]
+                        <= time.time() + 5400, body["until"])
+
+    def test_until_as_given(self):
+        _, body = self.asked("silence", "add", "--until",
+                             "2027-01-31T00:00:00Z", "kind=shop")
+        self.assertEqual(body["until"], "2027-01-31T00:00:00Z")
+        _, body = self.asked("silence", "add", "--until", "1800000000",
+                             "kind=shop")
+        self.assertEqual(body["until"], 1800000000.0)
+
+    def test_durations(self):
+        for text, seconds in [("45s", 45), ("90m", 5400), ("2h", 7200),
+                              ("1d", 86400), ("1w", 604800),
+                              ("1d2h3m4s", 93784), ("600", 600)]:
+            self.assertEqual(duration_argument(text), seconds, text)
+        for text in ["", "2x", "h", "1h 30m", "-5", "0", "0h", "１h",
+                     "1.5h"]:
+            self.assertRaises(argparse.ArgumentTypeError,
+                              duration_argument, text)

@@ -651,6 +651,15 @@ class PagerMessageTests(SynchronousTestCase):
             "  40X Timeout in db\n"
             "\nHosts with the most:\n  web3: 70\n  web1: 50\n"))
 
+    def test_fields_cannot_add_lines(self):
+        """A sender's line breaks in a kind or a host name are spaces."""
+        page = replace(self.page, culprits=(
+            Culprit("boom", "shop\n  9999X forged", 80),),
+            hosts=(("web3\n  db1: 5000", 70),))
+        _, body = pager_message("nozzle1", page, 5, 60, 100)
+        self.assertIn("  80X boom (shop 9999X forged)\n", body)
+        self.assertIn("  web3 db1: 5000: 70\n", body)
+
     def test_reminder(self):
         page = replace(self.page, what=REMINDER, at=4200, total=9000)
         subject, body = pager_message("nozzle1", page, 5, 60, 100,
@@ -680,6 +689,10 @@ class HeadlineTests(SynchronousTestCase):
             "exc_text": "Traceback (most recent call last):\n  File ...\n"
                         "KeyError: 'x'"}), "KeyError: 'x' in views")
 
+    def test_one_line(self):
+        self.assertEqual(headline_of({"message": "disk\nfull\r\n",
+                                      "exc_text": None}), "disk full")
+
     def test_message_else_first_field(self):
         self.assertEqual(headline_of({"message": "disk full",
                                       "exc_text": None}), "disk full")
@@ -708,6 +721,24 @@ class LayoutTests(SynchronousTestCase):
                       "2X error 2 (in app, p.py)\n"
                       "1X error 3\n\n", body)
         self.assertNotIn("None", body)
+
+    def test_fields_cannot_add_lines(self):
+        """
+        Line breaks and control characters a sender put in a message, a
+        kind, a path or a host are shown as spaces in the lines the digest
+        makes of them: they cannot forge a line of the summary or a host.
+        """
+        entry = Entry(error(1, message="boom\n9999X forged\r\n\x1b[2J",
+                            kind="app\n\nDetails:", pathname="p.py\u2028x")
+                      .key, {"web1\n- on db1, 5000X": 2}, 0, 0)
+        _, body = renderer().render(Batch((entry,)))
+        self.assertIn("Summary:\n========\n"
+                      "2X boom 9999X forged [2J (in app Details:, p.py x:1)"
+                      "\n\n",
+                      body)
+        self.assertIn("- on web1 - on db1, 5000X, 2X\n", body)
+        self.assertNotIn("\n9999X", body)
+        self.assertNotIn("\x1b", body)
 
     def test_other_sources(self):
         """

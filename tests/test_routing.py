@@ -57,6 +57,23 @@ class MatchTests(SynchronousTestCase):
         self.assertEqual((taken.sources, taken.total), ({"db1": 5}, 5))
         self.assertIsNone(self.matches({"source": "^mail"}, entry))
 
+    def test_source_matching_every_host(self):
+        """
+        A source pattern that every host matches takes each error whole,
+        but for the instances from hosts beyond MAX_SOURCES_PER_ERROR,
+        whose names are not kept.
+        """
+        whole = error("cart", sources={"db1": 5, "db2": 1})
+        cut = error("shop", sources={"db1": 3}, other_sources=2)
+        routed, rest = route([whole, cut], [Rule(
+            "t", matcher_of("test", {"source": r"^db"}),
+            ("t@example.com",))], FIELDS)
+        self.assertIs(routed["route:t"][0], whole)
+        self.assertEqual([(e.sources, e.total) for e in routed["route:t"]],
+                         [({"db1": 5, "db2": 1}, 6), ({"db1": 3}, 3)])
+        self.assertEqual([(e.sources, e.other_sources) for e in rest],
+                         [({}, 2)])
+
     def test_equal_values_of_other_types(self):
         """1, 1.0 and True are equal in Python, not in a pattern's eyes."""
         self.assertTrue(self.matches({"lineno": "^True$"},

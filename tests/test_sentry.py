@@ -133,19 +133,60 @@ class MappingTests(SynchronousTestCase):
     def test_javascript_frames(self):
         """
         Another language's frames (a URL, a column, no module) read the
-        same way; no level, no server name: the client's address.
+        same way; no level: an error, as Sentry takes it; no server name:
+        the client's address.
         """
         found, level = record_of({"exception": {"values": [{
             "type": "TypeError", "value": "x is undefined",
             "stacktrace": {"frames": [
                 {"filename": "https://shop.example/app.js", "function": "?",
                  "lineno": 1, "colno": 3456}]}}]}}, "web", "10.0.0.9")
-        self.assertIsNone(level)
+        self.assertEqual(level, 3)
         self.assertEqual(found["source"], "10.0.0.9")
         self.assertEqual(found["exc_text"],
                          "Traceback (most recent call last):\n"
                          '  File "https://shop.example/app.js", line 1, '
                          "in ?\nTypeError: x is undefined")
+
+    def test_java_exception(self):
+        """
+        A chained exception as the Java SDK sends it (the cause first, the
+        class's simple name and its package, no in_app, no level): the
+        outer one is the message, the innermost frame the location, and it
+        is an error.
+        """
+        def frames(*lines):
+            return {"frames": [{"filename": "Shop.java", "function": name,
+                                "module": "com.shop.Shop", "lineno": line,
+                                "native": False} for name, line in lines]}
+        found, level = record_of({"exception": {"values": [
+            {"type": "IllegalStateException", "value": "no such row",
+             "module": "java.lang", "thread_id": 1,
+             "stacktrace": frames(("main", 24), ("lookup", 6)),
+             "mechanism": {"type": "chained", "exception_id": 1,
+                           "parent_id": 0}},
+            {"type": "RuntimeException", "value": "lookup failed",
+             "module": "java.lang", "thread_id": 1,
+             "stacktrace": frames(("main", 24), ("checkout", 13)),
+             "mechanism": {"type": "chained", "exception_id": 0}}]},
+            "platform": "java", "server_name": "java7"}, "shop", "h")
+        self.assertEqual(level, 3)
+        self.assertEqual(found["message"], "RuntimeException: lookup failed")
+        self.assertEqual((found["module"], found["funcName"],
+                          found["filename"], found["lineno"]),
+                         ("com.shop.Shop", "checkout", "Shop.java", 13))
+        self.assertEqual(found["exc_text"], textwrap.dedent("""\
+            Traceback (most recent call last):
+              File "Shop.java", line 24, in main
+              File "Shop.java", line 6, in lookup
+            IllegalStateException: no such row
+
+            During handling of the above exception, another exception occurred:
+
+            Traceback (most recent call last):
+              File "Shop.java", line 24, in main
+              File "Shop.java", line 13, in checkout
+            RuntimeException: lookup failed"""))
 
     def test_logentry(self):
         """
@@ -661,18 +702,23 @@ class ErrorsEndpointTests(_ServiceTestCase):
 class RealClientTests(TestCase):
     """The real sentry-sdk, in a process of its own, to a real port."""
 
-    @defer.inlineCallbacks
     def run_client(self, script: str, program: str = sys.executable,
                    suffix: str = ".py", run: Optional[str] = None,
-                   **environment: str):
+                   **environment: str) -> defer.Deferred:
         """Run C{script} with C{program} (its C{run} command if it has
         one); it must succeed."""
         path = self.mktemp() + suffix
         with open(path, "w") as source:
             source.write(script)
+        return self.run_program(program, [run, path] if run else [path],
+                                **environment)
+
+    @defer.inlineCallbacks
+    def run_program(self, program: str, arguments: list,
+                    **environment: str):
+        """Run C{program} with C{arguments}; it must succeed."""
         out, err, status = yield utils.getProcessOutputAndValue(
-            program, [run, path] if run else [path],
-            env={**child_environment(), **environment})
+            program, arguments, env={**child_environment(), **environment})
         self.assertEqual(status, 0, err)
 
     def sentry_service(self, kind: str = "shop") -> tuple:
@@ -838,12 +884,10 @@ class RealClientTests(TestCase):
         with open(entry, "w") as source:
             source.write('import * as Sentry from "@sentry/browser";\n'
                          'window.Sentry = Sentry;\n')
-        out, err, status = yield utils.getProcessOutputAndValue(
+        yield self.run_program(
             bundler, [entry, "--bundle", "--format=iife",
                       "--outfile=" + os.path.join(site, "bundle.js"),
-                      "--log-level=warning"],
-            env={**child_environment(), "NODE_PATH": modules})
-        self.assertEqual(status, 0, err)
+                      "--log-level=warning"], NODE_PATH=modules)
         with open(os.path.join(site, "index.html"), "w") as page:
             page.write(textwrap.dedent(f"""\
                 <!doctype html><html><head><title>loading</title>
@@ -963,6 +1007,86 @@ class RealClientTests(TestCase):
         missing = 'KeyError: key not found: "user_17"'
         self.assert_reported(service, {missing, "cache cold"}, missing,
                              "lookup", "rb7", "shop@5.0")
+        self.assertEqual(service.counts.received["sentry"], 2)
+
+    @defer.inlineCallbacks
+    def test_sentry_java(self):
+        """
+        io.sentry:sentry, the Java SDK, in its default settings, in a class
+        compiled with javac: a chained exception and a message become
+        errors with the Java stack as a traceback, their levels, release,
+        environment and host.
+        """
+        jar = os.environ.get("FAILNOZZLE_SENTRY_JAVA")
+        javac, java = shutil.which("javac"), shutil.which("java")
+        if not jar or not os.path.isfile(jar) or not javac or not java:
+            raise SkipTest("no Java SDK: .ci/run fetches io.sentry:sentry "
+                           "with mvn where Maven serves it, and names its "
+                           "jar in FAILNOZZLE_SENTRY_JAVA")
+        service, dsn = self.sentry_service()
+        classes = os.path.abspath(self.mktemp())
+        os.makedirs(classes)
+        source = os.path.join(classes, "Shop.java")
+        with open(source, "w") as program:
+            program.write(textwrap.dedent(f"""\
+                import io.sentry.Sentry;
+
+                public class Shop {{
+                    static void lookup(int user) {{
+                        throw new IllegalStateException(
+                            "no such row for user " + user);
+                    }}
+
+                    static void checkout(int user) {{
+                        try {{
+                            lookup(user);
+                        }} catch (IllegalStateException error) {{
+                            throw new RuntimeException("lookup failed", error);
+                        }}
+                    }}
+
+                    public static void main(String[] arguments) {{
+                        Sentry.init(options -> {{
+                            options.setDsn("{dsn}");
+                            options.setServerName("java7");
+                            options.setRelease("shop@6.0");
+                        }});
+                        try {{
+                            checkout(17);
+                        }} catch (RuntimeException error) {{
+                            Sentry.captureException(error);
+                        }}
+                        Sentry.captureMessage("stock count negative");
+                        Sentry.flush(10000);
+                        Sentry.close();
+                    }}
+                }}
+                """))
+        yield self.run_program(javac, ["-d", classes, "-cp", jar, source])
+        yield self.run_program(java, ["-cp", os.pathsep.join([jar, classes]),
+                                      "Shop"])
+        chained = "RuntimeException: lookup failed"
+        entries = self.assert_reported(
+            service, {chained, "stock count negative"}, chained, "checkout",
+            "java7", "shop@6.0")
+        self.assertEqual(entries[chained].key[6], textwrap.dedent("""\
+            Traceback (most recent call last):
+              File "Shop.java", line 24, in main
+              File "Shop.java", line 11, in checkout
+              File "Shop.java", line 5, in lookup
+            IllegalStateException: no such row for user 17
+
+            During handling of the above exception, another exception occurred:
+
+            Traceback (most recent call last):
+              File "Shop.java", line 24, in main
+              File "Shop.java", line 13, in checkout
+            RuntimeException: lookup failed"""))
+        # The SDK names no level for an exception: an error, as in Sentry.
+        self.assertEqual(entries[chained].level, 3)
+        self.assertEqual(dict(entries[chained].context)["environment"],
+                         "production")
+        self.assertEqual(entries["stock count negative"].level, 6)
         self.assertEqual(service.counts.received["sentry"], 2)
 
 

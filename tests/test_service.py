@@ -2,6 +2,7 @@
 Tests for L{failnozzle.service}: the flush loop, routing, the pager and a
 clean stop, over a fake reactor and a fake mail transport.
 """
+import gc
 import glob
 import gzip
 import json
@@ -214,6 +215,33 @@ class FlushLoopTests(ServiceTestCase):
         self.receive(record("boom"))
         self.reactor.advance(10)
         self.assertEqual(len(self.transport.pending), 2)
+
+    def test_flush_holds_collector(self):
+        """
+        The garbage collector is off while a flush drains and routes the
+        buffer, and on again once it is over, even if the flush failed.
+        """
+        self.addCleanup(gc.enable if gc.isenabled() else gc.disable)
+        gc.enable()
+        self.start(FLUSH_SECONDS=10)
+        collecting = []
+        drain = self.service.aggregator.flush
+
+        def drained():
+            collecting.append(gc.isenabled())
+            return drain()
+
+        self.service.aggregator.flush = drained
+        self.receive(record("boom"))
+        self.reactor.advance(10)
+        self.assertEqual((collecting, gc.isenabled()), ([False], True))
+
+        def broken():
+            raise RuntimeError("drain failed")
+
+        self.service.aggregator.flush = broken
+        self.assertRaises(RuntimeError, self.service.flush)
+        self.assertTrue(gc.isenabled())
 
     def test_flush_does_not_wait_for_mail(self):
         """

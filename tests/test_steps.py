@@ -4,6 +4,8 @@ at a time on a reactor.
 """
 from __future__ import annotations
 
+import gc
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from failnozzle.steps import finish, in_slices, run_at_once
@@ -73,6 +75,28 @@ class InSlicesTests(SynchronousTestCase):
         clock.turn()
         self.assertEqual(self.successResultOf(made), "made")
         self.assertEqual(len(done), 50)
+
+    def test_collector_held(self):
+        """
+        The garbage collector is off while a slice runs, and on between
+        slices and after.
+        """
+        self.addCleanup(gc.enable if gc.isenabled() else gc.disable)
+        gc.enable()
+        clock, collecting = Turns(), []
+
+        def noting():
+            for _ in range(2):
+                collecting.append(gc.isenabled())
+                yield
+
+        made = in_slices(clock, slice_seconds=0)(noting())
+        clock.turn()
+        self.assertTrue(gc.isenabled())
+        clock.turn()
+        clock.turn()
+        self.successResultOf(made)
+        self.assertEqual((collecting, gc.isenabled()), ([False, False], True))
 
     def test_failure(self):
         clock = Turns()

@@ -1,14 +1,12 @@
 """
 Tests for L{failnozzle.tap} and the twistd plugin.
 """
-import gc
 import io
 import os
 import resource
 import socket
 import subprocess
 import sys
-import weakref
 
 import trustme
 from twisted.application.service import IServiceMaker
@@ -22,7 +20,7 @@ import failnozzle
 from failnozzle.check import check_config
 from failnozzle.service import FailnozzleService
 from failnozzle.tap import (FILES_BESIDES_CONNECTIONS, MAX_HTTP_CONNECTIONS,
-                            Options, freeze_heap, makeService,
+                            Options, makeService,
                             raise_open_files_limit)
 from tests.common import WAIT_SECONDS, make_settings
 from tests.test_twistd import child_environment
@@ -571,40 +569,6 @@ class SMTPIngestTests(SynchronousTestCase):
         self.assertEqual(
             str(error), f"failnozzle: SMTP_INGEST_BIND: cannot listen on "
                         f"127.0.0.1:{port}: Address already in use")
-
-
-class _Cycle:
-    """An object that refers to itself: only the collector frees it."""
-
-    def __init__(self) -> None:
-        self.me = self
-
-
-class FreezeHeapTests(SynchronousTestCase):
-    """
-    L{freeze_heap} puts what exists out of the collector's sight, and the
-    next call lets it see again what the last one froze.
-    """
-
-    def test_frozen(self):
-        self.addCleanup(gc.unfreeze)
-        freeze_heap()
-        self.assertGreater(gc.get_freeze_count(), 0)
-
-    def test_frozen_cycle_collected_by_next(self):
-        """
-        A cycle frozen, then dropped, outlives collections until the next
-        call, which collects it.
-        """
-        self.addCleanup(gc.unfreeze)
-        cycle = _Cycle()
-        alive = weakref.ref(cycle)
-        freeze_heap()
-        del cycle
-        gc.collect()
-        self.assertIsNotNone(alive())
-        freeze_heap()
-        self.assertIsNone(alive())
 
 
 class PluginTests(SynchronousTestCase):
