@@ -9,6 +9,7 @@ import zlib
 
 import brotli
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -99,7 +100,8 @@ class AnswerLaterTests(SynchronousTestCase):
             def render_POST(self, request):
                 return answer_later(request, answering)
 
-        channel = Site(Later()).buildProtocol(None)
+        # Its idle timeout on a clock of its own, not left on the reactor.
+        channel = Site(Later(), reactor=Clock()).buildProtocol(None)
         transport = StringTransport()
         channel.makeConnection(transport)
         channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\n"
