@@ -581,25 +581,43 @@ def traceback_of(exceptions: list) -> str:
             if len(frames) > _FRAMES_SHOWN:
                 half = _FRAMES_SHOWN // 2
                 shown = frames[:half] + [None] + frames[-half:]
-            for frame in shown:
-                if frame is None:
-                    lines.append(f"  [{len(frames) - _FRAMES_SHOWN} frames "
-                                 f"not shown]")
-                    continue
-                lines.append(_frame_line(frame))
-                context = frame.get("context_line")
-                if isinstance(context, str) and context.strip():
-                    lines.append(f"    {context.strip()}")
+            _frame_lines(shown, len(frames), lines)
         lines.append(_exception_line(exception))
         parts.append("\n".join(lines))
     return ("\n\nDuring handling of the above exception, another exception "
             "occurred:\n\n").join(parts)
 
 
-def _frame_line(frame: dict) -> str:
-    where = (_text(frame.get("filename")) or _text(frame.get("abs_path"))
-             or _text(frame.get("module")) or "?")
-    line = frame.get("lineno")
-    function = _text(frame.get("function")) or "?"
-    at = f", line {line}" if isinstance(line, int) else ""
-    return f'  File "{where}"{at}, in {function}'
+def _frame_lines(shown: list, total: int, lines: list) -> None:
+    """
+    Append C{File "...", line N, in function} and the frame's line of code
+    for each frame shown (None: where the frames not shown are).  Written
+    out, without a call per field: a traceback is tens of frames, and this
+    was most of what an event cost to read.
+    """
+    append = lines.append
+    for frame in shown:
+        if frame is None:
+            append(f"  [{total - _FRAMES_SHOWN} frames not shown]")
+            continue
+        get = frame.get
+        where = get("filename")
+        if not (isinstance(where, str) and where):
+            where = get("abs_path")
+            if not (isinstance(where, str) and where):
+                where = get("module")
+                if not (isinstance(where, str) and where):
+                    where = "?"
+        function = get("function")
+        if not (isinstance(function, str) and function):
+            function = "?"
+        line = get("lineno")
+        if isinstance(line, int):
+            append(f'  File "{where}", line {line}, in {function}')
+        else:
+            append(f'  File "{where}", in {function}')
+        context = get("context_line")
+        if isinstance(context, str):
+            context = context.strip()
+            if context:
+                append(f"    {context}")

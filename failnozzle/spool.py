@@ -7,8 +7,9 @@ no message failnozzle can send.
 
 Each message is a plain RFC 5322 file, so any mail tool can read what is
 waiting or what failed.  Everything written here, and by the state file
-(L{open_private}, L{make_private_dirs}), is private to failnozzle's user:
-files 0600 and the directories it creates 0700, whatever the umask.
+(L{open_private}, L{write_private}, L{make_private_dirs}), is private to
+failnozzle's user: files 0600 and the directories it creates 0700, whatever
+the umask.
 """
 from __future__ import annotations
 
@@ -73,17 +74,43 @@ def fsync_directory(path: str) -> None:
         os.close(descriptor)
 
 
+def write_private(path: str, data: bytes) -> None:
+    """
+    Create the file C{path}, 0600 whatever the umask, write C{data} and
+    fsync it (blocking: for the disk writer), in as few system calls as
+    that takes: no buffering layer, one C{write} for most files.  It must
+    not exist: nothing there before, a link or a file with a wider mode,
+    is written through.
+
+    @raise FileExistsError: something is at C{path}.
+    """
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | os.O_CLOEXEC, PRIVATE_FILE)
+    try:
+        # The umask may have taken bits away from the mode.
+        os.fchmod(descriptor, PRIVATE_FILE)
+        with memoryview(data) as view:
+            written = 0
+            while written < len(view):
+                written += os.write(descriptor, view[written:])
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def replace_file(path: str, data: bytes) -> None:
     """
     Replace the file at C{path} with C{data}, whole or not at all, and so
     that a power cut keeps it: a private temporary file, fsynced, renamed
-    over it (blocking: for the disk writer).
+    over it, then the directory fsynced (blocking: for the disk writer).
     """
     temporary = f"{path}.tmp"
-    with open_private(temporary, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        write_private(temporary, data)
+    except FileExistsError:
+        # Left by a run that stopped between writing it and renaming it.
+        os.unlink(temporary)
+        write_private(temporary, data)
     os.replace(temporary, path)
     fsync_directory(os.path.dirname(os.path.abspath(path)))
 
@@ -191,10 +218,7 @@ class Maildir:
                 f"Q{next(self._serial)}.{socket.gethostname()}")
         temporary = os.path.join(self.path, "tmp", name)
         final = os.path.join(self.path, "new", name)
-        with open_private(temporary, "xb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+        write_private(temporary, data)
         os.rename(temporary, final)
         fsync_directory(os.path.dirname(final))
         return final

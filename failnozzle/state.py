@@ -43,8 +43,8 @@ from twisted.logger import Logger
 from failnozzle.aggregate import SCALAR_TYPES, Batch, Entry, rekeying
 from failnozzle.clock import LAST_SECOND
 from failnozzle.fingerprint import MAX_EXAMPLES
-from failnozzle.spool import (BadEntry, fsync_directory, open_private, open_regular,
-                              read_entry)
+from failnozzle.spool import (BadEntry, fsync_directory, open_private,
+                              open_regular, read_entry, replace_file)
 from failnozzle.textcap import one_line
 
 _log = Logger()
@@ -262,13 +262,7 @@ class StateFile:
                     keys.write(_dumps([number, key], key) + "\n")
                 keys.flush()
                 os.fsync(keys.fileno())
-        temporary = f"{self.path}.tmp"
-        with open_private(temporary, "w", encoding="utf-8") as out:
-            out.writelines(_pieces(snapshot))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, self.path)
-        fsync_directory(os.path.dirname(self.path))
+        replace_file(self.path, "".join(_pieces(snapshot)).encode("utf-8"))
         if snapshot.fresh_keys:
             self._remove_old_generations(snapshot.generation)
 
@@ -695,8 +689,8 @@ def _read_regular(path: str, limit: int) -> bytes:
 
 def _pieces(snapshot: _Snapshot) -> Iterator[str]:
     """
-    The snapshot as JSON, in pieces: its rows are not joined into one
-    string, which would be copied again to be written.
+    The snapshot as JSON, in pieces: its rows, encoded before, are joined
+    once, into the text written.
     """
     yield (f'{{"version": {FORMAT_VERSION}, '
            f'"generation": {snapshot.generation}, '

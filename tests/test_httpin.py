@@ -9,9 +9,12 @@ import zlib
 
 import brotli
 from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from failnozzle.httpin import (_CHUNK, BadBody, BodyTooLarge, InflatedBody,
@@ -83,6 +86,32 @@ class AnswerLaterTests(SynchronousTestCase):
         self.assertIs(answer_later(request, answering), NOT_DONE_YET)
         answering.callback(b"done")
         self.assertEqual((request.written, request.finished), ([b"done"], 1))
+
+    def test_sized(self):
+        """
+        Over HTTP/1.1 the answer goes out with its Content-Length, not in
+        chunks, and the connection stays open for the next request.
+        """
+        answering = defer.Deferred()
+
+        class Later(Resource):
+            isLeaf = True
+
+            def render_POST(self, request):
+                return answer_later(request, answering)
+
+        # Its idle timeout on a clock of its own, not left on the reactor.
+        channel = Site(Later(), reactor=Clock()).buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Length: 0\r\n\r\n")
+        answering.callback(b'{"id": "e"}\n')
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nContent-Length: 12", head)
+        self.assertNotIn(b"Transfer-Encoding", head)
+        self.assertEqual(body, b'{"id": "e"}\n')
+        self.assertFalse(transport.disconnecting)
 
     def test_failed(self):
         """

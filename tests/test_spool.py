@@ -11,7 +11,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from failnozzle.spool import (BadEntry, Maildir, Spool, make_private_dirs,
-                              open_private, read_entry)
+                              open_private, read_entry, replace_file,
+                              write_private)
 
 
 def mode_of(path: str) -> int:
@@ -104,6 +105,70 @@ class PrivateFilesTests(UmaskTestCase):
                             for sub in ("tmp", "new", "cur")]
         for path in directories:
             self.assertEqual(mode_of(path), 0o700, path)
+
+
+class WritePrivateTests(UmaskTestCase):
+    """
+    L{write_private}, which every snapshot and message is written with, and
+    L{replace_file} over it.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.directory = self.mktemp()
+        os.mkdir(self.directory)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def test_new_file(self):
+        """
+        The file holds the data whole, 0600 with the umask at 000 or at
+        277 (which would leave it unwritable, 0400).
+        """
+        data = bytes(range(256)) * 4096
+        write_private(self.path("wide"), data)
+        os.umask(0o277)
+        write_private(self.path("narrow"), b"")
+        with open(self.path("wide"), "rb") as written:
+            self.assertEqual(written.read(), data)
+        self.assertEqual(mode_of(self.path("wide")), 0o600)
+        self.assertEqual(mode_of(self.path("narrow")), 0o600)
+
+    def test_never_through_what_is_there(self):
+        """
+        A file or a link at the path is refused, not written through:
+        the file keeps its data and mode, the link's target is untouched.
+        """
+        with open(self.path("there"), "wb") as out:
+            out.write(b"before")
+        os.chmod(self.path("there"), 0o644)
+        os.symlink(self.path("target"), self.path("link"))
+        for name in ("there", "link"):
+            self.assertRaises(FileExistsError, write_private,
+                              self.path(name), b"after")
+        with open(self.path("there"), "rb") as kept:
+            self.assertEqual(kept.read(), b"before")
+        self.assertEqual(mode_of(self.path("there")), 0o644)
+        self.assertFalse(os.path.lexists(self.path("target")))
+
+    def test_replace_file_after_a_crash(self):
+        """
+        L{replace_file} replaces the file whole, private, even with a
+        temporary file or link left where it writes (a crash between
+        writing and renaming): that is removed, not written through.
+        """
+        path = self.path("state")
+        with open(path, "wb") as out:
+            out.write(b"old")
+        os.chmod(path, 0o644)
+        os.symlink(self.path("target"), f"{path}.tmp")
+        replace_file(path, b"new")
+        with open(path, "rb") as replaced:
+            self.assertEqual(replaced.read(), b"new")
+        self.assertEqual(mode_of(path), 0o600)
+        self.assertFalse(os.path.lexists(f"{path}.tmp"))
+        self.assertFalse(os.path.lexists(self.path("target")))
 
 
 class ReadEntryTests(SynchronousTestCase):
