@@ -28,6 +28,12 @@ SCALAR_TYPES = frozenset((str, int, float, bool, type(None)))
 #: (MAX_UNIQUE_MESSAGES): a flood of distinct errors costs a few MB.
 INDEX_MAX = 65536
 OVERFLOWING_MAX = 8192
+#: How many distinct reports' fingerprints are remembered across flushes
+#: (by the hash of the key, as the index): a report that recurs is
+#: fingerprinted once while it does, not once per buffer, which a cluster
+#: node begins anew at every push, each second.  Past it, the memory
+#: starts again empty.  About 100 bytes each.
+FINGERPRINTS_MAX = 16384
 
 
 class Report(NamedTuple):
@@ -345,6 +351,9 @@ class Aggregator:
         self._replaced = True
         #: One copy of each short text in the buffer's keys and sources.
         self._texts: dict = {}
+        #: Per hash of a report's key, its fingerprint (see
+        #: L{FINGERPRINTS_MAX}); forgotten when the grouping may change.
+        self._fingerprints: dict = {}
 
     def add(self, report: Report) -> None:
         """Count one error report."""
@@ -389,8 +398,8 @@ class Aggregator:
         if custom is None and hashed in self._overflowing:
             self._overflow += 1
             return None
-        fingerprint = (self._grouping.fingerprint(key, report.template)
-                       if custom is None else custom)
+        fingerprint = (custom if custom is not None
+                       else self._fingerprint_of(report, hashed))
         identity = key if fingerprint is None else fingerprint
         tally = self._tallies.get(identity)
         indexing = custom is None and (
@@ -419,6 +428,20 @@ class Aggregator:
         if indexing:
             self._index[hashed] = tally
         return tally
+
+    def _fingerprint_of(self, report: Report, hashed: int) -> Optional[str]:
+        """The fingerprint of C{report} (whose key's hash is C{hashed}),
+        made if not remembered."""
+        fingerprints = self._fingerprints
+        try:
+            return fingerprints[hashed]
+        except KeyError:
+            pass
+        fingerprint = self._grouping.fingerprint(report.key, report.template)
+        if len(fingerprints) >= FINGERPRINTS_MAX:
+            fingerprints.clear()
+        fingerprints[hashed] = fingerprint
+        return fingerprint
 
     def _shared(self, value: object) -> object:
         """
@@ -529,6 +552,7 @@ class Aggregator:
         self._internal_error_key = internal_error_key
         if grouping is not None:
             self._grouping = grouping
+        self._fingerprints = {}
         buffer = _batch_of(self._tallies, self._overflow).rekeyed(
             rekey, grouping, regroup)
         self._tallies, self._overflow, self._texts = {}, 0, {}

@@ -451,6 +451,44 @@ class FoldingTests(SynchronousTestCase):
         self.assertEqual((len(batch.entries), batch.overflow), (1, 3))
         self.assertEqual(len(made), 2)
 
+    def test_fingerprints_remembered_across_flushes(self):
+        """
+        A report that recurs after a flush (a cluster node's push empties
+        the buffer each second) is not fingerprinted again; one not seen
+        before is; a reload's new grouping makes them anew; past
+        FINGERPRINTS_MAX reports the memory starts again.
+        """
+        made = []
+
+        class Counted(Grouping):
+            def fingerprint(self, key, template=None):
+                made.append(key[FIELDS.index("message")])
+                return super().fingerprint(key, template)
+
+        aggregator = Aggregator(100, self.clock, lambda count, error: key(),
+                                grouping=Counted(FIELDS))
+        for message in ["user 1", "user 2", "user 1"]:
+            aggregator.add(Report(key(message), "web1"))
+        aggregator.flush()
+        for message in ["user 2", "user 1", "user 3"]:
+            aggregator.add(Report(key(message), "web1"))
+        [entry] = aggregator.flush().entries
+        self.assertEqual((entry.total, entry.variants), (3, 3))
+        self.assertEqual(made, ["user 1", "user 2", "user 3"])
+
+        aggregator.configure(100, 100, lambda count, error: key(),
+                             grouping=Counted(FIELDS))
+        aggregator.add(Report(key("user 1"), "web1"))
+        self.assertEqual(made[3:], ["user 1"])
+
+        self.patch(aggregate, "FINGERPRINTS_MAX", 2)
+        aggregator.flush()
+        for message in ["user 4", "user 5", "user 1"]:
+            aggregator.add(Report(key(message), "web1"))
+        aggregator.flush()
+        aggregator.add(Report(key("user 1"), "web1"))
+        self.assertEqual(made[4:], ["user 4", "user 5", "user 1"])
+
     def test_merged_variants(self):
         """
         Batches merged (a digest that waited) say as many variants as are
