@@ -239,10 +239,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+#: Control characters (C0, DEL, C1) as backslash escapes: an error's
+#: text is a sender's, and must not move a terminal's cursor or clear it.
+_CONTROLS = {code: f"\\x{code:02x}"
+             for code in (*range(0x20), *range(0x7f, 0xa0))}
+
+
 def _printable(line: str) -> str:
     """C{line} with what no terminal can show (a lone surrogate, which an
-    error's text may hold) as a backslash escape."""
-    return line.encode("utf-8", "backslashreplace").decode("utf-8")
+    error's text may hold) or should play (a control sequence) as a
+    backslash escape."""
+    return line.translate(_CONTROLS).encode(
+        "utf-8", "backslashreplace").decode("utf-8")
 
 
 def _run(options: argparse.Namespace) -> tuple:

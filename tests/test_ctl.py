@@ -128,18 +128,25 @@ class CtlTests(_TwistdTestCase):
     def test_status_of_odd_text(self):
         """
         An error whose text holds a lone surrogate (a datagram may) is in
-        C{status} as a backslash escape: the command does not fail on it.
+        C{status} as a backslash escape: the command does not fail on it;
+        and a terminal's control sequence a sender put in its text is
+        shown escaped, not played on the operator's terminal.
         """
         process, address, _ = yield self.start_daemon(
             UDP_BIND=("127.0.0.1", 0), HTTP_BIND=("127.0.0.1", 0),
             FLUSH_SECONDS=3600)
         http = _HTTP.search(process.text).group(1)
         send_datagrams(address, [b'{"message": "lone \\ud800 half", '
-                                 b'"source": "web\\udfff"}'])
-        yield buffered(http, 1)
+                                 b'"source": "web\\udfff"}',
+                                 b'{"message": "clear \\u001b[2J\\r'
+                                 b'\\u009b31m me", "source": "web1"}'])
+        yield buffered(http, 2)
         out, err, status = yield ctl("--http", http, "status")
         self.assertEqual(status, 0, err)
         self.assertIn(b"lone \\ud800 half", out)
+        self.assertIn(b"clear \\x1b[2J\\x0d\\x9b31m me", out)
+        self.assertNotIn(b"\x1b", out)
+        self.assertNotIn(b"\r", out)
 
     @defer.inlineCallbacks
     def test_unreachable(self):
