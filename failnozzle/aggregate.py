@@ -29,7 +29,8 @@ SCALAR_TYPES = frozenset((str, int, float, bool, type(None)))
 INDEX_MAX = 65536
 OVERFLOWING_MAX = 8192
 #: How many distinct reports' fingerprints are remembered across flushes
-#: (by the hash of the key, as the index): a report that recurs is
+#: (by the hash of the key, as the index, and the logging template, which
+#: the fingerprint may be made from): a report that recurs is
 #: fingerprinted once while it does, not once per buffer, which a cluster
 #: node begins anew at every push, each second.  Past it, the memory
 #: starts again empty.  About 100 bytes each.
@@ -351,8 +352,9 @@ class Aggregator:
         self._replaced = True
         #: One copy of each short text in the buffer's keys and sources.
         self._texts: dict = {}
-        #: Per hash of a report's key, its fingerprint (see
-        #: L{FINGERPRINTS_MAX}); forgotten when the grouping may change.
+        #: Per hash of a report's key and its template, its fingerprint
+        #: (see L{FINGERPRINTS_MAX}); forgotten when the grouping may
+        #: change.
         self._fingerprints: dict = {}
 
     def add(self, report: Report) -> None:
@@ -431,16 +433,17 @@ class Aggregator:
 
     def _fingerprint_of(self, report: Report, hashed: int) -> Optional[str]:
         """The fingerprint of C{report} (whose key's hash is C{hashed}),
-        made if not remembered."""
+        made if not remembered for that key and C{logging} template."""
         fingerprints = self._fingerprints
+        known = (hashed, report.template)
         try:
-            return fingerprints[hashed]
+            return fingerprints[known]
         except KeyError:
             pass
         fingerprint = self._grouping.fingerprint(report.key, report.template)
         if len(fingerprints) >= FINGERPRINTS_MAX:
             fingerprints.clear()
-        fingerprints[hashed] = fingerprint
+        fingerprints[known] = fingerprint
         return fingerprint
 
     def _shared(self, value: object) -> object:

@@ -111,24 +111,29 @@ def token_argument(text: str) -> str:
 _DURATION = re.compile(r"(?:([0-9]+)w)?(?:([0-9]+)d)?(?:([0-9]+)h)?"
                        r"(?:([0-9]+)m)?(?:([0-9]+)s)?")
 _DURATION_UNITS = (7 * 86400, 86400, 3600, 60, 1)
+#: The longest --for: a longer one is a date, for --until (and a huge
+#: number would overflow the time it is added to).
+_LONGEST_SECONDS = 100 * 366 * 86400
 
 
 def duration_argument(text: str) -> float:
     """C{--for}'s duration (2h, 1h30m, 1d, 1w, or seconds), in seconds."""
     if text.isascii() and text.isdigit():
-        seconds = float(text)
+        seconds = int(text)
     else:
         found = _DURATION.fullmatch(text) if text.isascii() else None
         if found is None or not any(found.groups()):
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not a duration such as 90m, 2h, 1h30m, 1d or "
                 f"1w, or a number of seconds")
-        seconds = float(sum(int(count) * unit for count, unit
-                            in zip(found.groups(), _DURATION_UNITS)
-                            if count))
+        seconds = sum(int(count) * unit for count, unit
+                      in zip(found.groups(), _DURATION_UNITS) if count)
     if not seconds:
         raise argparse.ArgumentTypeError("a silence of no time is none")
-    return seconds
+    if seconds > _LONGEST_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is longer than 100 years: --until for a date")
+    return float(seconds)
 
 
 def _when(seconds: Optional[float]) -> str:

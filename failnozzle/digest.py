@@ -783,7 +783,7 @@ def pager_message(server_name: str, page: Page, window_size: int,
     if page.culprits:
         body += "\nTop errors in the window:\n" + "".join(
             f"  {culprit.count:,}X {culprit.headline}"
-            f"{f' ({one_line(culprit.kind)})' if culprit.kind else ''}"
+            f"{f' ({one_line(str(culprit.kind))})' if culprit.kind else ''}"
             f"{' [new]' if culprit.new else ''}\n"
             for culprit in page.culprits)
     if page.hosts:

@@ -249,9 +249,10 @@ class SilenceForTests(SynchronousTestCase):
     def test_durations(self):
         for text, seconds in [("45s", 45), ("90m", 5400), ("2h", 7200),
                               ("1d", 86400), ("1w", 604800),
-                              ("1d2h3m4s", 93784), ("600", 600)]:
+                              ("1d2h3m4s", 93784), ("600", 600),
+                              ("5200w", 5200 * 604800)]:
             self.assertEqual(duration_argument(text), seconds, text)
         for text in ["", "2x", "h", "1h 30m", "-5", "0", "0h", "１h",
-                     "1.5h"]:
+                     "1.5h", "9" * 400 + "w", "9" * 400, "5300w"]:
             self.assertRaises(argparse.ArgumentTypeError,
                               duration_argument, text)

@@ -660,6 +660,12 @@ class PagerMessageTests(SynchronousTestCase):
         self.assertIn("  80X boom (shop 9999X forged)\n", body)
         self.assertIn("  web3 db1: 5000: 70\n", body)
 
+    def test_kind_not_text(self):
+        """A kind a record gave as a number is shown as one."""
+        page = replace(self.page, culprits=(Culprit("boom", 5, 80),))
+        _, body = pager_message("nozzle1", page, 5, 60, 100)
+        self.assertIn("  80X boom (5)\n", body)
+
     def test_reminder(self):
         page = replace(self.page, what=REMINDER, at=4200, total=9000)
         subject, body = pager_message("nozzle1", page, 5, 60, 100,

@@ -489,6 +489,24 @@ class FoldingTests(SynchronousTestCase):
         aggregator.add(Report(key("user 1"), "web1"))
         self.assertEqual(made[4:], ["user 4", "user 5", "user 1"])
 
+    def test_remembered_with_template(self):
+        """
+        A report remembered without a logging template is fingerprinted
+        anew when it comes with one: the template may fold it with others.
+        """
+        def report(message, template=None):
+            return Report(key(message), "web1", template=template)
+
+        self.aggregator.add(report("order 17 for alice failed: timeout"))
+        self.aggregator.flush()
+        template = "order %s for %s failed: %s"
+        self.aggregator.add(report("order 17 for alice failed: timeout",
+                                   template))
+        self.aggregator.add(report("order 18 for bob failed: timeout",
+                                   template))
+        [entry] = self.aggregator.flush().entries
+        self.assertEqual(entry.total, 2)
+
     def test_merged_variants(self):
         """
         Batches merged (a digest that waited) say as many variants as are
