@@ -111,8 +111,9 @@ def token_argument(text: str) -> str:
 _DURATION = re.compile(r"(?:([0-9]+)w)?(?:([0-9]+)d)?(?:([0-9]+)h)?"
                        r"(?:([0-9]+)m)?(?:([0-9]+)s)?")
 _DURATION_UNITS = (7 * 86400, 86400, 3600, 60, 1)
-#: The longest --for: a longer one is a date, for --until (and a huge
-#: number would overflow the time it is added to).
+#: The longest --for, said before anything is sent: the daemon's
+#: failnozzle.silences.MAX_FOR_SECONDS (not imported: standard library
+#: only).  A longer one is a date, for --until.
 _LONGEST_SECONDS = 100 * 366 * 86400
 
 
@@ -310,11 +311,12 @@ def _silence(options: argparse.Namespace, ask) -> tuple:
         match[field] = pattern
     until = options.until
     if until is None:
-        until = time.time() + options.duration
-    elif until.replace(".", "", 1).isdigit():
-        until = float(until)
+        end = {"for": options.duration}
+    else:
+        end = {"until": float(until) if until.replace(".", "", 1).isdigit()
+               else until}
     answer = ask("/api/silences/add", {
-        "match": match, "comment": options.comment, "until": until})
+        "match": match, "comment": options.comment, **end})
     return answer, ["added " + _silence_line(answer["silence"])]
 
 

@@ -32,6 +32,8 @@ MAX_SILENCE_BYTES = 16 * 1024
 _MAX_FILE_BYTES = 2 * MAX_SILENCES * MAX_SILENCE_BYTES
 #: The keys a silence may have.
 SILENCE_KEYS = ("match", "until", "comment")
+#: The longest a silence added at run time may be asked to last ("for").
+MAX_FOR_SECONDS = 100 * 366 * 86400
 _FORMAT = 1
 
 
@@ -125,6 +127,25 @@ def _until(where: str, value: object) -> float:
     return seconds
 
 
+def _ending(given: object, now: float) -> object:
+    """
+    A silence added at run time, its C{for} (seconds from C{now}, the
+    daemon's wall clock: the client's may be off) made its C{until}.
+    """
+    if not (isinstance(given, dict) and "for" in given):
+        return given
+    seconds = given["for"]
+    if "until" in given:
+        raise BadRule("the silence gives both 'until' and 'for': one")
+    if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+            and 0 < seconds <= MAX_FOR_SECONDS):
+        raise BadRule(f"the silence's 'for' must be seconds, more than 0 "
+                      f"and at most {MAX_FOR_SECONDS:,} (100 years)")
+    ending = {name: value for name, value in given.items() if name != "for"}
+    ending["until"] = now + seconds
+    return ending
+
+
 def _iso(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(
         seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -207,7 +228,8 @@ class Silences:
         """
         if len(self._added) + len(self._configured) >= MAX_SILENCES:
             raise BadRule(f"there are {MAX_SILENCES:,} silences already")
-        silence = parse_silence("the silence", given, "control")
+        silence = parse_silence("the silence", _ending(given, now),
+                                "control")
         if silence.until <= now:
             raise BadRule("the silence would be over already")
         if len(orjson.dumps(silence.given)) > MAX_SILENCE_BYTES:

@@ -119,6 +119,21 @@ class SilenceTests(SynchronousTestCase):
         self.assertEqual(broken.all(), [])
         self.assertFalse(os.path.exists(path))
 
+    def test_added_for_a_while(self):
+        """
+        A silence added with 'for' ends that many seconds after the
+        daemon's now; 'for' is refused with 'until', or not a number of
+        seconds within 100 years.
+        """
+        silences = self.silences()
+        added = silences.add({"match": {"kind": "a"}, "for": 7200},
+                             now=UNTIL_SECONDS, fields=FIELDS)
+        self.assertEqual(added.until, UNTIL_SECONDS + 7200)
+        for end in ({"for": 60, "until": UNTIL}, {"for": 0}, {"for": -5},
+                    {"for": "2h"}, {"for": True}, {"for": 1e300}):
+            self.assertRaises(BadRule, silences.add, {
+                "match": {"kind": "a"}, **end}, now=10, fields=FIELDS)
+
     def test_limits(self):
         silences = self.silences()
         self.assertRaises(BadRule, silences.add, {
