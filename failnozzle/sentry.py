@@ -604,10 +604,10 @@ def _frame_lines(shown: list, total: int, lines: list) -> None:
         where = get("filename")
         if not (isinstance(where, str) and where):
             where = get("abs_path")
-            if not (isinstance(where, str) and where):
-                where = get("module")
-                if not (isinstance(where, str) and where):
-                    where = "?"
+        if not (isinstance(where, str) and where):
+            where = get("module")
+        if not (isinstance(where, str) and where):
+            where = "?"
         function = get("function")
         if not (isinstance(function, str) and function):
             function = "?"
