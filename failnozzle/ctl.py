@@ -30,6 +30,9 @@ import urllib.error
 import urllib.request
 from typing import Optional, Sequence
 
+# Standard library only, as this module is.
+from failnozzle.textcap import CONTROL_CODES
+
 DEFAULT_ADDRESS = "127.0.0.1:1550"
 #: Seconds to wait for an answer (a resend waits for the disk only).
 TIMEOUT_SECONDS = 30
@@ -245,10 +248,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-#: Control characters (C0, DEL, C1) as backslash escapes: an error's
-#: text is a sender's, and must not move a terminal's cursor or clear it.
-_CONTROLS = {code: f"\\x{code:02x}"
-             for code in (*range(0x20), *range(0x7f, 0xa0))}
+#: Control characters as backslash escapes: an error's text is a
+#: sender's, and must not move a terminal's cursor or clear it.
+_CONTROLS = {code: f"\\x{code:02x}" for code in CONTROL_CODES}
 
 
 def _printable(line: str) -> str:

@@ -36,8 +36,11 @@ _TEXT_CONVERSIONS = {"s": str, "r": repr, "a": ascii}
 _INTEGER_CONVERSIONS = frozenset("diouxX")
 _FLOAT_CONVERSIONS = frozenset("eEfFgG")
 
-#: Control characters (C0, DEL, C1), read as spaces by L{one_line}.
-_CONTROLS = dict.fromkeys([*range(0x20), *range(0x7f, 0xa0)], " ")
+#: The code points of control characters (C0, DEL, C1): a terminal acts
+#: on them, and a line break among them would go on into a line's next.
+CONTROL_CODES = (*range(0x20), *range(0x7f, 0xa0))
+#: Control characters, read as spaces by L{one_line}.
+_CONTROLS = dict.fromkeys(CONTROL_CODES, " ")
 
 #: Past this precision a float's digits are all known zeros (a double has
 #: at most 1074 digits after the point, 767 significant ones).
