@@ -407,7 +407,8 @@ class ErrorsResource(StrictResource):
             if report is not None:
                 service.aggregator.add(report)
                 accepted += 1
-        return answer_later(request, service.saved_soon().addCallback(
+        saved = service.saved_soon(durable=False)
+        return answer_later(request, saved.addCallback(
             lambda _: json_reply(request, {"accepted": accepted,
                                            "bad": bad})))
 

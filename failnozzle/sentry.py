@@ -210,7 +210,7 @@ class SentryAPI(StrictResource):
             _event_id(event.get("event_id")) for event in events
             if isinstance(event, dict)]
         event_id = next(filter(None, ids), None) or uuid.uuid4().hex
-        return service.saved_soon().addCallback(
+        return service.saved_soon(durable=False).addCallback(
             lambda _: _reply(request, {"id": event_id}))
 
     def _count(self, event, kind: str, sender: tuple) -> None:

@@ -309,9 +309,10 @@ class FailnozzleService(MultiService):
         self._quiet: set = set()
         self._snapshots: Optional[StateFile] = None
         self._state_unwritable = False
-        #: Who waits for the snapshot that has not begun yet, if one is
-        #: queued (see L{saved_soon}).
-        self._next_snapshot: Optional[list] = None
+        #: Who waits for the snapshot that has not begun yet to be written,
+        #: and who for it to be durable, if one is queued (see
+        #: L{saved_soon}).
+        self._next_snapshot: Optional[tuple] = None
         #: Per digest kind, the errors waiting for that kind's last digest
         #: to be delivered, so an outage gives one digest, not one a flush.
         self._held: dict = {}
@@ -988,14 +989,16 @@ class FailnozzleService(MultiService):
         return self.state_file.save(self._current_state).addCallbacks(
             self._state_saved, self._state_not_saved)
 
-    def saved_soon(self) -> defer.Deferred:
+    def saved_soon(self, durable: bool = True) -> defer.Deferred:
         """
         A snapshot of everything counted until now, for a sender told "got
         it" only once a crash can no longer lose it: mail is answered 250
-        then, and Sentry and HTTP requests their answers.  Callers share
-        the snapshot that has not begun yet, so a burst of them costs one
-        more snapshot, not one each: while one is written, everyone
-        arriving waits for the next.
+        once a crash of the machine cannot (C{durable}: synced, as RFC 5321
+        asks), Sentry and HTTP requests once a crash of the daemon cannot
+        (in the file; synced by the next snapshot, within
+        SNAPSHOT_SECONDS).  Callers share the snapshot that has not begun
+        yet, so a burst of them costs one more snapshot, not one each:
+        while one is written, everyone arriving waits for the next.
 
         @return: a Deferred firing once that snapshot is written, or failed
             to be (that is logged, and the count is still in memory); at
@@ -1005,12 +1008,14 @@ class FailnozzleService(MultiService):
             return defer.succeed(None)
         waiting = defer.Deferred()
         if self._next_snapshot is not None:
-            self._next_snapshot.append(waiting)
+            self._next_snapshot[durable].append(waiting)
             return waiting
-        waiters = self._next_snapshot = [waiting]
+        waiters: tuple = ([], [])
+        waiters[durable].append(waiting)
+        self._next_snapshot = waiters
 
         def saved(_: object) -> None:
-            for waiter in waiters:
+            for waiter in [*waiters[0], *waiters[1]]:
                 waiter.callback(None)
 
         self.save_state().addCallback(saved)
@@ -1026,13 +1031,17 @@ class FailnozzleService(MultiService):
             waiting is not self._saved_waiting)
 
     def _current_state(self) -> State:
+        # Quick if all who wait for it want only that (see saved_soon).
+        waiters = self._next_snapshot
+        quick = waiters is not None and not waiters[True]
         # From now on a snapshot begun later is needed to hold new counts.
         self._next_snapshot = None
+        # A quick one leaves the next scheduled one to sync it.
+        self.aggregator.changed = quick
         # Views of what changed since the last snapshot, not copies:
         # StateFile reads them at once and keeps the rest from before.
-        self.aggregator.changed = False
         buffer, whole = self.aggregator.changes(self.state_file.needs_whole)
-        return State(buffer, changes_only=not whole,
+        return State(buffer, changes_only=not whole, quick=quick,
                      bad_input=self.aggregator.bad_input(),
                      unsettled=self._unsettled_batches(),
                      **self._decided_by())

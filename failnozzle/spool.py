@@ -74,9 +74,11 @@ def fsync_directory(path: str) -> None:
         os.close(descriptor)
 
 
-def write_private(path: str, data: bytes) -> None:
+def write_private(path: str, data: bytes,
+                  size: Optional[int] = None) -> None:
     """
-    Create the file C{path}, 0600 whatever the umask, write C{data} and
+    Create the file C{path}, 0600 whatever the umask, write C{data}, make
+    it C{size} bytes long if given (the rest a hole, read as zeros), and
     fsync it (blocking: for the disk writer), in as few system calls as
     that takes: no buffering layer, one C{write} for most files.  It must
     not exist: nothing there before, a link or a file with a wider mode,
@@ -93,24 +95,27 @@ def write_private(path: str, data: bytes) -> None:
             written = 0
             while written < len(view):
                 written += os.write(descriptor, view[written:])
+        if size is not None:
+            os.ftruncate(descriptor, size)
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
 
 
-def replace_file(path: str, data: bytes) -> None:
+def replace_file(path: str, data: bytes, size: Optional[int] = None) -> None:
     """
-    Replace the file at C{path} with C{data}, whole or not at all, and so
+    Replace the file at C{path} with C{data} (made C{size} bytes long if
+    given, as by L{write_private}), whole or not at all, and so
     that a power cut keeps it: a private temporary file, fsynced, renamed
     over it, then the directory fsynced (blocking: for the disk writer).
     """
     temporary = f"{path}.tmp"
     try:
-        write_private(temporary, data)
+        write_private(temporary, data, size)
     except FileExistsError:
         # Left by a run that stopped between writing it and renaming it.
         os.unlink(temporary)
-        write_private(temporary, data)
+        write_private(temporary, data, size)
     os.replace(temporary, path)
     fsync_directory(os.path.dirname(os.path.abspath(path)))
 

@@ -12,8 +12,9 @@ last one: its cost on the reactor grows with what changed, not with the
 size of the buffer.
 
   STATE_FILE           {version, generation, fields, wall_offset, buffer,
-                       held, unsettled, rate_window}
-                       replaced atomically (written beside, fsynced, renamed)
+                       held, unsettled, rate_window}, in the slots of
+                       L{failnozzle.slots}: overwritten in place by turns,
+                       the newest whole one read back
   STATE_FILE.keys.G    one JSON line per key: [number, key]; appended to and
                        fsynced before any snapshot refers to its numbers, and
                        begun afresh (generation G + 1) once it holds mostly
@@ -43,8 +44,9 @@ from twisted.logger import Logger
 from failnozzle.aggregate import SCALAR_TYPES, Batch, Entry, rekeying
 from failnozzle.clock import LAST_SECOND
 from failnozzle.fingerprint import MAX_EXAMPLES
+from failnozzle.slots import SlotFile, Unreadable
 from failnozzle.spool import (BadEntry, fsync_directory, open_private,
-                              open_regular, read_entry, replace_file)
+                              open_regular)
 from failnozzle.textcap import one_line
 
 _log = Logger()
@@ -53,6 +55,11 @@ FORMAT_VERSION = 4
 #: Versions L{StateFile.load} reads: 2 had no field names, 2 and 3 no
 #: fingerprints.
 _READABLE_VERSIONS = (2, 3, 4)
+
+#: The largest quick snapshot put into its file from the reactor; a larger
+#: one is written by the disk writer (the next snapshot waiting for it), so
+#: a put costs the reactor at most that much copying.
+PUT_MAX = 64 * 1024
 
 #: Begin a new keys file once it holds this many more keys than are counted.
 _COMPACT_SLACK = 1000
@@ -90,6 +97,10 @@ class State:
     #: By route, its pager's window counts and alert: C{{"counts": [...],
     #: "alert": ...}}; None: no route pages.
     route_pagers: Optional[dict] = None
+    #: When saving: for senders told "got it" once a crash of the daemon
+    #: can no longer lose their errors (not of the machine): put into the
+    #: file's page cache if it can be, not synced (see L{StateFile.save}).
+    quick: bool = False
 
 
 class _Unusable(ValueError):
@@ -140,6 +151,7 @@ class StateFile:
         self._fields = None if fields is None else tuple(fields)
         self._wall_offset = wall_offset
         self._lock = defer.DeferredLock()
+        self._slots = SlotFile(self.path)
         self._generation = 0
         #: The keys of this generation's keys file, and their numbers.
         self._numbers: dict = {}
@@ -173,17 +185,19 @@ class StateFile:
         """
         Write a snapshot of C{current()}, called once any snapshot being
         written is done, so it is never out of date and may be a view of
-        live data: it is read at once, on the reactor.  It may hold only
-        what changed since the last snapshot (L{State.changes_only}),
-        unless L{needs_whole}.  The encoding, writing and fsyncing is done
-        with C{in_thread}.
+        live data: it is read and encoded at once, on the reactor.  It may
+        hold only what changed since the last snapshot
+        (L{State.changes_only}), unless L{needs_whole}.  A L{State.quick}
+        one is put into the file at once, when it is small, has no new
+        keys and fits; any other is written and synced with C{in_thread}
+        (with its new keys first), and the next waits for it.
 
-        @return: a Deferred firing once it is on disk, or failing with the
-            OSError that kept it off.
+        @return: a Deferred firing once it is in the file (quick) or on the
+            disk, or failing with the OSError that kept it from there.
         """
         return self._lock.run(lambda: self._save(current()))
 
-    def _save(self, state: State) -> defer.Deferred:
+    def _save(self, state: State) -> Optional[defer.Deferred]:
         if state.changes_only and self._needs_whole:
             raise ValueError("this snapshot needs the whole buffer")
         kept = {"held": state.held, "unsettled": state.unsettled}
@@ -229,7 +243,14 @@ class StateFile:
              for name, batches in batch_rows.items()},
             list(state.rate_window), state.pager, state.canary,
             state.route_pagers)
-        writing = self._in_thread(self._write, snapshot)
+        payload = "".join(_pieces(snapshot)).encode("utf-8")
+        sequence = self._slots.number()
+        if (state.quick and not (snapshot.new_keys or snapshot.fresh_keys)
+                and len(payload) <= PUT_MAX
+                and self._slots.fits(len(payload))):
+            self._slots.put(payload, sequence)
+            return None
+        writing = self._in_thread(self._write, snapshot, payload, sequence)
         writing.addErrback(self._write_failed)
         return writing
 
@@ -247,11 +268,12 @@ class StateFile:
                 numbered.append([self._numbers[entry.key], entry.key])
         return numbered
 
-    def _write(self, snapshot: _Snapshot) -> None:
+    def _write(self, snapshot: _Snapshot, payload: bytes,
+               sequence: int) -> None:
         """
         The slow part: append the new keys (encoded one by one, so the
-        reactor's thread gets its turns), then write and replace the
-        snapshot.  Both files are readable by their owner only: they hold
+        reactor's thread gets its turns), then write the snapshot's
+        C{payload}.  Both files are readable by their owner only: they hold
         tracebacks.
         """
         keys_path = self._keys_path(snapshot.generation)
@@ -262,7 +284,7 @@ class StateFile:
                     keys.write(_dumps([number, key], key) + "\n")
                 keys.flush()
                 os.fsync(keys.fileno())
-        replace_file(self.path, "".join(_pieces(snapshot)).encode("utf-8"))
+        self._slots.write(payload, sequence)
         if snapshot.fresh_keys:
             self._remove_old_generations(snapshot.generation)
 
@@ -283,13 +305,13 @@ class StateFile:
         @return: a Deferred firing once done, or failing with the OSError
             that kept the old snapshot from being removed.
         """
-        def change() -> Optional[defer.Deferred]:
+        def change() -> defer.Deferred:
             old, self.path = self.path, os.path.abspath(path)
+            old_slots = self._new_slots()
             self._fields = None if fields is None else tuple(fields)
             self._begin_generation()
-            if old != self.path:
-                return self._in_thread(_remove_snapshot, old)
-            return None
+            return self._in_thread(_let_go, old_slots,
+                                   old if old != self.path else None)
 
         return self._lock.run(change)
 
@@ -305,9 +327,19 @@ class StateFile:
         """
         def remove() -> defer.Deferred:
             self._begin_generation()
-            return self._in_thread(_remove_snapshot, self.path)
+            return self._in_thread(_let_go, self._new_slots(), self.path)
 
         return self._lock.run(remove)
+
+    def _new_slots(self) -> SlotFile:
+        """
+        Write the next snapshot into a new file at C{path}.
+
+        @return: the slots written so far, for L{_let_go} once the syncs
+            asked for are done.
+        """
+        old, self._slots = self._slots, SlotFile(self.path)
+        return old
 
     def _begin_generation(self) -> None:
         """
@@ -335,13 +367,13 @@ class StateFile:
         snapshots go on numbering keys after those read.
         """
         try:
-            data = _read_regular(self.path, _MAX_STATE_BYTES)
-        except (FileNotFoundError, NotADirectoryError):
+            data = self._slots.read(_MAX_STATE_BYTES)
+        except (OSError, BadEntry, Unreadable) as error:
+            self._set_aside(error)
+            return None
+        if data is None:
             # No snapshot at all is no trouble; a directory that cannot
             # hold one is reported when saving fails.
-            return None
-        except (OSError, BadEntry, _Unusable) as error:
-            self._set_aside(error)
             return None
         try:
             state, generation = self._parse(data)
@@ -418,15 +450,20 @@ def _keys_files(path: str) -> list:
             if ".bad-" not in name[len(path):]]
 
 
-def _remove_snapshot(path: str) -> None:
-    """Remove the snapshot at C{path} and its keys files (not those set
-    aside as unreadable)."""
-    for name in [path, *_keys_files(path)]:
+def _let_go(slots: SlotFile, remove: Optional[str]) -> None:
+    """
+    Close C{slots}, then remove the snapshot at C{remove}, if any, and its
+    keys files (not those set aside as unreadable).
+    """
+    slots.close()
+    if remove is None:
+        return
+    for name in [remove, *_keys_files(remove)]:
         try:
             os.unlink(name)
         except FileNotFoundError:
             pass
-    fsync_directory(os.path.dirname(path))
+    fsync_directory(os.path.dirname(remove))
 
 
 def _state_of(snapshot: dict, fields: Optional[tuple], wall_offset: float,
@@ -680,38 +717,28 @@ def _loads(data: bytes) -> object:
             raise _Unusable("nested too deeply") from None
 
 
-def _read_regular(path: str, limit: int) -> bytes:
-    """The contents of a regular file of at most C{limit} bytes."""
-    data, size = read_entry(path, limit)
-    _check(size <= limit, f"larger than {limit} bytes")
-    return data
-
-
 def _pieces(snapshot: _Snapshot) -> Iterator[str]:
     """
     The snapshot as JSON, in pieces: its rows, encoded before, are joined
-    once, into the text written.
+    once, into the text written.  Its own numbers and names are finite
+    and valid text: orjson writes them, as it does the rows.
     """
     yield (f'{{"version": {FORMAT_VERSION}, '
            f'"generation": {snapshot.generation}, '
-           f'"fields": {json.dumps(snapshot.fields)}, '
-           f'"wall_offset": {json.dumps(snapshot.wall_offset)}, '
+           f'"fields": {_dumps(snapshot.fields, ())}, '
+           f'"wall_offset": {_dumps(snapshot.wall_offset, ())}, '
            f'"buffer": {{"entries": [')
-    rows = iter(snapshot.rows)
-    yield next(rows, "")
-    for row in rows:
-        yield ","
-        yield row
+    yield ",".join(snapshot.rows)
     yield f'], "overflow": {snapshot.overflow}}}'
     for name, batches in snapshot.batches.items():
-        kinds = ", ".join(f"{json.dumps(kind)}: {rows}"
+        kinds = ", ".join(f"{_dumps(kind, ())}: {rows}"
                           for kind, rows in batches.items())
         yield f', "{name}": {{{kinds}}}'
-    yield f', "rate_window": {json.dumps(snapshot.rate_window)}'
+    yield f', "rate_window": {_dumps(snapshot.rate_window, ())}'
     for name in ("pager", "canary", "route_pagers"):
         kept = getattr(snapshot, name)
         if kept is not None:
-            yield f', "{name}": {json.dumps(kept)}'
+            yield f', "{name}": {_dumps(kept, ())}'
     yield "}"
 
 
@@ -750,7 +777,7 @@ def _optional(entry: Entry) -> list:
     return [] if entry.level is None else [entry.level]
 
 
-def _dumps(value: list, scalars: Iterable) -> str:
+def _dumps(value: object, scalars: Iterable) -> str:
     """
     C{value} as JSON, by orjson, ten times as fast as the standard library,
     unless one of C{scalars} (those in C{value} that may be any JSON

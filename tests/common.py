@@ -25,6 +25,7 @@ from failnozzle.digest import build_message
 from failnozzle.ingest import bind_udp_socket
 from failnozzle.mailin import bind_tcp_socket
 from failnozzle.service import FailnozzleService
+from failnozzle.slots import SlotFile
 from failnozzle.writer import DiskWriter
 
 #: Upper bound for waiting on anything over real sockets; a test that
@@ -497,15 +498,20 @@ def poll_until(condition, what: str, every: float = 0.05
     return done
 
 
+def snapshot_document(path: str) -> Optional[dict]:
+    """The snapshot the state file at C{path} holds, as JSON; None if
+    there is no such file."""
+    payload = SlotFile(path).read(1 << 30)
+    return None if payload is None else json.loads(payload)
+
+
 def state_file_total(path: str) -> int:
     """
     How many errors the state file at C{path} holds in its buffer (0 if
     there is no such file yet).
     """
-    try:
-        with open(path, encoding="utf-8") as saved:
-            state = json.load(saved)
-    except FileNotFoundError:
+    state = snapshot_document(path)
+    if state is None:
         return 0
     # Each entry: [key number, [[source, count], ...], first, last].
     return sum(count for entry in state["buffer"]["entries"]

@@ -40,7 +40,7 @@ from failnozzle.mailin import (AUTH_MAX_DELAY_SECONDS, AUTH_MEMORY_SECONDS,
                                tls_options)
 from failnozzle.service import FailnozzleService
 from tests.common import (FakeMailTransport, HeldWriter, capture_log,
-                          make_settings)
+                          make_settings, record, state_file_total)
 
 FIELDS = UniqueMessage._fields
 
@@ -2088,6 +2088,35 @@ class ServiceTests(SynchronousTestCase):
         self.writer.run_begun()
         self.successResultOf(first)
         self.successResultOf(second)
+
+    def test_saved_soon_quick(self):
+        """
+        A wait that is not C{durable} (Sentry's, HTTP's) ends once the
+        snapshot is in the file, before the disk writer syncs anything;
+        the next scheduled snapshot syncs it.  A durable one joining it
+        makes the shared snapshot durable.
+        """
+        service = self.start()
+        service.aggregator.add(service.reader.report_of(record("a")))
+        service.save_state()
+        self.writer.run_all()  # "a"'s key written
+        service.aggregator.add(service.reader.report_of(record("a")))
+        self.successResultOf(service.saved_soon(durable=False))
+        self.assertEqual(self.writer.pending, [])
+        self.assertEqual(state_file_total(service.state_file.path), 2)
+        self.reactor.advance(service.settings.SNAPSHOT_SECONDS)
+        self.assertEqual(self.writer.names(), ["StateFile._write"])
+        self.writer.run_all()
+        service.aggregator.add(service.reader.report_of(record("a")))
+        service.save_state()  # being written: the next waits for it
+        quick, durable = (service.saved_soon(durable=False),
+                          service.saved_soon())
+        self.writer.run_begun()
+        self.assertNoResult(quick)
+        self.assertEqual(self.writer.names(), ["StateFile._write"])
+        self.writer.run_begun()
+        self.successResultOf(quick)
+        self.successResultOf(durable)
 
     def test_saved_soon_failed(self):
         """

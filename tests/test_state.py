@@ -13,7 +13,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from failnozzle.aggregate import Batch, Entry
 from failnozzle import state
+from failnozzle.slots import SlotFile
 from failnozzle.state import State, StateFile
+from tests.common import snapshot_document
 
 
 def entry(name, sources=None, first=1.0, last=2.0):
@@ -83,8 +85,7 @@ class StateFileTests(SynchronousTestCase):
                         {**pager, "last_paged": "soon"}):
             with self.subTest(pager=damaged):
                 self.state_file().save(lambda: state)
-                with open(self.path) as saved:
-                    snapshot = json.load(saved)
+                snapshot = snapshot_document(self.path)
                 snapshot["pager"] = damaged
                 with open(self.path, "w") as out:
                     json.dump(snapshot, out)
@@ -123,8 +124,7 @@ class StateFileTests(SynchronousTestCase):
                 state = State(Batch.of([Entry(("a",), {"h": 1}, 1.0, 2.0,
                                               fingerprint="f")]))
                 self.state_file().save(lambda: state)
-                with open(self.path) as saved:
-                    snapshot = json.load(saved)
+                snapshot = snapshot_document(self.path)
                 snapshot["buffer"]["entries"][0][6] = grouping
                 with open(self.path, "w") as out:
                     json.dump(snapshot, out)
@@ -170,7 +170,7 @@ class StateFileTests(SynchronousTestCase):
         [keys] = glob.glob(f"{self.path}.keys.*")
         with open(keys) as lines:
             self.assertEqual(len(lines.readlines()), 1)
-        self.assertLess(os.path.getsize(self.path), 200)
+        self.assertLess(len(SlotFile(self.path).read(200)), 200)
         self.assertEqual(self.state_file().load().buffer.entries[0].sources,
                          {"web1": 19})
 
@@ -412,6 +412,80 @@ class ThreadedWriteTests(SynchronousTestCase):
             ["b"])
 
 
+class QuickSnapshotTests(SynchronousTestCase):
+    """
+    A quick snapshot (L{State.quick}) is put into the file on the spot
+    when it can be, and written by the disk writer when not.
+    """
+
+    def setUp(self):
+        path = self.mktemp()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.queued = []
+
+        def in_thread(function, *args):
+            done = defer.Deferred()
+            self.queued.append((function, args, done))
+            return done
+
+        self.states = StateFile(path, Clock(), in_thread)
+
+    def run_queued(self):
+        while self.queued:
+            function, args, done = self.queued.pop(0)
+            done.callback(function(*args))
+
+    def loaded(self):
+        return StateFile(self.states.path, Clock()).load().buffer.entries
+
+    def test_put(self):
+        """
+        With its keys written, a quick snapshot is in the file when
+        C{save} returns, nothing handed to the disk writer; one that is
+        not quick is handed over.
+        """
+        self.states.save(lambda: State(Batch.of([entry("a")])))
+        self.run_queued()
+        saved = self.states.save(lambda: State(
+            Batch.of([entry("a", {"web1": 5})]), quick=True))
+        self.successResultOf(saved)
+        self.assertEqual(self.queued, [])
+        self.assertEqual(self.loaded()[0].sources, {"web1": 5})
+        slow = self.states.save(lambda: State(
+            Batch.of([entry("a", {"web1": 6})])))
+        self.assertNoResult(slow)
+        self.assertEqual(len(self.queued), 1)
+
+    def test_new_keys_written_first(self):
+        """
+        A quick snapshot with a key not yet in the keys file is written
+        by the disk writer, keys first: a crash of the machine must not
+        find a snapshot whose keys are lost.
+        """
+        self.states.save(lambda: State(Batch.of([entry("a")])))
+        self.run_queued()
+        saved = self.states.save(lambda: State(
+            Batch.of([entry("a"), entry("b")]), quick=True))
+        self.assertNoResult(saved)
+        self.run_queued()
+        self.successResultOf(saved)
+        self.assertEqual([e.key[2] for e in self.loaded()], ["a", "b"])
+
+    def test_large_written(self):
+        """A quick snapshot larger than PUT_MAX is written by the disk
+        writer, so a put costs the reactor little."""
+        hosts = {f"web{number}": number for number in range(20)}
+        many = Batch.of([entry(f"e{number}", hosts) for number in range(300)])
+        self.states.save(lambda: State(many))
+        self.run_queued()
+        self.assertGreater(len(SlotFile(self.states.path).read(1 << 30)),
+                           state.PUT_MAX)
+        saved = self.states.save(lambda: State(many, quick=True))
+        self.assertNoResult(saved)
+        self.run_queued()
+        self.successResultOf(saved)
+
+
 class NoSnapshotTests(SynchronousTestCase):
     """
     Where no snapshot can be.
@@ -493,8 +567,7 @@ class HostileFileTests(SynchronousTestCase):
             for where in ("first", "count"):
                 self.save_one()
                 self.assertIsNotNone(self.state_file().load())
-                with open(self.path) as saved:
-                    changed = json.load(saved)
+                changed = snapshot_document(self.path)
                 row = changed["buffer"]["entries"][0]
                 if where == "first":
                     row[2] = "PLACEHOLDER"
@@ -512,8 +585,7 @@ class HostileFileTests(SynchronousTestCase):
         """
         def load_with(sources):
             self.save_one()
-            with open(self.path) as saved:
-                changed = json.load(saved)
+            changed = snapshot_document(self.path)
             changed["buffer"]["entries"][0][1] = sources
             self.write(json.dumps(changed))
             return self.state_file().load()
@@ -532,8 +604,7 @@ class HostileFileTests(SynchronousTestCase):
         gives a snapshot that loads or is set aside; none raises.
         """
         self.save_one()
-        with open(self.path) as saved:
-            snapshot = json.load(saved)
+        snapshot = snapshot_document(self.path)
         replacements = [None, 0, -1, 2 ** 80, 1.5, "x", [], {}, [[]],
                         {"entries": None}, [1, 2, 3, 4, 5, 6, 7]]
 
@@ -653,8 +724,7 @@ class RekeyTests(SynchronousTestCase):
         """
         StateFile(self.path, Clock(), fields=FIELDS).save(
             lambda: State(Batch.of([entry("a")])))
-        with open(self.path) as saved:
-            snapshot = json.load(saved)
+        snapshot = snapshot_document(self.path)
         snapshot["version"] = 2
         del snapshot["fields"], snapshot["wall_offset"]
         with open(self.path, "w") as out:

@@ -8,6 +8,8 @@ failnozzle the tests import (see L{child_environment}).
 """
 from __future__ import annotations
 
+import http.client as http_client
+import json
 import os
 import re
 import signal
@@ -397,6 +399,50 @@ class RecoveryTests(_TwistdTestCase):
         yield restarted.wait_for(f"Restored 4 errors from {re.escape(state)}")
         yield self.assertNextDigests(restarted, address, sink, {
             "boom": {"web1": 2, "web2": 1}, "bang": {"web3": 1}})
+
+    @defer.inlineCallbacks
+    def test_sentry_answers_survive_sigkill(self):
+        """
+        A Sentry event answered 200 is in the state file, though the next
+        scheduled snapshot is an hour away: a daemon killed with SIGKILL
+        right after the answer reports it in the next run.  (The answer
+        waits for the file, not the disk: the second and third are put
+        there on the spot, their key being written already.)
+        """
+        sink = SMTPSink(self)
+        settings = self.smtp_settings(
+            sink.port, flush_seconds=3600, SNAPSHOT_SECONDS=3600,
+            HTTP_BIND=("127.0.0.1", 0), SENTRY_KEYS={"k" * 32: "shop"})
+        process, _, cwd = yield self.start_daemon(**settings)
+        http = yield process.wait_for(
+            r"listening for status and control on HTTP 127\.0\.0\.1:(\d+)")
+
+        def post_events() -> list:
+            connection = http_client.HTTPConnection(
+                "127.0.0.1", int(http.group(1)), timeout=WAIT_SECONDS)
+            answers = []
+            for server in ("web1", "web1", "web2"):
+                connection.request(
+                    "POST", "/api/1/store/", json.dumps({
+                        "level": "error", "server_name": server,
+                        "exception": {"values": [
+                            {"type": "KeyError", "value": "'user'"}]}}),
+                    {"X-Sentry-Auth": f"Sentry sentry_key={'k' * 32}"})
+                reply = connection.getresponse()
+                answers.append((reply.status, json.loads(reply.read())))
+            connection.close()
+            return answers
+
+        answers = yield threads.deferToThread(post_events)
+        process.transport.signalProcess("KILL")
+        self.assertEqual([status for status, _ in answers], [200] * 3)
+        self.assertTrue(all(answer["id"] for _, answer in answers))
+        yield process.wait_for_end()
+        settings["FLUSH_SECONDS"] = 0.5
+        restarted, _, _ = yield self.start_daemon(cwd=cwd, **settings)
+        [message] = yield restarted.wait_for_mail(sink, 1)
+        self.assertEqual(digest_counts(message.get_content()),
+                         {"KeyError: 'user'": {"web1": 2, "web2": 1}})
 
     @defer.inlineCallbacks
     def test_seen_memory_after_sigkill(self):
