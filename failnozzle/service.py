@@ -977,17 +977,33 @@ class FailnozzleService(MultiService):
                         for kind, pager in self._route_pagers.items()}
                     or None)
 
-    def save_state(self) -> defer.Deferred:
+    def save_state(self, quick: bool = False) -> defer.Deferred:
         """
-        Snapshot what is counted now.  A failure is logged once until
+        Snapshot what is counted now, for those waiting for the next
+        snapshot too (L{saved_soon}).  A failure is logged once until
         writing works again, and never stops the daemon.
 
+        @param quick: in the file is enough (L{State.quick}), unless one of
+            those waiting wants it durable.
         @return: a Deferred firing when the snapshot is written or failed.
         """
         if self.state_file is None:
             return defer.succeed(None)
-        return self.state_file.save(self._current_state).addCallbacks(
-            self._state_saved, self._state_not_saved)
+        taken: list = []
+
+        def current() -> State:
+            waiters, self._next_snapshot = self._next_snapshot, None
+            if waiters is None:
+                return self._current_state(quick)
+            taken.extend(waiters[False] + waiters[True])
+            return self._current_state(quick and not waiters[True])
+
+        def saved(_: object) -> None:
+            for waiter in taken:
+                waiter.callback(None)
+
+        return self.state_file.save(current).addCallbacks(
+            self._state_saved, self._state_not_saved).addCallback(saved)
 
     def saved_soon(self, durable: bool = True) -> defer.Deferred:
         """
@@ -998,7 +1014,9 @@ class FailnozzleService(MultiService):
         (in the file; synced by the next snapshot, within
         SNAPSHOT_SECONDS).  Callers share the snapshot that has not begun
         yet, so a burst of them costs one more snapshot, not one each:
-        while one is written, everyone arriving waits for the next.
+        while one is written, everyone arriving waits for the next, and
+        those not durable that arrive in one turn of the reactor (several
+        connections' requests read at once) share one taken after it.
 
         @return: a Deferred firing once that snapshot is written, or failed
             to be (that is logged, and the count is still in memory); at
@@ -1013,12 +1031,10 @@ class FailnozzleService(MultiService):
         waiters: tuple = ([], [])
         waiters[durable].append(waiting)
         self._next_snapshot = waiters
-
-        def saved(_: object) -> None:
-            for waiter in [*waiters[0], *waiters[1]]:
-                waiter.callback(None)
-
-        self.save_state().addCallback(saved)
+        if durable:
+            self.save_state()
+        else:
+            self._reactor.callLater(0, self.save_state, quick=True)
         return waiting
 
     def _waiting_changed(self) -> bool:
@@ -1030,12 +1046,7 @@ class FailnozzleService(MultiService):
         return bool(waiting or self._saved_waiting) and (
             waiting is not self._saved_waiting)
 
-    def _current_state(self) -> State:
-        # Quick if all who wait for it want only that (see saved_soon).
-        waiters = self._next_snapshot
-        quick = waiters is not None and not waiters[True]
-        # From now on a snapshot begun later is needed to hold new counts.
-        self._next_snapshot = None
+    def _current_state(self, quick: bool) -> State:
         # A quick one leaves the next scheduled one to sync it.
         self.aggregator.changed = quick
         # Views of what changed since the last snapshot, not copies:

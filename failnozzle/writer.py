@@ -2,7 +2,9 @@
 The one disk writer: every blocking write failnozzle makes while running
 (spooling, removing and setting aside messages, maildir deliveries,
 snapshots) runs in one dedicated thread, in the order it was asked for, so
-an fsync never holds the reactor and two writes never race.
+an fsync never holds the reactor and two writes never race.  (A Sentry or
+HTTP answer's small snapshot is the exception: the reactor copies it into
+the page cache, see L{failnozzle.slots}.)
 """
 from __future__ import annotations
 

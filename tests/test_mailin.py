@@ -2091,9 +2091,10 @@ class ServiceTests(SynchronousTestCase):
 
     def test_saved_soon_quick(self):
         """
-        A wait that is not C{durable} (Sentry's, HTTP's) ends once the
-        snapshot is in the file, before the disk writer syncs anything;
-        the next scheduled snapshot syncs it.  A durable one joining it
+        Waits that are not C{durable} (Sentry's, HTTP's) within one turn
+        of the reactor share a snapshot taken once it ends, and end once
+        it is in the file, before the disk writer syncs anything; the
+        next scheduled snapshot syncs it.  A durable one joining them
         makes the shared snapshot durable.
         """
         service = self.start()
@@ -2101,22 +2102,43 @@ class ServiceTests(SynchronousTestCase):
         service.save_state()
         self.writer.run_all()  # "a"'s key written
         service.aggregator.add(service.reader.report_of(record("a")))
-        self.successResultOf(service.saved_soon(durable=False))
+        first = service.saved_soon(durable=False)
+        second = service.saved_soon(durable=False)
+        self.assertNoResult(first)
+        self.reactor.advance(0)
+        self.successResultOf(first)
+        self.successResultOf(second)
         self.assertEqual(self.writer.pending, [])
         self.assertEqual(state_file_total(service.state_file.path), 2)
         self.reactor.advance(service.settings.SNAPSHOT_SECONDS)
         self.assertEqual(self.writer.names(), ["StateFile._write"])
         self.writer.run_all()
         service.aggregator.add(service.reader.report_of(record("a")))
-        service.save_state()  # being written: the next waits for it
         quick, durable = (service.saved_soon(durable=False),
                           service.saved_soon())
-        self.writer.run_begun()
+        self.reactor.advance(0)
         self.assertNoResult(quick)
         self.assertEqual(self.writer.names(), ["StateFile._write"])
         self.writer.run_begun()
         self.successResultOf(quick)
         self.successResultOf(durable)
+
+    def test_saved_soon_taken_by_another(self):
+        """
+        A snapshot begun for another reason (the timer's, a flush's)
+        before the quick one takes its waiters with it: it stays durable,
+        and they are told when it is written.
+        """
+        service = self.start()
+        self.writer.run_all()
+        service.aggregator.add(service.reader.report_of(record("a")))
+        waiting = service.saved_soon(durable=False)
+        service.save_state()
+        self.assertEqual(self.writer.names(), ["StateFile._write"])
+        self.reactor.advance(0)
+        self.assertNoResult(waiting)
+        self.writer.run_begun()
+        self.successResultOf(waiting)
 
     def test_saved_soon_failed(self):
         """

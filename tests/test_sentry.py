@@ -258,6 +258,7 @@ class EndpointTests(_ServiceTestCase):
     def post(self, path, body, **headers):
         headers.setdefault("x_sentry_auth", AUTH)
         return render(self.service, path, method=b"POST", body=body,
+                      turn=self.reactor,
                       **headers)
 
     def test_envelope(self):
@@ -354,6 +355,7 @@ class EndpointTests(_ServiceTestCase):
         self.assertEqual(answer.responseCode or 200, 200)
         body = envelope(event_item({"message": "boom"}))
         request = render(self.service, "/api/1/envelope/", method=b"POST",
+                         turn=self.reactor,
                          body=body, args={b"sentry_key": [KEY.encode()]})
         self.assertEqual(request.responseCode or 200, 200)
         self.assertEqual(self.service.aggregator.view().total, 2)
@@ -472,6 +474,7 @@ class EndpointTests(_ServiceTestCase):
         gone.content.close()
         [((function, *args), reading)] = calls
         reading.callback(function(*args))  # the first's turn ends
+        self.reactor.advance(0)  # and the reactor's, with its snapshot
         self.assertEqual(json_of(first), {"id": "e" * 32})
         self.assertEqual(len(calls), 1)
         self.assertEqual(body_of(gone), b"")
@@ -630,6 +633,10 @@ class EndpointTests(_ServiceTestCase):
 class ErrorsEndpointTests(_ServiceTestCase):
     """POST /api/errors."""
 
+    def post(self, body, **headers):
+        return render(self.service, "/api/errors", method=b"POST",
+                      body=body, turn=self.reactor, **headers)
+
     def test_records(self):
         """
         One record, or one per line; a bad line is bad input, counted, and
@@ -639,11 +646,10 @@ class ErrorsEndpointTests(_ServiceTestCase):
         lines = b"\n".join([json.dumps(record("boom")).encode(), b"",
                             b"not json",
                             json.dumps(record("boom")).encode()])
-        answer = render(service, "/api/errors", method=b"POST", body=lines)
+        answer = self.post(lines)
         self.assertEqual(json_of(answer), {"accepted": 2, "bad": 1})
-        answer = render(service, "/api/errors", method=b"POST",
-                        body=gzip.compress(json.dumps(record("x")).encode()),
-                        content_encoding="gzip")
+        answer = self.post(gzip.compress(json.dumps(record("x")).encode()),
+                           content_encoding="gzip")
         self.assertEqual(json_of(answer), {"accepted": 1, "bad": 0})
         self.assertEqual(service.counts.received["http"], 4)
         self.assertEqual(service.aggregator.view().total, 4)
@@ -656,10 +662,9 @@ class ErrorsEndpointTests(_ServiceTestCase):
         """
         service = self.start()
         pretty = json.dumps(record("boom"), indent=2).encode()
-        answer = render(service, "/api/errors", method=b"POST", body=pretty)
+        answer = self.post(pretty)
         self.assertEqual(json_of(answer), {"accepted": 1, "bad": 0})
-        answer = render(service, "/api/errors", method=b"POST",
-                        body=b"{\nnot json\n}")
+        answer = self.post(b"{\nnot json\n}")
         self.assertEqual(json_of(answer), {"accepted": 0, "bad": 3})
         [entry] = [entry for entry in service.aggregator.view().entries
                    if entry not in service.aggregator.bad_input()]
@@ -671,7 +676,7 @@ class ErrorsEndpointTests(_ServiceTestCase):
         lines = b"\n".join(
             json.dumps(record(f"level {number}", levelno=number)).encode()
             for number in (20, 40))
-        answer = render(service, "/api/errors", method=b"POST", body=lines)
+        answer = self.post(lines)
         self.assertEqual(json_of(answer), {"accepted": 2, "bad": 0})
         self.assertEqual(service.counts.below_level, {"http": 1})
         self.assertEqual(service.aggregator.view().total, 1)
@@ -681,8 +686,7 @@ class ErrorsEndpointTests(_ServiceTestCase):
         is bad input."""
         service = self.start()
         body = b"\n".join([b'{"message": "x"}'] * 10_001)  # under 1 MiB
-        answer = render(service, "/api/errors", method=b"POST",
-                        body=gzip.compress(body), content_encoding="gzip")
+        answer = self.post(gzip.compress(body), content_encoding="gzip")
         self.assertEqual(answer.responseCode, 413)
         [bad] = service.aggregator.bad_input()
         self.assertIn("/api/errors: more than 10,000 records", bad.key[6])
@@ -690,12 +694,11 @@ class ErrorsEndpointTests(_ServiceTestCase):
 
     def test_token(self):
         """With HTTP_ERRORS_TOKEN, only requests bearing it are taken."""
-        service = self.start(HTTP_ERRORS_TOKEN="e" * 20)
+        self.start(HTTP_ERRORS_TOKEN="e" * 20)
         body = json.dumps(record("boom")).encode()
-        refused = render(service, "/api/errors", method=b"POST", body=body)
+        refused = self.post(body)
         self.assertEqual(refused.responseCode, 401)
-        taken = render(service, "/api/errors", method=b"POST", body=body,
-                       authorization="Bearer " + "e" * 20)
+        taken = self.post(body, authorization="Bearer " + "e" * 20)
         self.assertEqual(json_of(taken), {"accepted": 1, "bad": 0})
 
 

@@ -36,11 +36,14 @@ TOKEN = "s3cret-token-0123456789"
 
 def render(service, path: str, method: bytes = b"GET", body: bytes = b"",
            args: Optional[dict] = None, local: str = "127.0.0.1",
+           turn: Optional[MemoryReactorClock] = None,
            **headers: str) -> DummyRequest:
     """
     C{method} C{path} (with the query C{args}) through the service's site,
-    as twisted.web would, on a connection to the address C{local}; the
-    request, finished, with C{written} and C{responseCode}.
+    as twisted.web would, on a connection to the address C{local}, then
+    the end of the reactor's C{turn}, if given (what waits for it, such as
+    a quick snapshot, runs); the request, finished, with C{written} and
+    C{responseCode}.
     """
     request = DummyRequest(path.lstrip("/").encode().split(b"/"))
     request.path = path.encode()
@@ -60,6 +63,8 @@ def render(service, path: str, method: bytes = b"GET", body: bytes = b"",
     if result is not NOT_DONE_YET:
         request.write(result)
         request.finish()
+    if turn is not None:
+        turn.advance(0)
     return request
 
 
