@@ -37,7 +37,7 @@ import struct
 import time
 import weakref
 import zlib
-from typing import Callable, Optional
+from typing import BinaryIO, Callable, Optional
 
 from failnozzle.spool import open_regular, replace_file
 
@@ -99,25 +99,24 @@ class SlotFile:
             status = os.fstat(stored.fileno())
             if stored.read(1) == b"{":
                 stored.seek(0)
-                whole = stored.read(limit + 1)
-                if len(whole) > limit:
+                document = stored.read(limit + 1)
+                if len(document) > limit:
                     raise Unreadable(f"larger than {limit} bytes")
-                return whole
+                return document
             capacity = status.st_size // _SLOTS
-            found = {slot: _slot(stored, slot * capacity, capacity, limit)
+            # One payload in memory at a time, however large the file.
+            found = {slot: _whole(stored, slot * capacity, capacity, limit)
                      for slot in range(_SLOTS)}
-        whole = {slot: (sequence, payload)
-                 for slot, (sequence, payload) in found.items()
-                 if payload is not None}
-        if not whole:
-            raise Unreadable("no slot is whole")
-        newest = max(whole, key=lambda slot: whole[slot][0])
-        sequence, payload = whole[newest]
-        self._sequence = sequence
+            whole = {slot: sequence for slot, sequence in found.items()
+                     if sequence is not None}
+            if not whole:
+                raise Unreadable("no slot is whole")
+            newest = max(whole, key=whole.__getitem__)
+            payload = _payload(stored, newest * capacity)
+        self._sequence = whole[newest]
         for kind in (_SYNCED, _PUT):
-            # After the newer of the two, so it is written over last.
-            older = min(kind, key=lambda slot: whole.get(slot, (-1,))[0])
-            self._next[kind] = older
+            # The older of the two (or the one not whole) is written first.
+            self._next[kind] = min(kind, key=lambda slot: whole.get(slot, -1))
         try:
             self._hold(capacity, status)
             # A crash of the process may have left it in the page cache
@@ -240,25 +239,32 @@ def _checksum(sequence: int, payload: bytes) -> int:
         ">QQ", sequence, len(payload))))
 
 
-def _slot(stored, offset: int, capacity: int, limit: int) -> tuple:
+def _whole(stored: BinaryIO, offset: int, capacity: int,
+           limit: int) -> Optional[int]:
     """
-    @return: C{(sequence, payload)} of the slot at C{offset}; the payload
-        None if it is not whole.
+    @return: the sequence number of the slot at C{offset}, if it is whole.
     @raise Unreadable: its payload is larger than C{limit}.
     """
     stored.seek(offset)
     header = stored.read(_HEADER.size)
     if len(header) < _HEADER.size:
-        return 0, None
+        return None
     magic, sequence, length, checksum = _HEADER.unpack(header)
     if magic != _MAGIC or _HEADER.size + length > capacity:
-        return 0, None
+        return None
     if length > limit:
         raise Unreadable(f"larger than {limit} bytes")
     payload = stored.read(length)
     if len(payload) < length or _checksum(sequence, payload) != checksum:
-        return 0, None
-    return sequence, payload
+        return None
+    return sequence
+
+
+def _payload(stored: BinaryIO, offset: int) -> bytes:
+    """The payload of the slot at C{offset}, found whole."""
+    stored.seek(offset)
+    _, _, length, _ = _HEADER.unpack(stored.read(_HEADER.size))
+    return stored.read(length)
 
 
 def _write_all(descriptor: int, data: bytes, offset: int) -> None:
