@@ -78,8 +78,9 @@ def write_private(path: str, data: bytes,
                   size: Optional[int] = None) -> None:
     """
     Create the file C{path}, 0600 whatever the umask, write C{data}, make
-    it C{size} bytes long if given (the rest a hole, read as zeros), and
-    fsync it (blocking: for the disk writer), in as few system calls as
+    it C{size} bytes long if given (the rest read as zeros, its blocks
+    reserved where the file system can, so writing there later cannot
+    find the disk full), and fsync it (blocking: for the disk writer), in as few system calls as
     that takes: no buffering layer, one C{write} for most files.  It must
     not exist: nothing there before, a link or a file with a wider mode,
     is written through.
@@ -96,7 +97,10 @@ def write_private(path: str, data: bytes,
             while written < len(view):
                 written += os.write(descriptor, view[written:])
         if size is not None:
-            os.ftruncate(descriptor, size)
+            try:
+                os.posix_fallocate(descriptor, 0, size)
+            except OSError:
+                os.ftruncate(descriptor, size)  # a hole, at least
         os.fsync(descriptor)
     finally:
         os.close(descriptor)

@@ -92,6 +92,25 @@ class SlotFileTests(SynchronousTestCase):
         self.assertEqual(status.st_size, 4 * MIN_CAPACITY)
         self.assertEqual(status.st_mode & 0o777, 0o600)
 
+    def test_space_reserved(self):
+        """The slots' blocks are reserved when the file is made, so a put
+        cannot find the disk full; a file system that cannot reserve gets
+        a file of the same size all the same."""
+        self.write(b"x")
+        self.assertGreaterEqual(os.stat(self.path).st_blocks * 512,
+                                4 * MIN_CAPACITY)
+
+        def cannot(descriptor, offset, length):
+            raise OSError(95, "Operation not supported")
+
+        self.patch(os, "posix_fallocate", cannot)
+        os.unlink(self.path)
+        self.monotonic.now += 1
+        self.write(b"y")
+        self.assertEqual(os.path.getsize(self.path), 4 * MIN_CAPACITY)
+        self.put(b"z")
+        self.assertEqual(self.read(), b"z")
+
     def torn(self, method, payload):
         """Call C{method} with C{payload}, its write stopping halfway (a
         crash in the middle of it)."""
