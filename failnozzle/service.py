@@ -987,20 +987,29 @@ class FailnozzleService(MultiService):
             those waiting wants it durable.
         @return: a Deferred firing when the snapshot is written or failed.
         """
-        if self.state_file is None:
-            return defer.succeed(None)
         taken: list = []
 
-        def current() -> State:
+        def take() -> bool:
+            """Take those waiting for the next snapshot; whether one of
+            them wants it durable."""
             waiters, self._next_snapshot = self._next_snapshot, None
             if waiters is None:
-                return self._current_state(quick)
+                return False
             taken.extend(waiters[False] + waiters[True])
-            return self._current_state(quick and not waiters[True])
+            return bool(waiters[True])
 
         def saved(_: object) -> None:
             for waiter in taken:
                 waiter.callback(None)
+
+        if self.state_file is None:
+            # Turned off (by a reload) while they waited: nothing to wait for.
+            take()
+            saved(None)
+            return defer.succeed(None)
+        def current() -> State:
+            durable = take()
+            return self._current_state(quick and not durable)
 
         return self.state_file.save(current).addCallbacks(
             self._state_saved, self._state_not_saved).addCallback(saved)

@@ -284,6 +284,9 @@ class StateFile:
                     keys.write(_dumps([number, key], key) + "\n")
                 keys.flush()
                 os.fsync(keys.fileno())
+            if snapshot.fresh_keys:
+                # Its name too, before a snapshot on the disk refers to it.
+                fsync_directory(os.path.dirname(keys_path))
         self._slots.write(payload, sequence)
         if snapshot.fresh_keys:
             self._remove_old_generations(snapshot.generation)
@@ -426,7 +429,10 @@ class StateFile:
         return keys
 
     def _set_aside(self, error: Exception) -> None:
-        """Move unusable snapshot files out of the way, saying why."""
+        """Move unusable snapshot files out of the way, saying why; the
+        next snapshot makes a new file."""
+        self._slots.close()
+        self._slots = SlotFile(self.path)
         suffix = f".bad-{int(self._clock.seconds())}"
         moved = []
         for path in [self.path, *_keys_files(self.path)]:

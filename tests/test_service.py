@@ -1764,6 +1764,18 @@ class ReloadTests(ServiceTestCase):
         self.reactor.advance(60)
         self.assertEqual(self.transport.by_kind("digest"), [])
 
+    def test_quick_wait_when_snapshots_turned_off(self):
+        """
+        A Sentry or HTTP answer waiting for the end of the reactor's turn
+        when a reload turns snapshots off meanwhile is given: there is
+        nothing left to wait for.
+        """
+        self.snapshotted_one()
+        waiting = self.service.saved_soon(durable=False)
+        self.assertTrue(self.reload(SNAPSHOT_SECONDS=0))
+        self.reactor.advance(0)
+        self.successResultOf(waiting)
+
     def test_state_file_moved(self):
         """
         A reload that moves STATE_FILE writes the next snapshot there,

@@ -509,6 +509,25 @@ class NoSnapshotTests(SynchronousTestCase):
 FIELDS = ("module", "funcName", "message", "exc_text")
 
 
+class DurableNamesTests(SynchronousTestCase):
+
+    def test_new_keys_file_named_durably(self):
+        """
+        A new keys file's name is made durable (its directory fsynced)
+        before any snapshot on the disk can refer to it: the snapshot
+        itself is overwritten in place, no rename syncs the directory.
+        """
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        synced = []
+        self.patch(state, "fsync_directory", synced.append)
+        states = StateFile(path, Clock())
+        states.save(lambda: State(Batch.of([entry("a")])))
+        self.assertEqual(synced, [os.path.dirname(path)])
+        states.save(lambda: State(Batch.of([entry("a"), entry("b")])))
+        self.assertEqual(len(synced), 1, "only for a new keys file")
+
+
 class HostileFileTests(SynchronousTestCase):
     """
     No state or keys file, whatever it holds, keeps a run from starting:
@@ -540,6 +559,25 @@ class HostileFileTests(SynchronousTestCase):
     def write(self, text, path=None):
         with open(path or self.path, "w") as out:
             out.write(text)
+
+    def test_set_aside_then_written_anew(self):
+        """
+        A file of whole slots that holds no snapshot is set aside, and the
+        next snapshot goes into a new file at STATE_FILE, not into the one
+        set aside.
+        """
+        slots = SlotFile(self.path)
+        slots.write(b"[]", slots.number())
+        slots.close()
+        states = self.state_file()
+        self.assertIsNone(states.load())
+        [aside] = glob.glob(self.path + ".bad-*")
+        with open(aside, "rb") as kept:
+            before = kept.read()
+        states.save(lambda: State(Batch.of([entry("a")])))
+        self.assertEqual(self.state_file().load().buffer.total, 3)
+        with open(aside, "rb") as kept:
+            self.assertEqual(kept.read(), before)
 
     def test_deep_nesting(self):
         """
