@@ -39,7 +39,7 @@ import weakref
 import zlib
 from typing import BinaryIO, Callable, Optional
 
-from failnozzle.spool import open_regular, replace_file
+from failnozzle.spool import PRIVATE_FILE, open_regular, replace_file
 
 _HEADER = struct.Struct(">8sQQI")
 _MAGIC = b"fnslots1"
@@ -50,6 +50,11 @@ _SLOTS = len(_SYNCED) + len(_PUT)
 MIN_CAPACITY = 64 * 1024
 #: How often a write looks whether its file is still the one at its path.
 RECHECK_SECONDS = 1.0
+#: Sequence numbers from here on are not failnozzle's (it would take it
+#: thousands of years to count so far): such a slot is not whole.
+_MAX_SEQUENCE = 1 << 62
+#: Where there is no fdatasync (macOS), fsync.
+_datasync = getattr(os, "fdatasync", os.fsync)
 
 
 class Unreadable(ValueError):
@@ -86,8 +91,8 @@ class SlotFile:
 
         @param limit: the largest payload read.
         @return: None if there is no file.
-        @raise Unreadable: no slot is whole, or a payload is larger than
-            C{limit}.
+        @raise Unreadable: no slot is whole (within C{limit}), or the old
+            format's document is larger than C{limit}.
         @raise BadEntry: it is not a regular file.
         @raise OSError: it cannot be read.
         """
@@ -110,7 +115,8 @@ class SlotFile:
             whole = {slot: sequence for slot, sequence in found.items()
                      if sequence is not None}
             if not whole:
-                raise Unreadable("no slot is whole")
+                raise Unreadable(f"no slot is whole (and at most {limit} "
+                                 f"bytes)")
             newest = max(whole, key=whole.__getitem__)
             payload = _payload(stored, newest * capacity)
         self._sequence = whole[newest]
@@ -121,7 +127,7 @@ class SlotFile:
             self._hold(capacity, status)
             # A crash of the process may have left it in the page cache
             # alone: the next write must not overwrite the newest synced.
-            os.fdatasync(self._descriptor)
+            _datasync(self._descriptor)
         except OSError:
             self.close()  # the first write replaces it, or says why not
         return payload
@@ -180,7 +186,7 @@ class SlotFile:
         try:
             if self.fits(len(payload)):
                 self._overwrite(_SYNCED, payload, sequence)
-                os.fdatasync(self._descriptor)
+                _datasync(self._descriptor)
                 return
             self.close()
             framed = _framed(sequence, payload)
@@ -216,12 +222,18 @@ class SlotFile:
 
         @raise OSError: it cannot be opened, or is another file now.
         """
+        # Not blocking should a FIFO be put there meanwhile.
         descriptor = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW
-                             | os.O_CLOEXEC)
-        held = os.fstat(descriptor)
-        if (held.st_dev, held.st_ino) != (status.st_dev, status.st_ino):
+                             | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            held = os.fstat(descriptor)
+            if (held.st_dev, held.st_ino) != (status.st_dev, status.st_ino):
+                raise FileNotFoundError(f"{self.path} was replaced meanwhile")
+            # It tells tracebacks, whatever mode a copy made by hand has.
+            os.fchmod(descriptor, PRIVATE_FILE)
+        except BaseException:
             os.close(descriptor)
-            raise FileNotFoundError(f"{self.path} was replaced meanwhile")
+            raise
         self.close()
         self._descriptor, self._capacity = descriptor, capacity
         self._closer = weakref.finalize(self, os.close, descriptor)
@@ -242,18 +254,17 @@ def _checksum(sequence: int, payload: bytes) -> int:
 def _whole(stored: BinaryIO, offset: int, capacity: int,
            limit: int) -> Optional[int]:
     """
-    @return: the sequence number of the slot at C{offset}, if it is whole.
-    @raise Unreadable: its payload is larger than C{limit}.
+    @return: the sequence number of the slot at C{offset}, if it is whole
+        and its payload at most C{limit} bytes.
     """
     stored.seek(offset)
     header = stored.read(_HEADER.size)
     if len(header) < _HEADER.size:
         return None
     magic, sequence, length, checksum = _HEADER.unpack(header)
-    if magic != _MAGIC or _HEADER.size + length > capacity:
+    if (magic != _MAGIC or _HEADER.size + length > capacity
+            or length > limit or sequence >= _MAX_SEQUENCE):
         return None
-    if length > limit:
-        raise Unreadable(f"larger than {limit} bytes")
     payload = stored.read(length)
     if len(payload) < length or _checksum(sequence, payload) != checksum:
         return None

@@ -99,7 +99,7 @@ def write_private(path: str, data: bytes,
         if size is not None:
             try:
                 os.posix_fallocate(descriptor, 0, size)
-            except OSError:
+            except (OSError, AttributeError):  # AttributeError: macOS
                 os.ftruncate(descriptor, size)  # a hole, at least
         os.fsync(descriptor)
     finally:

@@ -192,10 +192,35 @@ class SlotFileTests(SynchronousTestCase):
         self.assertRaises(Unreadable, self.read)
 
     def test_larger_than_limit(self):
-        """A payload larger than the reader's limit is Unreadable, not
-        read into memory."""
+        """A payload larger than the reader's limit is not read into
+        memory: another whole one is read, else it is Unreadable."""
         self.write(b"a" * 1000)
         self.assertRaises(Unreadable, self.slot_file().read, 999)
+        self.write(b"b" * 10)
+        self.write(b"c" * 2000)
+        self.assertEqual(self.slot_file().read(1999), b"b" * 10)
+
+    def test_sequence_out_of_range(self):
+        """
+        A slot numbered past what failnozzle can reach (a file made to
+        stop it numbering) is not whole: the one before it is read, and
+        writes go on.
+        """
+        self.write(b"a")
+        self.slots.write(b"forged", 1 << 62)
+        reader = self.slot_file()
+        self.assertEqual(reader.read(1 << 20), b"a")
+        self.write(b"b", reader)
+        self.put(b"c", reader)
+        self.assertEqual(self.read(), b"c")
+
+    def test_made_private(self):
+        """A file copied in by hand with a wider mode is 0600 once read:
+        it holds tracebacks."""
+        self.write(b"a")
+        os.chmod(self.path, 0o644)
+        self.assertEqual(self.read(), b"a")
+        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
 
     def test_grows_and_shrinks(self):
         """
