@@ -355,7 +355,8 @@ class ErrorsResource(StrictResource):
     """
     POST /api/errors: failnozzle's JSON records, one object or one per line
     (each as a datagram would be), with HTTP_ERRORS_TOKEN if one is set.
-    Answered once they are counted and, with snapshots, saved.
+    Answered once they are counted and, with snapshots, in the state file
+    (L{failnozzle.service.FailnozzleService.saved_soon}).
     """
 
     isLeaf = True

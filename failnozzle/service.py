@@ -1007,6 +1007,7 @@ class FailnozzleService(MultiService):
             take()
             saved(None)
             return defer.succeed(None)
+
         def current() -> State:
             durable = take()
             return self._current_state(quick and not durable)
