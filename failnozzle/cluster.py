@@ -184,8 +184,9 @@ class ClusterNode:
         self._max_unique = max_unique
         self._max_sources = max_sources
         self._stored.size = self._keys.size = max(10_000, 4 * max_unique)
-        # Of the fields before, perhaps: read back, and re-keyed.
         self._own.limit = max_unique
+        # Kept with the fields before, perhaps: read back from Redis, and
+        # re-keyed, instead.
         self._own.forget()
 
     def start(self) -> None:

@@ -39,7 +39,8 @@ import weakref
 import zlib
 from typing import BinaryIO, Callable, Optional
 
-from failnozzle.spool import PRIVATE_FILE, open_regular, replace_file
+from failnozzle.spool import (PRIVATE_FILE, open_regular, replace_file,
+                              write_at)
 
 _HEADER = struct.Struct(">8sQQI")
 _MAGIC = b"fnslots1"
@@ -209,8 +210,8 @@ class SlotFile:
         """Write into the next slot of C{kind}; the one after it is next."""
         slot = self._next[kind]
         try:
-            _write_all(self._descriptor, _framed(sequence, payload),
-                       slot * self._capacity)
+            write_at(self._descriptor, _framed(sequence, payload),
+                     slot * self._capacity)
         except BaseException:
             self._broken = True
             raise
@@ -276,11 +277,3 @@ def _payload(stored: BinaryIO, offset: int) -> bytes:
     stored.seek(offset)
     _, _, length, _ = _HEADER.unpack(stored.read(_HEADER.size))
     return stored.read(length)
-
-
-def _write_all(descriptor: int, data: bytes, offset: int) -> None:
-    with memoryview(data) as view:
-        written = 0
-        while written < len(view):
-            written += os.pwrite(descriptor, view[written:],
-                                 offset + written)

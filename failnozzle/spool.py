@@ -80,10 +80,10 @@ def write_private(path: str, data: bytes,
     Create the file C{path}, 0600 whatever the umask, write C{data}, make
     it C{size} bytes long if given (the rest read as zeros, its blocks
     reserved where the file system can, so writing there later cannot
-    find the disk full), and fsync it (blocking: for the disk writer), in as few system calls as
-    that takes: no buffering layer, one C{write} for most files.  It must
-    not exist: nothing there before, a link or a file with a wider mode,
-    is written through.
+    find the disk full), and fsync it (blocking: for the disk writer), in
+    as few system calls as that takes: no buffering layer, one write for
+    most files.  It must not exist: nothing there before, a link or a file
+    with a wider mode, is written through.
 
     @raise FileExistsError: something is at C{path}.
     """
@@ -92,10 +92,7 @@ def write_private(path: str, data: bytes,
     try:
         # The umask may have taken bits away from the mode.
         os.fchmod(descriptor, PRIVATE_FILE)
-        with memoryview(data) as view:
-            written = 0
-            while written < len(view):
-                written += os.write(descriptor, view[written:])
+        write_at(descriptor, data, 0)
         if size is not None:
             try:
                 os.posix_fallocate(descriptor, 0, size)
@@ -104,6 +101,16 @@ def write_private(path: str, data: bytes,
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def write_at(descriptor: int, data: bytes, offset: int) -> None:
+    """Write all of C{data} at C{offset} of the file open as
+    C{descriptor}, however many calls that takes."""
+    with memoryview(data) as view:
+        written = 0
+        while written < len(view):
+            written += os.pwrite(descriptor, view[written:],
+                                 offset + written)
 
 
 def replace_file(path: str, data: bytes, size: Optional[int] = None) -> None:

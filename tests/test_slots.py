@@ -114,15 +114,15 @@ class SlotFileTests(SynchronousTestCase):
     def torn(self, method, payload):
         """Call C{method} with C{payload}, its write stopping halfway (a
         crash in the middle of it)."""
-        real = slots._write_all
+        real = slots.write_at
 
         def half(descriptor, data, offset):
             real(descriptor, data[:len(data) // 2], offset)
             raise OSError("crashed")
 
-        self.patch(slots, "_write_all", half)
+        self.patch(slots, "write_at", half)
         self.assertRaises(OSError, method, payload, self.slots.number())
-        self.patch(slots, "_write_all", real)
+        self.patch(slots, "write_at", real)
 
     def test_torn_write(self):
         """
